@@ -1,0 +1,189 @@
+"""Load the models we study: a local HF folder, an HF id, an alias of the original work, or `demo`."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import SafeneuronsError
+
+log = logging.getLogger(__name__)
+
+ALIASES = {
+    "llama2-7b-chat-hf": "meta-llama/Llama-2-7b-chat-hf",
+    "llama2-13b-chat-hf": "meta-llama/Llama-2-13b-chat-hf",
+    "llama2-70b-chat-hf": "meta-llama/Llama-2-70b-chat-hf",
+    "llama2-7b-hf": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b-hf": "meta-llama/Llama-2-13b-hf",
+    "llama2-70b-hf": "meta-llama/Llama-2-70b-hf",
+}
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+DEMO_NAME = "demo"
+
+
+def demo_model_dir() -> Path:
+    """The built-in demo model's folder inside the installed package."""
+    return Path(__file__).resolve().parent / "demo_assets"
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise SafeneuronsError(f"dtype {name!r} is not one of {', '.join(sorted(DTYPES))}") from None
+
+
+def resolve_model_name(name: str) -> str:
+    """A local folder or the demo model's folder as a path string; otherwise the HF id (aliases expanded)."""
+    if name == DEMO_NAME:
+        return str(demo_model_dir())
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    return ALIASES.get(name, name)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _from_pretrained(loader: Any, name: str, what: str, cache_dir: str | None, **kwargs: Any) -> Any:
+    """Load from the local cache first; go online only when that fails and HF_HUB_OFFLINE is not set."""
+    resolved = resolve_model_name(name)
+    local = Path(resolved).is_dir()
+    attempts = [True] if local or _offline() else [True, False]
+    error: Exception | None = None
+    for local_only in attempts:
+        try:
+            return loader.from_pretrained(resolved, cache_dir=cache_dir, local_files_only=local_only, **kwargs)
+        except (OSError, ValueError) as caught:
+            error = caught
+    where = f"folder {resolved}" if local else f"{resolved!r}" + (f" (alias of {name!r})" if resolved != name else "")
+    hint = ("" if local else
+            f"; download it where there is network (`huggingface-cli download {resolved} --local-dir DIR`) "
+            f"and pass --model DIR, or point --cache_dir/HF_HOME at a cache that holds it")
+    first_line = str(error).strip().splitlines()[0] if error and str(error).strip() else type(error).__name__
+    raise SafeneuronsError(f"{what} {where} is not available locally and could not be loaded ({first_line}){hint}")
+
+
+def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, name, "tokenizer of model", cache_dir)
+    if tokenizer.pad_token is None:  # Llama-2 has none; padding reuses EOS, attention masks hide it
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@contextlib.contextmanager
+def zero3_init_context(ds_config: dict | None) -> Iterator[None]:
+    """While active, `from_pretrained` builds the model partitioned across ranks (deepspeed.zero.Init)."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_config = HfDeepSpeedConfig(ds_config)  # transformers checks for this object while it is alive
+    try:
+        yield
+    finally:
+        del hf_config
+
+
+def load_model(name: str, dtype: str | torch.dtype = "float32", cache_dir: str | None = None,
+               device: str | torch.device | None = None, ds_config: dict | None = None) -> nn.Module:
+    """A causal LM of a supported architecture, in `dtype`, partitioned under ZeRO-3 when `ds_config` asks."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = _from_pretrained(AutoConfig, name, "model", cache_dir)
+    check_architecture_config(config, name)
+    with zero3_init_context(ds_config):
+        model = _from_pretrained(AutoModelForCausalLM, name, "model", cache_dir, dtype=parse_dtype(dtype))
+    check_architecture(model)
+    if device is not None and not is_zero3_partitioned(model):
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", cache_dir: str | None = None,
+                             device: str | torch.device | None = None,
+                             ds_config: dict | None = None) -> tuple[nn.Module, Any]:
+    return load_model(name, dtype, cache_dir, device, ds_config), load_tokenizer(name, cache_dir)
+
+
+def check_architecture_config(config: Any, name: str = "") -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        raise SafeneuronsError(f"model {name or '?'} has architecture {model_type!r}; supported are "
+                               f"{', '.join(SUPPORTED_TYPES)} (decoder layers with q/k/v/o and gate/up/down projections)")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a Llama-type model (`model.model.layers`)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise SafeneuronsError(f"{type(model).__name__} has no decoder layers at model.layers; "
+                               f"supported are {', '.join(SUPPORTED_TYPES)} causal LMs")
+    return layers
+
+
+def check_architecture(model: nn.Module) -> None:
+    """Every decoder layer must have the Linear projections we score, freeze and patch."""
+    check_architecture_config(getattr(model, "config", None), type(model).__name__)
+    for index, layer in enumerate(decoder_layers(model)):
+        for parent, names in (("self_attn", ATTENTION_LINEARS), ("mlp", MLP_LINEARS)):
+            for linear in names:
+                module = getattr(getattr(layer, parent, None), linear, None)
+                if not isinstance(module, nn.Linear):
+                    raise SafeneuronsError(f"layer {index} has no nn.Linear {parent}.{linear}; the model does not "
+                                           f"have the decoder layout of {', '.join(SUPPORTED_TYPES)}")
+
+
+@dataclass(frozen=True)
+class ScoredLinear:
+    """One Linear inside a decoder layer: the unit of scoring, masking and freezing."""
+
+    layer: int
+    name: str  # e.g. "self_attn.q_proj"
+    param_name: str  # full parameter name, e.g. "model.layers.3.self_attn.q_proj.weight"
+    module: nn.Linear
+
+
+def scored_linears(model: nn.Module, layer: int | None = None) -> list[ScoredLinear]:
+    """The Linears we score, in layer order (one layer if `layer` is given); never embeddings, norms, lm_head."""
+    check_architecture(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    found = []
+    for index, block in enumerate(decoder_layers(model)):
+        if layer is not None and index != layer:
+            continue
+        for parent, linears in (("self_attn", ATTENTION_LINEARS), ("mlp", MLP_LINEARS)):
+            for linear in linears:
+                module = getattr(getattr(block, parent), linear)
+                found.append(ScoredLinear(index, f"{parent}.{linear}", f"{names[id(module)]}.weight", module))
+    return found
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(param, "ds_id") for param in model.parameters())
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")

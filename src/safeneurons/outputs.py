@@ -1,0 +1,78 @@
+"""Result files and folders that never look complete unless they are: write to a temporary name, then rename."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Write `payload` as indented JSON atomically (a reader sees the old file or the whole new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=False, default=_json_default)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`, on error removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def staging_dir(final: str | os.PathLike) -> Path:
+    """The folder that collects a result directory's files before `publish_dir` moves them into place.
+
+    Its name is derived from the final path, so every rank of a job writes its shards to the same place."""
+    staging = _temporary_sibling(Path(final))
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def publish_dir(final: str | os.PathLike) -> Path:
+    """Move the staged files into `final` (created if missing), replacing files of the same name."""
+    final = Path(final)
+    staging = _temporary_sibling(final)
+    final.mkdir(parents=True, exist_ok=True)
+    for item in staging.iterdir():
+        target = final / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists() and item.is_dir():
+            target.unlink()
+        os.replace(item, target)
+    staging.rmdir()
+    return final
+
+
+def discard_staging(final: str | os.PathLike) -> None:
+    """Remove a half-written staging folder after a failure."""
+    shutil.rmtree(_temporary_sibling(Path(final)), ignore_errors=True)
