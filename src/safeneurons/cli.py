@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("safeneurons.evaluate", "attack success rate, refusal rate and perplexity"),
     "plan": ("safeneurons.plan", "memory per GPU of each stage for a model and cluster"),
     "demo-model": ("safeneurons.demo", "write the built-in demo model and tokenizer as an HF folder"),
+    "info": ("safeneurons.distributed", "show how this launch is seen: launcher, ranks, backend, devices"),
 }
 LOCAL_RANK_OPTIONS = ("--local_rank", "--local-rank")
 

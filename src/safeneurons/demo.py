@@ -151,7 +151,7 @@ def train(build: DemoBuild, tokenizer: Any, model: Any) -> list[float]:
     samples = build_samples(examples, tokenizer, None, build.seed, build.max_length)
     generator = torch.Generator().manual_seed(build.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=build.learning_rate, weight_decay=0.01)
-    warmup = build.steps // 20
+    warmup = max(1, build.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 0.5 * (
         1 + math.cos(math.pi * step / build.steps))))
     losses = []

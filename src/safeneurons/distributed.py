@@ -6,6 +6,7 @@ ranks log warnings and errors with their rank in front.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import logging
 import os
@@ -114,14 +115,16 @@ def discover_launch(environ: Mapping[str, str] | None = None) -> LaunchInfo:
     return LaunchInfo("single", 0, 1, 0, "127.0.0.1", port)
 
 
-def _mpi_master_addr() -> str:
-    """Under mpirun nobody sets MASTER_ADDR: rank 0 tells the others its host name over MPI."""
+def _mpi_rendezvous(port: int | None) -> tuple[str, int]:
+    """Under mpirun nobody sets MASTER_ADDR: rank 0 tells the others its host name (and a free port) over MPI."""
     try:
         from mpi4py import MPI
     except ImportError as error:
         raise SafeneuronsError("started by mpirun without MASTER_ADDR: install the `mpi` extra (mpi4py) "
                                "or export MASTER_ADDR and MASTER_PORT") from error
-    return MPI.COMM_WORLD.bcast(socket.gethostname() if MPI.COMM_WORLD.Get_rank() == 0 else None, root=0)
+    comm = MPI.COMM_WORLD
+    mine = (socket.gethostname(), port or free_port()) if comm.Get_rank() == 0 else None
+    return comm.bcast(mine, root=0)
 
 
 def free_port() -> int:
@@ -148,8 +151,11 @@ def init_distributed(require_process_group: bool = False) -> DistContext:
         torch.cuda.set_device(device)
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized() and (info.world_size > 1 or require_process_group):
-        master = info.master_addr or _mpi_master_addr()
-        port = info.master_port if info.launcher != "single" or "MASTER_PORT" in os.environ else free_port()
+        master, port = info.master_addr, info.master_port
+        if info.launcher == "single" and "MASTER_PORT" not in os.environ:
+            port = free_port()
+        elif master is None:  # mpirun
+            master, port = _mpi_rendezvous(info.master_port if "MASTER_PORT" in os.environ else None)
         os.environ.update({"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size),
                            "LOCAL_RANK": str(info.local_rank), "MASTER_ADDR": master, "MASTER_PORT": str(port)})
         dist.init_process_group(backend=backend, init_method="env://", rank=info.rank,
@@ -274,3 +280,24 @@ def shutdown() -> None:
 def split_evenly(items: Sequence[T], rank_: int | None = None, world: int | None = None) -> list[T]:
     """This rank's share of `items` (round-robin), for prompts and samples."""
     return [items[index] for index in assign_round_robin(len(items), rank_, world)]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, metavar="DIR", help="also write DIR/launch_info.json")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every rank reports what it sees; rank 0 prints the table (a quick check of a cluster launch)."""
+    context = init_distributed()
+    reports = gather_to_main({"rank": context.rank, "world_size": context.world_size,
+                              "local_rank": context.local_rank, "host": socket.gethostname(),
+                              "device": str(context.device), "backend": context.backend,
+                              "launcher": context.launcher})
+    if reports is None:
+        return
+    for report in reports:
+        print(" ".join(f"{key}={value}" for key, value in report.items()))
+    if args.out:
+        from .outputs import write_json
+
+        write_json(f"{args.out}/launch_info.json", reports)
