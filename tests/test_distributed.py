@@ -109,3 +109,20 @@ def test_srun_style_variables_start_two_ranks():
     lines = sorted(line for line in outputs[0][0].splitlines() if line.startswith("rank="))
     assert len(lines) == 2 and all("launcher=srun" in line for line in lines)
     assert outputs[1][0].strip() == ""  # only rank 0 prints
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("launcher_args", [
+    ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2", "--num_machines", "1",
+     "--mixed_precision", "no", "--dynamo_backend", "no", "-m"],
+    ["deepspeed", "--num_accelerators", "2", "--master_port", "{port}", "--module"],
+], ids=["accelerate-deepspeed", "deepspeed"])
+def test_accelerate_and_deepspeed_launchers(launcher_args):
+    """Both launchers reach the same 2-rank gloo group (accelerate on CPU would report process_index 0 twice)."""
+    args = [arg.replace("{port}", str(distributed.free_port())) for arg in launcher_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAFENEURONS_TIMEOUT": "60"}
+    result = subprocess.run([*args, "safeneurons.cli", "info"], capture_output=True, text=True, timeout=180,
+                            cwd=REPO, env=env)
+    lines = _launch_table(result)
+    assert [line.split()[0] for line in lines] == ["rank=0", "rank=1"]
+    assert all("world_size=2" in line for line in lines)
