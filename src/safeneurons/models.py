@@ -104,13 +104,21 @@ def zero3_init_context(ds_config: dict | None) -> Iterator[None]:
         del hf_config
 
 
-def load_model(name: str, dtype: str | torch.dtype = "float32", cache_dir: str | None = None,
-               device: str | torch.device | None = None, ds_config: dict | None = None) -> nn.Module:
-    """A causal LM of a supported architecture, in `dtype`, partitioned under ZeRO-3 when `ds_config` asks."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_config(name: str, cache_dir: str | None = None) -> Any:
+    """The model's HF config (layer count, widths) without loading weights; unsupported architectures refused."""
+    from transformers import AutoConfig
 
     config = _from_pretrained(AutoConfig, name, "model", cache_dir)
     check_architecture_config(config, name)
+    return config
+
+
+def load_model(name: str, dtype: str | torch.dtype = "float32", cache_dir: str | None = None,
+               device: str | torch.device | None = None, ds_config: dict | None = None) -> nn.Module:
+    """A causal LM of a supported architecture, in `dtype`, partitioned under ZeRO-3 when `ds_config` asks."""
+    from transformers import AutoModelForCausalLM
+
+    load_config(name, cache_dir)  # refuses an unsupported architecture before any weight is read
     with zero3_init_context(ds_config):
         model = _from_pretrained(AutoModelForCausalLM, name, "model", cache_dir, dtype=parse_dtype(dtype))
     check_architecture(model)
