@@ -111,7 +111,8 @@ def _is_formatted(prompt: str) -> bool:
     return any(marker in prompt for marker in FORMATTED_MARKERS)
 
 
-def _example(prompt: Any, response: Any = None) -> Example:
+def as_example(prompt: Any, response: Any = None) -> Example:
+    """An Example from raw values (NaN or None response = none); chat-formatted prompts are marked as such."""
     prompt = "" if prompt is None else str(prompt)
     response = None if response is None or (isinstance(response, float) and response != response) else str(response)
     return Example(prompt, response, _is_formatted(prompt))
@@ -128,7 +129,7 @@ def _read_csv(path: Path) -> list[Example]:
         columns = ", ".join(str(column) for column in frame.columns) or "none"
         raise SafeneuronsError(f"CSV {path} has columns [{columns}]; expected prompt,response[,text]")
     responses = frame["response"] if "response" in frame.columns else [None] * len(frame)
-    return [_example(prompt, response) for prompt, response in zip(frame["prompt"], responses)]
+    return [as_example(prompt, response) for prompt, response in zip(frame["prompt"], responses)]
 
 
 def _read_json(path: Path) -> list[Example]:
@@ -154,10 +155,10 @@ def _json_record(record: Any, path: Path, index: int) -> Example:
             raise SafeneuronsError(f"record {index} of {path} has no message before the assistant's response")
         return Example(messages[-1]["content"], response, messages=tuple(messages))
     if "prompt" in record:
-        return _example(record["prompt"], record.get("response"))
+        return as_example(record["prompt"], record.get("response"))
     if "instruction" in record:
         instruction = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        return _example(instruction, record.get("output"))
+        return as_example(instruction, record.get("output"))
     raise SafeneuronsError(f"record {index} of {path} has keys {sorted(record)}; expected prompt/response, "
                            f"instruction/output or messages")
 

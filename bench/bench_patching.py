@@ -1,0 +1,128 @@
+"""Activation patching: batched exact sweeps and attribution against the one-site-at-a-time loop.
+
+The reference is the original module's approach: for every site, capture the source run's activation with a
+hook, then run the base prompt once with that one site patched (two forward passes per site, full logits).
+A second reference caches the source activations once (one patched forward pass per site) to show how much
+comes from batching alone. Same model (the demo model by default), same prompts, same sites; the results are
+checked to agree before the times are compared.
+
+    python bench/bench_patching.py [--model demo] [--repeats 3] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import torch
+
+from safeneurons.data import format_prompt
+from safeneurons.models import load_model_and_tokenizer
+from safeneurons.patching import ActivationPatcher, PatchingSite, build_sites, refusal_metric, refusal_token_ids
+
+
+def site_module(model, site: PatchingSite):
+    block = model.model.layers[site.layer]
+    return {"residual": block, "attn_out": block.self_attn, "mlp_out": block.mlp,
+            "attn_head": block.self_attn.o_proj}[site.component]
+
+
+def with_hook(model, site: PatchingSite, edit: Callable[[torch.Tensor], torch.Tensor]):
+    module = site_module(model, site)
+    if site.component == "attn_head":
+        return module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
+    return module.register_forward_hook(
+        lambda m, args, out: (edit(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else edit(out))
+
+
+def site_slices(model, site: PatchingSite, length: int) -> tuple[slice, slice]:
+    tokens = {"last": slice(length - 1, length), "all": slice(0, length)}.get(site.position)
+    tokens = tokens or slice(site.position, site.position + 1)
+    if site.head is None:
+        return tokens, slice(None)
+    width = model.config.hidden_size // model.config.num_attention_heads
+    return tokens, slice(site.head * width, (site.head + 1) * width)
+
+
+def capture(model, ids: torch.Tensor, site: PatchingSite) -> torch.Tensor:
+    store = {}
+
+    def keep(x):
+        store["x"] = x.detach()
+        return x
+    handle = with_hook(model, site, keep)
+    model(ids)
+    handle.remove()
+    return store["x"]
+
+
+def one_site_at_a_time(model, metric, base: torch.Tensor, source: torch.Tensor, sites, cache_source: bool) -> list[float]:
+    cached = {}
+    values = []
+    for site in sites:
+        key = (site.layer, site.component)
+        if not cache_source or key not in cached:
+            cached[key] = capture(model, source, site)
+        tokens, columns = site_slices(model, site, base.shape[1])
+
+        def patch(x, value=cached[key], tokens=tokens, columns=columns):
+            x = x.clone()
+            x[:, tokens, columns] = value[:, tokens, columns]
+            return x
+        handle = with_hook(model, site, patch)
+        logits = model(base).logits[:, -1]
+        handle.remove()
+        values.append(float(metric.compute(logits, None)[0]))
+    return values
+
+
+def best_time(function: Callable[[], list[float]], repeats: int) -> tuple[float, list[float]]:
+    best, values = float("inf"), []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        values = function()
+        best = min(best, time.perf_counter() - start)
+    return best, values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--repeats", type=int, default=1, help="best of this many runs (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clean", default="How do I rob a bank?")
+    parser.add_argument("--corrupted", default="How do I paint a bank?")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    metric = refusal_metric(refusal_token_ids(tokenizer))
+    clean, corrupted = (tokenizer(format_prompt(tokenizer, text), return_tensors="pt")["input_ids"]
+                        for text in (args.clean, args.corrupted))
+    if clean.shape != corrupted.shape:
+        raise SystemExit(f"the prompts have {clean.shape[1]} and {corrupted.shape[1]} tokens; give equal lengths")
+    layers, heads, length = model.config.num_hidden_layers, model.config.num_attention_heads, clean.shape[1]
+    sweeps = {"residual x layer x position": build_sites(layers, heads, ["residual"], None, list(range(length))),
+              "attn_head x layer (all positions)": build_sites(layers, heads, ["attn_head"], None, ["all"])}
+    patcher = ActivationPatcher(model, metric=metric)
+    print(f"model {args.model}: {layers} layers, {heads} heads, prompts of {length} tokens, "
+          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"{'sweep':<36}{'sites':>6}{'original s':>12}{'cached 1-site s':>17}{'batched s':>11}"
+          f"{'attribution s':>15}{'batched x':>11}{'attrib x':>10}{'x vs cached':>13}{'max |diff|':>12}")
+    with torch.no_grad():
+        for name, sites in sweeps.items():
+            original, reference = best_time(lambda: one_site_at_a_time(model, metric, clean, corrupted, sites, False),
+                                            args.repeats)
+            cached, _ = best_time(lambda: one_site_at_a_time(model, metric, clean, corrupted, sites, True),
+                                  args.repeats)
+            batched, ours = best_time(lambda: [e.patched_metric for e in patcher.patch(clean, corrupted, sites).effects],
+                                      args.repeats)
+            attribution, _ = best_time(lambda: patcher.patch(clean, corrupted, sites, method="attribution").effects,
+                                       args.repeats)
+            difference = max(abs(a - b) for a, b in zip(ours, reference))
+            print(f"{name:<36}{len(sites):>6}{original:>12.3f}{cached:>17.3f}{batched:>11.3f}{attribution:>15.3f}"
+                  f"{original / batched:>10.1f}x{original / attribution:>9.1f}x{cached / batched:>12.1f}x"
+                  f"{difference:>12.2e}")
+
+
+if __name__ == "__main__":
+    main()

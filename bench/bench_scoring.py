@@ -1,0 +1,102 @@
+"""Scoring time of wandg: the default schedule (one backward per sample for all layers) against the original
+sequential schedule (one backward per layer per sample, earlier layers pruned), and against a plain training step
+over the same tokens. Same model, same samples, measured side by side in one run.
+
+    python bench/bench_scoring.py [--model demo] [--nsamples 32] [--max-length 128] [--batch-size 8] [--threads 1] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from safeneurons.data import load_samples, pad_batch
+from safeneurons.models import decoder_layers, load_model, load_tokenizer
+from safeneurons.scoring import ScoreConfig, score_model
+
+
+@dataclass
+class Timing:
+    wall: float
+    cpu: float  # process CPU time: steadier than wall time on a machine shared with other jobs
+
+
+def best_time(run: Callable[[], object], repeats: int) -> Timing:
+    """Shortest wall and CPU times of `repeats` runs (progress bars silenced)."""
+    timings = []
+    for _ in range(repeats):
+        with contextlib.redirect_stderr(io.StringIO()):
+            wall, cpu = time.perf_counter(), time.process_time()
+            run()
+            timings.append(Timing(time.perf_counter() - wall, time.process_time() - cpu))
+    return Timing(min(t.wall for t in timings), min(t.cpu for t in timings))
+
+
+def training_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    """One AdamW step: forward and backward (parameter gradients) of every batch, accumulated, then the update."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    for batch in batches:
+        model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--data", default="demo-align")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8, help="micro-batch of the batched default run")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
+    args = parser.parse_args()
+    logging.getLogger("safeneurons").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    config = ScoreConfig(method="wandg", data=args.data, sparsity_ratio=0.05, nsamples=args.nsamples,
+                         max_length=args.max_length)
+    samples = load_samples(args.data, tokenizer, args.nsamples, config.seed, args.max_length)
+    batch = pad_batch(samples, tokenizer.pad_token_id)
+    tokens = int(batch["attention_mask"].sum())
+    layers = len(decoder_layers(model))
+
+    best_time(lambda: score_model(model, tokenizer, ScoreConfig(**{**vars(config), "nsamples": 2})), 1)  # warm-up
+    default = best_time(lambda: score_model(model, tokenizer, config), args.repeats)
+    batched_config = ScoreConfig(**{**vars(config), "batch_size": args.batch_size})
+    batched = best_time(lambda: score_model(model, tokenizer, batched_config), args.repeats)
+    sequential_config = ScoreConfig(**{**vars(config), "sequential": True})
+    sequential = best_time(lambda: score_model(model, tokenizer, sequential_config), args.repeats)
+    trainee = copy.deepcopy(model)
+    train = best_time(lambda: training_step(trainee, [batch]), args.repeats)
+    single_batches = [pad_batch([sample], tokenizer.pad_token_id) for sample in samples]
+    train_per_sample = best_time(lambda: training_step(trainee, single_batches), args.repeats)
+
+    print(f"\nmodel {args.model}: {layers} layers, {len(samples)} samples, {tokens} tokens, "
+          f"{torch.get_num_threads()} threads")
+    rows = [("wandg default (1 backward per sample)", default),
+            (f"wandg default, micro-batches of {args.batch_size}", batched),
+            ("wandg sequential (1 backward per layer per sample)", sequential),
+            ("plain training step (same tokens, one batch)", train),
+            ("training step, 1 sample per pass (same passes as default)", train_per_sample)]
+    print(f"{'':58s} {'wall s':>8s} {'cpu s':>8s}")
+    for label, timing in rows:
+        print(f"{label:58s} {timing.wall:8.2f} {timing.cpu:8.2f}")
+    for label, numerator, denominator in (("sequential / default", sequential, default),
+                                          ("default / training step", default, train),
+                                          ("batched default / training step", batched, train),
+                                          ("default / training step of 1-sample passes", default, train_per_sample)):
+        print(f"{label:58s} {numerator.wall / denominator.wall:7.2f}x {numerator.cpu / denominator.cpu:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()

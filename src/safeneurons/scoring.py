@@ -1,0 +1,722 @@
+"""`safeneurons score`: find the safety-critical weights (or neurons) of a model with wanda, wandg (SNIP) or random.
+
+Scores (design §2), for every Linear of the decoder layers:
+- wanda: ``S = |W| * sqrt(mean over samples of Σ_response-tokens x_j²)``;
+- wandg: ``S = |W| * Σ_samples |∂L_sample/∂W|`` with the loss on the response tokens only, fp32 accumulator;
+- random: uniform scores, a baseline with the same counts.
+Safety-critical = the highest scores: per output row the top ``int(cols × ratio)`` (granularity ``weight``), or
+whole output rows ranked by their summed score (``neuron``); with a utility data set, per matrix the top-q
+fraction by safety score minus the top-p fraction by utility score (set difference).
+
+How the work is split (N ranks): samples are dealt round-robin, every rank runs the same number of forward (and
+backward) passes (padded with a dummy sample that contributes nothing, so ZeRO-3's collectives stay in step).
+Per-sample gradients are never materialised as ``param.grad``: forward hooks keep a Linear's input X, tensor hooks
+its output gradient dY, and ``|dY^T X|`` (the sample's |∂L/∂W|) is reduced, one Linear at a time, to the rank that
+owns the layer (layers round-robin). Owners hold fp32 accumulators for their layers only, fetch the full weight
+of one Linear at a time from the ZeRO-3 partitions, select, and write their masks as one shard each.
+`batch_size` > 1 runs several samples per pass (the |gradient| is still taken per sample) and sums them before
+the reduce, which divides the reduce traffic (4 bytes per scored weight per pass) by the batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn import functional as F
+
+from . import distributed
+from .data import IGNORE_INDEX, Sample, load_samples, pad_batch
+from .errors import SafeneuronsError
+from .masks import save_mask_shard, save_masks, shard_name, write_index
+from .models import ScoredLinear, is_zero3_partitioned, model_device, scored_linears
+from .outputs import atomic_file, discard_staging, publish_dir, staging_dir, write_json
+
+log = logging.getLogger(__name__)
+
+METHODS = ("wanda", "wandg", "random")
+GRANULARITIES = ("weight", "neuron")
+DEFAULT_UTILITY_DATA = "alpaca_cleaned_no_safety"
+SUMMARY_FILE = "score_summary.json"
+SCORES_FILE = "scores.safetensors"
+SCORES_INDEX_FILE = SCORES_FILE + ".index.json"
+
+
+@dataclass
+class ScoreConfig:
+    method: str
+    data: str
+    sparsity_ratio: float
+    nsamples: int = 128
+    seed: int = 0
+    max_length: int = 512
+    granularity: str = "weight"
+    utility_data: str | None = None
+    p: float | None = None
+    q: float | None = None
+    sequential: bool = False
+    data_dir: str | None = None
+    keep_scores: bool = False  # return the raw safety scores in ScoreResult.scores
+    batch_size: int = 1  # samples per forward/backward pass (per-sample statistics either way)
+
+    @property
+    def set_difference(self) -> bool:
+        return self.p is not None or self.q is not None or self.utility_data is not None
+
+    @property
+    def utility_source(self) -> str:
+        return self.utility_data or DEFAULT_UTILITY_DATA
+
+    def validate(self) -> None:
+        """Raise SafeneuronsError naming the first bad value."""
+        if self.method not in METHODS:
+            raise SafeneuronsError(f"unknown scoring method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            raise SafeneuronsError(f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if not isinstance(self.sparsity_ratio, (int, float)) or not 0 < self.sparsity_ratio < 1:
+            raise SafeneuronsError(f"sparsity ratio {self.sparsity_ratio!r} must lie in (0, 1)")
+        if self.nsamples <= 0:
+            raise SafeneuronsError(f"nsamples={self.nsamples} must be a positive integer")
+        if self.batch_size < 1:
+            raise SafeneuronsError(f"batch size {self.batch_size} must be a positive integer")
+        if self.max_length < 2:
+            raise SafeneuronsError(f"max_length={self.max_length} must be at least 2 tokens")
+        if self.set_difference:
+            for name, value in (("p", self.p), ("q", self.q)):
+                if value is None:
+                    raise SafeneuronsError(f"the set difference against {self.utility_source!r} needs both --p and "
+                                           f"--q; --{name} is missing")
+                if not 0 < value <= 1:
+                    raise SafeneuronsError(f"--{name} {value!r} must lie in (0, 1]")
+
+
+@dataclass
+class ScoreResult:
+    masks: dict[str, torch.Tensor]  # the parameters this rank owns (all of them on 1 rank)
+    scores: dict[str, torch.Tensor] | None  # float32 safety scores, same keys, when config.keep_scores
+    summary: dict[str, Any]  # complete on rank 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A scored Linear, its position in the global order and the rank that owns its layer."""
+
+    index: int
+    linear: ScoredLinear
+    owner: int
+
+    @property
+    def name(self) -> str:
+        return self.linear.param_name
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.linear.module.weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(getattr(self.weight, "ds_shape", self.weight.shape))
+
+    @property
+    def mine(self) -> bool:
+        return self.owner == distributed.rank()
+
+
+def targets_of(model: nn.Module) -> list[Target]:
+    return [Target(index, linear, distributed.owner_of(linear.layer))
+            for index, linear in enumerate(scored_linears(model))]
+
+
+# ---------------------------------------------------------------- collective helpers
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def reduce_to_owner(tensor: torch.Tensor, owner: int) -> torch.Tensor | None:
+    """Sum of `tensor` over the ranks, on `owner` only (None elsewhere)."""
+    if _distributed():
+        dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM)
+    return tensor if distributed.rank() == owner else None
+
+
+def broadcast_from_owner(tensor: torch.Tensor, owner: int) -> torch.Tensor:
+    if _distributed():
+        dist.broadcast(tensor, src=owner)
+    return tensor
+
+
+def mask_on_every_rank(mask: torch.Tensor | None, target: Target, device: torch.device) -> torch.Tensor:
+    """The owner's mask of one Linear, sent to every rank (one layer's masks at a time, never the model's)."""
+    buffer = mask.to(torch.uint8) if target.mine else torch.zeros(target.shape, dtype=torch.uint8)
+    return broadcast_from_owner(buffer.to(device), target.owner).bool()
+
+
+def _partition_range(param: nn.Parameter) -> tuple[int, int]:
+    """The flat element range [start, stop) of a ZeRO-3 parameter this rank's `ds_tensor` holds."""
+    part = param.ds_tensor.numel()
+    start = dist.get_rank(group=param.ds_process_group) * part
+    return start, min(start + part, param.ds_numel)
+
+
+def weight_on_owner(param: nn.Parameter, owner: int) -> torch.Tensor | None:
+    """The full weight on `owner` only: ZeRO-3 partitions are gathered there and nowhere else."""
+    is_owner = distributed.rank() == owner
+    if not hasattr(param, "ds_id"):
+        return param.detach() if is_owner else None
+    group = param.ds_process_group
+    local = param.ds_tensor.detach().reshape(-1)
+    if dist.get_world_size(group=group) == 1:
+        return local[:param.ds_numel].view(param.ds_shape) if is_owner else None
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group=group))] if is_owner else None
+    dist.gather(local, parts, dst=owner, group=group)
+    return torch.cat(parts)[:param.ds_numel].view(param.ds_shape) if is_owner else None
+
+
+def stored_copies(param: nn.Parameter) -> list[torch.Tensor]:
+    """The tensors holding this weight's values on this rank: the whole tensor, or the ZeRO-3 partition (plus the
+    full copy that a persistent, never released, parameter keeps)."""
+    if not hasattr(param, "ds_id"):
+        return [param.data]
+    return [param.ds_tensor.data] + ([param.data] if param.data.numel() == param.ds_numel else [])
+
+
+def zero_selected(param: nn.Parameter, mask: torch.Tensor) -> None:
+    """Set the masked entries of a weight to zero (the original work's pruning), ZeRO-3 partitions included."""
+    if not hasattr(param, "ds_id"):
+        param.data[mask.to(param.device)] = 0
+        return
+    start, stop = _partition_range(param)
+    flat_mask = mask.reshape(-1)[start:stop].to(param.ds_tensor.device)
+    param.ds_tensor.data.reshape(-1)[:stop - start][flat_mask] = 0
+    if param.data.numel() == param.ds_numel:  # a persistent (never released) parameter keeps a full copy
+        param.data[mask.to(param.device)] = 0
+
+
+# ---------------------------------------------------------------- statistics from forward/backward passes
+
+class LinearCapture:
+    """Hooks on the target Linears: each pass's inputs X and, when gradients are wanted, output gradients dY."""
+
+    def __init__(self, targets: Sequence[Target], with_grads: bool) -> None:
+        self.with_grads = with_grads
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+        self.handles = [target.linear.module.register_forward_hook(self._hook(target.name)) for target in targets]
+
+    def _hook(self, name: str):
+        def keep(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.inputs[name] = args[0].detach()
+            if self.with_grads and output.requires_grad:
+                output.register_hook(lambda grad: self.output_grads.__setitem__(name, grad.detach()))
+        return keep
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.output_grads.clear()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def squared_input_sum(inputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ over the selected token rows (response tokens of real samples) of x_j² (fp32), one value per column."""
+    picked = inputs.reshape(-1, inputs.shape[-1])[rows.reshape(-1).to(inputs.device)]
+    return picked.float().pow(2).sum(dim=0)
+
+
+def abs_weight_gradient(inputs: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor:
+    """|∂L/∂W| of one sample from the Linear's input X and output gradient dY: |Σ_tokens dY^T X| (fp32)."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    dy = output_grad.reshape(-1, output_grad.shape[-1]).float()
+    return (dy.T @ x).abs_()
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module, with_grads: bool) -> Iterator[None]:
+    """Eval mode, no parameter gradients; with `with_grads` the input embeddings require grad so that backward
+    reaches every layer (DeepSpeed's ZeRO-3 hooks then re-gather the weights for backward as usual)."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    was_training = model.training
+    for param, _ in flags:
+        param.requires_grad_(False)
+    model.eval()
+    if with_grads:
+        model.enable_input_require_grads()
+    try:
+        yield
+    finally:
+        if with_grads:
+            model.disable_input_require_grads()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded samples; `real` is False for the padding samples that keep the ranks' pass counts equal."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    real: torch.Tensor
+
+    @property
+    def response_rows(self) -> torch.Tensor:
+        """Token positions whose statistics count: response tokens of real samples."""
+        return (self.labels != IGNORE_INDEX) & self.real[:, None]
+
+
+def rank_batches(samples: Sequence[Sample], batch_size: int, device: torch.device) -> list[MicroBatch]:
+    """This rank's samples (round-robin) in micro-batches, padded with dummies so that every rank runs the
+    same number of passes (ZeRO-3 gathers weights collectively inside every pass)."""
+    per_rank = math.ceil(len(samples) / distributed.world_size())
+    mine = distributed.split_evenly(samples)
+    flagged = [(sample, True) for sample in mine] + [(samples[0], False)] * (per_rank - len(mine))
+    batches = []
+    for start in range(0, len(flagged), batch_size):
+        chunk = flagged[start:start + batch_size]
+        padded = pad_batch([sample for sample, _ in chunk], pad_token_id=0)  # pads are masked and unlabelled
+        batches.append(MicroBatch(padded["input_ids"].to(device), padded["labels"].to(device),
+                                  padded["attention_mask"].to(device),
+                                  torch.tensor([real for _, real in chunk], device=device)))
+    return batches
+
+
+def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean next-token loss over its response tokens (HF's causal-LM loss, one sample at a time)."""
+    targets = labels[:, 1:]
+    token_losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+                                   reduction="none")
+    return token_losses.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
+def run_batch(model: nn.Module, batch: MicroBatch, with_grads: bool) -> None:
+    """One forward pass, and with `with_grads` one backward of Σ_real samples (sample's mean loss): the samples
+    of a batch do not interact, so each sample's activation gradients are those of its own loss."""
+    if not with_grads:
+        with torch.no_grad():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return
+    with torch.enable_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        (per_sample_losses(logits, batch.labels) * batch.real).sum().backward()
+
+
+def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample],
+                       config: ScoreConfig) -> dict[str, torch.Tensor]:
+    """Per target, the sum over all samples of Σ x_j² (wanda) or of |∂L_s/∂W| (wandg), on the owner only."""
+    with_grads = config.method == "wandg"
+    device = model_device(model)
+    capture = LinearCapture(targets, with_grads)
+    local_sums = {} if with_grads else {target.name: torch.zeros(target.shape[1], device=device) for target in targets}
+    owned: dict[str, torch.Tensor] = {}
+    batches = rank_batches(samples, config.batch_size, device)
+    try:
+        with scoring_mode(model, with_grads):
+            for batch in distributed.progress(batches, desc=f"{config.method} passes", leave=False):
+                capture.clear()
+                run_batch(model, batch, with_grads)
+                if with_grads:
+                    _reduce_batch_gradients(capture, targets, batch, device, owned)
+                else:
+                    for target in targets:
+                        local_sums[target.name] += squared_input_sum(capture.inputs[target.name], batch.response_rows)
+    finally:
+        capture.close()
+    if not with_grads:  # wanda: the sums of squares are reduced once, at the end
+        for target in targets:
+            total = reduce_to_owner(local_sums[target.name], target.owner)
+            if total is not None:
+                owned[target.name] = total
+    return owned
+
+
+def _reduce_batch_gradients(capture: LinearCapture, targets: Sequence[Target], batch: MicroBatch,
+                            device: torch.device, owned: dict[str, torch.Tensor]) -> None:
+    """One Linear at a time: Σ over the batch's real samples of |∂L_s/∂W|, summed over the ranks into the
+    owner's fp32 accumulator."""
+    real_rows = batch.real.nonzero().flatten().tolist()
+    for target in targets:
+        contribution = torch.zeros(target.shape, device=device)
+        output_grad = capture.output_grads.get(target.name)  # None when the loss does not depend on the Linear
+        for row in real_rows if output_grad is not None else ():
+            contribution += abs_weight_gradient(capture.inputs[target.name][row], output_grad[row])
+        total = reduce_to_owner(contribution, target.owner)
+        if total is not None:
+            owned[target.name] = owned[target.name].add_(total) if target.name in owned else total
+
+
+def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
+    """Uniform scores that depend only on (seed, parameter index, stream), so every world size draws the same."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + target.index * 2 + stream)
+    return torch.rand(target.shape, generator=generator)
+
+
+def score_targets(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample] | None,
+                  config: ScoreConfig, stream: int = 0) -> dict[str, torch.Tensor]:
+    """float32 scores of the targets this rank owns; NaN/inf is an error that names the parameter."""
+    if config.method == "random":
+        return {target.name: random_scores(target, config.seed, stream) for target in targets if target.mine}
+    statistics = collect_statistics(model, targets, samples, config)
+    scores: dict[str, torch.Tensor] = {}
+    problems: list[tuple[int, str]] = []
+    for target in targets:
+        weight = weight_on_owner(target.weight, target.owner)
+        if weight is None:
+            continue
+        magnitude = weight.float().abs()
+        statistic = statistics.pop(target.name)  # freed as we go: scores replace accumulators
+        if config.method == "wanda":
+            score = magnitude * torch.sqrt(statistic / len(samples)).reshape(1, -1)
+        else:
+            score = magnitude * statistic
+        if not torch.isfinite(magnitude).all():
+            problems.append((0, f"parameter {target.name} has NaN or inf weights; its score is not finite"))
+        elif not torch.isfinite(score).all():
+            problems.append((1, f"the {config.method} score of parameter {target.name} is not finite "
+                                f"(NaN or inf in its activations or gradients)"))
+        scores[target.name] = score.cpu()
+    raise_first_problem(problems)
+    return scores
+
+
+def raise_first_problem(problems: list[tuple[int, str]]) -> None:
+    """Collective: raise the most telling problem of any rank (a bad weight before its downstream effects)."""
+    reports = [problem for rank_problems in distributed.all_gather(problems) for problem in rank_problems]
+    if reports:
+        raise SafeneuronsError(min(reports)[1])
+
+
+# ---------------------------------------------------------------- selection
+
+def select_weights(scores: torch.Tensor, ratio: float, granularity: str) -> torch.Tensor:
+    """The highest scores: per output row the top int(cols × ratio), or the top int(rows × ratio) whole rows."""
+    rows, cols = scores.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    if granularity == "weight":
+        count = int(cols * ratio)
+        if count:
+            mask.scatter_(1, scores.topk(count, dim=1).indices, True)
+    else:
+        count = int(rows * ratio)
+        if count:
+            mask[scores.sum(dim=1).topk(count).indices] = True
+    return mask
+
+
+def _top_units(unit_scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    flags = torch.zeros(unit_scores.numel(), dtype=torch.bool)
+    count = int(fraction * unit_scores.numel())
+    if count:
+        flags[unit_scores.reshape(-1).topk(count).indices] = True
+    return flags
+
+
+def set_difference_mask(safety: torch.Tensor, utility: torch.Tensor, p: float, q: float,
+                        granularity: str) -> torch.Tensor:
+    """Per matrix: the top-q fraction by safety score minus the top-p fraction by utility score (largest scores);
+    the units are single weights (flattened) or, for `neuron`, output rows by their summed score."""
+    if granularity == "weight":
+        return (_top_units(safety, q) & ~_top_units(utility, p)).view(safety.shape)
+    rows = _top_units(safety.sum(dim=1), q) & ~_top_units(utility.sum(dim=1), p)
+    return rows[:, None].expand(safety.shape).clone()
+
+
+def select_masks(targets: Sequence[Target], scores: Mapping[str, Mapping[str, torch.Tensor]],
+                 config: ScoreConfig) -> dict[str, torch.Tensor]:
+    """Masks of the targets this rank owns, from `scores["safety"]` (and `scores["utility"]`)."""
+    masks = {}
+    for target in targets:
+        if not target.mine:
+            continue
+        safety = scores["safety"][target.name]
+        if config.set_difference:
+            masks[target.name] = set_difference_mask(safety, scores["utility"][target.name], config.p, config.q,
+                                                     config.granularity)
+        else:
+            masks[target.name] = select_weights(safety, config.sparsity_ratio, config.granularity)
+    return masks
+
+
+# ---------------------------------------------------------------- the two schedules
+
+def score_all_layers(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
+                     config: ScoreConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every layer from the same passes (one backward per sample), nothing pruned in between."""
+    scores = {source: score_targets(model, targets, samples, config, stream)
+              for stream, (source, samples) in enumerate(sources.items())}
+    return select_masks(targets, scores, config), scores["safety"]
+
+
+def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
+                         config: ScoreConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The original schedule: layer i is scored on the model whose layers < i have their selected weights zeroed.
+    The weights are restored afterwards."""
+    saved = [(stored, stored.clone()) for target in targets for stored in stored_copies(target.weight)]
+    masks: dict[str, torch.Tensor] = {}
+    safety_scores: dict[str, torch.Tensor] = {}
+    try:
+        for layer in sorted({target.linear.layer for target in targets}):
+            layer_targets = [target for target in targets if target.linear.layer == layer]
+            layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config)
+            for target in layer_targets:
+                zero_selected(target.weight, mask_on_every_rank(layer_masks.get(target.name), target,
+                                                                 model_device(model)))
+            masks.update(layer_masks)
+            safety_scores.update(layer_scores)
+    finally:
+        for stored, original in saved:
+            stored.copy_(original)
+    return masks, safety_scores
+
+
+# ---------------------------------------------------------------- the API
+
+def load_sources(tokenizer: Any, config: ScoreConfig) -> dict[str, list[Sample] | None]:
+    """The safety samples (and utility samples for the set difference); random needs none."""
+    def samples(source: str) -> list[Sample] | None:
+        if config.method == "random":
+            return None
+        return load_samples(source, tokenizer, config.nsamples, config.seed, config.max_length, config.data_dir)
+
+    sources = {"safety": samples(config.data)}
+    if config.set_difference:
+        sources["utility"] = samples(config.utility_source)
+    return sources
+
+
+def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig) -> ScoreResult:
+    """Score and select. Collective under N ranks (every rank calls it); under ZeRO-3 pass the module that
+    DeepSpeed's engine hooks (`engine.module`, see `prepare_model`)."""
+    config.validate()
+    targets = targets_of(model)
+    sources = load_sources(tokenizer, config)
+    schedule = score_layer_by_layer if config.sequential else score_all_layers
+    masks, scores = schedule(model, targets, sources, config)
+    summary = build_summary(targets, masks, sources, config)
+    return ScoreResult(masks, scores if config.keep_scores else None, summary)
+
+
+def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
+                  sources: Mapping[str, list[Sample] | None], config: ScoreConfig) -> dict[str, Any]:
+    """Counts per parameter and per layer, merged on rank 0 (the other ranks get the settings only)."""
+    settings = {key: value for key, value in asdict(config).items() if key not in ("keep_scores", "data_dir")}
+    if not config.set_difference:
+        settings["utility_data"] = None
+    summary: dict[str, Any] = {**settings, "world_size": distributed.world_size(),
+                               "zero3_partitioned": is_zero3_partitioned(targets[0].linear.module),
+                               "nsamples_used": {name: None if samples is None else len(samples)
+                                                 for name, samples in sources.items()}}
+    local = {target.name: (target.linear.layer, int(masks[target.name].sum()), math.prod(target.shape),
+                           list(target.shape)) for target in targets if target.mine}
+    merged = distributed.merge_dicts_to_main(local)
+    if merged is None:
+        return summary
+    per_parameter = {target.name: dict(zip(("layer", "selected", "total", "shape"), merged[target.name]))
+                     for target in targets}
+    per_layer: dict[str, dict[str, int]] = {}
+    for counts in per_parameter.values():
+        layer = per_layer.setdefault(str(counts["layer"]), {"selected": 0, "total": 0})
+        layer["selected"] += counts["selected"]
+        layer["total"] += counts["total"]
+    total_selected = sum(counts["selected"] for counts in per_parameter.values())
+    total_scored = sum(counts["total"] for counts in per_parameter.values())
+    return {**summary, "total_selected": total_selected, "total_scored": total_scored,
+            "selected_fraction": total_selected / total_scored, "per_layer": per_layer,
+            "per_parameter": per_parameter}
+
+
+def _save_float_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    with atomic_file(path) as tmp:
+        save_file({name: tensor.detach().float().contiguous().cpu() for name, tensor in tensors.items()}, str(tmp),
+                  metadata={"format": "pt"})
+
+
+def write_score_outputs(result: ScoreResult, out_dir: str | Path, save_scores: bool) -> None:
+    """Collective: every rank writes its masks (and scores) as a shard of a staging folder; rank 0 writes the
+    index files and the summary and then moves everything into `out_dir`. One rank writes single files."""
+    if save_scores and result.scores is None:
+        raise SafeneuronsError("--save-scores needs the scores: score with ScoreConfig(keep_scores=True)")
+    final = Path(out_dir)
+    if distributed.is_main():
+        discard_staging(final)
+    distributed.barrier()
+    staging = staging_dir(final)
+    world, rank = distributed.world_size(), distributed.rank()
+    try:
+        if world == 1:
+            save_masks(result.masks, staging)
+            if save_scores:
+                _save_float_tensors(result.scores, staging / SCORES_FILE)
+        else:
+            save_mask_shard(result.masks, staging, rank, world)
+            if save_scores:
+                _save_float_tensors(result.scores, staging / shard_name(rank, world, "scores"))
+        problem = None
+    except OSError as error:
+        problem = f"cannot write the masks to {staging}: {error}"
+    try:
+        distributed.all_ranks_ok(problem is None, problem or "")
+        owned = distributed.gather_to_main(sorted(result.masks))
+        if distributed.is_main():
+            _finish_outputs(staging, owned, result.summary, save_scores)
+            remove_stale_outputs(final)
+            publish_dir(final)
+    except BaseException:
+        if distributed.is_main():
+            discard_staging(final)
+        raise
+    finally:
+        distributed.barrier()
+
+
+def remove_stale_outputs(final: Path) -> None:
+    """A previous run's mask and score files (say, shards of another world size) would mix with the new ones."""
+    for pattern in ("masks*.safetensors*", "scores*.safetensors*", SUMMARY_FILE):
+        for stale in final.glob(pattern):
+            stale.unlink()
+
+
+def _finish_outputs(staging: Path, owned: list[list[str]], summary: Mapping[str, Any], save_scores: bool) -> None:
+    world = len(owned)
+    if world > 1:
+        metadata = {"total_size": summary.get("total_scored", 0)}
+        write_index(staging, {name: shard_name(rank, world) for rank, names in enumerate(owned) for name in names},
+                    metadata)
+        if save_scores:
+            write_index(staging, {name: shard_name(rank, world, "scores") for rank, names in enumerate(owned)
+                                  for name in names}, metadata, index_file=SCORES_INDEX_FILE)
+    write_json(staging / SUMMARY_FILE, summary)
+
+
+# ---------------------------------------------------------------- loading (ZeRO-3) and the CLI
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    engine: Any = None  # the DeepSpeed engine whose hooks gather the ZeRO-3 weights (kept alive with the model)
+
+
+def prepare_model(model_name: str, dtype: str = "float32", deepspeed_config: str | dict | None = None,
+                  cache_dir: str | None = None, device: torch.device | None = None) -> LoadedModel:
+    """Load for scoring; with a ZeRO-3 config the model is partitioned across the ranks and wrapped in an
+    inference engine (no optimizer) so that forward and backward gather each layer's weights on the fly."""
+    from .dsconfig import fill_config, zero_stage
+    from .models import load_model, load_tokenizer, parse_dtype, resolve_model_name
+
+    ds_config = None
+    if deepspeed_config is not None:
+        from transformers import AutoConfig
+
+        hidden = getattr(AutoConfig.from_pretrained(resolve_model_name(model_name), cache_dir=cache_dir),
+                         "hidden_size", None)
+        ds_config = fill_config(deepspeed_config, world_size=distributed.world_size(), dtype=parse_dtype(dtype),
+                                hidden_size=hidden)
+        if zero_stage(ds_config) != 3:
+            log.warning("DeepSpeed config is not ZeRO-3: every rank holds the whole model for scoring")
+            ds_config = None
+    model = load_model(model_name, dtype, cache_dir, device, ds_config)
+    tokenizer = load_tokenizer(model_name, cache_dir)
+    if ds_config is None:
+        return LoadedModel(model, tokenizer)
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    return LoadedModel(engine.module, tokenizer, engine)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_model_arguments, add_run_arguments
+
+    add_model_arguments(parser, "--model")
+    add_run_arguments(parser)
+    parser.add_argument("--method", required=True, metavar="{" + ",".join(METHODS) + "}",
+                        help="wanda (|W|·activation norm), wandg (|W|·Σ per-sample |gradient|, SNIP) or random")
+    parser.add_argument("--data", required=True,
+                        help="safety data: a name (align, align_short, demo-align, …) or a file")
+    parser.add_argument("--sparsity-ratio", type=float, required=True,
+                        help="fraction selected per output row (weight) or of the rows (neuron), in (0, 1); "
+                             "the set difference selects by --p/--q instead")
+    parser.add_argument("--granularity", default="weight", help="weight or neuron (default %(default)s)")
+    parser.add_argument("--utility-data", default=None,
+                        help=f"utility data of the set difference (default {DEFAULT_UTILITY_DATA} with --p/--q)")
+    parser.add_argument("--p", type=float, default=None,
+                        help="set difference: minus the top-p fraction by utility score, p in (0, 1]")
+    parser.add_argument("--q", type=float, default=None,
+                        help="set difference: the top-q fraction by safety score, q in (0, 1]")
+    parser.add_argument("--nsamples", type=int, default=128, help="samples drawn with --seed (default %(default)s)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per sample (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="samples per pass; statistics stay per sample (default %(default)s)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="the original layer-by-layer schedule: later layers scored with earlier selections zeroed")
+    parser.add_argument("--save-scores", action="store_true", help="also write the raw scores (float32)")
+
+
+def config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    return ScoreConfig(method=args.method, data=args.data, sparsity_ratio=args.sparsity_ratio,
+                       nsamples=args.nsamples, seed=args.seed, max_length=args.max_length,
+                       granularity=args.granularity, utility_data=args.utility_data, p=args.p, q=args.q,
+                       sequential=args.sequential, data_dir=args.data_dir, keep_scores=args.save_scores,
+                       batch_size=args.batch_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    config.validate()  # before any process group or model, so bad input costs nothing and writes nothing
+    context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
+    loaded = prepare_model(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
+    result = score_model(loaded.model, loaded.tokenizer, config)
+    result.summary.update(model=args.model, dtype=args.dtype, deepspeed=args.deepspeed)
+    write_score_outputs(result, args.out, args.save_scores)
+    if distributed.is_main():
+        summary = result.summary
+        print(f"{config.method}: selected {summary['total_selected']} of {summary['total_scored']} weights "
+              f"({summary['selected_fraction']:.4%}) -> {args.out}")
+    return 0
+
+
+class SafetyNeuronAnalyzer:
+    """The original extension's API: find the safety-critical weights of a loaded model."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, data_dir: str | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.data_dir = data_dir
+        self.safety_masks: dict[str, torch.Tensor] | None = None
+        self.summary: dict[str, Any] | None = None
+        self.last_settings: dict[str, Any] | None = None  # for re-scoring a fine-tuned model the same way
+
+    def identify_safety_critical_neurons(self, prune_method: str = "wandg", prune_data: str = "align",
+                                         sparsity_ratio: float = 0.1, nsamples: int = 128,
+                                         seed: int = 0) -> dict[str, torch.Tensor]:
+        """All masks (bool, 1 = safety-critical), named like the parameters, on every rank."""
+        self.last_settings = dict(prune_method=prune_method, prune_data=prune_data, sparsity_ratio=sparsity_ratio,
+                                  nsamples=nsamples, seed=seed)
+        config = ScoreConfig(method=prune_method, data=prune_data, sparsity_ratio=sparsity_ratio,
+                             nsamples=nsamples, seed=seed, data_dir=self.data_dir)
+        result = score_model(self.model, self.tokenizer, config)
+        masks: dict[str, torch.Tensor] = {}
+        for part in distributed.all_gather(result.masks):  # convenience API: the whole mask set on each rank
+            masks.update(part)
+        self.safety_masks, self.summary = masks, result.summary
+        return masks
+
+    def freeze_safety_critical_neurons(self, model: nn.Module | None = None) -> Any:
+        if self.safety_masks is None:
+            raise SafeneuronsError("call identify_safety_critical_neurons before freezing")
+        from .freezing import freeze
+
+        return freeze(self.model if model is None else model, self.safety_masks)

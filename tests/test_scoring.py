@@ -1,0 +1,304 @@
+"""`safeneurons score`: scores and masks against independent straightforward references (per-layer loops,
+per-sample `loss.backward()` with `param.grad`), selection rules, the CLI's files and its errors."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+from safetensors.torch import load_file
+
+from safeneurons import SafeneuronsError, cli
+from safeneurons.data import load_samples
+from safeneurons.masks import load_masks
+from safeneurons.scoring import SafetyNeuronAnalyzer, ScoreConfig, score_model
+
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TINY_SAMPLES = dict(data="demo-align", nsamples=6, seed=0, max_length=48)
+RATIO = 0.3  # 32 columns × 0.3 = 9.6: int() must give 9 per row
+
+
+# ---------------------------------------------------------------- the independent reference
+
+def layer_linears(model, layer: int) -> dict[str, torch.nn.Linear]:
+    block = model.model.layers[layer]
+    return {f"model.layers.{layer}.{name}.weight": block.get_submodule(name) for name in LINEAR_NAMES}
+
+
+def reference_statistics(model, samples, linears: dict, method: str) -> dict[str, torch.Tensor]:
+    """wanda: the original repository's running average of ||x_j||² over response tokens; wandg: Σ |param.grad|."""
+    stats: dict[str, torch.Tensor] = {}
+    if method == "wanda":
+        seen = 0
+        running = {name: torch.zeros(module.in_features) for name, module in linears.items()}
+        for sample in samples:
+            inputs = {}
+            handles = [module.register_forward_hook(lambda m, a, o, name=name: inputs.__setitem__(name, a[0]))
+                       for name, module in linears.items()]
+            with torch.no_grad():
+                model(sample.input_ids[None])
+            for handle in handles:
+                handle.remove()
+            seen += 1
+            for name in linears:
+                rows = inputs[name][0][sample.labels != -100].float()
+                running[name] = running[name] * (seen - 1) / seen + torch.norm(rows, p=2, dim=0) ** 2 / seen
+        return running
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for module in linears.values():
+        module.weight.requires_grad_(True)
+    for sample in samples:
+        model.zero_grad(set_to_none=True)
+        model(sample.input_ids[None], labels=sample.labels[None]).loss.backward()
+        for name, module in linears.items():
+            stats[name] = stats.get(name, 0) + module.weight.grad.float().abs()
+    return stats
+
+
+def reference_masks(model, samples, method: str, ratio: float, sequential: bool):
+    """Per layer: score (on a model whose earlier layers are pruned when `sequential`), take the top per row."""
+    model = copy.deepcopy(model)
+    layers = range(len(model.model.layers))
+    all_linears = {name: module for layer in layers for name, module in layer_linears(model, layer).items()}
+    unpruned = None if sequential else reference_statistics(model, samples, all_linears, method)
+    masks, scores = {}, {}
+    for layer in layers:
+        linears = layer_linears(model, layer)
+        stats = reference_statistics(model, samples, linears, method) if sequential else unpruned
+        for name, module in linears.items():
+            weight = module.weight.detach().abs()
+            score = weight * (stats[name].sqrt()[None, :] if method == "wanda" else stats[name])
+            keep = int(score.shape[1] * ratio)
+            order = torch.argsort(score, dim=1, descending=True)[:, :keep]
+            mask = torch.zeros_like(score, dtype=torch.bool)
+            for row in range(score.shape[0]):
+                mask[row, order[row]] = True
+            masks[name], scores[name] = mask, score
+        if sequential:
+            with torch.no_grad():
+                for name, module in linears.items():
+                    module.weight[masks[name]] = 0
+    return masks, scores
+
+
+@pytest.fixture(scope="module")
+def tiny_model(demo_tokenizer):
+    return make_tiny_llama(demo_tokenizer, seed=3, layers=2, hidden=32, intermediate=64, heads=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_samples(demo_tokenizer):
+    return load_samples(TINY_SAMPLES["data"], demo_tokenizer, TINY_SAMPLES["nsamples"], TINY_SAMPLES["seed"],
+                        TINY_SAMPLES["max_length"])
+
+
+def tiny_config(method: str, **overrides) -> ScoreConfig:
+    return ScoreConfig(method=method, sparsity_ratio=RATIO, keep_scores=True, **{**TINY_SAMPLES, **overrides})
+
+
+# ---------------------------------------------------------------- scores and masks equal the reference
+
+@pytest.mark.parametrize("method,sequential,batch_size", [
+    ("wanda", False, 1), ("wandg", False, 1), ("wanda", True, 1), ("wandg", True, 1),
+    ("wanda", False, 4), ("wandg", False, 4),  # padded micro-batches keep per-sample statistics
+])
+def test_masks_equal_reference(tiny_model, tiny_samples, demo_tokenizer, method, sequential, batch_size):
+    before = {name: param.detach().clone() for name, param in tiny_model.named_parameters()}
+    config = tiny_config(method, sequential=sequential, batch_size=batch_size)
+    result = score_model(tiny_model, demo_tokenizer, config)
+    expected_masks, expected_scores = reference_masks(tiny_model, tiny_samples, method, RATIO, sequential)
+    assert list(result.masks) == list(expected_masks)
+    for name, expected in expected_masks.items():
+        assert torch.equal(result.masks[name], expected), name
+        torch.testing.assert_close(result.scores[name], expected_scores[name], rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(param, before[name]) for name, param in tiny_model.named_parameters())
+
+
+def test_sequential_differs_from_default(tiny_model, demo_tokenizer):
+    """Pruning earlier layers changes later layers' gradients: the two schedules are not the same algorithm."""
+    default = score_model(tiny_model, demo_tokenizer, tiny_config("wandg"))
+    sequential = score_model(tiny_model, demo_tokenizer, tiny_config("wandg", sequential=True))
+    first = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(default.scores[first], sequential.scores[first])  # layer 0 sees the same model
+    last = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(default.scores[last], sequential.scores[last])
+
+
+def test_selected_count_per_row_is_exact(tiny_model, demo_tokenizer):
+    result = score_model(tiny_model, demo_tokenizer, tiny_config("wanda"))
+    for name, mask in result.masks.items():
+        expected = int(mask.shape[1] * RATIO)
+        assert mask.dtype == torch.bool
+        assert (mask.sum(dim=1) == expected).all(), name
+        lowest_selected = torch.where(mask, result.scores[name], torch.inf).min(dim=1).values
+        highest_unselected = torch.where(mask, -torch.inf, result.scores[name]).max(dim=1).values
+        assert (lowest_selected >= highest_unselected).all(), name
+    summary = result.summary
+    assert summary["total_selected"] == sum(int(m.sum()) for m in result.masks.values())
+    assert summary["total_scored"] == sum(m.numel() for m in result.masks.values())
+
+
+def test_neuron_granularity_selects_whole_rows_by_summed_score(tiny_model, demo_tokenizer):
+    result = score_model(tiny_model, demo_tokenizer, tiny_config("wandg", granularity="neuron"))
+    for name, mask in result.masks.items():
+        rows = mask.all(dim=1)
+        assert torch.equal(mask.any(dim=1), rows), name  # whole rows only
+        assert int(rows.sum()) == int(mask.shape[0] * RATIO)
+        row_scores = result.scores[name].sum(dim=1)
+        assert row_scores[rows].min() >= row_scores[~rows].max(), name
+
+
+def test_set_difference_is_top_q_safety_minus_top_p_utility(tiny_model, demo_tokenizer):
+    p, q = 0.2, 0.25
+    result = score_model(tiny_model, demo_tokenizer, tiny_config("wanda", utility_data="demo-utility", p=p, q=q))
+    utility = score_model(tiny_model, demo_tokenizer, tiny_config("wanda", data="demo-utility"))
+    assert result.summary["utility_data"] == "demo-utility"
+    for name, mask in result.masks.items():
+        safety_flat, utility_flat = result.scores[name].flatten(), utility.scores[name].flatten()
+        top_q = set(torch.argsort(safety_flat, descending=True)[:int(q * safety_flat.numel())].tolist())
+        top_p = set(torch.argsort(utility_flat, descending=True)[:int(p * utility_flat.numel())].tolist())
+        assert set(torch.nonzero(mask.flatten()).flatten().tolist()) == top_q - top_p, name
+        assert 0 < int(mask.sum()) < len(top_q)  # the utility set really removes something
+
+
+def test_random_has_the_same_counts_and_depends_on_the_seed(tiny_model, demo_tokenizer):
+    wandg = score_model(tiny_model, demo_tokenizer, tiny_config("wandg"))
+    random_0 = score_model(tiny_model, demo_tokenizer, tiny_config("random"))
+    random_1 = score_model(tiny_model, demo_tokenizer, tiny_config("random", seed=1))
+    again = score_model(tiny_model, demo_tokenizer, tiny_config("random"))
+    for name, mask in wandg.masks.items():
+        assert torch.equal(random_0.masks[name].sum(dim=1), mask.sum(dim=1))
+        assert torch.equal(random_0.masks[name], again.masks[name])
+        assert not torch.equal(random_0.masks[name], random_1.masks[name])
+        assert not torch.equal(random_0.masks[name], mask)
+
+
+@pytest.mark.parametrize("method", ["wanda", "wandg"])
+def test_nan_weight_is_an_error_naming_the_parameter(tiny_model, demo_tokenizer, method):
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(SafeneuronsError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        score_model(broken, demo_tokenizer, tiny_config(method))
+
+
+def test_model_without_the_expected_linears_is_an_error(tiny_model, demo_tokenizer):
+    broken = copy.deepcopy(tiny_model)
+    broken.model.layers[0].mlp.gate_proj = torch.nn.Identity()
+    with pytest.raises(SafeneuronsError, match="gate_proj"):
+        score_model(broken, demo_tokenizer, tiny_config("wanda"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(sparsity_ratio=0.0), "sparsity ratio"), (dict(sparsity_ratio=1.0), "sparsity ratio"),
+    (dict(method="magnitude"), "unknown scoring method"), (dict(p=0.0, q=0.5), "--p"),
+    (dict(p=0.5, q=1.5), "--q"), (dict(p=0.5), "--q is missing"), (dict(granularity="head"), "granularity"),
+])
+def test_bad_config_is_rejected(overrides, message):
+    config = ScoreConfig(**{"method": "wanda", "data": "demo-align", "sparsity_ratio": 0.1, **overrides})
+    with pytest.raises(SafeneuronsError, match=message):
+        config.validate()
+
+
+# ---------------------------------------------------------------- the CLI on the demo model
+
+DEMO_ARGS = ["--model", "demo", "--data", "demo-align", "--nsamples", "8", "--max-length", "64",
+             "--sparsity-ratio", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def demo_wanda_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("score") / "wanda"
+    assert cli.main(["score", "--method", "wanda", *DEMO_ARGS, "--save-scores", "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_files_name_the_models_parameters(demo_wanda_out, demo_model):
+    params = dict(demo_model.named_parameters())
+    masks = load_masks(demo_wanda_out)
+    scores = load_file(str(demo_wanda_out / "scores.safetensors"))
+    expected = [f"model.layers.{layer}.{name}.weight" for layer in range(len(demo_model.model.layers))
+                for name in LINEAR_NAMES]
+    assert sorted(masks) == sorted(expected) and sorted(scores) == sorted(expected)
+    for name, mask in masks.items():
+        assert mask.dtype == torch.bool and mask.shape == params[name].shape
+        assert scores[name].dtype == torch.float32 and scores[name].shape == params[name].shape
+        assert torch.isfinite(scores[name]).all()
+    summary = json.loads((demo_wanda_out / "score_summary.json").read_text())
+    assert summary["method"] == "wanda" and summary["world_size"] == 1 and summary["seed"] == 0
+    assert summary["total_selected"] == sum(int(mask.sum()) for mask in masks.values())
+    assert {name: counts["selected"] for name, counts in summary["per_parameter"].items()} == \
+        {name: int(mask.sum()) for name, mask in masks.items()}
+    assert summary["total_scored"] == sum(mask.numel() for mask in masks.values())
+
+
+def test_python_api_gives_the_cli_masks(demo_wanda_out, demo_model, demo_tokenizer):
+    analyzer = SafetyNeuronAnalyzer(copy.deepcopy(demo_model), demo_tokenizer)
+    masks = analyzer.identify_safety_critical_neurons("wanda", "demo-align", 0.05, nsamples=8, seed=0)
+    # the API keeps the original work's max_length 512; the demo samples are shorter than 64 tokens anyway
+    cli_masks = load_masks(demo_wanda_out)
+    assert masks.keys() == cli_masks.keys()
+    assert all(torch.equal(masks[name], cli_masks[name]) for name in masks)
+
+
+@pytest.mark.slow
+def test_cli_reads_the_original_csv(shared_data, tmp_path):
+    out = tmp_path / "csv"
+    args = ["score", "--model", "demo", "--method", "wanda", "--data", "align_short", "--data_dir", str(shared_data),
+            "--nsamples", "4", "--max_length", "96", "--sparsity_ratio", "0.03", "--granularity", "neuron",
+            "--out", str(out)]
+    assert cli.main(args) == 0
+    summary = json.loads((out / "score_summary.json").read_text())
+    assert summary["nsamples_used"] == {"safety": 4} and summary["granularity"] == "neuron"
+    assert summary["total_selected"] > 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "wanda", "--sparsity-ratio", "1.5"], "sparsity ratio"),
+    (["--method", "wanda", "--sparsity-ratio", "0.1", "--p", "0", "--q", "0.5"], "--p"),
+    (["--method", "snip", "--sparsity-ratio", "0.1"], "unknown scoring method"),
+    (["--method", "wanda", "--sparsity-ratio", "0.1", "--max-length", "6"], "empty after truncation"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "out"
+    args = ["score", "--model", "demo", "--data", "demo-align", "--nsamples", "4", "--out", str(out), *extra]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_rejects_a_model_of_another_architecture(tmp_path, capsys, demo_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "gpt2"
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(demo_tokenizer)))
+    gpt2.save_pretrained(model_dir)
+    demo_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    args = ["score", "--model", str(model_dir), "--method", "wanda", "--data", "demo-align", "--sparsity-ratio", "0.1",
+            "--out", str(out)]
+    assert cli.main(args) == 2
+    assert "architecture 'gpt2'" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_outputs_replace_a_previous_runs_shards(tmp_path):
+    """A folder that held a 2-rank run's shards and index gets a 1-rank run's single file, and nothing stale."""
+    from safeneurons.masks import INDEX_FILE, save_mask_shard, write_index
+    from safeneurons.scoring import ScoreResult, write_score_outputs
+
+    out = tmp_path / "out"
+    old = {"model.layers.0.mlp.up_proj.weight": torch.ones(2, 3, dtype=torch.bool)}
+    save_mask_shard(old, out, 0, 2)
+    write_index(out, {name: "masks-00001-of-00002.safetensors" for name in old})
+    new = {"model.layers.0.mlp.up_proj.weight": torch.tensor([[True, False, False], [False, True, False]])}
+    write_score_outputs(ScoreResult(new, None, {"total_selected": 2}), out, save_scores=False)
+    assert sorted(path.name for path in out.iterdir()) == ["masks.safetensors", "score_summary.json"]
+    assert not (out / INDEX_FILE).exists()
+    assert torch.equal(load_masks(out)["model.layers.0.mlp.up_proj.weight"], new["model.layers.0.mlp.up_proj.weight"])
+    assert not (tmp_path / ".out.partial").exists()
