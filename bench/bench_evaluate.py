@@ -1,0 +1,43 @@
+"""Evaluation throughput: batched left-padded greedy generation vs one prompt at a time (the naive loop), and
+batched perplexity vs one text at a time, on the demo model. Prints both timings and the speed-up ratios."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from safeneurons.data import load_examples, load_prompts, select
+from safeneurons.evaluate import generate, perplexity, text_samples
+from safeneurons.models import load_model_and_tokenizer
+
+
+def timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--texts", type=int, default=128)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_model_and_tokenizer("demo")
+    prompts = load_prompts("demo-harmful", tokenizer, args.prompts // 2) + load_prompts(
+        "demo-harmless", tokenizer, args.prompts // 2)
+    batched, batched_s = timed(generate, model, tokenizer, prompts, args.max_new_tokens, 32)
+    naive, naive_s = timed(generate, model, tokenizer, prompts, args.max_new_tokens, 1)
+    print(f"generation, {len(prompts)} prompts x {args.max_new_tokens} tokens: batched {batched_s:.2f} s, "
+          f"one at a time {naive_s:.2f} s, ratio {naive_s / batched_s:.1f}x; same texts: {batched == naive}")
+    samples = text_samples(select(load_examples("demo-utility"), args.texts, 0), tokenizer, 128)
+    fast, fast_s = timed(perplexity, model, tokenizer, samples, 32)
+    slow, slow_s = timed(perplexity, model, tokenizer, samples, 1)
+    print(f"perplexity, {len(samples)} texts: batched {fast_s:.2f} s, one at a time {slow_s:.2f} s, ratio "
+          f"{slow_s / fast_s:.1f}x; values {fast:.6f} vs {slow:.6f}")
+
+
+if __name__ == "__main__":
+    main()

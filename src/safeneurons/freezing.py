@@ -1,0 +1,390 @@
+"""Freeze safety-critical weights: masked elements keep their exact value through every optimizer step.
+
+Zeroing gradients is not enough (AdamW's weight decay and Adam moments still move a weight whose gradient is 0),
+so the mechanism acts in two places around the step of the optimizer that owns the weights:
+
+* before the step, the masked entries of the gradient are zeroed, so gradient clipping sees only free weights
+  (single process, DDP-free loops and ZeRO 0-2: a gradient hook on each parameter; ZeRO-3: the local fp32
+  gradient partition, `deepspeed.utils.safe_get_local_grad` / `safe_set_local_grad`);
+* after the step, the saved original values of the masked entries are written back into every copy of the
+  weights the optimizer updates: the parameter itself (ZeRO-3: `param.ds_tensor`, the local partition), and
+  the fp32 master copy (ZeRO-3: `safe_get_local_fp32_param` / `safe_set_local_fp32_param`; ZeRO 1-2 and the bf16
+  optimizer: the `_hp_mapping` fragment this rank owns; bf16 without ZeRO: FP16_UnfusedOptimizer's fp32 copy).
+
+The step is wrapped on the optimizer object itself (`FrozenWeights.attach`), so the guarantee holds whoever
+calls it: a plain loop, `DeepSpeedEngine.step`, accelerate's `DeepSpeedEngineWrapper.backward` (which calls
+`engine.step()` right after `engine.backward()`), or the HF Trainer.
+
+Under ZeRO-3 the mask is partitioned exactly like the parameters: each parameter is flattened and split into
+`ceil(numel / W)`-element slices (W = size of `param.ds_process_group`, tail zero-padded); rank r keeps only
+the bits of elements [r*ceil, (r+1)*ceil), bit-packed (1 bit per element), read from the mask file row range by
+row range, plus the original values of only its masked elements.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import SafeneuronsError
+from .masks import MaskReader, check_masks_fit
+
+log = logging.getLogger(__name__)
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # numpy.packbits bit order
+
+MaskSource = Mapping[str, torch.Tensor] | str | os.PathLike
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A 1-D bool tensor as uint8 bytes, 8 elements per byte (most significant bit first, like numpy.packbits)."""
+    flat = mask.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy()))
+    padded = torch.nn.functional.pad(flat.to(torch.uint8), (0, (-flat.numel()) % 8))
+    return (padded.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` bits of `pack_bits` output as a bool tensor (numpy on CPU: about 20x faster)."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=length).view(np.bool_))
+    bits = packed.unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.view(-1)[:length]
+
+
+@dataclass
+class MaskSlice:
+    """The part of one parameter's mask this rank keeps: `length` elements of the flattened parameter (its ZeRO-3
+    partition, padding included, or the whole parameter), bit-packed, and the masked elements' original values."""
+
+    name: str
+    param: nn.Parameter
+    length: int
+    packed: torch.Tensor
+    values: torch.Tensor  # original values of the masked elements, in element order
+
+    @property
+    def count(self) -> int:
+        return self.values.numel()
+
+    def mask(self) -> torch.Tensor:
+        return unpack_bits(self.packed, self.length)
+
+    @property
+    def mask_bytes(self) -> int:
+        return self.packed.numel()
+
+    @property
+    def value_bytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+
+def _is_zero3(param: nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _full_shape(param: nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def _full_numel(param: nn.Parameter) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+class _MaskSource:
+    """Reads element ranges of flattened masks from an in-memory dict or a mask file (row ranges only)."""
+
+    def __init__(self, masks: MaskSource) -> None:
+        if isinstance(masks, Mapping):
+            self.tensors: dict[str, torch.Tensor] | None = {name: mask.to(torch.bool) for name, mask in masks.items()}
+            self.reader: MaskReader | None = None
+        else:
+            self.tensors, self.reader = None, MaskReader(masks)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        if self.tensors is not None:
+            return {name: tuple(mask.shape) for name, mask in self.tensors.items()}
+        return self.reader.shapes()
+
+    def elements(self, name: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        """Flattened mask elements [start, stop) of parameter `name` (shape `shape`)."""
+        if self.tensors is not None:
+            return self.tensors[name].reshape(-1)[start:stop]
+        if stop <= start:
+            return torch.zeros(0, dtype=torch.bool)
+        row_size = math.prod(shape[1:]) if len(shape) > 1 else 1
+        first_row, end_row = start // row_size, -(-stop // row_size)
+        rows = self.reader.get_rows(name, first_row, end_row).reshape(-1)
+        offset = start - first_row * row_size
+        return rows[offset:offset + stop - start]
+
+
+def local_layout(param: nn.Parameter) -> tuple[int, int, int]:
+    """(start, length, valid): the flattened elements [start, start + valid) of `param` this rank holds, stored in
+    `length` elements (the ZeRO-3 partition, tail zero-padded; or the whole parameter)."""
+    if not _is_zero3(param):
+        return 0, param.numel(), param.numel()
+    length = param.ds_tensor.ds_numel if hasattr(param.ds_tensor, "ds_numel") else param.ds_tensor.numel()
+    rank_in_group = dist.get_rank(group=param.ds_process_group)
+    start = rank_in_group * length
+    valid = max(0, min(length, _full_numel(param) - start))
+    return start, length, valid
+
+
+def local_weights(param: nn.Parameter) -> torch.Tensor:
+    """The weights this rank holds, flattened: the ZeRO-3 partition, or the whole parameter."""
+    return (param.ds_tensor if _is_zero3(param) else param.data).reshape(-1)
+
+
+def _build_slice(name: str, param: nn.Parameter, source: _MaskSource) -> MaskSlice:
+    shape = _full_shape(param)
+    start, length, valid = local_layout(param)
+    mask = source.elements(name, shape, start, start + valid)
+    if length > valid:
+        mask = torch.cat([mask, torch.zeros(length - valid, dtype=torch.bool)])
+    weights = local_weights(param)
+    values = weights[:length][mask.to(weights.device)].clone()
+    return MaskSlice(name, param, length, pack_bits(mask).to(weights.device), values)
+
+
+def named_parameters_with_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full (unpartitioned) shapes of the model's parameters, also under ZeRO-3."""
+    return {name: _full_shape(param) for name, param in model.named_parameters()}
+
+
+def _class_names(target: Any) -> set[str]:
+    return {cls.__name__ for cls in type(target).__mro__}
+
+
+def _unwrap_optimizer(target: Any) -> Any:
+    """The optimizer object whose `step` updates the weights: a DeepSpeed engine's optimizer (ZeRO-3, ZeRO 1-2,
+    bf16 or plain), the inner optimizer of an accelerate wrapper, or a torch optimizer as it is."""
+    names = _class_names(target)
+    if "DeepSpeedEngine" in names or names & {"AcceleratedOptimizer", "DeepSpeedOptimizerWrapper"}:
+        return _unwrap_optimizer(target.optimizer)
+    if not callable(getattr(target, "step", None)):
+        raise SafeneuronsError(f"cannot attach frozen weights to {type(target).__name__}: expected a torch "
+                               f"optimizer, a DeepSpeed engine or an accelerate-wrapped optimizer")
+    if "FP16_Optimizer" in names:
+        raise SafeneuronsError("DeepSpeed's fused FP16_Optimizer is not supported with frozen weights; train in "
+                               "float32 or bfloat16")
+    return target
+
+
+def _master_copies(optimizer: Any) -> dict[int, torch.Tensor]:
+    """Full fp32 master copies kept beside the model's weights (DeepSpeed's FP16_UnfusedOptimizer, used for
+    bf16 without ZeRO), by id of the model parameter."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not isinstance(low, list) or not isinstance(high, list):
+        return {}
+    return {id(lp): hp for low_group, high_group in zip(low, high) if isinstance(low_group, list)
+            for lp, hp in zip(low_group, high_group)}
+
+
+class FrozenWeights:
+    """The frozen elements of a model and the mechanism that keeps them bit-identical (see module docstring)."""
+
+    def __init__(self, slices: Mapping[str, MaskSlice]) -> None:
+        self.slices = dict(slices)
+        self.partitioned = any(_is_zero3(entry.param) for entry in self.slices.values())
+        self._hooks: list[Any] = []
+        self._optimizer: Any = None
+        self._original_step: Callable | None = None
+        self._masters: dict[int, torch.Tensor] = {}
+
+    # --- sizes -------------------------------------------------------------------------------------------
+    @property
+    def local_count(self) -> int:
+        return sum(entry.count for entry in self.slices.values())
+
+    @property
+    def mask_bytes(self) -> int:
+        """Bytes of packed mask bits this rank holds."""
+        return sum(entry.mask_bytes for entry in self.slices.values())
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of saved original values this rank holds (one per masked local element)."""
+        return sum(entry.value_bytes for entry in self.slices.values())
+
+    def frozen_count(self) -> int:
+        """Frozen elements of the whole model (collective under ZeRO-3)."""
+        return int(reduce_over_ranks(float(self.local_count))) if self.partitioned else self.local_count
+
+    # --- attaching ---------------------------------------------------------------------------------------
+    def attach(self, target: Any) -> "FrozenWeights":
+        """Wrap the step of the optimizer that owns the weights, given a torch optimizer, a DeepSpeed engine or an
+        accelerate-wrapped optimizer (the HF Trainer's, which `FrozenWeightsCallback` passes)."""
+        optimizer = _unwrap_optimizer(target)
+        if self._optimizer is optimizer:
+            return self
+        if "DeepSpeedZeroOptimizer_Stage3" in _class_names(optimizer) and not self.partitioned:
+            raise SafeneuronsError("the optimizer is ZeRO-3 but freeze() saw whole, unpartitioned weights: build the "
+                                   "model under zero.Init (load_model with the DeepSpeed config, or HfDeepSpeedConfig) "
+                                   "or call freeze(engine.module, masks) after deepspeed.initialize")
+        self.detach()
+        original_step = optimizer.step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            self.zero_frozen_grads()
+            result = original_step(*args, **kwargs)
+            self.restore()
+            return result
+
+        optimizer.step = step
+        self._optimizer, self._original_step = optimizer, original_step
+        self._masters = _master_copies(optimizer)
+        if not self.partitioned:
+            self._hooks = [entry.param.register_hook(_grad_zeroing_hook(entry))
+                           for entry in self.slices.values() if entry.param.requires_grad and entry.count]
+        return self
+
+    def detach(self) -> None:
+        if self._optimizer is not None:
+            self._optimizer.step = self._original_step
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._optimizer, self._original_step, self._masters = [], None, None, {}
+
+    # --- the two halves of the mechanism -----------------------------------------------------------------
+    def zero_frozen_grads(self) -> None:
+        """Zero the masked entries of the gradients the optimizer is about to use.
+
+        ZeRO-3: the local fp32 gradient partition (valid between backward and step). Elsewhere the gradient
+        hooks already did it as each gradient was produced (before clipping and before any reduction), so this
+        only cleans up `.grad` of parameters that a caller filled by hand."""
+        if self.partitioned:
+            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+            for entry in self._active():
+                grad = safe_get_local_grad(entry.param)  # the partition itself, or a copy when offloaded
+                if grad is not None:
+                    safe_set_local_grad(entry.param, grad.masked_fill_(entry.mask().to(grad.device), 0))
+            return
+        for entry in self._active():
+            if entry.param.grad is not None:
+                entry.param.grad.view(-1).masked_fill_(entry.mask().to(entry.param.grad.device), 0)
+
+    def restore(self) -> None:
+        """Write the saved values of the masked elements back into every copy of the weights."""
+        if self.partitioned:
+            self._restore_zero3()
+        else:
+            self._restore_full()
+
+    def _active(self) -> Iterable[MaskSlice]:
+        return (entry for entry in self.slices.values() if entry.count and entry.param.requires_grad)
+
+    def _restore_zero3(self) -> None:
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        for entry in self._active():
+            mask = entry.mask()
+            local = entry.param.ds_tensor.data.view(-1)
+            original = entry.values.to(local.dtype)
+            local.masked_scatter_(mask.to(local.device), original)
+            master = safe_get_local_fp32_param(entry.param)  # the partition itself, or a copy when offloaded
+            if master is not None:
+                master.data.masked_scatter_(mask.to(master.device), original.to(master.device, master.dtype))
+                safe_set_local_fp32_param(entry.param, master)
+        self._regather_persistent()
+
+    def _regather_persistent(self) -> None:
+        """ZeRO-3 keeps small parameters gathered between steps and gathers them inside the step, before our
+        restore: gather the masked ones again so the next forward sees the restored values (collective; every
+        rank has the same list because it depends on names only)."""
+        persistent = [entry.param for entry in self.slices.values()
+                      if getattr(entry.param, "ds_persist", False) and entry.param.requires_grad]
+        if persistent:
+            persistent[0].partition(persistent)
+            persistent[0].all_gather(persistent)
+
+    def _restore_full(self) -> None:
+        for entry in self._active():
+            original = entry.values.to(local_weights(entry.param).dtype)
+            for copy, copy_mask, first in self._copies(entry, entry.mask()):
+                copy_mask = copy_mask.to(copy.device)
+                values = original[first:first + int(copy_mask.sum())]
+                copy.data.view(-1).masked_scatter_(copy_mask, values.to(copy.device, copy.dtype))
+
+    # --- measurements ------------------------------------------------------------------------------------
+    def max_drift(self) -> float:
+        """Largest |current - original| over the frozen elements of the weights and of the optimizer's fp32
+        master copies (collective under ZeRO-3); 0.0 by design."""
+        local = 0.0
+        for entry in self._active():
+            mask = entry.mask()
+            original = entry.values.to(local_weights(entry.param).dtype).float().cpu()
+            for copy, copy_mask, first in self._copies(entry, mask):
+                selected = copy.detach().reshape(-1)[copy_mask.to(copy.device)].float().cpu()
+                expected = original[first:first + selected.numel()]
+                if selected.numel():
+                    local = max(local, float((selected - expected).abs().max()))
+        return reduce_over_ranks(local, "max") if self.partitioned else local
+
+    def _copies(self, entry: MaskSlice, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Every copy of the entry's local weights: (flat tensor, its mask, index of its first masked value)."""
+        copies = [(local_weights(entry.param)[:entry.length], mask, 0)]
+        if self.partitioned:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            if not hasattr(entry.param, "_z3_optimizer"):  # before the engine exists there is no master copy
+                return copies
+            master = safe_get_local_fp32_param(entry.param)
+            if master is not None:
+                copies.append((master, mask, 0))
+            return copies
+        if id(entry.param) in self._masters:
+            copies.append((self._masters[id(entry.param)], mask, 0))
+        mapping = getattr(entry.param, "_hp_mapping", None)
+        if mapping is not None:
+            address = mapping.lp_fragment_address
+            copies.append((mapping.hp_fragment, mask[address.start:address.start + address.numel],
+                           int(mask[:address.start].sum())))
+        return copies
+
+    def local_mask(self, name: str) -> torch.Tensor | None:
+        """This rank's mask of parameter `name` over its local elements, or None if no mask covers it."""
+        entry = self.slices.get(name)
+        return None if entry is None else entry.mask()
+
+
+def _grad_zeroing_hook(entry: MaskSlice) -> Callable[[torch.Tensor], torch.Tensor]:
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return grad.masked_fill(entry.mask().to(grad.device).view(grad.shape), 0)
+
+    return hook
+
+
+def reduce_over_ranks(value: float, op: str = "sum") -> float:
+    """`value` summed ("sum") or maximised ("max") over all ranks; as it is without a process group."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def freeze(model: nn.Module, masks: MaskSource) -> FrozenWeights:
+    """The frozen weights of `model` given `masks` (name -> bool tensor, or a mask file/folder).
+
+    Call it on the weights training starts from (before loading a checkpoint to resume: the saved values are
+    the originals) and, under ZeRO-3, after the model is partitioned; then `attach` the result to the optimizer
+    or DeepSpeed engine. Raises SafeneuronsError naming the first mask that fits no parameter."""
+    source = _MaskSource(masks)
+    mask_shapes = source.shapes()
+    parameters = dict(model.named_parameters())
+    check_masks_fit(mask_shapes, named_parameters_with_shapes(model))
+    slices = {name: _build_slice(name, parameters[name], source) for name in mask_shapes}
+    frozen = FrozenWeights(slices)
+    log.info("frozen weights: %d local masked elements, %d bytes of mask bits and %d bytes of saved values on "
+             "this rank", frozen.local_count, frozen.mask_bytes, frozen.value_bytes)
+    return frozen

@@ -1,0 +1,279 @@
+"""`safeneurons plan`: memory per GPU of each stage (score, finetune, patch, trace) for a model and a cluster.
+
+Model states come from DeepSpeed's own ZeRO-3 estimator; activations from a formula for Hugging Face's Llama
+in bf16 with SDPA attention (see `activation_bytes_per_token`); masks are bit-packed and partitioned over all
+ranks; wandg scores are fp32 accumulators of the layers a rank owns. Offline: the llama2 sizes are built in,
+other models are read from a local folder's config.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import distributed
+from .errors import SafeneuronsError
+from .outputs import write_json
+
+GIB = 2 ** 30
+# CUDA context, NCCL buffers, the allocator's fragmentation: the share of a GPU a plan may not count on.
+RESERVED_FRACTION = 0.10
+BF16_BYTES = 2
+FP32_BYTES = 4
+STAGES = ("score", "finetune", "patch", "trace")
+PATCH_COMPONENTS = 3  # residual, attn_out, mlp_out cached per layer for the clean and the corrupted run
+OFFLOAD_CHOICES = ("none", "optimizer", "param")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    @property
+    def scored_params_per_layer(self) -> int:
+        """q, k, v, o, gate, up, down: the Linear weights that are scored, masked and frozen."""
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim
+        return attention + 3 * self.hidden * self.intermediate
+
+    @property
+    def scored_params(self) -> int:
+        return self.layers * self.scored_params_per_layer
+
+    @property
+    def total_params(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        norms = (2 * self.layers + 1) * self.hidden
+        return self.scored_params + embeddings + norms
+
+    @property
+    def largest_param(self) -> int:
+        """The largest single tensor, the most ZeRO-3 gathers at once (DeepSpeed's `largest_layer_params`)."""
+        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
+
+
+PRESETS = {
+    "llama2-7b": ModelShape("llama2-7b", 4096, 32, 11008, 32, 32, 32000),
+    "llama2-13b": ModelShape("llama2-13b", 5120, 40, 13824, 40, 40, 32000),
+    "llama2-70b": ModelShape("llama2-70b", 8192, 80, 28672, 64, 8, 32000),
+}
+PRESET_ALIASES = {f"{size}{suffix}": f"llama2-{size.split('-')[1]}"
+                  for size in ("llama2-7b", "llama2-13b", "llama2-70b") for suffix in ("", "-hf", "-chat-hf")}
+PRESET_ALIASES.update({f"meta-llama/Llama-2-{size}{chat}-hf": f"llama2-{size}"
+                       for size in ("7b", "13b", "70b") for chat in ("", "-chat")})
+
+
+def model_shape(name: str) -> ModelShape:
+    """The built-in size of a llama2 alias, or the shape in a local model folder's config.json (or `demo`)."""
+    if name in PRESET_ALIASES:
+        return PRESETS[PRESET_ALIASES[name]]
+    from .models import resolve_model_name
+
+    folder = Path(resolve_model_name(name))
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise SafeneuronsError(f"model {name!r} is neither a known size ({', '.join(PRESETS)}) nor a local folder "
+                               f"with a config.json; pass --model DIR with the model's config.json")
+    config = json.loads(config_file.read_text())
+    try:
+        heads = config["num_attention_heads"]
+        return ModelShape(name, config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
+                          heads, config.get("num_key_value_heads") or heads, config["vocab_size"],
+                          bool(config.get("tie_word_embeddings", False)))
+    except KeyError as missing:
+        raise SafeneuronsError(f"{config_file} has no {missing.args[0]}; expected a Llama-type config") from None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float = 80.0
+    offload: str = "none"  # none, optimizer (CPU Adam) or param (optimizer and parameters on the CPU)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch_size: int = 4  # `safeneurons finetune` defaults
+    max_length: int = 512
+    sparsity_ratio: float = 0.01
+
+
+def activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
+    """Bytes saved for backward per token: (per decoder layer, outside the layers), bf16 with SDPA attention.
+
+    Measured on transformers' LlamaForCausalLM with `torch.autograd.graph.saved_tensors_hooks` (unique storages,
+    parameters excluded) and fitted with zero residual over shapes varying hidden, kv heads, MLP width, heads
+    and vocabulary. Per layer: 20h (the two RMSNorms keep fp32 copies, q/k before and after RoPE, the attention
+    output) + 4 kv_dim (k, v) + 8 I (gate, up, SiLU, product) + 4 heads + 8 (softmax statistics); outside the
+    layers: 8.5h + 4 V (fp32 log-softmax of the logits) + 52 − 8 heads.
+    """
+    per_layer = 20 * shape.hidden + 4 * shape.kv_dim + 8 * shape.intermediate + 4 * shape.heads + 8
+    outside = (17 * shape.hidden) // 2 + 4 * shape.vocab + 52 - 8 * shape.heads
+    return per_layer, outside
+
+
+def training_activations(shape: ModelShape, tokens: int) -> int:
+    """Activations kept for one backward over `tokens` tokens (no activation checkpointing)."""
+    per_layer, outside = activation_bytes_per_token(shape)
+    return tokens * (shape.layers * per_layer + outside)
+
+
+def forward_activations(shape: ModelShape, tokens: int) -> int:
+    """A no-grad forward keeps about one layer's working set plus the logits."""
+    per_layer, _ = activation_bytes_per_token(shape)
+    return tokens * (per_layer + (BF16_BYTES + FP32_BYTES) * shape.vocab)
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    stage: str
+    model_states: int
+    activations: int
+    masks: int
+    scores: int
+    cpu_per_node: int
+
+    @property
+    def total(self) -> int:
+        return self.model_states + self.activations + self.masks + self.scores
+
+
+def zero3_model_states(shape: ModelShape, cluster: Cluster) -> tuple[int, int, int]:
+    """DeepSpeed's ZeRO-3 estimate for training: (CPU bytes per node, GPU bytes per GPU, largest layer bytes)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, largest = estimate_zero3_model_states_mem_needs(
+        total_params=shape.total_params, largest_layer_params=shape.largest_param,
+        num_gpus_per_node=cluster.gpus_per_node, num_nodes=cluster.nodes,
+        cpu_offload=cluster.offload != "none", cpu_offload_params=cluster.offload == "param", zero_init=True)
+    return int(cpu), int(gpu), int(largest)
+
+
+def inference_model_states(shape: ModelShape, cluster: Cluster, with_grads: bool) -> tuple[int, int]:
+    """bf16 parameters (and their gradients, for wandg) partitioned over all GPUs, or on the CPU with param
+    offload, plus the largest tensor gathered whole: (CPU bytes per node, GPU bytes per GPU)."""
+    per_param = BF16_BYTES * (2 if with_grads else 1)
+    gathered = per_param * shape.largest_param
+    if cluster.offload == "param":
+        return per_param * shape.total_params // cluster.nodes, gathered
+    return 0, per_param * shape.total_params // cluster.world + gathered
+
+
+def bitpacked_masks(shape: ModelShape, cluster: Cluster) -> int:
+    return math.ceil(shape.scored_params / 8 / cluster.world)
+
+
+def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list[StageMemory]:
+    tokens = workload.batch_size * workload.max_length
+    masks = bitpacked_masks(shape, cluster)
+
+    # score (wandg): one backward per sample; each rank accumulates |grad| in fp32 for the layers it owns
+    cpu, states = inference_model_states(shape, cluster, with_grads=True)
+    owned_layers = math.ceil(shape.layers / cluster.world)
+    score = StageMemory("score", states, training_activations(shape, workload.max_length),
+                        masks, owned_layers * shape.scored_params_per_layer * FP32_BYTES, cpu)
+
+    # finetune: ZeRO-3 training states; the mask and the saved fp32 values of the frozen entries, partitioned
+    cpu, states, _ = zero3_model_states(shape, cluster)
+    frozen_values = math.ceil(workload.sparsity_ratio * shape.scored_params * FP32_BYTES / cluster.world)
+    finetune = StageMemory("finetune", states, training_activations(shape, tokens),
+                           masks + frozen_values, 0, cpu)
+
+    # patch (exact): forward passes; the clean and corrupted activations of every site are cached in fp32
+    cpu, states = inference_model_states(shape, cluster, with_grads=False)
+    cache = 2 * shape.layers * PATCH_COMPONENTS * tokens * shape.hidden * FP32_BYTES
+    patch = StageMemory("patch", states, forward_activations(shape, tokens) + cache, 0, 0, cpu)
+
+    # trace: two models; one layer's gate and up outputs of both (fp32) and the neuron cost matrix
+    matching = 2 * 2 * tokens * shape.intermediate * FP32_BYTES + shape.intermediate ** 2 * FP32_BYTES
+    trace = StageMemory("trace", 2 * states, forward_activations(shape, tokens) + matching, 0, 0, 2 * cpu)
+    return [score, finetune, patch, trace]
+
+
+def fits(stage: StageMemory, cluster: Cluster) -> bool:
+    return stage.total <= (1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB
+
+
+def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict:
+    stages = plan_stages(shape, cluster, workload)
+    return {
+        "model": asdict(shape), "total_params": shape.total_params, "scored_params": shape.scored_params,
+        "cluster": {**asdict(cluster), "world_size": cluster.world},
+        "workload": asdict(workload), "usable_gib_per_gpu": (1 - RESERVED_FRACTION) * cluster.gpu_memory_gib,
+        "stages": [{**asdict(stage), "total": stage.total, "total_gib": stage.total / GIB,
+                    "fits": fits(stage, cluster)} for stage in stages],
+    }
+
+
+def format_table(report: dict) -> str:
+    cluster, shape = report["cluster"], report["model"]
+    lines = [f"{shape['name']}: {report['total_params'] / 1e9:.2f}B parameters on {cluster['nodes']} x "
+             f"{cluster['gpus_per_node']} GPUs of {cluster['gpu_memory_gib']:g} GiB (offload: {cluster['offload']}; "
+             f"batch {report['workload']['batch_size']} x {report['workload']['max_length']} tokens per GPU)",
+             f"{'stage':<9}{'states':>9}{'activ.':>9}{'masks':>9}{'scores':>9}{'total':>9}  fits   CPU/node",
+             "-" * 74]
+    for stage in report["stages"]:
+        gib = [stage[key] / GIB for key in ("model_states", "activations", "masks", "scores", "total")]
+        lines.append(f"{stage['stage']:<9}" + "".join(f"{value:>9.2f}" for value in gib)
+                     + f"  {'yes' if stage['fits'] else 'NO ':<5}{stage['cpu_per_node'] / GIB:>9.1f}")
+    lines.append(f"(GiB per GPU; fits = total within {report['usable_gib_per_gpu']:.1f} GiB, "
+                 f"{RESERVED_FRACTION:.0%} kept for CUDA/NCCL)")
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_run_arguments
+
+    add_run_arguments(parser, out_required=False)
+    parser.add_argument("--model", required=True, help=f"{', '.join(PRESETS)} (or their -chat-hf aliases), "
+                        "or a local folder with config.json")
+    parser.add_argument("--nodes", type=int, default=1, help="(default %(default)s)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="(default %(default)s)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default %(default)s)")
+    parser.add_argument("--offload", nargs="?", const="optimizer", default="none", choices=OFFLOAD_CHOICES,
+                        help="ZeRO-3 CPU offload: optimizer (the default of a bare --offload) or param "
+                             "(optimizer and parameters)")
+    parser.add_argument("--batch-size", type=int, default=Workload.batch_size,
+                        help="fine-tuning sequences per GPU (default %(default)s); scoring runs one sample at a time")
+    parser.add_argument("--max-length", type=int, default=Workload.max_length,
+                        help="tokens per sequence (default %(default)s)")
+    parser.add_argument("--sparsity-ratio", type=float, default=Workload.sparsity_ratio,
+                        help="fraction of the scored weights frozen (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON (--out also writes DIR/plan.json)")
+
+
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise SafeneuronsError(f"--{name.replace('_', '-')} is {value}; expected a positive number")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_positive(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory=args.gpu_memory,
+                    batch_size=args.batch_size, max_length=args.max_length)
+    if not 0 <= args.sparsity_ratio < 1:
+        raise SafeneuronsError(f"--sparsity-ratio is {args.sparsity_ratio}; expected a fraction in [0, 1)")
+    report = plan_report(model_shape(args.model), Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.offload),
+                         Workload(args.batch_size, args.max_length, args.sparsity_ratio))
+    if distributed.init_distributed().is_main:
+        print(json.dumps(report, indent=2) if args.json else format_table(report))
+        if args.out:
+            write_json(Path(args.out) / "plan.json", report)
+    return 0 if all(stage["fits"] for stage in report["stages"]) else 1

@@ -1,0 +1,208 @@
+"""`safeneurons finetune` end to end: ZeRO-3 on 2 ranks (bf16, weight decay 0.1, clipping, accumulation) with a
+random mask, checkpoint/resume, the single-process loop, the saved HF folder, the Python API and the Trainer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, make_tiny_llama, run_ranks
+from safeneurons import cli
+from safeneurons.masks import load_masks, save_masks
+
+DATA = ["--data", "demo-utility", "--nsamples", "16", "--max-length", "48"]
+TRAINING = ["--weight-decay", "0.1", "--max-grad-norm", "0.5", "--learning-rate", "5e-3", "--seed", "3"]
+# 16 samples, 2 per rank, 2 ranks, 2 accumulation steps: 2 optimizer steps per epoch, 4 in all
+ZERO3 = ["--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--dtype", "bfloat16", "--batch-size", "2",
+         "--gradient-accumulation-steps", "2", "--num-epochs", "2"]
+
+
+def random_masks(model: torch.nn.Module, seed: int = 5) -> dict[str, torch.Tensor]:
+    """About 30% of every projection and of the final norm (a ZeRO-3 'persistent' parameter) frozen."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(param.shape, generator=generator) < 0.3
+            for name, param in model.named_parameters() if "proj" in name or name == "model.norm.weight"}
+
+
+@pytest.fixture(scope="module")
+def tiny_with_masks(tmp_path_factory, demo_tokenizer) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    root = tmp_path_factory.mktemp("finetune")
+    model = make_tiny_llama(demo_tokenizer, seed=11)
+    model.save_pretrained(root / "model")
+    demo_tokenizer.save_pretrained(root / "model")
+    masks = random_masks(model)
+    save_masks(masks, root / "masks")
+    return root / "model", root / "masks" / "masks.safetensors", masks
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def report(folder: Path) -> dict:
+    return json.loads((folder / "freeze_report.json").read_text())
+
+
+def assert_frozen_identical_free_changed(original: dict, trained: dict, masks: dict) -> None:
+    for name, mask in masks.items():
+        before, after = original[name].to(trained[name].dtype), trained[name]
+        assert torch.equal(after[mask].view(torch.int16 if after.dtype == torch.bfloat16 else torch.int32),
+                           before[mask].view(torch.int16 if after.dtype == torch.bfloat16 else torch.int32)), name
+        assert not torch.equal(after[~mask], before[~mask]), name
+
+
+def finetune_ranks(model: Path, masks: Path, save: Path, *extra: str) -> None:
+    result = run_ranks(["safeneurons.cli", "finetune", "--model", str(model), "--masks", str(masks), *DATA,
+                        *TRAINING, *ZERO3, "--save-path", str(save), *extra], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tiny_with_masks, tmp_path_factory) -> dict[str, Path]:
+    """Three 2-rank ZeRO-3 runs: uninterrupted; stopped at step 3, after the step-2 checkpoint (step 3's work is
+    lost, as in a run killed then); resumed from that checkpoint."""
+    model, masks, _ = tiny_with_masks
+    root = tmp_path_factory.mktemp("zero3")
+    finetune_ranks(model, masks, root / "full")
+    finetune_ranks(model, masks, root / "stopped", "--checkpoint-dir", str(root / "checkpoints"),
+                   "--save-every", "2", "--max-steps", "3")
+    finetune_ranks(model, masks, root / "resumed", "--checkpoint-dir", str(root / "checkpoints"), "--resume")
+    return {"full": root / "full", "stopped": root / "stopped", "resumed": root / "resumed"}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_two_ranks_frozen_identical_free_changed(zero3_runs, tiny_with_masks):
+    model, _, masks = tiny_with_masks
+    trained = weights(zero3_runs["full"])
+    assert all(tensor.dtype == torch.bfloat16 for tensor in trained.values())
+    assert_frozen_identical_free_changed(weights(model), trained, masks)
+    summary = report(zero3_runs["full"])
+    assert summary["max_abs_change_frozen"] == 0.0
+    assert summary["max_abs_change_free"] > 0.0
+    assert summary["frozen_count"] == sum(int(mask.sum()) for mask in masks.values())
+    assert (summary["world_size"], summary["zero_stage"], summary["steps"]) == (2, 3, 4)
+    assert len(summary["loss_curve"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_each_rank_holds_half_of_the_packed_mask(zero3_runs, tiny_with_masks):
+    _, _, masks = tiny_with_masks
+    # rank r keeps bits of elements [r*ceil(n/2), (r+1)*ceil(n/2)) of each parameter, 8 per byte
+    per_rank = sum(-(-(-(-mask.numel() // 2)) // 8) for mask in masks.values())
+    whole = sum(-(-mask.numel() // 8) for mask in masks.values())
+    assert report(zero3_runs["full"])["mask_bytes_per_rank"] == [per_rank, per_rank]
+    assert per_rank <= whole / 2 + len(masks)
+    value_bytes = report(zero3_runs["full"])["mask_value_bytes_per_rank"]
+    assert sum(value_bytes) == 2 * sum(int(mask.sum()) for mask in masks.values())  # bf16 values, split by rank
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_resumed_run_ends_with_the_uninterrupted_weights(zero3_runs):
+    assert report(zero3_runs["stopped"])["steps"] == 3
+    resumed, full = weights(zero3_runs["resumed"]), weights(zero3_runs["full"])
+    assert resumed.keys() == full.keys()
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+    summary = report(zero3_runs["resumed"])
+    assert summary["resumed_from_step"] == 2
+    assert summary["loss_curve"] == report(zero3_runs["full"])["loss_curve"]
+    assert summary["max_abs_change_frozen"] == 0.0
+
+
+@pytest.mark.slow
+def test_zero2_bf16_one_rank_restores_the_fp32_master_fragment(tiny_with_masks, tmp_path):
+    """ZeRO stages 1-2 keep an fp32 master partition beside the bf16 weights (`_hp_mapping`); the report's
+    frozen change also covers it (a variant that skips restoring it reports about 4e-3 here)."""
+    model, masks_file, masks = tiny_with_masks
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"] = {"stage": 2, "overlap_comm": False, "contiguous_gradients": True}
+    (tmp_path / "zero2.json").write_text(json.dumps(config))
+    result = run_ranks(["safeneurons.cli", "finetune", "--model", str(model), "--masks", str(masks_file), *DATA,
+                        *TRAINING, *ZERO3[2:], "--deepspeed", str(tmp_path / "zero2.json"),
+                        "--save-path", str(tmp_path / "out")], nproc=1, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_frozen_identical_free_changed(weights(model), weights(tmp_path / "out"), masks)
+    summary = report(tmp_path / "out")
+    assert (summary["zero_stage"], summary["max_abs_change_frozen"], summary["steps"]) == (2, 0.0, 8)
+
+
+@pytest.mark.slow
+def test_single_process_cli_saves_a_loadable_model(tiny_with_masks, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, masks_file, masks = tiny_with_masks
+    code = cli.main(["finetune", "--model", str(model), "--masks", str(masks_file), *DATA, *TRAINING,
+                     "--batch-size", "4", "--gradient-accumulation-steps", "2", "--max-steps", "2",
+                     "--save-path", str(tmp_path / "out")])
+    assert code == 0
+    assert_frozen_identical_free_changed(weights(model), weights(tmp_path / "out"), masks)
+    summary = report(tmp_path / "out")
+    assert (summary["max_abs_change_frozen"], summary["world_size"], summary["zero_stage"]) == (0.0, 1, None)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.equal(loaded.model.norm.weight.detach(), weights(tmp_path / "out")["model.norm.weight"])
+    assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.slow
+def test_single_process_resume_equals_uninterrupted_run(tiny_with_masks, tmp_path):
+    model, masks_file, _ = tiny_with_masks
+    common = ["finetune", "--model", str(model), "--masks", str(masks_file), *DATA, *TRAINING, "--batch-size", "4",
+              "--num-epochs", "2"]  # 4 steps per epoch, 8 in all
+    checkpoints = ["--checkpoint-dir", str(tmp_path / "checkpoints")]
+    assert cli.main([*common, "--save-path", str(tmp_path / "full")]) == 0
+    assert cli.main([*common, *checkpoints, "--save-every", "3", "--max-steps", "4",
+                     "--save-path", str(tmp_path / "stopped")]) == 0
+    assert cli.main([*common, *checkpoints, "--resume", "--save-path", str(tmp_path / "resumed")]) == 0
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert all(torch.equal(resumed[name], full[name]) for name in full)
+    assert report(tmp_path / "resumed")["resumed_from_step"] == 3
+    assert report(tmp_path / "resumed")["loss_curve"] == report(tmp_path / "full")["loss_curve"]
+
+
+def test_bad_mask_is_refused_naming_the_parameter(tiny_with_masks, tmp_path, capsys):
+    model, _, masks = tiny_with_masks
+    bad = dict(masks)
+    bad["model.layers.1.mlp.up_proj.weight"] = torch.zeros(5, 5, dtype=torch.bool)
+    save_masks(bad, tmp_path / "bad")
+    code = cli.main(["finetune", "--model", str(model), "--masks", str(tmp_path / "bad"), *DATA,
+                     "--save-path", str(tmp_path / "out")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj.weight" in error and "(5, 5)" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuner_api_and_trainer_callback_freeze(demo_tokenizer, tmp_path):
+    """The original `FineTuner(model, tokenizer).fine_tune_model(...)`, and `MaskedTrainer` (an HF Trainer with
+    `FrozenWeightsCallback`)."""
+    from transformers import TrainingArguments
+
+    from safeneurons.data import load_samples
+    from safeneurons.finetune import FineTuner, MaskedTrainer
+
+    model = make_tiny_llama(demo_tokenizer, seed=12)
+    masks = random_masks(model, seed=6)
+    original = {name: param.detach().clone() for name, param in model.named_parameters()}
+    examples = [{"prompt": f"How do I paint room {index}?", "response": "Sure, here is how."} for index in range(8)]
+    summary = FineTuner(model, demo_tokenizer, masks=masks).fine_tune_model(
+        examples, num_epochs=1, learning_rate=5e-3, batch_size=4, max_length=32, save_path=str(tmp_path / "api"),
+        weight_decay=0.1)
+    assert summary.steps == 2 and summary.max_abs_change_frozen == 0.0
+    assert_frozen_identical_free_changed(original, weights(tmp_path / "api"), masks)
+
+    model = make_tiny_llama(demo_tokenizer, seed=12)
+    samples = load_samples("demo-utility", demo_tokenizer, 8, 0, 48)
+    dataset = [{"input_ids": sample.input_ids, "labels": sample.labels} for sample in samples]
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=1, max_steps=3,
+                             learning_rate=5e-3, weight_decay=0.1, report_to=[], save_strategy="no",
+                             use_cpu=True, logging_strategy="no")
+    trainer = MaskedTrainer(model=model, args=args, train_dataset=dataset, masks=masks)
+    trainer.train()
+    trained = {name: param.detach() for name, param in model.named_parameters()}
+    assert_frozen_identical_free_changed(original, trained, masks)

@@ -1,0 +1,150 @@
+"""The pipeline: settings resolution, the verdict, and the whole study end to end on the demo model (1 and 2 ranks)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_ranks
+from safeneurons import cli
+from safeneurons.models import demo_model_dir
+from safeneurons.pipeline import ARMS, DONE_FILE, PipelineSettings, resolve_settings, verdict
+
+SMALL = ["--sparsity-ratio", "0.05", "--nsamples", "8", "--finetune-nsamples", "16", "--num-epochs", "1",
+         "--eval-limit", "6", "--perplexity-samples", "4", "--max-new-tokens", "40"]
+ORIGINAL_KEYS = {"original_safety_critical_count": int, "new_safety_critical_count": int, "total_neurons": int,
+                 "prune_method": str, "prune_data": str, "sparsity_ratio": float, "training_data": str,
+                 "num_epochs": int, "learning_rate": float}
+STAGES = ["score", "score_random", "finetune_plain", "finetune_safety_frozen", "finetune_random_frozen", "rescore",
+          "compare", "eval_base", "eval_plain", "eval_safety_frozen", "eval_random_frozen"]
+
+
+def _settings(*argv: str) -> PipelineSettings:
+    return resolve_settings(cli.build_parser("pipeline").parse_args(cli.normalize_option_spelling(["pipeline", *argv])))
+
+
+def test_no_arguments_on_a_cpu_machine_run_the_demo_profile():
+    settings = _settings()
+    assert (settings.model, settings.profile, settings.prune_data, settings.training_data) == (
+        "demo", "demo", "demo-align", "demo-utility")
+    assert (settings.prune_method, settings.sparsity_ratio, settings.seed, settings.results_path) == (
+        "wandg", 0.1, 42, "./results")
+
+
+def test_an_explicit_model_keeps_the_original_defaults_and_given_options_win(tmp_path):
+    settings = _settings("--model", str(tmp_path), "--num_epochs", "1", "--harmless-data", "none")
+    assert (settings.profile, settings.prune_data, settings.training_data, settings.learning_rate) == (
+        "original", "align", "alpaca_cleaned_no_safety", 2e-5)
+    assert (settings.num_epochs, settings.batch_size, settings.max_length, settings.cache_dir) == (
+        1, 4, 512, "llm_weights")
+    assert settings.harmless_data is None
+
+
+def test_bad_settings_are_one_clear_error():
+    with pytest.raises(Exception, match="sparsity-ratio"):
+        _settings("--sparsity-ratio", "1.5")
+
+
+def _arm(refusal: float) -> dict:
+    return {"refusal_rate": refusal}
+
+
+def test_verdict_says_whether_freezing_protected_safety():
+    protected = verdict({"base": _arm(1.0), "plain": _arm(0.0), "safety_frozen": _arm(0.9),
+                         "random_frozen": _arm(0.1)})
+    assert "kept 90%" in protected and "protected safety" in protected
+    unprotected = verdict({"base": _arm(1.0), "plain": _arm(0.0), "safety_frozen": _arm(0.1)})
+    assert "did not protect" in unprotected
+    unspecific = verdict({"base": _arm(1.0), "plain": _arm(0.2), "safety_frozen": _arm(1.0),
+                          "random_frozen": _arm(1.0)})
+    assert "not specific" in unspecific
+    assert "cannot tell" in verdict({"base": _arm(1.0), "plain": _arm(1.0), "safety_frozen": _arm(1.0)})
+
+
+def _pipeline_args(root: Path, *extra: str) -> list[str]:
+    return ["pipeline", "--results-path", str(root / "results"), "--save-path", str(root / "models"), *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    assert cli.main(_pipeline_args(root)) == 0
+    return root
+
+
+def _check_summary(results: Path, arms: list[str]) -> dict:
+    summary = json.loads((results / "analysis_summary.json").read_text())
+    assert all(isinstance(summary[key], kind) for key, kind in ORIGINAL_KEYS.items()), summary
+    assert (summary["prune_method"], summary["prune_data"], summary["training_data"]) == (
+        "wandg", "demo-align", "demo-utility")
+    assert summary["original_safety_critical_count"] == summary["new_safety_critical_count"] > 0
+    assert list(summary["arms"]) == arms
+    for row in summary["arms"].values():
+        assert 0.0 <= row["refusal_rate"] <= 1.0 and 0.0 <= row["asr"] <= 1.0 and row["perplexity"] >= 1.0
+    assert summary["arms"]["base"]["refusal_rate"] == 1.0  # the demo model refuses every harmful prompt
+    return summary
+
+
+def _frozen_entries_unchanged(root: Path, arm: str, mask_file: str | None) -> None:
+    base = load_file(demo_model_dir() / "model.safetensors")
+    tuned = load_file(root / "models" / arm / "model.safetensors")
+    masks = torch.load(root / "results" / mask_file, weights_only=True) if mask_file else None
+    stage = {"safety_frozen": "score", "random_frozen": "score_random"}[arm]
+    from safeneurons.masks import load_masks
+
+    masks = masks or load_masks(root / "results" / stage)
+    moved_free = 0
+    for name, mask in masks.items():
+        assert torch.equal(base[name][mask], tuned[name][mask]), name
+        moved_free += int((base[name][~mask] != tuned[name][~mask]).sum())
+    assert moved_free > 0  # the free weights did train
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_the_demo_model(single_run):
+    results = single_run / "results"
+    summary = _check_summary(results, list(ARMS))
+    for name in ("original_safety_masks.pt", "new_safety_masks.pt", "report.md", "arms.png",
+                 "compare/overlap_per_layer.png"):
+        assert (results / name).is_file(), name
+    original = torch.load(results / "original_safety_masks.pt", weights_only=True)
+    assert sum(int(mask.sum()) for mask in original.values()) == summary["original_safety_critical_count"]
+    assert all(mask.dtype == torch.bool for mask in original.values())
+    _frozen_entries_unchanged(single_run, "safety_frozen", "original_safety_masks.pt")
+    _frozen_entries_unchanged(single_run, "random_frozen", None)
+    assert summary["arms"]["safety_frozen"]["max_abs_change_frozen"] == 0.0
+    assert summary["arms_weight_drift"]["safety_frozen"]["max_abs_change_frozen"] == 0.0
+    assert "## Arms" in (results / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_rerun_with_the_same_arguments_skips_finished_stages(single_run):
+    results = single_run / "results"
+    before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    outputs = (results / "eval_plain" / "eval.json").stat().st_mtime_ns
+    assert cli.main(_pipeline_args(single_run)) == 0
+    assert {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES} == before
+    assert (results / "eval_plain" / "eval.json").stat().st_mtime_ns == outputs
+    assert (results / "analysis_summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pipeline_under_two_ranks(single_run, tmp_path):
+    result = run_ranks(["safeneurons.cli", *_pipeline_args(tmp_path, "--no-random-control")], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tmp_path / "results"
+    summary = _check_summary(results, ["base", "plain", "safety_frozen"])
+    _frozen_entries_unchanged(tmp_path, "safety_frozen", "original_safety_masks.pt")
+    assert json.loads((results / "finetune_safety_frozen" / "freeze_report.json").read_text())["world_size"] == 2
+    one_rank = torch.load(single_run / "results" / "original_safety_masks.pt", weights_only=True)
+    two_ranks = torch.load(results / "original_safety_masks.pt", weights_only=True)
+    assert one_rank.keys() == two_ranks.keys()
+    assert all(torch.equal(one_rank[name], two_ranks[name]) for name in one_rank)  # scoring is rank-invariant
+    base_one_rank = json.loads((single_run / "results" / "analysis_summary.json").read_text())["arms"]["base"]
+    base_two_ranks = summary["arms"]["base"]
+    assert base_two_ranks["perplexity"] == pytest.approx(base_one_rank.pop("perplexity"), rel=1e-9)  # sum order
+    assert {key: base_two_ranks[key] for key in base_one_rank} == base_one_rank  # split prompts, same generations

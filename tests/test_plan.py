@@ -1,0 +1,132 @@
+"""`safeneurons plan`: model sizes, DeepSpeed's estimates, the activation formula, masks, and the fit verdicts."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from safeneurons import cli
+from safeneurons.models import scored_linears
+from safeneurons.plan import (GIB, PRESETS, Cluster, ModelShape, Workload, model_shape, plan_report, plan_stages,
+                              training_activations)
+
+
+def _llama(shape: ModelShape, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.tied_embeddings,
+                         max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(config).to(dtype)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_sizes_match_the_transformers_model(name: str) -> None:
+    shape = PRESETS[name]
+    model = _llama(shape, device="meta")
+    assert shape.total_params == sum(param.numel() for param in model.parameters())
+    assert shape.largest_param == max(param.numel() for param in model.parameters())
+    assert shape.scored_params == sum(item.module.weight.numel() for item in scored_linears(model))
+
+
+def test_llama2_7b_has_its_published_parameter_count() -> None:
+    assert model_shape("llama2-7b-chat-hf").total_params == 6_738_415_616
+    assert model_shape("meta-llama/Llama-2-70b-hf") is PRESETS["llama2-70b"]
+
+
+def test_a_local_folder_is_read_from_its_config(demo_model) -> None:
+    shape = model_shape("demo")
+    assert shape.total_params == sum(param.numel() for param in demo_model.parameters())
+    assert shape.scored_params == sum(item.module.weight.numel() for item in scored_linears(demo_model))
+
+
+def test_activation_formula_equals_the_tensors_autograd_saves() -> None:
+    """A shape outside the fit (grouped-query attention, odd widths, other batch and length): the bytes saved
+    for backward, counted once per storage and without parameters, match the formula. The formula is per token;
+    the few tensors that do not grow with the batch (RoPE tables [1, length, head_dim], the scalar loss) were
+    folded into its constants for the fitted batch and length, which leaves well under 0.5% here."""
+    shape = ModelShape("probe", hidden=80, layers=3, intermediate=176, heads=5, kv_heads=1, vocab=150)
+    model = _llama(shape, torch.bfloat16).train()
+    parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    batch, length = 3, 20
+    ids = torch.randint(0, shape.vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    assert sum(saved.values()) == pytest.approx(training_activations(shape, batch * length), rel=5e-3)
+
+
+def test_finetune_states_are_deepspeeds_zero3_estimate() -> None:
+    """ZeRO-3 without offload: 18 bytes per parameter over all GPUs plus the largest layer (params + grads in
+    16 bit); with parameter offload only the largest layer stays; optimizer offload keeps the 16-bit params."""
+    shape = PRESETS["llama2-70b"]
+    largest = 4 * shape.largest_param
+    by_offload = {offload: plan_stages(shape, Cluster(4, 8, offload=offload), Workload())[1]
+                  for offload in ("none", "optimizer", "param")}
+    assert by_offload["none"].model_states == largest + int(18 * shape.total_params / 32)
+    assert by_offload["optimizer"].model_states == largest + int(2 * shape.total_params / 32)
+    assert by_offload["param"].model_states == largest
+    assert by_offload["param"].cpu_per_node == int(shape.total_params * 18 / 4 * 1.5)
+
+
+def test_masks_scores_and_activations_per_gpu() -> None:
+    shape, cluster, workload = PRESETS["llama2-70b"], Cluster(1, 8), Workload(batch_size=2, max_length=256)
+    score, finetune, patch, trace = plan_stages(shape, cluster, workload)
+    assert score.masks == math.ceil(shape.scored_params / 64)  # one bit per weight, an eighth of the ranks
+    assert finetune.masks == score.masks + math.ceil(0.01 * shape.scored_params * 4 / 8)
+    assert score.scores == 10 * shape.scored_params_per_layer * 4  # 80 layers over 8 ranks, fp32
+    assert finetune.scores == patch.scores == trace.scores == 0
+    assert score.activations == training_activations(shape, 256)  # wandg: one sample at a time
+    assert finetune.activations == training_activations(shape, 512)
+    assert trace.model_states == 2 * patch.model_states  # two models
+
+
+def test_fit_verdicts_for_llama2_70b() -> None:
+    shape = PRESETS["llama2-70b"]
+
+    def fits(nodes: int, offload: str = "none", batch: int = 4) -> dict[str, bool]:
+        report = plan_report(shape, Cluster(nodes, 8, 80.0, offload), Workload(batch_size=batch))
+        return {stage["stage"]: stage["fits"] for stage in report["stages"]}
+
+    assert fits(1) == {"score": False, "finetune": False, "patch": True, "trace": True}
+    assert fits(4)["finetune"] is False and fits(4, batch=1)["finetune"] is True
+    assert fits(1, "param", batch=1)["finetune"] is True
+    assert all(fits(4, batch=1).values())
+
+
+def test_plan_command_prints_json_and_exits_1_when_a_stage_does_not_fit(capsys, tmp_path) -> None:
+    argv = ["plan", "--model", "llama2-7b", "--nodes", "1", "--gpus-per-node", "8", "--json", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "plan.json").read_text()) == report
+    assert [stage["stage"] for stage in report["stages"]] == ["score", "finetune", "patch", "trace"]
+    assert report["cluster"]["world_size"] == 8
+    assert cli.main(["plan", "--model", "llama2-70b", "--nodes", "1", "--gpus_per_node", "8"]) == 1
+    table = capsys.readouterr().out
+    assert "finetune" in table and "NO" in table
+    finetune_row = next(line for line in table.splitlines() if line.startswith("finetune"))
+    expected = plan_stages(PRESETS["llama2-70b"], Cluster(1, 8), Workload())[1].total / GIB
+    assert f"{expected:.2f}" in finetune_row
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "llama9-1b"], "neither a known size"),
+    (["--model", "llama2-7b", "--nodes", "0"], "--nodes is 0"),
+    (["--model", "llama2-7b", "--sparsity-ratio", "1.5"], "--sparsity-ratio is 1.5"),
+])
+def test_bad_input_gives_one_clear_error(argv: list[str], message: str, capsys) -> None:
+    assert cli.main(["plan", *argv]) == 2
+    assert message in capsys.readouterr().err
