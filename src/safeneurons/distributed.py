@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
@@ -259,17 +260,28 @@ class _RankPrefix(logging.Filter):
         return True
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (tools and tests replace it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(rank_: int | None = None, level: int = logging.INFO) -> None:
     """Rank 0 logs at `level`; the other ranks only warnings and errors, with their rank in front."""
     rank_ = rank() if rank_ is None else rank_
     logger = logging.getLogger("safeneurons")
     logger.handlers.clear()
-    handler = logging.StreamHandler()
+    handler = _CurrentStderr()
     handler.addFilter(_RankPrefix(rank_))
     handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(level if rank_ == 0 else logging.WARNING)
-    logger.propagate = False
 
 
 def shutdown() -> None:
