@@ -134,6 +134,38 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", ca
     return load_model(name, dtype, cache_dir, device, ds_config), load_tokenizer(name, cache_dir)
 
 
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    engine: Any = None  # the DeepSpeed engine whose hooks gather the ZeRO-3 weights (kept alive with the model)
+
+
+def load_for_inference(name: str, dtype: str | torch.dtype = "float32", deepspeed_config: str | dict | None = None,
+                       cache_dir: str | None = None, device: torch.device | None = None) -> LoadedModel:
+    """Load for scoring, patching and tracing. With a ZeRO-3 config the model is partitioned across the ranks and
+    wrapped in an inference engine (no optimizer) whose hooks gather each layer's weights for forward and backward;
+    otherwise every rank holds the whole model on `device`."""
+    from . import distributed
+    from .dsconfig import fill_config, zero_stage
+
+    ds_config = None
+    if deepspeed_config is not None:
+        ds_config = fill_config(deepspeed_config, world_size=distributed.world_size(), dtype=parse_dtype(dtype),
+                                hidden_size=getattr(load_config(name, cache_dir), "hidden_size", None))
+        if zero_stage(ds_config) != 3:
+            log.warning("DeepSpeed config is not ZeRO-3: every rank holds the whole model")
+            ds_config = None
+    model = load_model(name, dtype, cache_dir, device, ds_config)
+    tokenizer = load_tokenizer(name, cache_dir)
+    if ds_config is None:
+        return LoadedModel(model, tokenizer)
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    return LoadedModel(engine.module, tokenizer, engine)
+
+
 def check_architecture_config(config: Any, name: str = "") -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_TYPES:

@@ -914,9 +914,9 @@ def _run_direction(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
-    from .scoring import prepare_model
+    from .models import load_for_inference
 
-    loaded = prepare_model(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
+    loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
     if args.compute_direction:
         _run_direction(args, loaded.model, loaded.tokenizer)
     else:

@@ -239,9 +239,10 @@ class Study:
 
     def score(self, model_name: str, method: str) -> Callable[[Path], None]:
         def work(folder: Path) -> None:
-            from .scoring import prepare_model, score_model, write_score_outputs
+            from .models import load_for_inference
+            from .scoring import score_model, write_score_outputs
 
-            loaded = prepare_model(model_name, self.settings.dtype, None, self.settings.cache_dir, self.device)
+            loaded = load_for_inference(model_name, self.settings.dtype, None, self.settings.cache_dir, self.device)
             result = score_model(loaded.model, loaded.tokenizer, self.score_config(method))
             result.summary.update(model=model_name)
             write_score_outputs(result, folder, save_scores=False)

@@ -37,7 +37,7 @@ from . import distributed
 from .data import IGNORE_INDEX, Sample, load_samples, pad_batch
 from .errors import SafeneuronsError
 from .masks import save_mask_shard, save_masks, shard_name, write_index
-from .models import ScoredLinear, is_zero3_partitioned, model_device, scored_linears
+from .models import ScoredLinear, is_zero3_partitioned, load_for_inference, model_device, scored_linears
 from .outputs import atomic_file, discard_staging, publish_dir, staging_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -498,7 +498,7 @@ def load_sources(tokenizer: Any, config: ScoreConfig) -> dict[str, list[Sample] 
 
 def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig) -> ScoreResult:
     """Score and select. Collective under N ranks (every rank calls it); under ZeRO-3 pass the module that
-    DeepSpeed's engine hooks (`engine.module`, see `prepare_model`)."""
+    DeepSpeed's engine hooks (`engine.module`, see `models.load_for_inference`)."""
     config.validate()
     targets = targets_of(model)
     sources = load_sources(tokenizer, config)
@@ -602,41 +602,6 @@ def _finish_outputs(staging: Path, owned: list[list[str]], summary: Mapping[str,
 
 # ---------------------------------------------------------------- loading (ZeRO-3) and the CLI
 
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    tokenizer: Any
-    engine: Any = None  # the DeepSpeed engine whose hooks gather the ZeRO-3 weights (kept alive with the model)
-
-
-def prepare_model(model_name: str, dtype: str = "float32", deepspeed_config: str | dict | None = None,
-                  cache_dir: str | None = None, device: torch.device | None = None) -> LoadedModel:
-    """Load for scoring; with a ZeRO-3 config the model is partitioned across the ranks and wrapped in an
-    inference engine (no optimizer) so that forward and backward gather each layer's weights on the fly."""
-    from .dsconfig import fill_config, zero_stage
-    from .models import load_model, load_tokenizer, parse_dtype, resolve_model_name
-
-    ds_config = None
-    if deepspeed_config is not None:
-        from transformers import AutoConfig
-
-        hidden = getattr(AutoConfig.from_pretrained(resolve_model_name(model_name), cache_dir=cache_dir),
-                         "hidden_size", None)
-        ds_config = fill_config(deepspeed_config, world_size=distributed.world_size(), dtype=parse_dtype(dtype),
-                                hidden_size=hidden)
-        if zero_stage(ds_config) != 3:
-            log.warning("DeepSpeed config is not ZeRO-3: every rank holds the whole model for scoring")
-            ds_config = None
-    model = load_model(model_name, dtype, cache_dir, device, ds_config)
-    tokenizer = load_tokenizer(model_name, cache_dir)
-    if ds_config is None:
-        return LoadedModel(model, tokenizer)
-    import deepspeed
-
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    return LoadedModel(engine.module, tokenizer, engine)
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_model_arguments, add_run_arguments
 
@@ -677,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.validate()  # before any process group or model, so bad input costs nothing and writes nothing
     context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
-    loaded = prepare_model(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
+    loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
     result = score_model(loaded.model, loaded.tokenizer, config)
     result.summary.update(model=args.model, dtype=args.dtype, deepspeed=args.deepspeed)
     write_score_outputs(result, args.out, args.save_scores)

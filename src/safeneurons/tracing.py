@@ -66,7 +66,7 @@ def resolve_solver(solver: str) -> str:
         import lap  # noqa: F401
     except ImportError:
         if solver == "lap":
-            raise SafeneuronsError("solver 'lap' needs the lap package: pip install 'safeneurons[lap]'") from None
+            raise SafeneuronsError("solver 'lap' needs the lap package: pip install lap") from None
         return "scipy"
     return "lap"
 
@@ -516,28 +516,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SafeneuronsError(f"--memory-limit {args.memory_limit} GiB must not be negative")
 
 
-def _load_for_inference(name: str, args: argparse.Namespace, config: Any,
-                        device: torch.device) -> tuple[nn.Module, Any]:
-    """The model on this rank's device, or partitioned across the ranks under ZeRO-3 (returned with its engine)."""
-    from .models import load_model, parse_dtype
-
-    if not args.deepspeed:
-        return load_model(name, args.dtype, args.cache_dir, device=device), None
-    import deepspeed
-
-    from .dsconfig import fill_config
-
-    ds_config = fill_config(args.deepspeed, world_size=distributed.world_size(), dtype=parse_dtype(args.dtype),
-                            hidden_size=config.hidden_size)
-    model = load_model(name, args.dtype, args.cache_dir, ds_config=ds_config)
-    engine = deepspeed.initialize(model=model, config=ds_config)[0]
-    engine.module.eval()
-    return engine.module, engine
-
-
-def _collect_model(name: str, args: argparse.Namespace, config: Any, device: torch.device, layers: set[int],
+def _collect_model(name: str, args: argparse.Namespace, device: torch.device, layers: set[int],
                    batches: Sequence[dict[str, torch.Tensor]], memory_limit: float) -> MlpActivations:
-    model, engine = _load_for_inference(name, args, config, device)
+    from .models import load_for_inference
+
+    loaded = load_for_inference(name, args.dtype, args.deepspeed, args.cache_dir, device)
+    model, engine = loaded.model, loaded.engine
     try:
         return collect_mlp_activations(model, batches, layers, memory_limit=memory_limit, spill_dir=args.spill_dir)
     finally:
@@ -576,8 +560,8 @@ def run(args: argparse.Namespace) -> int:
     max_positions = min(getattr(config, "max_position_embeddings", args.max_length) for config in configs.values())
     batches = _token_batches(args, tokenizer, max_positions)
     memory_limit = args.memory_limit * GIB
-    base = _collect_model(args.base, args, config_base, context.device, {i for i, _ in mine}, batches, memory_limit)
-    other = _collect_model(args.other, args, config_other, context.device, {j for _, j in mine}, batches,
+    base = _collect_model(args.base, args, context.device, {i for i, _ in mine}, batches, memory_limit)
+    other = _collect_model(args.other, args, context.device, {j for _, j in mine}, batches,
                            max(memory_limit - base.nbytes, 0))
     try:
         matches = {(i, j): match_layer(base, other, i, j, solver, context.device)
