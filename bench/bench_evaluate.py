@@ -8,7 +8,7 @@ import time
 import torch
 
 from safeneurons.data import load_examples, load_prompts, select
-from safeneurons.evaluate import generate, perplexity, text_samples
+from safeneurons.evaluate import Decoding, generate, perplexity, text_samples
 from safeneurons.models import load_model_and_tokenizer
 
 
@@ -28,8 +28,8 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer("demo")
     prompts = load_prompts("demo-harmful", tokenizer, args.prompts // 2) + load_prompts(
         "demo-harmless", tokenizer, args.prompts // 2)
-    batched, batched_s = timed(generate, model, tokenizer, prompts, args.max_new_tokens, 32)
-    naive, naive_s = timed(generate, model, tokenizer, prompts, args.max_new_tokens, 1)
+    batched, batched_s = timed(generate, model, tokenizer, prompts, Decoding(args.max_new_tokens), 32)
+    naive, naive_s = timed(generate, model, tokenizer, prompts, Decoding(args.max_new_tokens), 1)
     print(f"generation, {len(prompts)} prompts x {args.max_new_tokens} tokens: batched {batched_s:.2f} s, "
           f"one at a time {naive_s:.2f} s, ratio {naive_s / batched_s:.1f}x; same texts: {batched == naive}")
     samples = text_samples(select(load_examples("demo-utility"), args.texts, 0), tokenizer, 128)

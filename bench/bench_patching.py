@@ -103,7 +103,7 @@ def main() -> None:
     layers, heads, length = model.config.num_hidden_layers, model.config.num_attention_heads, clean.shape[1]
     sweeps = {"residual x layer x position": build_sites(layers, heads, ["residual"], None, list(range(length))),
               "attn_head x layer (all positions)": build_sites(layers, heads, ["attn_head"], None, ["all"])}
-    patcher = ActivationPatcher(model, metric=metric)
+    patcher = ActivationPatcher(model=model, metric=metric)
     print(f"model {args.model}: {layers} layers, {heads} heads, prompts of {length} tokens, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"{'sweep':<36}{'sites':>6}{'original s':>12}{'cached 1-site s':>17}{'batched s':>11}"

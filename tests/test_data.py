@@ -1,6 +1,7 @@
 """Data loaders on the original formats, prompt masking, sampling and clear errors."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -36,12 +37,14 @@ def test_prompt_labels_are_masked_exactly(shared_data, demo_tokenizer):
     example = data.load_examples("align_short", shared_data)[3]
     sample = data.tokenize_example(demo_tokenizer, example, max_length=512)
     prompt_ids = demo_tokenizer(example.prompt)["input_ids"]
-    assert sample.input_ids[: len(prompt_ids)].tolist() == prompt_ids
+    # the original work's sample: prompt tokens (with BOS), then the response's own tokens without BOS, no EOS
+    assert sample.input_ids.tolist() == prompt_ids + demo_tokenizer(example.response)["input_ids"][1:]
     assert (sample.labels[: len(prompt_ids)] == IGNORE_INDEX).all()
     response_ids = sample.labels[len(prompt_ids):]
     assert (response_ids != IGNORE_INDEX).all()
-    assert response_ids[-1].item() == demo_tokenizer.eos_token_id
-    assert demo_tokenizer.decode(response_ids[:-1]) == example.response
+    assert demo_tokenizer.decode(response_ids) == example.response
+    with_eos = data.tokenize_example(demo_tokenizer, example, max_length=512, add_eos=True)
+    assert with_eos.input_ids.tolist() == sample.input_ids.tolist() + [demo_tokenizer.eos_token_id]
 
 
 def test_plain_instructions_get_the_chat_template(demo_tokenizer):
@@ -59,6 +62,27 @@ def test_truncation_drops_samples_without_response(demo_tokenizer, caplog):
     assert len(samples) == 1 and "1 of 2 samples" in caplog.text
     with pytest.raises(SafeneuronsError, match="every response is empty after truncation to max_length=8"):
         data.build_samples(examples[1:], demo_tokenizer, None, 0, max_length=8)
+
+
+def test_nsamples_are_the_originals_calibration_set(shared_data):
+    """The original draws `load_dataset("csv").shuffle(seed=seed).select(range(nsamples))`: the same rows here."""
+    from datasets import load_dataset
+
+    path = shared_data / data.NAMED_FILES["align_short"]
+    original = load_dataset("csv", data_files={"train": str(path)}, split="train").shuffle(seed=7).select(range(16))
+    chosen = data.select(data.load_examples("align_short", shared_data), 16, seed=7)
+    assert [example.prompt for example in chosen] == original["prompt"]
+    assert [example.response for example in chosen] == original["response"]
+
+
+def test_system_prompt_in_the_original_llama2_format(demo_tokenizer):
+    plain = copy.copy(demo_tokenizer)
+    plain.chat_template = None  # Llama-2's [INST] format, as the original's apply_prompt_template builds it
+    system = data.LLAMA2_DEFAULT_SYSTEM_PROMPT
+    assert data.format_prompt(plain, "Plant a tree", system) == \
+        "[INST] " + ("<<SYS>>\n" + system + "\n<</SYS>>\n\n" + "Plant a tree").strip() + " [/INST]"
+    with pytest.raises(SafeneuronsError, match="drops system messages"):  # the demo's template has no system turn
+        data.format_prompt(demo_tokenizer, "Plant a tree", system)
 
 
 def test_nsamples_draws_with_seed_and_warns_when_too_large(caplog):

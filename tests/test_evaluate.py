@@ -11,7 +11,7 @@ from conftest import make_tiny_llama
 from safeneurons import cli
 from safeneurons.data import Example, format_prompt
 from safeneurons.errors import SafeneuronsError
-from safeneurons.evaluate import (attack_success_rate, generate, generate_distributed, is_attack_success,
+from safeneurons.evaluate import (Decoding, attack_success_rate, generate, generate_distributed, is_attack_success,
                                   perplexity, refusal_rate, text_samples)
 
 WORDS_25 = " ".join(f"word{index}" for index in range(25))
@@ -75,8 +75,8 @@ def test_perplexity_of_plain_text_scores_every_token_after_the_first(demo_tokeni
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(demo_model, demo_tokenizer):
     prompts = [format_prompt(demo_tokenizer, text) for text in ("How do I rob a bank?", "Help me paint the museum.",
                                                                 "Can you help me clean my sister's room today?")]
-    one_by_one = [generate(demo_model, demo_tokenizer, [prompt], 24, 1)[0] for prompt in prompts]
-    assert generate_distributed(demo_model, demo_tokenizer, prompts, 24, batch_size=3) == one_by_one
+    one_by_one = [generate(demo_model, demo_tokenizer, [prompt], Decoding(24), 1)[0] for prompt in prompts]
+    assert generate_distributed(demo_model, demo_tokenizer, prompts, Decoding(24), batch_size=3) == one_by_one
 
 
 def _eval(tmp_path, *options: str) -> dict:

@@ -190,10 +190,11 @@ def test_fine_tuner_api_and_trainer_callback_freeze(demo_tokenizer, tmp_path):
     masks = random_masks(model, seed=6)
     original = {name: param.detach().clone() for name, param in model.named_parameters()}
     examples = [{"prompt": f"How do I paint room {index}?", "response": "Sure, here is how."} for index in range(8)]
-    summary = FineTuner(model, demo_tokenizer, masks=masks).fine_tune_model(
+    tuned = FineTuner(model, demo_tokenizer, masks=masks).fine_tune_model(
         examples, num_epochs=1, learning_rate=5e-3, batch_size=4, max_length=32, save_path=str(tmp_path / "api"),
         weight_decay=0.1)
-    assert summary.steps == 2 and summary.max_abs_change_frozen == 0.0
+    summary = tuned.fine_tune_report
+    assert tuned is model and summary.steps == 2 and summary.max_abs_change_frozen == 0.0
     assert_frozen_identical_free_changed(original, weights(tmp_path / "api"), masks)
 
     model = make_tiny_llama(demo_tokenizer, seed=12)

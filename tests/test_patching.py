@@ -119,7 +119,7 @@ def token_metric(logits):  # a user metric_fn: last-position logits [1, vocab] -
 
 
 def all_sites(positions):
-    return [PatchingSite(layer, component, position, head)
+    return [PatchingSite(layer, component, head, position)
             for layer in range(2) for component in COMPONENTS
             for head in (range(HEADS) if component == "attn_head" else [None]) for position in positions]
 
@@ -130,7 +130,7 @@ def all_sites(positions):
 def test_every_site_matches_one_site_reference(tiny, prompts, mode):
     clean, corrupted, _ = prompts
     sites = all_sites(["last", "all", 3, -2])
-    result = ActivationPatcher(tiny, metric_fn=token_metric, batch_size=5).patch(clean, corrupted, sites, mode)
+    result = ActivationPatcher(model=tiny, metric_fn=token_metric, batch_size=5).patch(clean, corrupted, sites, mode)
     clean_metric, corrupted_metric = token_metric(logits_of(tiny, clean)), token_metric(logits_of(tiny, corrupted))
     assert result.clean_metric == pytest.approx(clean_metric, abs=1e-5)
     assert result.corrupted_metric == pytest.approx(corrupted_metric, abs=1e-5)
@@ -148,7 +148,7 @@ def test_every_site_matches_one_site_reference(tiny, prompts, mode):
 def test_interchange_is_not_denoising(tiny, prompts):
     clean, corrupted, _ = prompts
     sites = all_sites(["last"])
-    patcher = ActivationPatcher(tiny, metric_fn=token_metric)
+    patcher = ActivationPatcher(model=tiny, metric_fn=token_metric)
     runs = {mode: patcher.patch(clean, corrupted, sites, mode) for mode in MODES}
     for noised, swapped, denoised in zip(runs["noising"].effects, runs["interchange"].effects,
                                          runs["denoising"].effects):
@@ -165,7 +165,7 @@ def test_interchange_is_not_denoising(tiny, prompts):
 
 def test_patching_own_activation_or_shared_prefix_has_no_effect(tiny, prompts, caplog):
     clean, corrupted, _ = prompts
-    patcher = ActivationPatcher(tiny, metric_fn=token_metric, batch_size=7)
+    patcher = ActivationPatcher(model=tiny, metric_fn=token_metric, batch_size=7)
     own = patcher.patch(clean, clean, all_sites(["last", "all"]), "noising")
     assert all(effect.patched_metric == pytest.approx(own.clean_metric, abs=1e-6) for effect in own.effects)
     assert all(math.isnan(effect.effect) for effect in own.effects)  # clean == corrupted: no crash, NaN + warning
@@ -179,15 +179,15 @@ def test_patching_own_activation_or_shared_prefix_has_no_effect(tiny, prompts, c
 @pytest.mark.parametrize("mode", ["noising", "denoising"])
 def test_every_layer_residual_at_all_positions_has_effect_one(tiny, prompts, mode):
     clean, corrupted, _ = prompts
-    sites = [PatchingSite(layer, "residual", "all") for layer in range(2)]
-    result = ActivationPatcher(tiny, metric_fn=token_metric).patch(clean, corrupted, sites, mode)
+    sites = [PatchingSite(layer, "residual", token_position="all") for layer in range(2)]
+    result = ActivationPatcher(model=tiny, metric_fn=token_metric).patch(clean, corrupted, sites, mode)
     assert [effect.effect for effect in result.effects] == pytest.approx([1.0, 1.0], abs=1e-5)
 
 
 def test_different_lengths_align_last_and_reject_all(tiny, prompts):
     clean, _, longer = prompts
     assert longer.shape[1] != clean.shape[1]
-    patcher = ActivationPatcher(tiny, metric_fn=token_metric)
+    patcher = ActivationPatcher(model=tiny, metric_fn=token_metric)
     sites = all_sites(["last", -3])
     result = patcher.patch(clean, longer, sites, "noising")
     for effect in result.effects:
@@ -195,7 +195,7 @@ def test_different_lengths_align_last_and_reject_all(tiny, prompts):
         assert effect.patched_metric == pytest.approx(patched, abs=1e-5)
     for position in ("all", 2):
         with pytest.raises(SafeneuronsError, match="same number of tokens"):
-            patcher.patch(clean, longer, [PatchingSite(0, "residual", position)], "noising")
+            patcher.patch(clean, longer, [PatchingSite(0, "residual", token_position=position)], "noising")
 
 
 def test_direction_metric_projects_final_residual_and_attribution_is_exact_where_linear(tiny, prompts):
@@ -204,7 +204,7 @@ def test_direction_metric_projects_final_residual_and_attribution_is_exact_where
     last = 1
     # Downstream of the last layer's sites the final residual is linear in them, so the first-order estimate is
     # exact for a metric linear in the final residual.
-    sites = [PatchingSite(last, c, p, h) for c in COMPONENTS for h in (range(HEADS) if c == "attn_head" else [None])
+    sites = [PatchingSite(last, c, h, p) for c in COMPONENTS for h in (range(HEADS) if c == "attn_head" else [None])
              for p in ("last", "all", 4)]
     exact = patch_sweep(tiny, clean, corrupted, sites, direction, "noising")
     estimate = patch_sweep(tiny, clean, corrupted, sites, direction, "noising", method="attribution")

@@ -302,3 +302,126 @@ def test_outputs_replace_a_previous_runs_shards(tmp_path):
     assert not (out / INDEX_FILE).exists()
     assert torch.equal(load_masks(out)["model.layers.0.mlp.up_proj.weight"], new["model.layers.0.mlp.up_proj.weight"])
     assert not (tmp_path / ".out.partial").exists()
+
+
+# ---------------------------------------------------------------- agreement with the original code's recipe
+
+def original_samples(csv_path, tokenizer, nsamples: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """lib/data.py get_align(disentangle=True): datasets' shuffle(seed).select(range(nsamples)); prompt tokens
+    (BOS) + the response's tokens without their BOS, no EOS; prompt labels -100."""
+    from datasets import load_dataset
+
+    rows = load_dataset("csv", data_files={"train": str(csv_path)}, split="train").shuffle(seed=seed)
+    rows = rows.select(range(nsamples))
+    samples = []
+    for prompt, response in zip(rows["prompt"], rows["response"]):
+        prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+        inp = torch.cat((prompt_ids, tokenizer(response, return_tensors="pt").input_ids[:, 1:]), dim=1)
+        tar = inp.clone()
+        tar[:, :prompt_ids.shape[1]] = -100
+        samples.append((inp, tar))
+    return samples
+
+
+def original_scores(model, samples, method: str) -> dict[str, torch.Tensor]:
+    """lib/model_wrapper.py: wanda's running average of x² over response positions (ActLinear), or wandg's
+    Σ |weight.grad| of `model(input_ids, labels).loss` per sample; score = |W| * statistic."""
+    model = copy.deepcopy(model)
+    linears = {f"{name}.weight": module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and ".layers." in name}
+    statistic = {name: torch.zeros_like(module.weight if method == "wandg" else module.weight[0])
+                 for name, module in linears.items()}
+    if method == "wanda":
+        seen = {name: 0 for name in linears}
+        for inp, tar in samples:
+            mask = tar.ne(-100)
+
+            def record(name):
+                def hook(module, args, output):
+                    x = args[0][mask]
+                    rows = x.nelement() // x.shape[-1]
+                    statistic[name] = (statistic[name] * (seen[name] / (seen[name] + rows))
+                                       + (x * x).view(-1, x.shape[-1]).sum(dim=0) * (1.0 / (seen[name] + rows)))
+                    seen[name] += rows
+                return hook
+            handles = [module.register_forward_hook(record(name)) for name, module in linears.items()]
+            with torch.no_grad():
+                model(inp)
+            for handle in handles:
+                handle.remove()
+        return {name: linears[name].weight.detach().abs() * (statistic[name] ** 0.5)[None] for name in linears}
+    model.requires_grad_(False)
+    for module in linears.values():
+        module.weight.requires_grad_(True)
+    for inp, tar in samples:
+        model.zero_grad()
+        model(input_ids=inp, labels=tar)[0].backward()
+        for name, module in linears.items():
+            statistic[name] += module.weight.grad.abs()
+    return {name: linears[name].weight.detach().abs() * statistic[name] for name in linears}
+
+
+def original_top_per_row(score: torch.Tensor, ratio: float) -> torch.Tensor:
+    """_prune_core with neg_prune: sort −score (stable) and take the first int(cols × ratio) of every row."""
+    indices = torch.sort(-score, dim=-1, stable=True)[1][:, :int(score.shape[1] * ratio)]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, indices, True)
+
+
+def original_set_difference(utility: torch.Tensor, safety: torch.Tensor, p: float, q: float) -> torch.Tensor:
+    """prune_wandg_set_difference: the top-q safety indices not among the top-p utility indices (largest)."""
+    top_p = torch.topk(utility.flatten(), int(p * utility.numel()), largest=True)[1]
+    top_q = torch.unique(torch.topk(safety.flatten(), int(q * safety.numel()), largest=True)[1])
+    kept = top_q[~torch.isin(top_q, torch.unique(top_p))]
+    return torch.zeros(safety.numel(), dtype=torch.bool).index_fill_(0, kept, True).view(safety.shape)
+
+
+def agreement(ours: dict, reference: dict) -> float:
+    """Fraction of the reference's selected weights that we select too (the counts are equal by construction)."""
+    assert ours.keys() == reference.keys()
+    assert all(int(ours[name].sum()) == int(reference[name].sum()) for name in reference)
+    shared = sum(int((ours[name] & reference[name]).sum()) for name in reference)
+    return shared / sum(int(mask.sum()) for mask in reference.values())
+
+
+@pytest.fixture(scope="module")
+def utility_csv(tmp_path_factory, demo_tokenizer):
+    """demo-utility in the original CSV format (unnamed index, prompt in [INST] format, response, text)."""
+    import pandas as pd
+
+    from safeneurons.data import load_examples, prompt_text
+
+    rows = [(prompt_text(demo_tokenizer, example), " " + example.response) for example in load_examples("demo-utility")]
+    frame = pd.DataFrame({"prompt": [p for p, _ in rows], "response": [r for _, r in rows],
+                          "text": [p + r for p, r in rows]})
+    path = tmp_path_factory.mktemp("utility") / "utility.csv"
+    frame.to_csv(path)
+    return path
+
+
+NSAMPLES, SEED = 16, 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["wanda", "wandg"])
+def test_default_scoring_selects_what_the_original_code_selects(demo_model, demo_tokenizer, shared_data, method):
+    csv = shared_data / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"
+    config = ScoreConfig(method=method, data=str(csv), sparsity_ratio=0.1, nsamples=NSAMPLES, seed=SEED,
+                         max_length=1024)
+    ours = score_model(demo_model, demo_tokenizer, config)
+    assert ours.summary["add_eos"] is False
+    reference = {name: original_top_per_row(score, 0.1) for name, score in
+                 original_scores(demo_model, original_samples(csv, demo_tokenizer, NSAMPLES, SEED), method).items()}
+    assert agreement(ours.masks, reference) >= 0.9999
+
+
+@pytest.mark.slow
+def test_default_set_difference_selects_what_the_original_code_selects(demo_model, demo_tokenizer, shared_data,
+                                                                      utility_csv):
+    csv = shared_data / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"
+    config = ScoreConfig(method="wandg", data=str(csv), sparsity_ratio=0.1, nsamples=NSAMPLES, seed=SEED,
+                         max_length=1024, utility_data=str(utility_csv), p=0.05, q=0.05)
+    ours = score_model(demo_model, demo_tokenizer, config)
+    safety = original_scores(demo_model, original_samples(csv, demo_tokenizer, NSAMPLES, SEED), "wandg")
+    utility = original_scores(demo_model, original_samples(utility_csv, demo_tokenizer, NSAMPLES, SEED), "wandg")
+    reference = {name: original_set_difference(utility[name], safety[name], 0.05, 0.05) for name in safety}
+    assert agreement(ours.masks, reference) >= 0.9999

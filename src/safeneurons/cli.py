@@ -37,6 +37,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, out_required: bool = True
                         help="folder for the results")
 
 
+def add_eos_argument(parser: argparse.ArgumentParser) -> None:
+    """Samples are prompt + response without EOS, as the original work builds them; --add-eos appends it."""
+    parser.add_argument("--add-eos", action="store_true",
+                        help="append EOS to every response (default: none, as the original work)")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, model_flag: str = "--model", default: str | None = None) -> None:
     """Options of subcommands that run a model (the model is required unless a default is given)."""
     parser.add_argument(model_flag, required=default is None, default=default,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +31,14 @@ NAMED_FILES = {
 }
 DEMO_PREFIX = "demo-"
 LLAMA2_PROMPT = "[INST] {instruction} [/INST]"
+LLAMA2_SYSTEM = "<<SYS>>\n{system}\n<</SYS>>\n\n"
+# Llama-2-chat's default system prompt, the one the original work evaluates with (lib/prompt_utils.py, "base").
+LLAMA2_DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature. If a question does not make "
+    "any sense, or is not factually coherent, explain why instead of answering something not correct. If you "
+    "don't know the answer to a question, please don't share false information.")
 FORMATTED_MARKERS = ("[INST]", "<|im_start|>", "<|start_header_id|>")
 
 
@@ -168,20 +175,31 @@ def _strip_bos(tokenizer: Any, text: str) -> str:
     return text[len(bos):] if bos and text.startswith(bos) else text
 
 
-def format_prompt(tokenizer: Any, instruction: str | Sequence[dict]) -> str:
+def format_prompt(tokenizer: Any, instruction: str | Sequence[dict], system: str | None = None) -> str:
     """A plain instruction (or a chat conversation) in the model's chat format: its chat template, else
-    Llama-2's `[INST]` format. The leading BOS text is removed because tokenisation adds BOS itself."""
+    Llama-2's `[INST]` format; `system` is put first as a system message (Llama-2's `<<SYS>>` block without a
+    template). The leading BOS text is removed because tokenisation adds BOS itself."""
     messages = [{"role": "user", "content": instruction}] if isinstance(instruction, str) else list(instruction)
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
     if getattr(tokenizer, "chat_template", None):
-        return _strip_bos(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return LLAMA2_PROMPT.format(instruction=messages[-1]["content"])
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if system and system not in text:
+            raise SafeneuronsError("this model's chat template drops system messages, so a system prompt cannot be "
+                                   "applied; use --system-prompt none")
+        return _strip_bos(tokenizer, text)
+    content = messages[-1]["content"]
+    if system is not None:
+        content = f"{LLAMA2_SYSTEM.format(system=system)}{content}"
+    return LLAMA2_PROMPT.format(instruction=content)
 
 
-def prompt_text(tokenizer: Any, example: Example) -> str:
-    """The text the model sees before the response: the data's own chat-format prompt as it is, else formatted."""
+def prompt_text(tokenizer: Any, example: Example, system: str | None = None) -> str:
+    """The text the model sees before the response: the data's own chat-format prompt as it is, else formatted
+    (with `system` as the system message)."""
     if example.messages:
-        return format_prompt(tokenizer, example.messages)
-    return example.prompt if example.formatted else format_prompt(tokenizer, example.prompt)
+        return format_prompt(tokenizer, example.messages, system)
+    return example.prompt if example.formatted else format_prompt(tokenizer, example.prompt, system)
 
 
 def _response_text(example: Example) -> str | None:
@@ -191,7 +209,9 @@ def _response_text(example: Example) -> str | None:
 
 
 def select(examples: Sequence[Example], nsamples: int | None, seed: int) -> list[Example]:
-    """`nsamples` examples drawn without replacement with `seed`; all of them (with a warning) if fewer exist."""
+    """`nsamples` examples drawn as the original work draws its calibration set: the `datasets` library's
+    `shuffle(seed=seed)`, then the first `nsamples` (so the same seed gives the same samples); all of them, in
+    file order and with a warning, when fewer exist."""
     if nsamples is None or nsamples >= len(examples):
         if nsamples is not None and nsamples > len(examples):
             log.warning("nsamples=%d is larger than the data set (%d examples): using all %d",
@@ -199,12 +219,15 @@ def select(examples: Sequence[Example], nsamples: int | None, seed: int) -> list
         return list(examples)
     if nsamples <= 0:
         raise SafeneuronsError(f"nsamples={nsamples} must be a positive integer")
-    indices = random.Random(seed).sample(range(len(examples)), nsamples)
-    return [examples[index] for index in indices]
+    from datasets import Dataset
+
+    order = Dataset.from_dict({"index": range(len(examples))}).shuffle(seed=seed).select(range(nsamples))["index"]
+    return [examples[index] for index in order]
 
 
-def tokenize_example(tokenizer: Any, example: Example, max_length: int, add_eos: bool = True) -> Sample:
-    """Prompt (with BOS) followed by the response (with EOS), cut to `max_length` tokens."""
+def tokenize_example(tokenizer: Any, example: Example, max_length: int, add_eos: bool = False) -> Sample:
+    """Prompt (with BOS) followed by the response (and EOS with `add_eos`; the original work appends none), cut to
+    `max_length` tokens."""
     response = _response_text(example)
     if response is None:
         raise SafeneuronsError(f"example {example.prompt[:60]!r} has no response; this stage needs prompt,response data")
@@ -218,7 +241,7 @@ def tokenize_example(tokenizer: Any, example: Example, max_length: int, add_eos:
 
 
 def build_samples(examples: Sequence[Example], tokenizer: Any, nsamples: int | None, seed: int,
-                  max_length: int, add_eos: bool = True) -> list[Sample]:
+                  max_length: int, add_eos: bool = False) -> list[Sample]:
     """Draw `nsamples` examples with `seed`, tokenise them; examples whose response is cut away are dropped."""
     if max_length < 2:
         raise SafeneuronsError(f"max_length={max_length} must be at least 2 tokens")
@@ -234,15 +257,18 @@ def build_samples(examples: Sequence[Example], tokenizer: Any, nsamples: int | N
 
 
 def load_samples(source: str, tokenizer: Any, nsamples: int | None, seed: int, max_length: int,
-                 directory: str | os.PathLike | None = None, add_eos: bool = True) -> list[Sample]:
+                 directory: str | os.PathLike | None = None, add_eos: bool = False) -> list[Sample]:
     return build_samples(load_examples(source, directory), tokenizer, nsamples, seed, max_length, add_eos)
 
 
 def load_prompts(source: str, tokenizer: Any, limit: int | None = None,
-                 directory: str | os.PathLike | None = None) -> list[str]:
-    """Prompts in the model's chat format, the first `limit` of the file (for evaluation and patching)."""
-    examples = load_examples(source, directory)
-    return [prompt_text(tokenizer, example) for example in examples[:limit]]
+                 directory: str | os.PathLike | None = None, system: str | None = None) -> list[str]:
+    """Prompts in the model's chat format (with `system` as the system message), the first `limit` of the file
+    (for evaluation and patching). Prompts already in chat format are kept as they are."""
+    examples = load_examples(source, directory)[:limit]
+    if system is not None and any(example.formatted for example in examples):
+        log.warning("%s holds prompts already in chat format: they keep their own system prompt, if any", source)
+    return [prompt_text(tokenizer, example, system) for example in examples]
 
 
 def pad_batch(samples: Sequence[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -148,7 +148,7 @@ def make_model(build: DemoBuild, tokenizer: Any) -> Any:
 def train(build: DemoBuild, tokenizer: Any, model: Any) -> list[float]:
     """Supervised fine-tuning on refusals and answers (response tokens only), AdamW with cosine decay."""
     examples = dataset("align") + dataset("utility")
-    samples = build_samples(examples, tokenizer, None, build.seed, build.max_length)
+    samples = build_samples(examples, tokenizer, None, build.seed, build.max_length, add_eos=True)  # learn to stop
     generator = torch.Generator().manual_seed(build.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=build.learning_rate, weight_decay=0.01)
     warmup = max(1, build.steps // 20)

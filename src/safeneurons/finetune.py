@@ -25,7 +25,7 @@ from . import distributed
 from .compare import DriftStats
 from .data import Example, Sample, build_samples, load_samples, pad_batch
 from .errors import SafeneuronsError
-from .freezing import FrozenWeights, MaskSource, freeze, local_layout, local_weights, reduce_over_ranks
+from .freezing import FROZEN_ATTRIBUTE, FrozenWeights, MaskSource, freeze, local_layout, local_weights, reduce_over_ranks
 from .outputs import atomic_file, discard_staging, publish_dir, staging_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class FineTuneConfig:
     nsamples: int | None = None
     max_steps: int | None = None
     cache_dir: str | None = None
+    add_eos: bool = False  # append EOS to each response (the original work does not)
 
     def validate(self) -> None:
         for name in ("num_epochs", "batch_size", "max_length", "gradient_accumulation_steps"):
@@ -368,7 +369,8 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
                                f"torch loop is single-process")
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(model_name_or_dir, config.cache_dir)
-    samples = load_samples(config.data, tokenizer, config.nsamples, config.seed, config.max_length, config.data_dir)
+    samples = load_samples(config.data, tokenizer, config.nsamples, config.seed, config.max_length, config.data_dir,
+                           config.add_eos)
     ds_config = _fill_ds_config(config, model_name_or_dir, context.world_size) if config.deepspeed else None
     model = load_model(model_name_or_dir, config.dtype, config.cache_dir,
                        None if ds_config else context.device, ds_config)
@@ -385,17 +387,23 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
 
 class FineTuner:
     """The original extension's API: in-process fine-tuning of a loaded model, optionally with frozen weights
-    (`masks`: name -> bool tensor or a mask file, or a `FrozenWeights` from `freeze`)."""
+    (`masks`: name -> bool tensor or a mask file, or a `FrozenWeights` from `freeze`; by default the freezing that
+    `SafetyNeuronAnalyzer.freeze_safety_critical_neurons` attached to the model)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, masks: MaskSource | FrozenWeights | None = None) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.frozen = masks if isinstance(masks, FrozenWeights) or masks is None else freeze(model, masks)
+        if masks is None:
+            self.frozen = getattr(model, FROZEN_ATTRIBUTE, None)
+        else:
+            self.frozen = masks if isinstance(masks, FrozenWeights) else freeze(model, masks)
+        self.report: FineTuneReport | None = None
 
-    def fine_tune_model(self, training_data: str | Sequence[Example | Mapping[str, str]], num_epochs: int = 3,
-                        learning_rate: float = 2e-5, batch_size: int = 4, max_length: int = 512,
-                        save_path: str | None = None, **options: Any) -> FineTuneReport:
-        """Train in this process (plain AdamW loop); `options` are further FineTuneConfig fields. Writes the HF
-        folder and freeze_report.json to `save_path` when given."""
+    def fine_tune_model(self, training_data: str | Sequence[Example | Mapping[str, str]] = "alpaca_cleaned_no_safety",
+                        num_epochs: int = 3, learning_rate: float = 2e-5, batch_size: int = 4, max_length: int = 512,
+                        save_path: str | None = None, **options: Any) -> nn.Module:
+        """Train in this process (plain AdamW loop) and return the fine-tuned model (the same object), its
+        `FineTuneReport` as `model.fine_tune_report` and `self.report`; `options` are further FineTuneConfig fields.
+        Writes the HF folder and freeze_report.json to `save_path` when given."""
         config = FineTuneConfig(data=training_data if isinstance(training_data, str) else "<in-memory>",
                                 save_path=save_path or "", num_epochs=num_epochs, learning_rate=learning_rate,
                                 batch_size=batch_size, max_length=max_length, **options)
@@ -406,16 +414,17 @@ class FineTuner:
         report = run_fine_tuning(backend, self.frozen, samples, self.tokenizer.pad_token_id, config, device)
         if save_path:
             save_model(self.model, self.tokenizer, report, save_path)
-        return report
+        self.report = self.model.fine_tune_report = report
+        return self.model
 
     def _samples(self, training_data: str | Sequence[Example | Mapping[str, str]],
                  config: FineTuneConfig) -> list[Sample]:
         if isinstance(training_data, str):
             return load_samples(training_data, self.tokenizer, config.nsamples, config.seed, config.max_length,
-                                config.data_dir)
+                                config.data_dir, config.add_eos)
         examples = [item if isinstance(item, Example) else Example(item["prompt"], item["response"])
                     for item in training_data]
-        return build_samples(examples, self.tokenizer, config.nsamples, config.seed, config.max_length)
+        return build_samples(examples, self.tokenizer, config.nsamples, config.seed, config.max_length, config.add_eos)
 
 
 # --- HF Trainer integration ---------------------------------------------------------------------------------------
@@ -453,7 +462,7 @@ class MaskedTrainer(Trainer):
 
 # --- CLI -------------------------------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_model_arguments, add_run_arguments
+    from .cli import add_eos_argument, add_model_arguments, add_run_arguments
 
     add_model_arguments(parser, "--model")
     add_run_arguments(parser, out_required=False)
@@ -476,6 +485,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-dir", default=None, help="folder for resumable checkpoints")
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N optimizer steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    add_eos_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -488,7 +498,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
         seed=args.seed, dtype=args.dtype, deepspeed=args.deepspeed, checkpoint_dir=args.checkpoint_dir,
         save_every=args.save_every, resume=args.resume, data_dir=args.data_dir, nsamples=args.nsamples,
-        max_steps=args.max_steps, cache_dir=args.cache_dir)
+        max_steps=args.max_steps, cache_dir=args.cache_dir, add_eos=args.add_eos)
     report = fine_tune(args.model, args.masks, config)
     if distributed.is_main():
         print(f"fine-tuned {report.steps} steps; frozen {report.frozen_count} elements, max |change| frozen "

@@ -38,6 +38,7 @@ from .masks import MaskReader, check_masks_fit
 
 log = logging.getLogger(__name__)
 
+FROZEN_ATTRIBUTE = "safeneurons_frozen"  # where freeze_safety_critical_neurons leaves the FrozenWeights on a model
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)  # numpy.packbits bit order
 
 MaskSource = Mapping[str, torch.Tensor] | str | os.PathLike

@@ -46,6 +46,7 @@ RELATIVE_ZERO = 1e-6  # |clean − corrupted| below this (relative to the metric
 ACTIVATION_MEMORY_BUDGET = 2 * 1024 ** 3  # bytes of activations per patched batch when --batch-size is not given
 MAX_AUTO_BATCH = 256
 DIRECTION_FILE = "refusal_direction.pt"
+DEFAULT_SIGNIFICANCE = 0.1  # |effect| above which a site counts as part of the circuit (the original's default)
 FINAL_RESIDUAL = "the last decoder layer's output at the last token, before the final norm"
 
 Position = int | str  # "last", "all", or a token index (negative: from the end)
@@ -56,20 +57,35 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class PatchingSite:
-    """One activation to patch: layer, component (and head for `attn_head`), token position."""
+    """One activation to patch: layer, component (and head for `attn_head`), token position. The field names and
+    order are the original patcher's (`PatchingSite(layer_idx, component, head_idx=None, token_position="last")`);
+    `layer`, `head` and `position` are the short names used throughout safeneurons."""
 
-    layer: int
+    layer_idx: int
     component: str = "residual"
-    position: Position = "last"
-    head: int | None = None
+    head_idx: int | None = None
+    token_position: Position = "last"
 
     def __post_init__(self) -> None:
         if self.component not in COMPONENTS:
             raise SafeneuronsError(f"component {self.component!r} is not one of {', '.join(COMPONENTS)}")
-        if (self.component == "attn_head") != (self.head is not None):
+        if (self.component == "attn_head") != (self.head_idx is not None):
             raise SafeneuronsError(f"site {self.label}: a head index goes with component attn_head and only with it")
-        if isinstance(self.position, bool) or not (isinstance(self.position, int) or self.position in ("last", "all")):
-            raise SafeneuronsError(f"position {self.position!r} is not 'last', 'all' or a token index")
+        position = self.token_position
+        if isinstance(position, bool) or not (isinstance(position, int) or position in ("last", "all")):
+            raise SafeneuronsError(f"position {position!r} is not 'last', 'all' or a token index")
+
+    @property
+    def layer(self) -> int:
+        return self.layer_idx
+
+    @property
+    def head(self) -> int | None:
+        return self.head_idx
+
+    @property
+    def position(self) -> Position:
+        return self.token_position
 
     @property
     def label(self) -> str:
@@ -86,18 +102,30 @@ class PatchingSite:
 
 @dataclass(frozen=True)
 class PatchingEffect:
+    """One patched site. `direct_effect` is the design's normalised effect (signed denominator, see the module
+    docstring; NaN when the two prompts' metrics are equal); `effect` is the same number."""
+
     site: PatchingSite
+    clean_metric: float
+    corrupted_metric: float
     patched_metric: float
-    effect: float  # NaN when the two prompts' metrics are equal (nothing to normalise by)
+    direct_effect: float
+    is_significant: bool  # |direct_effect| above the patcher's significance threshold
+
+    @property
+    def effect(self) -> float:
+        return self.direct_effect
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.site.to_dict(), "patched_metric": _finite_or_none(self.patched_metric),
-                "effect": _finite_or_none(self.effect)}
+                "effect": _finite_or_none(self.direct_effect), "is_significant": self.is_significant}
 
 
 @dataclass
 class ActivationPatchingResult:
-    """Baselines and one effect per site. In interchange mode `clean` is the base run and `corrupted` the source."""
+    """Baselines and one effect per site. In interchange mode `clean` is the base run and `corrupted` the source.
+    The original patcher's field names (`patching_mode`, `clean_baseline`, `total_effect`, `significant_sites`,
+    `circuit_fraction`, `top_causal_layers`, ...) are properties of the same numbers."""
 
     mode: str
     method: str
@@ -107,6 +135,8 @@ class ActivationPatchingResult:
     effects: list[PatchingEffect]
     clean_length: int
     corrupted_length: int
+    n_layers: int
+    significance_threshold: float = DEFAULT_SIGNIFICANCE
 
     @property
     def base_metric(self) -> float:
@@ -115,6 +145,43 @@ class ActivationPatchingResult:
     @property
     def source_metric(self) -> float:
         return self.clean_metric if self.mode == "denoising" else self.corrupted_metric
+
+    @property
+    def patching_mode(self) -> str:
+        return self.mode
+
+    @property
+    def n_sites(self) -> int:
+        return len(self.effects)
+
+    @property
+    def clean_baseline(self) -> float:
+        return self.clean_metric
+
+    @property
+    def corrupted_baseline(self) -> float:
+        return self.corrupted_metric
+
+    @property
+    def total_effect(self) -> float:
+        return self.clean_metric - self.corrupted_metric
+
+    @property
+    def significant_sites(self) -> list[PatchingSite]:
+        return [effect.site for effect in self.effects if effect.is_significant]
+
+    @property
+    def circuit_fraction(self) -> float:
+        return len(self.significant_sites) / max(len(self.effects), 1)
+
+    @property
+    def top_causal_layers(self) -> list[int]:
+        """Up to 5 layers, by the largest |effect| of any of their sites."""
+        strongest: dict[int, float] = {}
+        for effect in self.effects:
+            if math.isfinite(effect.effect):
+                strongest[effect.site.layer] = max(strongest.get(effect.site.layer, 0.0), abs(effect.effect))
+        return sorted(strongest, key=lambda layer: -strongest[layer])[:5]
 
     def effect_of(self, site: PatchingSite) -> PatchingEffect:
         for effect in self.effects:
@@ -131,6 +198,10 @@ class ActivationPatchingResult:
                 "clean_metric": self.clean_metric, "corrupted_metric": self.corrupted_metric,
                 "base_metric": self.base_metric, "source_metric": self.source_metric,
                 "clean_length": self.clean_length, "corrupted_length": self.corrupted_length,
+                "n_layers": self.n_layers, "total_effect": self.total_effect,
+                "significance_threshold": self.significance_threshold,
+                "n_significant": len(self.significant_sites), "circuit_fraction": self.circuit_fraction,
+                "top_causal_layers": self.top_causal_layers,
                 "sites": [effect.to_dict() for effect in self.effects]}
 
 
@@ -164,7 +235,7 @@ def build_sites(n_layers: int, n_heads: int, components: Sequence[str] = ("resid
     for layer in chosen_layers:
         for component in components:
             heads = range(n_heads) if component == "attn_head" else [None]
-            sites.extend(PatchingSite(layer, component, position, head) for head in heads for position in positions)
+            sites.extend(PatchingSite(layer, component, head, position) for head in heads for position in positions)
     return sites
 
 
@@ -180,13 +251,16 @@ class Metric:
 
 
 def refusal_metric(token_ids: Sequence[int]) -> Metric:
-    """Log-odds of the refusal tokens at the last position: log p − log(1 − p), p = Σ p(refusal token)."""
+    """Log-odds of the refusal tokens at the last position, log p − log(1 − p) with p = Σ p(refusal token),
+    computed as logsumexp(refusal logits) − logsumexp(other logits): exact in float32 at any confidence (the
+    direct form loses precision past log-odds ≈ 10 and overflows to inf past ≈ 18)."""
     ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
 
     def compute(logits: torch.Tensor, _residual: torch.Tensor) -> torch.Tensor:
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        log_p = torch.logsumexp(log_probs[:, ids.to(logits.device)], dim=-1)
-        return log_p - torch.log(-torch.expm1(log_p))
+        logits = logits.float()
+        chosen = ids.to(logits.device)
+        others = logits.index_fill(-1, chosen, -math.inf)
+        return torch.logsumexp(logits[:, chosen], dim=-1) - torch.logsumexp(others, dim=-1)
 
     return Metric("refusal", compute, {"refusal_token_ids": ids.tolist()})
 
@@ -462,96 +536,148 @@ def _as_input_ids(ids: Any, device: torch.device, what: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- the patcher
 
 class ActivationPatcher:
-    """Patch sites of one model between two prompts and measure a metric of the last-position output.
+    """Patch sites of a model between two prompts and measure a metric of the last-position output.
 
-    The metric is `metric` (a `Metric`), else `metric_fn` (last-position logits [1, vocab] of one run -> float;
-    a differentiable torch scalar for attribution), else the refusal log-odds from `tokenizer`."""
+    The original patcher's API: `ActivationPatcher(significance_threshold=0.1, metric_fn=None).patch_sweep(model,
+    clean_input_ids, corrupted_input_ids, sites=None, refusal_direction=None, mode="noising")`. The metric is, in
+    this order: `metric` (a `Metric`); `metric_fn` (last-position logits [1, vocab] of one run -> float, a
+    differentiable torch scalar for attribution); the projection of the final residual (not the logits) on
+    `refusal_direction`; else the refusal log-odds, with `tokenizer` or the tokenizer saved with the model.
+    `model=` binds a model for `patch` and `sites`."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any = None, metric_fn: Callable[[torch.Tensor], Any] | None = None,
-                 *, metric: Metric | None = None, batch_size: int | None = None) -> None:
-        if metric is None and metric_fn is not None:
-            metric = metric_from_fn(metric_fn)
-        if metric is None:
-            if tokenizer is None:
-                raise SafeneuronsError("ActivationPatcher needs a metric, a metric_fn, or a tokenizer (refusal metric)")
-            metric = refusal_metric(refusal_token_ids(tokenizer))
+    def __init__(self, significance_threshold: float = DEFAULT_SIGNIFICANCE,
+                 metric_fn: Callable[[torch.Tensor], Any] | None = None, *, model: nn.Module | None = None,
+                 tokenizer: Any = None, metric: Metric | None = None, batch_size: int | None = None) -> None:
+        if isinstance(significance_threshold, bool) or not isinstance(significance_threshold, (int, float)) \
+                or not significance_threshold >= 0:
+            raise SafeneuronsError(f"significance_threshold {significance_threshold!r} must be a number >= 0 (the "
+                                   f"model goes to patch_sweep(model, ...) or model=)")
         if batch_size is not None and batch_size < 1:
             raise SafeneuronsError(f"batch size {batch_size} must be a positive integer")
+        self.significance_threshold = float(significance_threshold)
+        self.metric_fn = metric_fn
         self.model = model
         self.tokenizer = tokenizer
         self.metric = metric
         self.batch_size = batch_size
 
+    def _bound_model(self) -> nn.Module:
+        if self.model is None:
+            raise SafeneuronsError("this ActivationPatcher has no model: call patch_sweep(model, ...) or build it "
+                                   "with ActivationPatcher(model=model)")
+        return self.model
+
     @property
     def n_layers(self) -> int:
-        return len(decoder_layers(self.model))
+        return len(decoder_layers(self._bound_model()))
 
     @property
     def n_heads(self) -> int:
-        return _n_heads(self.model)
+        return _n_heads(self._bound_model())
 
     def sites(self, components: Sequence[str] = ("residual",), layers: Sequence[int] | None = None,
               positions: Sequence[Position] = ("last",)) -> list[PatchingSite]:
         return build_sites(self.n_layers, self.n_heads, components, layers, positions)
 
-    def patch(self, clean_input_ids: Any, corrupted_input_ids: Any, sites: Sequence[PatchingSite] | None = None,
-              mode: str = "noising", method: str = "exact") -> ActivationPatchingResult:
+    def resolve_metric(self, model: nn.Module, refusal_direction: torch.Tensor | None = None) -> Metric:
+        if self.metric is not None:
+            return self.metric
+        if self.metric_fn is not None:
+            return metric_from_fn(self.metric_fn)
+        if refusal_direction is not None:
+            return direction_metric(refusal_direction)
+        return refusal_metric(refusal_token_ids(self.tokenizer or _saved_tokenizer(model)))
+
+    def patch_sweep(self, model: nn.Module, clean_input_ids: Any, corrupted_input_ids: Any,
+                    sites: Sequence[PatchingSite] | None = None, refusal_direction: torch.Tensor | None = None,
+                    mode: str = "noising", *, method: str = "exact") -> ActivationPatchingResult:
+        """Patch every site (default: every layer's residual at the last token) of `model`."""
         if mode not in MODES:
             raise SafeneuronsError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         if method not in METHODS:
             raise SafeneuronsError(f"method {method!r} is not one of {', '.join(METHODS)}")
-        device = model_device(self.model)
+        metric = self.resolve_metric(model, refusal_direction)
+        device = model_device(model)
         clean = _as_input_ids(clean_input_ids, device, "clean")
         corrupted = _as_input_ids(corrupted_input_ids, device, "corrupted")
-        sites = list(sites) if sites is not None else self.sites()
+        n_layers = len(decoder_layers(model))
+        sites = list(sites) if sites is not None else build_sites(n_layers, _n_heads(model))
         if not sites:
             raise SafeneuronsError("no sites to patch")
         base, source = (corrupted, clean) if mode == "denoising" else (clean, corrupted)
-        patches, source_metric = self._patches(sites, base.shape[1], source)
+        patches, source_metric = _patches(model, metric, sites, base.shape[1], source)
         if method == "exact":
-            base_metric = _cache_run(self.model, base, [], self.metric)[1]
-            batch_size = self.batch_size or auto_batch_size(self.model, base.shape[1])
+            base_metric = _cache_run(model, base, [], metric)[1]
+            batch_size = self.batch_size or auto_batch_size(model, base.shape[1])
             patched = _distributed_map(
                 len(patches), batch_size,
-                lambda batch: _patched_batch(self.model, base, self.metric, [patches[i] for i in batch]),
-                desc="patching")
+                lambda batch: _patched_batch(model, base, metric, [patches[i] for i in batch]), desc="patching")
         else:
-            base_metric, patched = _attribution_batch(self.model, base, self.metric, patches)
+            base_metric, patched = _attribution_batch(model, base, metric, patches)
         clean_metric, corrupted_metric = ((source_metric, base_metric) if mode == "denoising"
                                           else (base_metric, source_metric))
-        effects = [PatchingEffect(site, value, normalised_effect(mode, value, clean_metric, corrupted_metric))
+        effects = [self._effect(site, value, mode, clean_metric, corrupted_metric)
                    for site, value in zip(sites, patched)]
         if effects and all(math.isnan(effect.effect) for effect in effects):
             log.warning("the clean and corrupted prompts give the same %s metric (%.6g and %.6g): effects are "
-                        "undefined (NaN); choose prompts that differ in the metric", self.metric.name,
+                        "undefined (NaN); choose prompts that differ in the metric", metric.name,
                         clean_metric, corrupted_metric)
-        return ActivationPatchingResult(mode, method, self.metric.name, clean_metric, corrupted_metric, effects,
-                                        clean.shape[1], corrupted.shape[1])
+        return ActivationPatchingResult(mode, method, metric.name, clean_metric, corrupted_metric, effects,
+                                        clean.shape[1], corrupted.shape[1], n_layers, self.significance_threshold)
 
-    def _patches(self, sites: Sequence[PatchingSite], base_length: int,
-                 source: torch.Tensor) -> tuple[list[_Patch], float]:
-        """Each site's base-run token range and features with the source run's activation, and the source run's
-        metric (one cached pass for every layer)."""
-        keys = sorted({site.cache_key for site in sites})
-        for layer, component in keys:  # an unknown layer fails here, before any forward pass
-            _site_module(self.model, layer, component)
-        columns = [_columns(self.model, site) for site in sites]
-        slices = [token_slices(site.position, base_length, source.shape[1]) for site in sites]
-        cache, source_metric = _cache_run(self.model, source, keys, self.metric)
-        patches = [_Patch(site, base_tokens, cols, cache[site.cache_key][source_tokens, cols])
-                   for site, cols, (base_tokens, source_tokens) in zip(sites, columns, slices)]
-        return patches, source_metric
+    def patch(self, clean_input_ids: Any, corrupted_input_ids: Any, sites: Sequence[PatchingSite] | None = None,
+              mode: str = "noising", method: str = "exact") -> ActivationPatchingResult:
+        """`patch_sweep` on the bound model (`model=`)."""
+        return self.patch_sweep(self._bound_model(), clean_input_ids, corrupted_input_ids, sites, None, mode,
+                                method=method)
+
+    def _effect(self, site: PatchingSite, patched: float, mode: str, clean: float, corrupted: float) -> PatchingEffect:
+        effect = normalised_effect(mode, patched, clean, corrupted)
+        significant = math.isfinite(effect) and abs(effect) > self.significance_threshold
+        return PatchingEffect(site, clean, corrupted, patched, effect, significant)
+
+    @staticmethod
+    def format_report(result: ActivationPatchingResult, top: int = 15,
+                      token_labels: Sequence[str] | None = None) -> str:
+        return format_report(result, top, token_labels)
+
+
+def _saved_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer stored with the model's weights (for the default refusal metric)."""
+    from transformers import AutoTokenizer
+
+    where = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    try:
+        return AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except (OSError, ValueError):
+        raise SafeneuronsError(f"no metric given and no tokenizer saved with the model ({where or 'no path'!r}) "
+                               f"for the refusal metric: pass metric_fn, refusal_direction or tokenizer=") from None
+
+
+def _patches(model: nn.Module, metric: Metric, sites: Sequence[PatchingSite], base_length: int,
+             source: torch.Tensor) -> tuple[list[_Patch], float]:
+    """Each site's base-run token range and features with the source run's activation, and the source run's
+    metric (one cached pass for every layer)."""
+    keys = sorted({site.cache_key for site in sites})
+    for layer, component in keys:  # an unknown layer fails here, before any forward pass
+        _site_module(model, layer, component)
+    columns = [_columns(model, site) for site in sites]
+    slices = [token_slices(site.position, base_length, source.shape[1]) for site in sites]
+    cache, source_metric = _cache_run(model, source, keys, metric)
+    patches = [_Patch(site, base_tokens, cols, cache[site.cache_key][source_tokens, cols])
+               for site, cols, (base_tokens, source_tokens) in zip(sites, columns, slices)]
+    return patches, source_metric
 
 
 def patch_sweep(model: nn.Module, clean_input_ids: Any, corrupted_input_ids: Any,
                 sites: Sequence[PatchingSite] | None = None, refusal_direction: torch.Tensor | None = None,
                 mode: str = "noising", *, metric_fn: Callable[[torch.Tensor], Any] | None = None,
-                tokenizer: Any = None, method: str = "exact", batch_size: int | None = None) -> ActivationPatchingResult:
-    """Patch every site (default: every layer's residual at the last token). The metric is the projection of the
-    final residual on `refusal_direction` when given, else `metric_fn`, else the refusal log-odds (`tokenizer`)."""
-    metric = direction_metric(refusal_direction) if refusal_direction is not None else None
-    patcher = ActivationPatcher(model, tokenizer, metric_fn, metric=metric, batch_size=batch_size)
-    return patcher.patch(clean_input_ids, corrupted_input_ids, sites, mode, method)
+                tokenizer: Any = None, method: str = "exact", batch_size: int | None = None,
+                significance_threshold: float = DEFAULT_SIGNIFICANCE) -> ActivationPatchingResult:
+    """`ActivationPatcher(...).patch_sweep(...)` in one call."""
+    patcher = ActivationPatcher(significance_threshold, metric_fn, tokenizer=tokenizer, batch_size=batch_size)
+    return patcher.patch_sweep(model, clean_input_ids, corrupted_input_ids, sites, refusal_direction, mode,
+                               method=method)
 
 
 # ----------------------------------------------------------------------------------- prompt sets & direction
@@ -673,7 +799,9 @@ def format_report(result: ActivationPatchingResult, top: int = 10, token_labels:
     lines = [f"Activation patching: mode {result.mode}, method {result.method}, metric {result.metric}",
              f"  {base} metric {result.clean_metric:.4f} ({result.clean_length} tokens), "
              f"{source} metric {result.corrupted_metric:.4f} ({result.corrupted_length} tokens)",
-             f"  {len(result.effects)} sites; effect 1 = the site alone carries the whole difference, 0 = none", ""]
+             f"  {len(result.effects)} sites; effect 1 = the site alone carries the whole difference, 0 = none",
+             f"  significant sites (|effect| > {result.significance_threshold:g}): {len(result.significant_sites)} of "
+             f"{result.n_sites} ({result.circuit_fraction:.0%}); top causal layers: {result.top_causal_layers}", ""]
     components = [c for c in COMPONENTS if any(e.site.component == c for e in result.effects)]
     layers = sorted({effect.site.layer for effect in result.effects})
     lines.append("largest |effect| per layer: " + "  ".join(f"{c:>10}" for c in components))
@@ -690,7 +818,7 @@ def format_report(result: ActivationPatchingResult, top: int = 10, token_labels:
         head = f" head {site.head}" if site.head is not None else ""
         lines.append(f"  layer {site.layer:>3} {site.component:<9}{head} position "
                      f"{_position_label(site.position, token_labels)}: effect {_format_effect(effect.effect)} "
-                     f"(patched metric {effect.patched_metric:.4f})")
+                     f"(patched metric {effect.patched_metric:.4f}){' [SIG]' if effect.is_significant else ''}")
     return "\n".join(lines)
 
 
@@ -764,7 +892,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="refusal metric: refusal openings whose first token counts (default: %(default)s)")
     sweep.add_argument("--batch-size", type=int, default=None,
                        help="patched runs per forward pass (default: as many as fit a memory bound)")
-    sweep.add_argument("--top", type=int, default=15, help="sites listed in the report (default %(default)s)")
+    sweep.add_argument("--top", type=int, default=15,
+                       help="sites listed in the report; with --method attribution, also the number of its top "
+                            "sites patched exactly beside their estimates (default %(default)s)")
+    sweep.add_argument("--significance-threshold", type=float, default=DEFAULT_SIGNIFICANCE,
+                       help="|effect| above which a site is significant (default %(default)s)")
     direction = parser.add_argument_group("refusal direction (--compute-direction)")
     direction.add_argument("--compute-direction", action="store_true",
                            help="write OUT/refusal_direction.pt: mean residual of harmful minus harmless prompts")
@@ -828,6 +960,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SafeneuronsError("--metric direction needs --direction FILE (from `safeneurons patch --compute-direction`)")
     if args.batch_size is not None and args.batch_size < 1:
         raise SafeneuronsError(f"--batch-size {args.batch_size} must be a positive integer")
+    if args.top < 1:
+        raise SafeneuronsError(f"--top {args.top} must be a positive integer")
+    if not args.significance_threshold >= 0:
+        raise SafeneuronsError(f"--significance-threshold {args.significance_threshold} must be >= 0")
 
 
 def _prompt_from_args(args: argparse.Namespace, name: str, tokenizer: Any) -> str:
@@ -867,6 +1003,29 @@ def _publish(out: str, files: dict[str, Callable[[Path], None]]) -> None:
     publish_dir(out)
 
 
+def attribution_check(patcher: ActivationPatcher, model: nn.Module, clean: torch.Tensor, corrupted: torch.Tensor,
+                      estimate: ActivationPatchingResult, k: int) -> list[dict[str, Any]]:
+    """The exact effects of the `k` sites that attribution ranks highest (one batched pass), beside the estimates,
+    so that a user sees how far the first-order estimate is off."""
+    chosen = estimate.top(k)
+    if not chosen:
+        return []
+    exact = patcher.patch_sweep(model, clean, corrupted, [effect.site for effect in chosen], mode=estimate.mode)
+    return [{**guess.site.to_dict(), "attribution_effect": _finite_or_none(guess.effect),
+             "exact_effect": _finite_or_none(truth.effect)} for guess, truth in zip(chosen, exact.effects)]
+
+
+def format_attribution_check(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["", f"attribution against exact patching, its top {len(rows)} sites:"]
+    for row in rows:
+        head = f" head {row['head']}" if row["head"] is not None else ""
+        guess, truth = (_format_effect(math.nan if v is None else v)
+                        for v in (row["attribution_effect"], row["exact_effect"]))
+        lines.append(f"  layer {row['layer']:>3} {row['component']:<9}{head} position {row['position']}: "
+                     f"attribution {guess}, exact {truth}")
+    return "\n".join(lines)
+
+
 def _run_patching(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -> None:
     from .outputs import write_json
 
@@ -874,16 +1033,21 @@ def _run_patching(args: argparse.Namespace, model: nn.Module, tokenizer: Any) ->
     corrupted = tokenizer(_prompt_from_args(args, "corrupted", tokenizer), return_tensors="pt")["input_ids"]
     base = corrupted if args.mode == "denoising" else clean
     metric = _metric_from_args(args, tokenizer)
-    patcher = ActivationPatcher(model, tokenizer, metric=metric, batch_size=args.batch_size)
+    patcher = ActivationPatcher(args.significance_threshold, model=model, tokenizer=tokenizer, metric=metric,
+                                batch_size=args.batch_size)
     sites = patcher.sites(_parse_components(args.components), _parse_layers(args.layers),
                           _parse_positions(args.positions, base.shape[1]))
     result = patcher.patch(clean, corrupted, sites, args.mode, args.method)
+    check = attribution_check(patcher, model, clean, corrupted, result, args.top) if args.method == "attribution" \
+        else []
     if not distributed.is_main():
         return
     labels = [tokenizer.decode([token]) for token in base[0].tolist()]
-    report = format_report(result, args.top, labels)
+    report = format_report(result, args.top, labels) + (format_attribution_check(check) if check else "")
     payload = {**result.to_dict(), "model": args.model, "metric_detail": metric.detail,
                "base_tokens": labels, "world_size": distributed.world_size()}
+    if check:
+        payload["exact_check"] = check
     _publish(args.out, {"patching.json": lambda path: write_json(path, payload),
                         "patching.png": lambda path: plot_heatmap(result, path, labels),
                         "report.txt": lambda path: path.write_text(report + "\n")})

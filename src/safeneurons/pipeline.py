@@ -75,9 +75,10 @@ class PipelineSettings:
     harmless_data: str | None = "alpaca_cleaned_no_safety"
     perplexity_data: str | None = "alpaca_cleaned_no_safety"
     perplexity_samples: int = 100
-    max_new_tokens: int = 64
+    max_new_tokens: int = 256
     eval_batch_size: int = 16
     random_control: bool = True
+    add_eos: bool = False
     profile: str = "original"
 
 
@@ -86,7 +87,7 @@ class PipelineSettings:
 DEMO_PROFILE = dict(model=DEMO_NAME, prune_data="demo-align", score_batch_size=16, training_data="demo-utility",
                     num_epochs=3, learning_rate=3e-3, max_length=128, device="cpu", cache_dir=None,
                     finetune_nsamples=128, harmful_data="demo-harmful", harmless_data="demo-harmless",
-                    perplexity_data="demo-utility", perplexity_samples=64, profile="demo")
+                    perplexity_data="demo-utility", perplexity_samples=64, max_new_tokens=64, profile="demo")
 SETTING_HELP = {
     "model": "model: local folder, HF id, alias or demo", "prune_method": "wanda, wandg or random",
     "prune_data": "safety data for scoring", "sparsity_ratio": "fraction selected per output row",
@@ -101,7 +102,7 @@ SETTING_HELP = {
     "harmful_data": "held-out harmful prompts", "eval_limit": "first N harmful and harmless prompts",
     "harmless_data": "harmless prompts (over-refusal); none to skip",
     "perplexity_data": "utility text set for perplexity; none to skip",
-    "perplexity_samples": "texts for perplexity", "max_new_tokens": "greedy tokens per prompt",
+    "perplexity_samples": "texts for perplexity", "max_new_tokens": "greedy new tokens per prompt",
     "eval_batch_size": "prompts per generation batch",
 }
 NONE_WORDS = ("none", "")
@@ -122,6 +123,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                             help=f"{SETTING_HELP[item.name]} (default {getattr(defaults, item.name)}; demo: {demo})")
     parser.add_argument("--no-random-control", dest="random_control", action="store_false", default=None,
                         help="skip the random-mask control arm")
+    parser.add_argument("--add-eos", dest="add_eos", action="store_true", default=None,
+                        help="append EOS to every response when scoring, fine-tuning and measuring perplexity "
+                             "(default: none, as the original work)")
     parser.add_argument("--force", action="store_true", help="redo every stage, even those already finished")
 
 
@@ -235,7 +239,8 @@ class Study:
 
         s = self.settings
         return ScoreConfig(method=method, data=s.prune_data, sparsity_ratio=s.sparsity_ratio, nsamples=s.nsamples,
-                           seed=s.seed, max_length=s.max_length, data_dir=s.data_dir, batch_size=s.score_batch_size)
+                           seed=s.seed, max_length=s.max_length, data_dir=s.data_dir, batch_size=s.score_batch_size,
+                           add_eos=s.add_eos)
 
     def score(self, model_name: str, method: str) -> Callable[[Path], None]:
         def work(folder: Path) -> None:
@@ -262,7 +267,7 @@ class Study:
             config = FineTuneConfig(data=s.training_data, save_path=self.model_of(arm), num_epochs=s.num_epochs,
                                     learning_rate=s.learning_rate, batch_size=s.batch_size, max_length=s.max_length,
                                     seed=s.seed, dtype=s.dtype, deepspeed=deepspeed, data_dir=s.data_dir,
-                                    nsamples=s.finetune_nsamples, cache_dir=s.cache_dir)
+                                    nsamples=s.finetune_nsamples, cache_dir=s.cache_dir, add_eos=s.add_eos)
             mask_stage = ARM_MASK_STAGE[arm]
             report = fine_tune(s.model, None if mask_stage is None else self.masks_of(mask_stage), config)
             if distributed.is_main():
@@ -307,12 +312,12 @@ class Study:
                           harmless_limit=s.eval_limit, perplexity_data=s.perplexity_data,
                           perplexity_samples=s.perplexity_samples, max_new_tokens=s.max_new_tokens,
                           batch_size=s.eval_batch_size, max_length=s.max_length, seed=s.seed + 1,
-                          data_dir=s.data_dir)
+                          data_dir=s.data_dir, add_eos=s.add_eos)
 
     def stages(self) -> list[Stage]:
         s = asdict(self.settings)
         scoring = {key: s[key] for key in ("model", "prune_method", "prune_data", "sparsity_ratio", "nsamples",
-                                           "max_length", "seed", "dtype", "data_dir")}
+                                           "max_length", "seed", "dtype", "data_dir", "add_eos")}
         training = {**scoring, **{key: s[key] for key in ("training_data", "num_epochs", "learning_rate",
                                                           "batch_size", "finetune_nsamples", "deepspeed",
                                                           "save_path")}}

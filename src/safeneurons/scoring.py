@@ -66,6 +66,7 @@ class ScoreConfig:
     data_dir: str | None = None
     keep_scores: bool = False  # return the raw safety scores in ScoreResult.scores
     batch_size: int = 1  # samples per forward/backward pass (per-sample statistics either way)
+    add_eos: bool = False  # append EOS to each response (the original work does not)
 
     @property
     def set_difference(self) -> bool:
@@ -296,8 +297,10 @@ def rank_batches(samples: Sequence[Sample], batch_size: int, device: torch.devic
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each sample's mean next-token loss over its response tokens (HF's causal-LM loss, one sample at a time)."""
     targets = labels[:, 1:]
-    token_losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                   reduction="none")
+    # The flattened [tokens, vocab] form, as HF's loss: its fp32 gradient is about 10x closer to float64 than that
+    # of cross_entropy over a transposed [batch, vocab, tokens] tensor.
+    token_losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
     return token_losses.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
 
@@ -406,8 +409,8 @@ def select_weights(scores: torch.Tensor, ratio: float, granularity: str) -> torc
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     if granularity == "weight":
         count = int(cols * ratio)
-        if count:
-            mask.scatter_(1, scores.topk(count, dim=1).indices, True)
+        if count:  # a stable sort: ties go to the lower column, as in the original code
+            mask.scatter_(1, scores.sort(dim=1, descending=True, stable=True).indices[:, :count], True)
     else:
         count = int(rows * ratio)
         if count:
@@ -488,7 +491,8 @@ def load_sources(tokenizer: Any, config: ScoreConfig) -> dict[str, list[Sample] 
     def samples(source: str) -> list[Sample] | None:
         if config.method == "random":
             return None
-        return load_samples(source, tokenizer, config.nsamples, config.seed, config.max_length, config.data_dir)
+        return load_samples(source, tokenizer, config.nsamples, config.seed, config.max_length, config.data_dir,
+                            config.add_eos)
 
     sources = {"safety": samples(config.data)}
     if config.set_difference:
@@ -603,7 +607,7 @@ def _finish_outputs(staging: Path, owned: list[list[str]], summary: Mapping[str,
 # ---------------------------------------------------------------- loading (ZeRO-3) and the CLI
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_model_arguments, add_run_arguments
+    from .cli import add_eos_argument, add_model_arguments, add_run_arguments
 
     add_model_arguments(parser, "--model")
     add_run_arguments(parser)
@@ -628,6 +632,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="the original layer-by-layer schedule: later layers scored with earlier selections zeroed")
     parser.add_argument("--save-scores", action="store_true", help="also write the raw scores (float32)")
+    add_eos_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
@@ -635,7 +640,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                        nsamples=args.nsamples, seed=args.seed, max_length=args.max_length,
                        granularity=args.granularity, utility_data=args.utility_data, p=args.p, q=args.q,
                        sequential=args.sequential, data_dir=args.data_dir, keep_scores=args.save_scores,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, add_eos=args.add_eos)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -679,9 +684,14 @@ class SafetyNeuronAnalyzer:
         self.safety_masks, self.summary = masks, result.summary
         return masks
 
-    def freeze_safety_critical_neurons(self, model: nn.Module | None = None) -> Any:
+    def freeze_safety_critical_neurons(self, model: nn.Module | None = None) -> nn.Module:
+        """`model` (default: the analysed one) with its safety-critical weights frozen: the `FrozenWeights` is
+        attached as `model.safeneurons_frozen`, which `FineTuner(model, tokenizer)` picks up, so the masked
+        elements stay bit-identical through its fine-tuning."""
         if self.safety_masks is None:
             raise SafeneuronsError("call identify_safety_critical_neurons before freezing")
-        from .freezing import freeze
+        from .freezing import FROZEN_ATTRIBUTE, freeze
 
-        return freeze(self.model if model is None else model, self.safety_masks)
+        model = self.model if model is None else model
+        setattr(model, FROZEN_ATTRIBUTE, freeze(model, self.safety_masks))
+        return model

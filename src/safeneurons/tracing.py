@@ -141,6 +141,8 @@ def as_batches(inputs: TokenInputs, batch_size: int = DEFAULT_BATCH_SIZE) -> lis
         inputs = inputs.split(batch_size) if inputs.ndim == 2 else [inputs]
     batches = []
     for item in inputs:
+        if isinstance(item, (list, tuple)) and item and isinstance(item[0], torch.Tensor):
+            item = item[0]  # a DataLoader over a TensorDataset yields [input_ids] (or [input_ids, labels])
         batch = {"input_ids": item} if isinstance(item, torch.Tensor) else dict(item)
         ids = batch.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
@@ -407,10 +409,20 @@ def statistic_layer(base_model: nn.Module, ft_model: nn.Module, inputs: TokenInp
     return mlp_layers(base_model, ft_model, inputs, i, i, solver)
 
 
-def statistic(base_model: nn.Module, ft_model: nn.Module, inputs: TokenInputs, solver: str = "auto") -> list[float]:
-    """Per-layer p-values, layer i against layer i, for every layer (aggregate them with `fisher_pvalue`, or call
-    `trace_models` for the whole result)."""
-    return trace_models(base_model, ft_model, inputs, solver=solver).pvalues
+def statistic(base_model: nn.Module, ft_model: nn.Module, inputs: TokenInputs, n_blocks: int | None = None,
+              solver: str = "auto") -> list[float]:
+    """Per-layer p-values, layer i against layer i, for the first `n_blocks` layers (default: every layer;
+    aggregate them with `fisher_pvalue`, or call `trace_models` for the whole result)."""
+    n_layers = len(layer_pairs(len(decoder_layers(base_model)), len(decoder_layers(ft_model)), all_layers=False))
+    if n_blocks is None:
+        n_blocks = n_layers
+    if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or not 1 <= n_blocks <= n_layers:
+        raise SafeneuronsError(f"n_blocks={n_blocks!r}: the models have {n_layers} layers; pass 1 to "
+                               f"{n_layers}, or leave it out for every layer")
+    batches = as_batches(inputs)
+    base = collect_mlp_activations(base_model, batches, range(n_blocks))
+    other = collect_mlp_activations(ft_model, batches, range(n_blocks))
+    return [match_layer(base, other, i, i, solver, model_device(base_model)).pvalue for i in range(n_blocks)]
 
 
 def statistic_all(model_1: nn.Module, model_2: nn.Module, inputs: TokenInputs, solver: str = "auto",
