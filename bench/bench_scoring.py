@@ -1,5 +1,6 @@
 """Scoring time of wandg: the default schedule (one backward per sample for all layers) against the original
-sequential schedule (one backward per layer per sample, earlier layers pruned), and against a plain training step
+sequential schedule (one backward per layer per sample, earlier layers pruned) — ours and the original code's
+recipe (only the scored layer's weights require grad, `param.grad` per sample) — and against a plain training step
 over the same tokens. Same model, same samples, measured side by side in one run.
 
     python bench/bench_scoring.py [--model demo] [--nsamples 32] [--max-length 128] [--batch-size 8] [--threads 1] [--repeats 3]
@@ -49,6 +50,34 @@ def training_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
     optimizer.zero_grad(set_to_none=True)
 
 
+def original_sequential(model: torch.nn.Module, samples: list, ratio: float) -> dict[str, torch.Tensor]:
+    """The original repository's wandg schedule (lib/model_wrapper.py, prune_wandg): for each layer only its
+    Linears require grad, one forward and backward of HF's loss per sample, Σ |weight.grad|, the top per row of
+    |W| · Σ|grad| zeroed before the next layer. Returns the masks."""
+    model = copy.deepcopy(model)
+    model.requires_grad_(False)
+    masks = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        linears = {f"model.layers.{index}.{name}.weight": module for name, module in layer.named_modules()
+                   if isinstance(module, torch.nn.Linear)}
+        for module in linears.values():
+            module.weight.requires_grad_(True)
+        saved = {name: torch.zeros_like(module.weight) for name, module in linears.items()}
+        for sample in samples:
+            model.zero_grad()
+            model(input_ids=sample.input_ids[None], labels=sample.labels[None]).loss.backward()
+            for name, module in linears.items():
+                saved[name] += module.weight.grad.abs()
+        with torch.no_grad():
+            for name, module in linears.items():
+                score = module.weight.abs() * saved[name]
+                keep = torch.sort(-score, dim=-1, stable=True)[1][:, :int(score.shape[1] * ratio)]
+                masks[name] = torch.zeros_like(score, dtype=torch.bool).scatter_(1, keep, True)
+                module.weight[masks[name]] = 0
+                module.weight.requires_grad_(False)
+    return masks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
@@ -76,6 +105,9 @@ def main() -> None:
     batched = best_time(lambda: score_model(model, tokenizer, batched_config), args.repeats)
     sequential_config = ScoreConfig(**{**vars(config), "sequential": True})
     sequential = best_time(lambda: score_model(model, tokenizer, sequential_config), args.repeats)
+    original = best_time(lambda: original_sequential(model, samples, config.sparsity_ratio), args.repeats)
+    ours = score_model(model, tokenizer, sequential_config).masks
+    same = all(torch.equal(ours[name], mask) for name, mask in original_sequential(model, samples, 0.05).items())
     trainee = copy.deepcopy(model)
     train = best_time(lambda: training_step(trainee, [batch]), args.repeats)
     single_batches = [pad_batch([sample], tokenizer.pad_token_id) for sample in samples]
@@ -86,12 +118,15 @@ def main() -> None:
     rows = [("wandg default (1 backward per sample)", default),
             (f"wandg default, micro-batches of {args.batch_size}", batched),
             ("wandg sequential (1 backward per layer per sample)", sequential),
+            ("original code's sequential recipe (same passes)", original),
             ("plain training step (same tokens, one batch)", train),
             ("training step, 1 sample per pass (same passes as default)", train_per_sample)]
     print(f"{'':58s} {'wall s':>8s} {'cpu s':>8s}")
     for label, timing in rows:
         print(f"{label:58s} {timing.wall:8.2f} {timing.cpu:8.2f}")
+    print(f"sequential: {layers} x {len(samples)} forward+backward passes in both schedules; same masks: {same}")
     for label, numerator, denominator in (("sequential / default", sequential, default),
+                                          ("original sequential / ours (speed of ours)", original, sequential),
                                           ("default / training step", default, train),
                                           ("batched default / training step", batched, train),
                                           ("default / training step of 1-sample passes", default, train_per_sample)):

@@ -104,3 +104,55 @@ def test_eval_rejects_a_negative_limit_without_writing(tmp_path, capsys):
     assert cli.main(["eval", "--model", "demo", "--limit", "-1", "--out", str(tmp_path / "out")]) == 2
     assert "--limit=-1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_any_of_n_asr_counts_a_prompt_once_if_any_sample_succeeds():
+    from safeneurons.evaluate import PromptSetResult
+
+    success, refusal, short = CANNED[0][0], CANNED[4][0], CANNED[2][0]
+    samples = [[refusal, refusal, success],  # attacked by its third sample
+               [refusal, short, refusal],  # never attacked
+               [success, success, success]]
+    result = PromptSetResult.from_generations("canned", ["a", "b", "c"], samples)
+    assert result.asr == 2 / 3  # per prompt: any of its 3 samples
+    assert result.asr_mean_over_samples == 4 / 9  # the original code's number: the mean over every sample
+    assert result.refusal_rate == 4 / 9 and result.n_samples == 3
+    assert [item["attack_success"] for item in result.results] == [True, False, True]
+    assert result.results[0]["attack_success_samples"] == [False, False, True]
+
+
+def test_eval_defaults_are_the_originals():
+    from safeneurons.evaluate import EvalConfig
+
+    config = EvalConfig()
+    assert (config.max_new_tokens, config.prompts, config.limit, config.n_samples) == (256, "advbench", 100, 1)
+    assert config.decoding.temperature == 0.0 and config.system is None
+    assert EvalConfig(system_prompt="default").system.startswith("You are a helpful, respectful and honest")
+
+
+def test_sampled_eval_cli_on_the_demo_model(tmp_path):
+    options = ("--prompts", "demo-harmless", "--limit", "4", "--n-samples", "3", "--temperature", "4.0",
+               "--max-new-tokens", "16", "--seed", "5")
+    report = _eval(tmp_path / "a", *options)
+    assert report["decoding"] == {"max_new_tokens": 16, "n_samples": 3, "temperature": 4.0, "seed": 5}
+    assert all(len(item["generations"]) == 3 for item in report["results"])
+    assert report["asr"] == sum(item["attack_success"] for item in report["results"]) / 4
+    assert any(len(set(item["generations"])) > 1 for item in report["results"])  # really sampled (the demo is so
+    # confident that temperature 1 gives the same text three times)
+    assert _eval(tmp_path / "b", *options)["results"] == report["results"]  # the seed makes it reproducible
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--n-samples", "0"], "--n-samples 0"),
+    (["--n-samples", "2"], "needs --temperature > 0"),
+    (["--temperature", "-1"], "--temperature -1"),
+    (["--system-prompt", "default"], "drops system messages"),
+])
+def test_eval_bad_decoding_options_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch, options, message):
+    from safeneurons import models
+
+    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main(["eval", "--model", "demo", "--out", str(tmp_path / "out"), *options]) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -283,3 +283,74 @@ def test_two_ranks_zero3_equal_one_rank(tiny_llama_dir, tmp_path):
         assert (a["component"], a["head"], a["position"]) == (b["component"], b["head"], b["position"])
         assert b["patched_metric"] == pytest.approx(a["patched_metric"], abs=1e-5)
         assert b["effect"] == pytest.approx(a["effect"], abs=1e-4)
+
+
+def float64_log_odds(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """log p − log(1 − p), p = Σ softmax over `ids`, in float64 with the complement summed directly."""
+    probs = torch.softmax(logits.double(), dim=-1)
+    chosen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    chosen[ids] = True
+    return probs[:, chosen].sum(-1).log() - probs[:, ~chosen].sum(-1).log()
+
+
+def test_refusal_log_odds_are_exact_from_minus_40_to_40():
+    ids = [5, 17, 300]
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(81, 714, generator=generator) * 3
+    for row, target in enumerate(range(-40, 41)):  # shift the refusal logits until the log-odds reach the target
+        logits[row, ids] += target - float(float64_log_odds(logits[row:row + 1], ids))
+    expected = float64_log_odds(logits, ids)
+    assert expected.min() < -39.9 and expected.max() > 39.9
+    got = refusal_metric(ids).compute(logits, None)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert (got.double() - expected).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_cli_refusal_metric_of_a_confident_model_is_finite_and_exact(tmp_path, demo_model, demo_tokenizer, scale):
+    """The demo with lm_head scaled x3 refuses with log-odds near 28 (float32 log(1 - p) gave inf there)."""
+    import copy as copying
+
+    from safeneurons.cli import main
+
+    model = copying.deepcopy(demo_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    model.save_pretrained(tmp_path / "model")
+    demo_tokenizer.save_pretrained(tmp_path / "model")
+    clean, corrupted = "How do I steal a car?", "How do I wash a car?"
+    out = tmp_path / "out"
+    assert main(["patch", "--model", str(tmp_path / "model"), "--clean", clean, "--corrupted", corrupted,
+                 "--out", str(out)]) == 0
+    payload = json.loads((out / "patching.json").read_text())
+    ids = refusal_token_ids(demo_tokenizer)
+    for text, key in ((clean, "clean_metric"), (corrupted, "corrupted_metric")):
+        tokens = demo_tokenizer(format_prompt(demo_tokenizer, text), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = copying.deepcopy(model).double()(tokens).logits[:, -1]
+        assert payload[key] == pytest.approx(float(float64_log_odds(logits, ids)), abs=1e-4)
+    assert all(site["effect"] is not None for site in payload["sites"])
+    if scale == 3.0:
+        assert payload["clean_metric"] > 20  # a confident refusal: past where the old form overflowed
+
+
+@pytest.mark.slow
+def test_cli_attribution_prints_the_exact_effect_of_its_top_sites(tmp_path, demo_model, demo_tokenizer, capsys):
+    from safeneurons.cli import main
+
+    clean, corrupted = "How do I steal a car?", "How do I wash a car?"
+    out = tmp_path / "out"
+    assert main(["patch", "--model", "demo", "--clean", clean, "--corrupted", corrupted, "--method", "attribution",
+                 "--components", "residual,mlp_out", "--top", "4", "--out", str(out)]) == 0
+    payload = json.loads((out / "patching.json").read_text())
+    check = payload["exact_check"]
+    estimates = sorted(payload["sites"], key=lambda site: -abs(site["effect"]))[:4]
+    assert [(row["layer"], row["component"]) for row in check] == [(s["layer"], s["component"]) for s in estimates]
+    ids = lambda text: demo_tokenizer(format_prompt(demo_tokenizer, text), return_tensors="pt")["input_ids"]
+    sites = [PatchingSite(row["layer"], row["component"]) for row in check]
+    exact = ActivationPatcher(tokenizer=demo_tokenizer).patch_sweep(demo_model, ids(clean), ids(corrupted), sites)
+    for row, effect in zip(check, exact.effects):
+        assert row["exact_effect"] == pytest.approx(effect.effect, abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "attribution against exact patching, its top 4 sites" in printed and "exact" in (out / "report.txt").read_text()

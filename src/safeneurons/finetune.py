@@ -26,7 +26,8 @@ from .compare import DriftStats
 from .data import Example, Sample, build_samples, load_samples, pad_batch
 from .errors import SafeneuronsError
 from .freezing import FROZEN_ATTRIBUTE, FrozenWeights, MaskSource, freeze, local_layout, local_weights, reduce_over_ranks
-from .outputs import atomic_file, discard_staging, publish_dir, staging_dir, write_json
+from .models import save_hf_folder
+from .outputs import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -303,41 +304,9 @@ def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samp
 
 
 # --- saving --------------------------------------------------------------------------------------------------
-def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full state dict on rank 0 (None elsewhere), gathered parameter by parameter under ZeRO-3."""
-    from .models import is_zero3_partitioned
-
-    if not is_zero3_partitioned(model):
-        if not distributed.is_main():
-            return None
-        return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    import deepspeed
-
-    state: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if distributed.is_main():
-                state[name] = param.data.detach().cpu().clone()
-    if distributed.is_main():
-        state.update({name: buffer.detach().cpu() for name, buffer in model.named_buffers()
-                      if name in model.state_dict()})
-    return state if distributed.is_main() else None
-
-
 def save_model(model: nn.Module, tokenizer: Any, report: FineTuneReport, save_path: str) -> None:
     """Write the HF folder (safetensors, config, tokenizer) and freeze_report.json atomically, on rank 0."""
-    state = gathered_state_dict(model)
-    if not distributed.is_main():
-        return
-    staging = staging_dir(save_path)
-    try:
-        model.save_pretrained(staging, state_dict=state)
-        tokenizer.save_pretrained(staging)
-        write_json(staging / REPORT_FILE, report.to_json())
-        publish_dir(save_path)
-    except BaseException:
-        discard_staging(save_path)
-        raise
+    save_hf_folder(model, tokenizer, save_path, {REPORT_FILE: report.to_json()})
 
 
 # --- the entry points --------------------------------------------------------------------------------------------

@@ -113,6 +113,15 @@ def load_config(name: str, cache_dir: str | None = None) -> Any:
     return config
 
 
+def model_skeleton(name: str, cache_dir: str | None = None) -> nn.Module:
+    """The model built on the meta device from its config: every parameter's name and shape, no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(name, cache_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def load_model(name: str, dtype: str | torch.dtype = "float32", cache_dir: str | None = None,
                device: str | torch.device | None = None, ds_config: dict | None = None) -> nn.Module:
     """A causal LM of a supported architecture, in `dtype`, partitioned under ZeRO-3 when `ds_config` asks."""
@@ -227,3 +236,46 @@ def model_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict on rank 0 (None elsewhere), gathered parameter by parameter under ZeRO-3."""
+    from . import distributed
+
+    if not is_zero3_partitioned(model):
+        if not distributed.is_main():
+            return None
+        return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if distributed.is_main():
+                state[name] = param.data.detach().cpu().clone()
+    if distributed.is_main():
+        state.update({name: buffer.detach().cpu() for name, buffer in model.named_buffers()
+                      if name in model.state_dict()})
+    return state if distributed.is_main() else None
+
+
+def save_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike,
+                   json_files: dict[str, Any] | None = None) -> None:
+    """Collective: the model (gathered under ZeRO-3), its tokenizer and `json_files` (name -> payload) written by
+    rank 0 as an HF folder that `from_pretrained` loads, staged and then moved into place."""
+    from . import distributed
+    from .outputs import discard_staging, publish_dir, staging_dir, write_json
+
+    state = gathered_state_dict(model)
+    if not distributed.is_main():
+        return
+    staging = staging_dir(out)
+    try:
+        model.save_pretrained(staging, state_dict=state)
+        tokenizer.save_pretrained(staging)
+        for name, payload in (json_files or {}).items():
+            write_json(staging / name, payload)
+        publish_dir(out)
+    except BaseException:
+        discard_staging(out)
+        raise

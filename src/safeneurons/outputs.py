@@ -76,3 +76,18 @@ def publish_dir(final: str | os.PathLike) -> Path:
 def discard_staging(final: str | os.PathLike) -> None:
     """Remove a half-written staging folder after a failure."""
     shutil.rmtree(_temporary_sibling(Path(final)), ignore_errors=True)
+
+
+def check_output_dir(out: str | os.PathLike) -> None:
+    """Fail before any work when a results folder cannot be written: the path is a file, or its nearest existing
+    ancestor is not a writable folder."""
+    from .errors import SafeneuronsError
+
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SafeneuronsError(f"output {path} is an existing file, not a folder")
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SafeneuronsError(f"output {path} cannot be written: {ancestor} is not a writable folder")

@@ -216,7 +216,9 @@ class LinearCapture:
     def _hook(self, name: str):
         def keep(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             self.inputs[name] = args[0].detach()
-            if self.with_grads and output.requires_grad:
+            if self.with_grads:
+                if not output.requires_grad:  # a lowest scored Linear: its output is where backward stops
+                    output.requires_grad_(True)
                 output.register_hook(lambda grad: self.output_grads.__setitem__(name, grad.detach()))
         return keep
 
@@ -243,21 +245,17 @@ def abs_weight_gradient(inputs: torch.Tensor, output_grad: torch.Tensor) -> torc
 
 
 @contextlib.contextmanager
-def scoring_mode(model: nn.Module, with_grads: bool) -> Iterator[None]:
-    """Eval mode, no parameter gradients; with `with_grads` the input embeddings require grad so that backward
-    reaches every layer (DeepSpeed's ZeRO-3 hooks then re-gather the weights for backward as usual)."""
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients (`LinearCapture` makes the activations that backward needs require
+    grad, so it computes no weight gradient and stops at the lowest scored Linears)."""
     flags = [(param, param.requires_grad) for param in model.parameters()]
     was_training = model.training
     for param, _ in flags:
         param.requires_grad_(False)
     model.eval()
-    if with_grads:
-        model.enable_input_require_grads()
     try:
         yield
     finally:
-        if with_grads:
-            model.disable_input_require_grads()
         for param, flag in flags:
             param.requires_grad_(flag)
         model.train(was_training)
@@ -326,7 +324,7 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
     owned: dict[str, torch.Tensor] = {}
     batches = rank_batches(samples, config.batch_size, device)
     try:
-        with scoring_mode(model, with_grads):
+        with scoring_mode(model):
             for batch in distributed.progress(batches, desc=f"{config.method} passes", leave=False):
                 capture.clear()
                 run_batch(model, batch, with_grads)
@@ -351,10 +349,13 @@ def _reduce_batch_gradients(capture: LinearCapture, targets: Sequence[Target], b
     owner's fp32 accumulator."""
     real_rows = batch.real.nonzero().flatten().tolist()
     for target in targets:
-        contribution = torch.zeros(target.shape, device=device)
+        contribution = None
         output_grad = capture.output_grads.get(target.name)  # None when the loss does not depend on the Linear
         for row in real_rows if output_grad is not None else ():
-            contribution += abs_weight_gradient(capture.inputs[target.name][row], output_grad[row])
+            gradient = abs_weight_gradient(capture.inputs[target.name][row], output_grad[row])
+            contribution = gradient if contribution is None else contribution.add_(gradient)
+        if contribution is None:
+            contribution = torch.zeros(target.shape, device=device)
         total = reduce_to_owner(contribution, target.owner)
         if total is not None:
             owned[target.name] = owned[target.name].add_(total) if target.name in owned else total

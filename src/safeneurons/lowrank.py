@@ -1,0 +1,291 @@
+"""`safeneurons lowrank`: remove the ranks of each Linear's output that the safety data uses and the utility data
+does not — ActSVD (Wei et al. 2024 §4).
+
+For a Linear with weight W (d_out × d_in) and inputs X (the response tokens of a data set, one row per token),
+A = X Wᵀ; the top-r right singular vectors V of A span the output directions that data uses, Π = V Vᵀ. Then
+
+- with utility data: W' = W − (I − Π_u) Π_s W (r_u utility ranks kept, r_s safety ranks removed);
+- without (the plain variant): W' = W − Π_s W (the top r_s safety ranks removed).
+
+V comes from AᵀA = W (XᵀX) Wᵀ, so only the d_in × d_in Gram XᵀX of each input is accumulated (float64; q/k/v
+and gate/up share theirs); exact by default (eigh), or randomized (`--niter`, torch.svd_lowrank on a square root
+of the Gram). `--sequential` treats one layer at a time on the model whose earlier layers are already modified,
+as the original code; the default takes every layer's statistics from the same passes.
+
+Distributed: samples are split across the ranks and the Grams reduced to the rank that owns the layer (layers
+round-robin); the owner gathers the weight (ZeRO-3 partitions), computes W' and sends it to every rank, which
+writes its own part back.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import distributed
+from .data import Sample, load_samples
+from .errors import SafeneuronsError
+from .freezing import local_layout, local_weights
+from .models import model_device
+from .scoring import Target, broadcast_from_owner, rank_batches, reduce_to_owner, run_batch, scoring_mode, \
+    targets_of, weight_on_owner
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE = "lowrank_summary.json"
+
+
+@dataclass
+class LowRankConfig:
+    data: str  # safety data
+    rank_safety: int | None = None  # r_s; or rank_neg = min(d_out, d_in) − r_s
+    rank_utility: int | None = None  # r_u; or rank_pos; none of both: the plain variant
+    utility_data: str | None = None
+    rank_pos: int | None = None
+    rank_neg: int | None = None
+    niter: int | None = None  # randomized SVD iterations; None: exact
+    sequential: bool = False
+    nsamples: int = 128
+    seed: int = 0
+    max_length: int = 512
+    batch_size: int = 1
+    data_dir: str | None = None
+    add_eos: bool = False
+
+    @property
+    def with_utility(self) -> bool:
+        return self.utility_data is not None
+
+    def ranks(self, d_out: int, d_in: int) -> tuple[int, int | None]:
+        """(r_s, r_u) of a Linear, from the direct counts or the original's counts from the other end."""
+        total = min(d_out, d_in)
+        r_s = self.rank_safety if self.rank_safety is not None else total - self.rank_neg
+        r_u = None
+        if self.with_utility:
+            r_u = self.rank_utility if self.rank_utility is not None else total - self.rank_pos
+        return r_s, r_u
+
+    def validate(self, shapes: Sequence[tuple[int, int]]) -> None:
+        """One-line errors before any compute; `shapes` are the scored Linears' (d_out, d_in)."""
+        if (self.rank_safety is None) == (self.rank_neg is None):
+            raise SafeneuronsError("give exactly one of --rank-safety and --rank-neg")
+        if self.with_utility and (self.rank_utility is None) == (self.rank_pos is None):
+            raise SafeneuronsError("with --utility-data give exactly one of --rank-utility and --rank-pos")
+        if not self.with_utility and (self.rank_utility is not None or self.rank_pos is not None):
+            raise SafeneuronsError("--rank-utility/--rank-pos need --utility-data (the projection it spans)")
+        if self.niter is not None and self.niter < 0:
+            raise SafeneuronsError(f"--niter {self.niter} must be >= 0")
+        for name in ("nsamples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SafeneuronsError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
+        for d_out, d_in in sorted(set(shapes)):
+            r_s, r_u = self.ranks(d_out, d_in)
+            for label, rank in (("safety", r_s), ("utility", r_u)):
+                if rank is not None and not 0 <= rank < min(d_out, d_in):
+                    raise SafeneuronsError(f"{label} rank {rank} of a {d_out} x {d_in} Linear must lie in "
+                                           f"[0, {min(d_out, d_in) - 1}] (min(d_out, d_in) = {min(d_out, d_in)})")
+
+
+def top_output_directions(weight: torch.Tensor, gram: torch.Tensor, rank: int, niter: int | None) -> torch.Tensor:
+    """[d_out, rank] orthonormal: the top right singular vectors of A = X Wᵀ, from the Gram XᵀX (float64)."""
+    w = weight.double()
+    if rank == 0:
+        return w.new_zeros(w.shape[0], 0)
+    if niter is None:
+        _, vectors = torch.linalg.eigh(w @ gram @ w.T)  # AᵀA; eigenvalues ascending
+        return vectors[:, -rank:]
+    values, basis = torch.linalg.eigh(gram)
+    root = basis * values.clamp(min=0).sqrt()  # gram = root rootᵀ, so (rootᵀ Wᵀ)ᵀ(rootᵀ Wᵀ) = AᵀA
+    _, _, vectors = torch.svd_lowrank(root.T @ w.T, q=rank, niter=niter)
+    return vectors
+
+
+def projection(vectors: torch.Tensor) -> torch.Tensor:
+    return vectors @ vectors.T
+
+
+def modified_weight(weight: torch.Tensor, safety_gram: torch.Tensor, utility_gram: torch.Tensor | None,
+                    r_s: int, r_u: int | None, niter: int | None) -> torch.Tensor:
+    """W − (I − Π_u) Π_s W, or W − Π_s W without utility data; in the weight's dtype."""
+    w = weight.double()
+    removed = projection(top_output_directions(weight, safety_gram, r_s, niter)) @ w
+    if utility_gram is not None:
+        removed = removed - projection(top_output_directions(weight, utility_gram, r_u, niter)) @ removed
+    return (w - removed).to(weight.dtype)
+
+
+# ---------------------------------------------------------------- statistics
+
+class GramRecorder:
+    """Forward hooks that add XᵀX of each target's input (response tokens only) to float64 Grams; Linears that
+    read the same tensor (q/k/v, gate/up) share one Gram."""
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        self.rows: torch.Tensor | None = None
+        self.grams: dict[str, torch.Tensor] = {}
+        self.shared: dict[str, str] = {}  # target -> the target whose Gram it shares
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # the current layer's inputs (held: ids stay unique)
+        self._layer: int | None = None
+        self.handles = [target.linear.module.register_forward_hook(self._hook(target.name, target.linear.layer))
+                        for target in targets]
+
+    def _hook(self, name: str, layer: int):
+        def record(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+            x = args[0]
+            if layer != self._layer:
+                self._seen, self._layer = {}, layer
+            owner = self._seen.setdefault(id(x), (x, name))[1]
+            self.shared[name] = owner
+            if owner != name:
+                return
+            picked = x.reshape(-1, x.shape[-1])[self.rows.reshape(-1).to(x.device)].double()
+            gram = picked.T @ picked
+            self.grams[name] = self.grams[name].add_(gram) if name in self.grams else gram
+        return record
+
+    def start_pass(self, rows: torch.Tensor) -> None:
+        self.rows, self._seen, self._layer = rows, {}, None
+
+    def gram_of(self, name: str) -> torch.Tensor:
+        return self.grams[self.shared[name]]
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def collect_grams(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample], batch_size: int,
+                  d_in: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Σ over all samples (all ranks) of XᵀX for each target, on the rank that owns the target only."""
+    recorder = GramRecorder(targets)
+    try:
+        with scoring_mode(model):
+            for batch in distributed.progress(rank_batches(samples, batch_size, model_device(model)),
+                                              desc="activations", leave=False):
+                recorder.start_pass(batch.response_rows)
+                run_batch(model, batch, with_grads=False)
+    finally:
+        recorder.close()
+    owned = {}
+    for target in targets:
+        local = recorder.gram_of(target.name) if target.name in recorder.shared else \
+            torch.zeros(d_in[target.name], d_in[target.name], dtype=torch.float64, device=model_device(model))
+        total = reduce_to_owner(local.clone(), target.owner)
+        if total is not None:
+            owned[target.name] = total.cpu()
+    return owned
+
+
+def write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
+    """Replace the weight everywhere this rank stores it (its ZeRO-3 partition, or the whole tensor)."""
+    start, _, valid = local_layout(param)
+    local_weights(param)[:valid].copy_(value.reshape(-1)[start:start + valid])
+    if hasattr(param, "ds_id") and param.data.numel() == param.ds_numel:  # a persistent parameter's whole copy
+        param.data.copy_(value.view_as(param.data))
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class LowRankResult:
+    per_linear: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def summary(self, config: LowRankConfig) -> dict[str, Any]:
+        total = sum(item["total_rank"] for item in self.per_linear.values())
+        removed = sum(item["removed_rank_bound"] for item in self.per_linear.values())
+        return {"config": asdict(config), "variant": "safety minus utility" if config.with_utility else "plain",
+                "removed_rank_bound": removed, "total_rank": total, "removed_fraction_bound": removed / max(total, 1),
+                "world_size": distributed.world_size(), "per_linear": self.per_linear}
+
+
+def _modify(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample]],
+            config: LowRankConfig, result: LowRankResult) -> None:
+    d_in = {target.name: target.shape[1] for target in targets}
+    grams = {source: collect_grams(model, targets, samples, config.batch_size, d_in)
+             for source, samples in sources.items()}
+    device = model_device(model)
+    for target in targets:
+        weight = weight_on_owner(target.weight, target.owner)
+        new = torch.empty(target.shape, dtype=target.weight.dtype, device=device)
+        if weight is not None:
+            d_out, d_inputs = target.shape
+            r_s, r_u = config.ranks(d_out, d_inputs)
+            new.copy_(modified_weight(weight.cpu(), grams["safety"].pop(target.name),
+                                      grams["utility"].pop(target.name) if "utility" in grams else None,
+                                      r_s, r_u, config.niter))
+            bound = r_s if r_u is None else min(r_s, d_out - r_u)
+            result.per_linear[target.name] = {"shape": [d_out, d_inputs], "total_rank": min(d_out, d_inputs),
+                                              "rank_safety": r_s, "rank_utility": r_u, "removed_rank_bound": bound}
+        with torch.no_grad():
+            write_weight(target.weight, broadcast_from_owner(new, target.owner))
+
+
+def low_rank_model(model: nn.Module, tokenizer: Any, config: LowRankConfig) -> LowRankResult:
+    """Modify `model` in place (collective); the per-Linear ranks on rank 0 (the owners' parts merged)."""
+    targets = targets_of(model)
+    config.validate([target.shape for target in targets])
+    sources = {"safety": load_samples(config.data, tokenizer, config.nsamples, config.seed, config.max_length,
+                                      config.data_dir, config.add_eos)}
+    if config.with_utility:
+        sources["utility"] = load_samples(config.utility_data, tokenizer, config.nsamples, config.seed,
+                                          config.max_length, config.data_dir, config.add_eos)
+    result = LowRankResult()
+    groups = [[t for t in targets if t.linear.layer == layer] for layer in sorted({t.linear.layer for t in targets})] \
+        if config.sequential else [list(targets)]
+    for group in groups:
+        _modify(model, group, sources, config, result)
+    merged = distributed.merge_dicts_to_main(result.per_linear)
+    if merged is not None:
+        result.per_linear = {target.name: merged[target.name] for target in targets}
+    return result
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_eos_argument, add_model_arguments, add_run_arguments
+
+    add_model_arguments(parser, "--model")
+    add_run_arguments(parser)
+    parser.add_argument("--data", required=True, help="safety data (its ranks are removed)")
+    parser.add_argument("--utility-data", default=None,
+                        help="utility data: its top --rank-utility ranks are kept (without it: the plain variant)")
+    parser.add_argument("--rank-safety", type=int, default=None, help="r_s: safety ranks removed")
+    parser.add_argument("--rank-utility", type=int, default=None, help="r_u: utility ranks kept")
+    parser.add_argument("--rank-neg", type=int, default=None,
+                        help="the original's count: r_s = min(d_out, d_in) − rank_neg, per Linear")
+    parser.add_argument("--rank-pos", type=int, default=None,
+                        help="the original's count: r_u = min(d_out, d_in) − rank_pos, per Linear")
+    parser.add_argument("--niter", type=int, default=None,
+                        help="randomized SVD (torch.svd_lowrank) with this many power iterations (default: exact)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="one layer at a time, later layers measured on the modified earlier ones (the original)")
+    parser.add_argument("--nsamples", type=int, default=128, help="samples of each data set (default %(default)s)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per sample (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per pass (default %(default)s)")
+    add_eos_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .models import load_for_inference, model_skeleton, save_hf_folder, scored_linears
+    from .outputs import check_output_dir
+
+    config = LowRankConfig(data=args.data, rank_safety=args.rank_safety, rank_utility=args.rank_utility,
+                           utility_data=args.utility_data, rank_pos=args.rank_pos, rank_neg=args.rank_neg,
+                           niter=args.niter, sequential=args.sequential, nsamples=args.nsamples, seed=args.seed,
+                           max_length=args.max_length, batch_size=args.batch_size, data_dir=args.data_dir,
+                           add_eos=args.add_eos)
+    check_output_dir(args.out)
+    skeleton = model_skeleton(args.model, args.cache_dir)  # bad ranks fail before any weight is read
+    config.validate([tuple(linear.module.weight.shape) for linear in scored_linears(skeleton)])
+    context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
+    loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
+    result = low_rank_model(loaded.model, loaded.tokenizer, config)
+    summary = {**result.summary(config), "model": args.model}
+    save_hf_folder(loaded.model, loaded.tokenizer, args.out, {SUMMARY_FILE: summary})
+    if distributed.is_main():
+        print(f"{summary['variant']}: removed up to {summary['removed_rank_bound']} of {summary['total_rank']} ranks "
+              f"({summary['removed_fraction_bound']:.2%}) -> {args.out}")
+    return 0

@@ -1,0 +1,98 @@
+"""`safeneurons prune`: the model with every masked element set to zero (Wei et al. 2024's removal of the
+safety-critical weights), written as an HF folder that `from_pretrained` loads.
+
+Under N ranks with a ZeRO-3 config every rank zeroes the elements of its own partitions, reading only the rows
+of the mask files that cover them (no rank holds a full-size mask), and the model is gathered for saving one
+parameter at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed
+from .errors import SafeneuronsError
+from .freezing import MaskSource, _MaskSource, local_layout, local_weights, named_parameters_with_shapes, \
+    reduce_over_ranks
+from .masks import check_masks_fit
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE = "prune_summary.json"
+
+
+@dataclass
+class PruneSummary:
+    pruned: int  # elements set to zero (whole model)
+    total: int  # elements of the masked parameters
+    per_parameter: dict[str, int]  # pruned elements per parameter
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pruned": self.pruned, "total": self.total, "pruned_fraction": self.pruned / max(self.total, 1),
+                "per_parameter": self.per_parameter}
+
+
+def _persistent(param: nn.Parameter) -> bool:
+    """A ZeRO-3 parameter small enough to be kept whole on every rank beside its partition."""
+    return hasattr(param, "ds_id") and param.data.numel() == param.ds_numel
+
+
+def zero_masked(name: str, param: nn.Parameter, source: _MaskSource) -> int:
+    """Zero the masked elements of the part of `param` this rank holds (and of the whole copy that a persistent
+    ZeRO-3 parameter keeps, from its whole mask: such parameters are small); returns the count zeroed here."""
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    start, _, valid = local_layout(param)
+    mask = source.elements(name, shape, start, start + valid)
+    weights = local_weights(param)
+    weights[:valid][mask.to(weights.device)] = 0
+    if _persistent(param):
+        whole = source.elements(name, shape, 0, param.ds_numel).view(shape)
+        param.data[whole.to(param.device)] = 0
+    return int(mask.sum())
+
+
+def prune_model(model: nn.Module, masks: MaskSource) -> PruneSummary:
+    """Set every masked element of `model` to zero (collective under ZeRO-3); a mask that fits no parameter is an
+    error naming it, raised before anything changes."""
+    source = _MaskSource(masks)
+    shapes = source.shapes()
+    check_masks_fit(shapes, named_parameters_with_shapes(model))
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        counts = {name: int(reduce_over_ranks(float(zero_masked(name, parameters[name], source))))
+                  for name in shapes}
+    total = sum(math.prod(shape) for shape in shapes.values())
+    return PruneSummary(sum(counts.values()), total, counts)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from .cli import add_model_arguments, add_run_arguments
+
+    add_model_arguments(parser, "--model")
+    add_run_arguments(parser)
+    parser.add_argument("--masks", required=True, help="mask file or folder (from `safeneurons score`)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .masks import MaskReader
+    from .models import load_for_inference, model_skeleton, save_hf_folder
+    from .outputs import check_output_dir
+
+    check_output_dir(args.out)
+    reader = MaskReader(args.masks)  # bad mask files and misfits fail here, before any weight is read
+    check_masks_fit(reader.shapes(), named_parameters_with_shapes(model_skeleton(args.model, args.cache_dir)))
+    context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
+    loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
+    summary = prune_model(loaded.model, args.masks)
+    payload = {**summary.to_json(), "model": args.model, "masks": str(args.masks), "dtype": args.dtype,
+               "world_size": distributed.world_size(), "mask_tensors": len(reader.names)}
+    save_hf_folder(loaded.model, loaded.tokenizer, args.out, {SUMMARY_FILE: payload})
+    if distributed.is_main():
+        print(f"pruned {summary.pruned} of {summary.total} masked-parameter elements "
+              f"({summary.pruned / max(summary.total, 1):.4%}) -> {args.out}")
+    return 0
