@@ -98,7 +98,7 @@ def tiny_samples(demo_tokenizer):
 
 
 def tiny_config(method: str, **overrides) -> ScoreConfig:
-    return ScoreConfig(method=method, sparsity_ratio=RATIO, keep_scores=True, **{**TINY_SAMPLES, **overrides})
+    return ScoreConfig(method=method, keep_scores=True, **{"sparsity_ratio": RATIO, **TINY_SAMPLES, **overrides})
 
 
 # ---------------------------------------------------------------- scores and masks equal the reference
@@ -197,7 +197,8 @@ def test_model_without_the_expected_linears_is_an_error(tiny_model, demo_tokeniz
 @pytest.mark.parametrize("overrides,message", [
     (dict(sparsity_ratio=0.0), "sparsity ratio"), (dict(sparsity_ratio=1.0), "sparsity ratio"),
     (dict(method="magnitude"), "unknown scoring method"), (dict(p=0.0, q=0.5), "--p"),
-    (dict(p=0.5, q=1.5), "--q"), (dict(p=0.5), "--q is missing"), (dict(granularity="head"), "granularity"),
+    (dict(p=0.5, q=1.5), "--q"), (dict(p=0.5), "--q is missing"), (dict(granularity="layer"), "granularity"),
+    (dict(granularity="head", p=0.1, q=0.1), "set difference"),
 ])
 def test_bad_config_is_rejected(overrides, message):
     config = ScoreConfig(**{"method": "wanda", "data": "demo-align", "sparsity_ratio": 0.1, **overrides})
@@ -425,3 +426,35 @@ def test_default_set_difference_selects_what_the_original_code_selects(demo_mode
     utility = original_scores(demo_model, original_samples(utility_csv, demo_tokenizer, NSAMPLES, SEED), "wandg")
     reference = {name: original_set_difference(utility[name], safety[name], 0.05, 0.05) for name in safety}
     assert agreement(ours.masks, reference) >= 0.9999
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
+def test_head_granularity_selects_whole_heads_by_their_summed_score(demo_tokenizer, kv_heads):
+    model = make_tiny_llama(demo_tokenizer, seed=5, kv_heads=kv_heads)
+    result = score_model(model, demo_tokenizer, tiny_config("wandg", granularity="head", sparsity_ratio=0.5))
+    heads, head_dim, group = 4, 8, 4 // kv_heads
+    for layer in range(2):
+        def scores(name):
+            return result.scores[f"model.layers.{layer}.{name}.weight"]
+
+        def mask(name):
+            return result.masks[f"model.layers.{layer}.{name}.weight"]
+        # reference: a head's q rows + o columns + its share of the k/v rows of the key/value head it reads
+        totals = []
+        for head in range(heads):
+            rows = slice(head * head_dim, (head + 1) * head_dim)
+            kv_rows = slice((head // group) * head_dim, (head // group + 1) * head_dim)
+            totals.append(float(scores("self_attn.q_proj")[rows].sum() + scores("self_attn.o_proj")[:, rows].sum()
+                                + (scores("self_attn.k_proj")[kv_rows].sum()
+                                   + scores("self_attn.v_proj")[kv_rows].sum()) / group))
+        chosen = sorted(sorted(range(heads), key=lambda h: -totals[h])[:2])
+        q_rows = mask("self_attn.q_proj").all(dim=1)
+        assert mask("self_attn.q_proj").any(dim=1).tolist() == q_rows.tolist()  # whole rows
+        assert [h for h in range(heads) if q_rows[h * head_dim:(h + 1) * head_dim].all()] == chosen
+        assert q_rows.sum() == 2 * head_dim
+        assert torch.equal(mask("self_attn.o_proj").all(dim=0), q_rows)
+        kv_expected = [all(h in chosen for h in range(g * group, (g + 1) * group)) for g in range(kv_heads)]
+        kv_rows = mask("self_attn.k_proj").all(dim=1).view(kv_heads, head_dim)
+        assert kv_rows.all(dim=1).tolist() == kv_expected and torch.equal(mask("self_attn.v_proj"),
+                                                                          mask("self_attn.k_proj"))
+        assert not any(mask(f"mlp.{name}").any() for name in ("gate_proj", "up_proj", "down_proj"))

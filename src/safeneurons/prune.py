@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from . import distributed
-from .errors import SafeneuronsError
 from .freezing import MaskSource, _MaskSource, local_layout, local_weights, named_parameters_with_shapes, \
     reduce_over_ranks
 from .masks import check_masks_fit

@@ -43,7 +43,7 @@ from .outputs import atomic_file, discard_staging, publish_dir, staging_dir, wri
 log = logging.getLogger(__name__)
 
 METHODS = ("wanda", "wandg", "random")
-GRANULARITIES = ("weight", "neuron")
+GRANULARITIES = ("weight", "neuron", "head")
 DEFAULT_UTILITY_DATA = "alpaca_cleaned_no_safety"
 SUMMARY_FILE = "score_summary.json"
 SCORES_FILE = "scores.safetensors"
@@ -90,6 +90,9 @@ class ScoreConfig:
             raise SafeneuronsError(f"batch size {self.batch_size} must be a positive integer")
         if self.max_length < 2:
             raise SafeneuronsError(f"max_length={self.max_length} must be at least 2 tokens")
+        if self.set_difference and self.granularity == "head":
+            raise SafeneuronsError("granularity head ranks whole heads by --sparsity-ratio; the set difference "
+                                   "(--p/--q/--utility-data) works per weight or per neuron")
         if self.set_difference:
             for name, value in (("p", self.p), ("q", self.q)):
                 if value is None:
@@ -437,9 +440,39 @@ def set_difference_mask(safety: torch.Tensor, utility: torch.Tensor, p: float, q
     return rows[:, None].expand(safety.shape).clone()
 
 
+def head_scores(scores: Mapping[str, torch.Tensor], heads: int, kv_heads: int) -> torch.Tensor:
+    """Summed score of each query head: its q_proj rows and o_proj columns, plus its share (1 / queries per kv
+    head) of the k_proj and v_proj rows of the key/value head it reads."""
+    q, k, v, o = (scores[f"self_attn.{name}_proj"] for name in "qkvo")
+    group = heads // kv_heads
+    per_head = q.reshape(heads, -1).sum(1) + o.reshape(o.shape[0], heads, -1).sum((0, 2))
+    shared = k.reshape(kv_heads, -1).sum(1) + v.reshape(kv_heads, -1).sum(1)
+    return per_head + shared.repeat_interleave(group) / group
+
+
+def select_heads(scores: Mapping[str, torch.Tensor], heads: int, kv_heads: int, ratio: float) -> dict[str, torch.Tensor]:
+    """Masks of one layer's Linears (keyed by their short names) selecting the top int(heads × ratio) heads: a
+    head's q_proj rows and o_proj columns, and the k/v rows of a key/value head once every query head reading it
+    is selected; the MLP's masks are empty."""
+    ranked = head_scores(scores, heads, kv_heads).sort(descending=True, stable=True).indices
+    chosen = torch.zeros(heads, dtype=torch.bool)
+    chosen[ranked[:int(heads * ratio)]] = True
+    kv_chosen = chosen.view(kv_heads, heads // kv_heads).all(dim=1)
+    masks = {name: torch.zeros(score.shape, dtype=torch.bool) for name, score in scores.items()}
+    q_rows, kv_rows = masks["self_attn.q_proj"].shape[0] // heads, masks["self_attn.k_proj"].shape[0] // kv_heads
+    masks["self_attn.q_proj"][chosen.repeat_interleave(q_rows)] = True
+    masks["self_attn.o_proj"][:, chosen.repeat_interleave(q_rows)] = True
+    for name in ("self_attn.k_proj", "self_attn.v_proj"):
+        masks[name][kv_chosen.repeat_interleave(kv_rows)] = True
+    return masks
+
+
 def select_masks(targets: Sequence[Target], scores: Mapping[str, Mapping[str, torch.Tensor]],
-                 config: ScoreConfig) -> dict[str, torch.Tensor]:
-    """Masks of the targets this rank owns, from `scores["safety"]` (and `scores["utility"]`)."""
+                 config: ScoreConfig, heads: tuple[int, int] = (1, 1)) -> dict[str, torch.Tensor]:
+    """Masks of the targets this rank owns, from `scores["safety"]` (and `scores["utility"]`); `heads` = the
+    model's (query heads, key/value heads) for granularity head."""
+    if config.granularity == "head":
+        return _select_head_masks(targets, scores["safety"], heads, config.sparsity_ratio)
     masks = {}
     for target in targets:
         if not target.mine:
@@ -453,6 +486,17 @@ def select_masks(targets: Sequence[Target], scores: Mapping[str, Mapping[str, to
     return masks
 
 
+def _select_head_masks(targets: Sequence[Target], safety: Mapping[str, torch.Tensor], heads: tuple[int, int],
+                       ratio: float) -> dict[str, torch.Tensor]:
+    """Head masks of the layers this rank owns (an owner holds all of a layer's scores)."""
+    masks = {}
+    for layer in sorted({target.linear.layer for target in targets if target.mine}):
+        mine = [target for target in targets if target.linear.layer == layer]
+        chosen = select_heads({t.linear.name: safety[t.name] for t in mine}, *heads, ratio)
+        masks.update({t.name: chosen[t.linear.name] for t in mine})
+    return masks
+
+
 # ---------------------------------------------------------------- the two schedules
 
 def score_all_layers(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
@@ -460,7 +504,13 @@ def score_all_layers(model: nn.Module, targets: Sequence[Target], sources: Mappi
     """Every layer from the same passes (one backward per sample), nothing pruned in between."""
     scores = {source: score_targets(model, targets, samples, config, stream)
               for stream, (source, samples) in enumerate(sources.items())}
-    return select_masks(targets, scores, config), scores["safety"]
+    return select_masks(targets, scores, config, attention_heads(model)), scores["safety"]
+
+
+def attention_heads(model: nn.Module) -> tuple[int, int]:
+    """(query heads, key/value heads) of the model's attention (they differ under GQA)."""
+    heads = int(model.config.num_attention_heads)
+    return heads, int(getattr(model.config, "num_key_value_heads", None) or heads)
 
 
 def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
@@ -619,7 +669,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sparsity-ratio", type=float, required=True,
                         help="fraction selected per output row (weight) or of the rows (neuron), in (0, 1); "
                              "the set difference selects by --p/--q instead")
-    parser.add_argument("--granularity", default="weight", help="weight or neuron (default %(default)s)")
+    parser.add_argument("--granularity", default="weight",
+                        help="weight (top per row), neuron (whole rows) or head (whole attention heads) "
+                             "(default %(default)s)")
     parser.add_argument("--utility-data", default=None,
                         help=f"utility data of the set difference (default {DEFAULT_UTILITY_DATA} with --p/--q)")
     parser.add_argument("--p", type=float, default=None,
