@@ -56,6 +56,16 @@ def refusal_rate(generations: Sequence[str]) -> float:
     return _fraction(generations, is_refusal)
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The 95% Wilson score interval of a rate of `successes` out of `n`."""
+    if n <= 0:
+        raise SafeneuronsError("a rate needs at least one trial")
+    rate = successes / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _fraction(generations: Sequence[str], predicate) -> float:
     if not generations:
         raise SafeneuronsError("no generations to evaluate (the prompt set is empty)")

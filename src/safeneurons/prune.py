@@ -1,7 +1,8 @@
 """`safeneurons prune`: the model with every masked element set to zero (Wei et al. 2024's removal of the
 safety-critical weights), written as an HF folder that `from_pretrained` loads.
 
-Under N ranks with a ZeRO-3 config every rank zeroes the elements of its own partitions, reading only the rows
+Without `--deepspeed` the model's safetensors files are rewritten shard by shard (each tensor keeps its dtype; one
+shard in memory). Under N ranks with a ZeRO-3 config every rank zeroes the elements of its own partitions, reading only the rows
 of the mask files that cover them (no rank holds a full-size mask), and the model is gathered for saving one
 parameter at a time.
 """
@@ -11,15 +12,17 @@ import argparse
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import distributed
+from .checkpoints import CheckpointFiles, local_model_folder, rewrite_checkpoint
 from .freezing import MaskSource, _MaskSource, local_layout, local_weights, named_parameters_with_shapes, \
     reduce_over_ranks
-from .masks import check_masks_fit
+from .masks import MaskReader, check_masks_fit
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "prune_summary.json"
@@ -69,6 +72,24 @@ def prune_model(model: nn.Module, masks: MaskSource) -> PruneSummary:
     return PruneSummary(sum(counts.values()), total, counts)
 
 
+def prune_files(model: str, masks: str, out: Path, cache_dir: str | None = None) -> PruneSummary:
+    """The streaming prune: the model's safetensors files rewritten shard by shard with the masked elements set to
+    zero (each tensor keeps its dtype); one shard in memory at a time."""
+    reader = MaskReader(masks)
+    counts: dict[str, int] = {}
+
+    def prune(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name not in reader.weight_map:
+            return tensor
+        mask = reader.get(name)
+        counts[name] = int(mask.sum())
+        return tensor.masked_fill(mask, 0)
+
+    rewrite_checkpoint(CheckpointFiles(local_model_folder(model, cache_dir)), out, prune)
+    shapes = reader.shapes()
+    return PruneSummary(sum(counts.values()), sum(math.prod(shape) for shape in shapes.values()), counts)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_model_arguments, add_run_arguments
 
@@ -78,20 +99,36 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .masks import MaskReader
     from .models import load_for_inference, model_skeleton, save_hf_folder
-    from .outputs import check_output_dir
+    from .outputs import check_output_dir, discard_staging, publish_dir, staging_dir, write_json
 
     check_output_dir(args.out)
     reader = MaskReader(args.masks)  # bad mask files and misfits fail here, before any weight is read
     check_masks_fit(reader.shapes(), named_parameters_with_shapes(model_skeleton(args.model, args.cache_dir)))
-    context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
+    settings = {"model": args.model, "masks": str(args.masks)}
+    if args.deepspeed is None:  # no partitions to share: stream the files (one process does it)
+        if distributed.is_main():
+            staging = staging_dir(args.out)
+            try:
+                summary = prune_files(args.model, args.masks, staging, args.cache_dir)
+                write_json(staging / SUMMARY_FILE, {**summary.to_json(), **settings, "mode": "streaming files"})
+                publish_dir(args.out)
+            except BaseException:
+                discard_staging(args.out)
+                raise
+            _report(summary, args.out)
+        return 0
+    context = distributed.init_distributed(require_process_group=True)
     loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
     summary = prune_model(loaded.model, args.masks)
-    payload = {**summary.to_json(), "model": args.model, "masks": str(args.masks), "dtype": args.dtype,
-               "world_size": distributed.world_size(), "mask_tensors": len(reader.names)}
-    save_hf_folder(loaded.model, loaded.tokenizer, args.out, {SUMMARY_FILE: payload})
+    save_hf_folder(loaded.model, loaded.tokenizer, args.out,
+                   {SUMMARY_FILE: {**summary.to_json(), **settings, "mode": "ZeRO-3 partitions", "dtype": args.dtype,
+                                   "world_size": distributed.world_size()}})
     if distributed.is_main():
-        print(f"pruned {summary.pruned} of {summary.total} masked-parameter elements "
-              f"({summary.pruned / max(summary.total, 1):.4%}) -> {args.out}")
+        _report(summary, args.out)
     return 0
+
+
+def _report(summary: PruneSummary, out: str) -> None:
+    print(f"pruned {summary.pruned} of {summary.total} masked-parameter elements "
+          f"({summary.pruned / max(summary.total, 1):.4%}) -> {out}")

@@ -8,76 +8,19 @@ tokenizer, index) are copied as they are.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .checkpoints import CheckpointFiles, local_model_folder, rewrite_checkpoint
 from .errors import SafeneuronsError
 from .masks import MaskReader, check_masks_fit
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "rewind_summary.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = WEIGHTS_FILE + ".index.json"
-
-
-class CheckpointFiles:
-    """The safetensors weights of an HF folder (one file or shards with an index), read tensor by tensor."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        index = folder / INDEX_FILE
-        if index.is_file():
-            mapping = json.loads(index.read_text())["weight_map"]
-            self.weight_map = {name: folder / shard for name, shard in mapping.items()}
-        elif (folder / WEIGHTS_FILE).is_file():
-            with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
-                self.weight_map = {name: folder / WEIGHTS_FILE for name in handle.keys()}
-        else:
-            raise SafeneuronsError(f"{folder} has no {WEIGHTS_FILE} or {INDEX_FILE} (rewind reads safetensors "
-                                   f"weights)")
-
-    @property
-    def shards(self) -> list[Path]:
-        return sorted(set(self.weight_map.values()))
-
-    def metadata(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Shape and dtype of every tensor, read from the file headers only."""
-        found = {}
-        for shard in self.shards:
-            with safe_open(str(shard), framework="pt") as handle:
-                for name in handle.keys():
-                    view = handle.get_slice(name)
-                    found[name] = (tuple(view.get_shape()), view.get_dtype())
-        return found
-
-    def get(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.weight_map[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
-
-
-def local_model_folder(name: str, cache_dir: str | None = None) -> Path:
-    """The local folder holding a model's files: a folder, `demo`, or an HF id found in the local cache."""
-    from .models import resolve_model_name
-
-    resolved = resolve_model_name(name)
-    if Path(resolved).is_dir():
-        return Path(resolved)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(resolved, cache_dir=cache_dir, local_files_only=True))
-    except Exception:  # huggingface_hub raises several types for "not in the cache"
-        raise SafeneuronsError(f"model {name!r} is not available locally: rewind reads its safetensors files; "
-                               f"download it (`huggingface-cli download {resolved} --local-dir DIR`) and pass "
-                               f"DIR") from None
 
 
 @dataclass
@@ -109,23 +52,17 @@ def plan_rewind(original: str, finetuned: str, masks: str, cache_dir: str | None
 
 def rewind_files(plan: RewindPlan, out: Path) -> dict[str, Any]:
     """Write the rewound weights (and copies of the fine-tuned folder's other files) into `out`."""
-    masked = set(plan.masks.names)
     per_tensor: dict[str, int] = {}
-    for shard in plan.finetuned.shards:
-        tensors = {}
-        with safe_open(str(shard), framework="pt") as handle:
-            metadata = handle.metadata()
-            for name in handle.keys():
-                tensor = handle.get_tensor(name)
-                if name in masked:
-                    mask = plan.masks.get(name)
-                    tensor = torch.where(mask, plan.original.get(name), tensor)
-                    per_tensor[name] = int(mask.sum())
-                tensors[name] = tensor
-        save_file(tensors, str(out / shard.name), metadata=metadata)
-    for item in plan.finetuned.folder.iterdir():
-        if item.suffix != ".safetensors" and item.is_file() and not item.name.startswith("."):
-            shutil.copy2(item, out / item.name)
+    masked = set(plan.masks.names)
+
+    def rewind(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name not in masked:
+            return tensor
+        mask = plan.masks.get(name)
+        per_tensor[name] = int(mask.sum())
+        return torch.where(mask, plan.original.get(name), tensor)
+
+    rewrite_checkpoint(plan.finetuned, out, rewind)
     return {"rewound": sum(per_tensor.values()), "per_tensor": per_tensor}
 
 
