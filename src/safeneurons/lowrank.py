@@ -12,15 +12,16 @@ and gate/up share theirs); exact by default (eigh), or randomized (`--niter`, to
 of the Gram). `--sequential` treats one layer at a time on the model whose earlier layers are already modified,
 as the original code; the default takes every layer's statistics from the same passes.
 
-Distributed: samples are split across the ranks and the Grams reduced to the rank that owns the layer (layers
-round-robin); the owner gathers the weight (ZeRO-3 partitions), computes W' and sends it to every rank, which
-writes its own part back.
+Distributed: samples are split across the ranks and each Gram reduced (once) to the rank that owns the Linears
+reading that input (such groups round-robin); the owners gather their weights (ZeRO-3 partitions), compute W' side by side and send each to every
+rank, which writes its own part back.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -90,30 +91,35 @@ class LowRankConfig:
 
 
 def top_output_directions(weight: torch.Tensor, gram: torch.Tensor, rank: int, niter: int | None) -> torch.Tensor:
-    """[d_out, rank] orthonormal: the top right singular vectors of A = X Wᵀ, from the Gram XᵀX (float64)."""
+    """[d_out, rank] orthonormal: the top right singular vectors of A = X Wᵀ, from the Gram XᵀX (float64).
+
+    Exact: eigenvectors of AᵀA = W (XᵀX) Wᵀ, or, for a wide output (d_out > d_in), of the d_in × d_in matrix
+    C Cᵀ with C = Rᵀ Wᵀ and XᵀX = R Rᵀ (same nonzero spectrum; V = Cᵀ U / σ), which is much cheaper."""
     w = weight.double()
     if rank == 0:
         return w.new_zeros(w.shape[0], 0)
-    if niter is None:
+    if niter is None and w.shape[0] <= w.shape[1]:
         _, vectors = torch.linalg.eigh(w @ gram @ w.T)  # AᵀA; eigenvalues ascending
         return vectors[:, -rank:]
     values, basis = torch.linalg.eigh(gram)
-    root = basis * values.clamp(min=0).sqrt()  # gram = root rootᵀ, so (rootᵀ Wᵀ)ᵀ(rootᵀ Wᵀ) = AᵀA
-    _, _, vectors = torch.svd_lowrank(root.T @ w.T, q=rank, niter=niter)
-    return vectors
-
-
-def projection(vectors: torch.Tensor) -> torch.Tensor:
-    return vectors @ vectors.T
+    root = basis * values.clamp(min=0).sqrt()  # gram = root rootᵀ, so CᵀC = AᵀA for C = rootᵀ Wᵀ
+    c = root.T @ w.T
+    if niter is not None:
+        return torch.svd_lowrank(c, q=rank, niter=niter)[2]
+    squares, left = torch.linalg.eigh(c @ c.T)
+    top, left = squares[-rank:].clamp(min=torch.finfo(torch.float64).tiny), left[:, -rank:]
+    return (c.T @ left) / top.sqrt()
 
 
 def modified_weight(weight: torch.Tensor, safety_gram: torch.Tensor, utility_gram: torch.Tensor | None,
                     r_s: int, r_u: int | None, niter: int | None) -> torch.Tensor:
     """W − (I − Π_u) Π_s W, or W − Π_s W without utility data; in the weight's dtype."""
     w = weight.double()
-    removed = projection(top_output_directions(weight, safety_gram, r_s, niter)) @ w
+    safety = top_output_directions(weight, safety_gram, r_s, niter)
+    removed = safety @ (safety.T @ w)  # Π_s W, without forming the d_out × d_out projection
     if utility_gram is not None:
-        removed = removed - projection(top_output_directions(weight, utility_gram, r_u, niter)) @ removed
+        utility = top_output_directions(weight, utility_gram, r_u, niter)
+        removed = removed - utility @ (utility.T @ removed)
     return (w - removed).to(weight.dtype)
 
 
@@ -149,9 +155,6 @@ class GramRecorder:
     def start_pass(self, rows: torch.Tensor) -> None:
         self.rows, self._seen, self._layer = rows, {}, None
 
-    def gram_of(self, name: str) -> torch.Tensor:
-        return self.grams[self.shared[name]]
-
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
@@ -169,13 +172,17 @@ def collect_grams(model: nn.Module, targets: Sequence[Target], samples: Sequence
                 run_batch(model, batch, with_grads=False)
     finally:
         recorder.close()
-    owned = {}
-    for target in targets:
-        local = recorder.gram_of(target.name) if target.name in recorder.shared else \
-            torch.zeros(d_in[target.name], d_in[target.name], dtype=torch.float64, device=model_device(model))
-        total = reduce_to_owner(local.clone(), target.owner)
-        if total is not None:
-            owned[target.name] = total.cpu()
+    owned, reduced = {}, {}
+    for target in targets:  # a shared Gram is reduced once, to the owner of the Linears that share it
+        key = recorder.shared.get(target.name, target.name)
+        if key not in reduced:
+            local = recorder.grams.get(key)
+            if local is None:  # the loss does not reach this Linear's input on this rank
+                local = torch.zeros(d_in[target.name], d_in[target.name], dtype=torch.float64,
+                                    device=model_device(model))
+            reduced[key] = reduce_to_owner(local, target.owner)
+        if reduced[key] is not None:
+            owned[target.name] = reduced[key].cpu()
     return owned
 
 
@@ -206,26 +213,46 @@ def _modify(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, l
     d_in = {target.name: target.shape[1] for target in targets}
     grams = {source: collect_grams(model, targets, samples, config.batch_size, d_in)
              for source, samples in sources.items()}
-    device = model_device(model)
+    weights = {}  # collective gathers first, so that the owners then compute side by side
     for target in targets:
         weight = weight_on_owner(target.weight, target.owner)
-        new = torch.empty(target.shape, dtype=target.weight.dtype, device=device)
         if weight is not None:
-            d_out, d_inputs = target.shape
-            r_s, r_u = config.ranks(d_out, d_inputs)
-            new.copy_(modified_weight(weight.cpu(), grams["safety"].pop(target.name),
-                                      grams["utility"].pop(target.name) if "utility" in grams else None,
-                                      r_s, r_u, config.niter))
-            bound = r_s if r_u is None else min(r_s, d_out - r_u)
-            result.per_linear[target.name] = {"shape": [d_out, d_inputs], "total_rank": min(d_out, d_inputs),
-                                              "rank_safety": r_s, "rank_utility": r_u, "removed_rank_bound": bound}
+            weights[target.name] = weight.cpu()
+    new = {}
+    for target in targets:
+        if target.name not in weights:
+            continue
+        d_out, d_inputs = target.shape
+        r_s, r_u = config.ranks(d_out, d_inputs)
+        new[target.name] = modified_weight(weights.pop(target.name), grams["safety"].pop(target.name),
+                                           grams["utility"].pop(target.name) if "utility" in grams else None,
+                                           r_s, r_u, config.niter)
+        bound = r_s if r_u is None else min(r_s, d_out - r_u)
+        result.per_linear[target.name] = {"shape": [d_out, d_inputs], "total_rank": min(d_out, d_inputs),
+                                          "rank_safety": r_s, "rank_utility": r_u, "removed_rank_bound": bound}
+    device = model_device(model)
+    for target in targets:
+        value = new.pop(target.name).to(device) if target.name in new else \
+            torch.empty(target.shape, dtype=target.weight.dtype, device=device)
         with torch.no_grad():
-            write_weight(target.weight, broadcast_from_owner(new, target.owner))
+            write_weight(target.weight, broadcast_from_owner(value, target.owner))
+
+
+# Linears that read the same input share its Gram, so they share an owner: q/k/v, o, gate/up, down
+INPUT_GROUPS = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
+                "mlp.gate_proj": 2, "mlp.up_proj": 2, "mlp.down_proj": 3}
+
+
+def group_owner(target: Target, world: int) -> int:
+    """The rank that computes the group of Linears reading the same input as `target`: groups (not layers) are
+    dealt to the ranks, shifted by one each layer (so q/k/v and gate/up, the costly groups, alternate), so that
+    a layer's projections are computed side by side."""
+    return (target.linear.layer + INPUT_GROUPS[target.linear.name]) % world
 
 
 def low_rank_model(model: nn.Module, tokenizer: Any, config: LowRankConfig) -> LowRankResult:
     """Modify `model` in place (collective); the per-Linear ranks on rank 0 (the owners' parts merged)."""
-    targets = targets_of(model)
+    targets = [replace(target, owner=group_owner(target, distributed.world_size())) for target in targets_of(model)]
     config.validate([target.shape for target in targets])
     sources = {"safety": load_samples(config.data, tokenizer, config.nsamples, config.seed, config.max_length,
                                       config.data_dir, config.add_eos)}
@@ -281,8 +308,9 @@ def run(args: argparse.Namespace) -> int:
     config.validate([tuple(linear.module.weight.shape) for linear in scored_linears(skeleton)])
     context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
     loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
+    started = time.perf_counter()
     result = low_rank_model(loaded.model, loaded.tokenizer, config)
-    summary = {**result.summary(config), "model": args.model}
+    summary = {**result.summary(config), "model": args.model, "seconds": time.perf_counter() - started}
     save_hf_folder(loaded.model, loaded.tokenizer, args.out, {SUMMARY_FILE: summary})
     if distributed.is_main():
         print(f"{summary['variant']}: removed up to {summary['removed_rank_bound']} of {summary['total_rank']} ranks "
