@@ -124,7 +124,8 @@ def main() -> None:
     print(f"{'':58s} {'wall s':>8s} {'cpu s':>8s}")
     for label, timing in rows:
         print(f"{label:58s} {timing.wall:8.2f} {timing.cpu:8.2f}")
-    print(f"sequential: {layers} x {len(samples)} forward+backward passes in both schedules; same masks: {same}")
+    print(f"sequential: {layers} x {len(samples)} forward+backward passes in both schedules (ours starts each at the "
+          f"scored layer, from cached hidden states); same masks: {same}")
     for label, numerator, denominator in (("sequential / default", sequential, default),
                                           ("original sequential / ours (speed of ours)", original, sequential),
                                           ("default / training step", default, train),

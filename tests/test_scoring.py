@@ -458,3 +458,13 @@ def test_head_granularity_selects_whole_heads_by_their_summed_score(demo_tokeniz
         assert kv_rows.all(dim=1).tolist() == kv_expected and torch.equal(mask("self_attn.v_proj"),
                                                                           mask("self_attn.k_proj"))
         assert not any(mask(f"mlp.{name}").any() for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+@pytest.mark.parametrize("method,batch_size", [("wandg", 1), ("wanda", 3)])
+def test_sequential_passes_from_cached_layer_inputs_equal_reference(demo_tokenizer, tiny_samples, method,
+                                                                    batch_size):
+    """Deeper than two layers: each layer's passes start from the cached hidden states entering it."""
+    model = make_tiny_llama(demo_tokenizer, seed=9, layers=4)
+    result = score_model(model, demo_tokenizer, tiny_config(method, sequential=True, batch_size=batch_size))
+    expected, _ = reference_masks(model, tiny_samples, method, RATIO, sequential=True)
+    assert all(torch.equal(result.masks[name], mask) for name, mask in expected.items())

@@ -37,7 +37,8 @@ from . import distributed
 from .data import IGNORE_INDEX, Sample, load_samples, pad_batch
 from .errors import SafeneuronsError
 from .masks import save_mask_shard, save_masks, shard_name, write_index
-from .models import ScoredLinear, is_zero3_partitioned, load_for_inference, model_device, scored_linears
+from .models import (ScoredLinear, decoder_layers, is_zero3_partitioned, load_for_inference, model_device,
+                     scored_linears)
 from .outputs import atomic_file, discard_staging, publish_dir, staging_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -305,21 +306,74 @@ def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return token_losses.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
 
-def run_batch(model: nn.Module, batch: MicroBatch, with_grads: bool) -> None:
-    """One forward pass, and with `with_grads` one backward of Σ_real samples (sample's mean loss): the samples
-    of a batch do not interact, so each sample's activation gradients are those of its own loss."""
+@dataclass
+class Entry:
+    """The hidden states entering decoder layer `layer`, for one micro-batch: a pass can start there."""
+
+    layer: int
+    hidden: torch.Tensor
+
+
+@contextlib.contextmanager
+def layers_from(model: nn.Module, start: int, stop: int | None = None) -> Iterator[None]:
+    """While active, the model's forward runs decoder layers [start, stop) only, from `inputs_embeds` = the
+    hidden states entering layer `start` (rotary positions and the causal mask are rebuilt as usual)."""
+    inner = model.model
+    every = inner.layers
+    inner.layers = nn.ModuleList(list(every)[start:stop])
+    try:
+        yield
+    finally:
+        inner.layers = every
+
+
+def _forward(model: nn.Module, batch: MicroBatch, entry: Entry | None, stop: int | None = None,
+             **kwargs: Any) -> Any:
+    """The model on a micro-batch, from the embeddings or from `entry`, through layer `stop` − 1 (default all)."""
+    # Without padding the mask is dropped, so that attention takes its causal fast path (as the original code)
+    attention_mask = None if bool(batch.attention_mask.all()) else batch.attention_mask
+    inputs = {"input_ids": batch.input_ids} if entry is None else {"inputs_embeds": entry.hidden}
+    if entry is None and stop is None:
+        return model(**inputs, attention_mask=attention_mask, use_cache=False, **kwargs)
+    with layers_from(model, 0 if entry is None else entry.layer, stop):
+        return model(**inputs, attention_mask=attention_mask, use_cache=False, **kwargs)
+
+
+def run_batch(model: nn.Module, batch: MicroBatch, with_grads: bool, entry: Entry | None = None) -> None:
+    """One forward pass (from `entry` when given: the layers below it are not run again), and with `with_grads`
+    one backward of Σ_real samples (sample's mean loss): the samples of a batch do not interact, so each
+    sample's activation gradients are those of its own loss."""
     if not with_grads:
         with torch.no_grad():
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            _forward(model, batch, entry)
         return
     with torch.enable_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = _forward(model, batch, entry).logits
         (per_sample_losses(logits, batch.labels) * batch.real).sum().backward()
 
 
+def next_entries(model: nn.Module, batches: Sequence[MicroBatch], entries: Sequence[Entry] | None,
+                 layer: int) -> list[Entry]:
+    """The hidden states entering layer `layer` + 1 of every micro-batch: layer `layer` alone, run on its own
+    entries (or on the embeddings for layer 0)."""
+    found = []
+    for index, batch in enumerate(batches):
+        kept: dict[str, torch.Tensor] = {}
+        handle = decoder_layers(model)[layer].register_forward_hook(
+            lambda _m, _a, output: kept.__setitem__("h", (output[0] if isinstance(output, tuple) else output)))
+        try:
+            with torch.no_grad():
+                _forward(model, batch, None if entries is None else entries[index], layer + 1, logits_to_keep=1)
+        finally:
+            handle.remove()
+        found.append(Entry(layer + 1, kept["h"].detach()))
+    return found
+
+
 def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample],
-                       config: ScoreConfig) -> dict[str, torch.Tensor]:
-    """Per target, the sum over all samples of Σ x_j² (wanda) or of |∂L_s/∂W| (wandg), on the owner only."""
+                       config: ScoreConfig, entries: Sequence[Entry] | None = None) -> dict[str, torch.Tensor]:
+    """Per target, the sum over all samples of Σ x_j² (wanda) or of |∂L_s/∂W| (wandg), on the owner only;
+    with `entries` (one per micro-batch) the passes start at their layer."""
     with_grads = config.method == "wandg"
     device = model_device(model)
     capture = LinearCapture(targets, with_grads)
@@ -328,9 +382,10 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
     batches = rank_batches(samples, config.batch_size, device)
     try:
         with scoring_mode(model):
-            for batch in distributed.progress(batches, desc=f"{config.method} passes", leave=False):
+            for index, batch in enumerate(distributed.progress(batches, desc=f"{config.method} passes",
+                                                               leave=False)):
                 capture.clear()
-                run_batch(model, batch, with_grads)
+                run_batch(model, batch, with_grads, None if entries is None else entries[index])
                 if with_grads:
                     _reduce_batch_gradients(capture, targets, batch, device, owned)
                 else:
@@ -371,11 +426,11 @@ def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
 
 
 def score_targets(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample] | None,
-                  config: ScoreConfig, stream: int = 0) -> dict[str, torch.Tensor]:
+                  config: ScoreConfig, stream: int = 0, entries: Sequence[Entry] | None = None) -> dict[str, torch.Tensor]:
     """float32 scores of the targets this rank owns; NaN/inf is an error that names the parameter."""
     if config.method == "random":
         return {target.name: random_scores(target, config.seed, stream) for target in targets if target.mine}
-    statistics = collect_statistics(model, targets, samples, config)
+    statistics = collect_statistics(model, targets, samples, config, entries)
     scores: dict[str, torch.Tensor] = {}
     problems: list[tuple[int, str]] = []
     for target in targets:
@@ -500,9 +555,11 @@ def _select_head_masks(targets: Sequence[Target], safety: Mapping[str, torch.Ten
 # ---------------------------------------------------------------- the two schedules
 
 def score_all_layers(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
-                     config: ScoreConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Every layer from the same passes (one backward per sample), nothing pruned in between."""
-    scores = {source: score_targets(model, targets, samples, config, stream)
+                     config: ScoreConfig, entries: Mapping[str, Sequence[Entry]] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every layer from the same passes (one backward per sample), nothing pruned in between; `entries` per
+    source start the passes at the lowest scored layer."""
+    scores = {source: score_targets(model, targets, samples, config, stream, (entries or {}).get(source))
               for stream, (source, samples) in enumerate(sources.items())}
     return select_masks(targets, scores, config, attention_heads(model)), scores["safety"]
 
@@ -516,19 +573,30 @@ def attention_heads(model: nn.Module) -> tuple[int, int]:
 def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
                          config: ScoreConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The original schedule: layer i is scored on the model whose layers < i have their selected weights zeroed.
-    The weights are restored afterwards."""
+    The weights are restored afterwards. Each layer's passes start at that layer, from the hidden states that
+    enter it (kept per micro-batch, advanced by one layer after each layer is pruned), so the layers below are not
+    run again for every layer; under ZeRO-3, whose hooks follow the module order, every pass starts at the
+    embeddings."""
     saved = [(stored, stored.clone()) for target in targets for stored in stored_copies(target.weight)]
     masks: dict[str, torch.Tensor] = {}
     safety_scores: dict[str, torch.Tensor] = {}
+    cached = config.method != "random" and not is_zero3_partitioned(targets[0].linear.module)
+    batches = {source: rank_batches(samples, config.batch_size, model_device(model))
+               for source, samples in sources.items() if samples is not None} if cached else {}
+    entries: dict[str, list[Entry] | None] = {source: None for source in batches}
     try:
         for layer in sorted({target.linear.layer for target in targets}):
             layer_targets = [target for target in targets if target.linear.layer == layer]
-            layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config)
+            starts = {source: found for source, found in entries.items() if found is not None}
+            layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config, starts)
             for target in layer_targets:
                 zero_selected(target.weight, mask_on_every_rank(layer_masks.get(target.name), target,
                                                                  model_device(model)))
             masks.update(layer_masks)
             safety_scores.update(layer_scores)
+            if layer + 1 < len(decoder_layers(model)):
+                entries = {source: next_entries(model, batches[source], entries[source], layer)
+                           for source in batches}
     finally:
         for stored, original in saved:
             stored.copy_(original)
