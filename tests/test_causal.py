@@ -61,6 +61,15 @@ def test_prune_zeroes_exactly_the_masked_elements(demo_tokenizer):
     assert_pruned(original, {name: param.detach() for name, param in model.named_parameters()}, masks)
 
 
+def test_prune_lowest_zeroes_exactly_what_the_mask_does_not_select(tiny_dir, tmp_path):
+    model, masks_dir, masks = tiny_dir
+    assert cli.main(["prune", "--model", str(model), "--masks", str(masks_dir), "--lowest", "--out",
+                     str(tmp_path / "low")]) == 0
+    original, pruned = load_file(str(model / "model.safetensors")), load_file(str(tmp_path / "low" /
+                                                                                  "model.safetensors"))
+    assert_pruned(original, pruned, {name: ~mask for name, mask in masks.items()})
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_prune_cli_one_rank_and_two_ranks_zero3(tiny_dir, tmp_path):
@@ -71,6 +80,11 @@ def test_prune_cli_one_rank_and_two_ranks_zero3(tiny_dir, tmp_path):
     result = run_ranks(["safeneurons.cli", "prune", "--model", str(model), "--masks", str(masks_dir),
                         "--deepspeed", str(REPO / "ds_configs" / "zero3_inference.json"),
                         "--out", str(tmp_path / "two")])
+    low = run_ranks(["safeneurons.cli", "prune", "--model", str(model), "--masks", str(masks_dir), "--lowest",
+                     "--deepspeed", str(REPO / "ds_configs" / "zero3_inference.json"), "--out", str(tmp_path / "low")])
+    assert low.returncode == 0, low.stderr[-3000:]
+    assert_pruned(load_file(str(model / "model.safetensors")), load_file(str(tmp_path / "low" / "model.safetensors")),
+                  {name: ~mask for name, mask in masks.items()})
     assert result.returncode == 0, result.stderr[-3000:]
     original = load_file(str(model / "model.safetensors"))
     one, two = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("one", "two"))

@@ -126,3 +126,22 @@ def test_004_tracing_functions_with_a_dataloader(demo_tokenizer):
     from safeneurons.errors import SafeneuronsError
     with pytest.raises(SafeneuronsError, match="n_blocks=32"):
         statistic(base_model, ft_model, dataloader, n_blocks=32)
+
+
+def test_000_private_helpers_recover_the_masks_of_a_pruned_copy(demo_tokenizer):
+    """`_store_original_weights(model)` and `_extract_safety_masks(pruned_model)`, the seed's other two methods."""
+    import copy
+
+    from safeneurons import SafetyNeuronAnalyzer
+    from safeneurons.prune import prune_model
+
+    model = make_tiny_llama(demo_tokenizer, seed=4)
+    analyzer = SafetyNeuronAnalyzer(model, demo_tokenizer)
+    masks = analyzer.identify_safety_critical_neurons(prune_method="wanda", prune_data="demo-align",
+                                                      sparsity_ratio=0.1, nsamples=4, seed=0)
+    stored = analyzer._store_original_weights(model)
+    assert stored.keys() == masks.keys()
+    pruned = copy.deepcopy(model)
+    prune_model(pruned, masks)
+    recovered = analyzer._extract_safety_masks(pruned)
+    assert all(torch.equal(recovered[name], mask) for name, mask in masks.items())

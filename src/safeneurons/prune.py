@@ -44,35 +44,36 @@ def _persistent(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id") and param.data.numel() == param.ds_numel
 
 
-def zero_masked(name: str, param: nn.Parameter, source: _MaskSource) -> int:
+def zero_masked(name: str, param: nn.Parameter, source: _MaskSource, lowest: bool = False) -> int:
     """Zero the masked elements of the part of `param` this rank holds (and of the whole copy that a persistent
     ZeRO-3 parameter keeps, from its whole mask: such parameters are small); returns the count zeroed here."""
     shape = tuple(getattr(param, "ds_shape", param.shape))
     start, _, valid = local_layout(param)
-    mask = source.elements(name, shape, start, start + valid)
+    mask = source.elements(name, shape, start, start + valid) ^ lowest
     weights = local_weights(param)
     weights[:valid][mask.to(weights.device)] = 0
     if _persistent(param):
-        whole = source.elements(name, shape, 0, param.ds_numel).view(shape)
+        whole = source.elements(name, shape, 0, param.ds_numel).view(shape) ^ lowest
         param.data[whole.to(param.device)] = 0
     return int(mask.sum())
 
 
-def prune_model(model: nn.Module, masks: MaskSource) -> PruneSummary:
-    """Set every masked element of `model` to zero (collective under ZeRO-3); a mask that fits no parameter is an
-    error naming it, raised before anything changes."""
+def prune_model(model: nn.Module, masks: MaskSource, lowest: bool = False) -> PruneSummary:
+    """Set every masked element of `model` to zero (with `lowest`, every element of a masked parameter that its
+    mask does not select); collective under ZeRO-3. A mask that fits no parameter is an error naming it, raised
+    before anything changes."""
     source = _MaskSource(masks)
     shapes = source.shapes()
     check_masks_fit(shapes, named_parameters_with_shapes(model))
     parameters = dict(model.named_parameters())
     with torch.no_grad():
-        counts = {name: int(reduce_over_ranks(float(zero_masked(name, parameters[name], source))))
+        counts = {name: int(reduce_over_ranks(float(zero_masked(name, parameters[name], source, lowest))))
                   for name in shapes}
     total = sum(math.prod(shape) for shape in shapes.values())
     return PruneSummary(sum(counts.values()), total, counts)
 
 
-def prune_files(model: str, masks: str, out: Path, cache_dir: str | None = None) -> PruneSummary:
+def prune_files(model: str, masks: str, out: Path, cache_dir: str | None = None, lowest: bool = False) -> PruneSummary:
     """The streaming prune: the model's safetensors files rewritten shard by shard with the masked elements set to
     zero (each tensor keeps its dtype); one shard in memory at a time."""
     reader = MaskReader(masks)
@@ -81,7 +82,7 @@ def prune_files(model: str, masks: str, out: Path, cache_dir: str | None = None)
     def prune(name: str, tensor: torch.Tensor) -> torch.Tensor:
         if name not in reader.weight_map:
             return tensor
-        mask = reader.get(name)
+        mask = reader.get(name) ^ lowest
         counts[name] = int(mask.sum())
         return tensor.masked_fill(mask, 0)
 
@@ -96,6 +97,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, "--model")
     add_run_arguments(parser)
     parser.add_argument("--masks", required=True, help="mask file or folder (from `safeneurons score`)")
+    parser.add_argument("--lowest", action="store_true",
+                        help="zero the elements of the masked parameters that the mask does NOT select: with masks "
+                             "of the top (1 − s) fraction, the original's pruning of the lowest-scored s")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,12 +109,12 @@ def run(args: argparse.Namespace) -> int:
     check_output_dir(args.out)
     reader = MaskReader(args.masks)  # bad mask files and misfits fail here, before any weight is read
     check_masks_fit(reader.shapes(), named_parameters_with_shapes(model_skeleton(args.model, args.cache_dir)))
-    settings = {"model": args.model, "masks": str(args.masks)}
+    settings = {"model": args.model, "masks": str(args.masks), "lowest": args.lowest}
     if args.deepspeed is None:  # no partitions to share: stream the files (one process does it)
         if distributed.is_main():
             staging = staging_dir(args.out)
             try:
-                summary = prune_files(args.model, args.masks, staging, args.cache_dir)
+                summary = prune_files(args.model, args.masks, staging, args.cache_dir, args.lowest)
                 write_json(staging / SUMMARY_FILE, {**summary.to_json(), **settings, "mode": "streaming files"})
                 publish_dir(args.out)
             except BaseException:
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     context = distributed.init_distributed(require_process_group=True)
     loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
-    summary = prune_model(loaded.model, args.masks)
+    summary = prune_model(loaded.model, args.masks, args.lowest)
     save_hf_folder(loaded.model, loaded.tokenizer, args.out,
                    {SUMMARY_FILE: {**summary.to_json(), **settings, "mode": "ZeRO-3 partitions", "dtype": args.dtype,
                                    "world_size": distributed.world_size()}})

@@ -789,6 +789,7 @@ class SafetyNeuronAnalyzer:
         self.safety_masks: dict[str, torch.Tensor] | None = None
         self.summary: dict[str, Any] | None = None
         self.last_settings: dict[str, Any] | None = None  # for re-scoring a fine-tuned model the same way
+        self.original_weights: dict[str, torch.Tensor] | None = None
 
     def identify_safety_critical_neurons(self, prune_method: str = "wandg", prune_data: str = "align",
                                          sparsity_ratio: float = 0.1, nsamples: int = 128,
@@ -816,3 +817,21 @@ class SafetyNeuronAnalyzer:
         model = self.model if model is None else model
         setattr(model, FROZEN_ATTRIBUTE, freeze(model, self.safety_masks))
         return model
+
+    def _store_original_weights(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Copies of the scored weights of `model` (default: the analysed one), for `_extract_safety_masks`
+        (single process: under ZeRO-3 a rank holds partitions only)."""
+        model = self.model if model is None else model
+        self.original_weights = {linear.param_name: linear.module.weight.detach().clone()
+                                 for linear in scored_linears(model)}
+        return self.original_weights
+
+    def _extract_safety_masks(self, pruned_model: nn.Module) -> dict[str, torch.Tensor]:
+        """The original extension's masks of a pruned copy: the weights that are zero in `pruned_model` but were
+        not in the stored originals."""
+        if self.original_weights is None:
+            raise SafeneuronsError("call _store_original_weights before _extract_safety_masks")
+        current = {linear.param_name: linear.module.weight.detach() for linear in scored_linears(pruned_model)}
+        if current.keys() != self.original_weights.keys():
+            raise SafeneuronsError("the pruned model's scored weights are not those of the stored model")
+        return {name: (current[name] == 0) & (original != 0) for name, original in self.original_weights.items()}
