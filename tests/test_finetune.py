@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, make_tiny_llama, run_ranks
 from safeneurons import cli
-from safeneurons.masks import load_masks, save_masks
+from safeneurons.errors import SafeneuronsError
+from safeneurons.masks import save_masks
 
 DATA = ["--data", "demo-utility", "--nsamples", "16", "--max-length", "48"]
 TRAINING = ["--weight-decay", "0.1", "--max-grad-norm", "0.5", "--learning-rate", "5e-3", "--seed", "3"]
@@ -207,3 +208,29 @@ def test_fine_tuner_api_and_trainer_callback_freeze(demo_tokenizer, tmp_path):
     trainer.train()
     trained = {name: param.detach() for name, param in model.named_parameters()}
     assert_frozen_identical_free_changed(original, trained, masks)
+
+
+def test_resume_refuses_changed_settings_and_other_world_sizes(tiny_with_masks, tmp_path, capsys):
+    """A resume that changes a run setting is refused naming it (before any weight loads), --resume-override
+    allows it and the report keeps the old value; old checkpoints beyond --keep-checkpoints are deleted."""
+    from safeneurons.finetune import SETTINGS_FILE, check_resume
+
+    model, masks_file, _ = tiny_with_masks
+    base = ["finetune", "--model", str(model), "--masks", str(masks_file), *DATA, *TRAINING, "--batch-size", "4",
+            "--checkpoint-dir", str(tmp_path / "ck")]
+    assert cli.main([*base, "--save-every", "1", "--keep-checkpoints", "2", "--max-steps", "3",
+                     "--save-path", str(tmp_path / "a")]) == 0
+    assert sorted(path.name for path in (tmp_path / "ck").glob("step-*")) == ["step-2", "step-3"]
+    changed = [arg if arg != "5e-3" else "1e-3" for arg in base]  # --learning-rate 5e-3 -> 1e-3
+    capsys.readouterr()
+    assert cli.main([*changed, "--resume", "--save-path", str(tmp_path / "b")]) == 2
+    error = capsys.readouterr().err
+    assert "learning_rate: 0.005 then, 0.001 now" in error and "--resume-override learning_rate" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+    assert cli.main([*changed, "--resume", "--resume-override", "learning_rate", "--save-path", str(tmp_path / "b")]) == 0
+    summary = report(tmp_path / "b")
+    assert summary["resumed_from_step"] == 3 and summary["run_settings"]["learning_rate"] == 1e-3
+    assert summary["resumed_settings"] == {"learning_rate": 5e-3}
+    settings = json.loads((tmp_path / "ck" / "step-3" / SETTINGS_FILE).read_text())
+    with pytest.raises(SafeneuronsError, match="written by 1 rank.*this run has 2"):
+        check_resume(tmp_path / "ck", {**settings, "world_size": 2}, ())

@@ -104,7 +104,7 @@ def load_examples(source: str, directory: str | os.PathLike | None = None) -> li
     elif suffix in (".jsonl", ".json"):
         examples = _read_json(path)
     else:
-        examples = [Example(_prompt_text(line)) for line in path.read_text().splitlines() if line.strip()]
+        examples = [Example(_prompt_text(line)) for line in _read_text(path).splitlines() if line.strip()]
     if not examples:
         raise SafeneuronsError(f"data file {path} holds no examples")
     return examples
@@ -139,8 +139,16 @@ def _read_csv(path: Path) -> list[Example]:
     return [as_example(prompt, response) for prompt, response in zip(frame["prompt"], responses)]
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SafeneuronsError(f"data file {path} is not UTF-8 text (byte {error.start} cannot be decoded): "
+                               f"expected CSV, JSONL/JSON or plain text") from None
+
+
 def _read_json(path: Path) -> list[Example]:
-    text = path.read_text()
+    text = _read_text(path)
     try:
         if path.suffix.lower() == ".json":
             records = json.loads(text)

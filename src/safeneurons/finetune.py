@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,7 @@ from .data import Example, Sample, build_samples, load_samples, pad_batch
 from .errors import SafeneuronsError
 from .freezing import FROZEN_ATTRIBUTE, FrozenWeights, MaskSource, freeze, local_layout, local_weights, reduce_over_ranks
 from .models import save_hf_folder
-from .outputs import atomic_file
+from .outputs import atomic_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ class FineTuneConfig:
     max_steps: int | None = None
     cache_dir: str | None = None
     add_eos: bool = False  # append EOS to each response (the original work does not)
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept, older ones deleted
+    resume_override: tuple[str, ...] = ()  # run settings a resume may change
 
     def validate(self) -> None:
         for name in ("num_epochs", "batch_size", "max_length", "gradient_accumulation_steps"):
@@ -78,6 +82,48 @@ class FineTuneConfig:
                                    f"{' or '.join(TRAINING_DTYPES)} (fp16 loss scaling would skip steps)")
         if (self.save_every or self.resume) and not self.checkpoint_dir:
             raise SafeneuronsError("--save-every and --resume need --checkpoint-dir")
+        if self.keep_checkpoints < 1:
+            raise SafeneuronsError(f"--keep-checkpoints {self.keep_checkpoints} must be at least 1")
+        unknown = [key for key in self.resume_override if key not in RUN_KEYS]
+        if unknown:
+            raise SafeneuronsError(f"--resume-override {unknown[0]!r} is not a run setting; one of {', '.join(RUN_KEYS)}")
+
+
+# The settings that decide a run's result: a resume that changes one of them is refused (unless overridden).
+RUN_KEYS = ("data", "nsamples", "num_epochs", "learning_rate", "batch_size", "gradient_accumulation_steps",
+            "max_length", "weight_decay", "max_grad_norm", "seed", "dtype", "add_eos", "masks")
+SETTINGS_FILE = "run_settings.json"
+
+
+def run_settings(config: FineTuneConfig, masks: Any) -> dict[str, Any]:
+    """What a checkpoint records of its run (the mask file by path, in-memory masks by their selected count)."""
+    settings = {key: getattr(config, key) for key in RUN_KEYS if key != "masks"}
+    settings["masks"] = None if masks is None else str(masks) if isinstance(masks, (str, Path)) else \
+        f"<in memory: {sum(int(mask.sum()) for mask in masks.values())} elements>" if isinstance(masks, Mapping) \
+        else "<frozen weights>"
+    return {**settings, "world_size": distributed.world_size()}
+
+
+def check_resume(directory: Path, settings: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Before anything is loaded: the latest checkpoint's run settings must equal this run's (keys in `overrides`
+    may differ) and its world size this one's. Returns the checkpoint's settings."""
+    latest = directory / LATEST_FILE
+    if not latest.is_file():
+        raise SafeneuronsError(f"--resume: no checkpoint in {directory} (no {LATEST_FILE} file)")
+    recorded = directory / latest.read_text().strip() / SETTINGS_FILE
+    if not recorded.is_file():
+        raise SafeneuronsError(f"--resume: {recorded} is missing: the checkpoint does not say which run wrote it")
+    saved = json.loads(recorded.read_text())
+    if saved.get("world_size") != settings["world_size"]:
+        raise SafeneuronsError(f"--resume: the checkpoint in {directory} was written by {saved.get('world_size')} "
+                               f"rank(s) and this run has {settings['world_size']}; resume with "
+                               f"{saved.get('world_size')} (resharding a checkpoint is not supported)")
+    changed = [key for key in RUN_KEYS if saved.get(key) != settings[key] and key not in overrides]
+    if changed:
+        details = "; ".join(f"{key}: {saved.get(key)!r} then, {settings[key]!r} now" for key in changed)
+        raise SafeneuronsError(f"--resume would change the run's settings ({details}); resume with the same "
+                               f"settings, or allow a change with --resume-override {' '.join(changed)}")
+    return saved
 
 
 @dataclass
@@ -96,6 +142,8 @@ class FineTuneReport:
     mask_value_bytes_per_rank: list[int]
     seconds: float
     config: dict = field(default_factory=dict)
+    run_settings: dict = field(default_factory=dict)  # what the run used (RUN_KEYS, mask source, world size)
+    resumed_settings: dict = field(default_factory=dict)  # settings --resume-override changed: their values before
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,7 +294,7 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
 
 
 def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int, config: FineTuneConfig,
-          device: torch.device, state: _RunState) -> _RunState:
+          device: torch.device, state: _RunState, settings: Mapping[str, Any] | None = None) -> _RunState:
     """Run optimizer steps `state.step` .. the end of the plan (or max_steps), checkpointing as asked."""
     world, rank = distributed.world_size(), distributed.rank()
     plan = micro_batch_plan(len(samples), config, world, rank)
@@ -263,9 +311,24 @@ def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int
         state.loss_curve.append(reduce_over_ranks(sum(losses) / len(losses)) / world)
         state.step = step + 1
         if config.save_every and state.step % config.save_every == 0:
-            backend.save_checkpoint(Path(config.checkpoint_dir), state.step, dataclasses.asdict(state))
+            _save_checkpoint(backend, config, state, settings or {})
     backend.module.eval()
     return state
+
+
+def _save_checkpoint(backend: TrainingBackend, config: FineTuneConfig, state: _RunState,
+                     settings: Mapping[str, Any]) -> None:
+    """Collective: the checkpoint, its run settings, then (rank 0) the checkpoints beyond the newest N deleted."""
+    directory = Path(config.checkpoint_dir)
+    backend.save_checkpoint(directory, state.step, dataclasses.asdict(state))
+    distributed.barrier()
+    if distributed.is_main():
+        write_json(directory / f"step-{state.step}" / SETTINGS_FILE, dict(settings))
+        steps = sorted((int(path.name.split("-", 1)[1]), path) for path in directory.glob("step-*")
+                       if path.is_dir() and path.name.split("-", 1)[1].isdigit())
+        for _, old in steps[:-config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
 
 
 def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: FineTuneConfig) -> _RunState:
@@ -279,16 +342,21 @@ def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: Fine
 
 
 def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samples: Sequence[Sample],
-                    pad_token_id: int, config: FineTuneConfig, device: torch.device) -> FineTuneReport:
-    """Attach the frozen weights, (resume,) train and measure; collective under several ranks."""
+                    pad_token_id: int, config: FineTuneConfig, device: torch.device,
+                    settings: Mapping[str, Any] | None = None) -> FineTuneReport:
+    """Attach the frozen weights, (resume,) train and measure; collective under several ranks. `settings` are
+    the run settings the checkpoints record (`run_settings`)."""
     started = time.perf_counter()
+    settings = dict(settings or run_settings(config, frozen))
+    resumed_with = check_resume(Path(config.checkpoint_dir), settings, config.resume_override) if config.resume \
+        else None
     partitioned = frozen.partitioned if frozen is not None else backend.zero_stage == 3
     start = snapshot(backend.module)  # before resuming: changes are measured from the original weights
     if frozen is not None:
         frozen.attach(getattr(backend, "engine", None) or backend.optimizer)
     state = _resume(backend, frozen, config) if config.resume else _RunState()
     resumed_from = state.step
-    state = train(backend, samples, pad_token_id, config, device, state)
+    state = train(backend, samples, pad_token_id, config, device, state, settings)
     change = measure_change(backend.module, start, frozen, partitioned)
     if frozen is not None:  # the frozen entries of the optimizer's fp32 master copies must not have moved either
         change.max_abs_change_frozen = max(change.max_abs_change_frozen, frozen.max_drift())
@@ -300,7 +368,9 @@ def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samp
         free_count=change.free_count, loss_curve=state.loss_curve, steps=state.step, resumed_from_step=resumed_from,
         world_size=distributed.world_size(), zero_stage=backend.zero_stage, mask_bytes_per_rank=mask_bytes,
         mask_value_bytes_per_rank=value_bytes, seconds=round(time.perf_counter() - started, 3),
-        config=dataclasses.asdict(config))
+        config=dataclasses.asdict(config), run_settings=settings,
+        resumed_settings={} if resumed_with is None else {key: resumed_with.get(key) for key in config.resume_override
+                                                          if resumed_with.get(key) != settings.get(key)})
 
 
 # --- saving --------------------------------------------------------------------------------------------------
@@ -327,15 +397,25 @@ def _fill_ds_config(config: FineTuneConfig, model_name: str, world: int) -> dict
 def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: FineTuneConfig) -> FineTuneReport:
     """Fine-tune a model with the masked weights frozen; collective. Writes the HF folder and freeze_report.json
     (rank 0) to `config.save_path` and returns the report on every rank."""
+    from .data import load_examples
+    from .masks import MaskReader
     from .models import load_model, load_tokenizer
+    from .outputs import check_output_dir
 
     config.validate()
     if not config.save_path:
         raise SafeneuronsError("save_path is required: the folder for the fine-tuned model")
+    check_output_dir(config.save_path)  # bad locations and inputs fail here, before any weight is read
+    if isinstance(masks_path, (str, Path)):
+        MaskReader(masks_path)
+    load_examples(config.data, config.data_dir)
     context = distributed.init_distributed(require_process_group=config.deepspeed is not None)
     if context.world_size > 1 and config.deepspeed is None:
         raise SafeneuronsError(f"{context.world_size} ranks need --deepspeed CONFIG (ZeRO stage 0-3); the plain "
                                f"torch loop is single-process")
+    settings = run_settings(config, masks_path)
+    if config.resume:
+        check_resume(Path(config.checkpoint_dir), settings, config.resume_override)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(model_name_or_dir, config.cache_dir)
     samples = load_samples(config.data, tokenizer, config.nsamples, config.seed, config.max_length, config.data_dir,
@@ -345,7 +425,7 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
                        None if ds_config else context.device, ds_config)
     frozen = freeze(model, masks_path) if masks_path is not None else None
     backend: TrainingBackend = DeepSpeedBackend(model, ds_config, config) if ds_config else TorchBackend(model, config)
-    report = run_fine_tuning(backend, frozen, samples, tokenizer.pad_token_id, config, context.device)
+    report = run_fine_tuning(backend, frozen, samples, tokenizer.pad_token_id, config, context.device, settings)
     save_model(backend.module, tokenizer, report, config.save_path)
     if distributed.is_main():
         log.info("fine-tuned %d steps: %d frozen elements, max |change| frozen %.3g, free %.3g; saved to %s",
@@ -453,7 +533,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--checkpoint-dir", default=None, help="folder for resumable checkpoints")
     parser.add_argument("--save-every", type=int, default=None, help="checkpoint every N optimizer steps")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --checkpoint-dir (refused if the run's "
+                             "settings or world size differ from the checkpoint's)")
+    parser.add_argument("--resume-override", nargs="+", default=[], metavar="KEY",
+                        help=f"run settings a --resume may change (of: {', '.join(RUN_KEYS)})")
+    parser.add_argument("--keep-checkpoints", type=int, default=2,
+                        help="keep the newest N checkpoints, delete older ones (default %(default)s)")
     add_eos_argument(parser)
 
 
@@ -467,7 +553,8 @@ def run(args: argparse.Namespace) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
         seed=args.seed, dtype=args.dtype, deepspeed=args.deepspeed, checkpoint_dir=args.checkpoint_dir,
         save_every=args.save_every, resume=args.resume, data_dir=args.data_dir, nsamples=args.nsamples,
-        max_steps=args.max_steps, cache_dir=args.cache_dir, add_eos=args.add_eos)
+        max_steps=args.max_steps, cache_dir=args.cache_dir, add_eos=args.add_eos,
+        keep_checkpoints=args.keep_checkpoints, resume_override=tuple(args.resume_override))
     report = fine_tune(args.model, args.masks, config)
     if distributed.is_main():
         print(f"fine-tuned {report.steps} steps; frozen {report.frozen_count} elements, max |change| frozen "

@@ -7,6 +7,7 @@ so a rank never has to hold the whole model's mask.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -27,13 +28,22 @@ def shard_name(index: int, count: int, stem: str = "masks") -> str:
     return f"{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
+CHECKSUM_PREFIX = "sha256:"  # file metadata key prefix: one checksum of each tensor's data bytes
+
+
+def checksum(mask: torch.Tensor) -> str:
+    return hashlib.sha256(mask.to(torch.bool).contiguous().numpy().tobytes()).hexdigest()
+
+
 def save_masks(masks: Mapping[str, torch.Tensor], directory: str | os.PathLike,
                filename: str = MASKS_FILE, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write `masks` (converted to bool) to one safetensors file, atomically."""
+    """Write `masks` (converted to bool) to one safetensors file, atomically, with each tensor's checksum in the
+    file's metadata (readers verify it)."""
     path = Path(directory) / filename
     tensors = {name: mask.detach().to(torch.bool).contiguous().cpu() for name, mask in masks.items()}
+    sums = {CHECKSUM_PREFIX + name: checksum(mask) for name, mask in tensors.items()}
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=dict(metadata or {"format": "pt"}))
+        save_file(tensors, str(tmp), metadata={**dict(metadata or {"format": "pt"}), **sums})
     return path
 
 
@@ -59,6 +69,7 @@ class MaskReader:
 
     def __init__(self, source: str | os.PathLike) -> None:
         self.weight_map = _weight_map(Path(source))
+        self._verified: set[str] = set()
 
     @property
     def names(self) -> list[str]:
@@ -67,7 +78,18 @@ class MaskReader:
     def _open(self, name: str):
         if name not in self.weight_map:
             raise SafeneuronsError(f"mask file has no tensor named {name!r}")
+        if name not in self._verified:
+            self._verify(name)
         return safe_open(str(self.weight_map[name]), framework="pt")
+
+    def _verify(self, name: str) -> None:
+        """Compare a tensor's data with the checksum its file records (files written without one pass)."""
+        with safe_open(str(self.weight_map[name]), framework="pt") as handle:
+            expected = (handle.metadata() or {}).get(CHECKSUM_PREFIX + name)
+            if expected is not None and checksum(handle.get_tensor(name)) != expected:
+                raise SafeneuronsError(f"mask {name!r} in {self.weight_map[name]} does not match its checksum: the "
+                                       f"file is corrupted; score again or restore it")
+        self._verified.add(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         with self._open(name) as handle:

@@ -61,9 +61,18 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local folder rather than an HF id (`org/name`): absolute, relative with ./ or ../, from
+    ~, ending in /, or of more than two parts."""
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or name.endswith(("/", os.sep)) or name in (".", "..")
+            or name.count("/") > 1)
+
+
 def _from_pretrained(loader: Any, name: str, what: str, cache_dir: str | None, **kwargs: Any) -> Any:
     """Load from the local cache first; go online only when that fails and HF_HUB_OFFLINE is not set."""
     resolved = resolve_model_name(name)
+    if not Path(resolved).is_dir() and looks_like_path(name):
+        raise SafeneuronsError(f"{what} folder {name} does not exist (no such folder)")
     local = Path(resolved).is_dir()
     attempts = [True] if local or _offline() else [True, False]
     error: Exception | None = None
@@ -269,7 +278,7 @@ def save_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike,
     state = gathered_state_dict(model)
     if not distributed.is_main():
         return
-    staging = staging_dir(out)
+    staging = staging_dir(out, fresh=True)
     try:
         model.save_pretrained(staging, state_dict=state)
         tokenizer.save_pretrained(staging)

@@ -48,20 +48,37 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def staging_dir(final: str | os.PathLike) -> Path:
+def staging_dir(final: str | os.PathLike, fresh: bool = False) -> Path:
     """The folder that collects a result directory's files before `publish_dir` moves them into place.
 
-    Its name is derived from the final path, so every rank of a job writes its shards to the same place."""
+    Its name is derived from the final path, so every rank of a job writes its shards to the same place. A
+    single writer passes `fresh=True` to start from an empty one (a killed run's leftovers are removed)."""
     staging = _temporary_sibling(Path(final))
+    if fresh:
+        shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True, exist_ok=True)
     return staging
 
 
 def publish_dir(final: str | os.PathLike) -> Path:
-    """Move the staged files into `final` (created if missing), replacing files of the same name."""
+    """Put the staged folder in place as `final`. A new folder, or one holding only a previous run's files of
+    the same names, is replaced by renaming the complete staged folder (readers see the old folder, briefly
+    none, then the new one; never a mix). A folder that also holds other files keeps them: the staged files are
+    moved in one by one."""
     final = Path(final)
     staging = _temporary_sibling(final)
-    final.mkdir(parents=True, exist_ok=True)
+    if not final.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
+        return final
+    staged = {item.name for item in staging.iterdir()}
+    if all(item.name in staged for item in final.iterdir()):
+        retired = final.with_name(f".{final.name}.old")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
+        os.replace(staging, final)
+        shutil.rmtree(retired)
+        return final
     for item in staging.iterdir():
         target = final / item.name
         if target.is_dir():

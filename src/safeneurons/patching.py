@@ -993,7 +993,7 @@ def _publish(out: str, files: dict[str, Callable[[Path], None]]) -> None:
     """Rank 0 writes every file into the staging folder, then moves them into `out` together."""
     from .outputs import discard_staging, publish_dir, staging_dir
 
-    staging = staging_dir(out)
+    staging = staging_dir(out, fresh=True)
     try:
         for name, write in files.items():
             write(staging / name)

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {"model": args.model, "masks": str(args.masks), "lowest": args.lowest}
     if args.deepspeed is None:  # no partitions to share: stream the files (one process does it)
         if distributed.is_main():
-            staging = staging_dir(args.out)
+            staging = staging_dir(args.out, fresh=True)
             try:
                 summary = prune_files(args.model, args.masks, staging, args.cache_dir, args.lowest)
                 write_json(staging / SUMMARY_FILE, {**summary.to_json(), **settings, "mode": "streaming files"})

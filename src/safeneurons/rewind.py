@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_rewind(args.original, args.finetuned, args.masks, args.cache_dir)
     if not distributed.is_main():  # file work: one process does it
         return 0
-    staging = staging_dir(args.out)
+    staging = staging_dir(args.out, fresh=True)
     try:
         summary = rewind_files(plan, staging)
         write_json(staging / SUMMARY_FILE, {**summary, "original": args.original, "finetuned": args.finetuned,
