@@ -234,3 +234,48 @@ def test_resume_refuses_changed_settings_and_other_world_sizes(tiny_with_masks, 
     settings = json.loads((tmp_path / "ck" / "step-3" / SETTINGS_FILE).read_text())
     with pytest.raises(SafeneuronsError, match="written by 1 rank.*this run has 2"):
         check_resume(tmp_path / "ck", {**settings, "world_size": 2}, ())
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_rank_killed_mid_run_resumes_to_the_uninterrupted_weights(tiny_with_masks, tmp_path):
+    """The fault test: 2 ranks under ZeRO-3, one rank SIGKILLed after the step-3 checkpoint; the job ends, a
+    resume finishes the run, and the weights equal those of a run that was never interrupted, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, masks, _ = tiny_with_masks
+    args = ["safeneurons.cli", "finetune", "--model", str(model), "--masks", str(masks), "--data", "demo-utility",
+            "--nsamples", "64", "--max-length", "48", *TRAINING, *ZERO3, "--checkpoint-dir", str(tmp_path / "ck"),
+            "--save-every", "1"]
+    full = run_ranks([*args[:-4], "--save-path", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SAFENEURONS_TIMEOUT": "60"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            "-m", *args, "--save-path", str(tmp_path / "killed")], env=env, cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "ck" / "step-3" / "run_settings.json").is_file():
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before its step-3 checkpoint"
+        time.sleep(0.05)
+    ranks = _children(job.pid)
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    assert job.wait(timeout=120) != 0 and not (tmp_path / "killed").exists()
+    resumed = run_ranks([*args, "--resume", "--save-path", str(tmp_path / "resumed")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = report(tmp_path / "resumed")
+    assert summary["resumed_from_step"] >= 3 and summary["steps"] == report(tmp_path / "full")["steps"] == 16
+    final, uninterrupted = weights(tmp_path / "resumed"), weights(tmp_path / "full")
+    assert all(torch.equal(final[name], uninterrupted[name]) for name in uninterrupted)
+    assert summary["loss_curve"] == report(tmp_path / "full")["loss_curve"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,19 @@ def test_pipeline_under_two_ranks(single_run, tmp_path):
     base_two_ranks = summary["arms"]["base"]
     assert base_two_ranks["perplexity"] == pytest.approx(base_one_rank.pop("perplexity"), rel=1e-9)  # sum order
     assert {key: base_two_ranks[key] for key in base_one_rank} == base_one_rank  # split prompts, same generations
+
+
+@pytest.mark.slow
+def test_a_deleted_output_reruns_its_stage_only(single_run):
+    """A fine-tuned model folder removed after the run: only its fine-tuning stage runs again (the others are
+    skipped), and the model comes back bit for bit."""
+    results, model = single_run / "results", single_run / "models" / "plain"
+    weights = load_file(model / "model.safetensors")
+    before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    shutil.rmtree(model)
+    assert cli.main(_pipeline_args(single_run)) == 0
+    after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert [stage for stage in STAGES if after[stage] != before[stage]] == ["finetune_plain"]
+    again = load_file(model / "model.safetensors")
+    assert all(torch.equal(again[name], tensor) for name, tensor in weights.items())
+    assert not (results / "finetune_plain" / "checkpoints").exists()  # removed once the model was saved

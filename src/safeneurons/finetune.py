@@ -104,16 +104,21 @@ def run_settings(config: FineTuneConfig, masks: Any) -> dict[str, Any]:
     return {**settings, "world_size": distributed.world_size()}
 
 
+def complete_checkpoint(directory: Path) -> str:
+    """The tag of the newest complete checkpoint: its run settings are written after every rank saved, so a
+    checkpoint cut short by a killed job (which `latest` may already name) is passed over."""
+    steps = sorted((int(path.parent.name.split("-", 1)[1]), path.parent.name)
+                   for path in directory.glob(f"step-*/{SETTINGS_FILE}") if path.parent.name[5:].isdigit())
+    if not steps:
+        raise SafeneuronsError(f"--resume: no complete checkpoint in {directory}")
+    return steps[-1][1]
+
+
 def check_resume(directory: Path, settings: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Before anything is loaded: the latest checkpoint's run settings must equal this run's (keys in `overrides`
-    may differ) and its world size this one's. Returns the checkpoint's settings."""
-    latest = directory / LATEST_FILE
-    if not latest.is_file():
-        raise SafeneuronsError(f"--resume: no checkpoint in {directory} (no {LATEST_FILE} file)")
-    recorded = directory / latest.read_text().strip() / SETTINGS_FILE
-    if not recorded.is_file():
-        raise SafeneuronsError(f"--resume: {recorded} is missing: the checkpoint does not say which run wrote it")
-    saved = json.loads(recorded.read_text())
+    """Before anything is loaded: the newest complete checkpoint's run settings must equal this run's (keys in
+    `overrides` may differ) and its world size this one's. Returns the checkpoint's settings and its `tag`."""
+    tag = complete_checkpoint(directory)
+    saved = json.loads((directory / tag / SETTINGS_FILE).read_text())
     if saved.get("world_size") != settings["world_size"]:
         raise SafeneuronsError(f"--resume: the checkpoint in {directory} was written by {saved.get('world_size')} "
                                f"rank(s) and this run has {settings['world_size']}; resume with "
@@ -123,7 +128,7 @@ def check_resume(directory: Path, settings: Mapping[str, Any], overrides: Sequen
         details = "; ".join(f"{key}: {saved.get(key)!r} then, {settings[key]!r} now" for key in changed)
         raise SafeneuronsError(f"--resume would change the run's settings ({details}); resume with the same "
                                f"settings, or allow a change with --resume-override {' '.join(changed)}")
-    return saved
+    return {**saved, "tag": tag}
 
 
 @dataclass
@@ -180,7 +185,7 @@ class TrainingBackend(Protocol):
 
     def save_checkpoint(self, directory: Path, step: int, client_state: dict) -> None: ...
 
-    def load_checkpoint(self, directory: Path) -> dict: ...
+    def load_checkpoint(self, directory: Path, tag: str) -> dict: ...
 
 
 def _adamw(parameters: Sequence[nn.Parameter], config: FineTuneConfig) -> torch.optim.AdamW:
@@ -217,11 +222,8 @@ class TorchBackend:
         with atomic_file(directory / LATEST_FILE) as tmp:
             tmp.write_text(tag)
 
-    def load_checkpoint(self, directory: Path) -> dict:
-        latest = directory / LATEST_FILE
-        if not latest.is_file():
-            raise SafeneuronsError(f"--resume: no checkpoint in {directory} (no {LATEST_FILE} file)")
-        state = torch.load(directory / latest.read_text().strip() / "state.pt", map_location="cpu", weights_only=True)
+    def load_checkpoint(self, directory: Path, tag: str) -> dict:
+        state = torch.load(directory / tag / "state.pt", map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["client"]
@@ -251,8 +253,8 @@ class DeepSpeedBackend:
     def save_checkpoint(self, directory: Path, step: int, client_state: dict) -> None:
         self.engine.save_checkpoint(str(directory), tag=f"step-{step}", client_state=client_state)
 
-    def load_checkpoint(self, directory: Path) -> dict:
-        path, client_state = self.engine.load_checkpoint(str(directory))
+    def load_checkpoint(self, directory: Path, tag: str) -> dict:
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
         if path is None:
             raise SafeneuronsError(f"--resume: no DeepSpeed checkpoint in {directory}")
         return client_state
@@ -331,8 +333,8 @@ def _save_checkpoint(backend: TrainingBackend, config: FineTuneConfig, state: _R
     distributed.barrier()
 
 
-def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: FineTuneConfig) -> _RunState:
-    client = backend.load_checkpoint(Path(config.checkpoint_dir))
+def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: FineTuneConfig, tag: str) -> _RunState:
+    client = backend.load_checkpoint(Path(config.checkpoint_dir), tag)
     state = _RunState(int(client["step"]), list(client["loss_curve"]))
     if frozen is not None and frozen.max_drift() != 0.0:
         raise SafeneuronsError(f"checkpoint in {config.checkpoint_dir} does not hold the original values of the "
@@ -354,7 +356,7 @@ def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samp
     start = snapshot(backend.module)  # before resuming: changes are measured from the original weights
     if frozen is not None:
         frozen.attach(getattr(backend, "engine", None) or backend.optimizer)
-    state = _resume(backend, frozen, config) if config.resume else _RunState()
+    state = _resume(backend, frozen, config, resumed_with["tag"]) if resumed_with else _RunState()
     resumed_from = state.step
     state = train(backend, samples, pad_token_id, config, device, state, settings)
     change = measure_change(backend.module, start, frozen, partitioned)

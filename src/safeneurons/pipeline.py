@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -79,6 +80,7 @@ class PipelineSettings:
     eval_batch_size: int = 16
     random_control: bool = True
     add_eos: bool = False
+    save_every: int = 500  # fine-tuning checkpoint interval (optimizer steps): an interrupted arm resumes
     profile: str = "original"
 
 
@@ -87,7 +89,8 @@ class PipelineSettings:
 DEMO_PROFILE = dict(model=DEMO_NAME, prune_data="demo-align", score_batch_size=16, training_data="demo-utility",
                     num_epochs=3, learning_rate=3e-3, max_length=128, device="cpu", cache_dir=None,
                     finetune_nsamples=128, harmful_data="demo-harmful", harmless_data="demo-harmless",
-                    perplexity_data="demo-utility", perplexity_samples=64, max_new_tokens=64, profile="demo")
+                    perplexity_data="demo-utility", perplexity_samples=64, max_new_tokens=64, save_every=16,
+                    profile="demo")
 SETTING_HELP = {
     "model": "model: local folder, HF id, alias or demo", "prune_method": "wanda, wandg or random",
     "prune_data": "safety data for scoring", "sparsity_ratio": "fraction selected per output row",
@@ -104,6 +107,7 @@ SETTING_HELP = {
     "perplexity_data": "utility text set for perplexity; none to skip",
     "perplexity_samples": "texts for perplexity", "max_new_tokens": "greedy new tokens per prompt",
     "eval_batch_size": "prompts per generation batch",
+    "save_every": "fine-tuning checkpoint every N steps (an interrupted arm resumes from it)",
 }
 NONE_WORDS = ("none", "")
 
@@ -167,7 +171,7 @@ def resolve_settings(args: argparse.Namespace) -> PipelineSettings:
 
 def validate(settings: PipelineSettings) -> None:
     for name in ("nsamples", "score_batch_size", "num_epochs", "batch_size", "max_length", "eval_limit",
-                 "perplexity_samples", "max_new_tokens", "eval_batch_size"):
+                 "perplexity_samples", "max_new_tokens", "eval_batch_size", "save_every"):
         if getattr(settings, name) < 1:
             raise SafeneuronsError(f"--{name.replace('_', '-')}={getattr(settings, name)} must be a positive integer")
     if not 0 < settings.sparsity_ratio < 1:
@@ -184,14 +188,33 @@ class Stage:
     name: str
     fingerprint: dict
     work: Callable[[Path], None]
+    outputs: Callable[[Path], list[Path]] = lambda folder: []  # what must exist for the stage to count as done
 
 
-def stage_done(folder: Path, fingerprint: dict) -> bool:
+def has_masks(folder: Path) -> Path:
+    """The mask file (or the index of sharded masks) a score stage writes."""
+    from .masks import INDEX_FILE, MASKS_FILE
+
+    return folder / (INDEX_FILE if (folder / INDEX_FILE).is_file() else MASKS_FILE)
+
+
+def model_files(folder: Path) -> list[Path]:
+    from .checkpoints import INDEX_FILE, WEIGHTS_FILE
+
+    return [folder / "config.json", folder / (INDEX_FILE if (folder / INDEX_FILE).is_file() else WEIGHTS_FILE)]
+
+
+def stage_done(folder: Path, fingerprint: dict, outputs: Sequence[Path] = ()) -> bool:
+    """Finished with these settings and every output still there (a deleted output reruns the stage)."""
     marker = folder / DONE_FILE
     try:
-        return json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint))
+        finished = json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint))
     except (OSError, json.JSONDecodeError):
         return False
+    missing = [path for path in outputs if not path.exists()]
+    if finished and missing:
+        log.warning("stage %s finished earlier but %s is missing: running it again", folder.name, missing[0])
+    return finished and not missing
 
 
 def run_stage(stage: Stage, results: Path, force: bool) -> bool:
@@ -199,7 +222,7 @@ def run_stage(stage: Stage, results: Path, force: bool) -> bool:
     from .outputs import write_json
 
     folder = results / stage.name
-    finished = not force and distributed.is_main() and stage_done(folder, stage.fingerprint)
+    finished = not force and distributed.is_main() and stage_done(folder, stage.fingerprint, stage.outputs(folder))
     done = distributed.broadcast_from_main(finished)
     if done:
         log.info("stage %s: finished earlier with the same settings, skipped (--force redoes it)", stage.name)
@@ -256,7 +279,7 @@ class Study:
 
     def finetune(self, arm: str) -> Callable[[Path], None]:
         def work(folder: Path) -> None:
-            from .finetune import REPORT_FILE, FineTuneConfig, fine_tune
+            from .finetune import REPORT_FILE, FineTuneConfig, fine_tune, run_settings
             from .outputs import write_json
 
             s = self.settings
@@ -264,16 +287,30 @@ class Study:
             if deepspeed is None and distributed.world_size() > 1:
                 deepspeed = str(write_json(folder / "ds_config.json", DEFAULT_ZERO3)) if distributed.is_main() else None
                 deepspeed = distributed.broadcast_from_main(deepspeed)
+            checkpoints = folder / "checkpoints"
             config = FineTuneConfig(data=s.training_data, save_path=self.model_of(arm), num_epochs=s.num_epochs,
                                     learning_rate=s.learning_rate, batch_size=s.batch_size, max_length=s.max_length,
                                     seed=s.seed, dtype=s.dtype, deepspeed=deepspeed, data_dir=s.data_dir,
-                                    nsamples=s.finetune_nsamples, cache_dir=s.cache_dir, add_eos=s.add_eos)
+                                    nsamples=s.finetune_nsamples, cache_dir=s.cache_dir, add_eos=s.add_eos,
+                                    checkpoint_dir=str(checkpoints), save_every=s.save_every)
             mask_stage = ARM_MASK_STAGE[arm]
-            report = fine_tune(s.model, None if mask_stage is None else self.masks_of(mask_stage), config)
+            masks = None if mask_stage is None else self.masks_of(mask_stage)
+            config.resume = resumable(checkpoints, run_settings(config, masks))
+            report = fine_tune(s.model, masks, config)
             if distributed.is_main():
                 write_json(folder / REPORT_FILE, report.to_json())
+                shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: they have served
 
         return work
+
+    def outputs_of(self, stage: str) -> Callable[[Path], list[Path]]:
+        if stage.startswith("finetune_"):
+            return lambda folder: [*model_files(self.models / stage[len("finetune_"):]), folder / "freeze_report.json"]
+        if stage.startswith("eval_"):
+            return lambda folder: [folder / "eval.json"]
+        if stage == "compare":
+            return lambda folder: [folder / "analysis_summary.json"]
+        return lambda folder: [has_masks(folder)]
 
     def compare(self, folder: Path) -> None:
         from .compare import compare_masks, weight_drift, write_comparison
@@ -334,7 +371,28 @@ class Study:
         stages.append(Stage("compare", {**training, "arms": self.arms}, self.compare))
         stages += [Stage(f"eval_{arm}", {**(scoring if arm == "base" else training), **evaluation, "arm": arm},
                          self.evaluate(arm)) for arm in self.arms]
+        for stage in stages:
+            stage.outputs = self.outputs_of(stage.name)
         return stages
+
+
+def resumable(checkpoints: Path, settings: dict) -> bool:
+    """Whether an interrupted fine-tuning stage left a checkpoint of this very run (collective): resume from it.
+    A checkpoint of other settings is removed."""
+    from .finetune import check_resume
+
+    usable = None
+    if distributed.is_main() and checkpoints.is_dir():
+        try:
+            check_resume(checkpoints, settings, ())
+            usable = True
+        except SafeneuronsError as why:
+            log.warning("old checkpoints in %s are not this run's (%s): starting afresh", checkpoints, why)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    usable = distributed.broadcast_from_main(bool(usable))
+    if usable:
+        log.info("resuming the interrupted fine-tuning from %s", checkpoints)
+    return usable
 
 
 def run_metadata(settings: PipelineSettings) -> dict:
