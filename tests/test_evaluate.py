@@ -152,7 +152,8 @@ def test_eval_bad_decoding_options_exit_2_before_the_model_loads(tmp_path, capsy
     from safeneurons import models
 
     monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
-    assert cli.main(["eval", "--model", "demo", "--out", str(tmp_path / "out"), *options]) == 2
+    assert cli.main(["eval", "--model", "demo", "--prompts", "demo-harmful", "--out", str(tmp_path / "out"),
+                     *options]) == 2
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

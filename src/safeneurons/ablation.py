@@ -348,14 +348,15 @@ def config_from_args(args: argparse.Namespace) -> AblationConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data import load_examples
+    from .data import check_sources
     from .models import load_model_and_tokenizer
     from .outputs import check_output_dir
 
     config = config_from_args(args)
     check_output_dir(args.out)
-    for source in (config.data, config.utility_data, config.evaluation.prompts):  # bad data: before the model
-        load_examples(source, config.data_dir)
+    evaluation = config.evaluation
+    check_sources(config.data, config.utility_data, evaluation.prompts, evaluation.harmless,
+                  evaluation.perplexity_data, directory=config.data_dir)
     context = distributed.init_distributed()
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.cache_dir, context.device)
     out = Path(args.out)

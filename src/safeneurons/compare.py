@@ -366,6 +366,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from .outputs import check_output_dir
+
+    check_output_dir(args.out)
     distributed.init_distributed()
     if (args.model_before is None) != (args.model_after is None):
         raise SafeneuronsError("give both --model-before and --model-after to measure the weight drift, or neither")

@@ -291,3 +291,10 @@ def pad_batch(samples: Sequence[Sample], pad_token_id: int) -> dict[str, torch.T
         labels[row, :size] = sample.labels
         attention_mask[row, :size] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def check_sources(*sources: str | None, directory: str | os.PathLike | None = None) -> None:
+    """Read every named data set or file once, so that a bad name or file fails before any model loads."""
+    for source in sources:
+        if source:
+            load_examples(source, directory)

@@ -363,7 +363,12 @@ def run(args: argparse.Namespace) -> None:
     from .models import load_model_and_tokenizer
     from .outputs import write_json
 
+    from .data import check_sources
+    from .outputs import check_output_dir
+
     config = config_from_args(args)
+    check_output_dir(args.out)
+    check_sources(config.prompts, config.harmless, config.perplexity_data, directory=config.data_dir)
     if args.deepspeed:
         raise SafeneuronsError("eval holds the whole model on every rank and splits the prompts; run it without "
                                "--deepspeed (for a model too large for one device, evaluate it with fewer ranks)")

@@ -399,7 +399,7 @@ def _fill_ds_config(config: FineTuneConfig, model_name: str, world: int) -> dict
 def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: FineTuneConfig) -> FineTuneReport:
     """Fine-tune a model with the masked weights frozen; collective. Writes the HF folder and freeze_report.json
     (rank 0) to `config.save_path` and returns the report on every rank."""
-    from .data import load_examples
+    from .data import check_sources
     from .masks import MaskReader
     from .models import load_model, load_tokenizer
     from .outputs import check_output_dir
@@ -410,7 +410,7 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
     check_output_dir(config.save_path)  # bad locations and inputs fail here, before any weight is read
     if isinstance(masks_path, (str, Path)):
         MaskReader(masks_path)
-    load_examples(config.data, config.data_dir)
+    check_sources(config.data, directory=config.data_dir)
     context = distributed.init_distributed(require_process_group=config.deepspeed is not None)
     if context.world_size > 1 and config.deepspeed is None:
         raise SafeneuronsError(f"{context.world_size} ranks need --deepspeed CONFIG (ZeRO stage 0-3); the plain "

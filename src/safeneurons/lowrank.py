@@ -295,6 +295,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .data import check_sources
     from .models import load_for_inference, model_skeleton, save_hf_folder, scored_linears
     from .outputs import check_output_dir
 
@@ -304,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
                            max_length=args.max_length, batch_size=args.batch_size, data_dir=args.data_dir,
                            add_eos=args.add_eos)
     check_output_dir(args.out)
+    check_sources(config.data, config.utility_data, directory=config.data_dir)
     skeleton = model_skeleton(args.model, args.cache_dir)  # bad ranks fail before any weight is read
     config.validate([tuple(linear.module.weight.shape) for linear in scored_linears(skeleton)])
     context = distributed.init_distributed(require_process_group=args.deepspeed is not None)

@@ -1076,7 +1076,13 @@ def _run_direction(args: argparse.Namespace, model: nn.Module, tokenizer: Any) -
 
 
 def run(args: argparse.Namespace) -> int:
+    from .data import check_sources
+    from .outputs import check_output_dir
+
     _check_args(args)
+    check_output_dir(args.out)
+    if args.compute_direction:
+        check_sources(args.harmful, args.harmless, directory=args.data_dir)
     context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
     from .models import load_for_inference
 

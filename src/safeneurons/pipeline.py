@@ -423,7 +423,14 @@ def run_study(settings: PipelineSettings, force: bool = False) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .data import check_sources
+    from .outputs import check_output_dir
+
     settings = resolve_settings(args)
+    for location in (settings.results_path, settings.save_path):
+        check_output_dir(location)
+    check_sources(settings.prune_data, settings.training_data, settings.harmful_data, settings.harmless_data,
+                  settings.perplexity_data, directory=settings.data_dir)
     started = time.perf_counter()
     summary = run_study(settings, args.force)
     if summary is not None:

@@ -765,8 +765,15 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .data import check_sources
+    from .outputs import check_output_dir
+
     config = config_from_args(args)
     config.validate()  # before any process group or model, so bad input costs nothing and writes nothing
+    check_output_dir(args.out)
+    if config.method != "random":
+        check_sources(config.data, config.utility_source if config.set_difference else None,
+                      directory=config.data_dir)
     context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
     loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
     result = score_model(loaded.model, loaded.tokenizer, config)

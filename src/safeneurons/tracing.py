@@ -560,7 +560,13 @@ def run(args: argparse.Namespace) -> int:
     round-robin; each rank solves its pairs' assignments and rank 0 gathers the p-values and writes the results."""
     from .models import load_config, load_tokenizer
 
+    from .data import check_sources
+    from .outputs import check_output_dir
+
     _check_args(args)
+    check_output_dir(args.out)
+    if not args.random_tokens:
+        check_sources(*(source.strip() for source in args.data.split(",")), directory=args.data_dir)
     context = distributed.init_distributed(require_process_group=bool(args.deepspeed))
     solver = resolve_solver(args.solver)
     tokenizer = load_tokenizer(args.base, args.cache_dir)
