@@ -55,10 +55,11 @@ def assert_frozen_identical_free_changed(original: dict, trained: dict, masks: d
         assert not torch.equal(after[~mask], before[~mask]), name
 
 
-def finetune_ranks(model: Path, masks: Path, save: Path, *extra: str) -> None:
+def finetune_ranks(model: Path, masks: Path, save: Path, *extra: str) -> str:
     result = run_ranks(["safeneurons.cli", "finetune", "--model", str(model), "--masks", str(masks), *DATA,
                         *TRAINING, *ZERO3, "--save-path", str(save), *extra], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def zero3_runs(tiny_with_masks, tmp_path_factory) -> dict[str, Path]:
     lost, as in a run killed then); resumed from that checkpoint."""
     model, masks, _ = tiny_with_masks
     root = tmp_path_factory.mktemp("zero3")
-    finetune_ranks(model, masks, root / "full")
+    (root / "full.log").write_text(finetune_ranks(model, masks, root / "full"))
     finetune_ranks(model, masks, root / "stopped", "--checkpoint-dir", str(root / "checkpoints"),
                    "--save-every", "2", "--max-steps", "3")
     finetune_ranks(model, masks, root / "resumed", "--checkpoint-dir", str(root / "checkpoints"), "--resume")
@@ -87,6 +88,9 @@ def test_zero3_two_ranks_frozen_identical_free_changed(zero3_runs, tiny_with_mas
     assert summary["frozen_count"] == sum(int(mask.sum()) for mask in masks.values())
     assert (summary["world_size"], summary["zero_stage"], summary["steps"]) == (2, 3, 4)
     assert len(summary["loss_curve"]) == 4
+    warnings = [line for line in (zero3_runs["full"].parent / "full.log").read_text().splitlines()
+                if "Warning:" in line]
+    assert warnings and all(warnings.count(line) <= 2 for line in warnings)  # each distinct warning once a rank
 
 
 @pytest.mark.slow

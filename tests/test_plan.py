@@ -86,7 +86,8 @@ def test_masks_scores_and_activations_per_gpu() -> None:
     shape, cluster, workload = PRESETS["llama2-70b"], Cluster(1, 8), Workload(batch_size=2, max_length=256)
     score, finetune, patch, trace = plan_stages(shape, cluster, workload)
     assert score.masks == math.ceil(shape.scored_params / 64)  # one bit per weight, an eighth of the ranks
-    assert finetune.masks == score.masks + math.ceil(0.01 * shape.scored_params * 4 / 8)
+    assert finetune.masks == score.masks + math.ceil(workload.sparsity_ratio * shape.scored_params * 4 / 8)
+    assert workload.sparsity_ratio == 0.1  # the one default of score, pipeline and plan
     assert score.scores == 10 * shape.scored_params_per_layer * 4  # 80 layers over 8 ranks, fp32
     assert finetune.scores == patch.scores == trace.scores == 0
     assert score.activations == training_activations(shape, 256)  # wandg: one sample at a time

@@ -308,7 +308,7 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_eos_argument, add_model_arguments, add_run_arguments
 
-    add_model_arguments(parser, "--model")
+    add_model_arguments(parser, "--model", deepspeed=False)  # every rank holds the whole model
     add_run_arguments(parser)
     parser.add_argument("--data", default="align", help="safety data for the scores (default %(default)s)")
     parser.add_argument("--utility-data", default="alpaca_cleaned_no_safety",

@@ -34,9 +34,13 @@ STAGES: dict[str, tuple[str, str]] = {
 LOCAL_RANK_OPTIONS = ("--local_rank", "--local-rank")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, out_required: bool = True) -> None:
-    """Options every subcommand takes: --seed and --out (alias --results-path)."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+def add_run_arguments(parser: argparse.ArgumentParser, out_required: bool = True, seeded: bool = True) -> None:
+    """Options every subcommand takes: --seed and --out (alias --results-path). A stage that draws nothing at
+    random still accepts --seed (launch scripts pass it everywhere) and says that it has no effect."""
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed (default %(default)s)" if seeded else
+                             "accepted for uniform launch scripts; no effect here, nothing is drawn at random "
+                             "(default %(default)s)")
     parser.add_argument("--out", "--results-path", dest="out", required=out_required, metavar="DIR",
                         help="folder for the results")
 
@@ -47,13 +51,17 @@ def add_eos_argument(parser: argparse.ArgumentParser) -> None:
                         help="append EOS to every response (default: none, as the original work)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_flag: str = "--model", default: str | None = None) -> None:
-    """Options of subcommands that run a model (the model is required unless a default is given)."""
+def add_model_arguments(parser: argparse.ArgumentParser, model_flag: str = "--model", default: str | None = None,
+                        dtypes: str = "float32, bfloat16 or float16", deepspeed: bool = True) -> None:
+    """Options of subcommands that run a model (the model is required unless a default is given); `deepspeed`
+    False where the stage holds the whole model on every rank."""
     parser.add_argument(model_flag, required=default is None, default=default,
                         help="local HF folder, HF id, alias (llama2-7b-chat-hf, …) or `demo`")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default %(default)s)")
-    parser.add_argument("--deepspeed", metavar="CONFIG", default=None,
-                        help="DeepSpeed JSON config: the model is partitioned across the ranks with ZeRO-3")
+    parser.add_argument("--dtype", default="float32", help=f"{dtypes} (default %(default)s)")
+    if deepspeed:
+        parser.add_argument("--deepspeed", metavar="CONFIG", default=None,
+                            help="DeepSpeed JSON config: the model is partitioned across the ranks with ZeRO-3 "
+                                 "(default: none, every rank holds the whole model)")
     parser.add_argument("--cache-dir", default=None, help="HF cache folder for model downloads")
     parser.add_argument("--data-dir", default=None,
                         help="folder with the named data sets' files (default $SAFENEURONS_DATA or ./data)")
@@ -100,6 +108,29 @@ def _stage_module(module_name: str):
         raise
 
 
+def quiet_libraries() -> None:
+    """Keep library noise out of the user's log: on a machine without CUDA, name DeepSpeed's accelerator so that
+    it does not warn "Setting accelerator to CPU" on every command (on stdout, which `plan --json` needs clean);
+    a warning that a library repeats at every step is shown once."""
+    import os
+    import warnings
+
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    shown: set[tuple[type, str]] = set()
+    show = warnings.showwarning
+
+    def show_once(message, category, *args, **kwargs):  # libraries may force "always": dedupe at display
+        key = (category, str(message))
+        if key not in shown:
+            shown.add(key)
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = show_once
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = normalize_option_spelling(sys.argv[1:] if argv is None else argv)
     selected = next((token for token in argv if not token.startswith("-")), None)
@@ -114,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from . import distributed
 
+    quiet_libraries()
     distributed.setup_logging(distributed.discover_launch().rank)
     try:
         return int(module.run(args) or 0)

@@ -286,14 +286,15 @@ def plot_overlap_per_layer(comparison: MaskComparison, path: str | os.PathLike, 
     positions = range(len(layers))
     overlap = [comparison.per_layer[key].overlap or 0.0 for key in layers]
     jaccard = [comparison.per_layer[key].jaccard or 0.0 for key in layers]
-    figure, axis = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 3), 3.5))
+    figure, axis = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 3) + 2.5, 3.5))
     axis.bar([p - 0.2 for p in positions], overlap, width=0.4, label="overlap |A∩B|/|A|")
     axis.bar([p + 0.2 for p in positions], jaccard, width=0.4, label="Jaccard |A∩B|/|A∪B|")
     axis.set_xticks(list(positions), layers)
     axis.set_xlabel("decoder layer")
+    axis.set_ylabel("overlap or Jaccard index")
     axis.set_ylim(0, 1.05)
     axis.set_title(title or "safety-critical weights before vs after fine-tuning")
-    axis.legend(loc="lower right")
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars, never over them
     figure.tight_layout()
     path = Path(path)
     with atomic_file(path) as tmp:
@@ -355,7 +356,7 @@ def write_comparison(comparison: MaskComparison, out: str | os.PathLike, metadat
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_run_arguments
 
-    add_run_arguments(parser)
+    add_run_arguments(parser, seeded=False)
     parser.add_argument("--before", required=True, help="masks before fine-tuning (mask file/folder or .pt dict)")
     parser.add_argument("--after", required=True, help="masks after fine-tuning (re-scored fine-tuned model)")
     parser.add_argument("--model-before", default=None, help="the model before fine-tuning (local folder or demo)")

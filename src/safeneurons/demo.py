@@ -216,7 +216,7 @@ def export_demo(out: str | Path) -> Path:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_run_arguments
 
-    add_run_arguments(parser)
+    add_run_arguments(parser, seeded=False)
 
 
 def run(args: argparse.Namespace) -> None:

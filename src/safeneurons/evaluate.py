@@ -316,14 +316,15 @@ def evaluate_model(model: nn.Module, tokenizer: Any, config: EvalConfig, model_n
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_eos_argument, add_model_arguments, add_run_arguments
 
-    add_model_arguments(parser)
+    add_model_arguments(parser, deepspeed=False)  # every rank holds the whole model (ZeRO-3 generation: not yet)
     add_run_arguments(parser)
     parser.add_argument("--prompts", default="advbench",
                         help="harmful prompts: a data set name or file (default %(default)s)")
     parser.add_argument("--limit", type=int, default=DEFAULT_HARMFUL_LIMIT,
                         help="use the first N harmful prompts (default %(default)s; 0 = all)")
     parser.add_argument("--harmless", default=None, help="harmless prompts: their refusal rate is the over-refusal")
-    parser.add_argument("--harmless-limit", type=int, default=0, help="use the first N harmless prompts (0 = all)")
+    parser.add_argument("--harmless-limit", type=int, default=0,
+                        help="use the first N harmless prompts (default %(default)s = all)")
     parser.add_argument("--perplexity-data", default=None,
                         help="text set for perplexity (prompt/response data: the responses are scored)")
     parser.add_argument("--perplexity-samples", type=int, default=100,
@@ -369,9 +370,6 @@ def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     check_output_dir(args.out)
     check_sources(config.prompts, config.harmless, config.perplexity_data, directory=config.data_dir)
-    if args.deepspeed:
-        raise SafeneuronsError("eval holds the whole model on every rank and splits the prompts; run it without "
-                               "--deepspeed (for a model too large for one device, evaluate it with fewer ranks)")
     if config.system is not None:  # a chat template that drops system messages fails here, before the model loads
         from .data import format_prompt
         from .models import load_tokenizer

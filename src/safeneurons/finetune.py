@@ -515,7 +515,7 @@ class MaskedTrainer(Trainer):
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_eos_argument, add_model_arguments, add_run_arguments
 
-    add_model_arguments(parser, "--model")
+    add_model_arguments(parser, "--model", dtypes="float32 or bfloat16 (fp16 loss scaling would skip steps)")
     add_run_arguments(parser, out_required=False)
     parser.add_argument("--masks", default=None,
                         help="mask file or folder (masks.safetensors); without it, plain fine-tuning")

@@ -851,6 +851,8 @@ def plot_heatmap(result: ActivationPatchingResult, path: str | Path,
         axis.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
         axis.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         axis.set_ylabel("layer")
+        axis.set_xlabel("head" if component == "attn_head" and not several_positions else
+                        "head @ token position" if component == "attn_head" else "token position")
     figure.colorbar(image, ax=axes[0].tolist(), label=f"effect ({result.mode}, {result.metric})")
     figure.suptitle(f"Activation patching: {result.mode}, {result.method}")
     with atomic_file(path) as tmp:
@@ -876,7 +878,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sweep = parser.add_argument_group("sites and metric")
     sweep.add_argument("--mode", default="noising", choices=MODES, help="default %(default)s")
     sweep.add_argument("--method", default="exact", choices=METHODS,
-                       help="exact (batched patched runs) or attribution (first order, one forward + one backward)")
+                       help="exact (batched patched runs) or attribution (first order, one forward + one backward) "
+                            "(default %(default)s)")
     sweep.add_argument("--components", default="residual",
                        help=f"comma list of {','.join(COMPONENTS)} (default %(default)s)")
     sweep.add_argument("--layers", default="all", help="all, or a comma list of layer indexes (default %(default)s)")

@@ -489,15 +489,17 @@ def plot_arms(arms: dict[str, dict], path: Path) -> Path:
     names = list(arms)
     metrics = [("refusal_rate", "refusal rate (harmful)"), ("asr", "attack success rate (harmful)"),
                ("harmless_refusal_rate", "refusal rate (harmless)")]
-    figure, axis = plt.subplots(figsize=(8, 3.8))
+    figure, axis = plt.subplots(figsize=(10, 3.8))
     width = 0.8 / len(metrics)
     for offset, (key, label) in enumerate(metrics):
         values = [arms[arm][key] or 0.0 for arm in names]
         axis.bar([index + (offset - 1) * width for index in range(len(names))], values, width=width, label=label)
     axis.set_xticks(range(len(names)), [ARM_LABELS[arm] for arm in names], fontsize=8)
+    axis.set_xlabel("arm")
+    axis.set_ylabel("rate (fraction of prompts)")
     axis.set_ylim(0, 1.05)
     axis.set_title("refusal and attack success per arm")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     figure.tight_layout()
     with atomic_file(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
@@ -537,14 +539,21 @@ def _number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def arm_table_rows(arms: dict[str, dict]) -> list[list[str]]:
-    return [[ARM_LABELS[arm], _number(row["refusal_rate"]), _number(row["asr"]),
-             _number(row["harmless_refusal_rate"]), _number(row["perplexity"], 4),
-             _number(row.get("frozen_count")), _number(row.get("max_abs_change_frozen"))]
-            for arm, row in arms.items()]
+def arm_table_rows(arms: dict[str, dict], drift: dict[str, dict] | None = None) -> list[list[str]]:
+    """One row per arm. Where nothing is frozen the frozen columns show "–"; the last column is the drift of
+    the safety-critical set itself (frozen or not), from the compare stage."""
+    rows = []
+    for arm, row in arms.items():
+        frozen = row.get("frozen_count") or None
+        moved = (drift or {}).get(arm, {}).get("max_abs_change_frozen") if arm != "random_frozen" else None
+        rows.append([ARM_LABELS[arm], _number(row["refusal_rate"]), _number(row["asr"]),
+                     _number(row["harmless_refusal_rate"]), _number(row["perplexity"], 4), _number(frozen),
+                     _number(row.get("max_abs_change_frozen") if frozen else None), _number(moved)])
+    return rows
 
 
-ARM_TABLE_HEADER = ["arm", "refusal harmful", "ASR", "refusal harmless", "ppl", "frozen", "max abs Δ frozen"]
+ARM_TABLE_HEADER = ["arm", "refusal harmful", "ASR", "refusal harmless", "ppl", "frozen", "max abs Δ frozen",
+                    "max abs Δ safety set"]
 
 
 def write_report(summary: dict, path: Path) -> Path:
@@ -559,7 +568,9 @@ def write_report(summary: dict, path: Path) -> Path:
              f"`{settings['harmful_data']}` (harmful), `{settings['harmless_data']}` (harmless) and perplexity on "
              f"`{settings['perplexity_data']}`.", "", f"**{summary['verdict']}**", "", "## Arms", "",
              "| " + " | ".join(ARM_TABLE_HEADER) + " |", "|" + " --- |" * len(ARM_TABLE_HEADER)]
-    lines += ["| " + " | ".join(row) + " |" for row in arm_table_rows(summary["arms"])]
+    lines += ["| " + " | ".join(row) + " |" for row in arm_table_rows(summary["arms"], summary.get("arms_weight_drift"))]
+    lines += ["", "\"max abs Δ safety set\": the largest change of the safety-critical weights in that arm, frozen "
+              "or not (\"–\" where the arm froze another set)."]
     lines += ["", "![arms](arms.png)", "", "## Safety-critical weights before and after fine-tuning", "",
               f"- before: {summary['original_safety_critical_count']} of {summary['total_neurons']} weights; after "
               f"(re-scored safety-frozen model): {summary['new_safety_critical_count']}",
@@ -578,7 +589,7 @@ def write_report(summary: dict, path: Path) -> Path:
 
 def print_summary(summary: dict, results: Path, seconds: float) -> None:
     """The arms table and the verdict in the terminal (rich when installed, plain text otherwise)."""
-    rows = arm_table_rows(summary["arms"])
+    rows = arm_table_rows(summary["arms"], summary.get("arms_weight_drift"))
     overlap = (f"safety-critical weights: {summary['original_safety_critical_count']} before, "
                f"{summary['new_safety_critical_count']} after; overlap {_number(summary['overlap'], 4)}, "
                f"Jaccard {_number(summary['jaccard'], 4)}")

@@ -112,7 +112,7 @@ class Cluster:
 class Workload:
     batch_size: int = 4  # `safeneurons finetune` defaults
     max_length: int = 512
-    sparsity_ratio: float = 0.01
+    sparsity_ratio: float = 0.1  # the original extension's default, as in score and pipeline
 
 
 def activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
@@ -241,7 +241,7 @@ def format_table(report: dict) -> str:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_run_arguments
 
-    add_run_arguments(parser, out_required=False)
+    add_run_arguments(parser, out_required=False, seeded=False)
     parser.add_argument("--model", required=True, help=f"{', '.join(PRESETS)} (or their -chat-hf aliases), "
                         "or a local folder with config.json")
     parser.add_argument("--nodes", type=int, default=1, help="(default %(default)s)")

@@ -95,7 +95,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_model_arguments, add_run_arguments
 
     add_model_arguments(parser, "--model")
-    add_run_arguments(parser)
+    add_run_arguments(parser, seeded=False)
     parser.add_argument("--masks", required=True, help="mask file or folder (from `safeneurons score`)")
     parser.add_argument("--lowest", action="store_true",
                         help="zero the elements of the masked parameters that the mask does NOT select: with masks "

@@ -69,7 +69,7 @@ def rewind_files(plan: RewindPlan, out: Path) -> dict[str, Any]:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_run_arguments
 
-    add_run_arguments(parser)
+    add_run_arguments(parser, seeded=False)
     parser.add_argument("--original", required=True, help="the model before fine-tuning (folder, HF id or demo)")
     parser.add_argument("--finetuned", required=True, help="the fine-tuned model (folder or HF id)")
     parser.add_argument("--masks", required=True, help="mask file or folder: the elements to set back")

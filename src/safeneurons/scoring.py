@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 METHODS = ("wanda", "wandg", "random")
 GRANULARITIES = ("weight", "neuron", "head")
 DEFAULT_UTILITY_DATA = "alpaca_cleaned_no_safety"
+DEFAULT_SPARSITY = 0.1  # one default everywhere (score, pipeline, plan): the original extension's
 SUMMARY_FILE = "score_summary.json"
 SCORES_FILE = "scores.safetensors"
 SCORES_INDEX_FILE = SCORES_FILE + ".index.json"
@@ -734,9 +735,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="wanda (|W|·activation norm), wandg (|W|·Σ per-sample |gradient|, SNIP) or random")
     parser.add_argument("--data", required=True,
                         help="safety data: a name (align, align_short, demo-align, …) or a file")
-    parser.add_argument("--sparsity-ratio", type=float, required=True,
-                        help="fraction selected per output row (weight) or of the rows (neuron), in (0, 1); "
-                             "the set difference selects by --p/--q instead")
+    parser.add_argument("--sparsity-ratio", type=float, default=DEFAULT_SPARSITY,
+                        help="fraction selected per output row (weight), of the rows (neuron) or of the heads (head), "
+                             "in (0, 1); the set difference selects by --p/--q instead (default %(default)s, the "
+                             "original extension's)")
     parser.add_argument("--granularity", default="weight",
                         help="weight (top per row), neuron (whole rows) or head (whole attention heads) "
                              "(default %(default)s)")

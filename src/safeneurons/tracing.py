@@ -504,13 +504,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-tokens", action="store_true", help="uniformly random token ids instead of --data")
     parser.add_argument("--n-tokens", type=int, default=2048, help="tokens traced in all (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sequence (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences per forward pass")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="sequences per forward pass (default %(default)s)")
     parser.add_argument("--all-layers", action="store_true",
                         help="match every layer of --base against every layer of --other (pruned or deeper models)")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                         help="significance level of the aggregate p-value (default %(default)s)")
     parser.add_argument("--solver", choices=SOLVERS, default="auto",
-                        help="linear assignment solver: lap (LAPJV), scipy, or auto (lap when installed)")
+                        help="linear assignment solver: lap (LAPJV), scipy, or auto (lap when installed) "
+                             "(default %(default)s)")
     parser.add_argument("--memory-limit", type=float, default=8.0,
                         help="GiB of activations each rank keeps in memory; beyond it they spill to disk "
                              "(default %(default)s)")
@@ -630,7 +632,7 @@ def plot_trace(result: TraceResult, path: Path, title: str) -> None:
         axis.axhline(-math.log10(result.alpha), color="red", linestyle="--", label=f"alpha = {result.alpha:g}")
         axis.set_xlabel("layer")
         axis.set_ylabel("-log10 p (Spearman, gate vs up)")
-        axis.legend()
+        axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the bars, never over them
     else:
         n_base = max(m.layer_base for m in result.layers) + 1
         n_other = max(m.layer_other for m in result.layers) + 1
