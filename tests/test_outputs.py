@@ -66,3 +66,24 @@ def test_deepspeed_auto_values_are_filled(tmp_path):
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}))
     with pytest.raises(SafeneuronsError, match="zero_optimization.sub_group_size is 'auto'"):
         dsconfig.fill_config(bad)
+
+
+def test_a_previous_result_is_replaced_by_one_rename_and_stale_staging_is_cleaned(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    staging = outputs.staging_dir(final)
+    (staging / "half.json").write_text("left by a killed run")
+    staging = outputs.staging_dir(final, fresh=True)  # a single writer starts from an empty staging folder
+    assert not (staging / "half.json").exists()
+    outputs.write_json(staging / "result.json", {"run": 1})
+    outputs.publish_dir(final)
+    assert sorted(path.name for path in final.iterdir()) == ["result.json"]
+    renames = []
+    real_replace = outputs.os.replace
+    monkeypatch.setattr(outputs.os, "replace", lambda a, b: (renames.append((a, b)), real_replace(a, b)))
+    outputs.write_json(outputs.staging_dir(final, fresh=True) / "result.json", {"run": 2})
+    renames.clear()
+    outputs.publish_dir(final)
+    # the complete staged folder itself becomes the result: no file-by-file move a kill could cut short
+    assert (tmp_path / ".out.partial", final) in renames and len(renames) == 2  # old result aside, new one in
+    assert json.loads((final / "result.json").read_text()) == {"run": 2}
+    assert not any(path.name.startswith(".out") for path in tmp_path.iterdir())

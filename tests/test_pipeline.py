@@ -118,7 +118,10 @@ def test_pipeline_end_to_end_on_the_demo_model(single_run):
     _frozen_entries_unchanged(single_run, "random_frozen", None)
     assert summary["arms"]["safety_frozen"]["max_abs_change_frozen"] == 0.0
     assert summary["arms_weight_drift"]["safety_frozen"]["max_abs_change_frozen"] == 0.0
-    assert "## Arms" in (results / "report.md").read_text()
+    report = (results / "report.md").read_text()
+    assert "## Arms" in report
+    plain = next(line for line in report.splitlines() if line.startswith("| plain |")).split(" | ")
+    assert plain[5:7] == ["–", "–"] and float(plain[7].rstrip(" |")) > 0  # nothing frozen; the safety set moved
 
 
 @pytest.mark.slow
@@ -165,3 +168,21 @@ def test_a_deleted_output_reruns_its_stage_only(single_run):
     again = load_file(model / "model.safetensors")
     assert all(torch.equal(again[name], tensor) for name, tensor in weights.items())
     assert not (results / "finetune_plain" / "checkpoints").exists()  # removed once the model was saved
+
+
+def test_fine_tuning_resumes_only_from_a_checkpoint_of_the_same_run(tmp_path, demo_tokenizer):
+    from conftest import make_tiny_llama
+    from safeneurons.finetune import FineTuneConfig, run_settings
+    from safeneurons.pipeline import resumable
+
+    model = make_tiny_llama(demo_tokenizer, seed=1)
+    model.save_pretrained(tmp_path / "m")
+    demo_tokenizer.save_pretrained(tmp_path / "m")
+    checkpoints = tmp_path / "ck"
+    assert cli.main(["finetune", "--model", str(tmp_path / "m"), "--data", "demo-utility", "--nsamples", "8",
+                     "--max-length", "32", "--batch-size", "4", "--checkpoint-dir", str(checkpoints),
+                     "--save-every", "1", "--save-path", str(tmp_path / "out")]) == 0
+    config = FineTuneConfig(data="demo-utility", nsamples=8, max_length=32, batch_size=4, seed=0)  # as the CLI
+    assert resumable(checkpoints, run_settings(config, None))
+    assert not resumable(checkpoints, run_settings(FineTuneConfig(**{**config.__dict__, "learning_rate": 1.0}), None))
+    assert not checkpoints.exists()  # another run's checkpoints are removed, not resumed from
