@@ -276,15 +276,16 @@ def save_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike,
     from .outputs import discard_staging, publish_dir, staging_dir, write_json
 
     state = gathered_state_dict(model)
-    if not distributed.is_main():
-        return
-    staging = staging_dir(out, fresh=True)
-    try:
-        model.save_pretrained(staging, state_dict=state)
-        tokenizer.save_pretrained(staging)
-        for name, payload in (json_files or {}).items():
-            write_json(staging / name, payload)
-        publish_dir(out)
-    except BaseException:
-        discard_staging(out)
-        raise
+    problem = ""
+    if distributed.is_main():
+        staging = staging_dir(out, fresh=True)
+        try:
+            model.save_pretrained(staging, state_dict=state)
+            tokenizer.save_pretrained(staging)
+            for name, payload in (json_files or {}).items():
+                write_json(staging / name, payload)
+            publish_dir(out)
+        except OSError as error:
+            discard_staging(out)
+            problem = f"cannot write the model to {out}: {error}"
+    distributed.all_ranks_ok(not problem, problem)  # the ranks finish together: none exits while rank 0 writes
