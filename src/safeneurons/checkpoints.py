@@ -30,8 +30,8 @@ class CheckpointFiles:
             with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
                 self.weight_map = {name: folder / WEIGHTS_FILE for name in handle.keys()}
         else:
-            raise SafeneuronsError(f"{folder} has no {WEIGHTS_FILE} or {INDEX_FILE} (rewind reads safetensors "
-                                   f"weights)")
+            raise SafeneuronsError(f"{folder} is not an HF folder with safetensors weights ({WEIGHTS_FILE} or "
+                                   f"{INDEX_FILE})")
 
     @property
     def shards(self) -> list[Path]:
@@ -64,9 +64,9 @@ def local_model_folder(name: str, cache_dir: str | None = None) -> Path:
     try:
         return Path(snapshot_download(resolved, cache_dir=cache_dir, local_files_only=True))
     except Exception:  # huggingface_hub raises several types for "not in the cache"
-        raise SafeneuronsError(f"model {name!r} is not available locally: rewind reads its safetensors files; "
-                               f"download it (`huggingface-cli download {resolved} --local-dir DIR`) and pass "
-                               f"DIR") from None
+        raise SafeneuronsError(f"model {name!r} is neither a local folder nor in the HF cache (its safetensors "
+                               f"files are read directly): download it (`huggingface-cli download {resolved} "
+                               f"--local-dir DIR`) and pass DIR") from None
 
 
 def rewrite_checkpoint(source: CheckpointFiles, out: Path, edit: Callable[[str, torch.Tensor], torch.Tensor]) -> None:

@@ -162,45 +162,16 @@ def mask_source(source: Any) -> _TensorSource:
     return _TensorSource(reader.names, reader.get)
 
 
-def local_model_folder(name: str, cache_dir: str | None = None) -> Path:
-    """The folder holding a model's files: a local folder, `demo`, or the HF cache snapshot of an id or alias."""
-    from .models import resolve_model_name
-
-    resolved = resolve_model_name(name)
-    if Path(resolved).is_dir():
-        return Path(resolved)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(resolved, cache_dir=cache_dir, local_files_only=True))
-    except Exception as error:  # huggingface_hub raises several error types for a model missing from the cache
-        raise SafeneuronsError(f"model {name} is neither a local folder nor in the HF cache ({error})") from None
-
-
 def weight_source(source: Any, cache_dir: str | None = None) -> _TensorSource:
     """Parameters of a model: an nn.Module / state dict, or a local HF folder (or `demo`) read with safetensors."""
     if isinstance(source, torch.nn.Module):
         source = dict(source.named_parameters())
     if isinstance(source, Mapping):
         return _TensorSource(list(source), lambda name: source[name].detach().cpu())
-    from safetensors import safe_open
+    from .checkpoints import CheckpointFiles, local_model_folder
 
-    folder = local_model_folder(str(source), cache_dir)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = {name: folder / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
-    elif (folder / "model.safetensors").is_file():
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-            files = {name: folder / "model.safetensors" for name in handle.keys()}
-    else:
-        raise SafeneuronsError(f"model {source} is not a local HF folder with safetensors weights "
-                               f"(model.safetensors or model.safetensors.index.json)")
-
-    def get(name: str) -> torch.Tensor:
-        with safe_open(str(files[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
-
-    return _TensorSource(list(files), get)
+    files = CheckpointFiles(local_model_folder(str(source), cache_dir))
+    return _TensorSource(list(files.weight_map), files.get)
 
 
 def _check_same_names(before: _TensorSource, after: _TensorSource, what: str) -> list[str]:
