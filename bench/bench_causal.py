@@ -70,7 +70,8 @@ def lowrank_command(model_dir: Path, out: Path, nsamples: int, ranks: int) -> tu
             "--batch-size", "8", "--max-length", "128", "--out", str(out)]
     if ranks > 1:
         args = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # one thread per rank
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}  # one thread per rank, LAPACK included
     started = time.perf_counter()
     subprocess.run([sys.executable, *args], check=True, capture_output=True, env=env)
     wall = time.perf_counter() - started
