@@ -80,3 +80,17 @@ def test_ablation_bad_input_exits_2_before_the_model_loads(tmp_path, capsys, ext
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ablation_on_two_ranks_equals_one_rank(tmp_path):
+    from conftest import run_ranks
+
+    args = [*ARGS, "--sparsities", "0.1", "--seeds", "0", "--limit", "6", "--max-new-tokens", "6"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    result = run_ranks(["safeneurons.cli", *args, "--out", str(tmp_path / "two")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / run / "ablation.json").read_text())["points"] for run in ("one", "two"))
+    keys = ("point", "removed", "asr", "refusal_rate")
+    assert [[p[k] for k in keys] for p in one] == [[p[k] for k in keys] for p in two]
