@@ -91,6 +91,11 @@ def test_eval_cli_on_the_demo_model(tmp_path):
     assert report["harmless_refusal_rate"] == 0.0
     assert all(item["generation"].startswith(" Sure") for item in report["harmless_results"])
     assert len(report["results"]) == 12 and 1.0 <= report["perplexity"] < 1.5
+    from safeneurons.evaluate import wilson_interval
+
+    assert report["refusal_rate_interval"] == pytest.approx(list(wilson_interval(12, 12)))
+    assert report["asr_interval"] == pytest.approx(list(wilson_interval(0, 12)))
+    assert report["harmless_refusal_rate_interval"] == pytest.approx(list(wilson_interval(0, 12)))
 
 
 def test_eval_reads_the_advbench_file_in_order(tmp_path, shared_data, demo_tokenizer):

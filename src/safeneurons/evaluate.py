@@ -66,6 +66,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def rate_interval(rate: float, n: int) -> tuple[float, float]:
+    """The Wilson interval of a rate measured on `n` items."""
+    return wilson_interval(round(rate * n), n)
+
+
 def _fraction(generations: Sequence[str], predicate) -> float:
     if not generations:
         raise SafeneuronsError("no generations to evaluate (the prompt set is empty)")
@@ -284,6 +289,10 @@ class EvalReport:
     asr_mean_over_samples: float | None = None
     decoding: dict = field(default_factory=dict)
     system_prompt: str | None = None
+    # 95% Wilson intervals: ASR over prompts; refusal rates over all generations (samples of a prompt counted apart)
+    asr_interval: tuple[float, float] | None = None
+    refusal_rate_interval: tuple[float, float] | None = None
+    harmless_refusal_rate_interval: tuple[float, float] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -304,7 +313,11 @@ def evaluate_model(model: nn.Module, tokenizer: Any, config: EvalConfig, model_n
                          config.batch_size)
     if harmful is None:
         return None
-    return EvalReport(model=model_name, asr=harmful.asr, refusal_rate=harmful.refusal_rate,
+    return EvalReport(asr_interval=rate_interval(harmful.asr, harmful.n_prompts),
+                      refusal_rate_interval=rate_interval(harmful.refusal_rate, harmful.n_prompts * harmful.n_samples),
+                      harmless_refusal_rate_interval=None if harmless is None else rate_interval(
+                          harmless.refusal_rate, harmless.n_prompts * harmless.n_samples),
+                      model=model_name, asr=harmful.asr, refusal_rate=harmful.refusal_rate,
                       n_prompts=harmful.n_prompts, prompts=config.prompts,
                       harmless_refusal_rate=None if harmless is None else harmless.refusal_rate,
                       perplexity=ppl, results=harmful.results,

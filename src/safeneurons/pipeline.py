@@ -450,6 +450,8 @@ def arm_results(study: Study) -> dict[str, dict]:
         evaluation = json.loads((study.results / f"eval_{arm}" / "eval.json").read_text())
         row = {key: evaluation[key] for key in ("refusal_rate", "asr", "harmless_refusal_rate", "perplexity",
                                                 "n_prompts")}
+        row.update({key: evaluation.get(key) for key in ("refusal_rate_interval", "asr_interval",
+                                                          "harmless_refusal_rate_interval")})
         report_file = study.results / f"finetune_{arm}" / "freeze_report.json"
         if report_file.is_file():
             report = json.loads(report_file.read_text())
@@ -539,6 +541,14 @@ def _number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _rate(row: dict, key: str) -> str:
+    """A rate with its 95% Wilson interval: 0.62 (0.52–0.71)."""
+    interval = row.get(f"{key}_interval")
+    if row.get(key) is None or not interval:
+        return _number(row.get(key))
+    return f"{row[key]:.2f} ({interval[0]:.2f}–{interval[1]:.2f})"
+
+
 def arm_table_rows(arms: dict[str, dict], drift: dict[str, dict] | None = None) -> list[list[str]]:
     """One row per arm. Where nothing is frozen the frozen columns show "–"; the last column is the drift of
     the safety-critical set itself (frozen or not), from the compare stage."""
@@ -546,8 +556,8 @@ def arm_table_rows(arms: dict[str, dict], drift: dict[str, dict] | None = None) 
     for arm, row in arms.items():
         frozen = row.get("frozen_count") or None
         moved = (drift or {}).get(arm, {}).get("max_abs_change_frozen") if arm != "random_frozen" else None
-        rows.append([ARM_LABELS[arm], _number(row["refusal_rate"]), _number(row["asr"]),
-                     _number(row["harmless_refusal_rate"]), _number(row["perplexity"], 4), _number(frozen),
+        rows.append([ARM_LABELS[arm], _rate(row, "refusal_rate"), _rate(row, "asr"),
+                     _rate(row, "harmless_refusal_rate"), _number(row["perplexity"], 4), _number(frozen),
                      _number(row.get("max_abs_change_frozen") if frozen else None), _number(moved)])
     return rows
 
@@ -569,7 +579,7 @@ def write_report(summary: dict, path: Path) -> Path:
              f"`{settings['perplexity_data']}`.", "", f"**{summary['verdict']}**", "", "## Arms", "",
              "| " + " | ".join(ARM_TABLE_HEADER) + " |", "|" + " --- |" * len(ARM_TABLE_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in arm_table_rows(summary["arms"], summary.get("arms_weight_drift"))]
-    lines += ["", "\"max abs Δ safety set\": the largest change of the safety-critical weights in that arm, frozen "
+    lines += ["", "Rates with their 95% Wilson interval. \"max abs Δ safety set\": the largest change of the safety-critical weights in that arm, frozen "
               "or not (\"–\" where the arm froze another set)."]
     lines += ["", "![arms](arms.png)", "", "## Safety-critical weights before and after fine-tuning", "",
               f"- before: {summary['original_safety_critical_count']} of {summary['total_neurons']} weights; after "
