@@ -119,6 +119,8 @@ def quiet_libraries() -> None:
 
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
+    if getattr(warnings.showwarning, "shows_once", False):
+        return
     shown: set[tuple[type, str]] = set()
     show = warnings.showwarning
 
@@ -128,6 +130,7 @@ def quiet_libraries() -> None:
             shown.add(key)
             show(message, category, *args, **kwargs)
 
+    show_once.shows_once = True
     warnings.showwarning = show_once
 
 
