@@ -72,6 +72,7 @@ def run_ranks(args: Sequence[str], nproc: int = 2, timeout: float = 300, env: di
 
     One thread per rank keeps 2 ranks on 2 cores from thrashing. Output is captured; the caller asserts."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SAFENEURONS_TIMEOUT": "120",
+                "PYTHONFAULTHANDLER": "1",  # a rank that aborts prints where it was
                 **(env or {})}
     if launcher == "torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

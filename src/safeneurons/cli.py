@@ -150,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_libraries()
     distributed.setup_logging(distributed.discover_launch().rank)
+    finished = False
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        finished = True
+        return code
     except SafeneuronsError as error:
         prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
         print(f"{prefix}safeneurons: error: {error}", file=sys.stderr)
@@ -160,8 +163,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("safeneurons").warning("interrupted")
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(synchronize=finished)
+
+
+def run_as_script() -> None:
+    """The console script and `python -m safeneurons.cli`. A rank of a multi-process job leaves with os._exit once
+    its work is done and the process group is gone: interpreter teardown of the communication libraries' threads
+    occasionally aborted a finished rank ("terminate called without an active exception"), failing the job."""
+    import os
+
+    from . import distributed
+
+    code = main()
+    if distributed.discover_launch().world_size > 1:
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()  # mpirun expects it; os._exit skips mpi4py's own atexit call
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_script()

@@ -284,8 +284,12 @@ def setup_logging(rank_: int | None = None, level: int = logging.INFO) -> None:
     logger.setLevel(level if rank_ == 0 else logging.WARNING)
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = False) -> None:
+    """Destroy the process group; after a run that finished on this rank, first wait for the others, so that no
+    rank tears its connections down while another still uses them."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
