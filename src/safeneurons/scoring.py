@@ -166,13 +166,6 @@ def mask_on_every_rank(mask: torch.Tensor | None, target: Target, device: torch.
     return broadcast_from_owner(buffer.to(device), target.owner).bool()
 
 
-def _partition_range(param: nn.Parameter) -> tuple[int, int]:
-    """The flat element range [start, stop) of a ZeRO-3 parameter this rank's `ds_tensor` holds."""
-    part = param.ds_tensor.numel()
-    start = dist.get_rank(group=param.ds_process_group) * part
-    return start, min(start + part, param.ds_numel)
-
-
 def weight_on_owner(param: nn.Parameter, owner: int) -> torch.Tensor | None:
     """The full weight on `owner` only: ZeRO-3 partitions are gathered there and nowhere else."""
     is_owner = distributed.rank() == owner
@@ -193,18 +186,6 @@ def stored_copies(param: nn.Parameter) -> list[torch.Tensor]:
     if not hasattr(param, "ds_id"):
         return [param.data]
     return [param.ds_tensor.data] + ([param.data] if param.data.numel() == param.ds_numel else [])
-
-
-def zero_selected(param: nn.Parameter, mask: torch.Tensor) -> None:
-    """Set the masked entries of a weight to zero (the original work's pruning), ZeRO-3 partitions included."""
-    if not hasattr(param, "ds_id"):
-        param.data[mask.to(param.device)] = 0
-        return
-    start, stop = _partition_range(param)
-    flat_mask = mask.reshape(-1)[start:stop].to(param.ds_tensor.device)
-    param.ds_tensor.data.reshape(-1)[:stop - start][flat_mask] = 0
-    if param.data.numel() == param.ds_numel:  # a persistent (never released) parameter keeps a full copy
-        param.data[mask.to(param.device)] = 0
 
 
 # ---------------------------------------------------------------- statistics from forward/backward passes
@@ -578,6 +559,9 @@ def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: M
     enter it (kept per micro-batch, advanced by one layer after each layer is pruned), so the layers below are not
     run again for every layer; under ZeRO-3, whose hooks follow the module order, every pass starts at the
     embeddings."""
+    from .freezing import _MaskSource
+    from .prune import zero_masked
+
     saved = [(stored, stored.clone()) for target in targets for stored in stored_copies(target.weight)]
     masks: dict[str, torch.Tensor] = {}
     safety_scores: dict[str, torch.Tensor] = {}
@@ -591,8 +575,8 @@ def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: M
             starts = {source: found for source, found in entries.items() if found is not None}
             layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config, starts)
             for target in layer_targets:
-                zero_selected(target.weight, mask_on_every_rank(layer_masks.get(target.name), target,
-                                                                 model_device(model)))
+                mask = mask_on_every_rank(layer_masks.get(target.name), target, model_device(model))
+                zero_masked(target.name, target.weight, _MaskSource({target.name: mask}))
             masks.update(layer_masks)
             safety_scores.update(layer_scores)
             if layer + 1 < len(decoder_layers(model)):
