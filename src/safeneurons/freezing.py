@@ -22,6 +22,7 @@ row range, plus the original values of only its masked elements.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -191,10 +192,19 @@ def _master_copies(optimizer: Any) -> dict[int, torch.Tensor]:
 
 
 class FrozenWeights:
-    """The frozen elements of a model and the mechanism that keeps them bit-identical (see module docstring)."""
+    """The frozen elements of a model and the mechanism that keeps them bit-identical (see module docstring).
 
-    def __init__(self, slices: Mapping[str, MaskSlice]) -> None:
+    `strength` s in [0, 1] makes the freeze partial: after each step every copy of a masked element becomes
+    `torch.lerp(after, before, s)` (before = its value before this step), which is exact at both ends. s = 1 is
+    the bit-exact freeze (masked gradients zeroed before the step, saved originals written back after it);
+    for s < 1 the masked gradients are kept, so the element trains and is pulled back s of the way; s = 0 is
+    plain training (`attach` does nothing)."""
+
+    def __init__(self, slices: Mapping[str, MaskSlice], strength: float = 1.0) -> None:
+        if not 0.0 <= strength <= 1.0:
+            raise SafeneuronsError(f"freeze strength {strength} must be in [0, 1]")
         self.slices = dict(slices)
+        self.strength = strength
         self.partitioned = any(_is_zero3(entry.param) for entry in self.slices.values())
         self._hooks: list[Any] = []
         self._optimizer: Any = None
@@ -232,9 +242,17 @@ class FrozenWeights:
                                    "model under zero.Init (load_model with the DeepSpeed config, or HfDeepSpeedConfig) "
                                    "or call freeze(engine.module, masks) after deepspeed.initialize")
         self.detach()
+        if self.strength == 0.0:
+            return self  # plain training, bit for bit
         original_step = optimizer.step
 
+        @functools.wraps(original_step)  # keeps the marks a torch LR scheduler left on the step it wrapped
         def step(*args: Any, **kwargs: Any) -> Any:
+            if self.strength < 1.0:
+                before = self._masked_values()
+                result = original_step(*args, **kwargs)
+                self._pull_back(before)
+                return result
             self.zero_frozen_grads()
             result = original_step(*args, **kwargs)
             self.restore()
@@ -243,7 +261,7 @@ class FrozenWeights:
         optimizer.step = step
         self._optimizer, self._original_step = optimizer, original_step
         self._masters = _master_copies(optimizer)
-        if not self.partitioned:
+        if not self.partitioned and self.strength == 1.0:
             self._hooks = [entry.param.register_hook(_grad_zeroing_hook(entry))
                            for entry in self.slices.values() if entry.param.requires_grad and entry.count]
         return self
@@ -316,12 +334,45 @@ class FrozenWeights:
                 values = original[first:first + int(copy_mask.sum())]
                 copy.data.view(-1).masked_scatter_(copy_mask, values.to(copy.device, copy.dtype))
 
+    # --- partial freezing ----------------------------------------------------------------------------------
+    def _step_copies(self, entry: MaskSlice, mask: torch.Tensor
+                     ) -> list[tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None] | None]]:
+        """Every copy of the entry's local weights the optimizer updates: (flat tensor, its mask, write-back or
+        None when the tensor is the storage itself; ZeRO-3's fp32 master may be an offloaded copy)."""
+        if not self.partitioned:
+            return [(copy.data.view(-1), copy_mask.to(copy.device), None)
+                    for copy, copy_mask, _ in self._copies(entry, mask)]
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = entry.param.ds_tensor.data.view(-1)[:entry.length]
+        copies: list = [(local, mask.to(local.device), None)]
+        master = safe_get_local_fp32_param(entry.param)
+        if master is not None:
+            copies.append((master.data.view(-1), mask.to(master.device),
+                           lambda value, param=entry.param: safe_set_local_fp32_param(param, value)))
+        return copies
+
+    def _masked_values(self) -> list[list[torch.Tensor]]:
+        """Before a step: the masked elements of every copy, per active entry."""
+        return [[copy[copy_mask].clone() for copy, copy_mask, _ in self._step_copies(entry, entry.mask())]
+                for entry in self._active()]
+
+    def _pull_back(self, before: list[list[torch.Tensor]]) -> None:
+        """After a step: every masked element moves `strength` of the way back to its pre-step value."""
+        for entry, entry_before in zip(list(self._active()), before):
+            for (copy, copy_mask, write_back), previous in zip(self._step_copies(entry, entry.mask()), entry_before):
+                copy.masked_scatter_(copy_mask, torch.lerp(copy[copy_mask], previous, self.strength))
+                if write_back is not None:
+                    write_back(copy)
+        if self.partitioned:
+            self._regather_persistent()
+
     # --- measurements ------------------------------------------------------------------------------------
     def max_drift(self) -> float:
         """Largest |current - original| over the frozen elements of the weights and of the optimizer's fp32
         master copies (collective under ZeRO-3); 0.0 by design."""
         local = 0.0
-        for entry in self._active():
+        for entry in (entry for entry in self.slices.values() if entry.count):  # trained or not (LoRA's base)
             mask = entry.mask()
             original = entry.values.to(local_weights(entry.param).dtype).float().cpu()
             for copy, copy_mask, first in self._copies(entry, mask):
@@ -374,18 +425,19 @@ def reduce_over_ranks(value: float, op: str = "sum") -> float:
     return float(tensor.item())
 
 
-def freeze(model: nn.Module, masks: MaskSource) -> FrozenWeights:
+def freeze(model: nn.Module, masks: MaskSource, strength: float = 1.0) -> FrozenWeights:
     """The frozen weights of `model` given `masks` (name -> bool tensor, or a mask file/folder).
 
     Call it on the weights training starts from (before loading a checkpoint to resume: the saved values are
     the originals) and, under ZeRO-3, after the model is partitioned; then `attach` the result to the optimizer
-    or DeepSpeed engine. Raises SafeneuronsError naming the first mask that fits no parameter."""
+    or DeepSpeed engine (`strength` < 1: a partial freeze, see FrozenWeights). Raises SafeneuronsError naming
+    the first mask that fits no parameter."""
     source = _MaskSource(masks)
     mask_shapes = source.shapes()
     parameters = dict(model.named_parameters())
     check_masks_fit(mask_shapes, named_parameters_with_shapes(model))
     slices = {name: _build_slice(name, parameters[name], source) for name in mask_shapes}
-    frozen = FrozenWeights(slices)
+    frozen = FrozenWeights(slices, strength)
     log.info("frozen weights: %d local masked elements, %d bytes of mask bits and %d bytes of saved values on "
              "this rank", frozen.local_count, frozen.mask_bytes, frozen.value_bytes)
     return frozen
