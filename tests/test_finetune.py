@@ -189,7 +189,8 @@ def test_fine_tuner_api_and_trainer_callback_freeze(demo_tokenizer, tmp_path):
     from transformers import TrainingArguments
 
     from safeneurons.data import load_samples
-    from safeneurons.finetune import FineTuner, MaskedTrainer
+    from safeneurons.finetune import FineTuner
+    from safeneurons.trainer import MaskedTrainer
 
     model = make_tiny_llama(demo_tokenizer, seed=12)
     masks = random_masks(model, seed=6)

@@ -173,10 +173,15 @@ ZERO3 = ["--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--dtype", "bfl
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("run", ["trainer", "lora"])
-def test_two_ranks_zero3(run, tiny_with_masks, tmp_path):
+@pytest.mark.parametrize("run", ["trainer", "lora", "dynamic"])
+def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
     """The HF Trainer with MaskedTrainer's callback and activation checkpointing; protected LoRA with the safety
-    loss: frozen elements bit-identical in the saved bf16 model."""
+    loss: frozen elements bit-identical in the saved bf16 model. Dynamic freezing with a partial freeze: each
+    re-scoring, counted over the ranks' partitions, selects exactly the mask's count again (the same per-row
+    sparsity), and the union only grows."""
+    if run == "dynamic":
+        _two_ranks_dynamic(*scored_tiny, tmp_path)
+        return
     model, masks_file, masks = tiny_with_masks
     extra = {"trainer": ["--engine", "trainer", "--gradient-checkpointing"],
              "lora": ["--lora-r", "4", "--lora-targets", "q_proj,v_proj,down_proj", "--safety-data", "demo-align",
@@ -211,3 +216,89 @@ def test_bad_training_options_fail_before_the_model_loads(options, message, work
                str(workspace / "out")]
     assert message in _run(command, workspace, capsys)
     assert not (workspace / "out").exists()
+
+
+# --- dynamic freezing ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scored_tiny(tiny_with_masks, tmp_path_factory):
+    """The tiny model's wandg masks (5%, demo-align) with their score_summary.json."""
+    model, _, _ = tiny_with_masks
+    out = tmp_path_factory.mktemp("scored") / "masks"
+    assert cli.main(["score", "--model", str(model), "--method", "wandg", "--data", "demo-align", "--nsamples", "8",
+                     "--max-length", "32", "--sparsity-ratio", "0.05", "--out", str(out)]) == 0
+    return model, out
+
+
+def frozen_set(checkpoint) -> dict[str, torch.Tensor]:
+    from safeneurons.freezing import unpack_bits
+
+    state = torch.load(checkpoint / "frozen_set_rank0.pt", weights_only=True)
+    return {name: unpack_bits(packed, length) for name, (packed, length) in state["masks"].items()}
+
+
+def selection_of(checkpoint, model_dir, masks_dir) -> dict[str, torch.Tensor]:
+    """The selection an independent `score_model` makes on a checkpoint's weights, flattened."""
+    from safeneurons.models import load_model, load_tokenizer
+    from safeneurons.scoring import config_from_summary, score_model, summary_beside
+
+    model = load_model(str(model_dir))
+    model.load_state_dict(torch.load(checkpoint / "state.pt", weights_only=True)["model"])
+    result = score_model(model, load_tokenizer(str(model_dir)), config_from_summary(summary_beside(masks_dir)))
+    return {name: mask.reshape(-1) for name, mask in result.masks.items()}
+
+
+@pytest.mark.parametrize("mode", ["union", "replace"])
+def test_dynamic_freezing_updates_the_frozen_set_as_specified(mode, scored_tiny, tmp_path):
+    model, masks_dir = scored_tiny
+    common = ["finetune", "--model", str(model), "--masks", str(masks_dir), "--data", "demo-utility", "--nsamples",
+              "16", "--max-length", "32", "--batch-size", "2", "--learning-rate", "2e-2", "--num-epochs", "1",
+              "--rescore-every", "3", "--rescore-mode", mode, "--save-every", "3", "--keep-checkpoints", "5"]
+    checkpoints = tmp_path / "checkpoints"
+    assert cli.main([*common, "--checkpoint-dir", str(checkpoints), "--save-path", str(tmp_path / "full")]) == 0
+    history = report(tmp_path / "full")["rescoring"]
+    assert [record["step"] for record in history] == [3, 6]
+    initial = {name: mask.reshape(-1) for name, mask in load_masks_of(masks_dir).items()}
+    before = initial
+    for record, step in zip(history, (3, 6)):
+        selected = selection_of(checkpoints / f"step-{step}", model, masks_dir)
+        expected = {name: before[name] | selected[name] if mode == "union" else selected[name] for name in selected}
+        after = frozen_set(checkpoints / f"step-{step}")
+        assert all(torch.equal(after[name], expected[name]) for name in expected), step
+        assert record["frozen"] == sum(int(mask.sum()) for mask in expected.values())
+        assert record["released"] == sum(int((before[name] & ~expected[name]).sum()) for name in expected)
+        before = expected
+    # elements frozen at step 6 keep their step-6 values; union keeps the initial mask at the original values
+    final, at_six = weights(tmp_path / "full"), torch.load(checkpoints / "step-6" / "state.pt")["model"]
+    for name, mask in before.items():
+        assert torch.equal(final[name].reshape(-1)[mask], at_six[name].reshape(-1)[mask]), name
+        assert not torch.equal(final[name].reshape(-1)[~mask], at_six[name].reshape(-1)[~mask]), name
+        if mode == "union":
+            assert torch.equal(final[name].reshape(-1)[initial[name]], weights(model)[name].reshape(-1)[initial[name]])
+    # a run stopped at step 5 and resumed from its step-3 checkpoint ends with the same weights
+    resumed = tmp_path / "again"
+    assert cli.main([*common, "--checkpoint-dir", str(resumed), "--max-steps", "5", "--save-path",
+                     str(tmp_path / "stopped")]) == 0
+    assert cli.main([*common, "--checkpoint-dir", str(resumed), "--resume", "--save-path", str(tmp_path / "resumed")]) == 0
+    assert_bit_identical(weights(tmp_path / "full"), weights(tmp_path / "resumed"))
+    assert report(tmp_path / "resumed")["rescoring"] == history
+
+
+def load_masks_of(folder) -> dict[str, torch.Tensor]:
+    from safeneurons.masks import load_masks
+
+    return load_masks(folder)
+
+
+def _two_ranks_dynamic(model, masks_dir, tmp_path) -> None:
+    result = run_ranks(["safeneurons.cli", "finetune", "--model", str(model), "--masks", str(masks_dir), *ZERO3,
+                        "--freeze-strength", "0.5", "--rescore-every", "3", "--save-path", str(tmp_path / "out")],
+                       timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = report(tmp_path / "out")
+    initial = sum(int(mask.sum()) for mask in load_masks_of(masks_dir).values())
+    history = summary["rescoring"]
+    assert [record["step"] for record in history] == [3, 6]
+    assert all(record["selected"] == initial and record["released"] == 0 for record in history)
+    assert initial <= history[0]["frozen"] <= history[1]["frozen"] == summary["frozen_count"]
+    assert all(record["kept"] + record["added"] == record["frozen"] for record in history)
+    assert summary["max_abs_change_frozen"] > 0.0  # s = 0.5 lets masked elements move

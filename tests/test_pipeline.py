@@ -186,3 +186,39 @@ def test_fine_tuning_resumes_only_from_a_checkpoint_of_the_same_run(tmp_path, de
     assert resumable(checkpoints, run_settings(config, None))
     assert not resumable(checkpoints, run_settings(FineTuneConfig(**{**config.__dict__, "learning_rate": 1.0}), None))
     assert not checkpoints.exists()  # another run's checkpoints are removed, not resumed from
+
+
+@pytest.mark.slow
+def test_extension_arms_join_a_finished_study(single_run):
+    """`--extension-arms all` on a finished run: only the new arms (and compare) run. LoRA protected keeps the
+    safety set bit for bit and plain LoRA does not; the partial freeze moves it less than plain fine-tuning;
+    dynamic freezing re-scored; the safety loss was recorded."""
+    from safeneurons.masks import load_masks
+    from safeneurons.pipeline import EXTENSION_ARMS
+
+    results = single_run / "results"
+    before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert cli.main(_pipeline_args(single_run, "--extension-arms", "all", "--rescore-every", "2")) == 0
+    after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert [stage for stage in STAGES if after[stage] != before[stage]] == ["compare"]
+    _check_summary(results, [*ARMS, *EXTENSION_ARMS])
+    base = load_file(demo_model_dir() / "model.safetensors")
+    masks = load_masks(results / "score")
+
+    def model(arm: str) -> dict[str, torch.Tensor]:
+        return load_file(single_run / "models" / arm / "model.safetensors")
+
+    def report(arm: str) -> dict:
+        return json.loads((results / f"finetune_{arm}" / "freeze_report.json").read_text())
+
+    protected, lora = model("lora_protected"), model("lora_plain")
+    assert all(torch.equal(protected[name][mask], base[name][mask]) for name, mask in masks.items())
+    adapted = [name for name in masks if "q_proj" in name or "v_proj" in name]
+    assert adapted and all(not torch.equal(lora[name][masks[name]], base[name][masks[name]]) for name in adapted)
+
+    def mean_drift(weights: dict[str, torch.Tensor]) -> float:
+        return float(sum((weights[name][mask] - base[name][mask]).abs().sum() for name, mask in masks.items()))
+
+    assert 0.0 < mean_drift(model("partial_frozen")) < mean_drift(model("plain"))
+    assert [record["step"] for record in report("dynamic_frozen")["rescoring"]] == [2]
+    assert len(report("safety_loss")["safety_loss_curve"]) == report("safety_loss")["steps"] == 4

@@ -10,7 +10,7 @@ import torch
 from safeneurons import cli
 from safeneurons.models import scored_linears
 from safeneurons.plan import (GIB, PRESETS, Cluster, ModelShape, Workload, model_shape, plan_report, plan_stages,
-                              training_activations)
+                              activation_bytes_per_token, training_activations)
 
 
 def _llama(shape: ModelShape, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -67,6 +67,15 @@ def test_activation_formula_equals_the_tensors_autograd_saves() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, labels=ids)
     assert sum(saved.values()) == pytest.approx(training_activations(shape, batch * length), rel=5e-3)
+
+    # activation checkpointing: the forward keeps each layer's input; the backward recomputes one layer at a time
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    per_layer, _ = activation_bytes_per_token(shape)
+    stored = training_activations(shape, batch * length, checkpointing=True) - batch * length * per_layer
+    assert sum(saved.values()) == pytest.approx(stored, rel=0.03)
 
 
 def test_finetune_states_are_deepspeeds_zero3_estimate() -> None:

@@ -292,13 +292,11 @@ def recalculate_safety_scores(fine_tuned_model: torch.nn.Module, tokenizer: Any,
 
 def _metadata_near(masks: Any) -> dict:
     """Run settings from the score_summary.json beside a mask file, when there is one."""
-    if isinstance(masks, Mapping):
+    from .scoring import summary_beside
+
+    data = None if isinstance(masks, Mapping) else summary_beside(masks)
+    if data is None:
         return {}
-    path = Path(masks)
-    summary = (path if path.is_dir() else path.parent) / "score_summary.json"
-    if not summary.is_file():
-        return {}
-    data = json.loads(summary.read_text())
     config = data.get("config", data)
     return {"prune_method": config.get("method"), "prune_data": config.get("data"),
             "sparsity_ratio": config.get("sparsity_ratio")}

@@ -26,6 +26,7 @@ from . import distributed
 from .compare import DriftStats
 from .data import Example, Sample, build_samples, load_samples, pad_batch
 from .errors import SafeneuronsError
+from .dynamic import DynamicFreezing, rescore_config
 from .freezing import FROZEN_ATTRIBUTE, FrozenWeights, MaskSource, freeze, local_layout, local_weights, reduce_over_ranks
 from .models import save_hf_folder
 from .outputs import atomic_file, write_json
@@ -123,6 +124,9 @@ class FineTuneConfig:
             raise SafeneuronsError(f"--rescore-every {self.rescore_every} must be a positive number of steps")
         if self.rescore_mode not in RESCORE_MODES:
             raise SafeneuronsError(f"--rescore-mode {self.rescore_mode!r} is not one of {', '.join(RESCORE_MODES)}")
+        if self.lora_r and (self.rescore_every or self.freeze_strength != 1.0):
+            raise SafeneuronsError("--lora-r protects masked elements exactly; --rescore-every and --freeze-strength "
+                                   "act on fully trained weights, not on a LoRA adapter")
         if self.engine not in ENGINES:
             raise SafeneuronsError(f"--engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         loop_only = {"--safety-data": self.safety_data, "--lora-r": self.lora_r, "--rescore-every": self.rescore_every,
@@ -206,6 +210,7 @@ class FineTuneReport:
     config: dict = field(default_factory=dict)
     run_settings: dict = field(default_factory=dict)  # what the run used (RUN_KEYS, mask source, world size)
     resumed_settings: dict = field(default_factory=dict)  # settings --resume-override changed: their values before
+    rescoring: list = field(default_factory=list)  # --rescore-every: the frozen set's updates (dynamic.Rescoring)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -419,9 +424,10 @@ def _mean_over_ranks(values: Sequence[float]) -> float:
 
 def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int, config: FineTuneConfig,
           device: torch.device, state: RunState, settings: Mapping[str, Any] | None = None,
-          safety: Sequence[Sample] | None = None) -> RunState:
+          safety: Sequence[Sample] | None = None, dynamic: DynamicFreezing | None = None) -> RunState:
     """Run optimizer steps `state.step` .. the end of the plan (or max_steps), checkpointing as asked; with
-    `safety` samples every micro-batch also takes a safety batch (see `safety_batch_plan`)."""
+    `safety` samples every micro-batch also takes a safety batch (see `safety_batch_plan`); `dynamic` updates
+    the frozen set after the steps it is due."""
     world, rank = distributed.world_size(), distributed.rank()
     plan = micro_batch_plan(len(samples), config, world, rank)
     safety_plan = safety_batch_plan(len(safety), len(plan), config, world, rank) if safety else None
@@ -445,17 +451,22 @@ def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int
         if safety_losses:
             state.safety_loss_curve.append(_mean_over_ranks(safety_losses))
         state.step = step + 1
+        if dynamic is not None:
+            dynamic.after_step(state.step, len(plan) // accumulation)
         if config.save_every and state.step % config.save_every == 0:
-            _save_checkpoint(backend, config, state, settings or {})
+            _save_checkpoint(backend, config, state, settings or {}, dynamic)
     backend.module.eval()
     return state
 
 
 def _save_checkpoint(backend: TrainingBackend, config: FineTuneConfig, state: RunState,
-                     settings: Mapping[str, Any]) -> None:
-    """Collective: the checkpoint, its run settings, then (rank 0) the checkpoints beyond the newest N deleted."""
+                     settings: Mapping[str, Any], dynamic: DynamicFreezing | None = None) -> None:
+    """Collective: the checkpoint (with the dynamic frozen set), its run settings, then (rank 0) the checkpoints
+    beyond the newest N deleted."""
     directory = Path(config.checkpoint_dir)
     backend.save_checkpoint(directory, state.step, dataclasses.asdict(state))
+    if dynamic is not None:
+        dynamic.save(directory / f"step-{state.step}")
     distributed.barrier()
     if distributed.is_main():
         write_json(directory / f"step-{state.step}" / SETTINGS_FILE, dict(settings))
@@ -466,11 +477,14 @@ def _save_checkpoint(backend: TrainingBackend, config: FineTuneConfig, state: Ru
     distributed.barrier()
 
 
-def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: FineTuneConfig, tag: str) -> RunState:
+def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: FineTuneConfig, tag: str,
+            dynamic: DynamicFreezing | None = None) -> RunState:
     client = backend.load_checkpoint(Path(config.checkpoint_dir), tag)
     state = RunState(int(client["step"]), list(client["loss_curve"]), list(client.get("learning_rates", [])),
                       list(client.get("safety_loss_curve", [])))
-    if frozen is not None and frozen.max_drift() != 0.0:
+    if dynamic is not None:
+        dynamic.load(Path(config.checkpoint_dir) / tag)
+    elif frozen is not None and frozen.max_drift() != 0.0:
         raise SafeneuronsError(f"checkpoint in {config.checkpoint_dir} does not hold the original values of the "
                                f"frozen weights: it was made from another model or mask")
     log.info("resumed from step %d of %s", state.step, config.checkpoint_dir)
@@ -479,10 +493,11 @@ def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: Fine
 
 def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samples: Sequence[Sample],
                     pad_token_id: int, config: FineTuneConfig, device: torch.device,
-                    settings: Mapping[str, Any] | None = None, safety: Sequence[Sample] | None = None
-                    ) -> FineTuneReport:
+                    settings: Mapping[str, Any] | None = None, safety: Sequence[Sample] | None = None,
+                    dynamic: DynamicFreezing | None = None) -> FineTuneReport:
     """Attach the frozen weights, (resume,) train and measure; collective under several ranks. `settings` are
-    the run settings the checkpoints record (`run_settings`); `safety` the samples of --safety-data."""
+    the run settings the checkpoints record (`run_settings`); `safety` the samples of --safety-data; `dynamic`
+    (which holds `frozen`) re-scores the frozen set."""
     started = time.perf_counter()
     settings = dict(settings or run_settings(config, frozen))
     resumed_with = check_resume(Path(config.checkpoint_dir), settings, config.resume_override) if config.resume \
@@ -490,14 +505,16 @@ def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samp
     partitioned = frozen.partitioned if frozen is not None else backend.zero_stage == 3
     start = snapshot(backend.module)  # before resuming: changes are measured from the original weights
     if frozen is not None:
-        frozen.attach(getattr(backend, "engine", None) or backend.optimizer)
-    state = _resume(backend, frozen, config, resumed_with["tag"]) if resumed_with else RunState()
+        (dynamic or frozen).attach(getattr(backend, "engine", None) or backend.optimizer)
+    state = _resume(backend, frozen, config, resumed_with["tag"], dynamic) if resumed_with else RunState()
     resumed_from = state.step
-    state = train(backend, samples, pad_token_id, config, device, state, settings, safety)
+    state = train(backend, samples, pad_token_id, config, device, state, settings, safety, dynamic)
     resumed_settings = {} if resumed_with is None else \
         {key: resumed_with.get(key) for key in config.resume_override if resumed_with.get(key) != settings.get(key)}
-    return build_report(backend.module, start, frozen, partitioned, state, backend.zero_stage, config, settings,
-                        started, resumed_from, resumed_settings)
+    report = build_report(backend.module, start, dynamic.frozen if dynamic else frozen, partitioned, state,
+                          backend.zero_stage, config, settings, started, resumed_from, resumed_settings)
+    report.rescoring = [dataclasses.asdict(record) for record in dynamic.history] if dynamic else []
+    return report
 
 
 def build_report(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: FrozenWeights | None, partitioned: bool,
@@ -573,6 +590,9 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
     if isinstance(masks_path, (str, Path)):
         MaskReader(masks_path)
     check_sources(config.data, config.safety_data, directory=config.data_dir)
+    score_config = rescore_config(masks_path, config.data_dir) if config.rescore_every else None
+    if score_config is not None:
+        check_sources(score_config.data, score_config.utility_data, directory=config.data_dir)
     if config.lora_r:
         from .lora import check_targets
         from .models import model_skeleton
@@ -612,8 +632,10 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
         total_steps = planned_steps(len(samples), config, context.world_size)
         backend: TrainingBackend = DeepSpeedBackend(model, ds_config, config, total_steps) if ds_config else \
             TorchBackend(model, config, total_steps)
+        dynamic = None if score_config is None else DynamicFreezing(
+            frozen, backend.module, tokenizer, score_config, config.rescore_every, config.rescore_mode, context.device)
         report = run_fine_tuning(backend, frozen, samples, tokenizer.pad_token_id, config, context.device, settings,
-                                 safety)
+                                 safety, dynamic)
         save_model(backend.module, tokenizer, report, config.save_path)
     return _logged(report, config)
 
@@ -758,7 +780,7 @@ def add_training_extensions(parser: argparse.ArgumentParser, defaults: FineTuneC
                        help="refusal data (a data set name or a file): each step adds --safety-weight × its loss")
     group.add_argument("--safety-weight", type=float, default=defaults.safety_weight,
                        help="λ of the safety loss (default %(default)s)")
-    group.add_argument("--lora-r", type=int, default=0, help="LoRA rank through PEFT; 0 = full fine-tuning")
+    group.add_argument("--lora-r", type=int, default=0, help="LoRA rank through PEFT; 0 = full fine-tuning (default)")
     group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (default %(default)s)")
     group.add_argument("--lora-targets", default=",".join(defaults.lora_targets),
                        help="comma-separated module names LoRA adapts (default %(default)s); with --masks the "

@@ -152,9 +152,15 @@ def _build_slice(name: str, param: nn.Parameter, source: _MaskSource) -> MaskSli
     mask = source.elements(name, shape, start, start + valid)
     if length > valid:
         mask = torch.cat([mask, torch.zeros(length - valid, dtype=torch.bool)])
+    return slice_from_local_mask(name, param, mask)
+
+
+def slice_from_local_mask(name: str, param: nn.Parameter, mask: torch.Tensor) -> MaskSlice:
+    """The slice freezing `param`'s local elements under `mask` (this rank's `local_layout` length) at their
+    current values."""
     weights = local_weights(param)
-    values = weights[:length][mask.to(weights.device)].clone()
-    return MaskSlice(name, param, length, pack_bits(mask).to(weights.device), values)
+    values = weights[:mask.numel()][mask.to(weights.device)].clone()
+    return MaskSlice(name, param, mask.numel(), pack_bits(mask.cpu()).to(weights.device), values)
 
 
 def named_parameters_with_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,10 @@
 """The whole study in one command: score → fine-tune three arms → re-score → compare → evaluate → report.
 
 Arms: `plain` (nothing frozen), `safety_frozen` (the safety-critical weights frozen) and `random_frozen` (a random
-mask of the same size frozen, the control), next to `base` (no fine-tuning). Each arm is evaluated for refusal
+mask of the same size frozen, the control), next to `base` (no fine-tuning). `--extension-arms` adds the seed's
+extensions: `partial_frozen` (freeze strength 0.5), `dynamic_frozen` (re-scored every --rescore-every steps,
+union), `safety_loss` (the scoring data's loss added to every step), `lora_plain` and `lora_protected` (LoRA on
+q/v without and with the safety mask). Each arm is evaluated for refusal
 rate / attack success on held-out harmful prompts, refusal rate on harmless prompts (over-refusal) and perplexity
 on a utility text set, so the summary says whether freezing protected safety.
 
@@ -29,8 +32,12 @@ from .models import DEMO_NAME
 log = logging.getLogger(__name__)
 
 ARMS = ("base", "plain", "safety_frozen", "random_frozen")
-FINE_TUNED_ARMS = ARMS[1:]
-ARM_MASK_STAGE = {"plain": None, "safety_frozen": "score", "random_frozen": "score_random"}
+EXTENSION_ARMS = ("partial_frozen", "dynamic_frozen", "safety_loss", "lora_plain", "lora_protected")
+ARM_MASK_STAGE = {"plain": None, "safety_frozen": "score", "random_frozen": "score_random",
+                  "partial_frozen": "score", "dynamic_frozen": "score", "safety_loss": None, "lora_plain": None,
+                  "lora_protected": "score"}
+PARTIAL_STRENGTH = 0.5
+SAFETY_WEIGHT = 1.0
 DONE_FILE = "DONE"
 ORIGINAL_MODEL = "llama2-7b-chat-hf"
 # ZeRO-3 for fine-tuning under N ranks when no --deepspeed config is given ("auto" values filled by finetune).
@@ -81,7 +88,17 @@ class PipelineSettings:
     random_control: bool = True
     add_eos: bool = False
     save_every: int = 500  # fine-tuning checkpoint interval (optimizer steps): an interrupted arm resumes
+    extension_arms: str = "none"  # comma-separated EXTENSION_ARMS, "all" or "none"
+    rescore_every: int = 100  # the dynamic_frozen arm's re-scoring interval (optimizer steps)
+    lora_r: int = 8  # the LoRA arms' rank
     profile: str = "original"
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        value = self.extension_arms.strip().lower()
+        if value in NONE_WORDS:
+            return ()
+        return EXTENSION_ARMS if value == "all" else tuple(name.strip() for name in value.split(",") if name.strip())
 
 
 # The embedded default: the demo model and its data. Fine-tuning on benign "Sure, here is how to ..." answers
@@ -90,7 +107,7 @@ DEMO_PROFILE = dict(model=DEMO_NAME, prune_data="demo-align", score_batch_size=1
                     num_epochs=3, learning_rate=3e-3, max_length=128, device="cpu", cache_dir=None,
                     finetune_nsamples=128, harmful_data="demo-harmful", harmless_data="demo-harmless",
                     perplexity_data="demo-utility", perplexity_samples=64, max_new_tokens=64, save_every=16,
-                    profile="demo")
+                    rescore_every=8, profile="demo")
 SETTING_HELP = {
     "model": "model: local folder, HF id, alias or demo", "prune_method": "wanda, wandg or random",
     "prune_data": "safety data for scoring", "sparsity_ratio": "fraction selected per output row",
@@ -108,6 +125,8 @@ SETTING_HELP = {
     "perplexity_samples": "texts for perplexity", "max_new_tokens": "greedy new tokens per prompt",
     "eval_batch_size": "prompts per generation batch",
     "save_every": "fine-tuning checkpoint every N steps (an interrupted arm resumes from it)",
+    "extension_arms": f"more arms: all, none or some of {','.join(EXTENSION_ARMS)}",
+    "rescore_every": "dynamic_frozen: re-score every N steps", "lora_r": "LoRA arms: adapter rank",
 }
 NONE_WORDS = ("none", "")
 
@@ -178,6 +197,21 @@ def validate(settings: PipelineSettings) -> None:
         raise SafeneuronsError(f"--sparsity-ratio={settings.sparsity_ratio} must lie in (0, 1)")
     if settings.learning_rate <= 0:
         raise SafeneuronsError(f"--learning-rate={settings.learning_rate} must be positive")
+    for name in ("rescore_every", "lora_r"):
+        if getattr(settings, name) < 1:
+            raise SafeneuronsError(f"--{name.replace('_', '-')}={getattr(settings, name)} must be a positive integer")
+    unknown = [arm for arm in settings.extensions if arm not in EXTENSION_ARMS]
+    if unknown:
+        raise SafeneuronsError(f"--extension-arms {unknown[0]!r} is not one of {', '.join(EXTENSION_ARMS)} (or all)")
+
+
+def arm_options(arm: str, settings: PipelineSettings) -> dict[str, Any]:
+    """The FineTuneConfig fields an arm sets beyond the shared training settings."""
+    return {"partial_frozen": {"freeze_strength": PARTIAL_STRENGTH},
+            "dynamic_frozen": {"rescore_every": settings.rescore_every, "rescore_mode": "union"},
+            "safety_loss": {"safety_data": settings.prune_data, "safety_weight": SAFETY_WEIGHT},
+            "lora_plain": {"lora_r": settings.lora_r},
+            "lora_protected": {"lora_r": settings.lora_r}}.get(arm, {})
 
 
 # --- stages ------------------------------------------------------------------------------------------------------
@@ -250,6 +284,7 @@ class Study:
         self.results = Path(settings.results_path)
         self.models = Path(settings.save_path)
         self.arms = [arm for arm in ARMS if arm != "random_frozen" or settings.random_control]
+        self.arms += list(settings.extensions)
 
     def masks_of(self, stage: str) -> Path:
         return self.results / stage  # a folder: masks.safetensors, or shards and their index under N ranks
@@ -292,7 +327,8 @@ class Study:
                                     learning_rate=s.learning_rate, batch_size=s.batch_size, max_length=s.max_length,
                                     seed=s.seed, dtype=s.dtype, deepspeed=deepspeed, data_dir=s.data_dir,
                                     nsamples=s.finetune_nsamples, cache_dir=s.cache_dir, add_eos=s.add_eos,
-                                    checkpoint_dir=str(checkpoints), save_every=s.save_every)
+                                    checkpoint_dir=str(checkpoints), save_every=s.save_every,
+                                    **arm_options(arm, s))
             mask_stage = ARM_MASK_STAGE[arm]
             masks = None if mask_stage is None else self.masks_of(mask_stage)
             config.resume = resumable(checkpoints, run_settings(config, masks))
@@ -320,7 +356,7 @@ class Study:
                                    self.model_of("base"), self.model_of("safety_frozen"), cache_dir)
         drift = {arm: weight_drift(self.model_of("base"), self.model_of(arm),
                                    self.masks_of(ARM_MASK_STAGE[arm] or "score"), cache_dir=cache_dir)
-                 for arm in FINE_TUNED_ARMS if arm in self.arms}
+                 for arm in self.arms[1:]}
         if comparison is None:
             return
         metadata = {**run_metadata(self.settings), "arms_weight_drift": {arm: stats.to_json()
@@ -364,8 +400,8 @@ class Study:
         if self.settings.random_control:
             stages.append(Stage("score_random", {**scoring, "method": "random"},
                                 self.score(self.settings.model, "random")))
-        stages += [Stage(f"finetune_{arm}", {**training, "arm": arm}, self.finetune(arm))
-                   for arm in FINE_TUNED_ARMS if arm in self.arms]
+        stages += [Stage(f"finetune_{arm}", {**training, "arm": arm, **arm_options(arm, self.settings)},
+                         self.finetune(arm)) for arm in self.arms[1:]]
         stages.append(Stage("rescore", training, self.score(self.model_of("safety_frozen"),
                                                             self.settings.prune_method)))
         stages.append(Stage("compare", {**training, "arms": self.arms}, self.compare))
@@ -440,7 +476,9 @@ def run(args: argparse.Namespace) -> int:
 
 # --- the summary, the report and the terminal table ---------------------------------------------------------------
 ARM_LABELS = {"base": "base (not fine-tuned)", "plain": "plain", "safety_frozen": "safety-frozen",
-              "random_frozen": "random-frozen (control)"}
+              "random_frozen": "random-frozen (control)", "partial_frozen": f"partial freeze (s={PARTIAL_STRENGTH})",
+              "dynamic_frozen": "dynamic freeze (union)", "safety_loss": f"safety loss (λ={SAFETY_WEIGHT})",
+              "lora_plain": "LoRA", "lora_protected": "LoRA, safety-masked"}
 
 
 def arm_results(study: Study) -> dict[str, dict]:

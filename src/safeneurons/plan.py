@@ -113,6 +113,7 @@ class Workload:
     batch_size: int = 4  # `safeneurons finetune` defaults
     max_length: int = 512
     sparsity_ratio: float = 0.1  # the original extension's default, as in score and pipeline
+    gradient_checkpointing: bool = False  # finetune --gradient-checkpointing
 
 
 def activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
@@ -129,9 +130,12 @@ def activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
     return per_layer, outside
 
 
-def training_activations(shape: ModelShape, tokens: int) -> int:
-    """Activations kept for one backward over `tokens` tokens (no activation checkpointing)."""
+def training_activations(shape: ModelShape, tokens: int, checkpointing: bool = False) -> int:
+    """Activations kept for one backward over `tokens` tokens. With activation checkpointing each decoder layer
+    keeps only its bf16 input (2h per token) and the backward recomputes one layer's activations at a time."""
     per_layer, outside = activation_bytes_per_token(shape)
+    if checkpointing:
+        return tokens * (shape.layers * BF16_BYTES * shape.hidden + outside + per_layer)
     return tokens * (shape.layers * per_layer + outside)
 
 
@@ -193,7 +197,7 @@ def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list
     # finetune: ZeRO-3 training states; the mask and the saved fp32 values of the frozen entries, partitioned
     cpu, states, _ = zero3_model_states(shape, cluster)
     frozen_values = math.ceil(workload.sparsity_ratio * shape.scored_params * FP32_BYTES / cluster.world)
-    finetune = StageMemory("finetune", states, training_activations(shape, tokens),
+    finetune = StageMemory("finetune", states, training_activations(shape, tokens, workload.gradient_checkpointing),
                            masks + frozen_values, 0, cpu)
 
     # patch (exact): forward passes; the clean and corrupted activations of every site are cached in fp32
@@ -226,7 +230,8 @@ def format_table(report: dict) -> str:
     cluster, shape = report["cluster"], report["model"]
     lines = [f"{shape['name']}: {report['total_params'] / 1e9:.2f}B parameters on {cluster['nodes']} x "
              f"{cluster['gpus_per_node']} GPUs of {cluster['gpu_memory_gib']:g} GiB (offload: {cluster['offload']}; "
-             f"batch {report['workload']['batch_size']} x {report['workload']['max_length']} tokens per GPU)",
+             f"batch {report['workload']['batch_size']} x {report['workload']['max_length']} tokens per GPU"
+             f"{', activation checkpointing' if report['workload']['gradient_checkpointing'] else ''})",
              f"{'stage':<9}{'states':>9}{'activ.':>9}{'masks':>9}{'scores':>9}{'total':>9}  fits   CPU/node",
              "-" * 74]
     for stage in report["stages"]:
@@ -256,6 +261,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="tokens per sequence (default %(default)s)")
     parser.add_argument("--sparsity-ratio", type=float, default=Workload.sparsity_ratio,
                         help="fraction of the scored weights frozen (default %(default)s)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="fine-tuning with activation checkpointing (finetune --gradient-checkpointing)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (--out also writes DIR/plan.json)")
 
 
@@ -271,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.sparsity_ratio < 1:
         raise SafeneuronsError(f"--sparsity-ratio is {args.sparsity_ratio}; expected a fraction in [0, 1)")
     report = plan_report(model_shape(args.model), Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.offload),
-                         Workload(args.batch_size, args.max_length, args.sparsity_ratio))
+                         Workload(args.batch_size, args.max_length, args.sparsity_ratio, args.gradient_checkpointing))
     if distributed.init_distributed().is_main:
         print(json.dumps(report, indent=2) if args.json else format_table(report))
         if args.out:

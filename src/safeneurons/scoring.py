@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -102,6 +104,19 @@ class ScoreConfig:
                                            f"--q; --{name} is missing")
                 if not 0 < value <= 1:
                     raise SafeneuronsError(f"--{name} {value!r} must lie in (0, 1]")
+
+
+def summary_beside(masks: str | os.PathLike) -> dict[str, Any] | None:
+    """The score_summary.json written beside a mask file (or in its folder), when there is one."""
+    path = Path(masks)
+    summary = (path if path.is_dir() else path.parent) / SUMMARY_FILE
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+def config_from_summary(summary: Mapping[str, Any], data_dir: str | None = None) -> ScoreConfig:
+    """The ScoreConfig a score_summary.json records (its settings are ScoreConfig's fields)."""
+    names = {item.name for item in fields(ScoreConfig)} - {"keep_scores", "data_dir"}
+    return ScoreConfig(**{key: value for key, value in summary.items() if key in names}, data_dir=data_dir)
 
 
 @dataclass
