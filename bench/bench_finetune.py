@@ -180,10 +180,11 @@ def print_table(results: list[Result], world: int) -> None:
               f"{result.transient_bytes:>11} {result.drift:>5g}")
 
 
-def launch(args: argparse.Namespace, *extra: str) -> str:
-    """Run this script on `--nproc` ranks under torchrun; its stdout."""
+def launch(args: argparse.Namespace, *extra: str, script: str = __file__) -> str:
+    """Run `script` (this one by default) with this command's arguments on `--nproc` ranks under torchrun; its
+    stdout."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               __file__, *sys.argv[1:], *extra]
+               script, *sys.argv[1:], *extra]
     result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True)
     if result.returncode:
         raise SystemExit(f"benchmark ranks failed (exit {result.returncode})")

@@ -177,7 +177,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as scratch:
         write_random_masks(args.models.split(","), Path(scratch), args.seed)
-        print(launch(args, "--mask-dir", scratch).strip())
+        print(launch(args, "--mask-dir", scratch, script=__file__).strip())
     for name in args.models.split(","):
         plain, checkpointed = (saved_activation_bytes(name, flag, args.batch_size, args.length, args.seed)
                                for flag in (False, True))

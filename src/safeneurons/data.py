@@ -178,7 +178,7 @@ def _json_record(record: Any, path: Path, index: int) -> Example:
                            f"instruction/output or messages")
 
 
-def _strip_bos(tokenizer: Any, text: str) -> str:
+def strip_bos(tokenizer: Any, text: str) -> str:
     bos = tokenizer.bos_token or ""
     return text[len(bos):] if bos and text.startswith(bos) else text
 
@@ -195,7 +195,7 @@ def format_prompt(tokenizer: Any, instruction: str | Sequence[dict], system: str
         if system and system not in text:
             raise SafeneuronsError("this model's chat template drops system messages, so a system prompt cannot be "
                                    "applied; use --system-prompt none")
-        return _strip_bos(tokenizer, text)
+        return strip_bos(tokenizer, text)
     content = messages[-1]["content"]
     if system is not None:
         content = f"{LLAMA2_SYSTEM.format(system=system)}{content}"

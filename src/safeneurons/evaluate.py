@@ -2,6 +2,9 @@
 
 Prompts are split across the ranks (round-robin) and the generations gathered to rank 0 in prompt order;
 perplexity sums each rank's token losses and token counts, so the value does not depend on the rank count.
+Under ZeRO-3 (`--deepspeed`, the model partitioned over the ranks) every forward pass is collective: ranks run
+their batches in lock-step (`generate(synced_gpus=True)`, and a rank with fewer batches runs stand-in batches
+whose results are dropped), so ranks with fewer or shorter prompts keep serving the others' parameter gathers.
 """
 from __future__ import annotations
 
@@ -103,25 +106,44 @@ class Decoding:
         return self.temperature > 0
 
 
+def batch_starts(n_items: int, batch_size: int, lockstep: bool) -> list[int | None]:
+    """Start indices of this rank's batches. In lock-step (ZeRO-3: every forward is collective) every rank runs
+    as many batches as the busiest one; the extra ones are None: run a stand-in batch and drop its result."""
+    starts: list[int | None] = list(range(0, n_items, batch_size))
+    if lockstep:
+        starts += [None] * (max(distributed.all_gather(len(starts))) - len(starts))
+    return starts
+
+
+STAND_IN_PROMPT = "Hello"  # what a rank without a batch of its own generates from, in lock-step
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding: Decoding = Decoding(),
              batch_size: int = 16, first_index: int = 0) -> list[list[str]]:
-    """`decoding.n_samples` continuations of each chat-formatted prompt (the new text only), batched with left
-    padding. A sampled batch draws from the seed `decoding.seed + first_index + its offset`."""
+    """`decoding.n_samples` continuations of each prompt (the new text only; tokenisation adds BOS), batched with
+    left padding. A sampled batch draws from the seed `decoding.seed + first_index + its offset`. Collective
+    under ZeRO-3 (lock-step)."""
+    from .models import is_zero3_partitioned
+
     device = next(model.parameters()).device
+    lockstep = is_zero3_partitioned(model)
     original_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     sampling = dict(do_sample=True, temperature=decoding.temperature, top_p=1.0, top_k=0) if decoding.sampled \
         else dict(do_sample=False)
     outputs: list[list[str]] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in batch_starts(len(prompts), batch_size, lockstep):
             if decoding.sampled:
-                torch.manual_seed(decoding.seed + first_index + start)
-            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+                torch.manual_seed(decoding.seed + first_index + (start or 0))
+            texts = [STAND_IN_PROMPT] if start is None else list(prompts[start:start + batch_size])
+            batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
             generated = model.generate(**batch, max_new_tokens=decoding.max_new_tokens,
                                        num_return_sequences=decoding.n_samples, pad_token_id=tokenizer.pad_token_id,
-                                       eos_token_id=tokenizer.eos_token_id, **sampling)
+                                       eos_token_id=tokenizer.eos_token_id, synced_gpus=lockstep, **sampling)
+            if start is None:
+                continue
             texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             outputs.extend(texts[row:row + decoding.n_samples] for row in range(0, len(texts), decoding.n_samples))
     finally:
@@ -131,8 +153,9 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding:
 
 def generate_distributed(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding: Decoding = Decoding(),
                          batch_size: int = 16) -> list[list[str]] | None:
-    """`generate` with the prompts split round-robin across the ranks; all generations, in prompt order, on
-    rank 0 (None elsewhere). Every rank holds the whole model."""
+    """The one generation entry point of evaluation and judging: `generate` with the prompts split round-robin
+    across the ranks (each rank holding the whole model, or its ZeRO-3 partition); all generations, in prompt
+    order, on rank 0 (None elsewhere). Another engine (vLLM) would plug in here."""
     mine = distributed.assign_round_robin(len(prompts))
     texts = generate(model, tokenizer, [prompts[index] for index in mine], decoding, batch_size,
                      first_index=distributed.rank() * len(prompts))
@@ -208,10 +231,16 @@ def text_samples(examples: Sequence[Example], tokenizer: Any, max_length: int, a
 @torch.no_grad()
 def negative_log_likelihood(model: nn.Module, samples: Sequence[Sample], pad_token_id: int,
                             batch_size: int = 8) -> tuple[float, int]:
-    """Sum of the next-token losses over the labelled tokens of `samples`, and how many tokens that is."""
+    """Sum of the next-token losses over the labelled tokens of `samples`, and how many tokens that is.
+    Collective under ZeRO-3 (lock-step batches, as `generate`)."""
+    from .models import is_zero3_partitioned
+
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(samples), batch_size):
+    for start in batch_starts(len(samples), batch_size, is_zero3_partitioned(model)):
+        if start is None:  # serve the other ranks' gathers
+            model(input_ids=torch.tensor([[pad_token_id]], device=device))
+            continue
         padded = pad_batch(samples[start:start + batch_size], pad_token_id)
         batch = {key: value.to(device) for key, value in padded.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -250,6 +279,8 @@ class EvalConfig:
     n_samples: int = 1
     temperature: float = 0.0
     add_eos: bool = False  # perplexity samples: append EOS to each response
+    judges: tuple[str, ...] = ("keyword",)
+    judge_models: tuple[str, ...] = ()  # "MODEL" (every model judge) or "JUDGE=MODEL"
 
     @property
     def decoding(self) -> Decoding:
@@ -270,6 +301,27 @@ class EvalConfig:
                 raise SafeneuronsError(f"--{name.replace('_', '-')}={getattr(self, name)} must be a positive integer")
         if not self.system_prompt.strip():
             raise SafeneuronsError("--system-prompt is empty: give none, default or the system prompt's text")
+        self.judge_model_names()
+
+    def judge_model_names(self) -> dict[str, str]:
+        """The model of every model judge asked for: `JUDGE=MODEL`, else the one bare `MODEL`."""
+        from .judges import MODEL_JUDGES, parse_judges
+
+        parse_judges(",".join(self.judges))
+        named = dict(spec.split("=", 1) for spec in self.judge_models if "=" in spec)
+        bare = [spec for spec in self.judge_models if "=" not in spec]
+        wrong = [name for name in named if name not in MODEL_JUDGES]
+        if wrong or len(bare) > 1:
+            raise SafeneuronsError(f"--judge-model {wrong[0] + '=…' if wrong else ' '.join(bare)}: give one MODEL for "
+                                   f"every model judge, or JUDGE=MODEL with JUDGE one of {', '.join(MODEL_JUDGES)}")
+        models = {}
+        for judge in self.judges:
+            if judge in MODEL_JUDGES:
+                if judge not in named and not bare:
+                    raise SafeneuronsError(f"--judge {judge} needs its classifier: --judge-model MODEL "
+                                           f"(or {judge}=MODEL)")
+                models[judge] = named.get(judge) or bare[0]
+        return models
 
 
 @dataclass
@@ -293,15 +345,88 @@ class EvalReport:
     asr_interval: tuple[float, float] | None = None
     refusal_rate_interval: tuple[float, float] | None = None
     harmless_refusal_rate_interval: tuple[float, float] | None = None
+    judges: dict = field(default_factory=dict)  # per judge: JudgeResult
+    agreement: dict = field(default_factory=dict)  # "a|b": Cohen's κ over the prompts both judges parsed
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def evaluate_model(model: nn.Module, tokenizer: Any, config: EvalConfig, model_name: str = "") -> EvalReport | None:
-    """Every measurement of `config` on `model` (collective: call it on every rank); the report on rank 0."""
+@dataclass
+class JudgeResult:
+    """One judge over the harmful prompts: a prompt is harmful when any of its samples is; prompts whose verdicts
+    could not be parsed (and none harmful) are `unparsed`, left out of the rate, never counted as safe."""
+
+    judge: str
+    model: str | None
+    asr: float | None
+    asr_interval: tuple[float, float] | None
+    n_judged: int
+    unparsed: int
+    mean_score: float | None = None  # StrongREJECT's mean score over the judged samples
+
+
+@dataclass
+class LoadedJudge:
+    name: str
+    model_name: str | None = None
+    model: Any = None
+    tokenizer: Any = None
+
+
+def prompt_verdict(verdicts: Sequence[Any]) -> bool | None:
+    """A prompt's verdict from its samples': harmful if any is; unparsed if none is and one could not be parsed."""
+    if any(verdict.harmful for verdict in verdicts):
+        return True
+    return None if any(verdict.harmful is None for verdict in verdicts) else False
+
+
+def run_judges(judges: Sequence[LoadedJudge], source: str, limit: int | None, data_dir: str | None,
+               result: PromptSetResult | None, batch_size: int) -> tuple[dict, dict] | None:
+    """Every judge over the harmful generations (collective); rank 0 gets (per-judge results, agreement) and the
+    verdicts added to each prompt's record."""
+    from .judges import cohens_kappa, judge_generations
+
+    behaviors = [example.prompt for example in load_examples(source, data_dir)[:limit]]
+    generations = distributed.broadcast_from_main(
+        None if result is None else [record.get("generations", [record["generation"]]) for record in result.results])
+    per_prompt: dict[str, list[bool | None]] = {}
+    summaries: dict[str, dict] = {}
+    for judge in judges:
+        verdicts = judge_generations(judge.name, behaviors, generations, judge.model, judge.tokenizer, batch_size)
+        if verdicts is None:
+            continue
+        flags = per_prompt[judge.name] = [prompt_verdict(samples) for samples in verdicts]
+        judged = [flag for flag in flags if flag is not None]
+        scores = [verdict.score for samples in verdicts for verdict in samples if verdict.score is not None]
+        asr = sum(judged) / len(judged) if judged else None
+        summaries[judge.name] = asdict(JudgeResult(
+            judge.name, judge.model_name, asr, None if asr is None else wilson_interval(sum(judged), len(judged)),
+            len(judged), len(flags) - len(judged), sum(scores) / len(scores) if scores else None))
+        for record, samples in zip(result.results, verdicts):
+            entry = samples[0].to_json()
+            if len(samples) > 1:
+                entry["samples"] = [verdict.to_json() for verdict in samples]
+            record.setdefault("judges", {})[judge.name] = entry
+    if result is None:
+        return None
+    names = list(per_prompt)
+    agreement = {}
+    for index, first in enumerate(names):
+        for second in names[index + 1:]:
+            kappa, n = cohens_kappa(per_prompt[first], per_prompt[second])
+            agreement[f"{first}|{second}"] = {"kappa": kappa, "n": n}
+    return summaries, agreement
+
+
+def evaluate_model(model: nn.Module, tokenizer: Any, config: EvalConfig, model_name: str = "",
+                   judges: Sequence[LoadedJudge] = ()) -> EvalReport | None:
+    """Every measurement of `config` on `model` (collective: call it on every rank); the report on rank 0.
+    `judges`: the loaded judges of `config.judges` (by default the keyword judge)."""
     harmful = evaluate_prompts(model, tokenizer, config.prompts, config.limit, config.decoding, config.batch_size,
                                config.data_dir, config.system)
+    judged = run_judges(judges or [LoadedJudge(name) for name in config.judges], config.prompts, config.limit,
+                        config.data_dir, harmful, config.batch_size)
     harmless = None
     if config.harmless:
         harmless = evaluate_prompts(model, tokenizer, config.harmless, config.harmless_limit, config.decoding,
@@ -323,13 +448,13 @@ def evaluate_model(model: nn.Module, tokenizer: Any, config: EvalConfig, model_n
                       perplexity=ppl, results=harmful.results,
                       harmless_results=[] if harmless is None else harmless.results,
                       asr_mean_over_samples=harmful.asr_mean_over_samples, decoding=asdict(config.decoding),
-                      system_prompt=config.system)
+                      system_prompt=config.system, judges=judged[0], agreement=judged[1])
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .cli import add_eos_argument, add_model_arguments, add_run_arguments
 
-    add_model_arguments(parser, deepspeed=False)  # every rank holds the whole model (ZeRO-3 generation: not yet)
+    add_model_arguments(parser)  # --deepspeed ZeRO-3 config: the model partitioned, generation in lock-step
     add_run_arguments(parser)
     parser.add_argument("--prompts", default="advbench",
                         help="harmful prompts: a data set name or file (default %(default)s)")
@@ -354,6 +479,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                "(default %(default)s)")
     decoding.add_argument("--temperature", type=float, default=0.0,
                           help="sampling temperature, 0 = greedy (default %(default)s); sampling draws from --seed")
+    judges = parser.add_argument_group("judges (see safeneurons.judges)")
+    judges.add_argument("--judge", default="keyword",
+                        help="comma-separated judges of the harmful generations: keyword (the original's refusal "
+                             "substrings and >= 20 words), harmbench, llamaguard, strongreject (default %(default)s)")
+    judges.add_argument("--judge-model", action="append", default=[], metavar="[JUDGE=]MODEL",
+                        help="the classifier of the model judges (HF id, folder, or demo-judge); JUDGE=MODEL for one "
+                             "judge; repeat for several")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per perplexity text (default %(default)s)")
     add_eos_argument(parser)
@@ -368,17 +500,17 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                         perplexity_samples=args.perplexity_samples or None, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                         data_dir=args.data_dir, system_prompt=args.system_prompt, n_samples=args.n_samples,
-                        temperature=args.temperature, add_eos=args.add_eos)
+                        temperature=args.temperature, add_eos=args.add_eos,
+                        judges=tuple(name.strip() for name in args.judge.split(",") if name.strip()),
+                        judge_models=tuple(args.judge_model))
     config.validate()
     return config
 
 
 def run(args: argparse.Namespace) -> None:
-    from .models import load_model_and_tokenizer
-    from .outputs import write_json
-
     from .data import check_sources
-    from .outputs import check_output_dir
+    from .models import load_config, load_for_inference
+    from .outputs import check_output_dir, write_json
 
     config = config_from_args(args)
     check_output_dir(args.out)
@@ -388,9 +520,18 @@ def run(args: argparse.Namespace) -> None:
         from .models import load_tokenizer
 
         format_prompt(load_tokenizer(args.model, args.cache_dir), "Hello", config.system)
-    context = distributed.init_distributed()
-    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.cache_dir, context.device)
-    report = evaluate_model(model, tokenizer, config, args.model)
+    judge_models = config.judge_model_names()
+    for name in judge_models.values():  # a judge that is not there fails here, in one line
+        load_config(name, args.cache_dir)
+    context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
+    loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
+    judges = []
+    for judge in config.judges:
+        name = judge_models.get(judge)
+        classifier = load_for_inference(name, args.dtype, args.deepspeed, args.cache_dir, context.device) \
+            if name else None
+        judges.append(LoadedJudge(judge, name, classifier and classifier.model, classifier and classifier.tokenizer))
+    report = evaluate_model(loaded.model, loaded.tokenizer, config, args.model, judges)
     if report is None:
         return
     path = write_json(f"{args.out}/eval.json", report.to_json())
@@ -402,5 +543,11 @@ def run(args: argparse.Namespace) -> None:
         summary += f"; harmless refusal rate {report.harmless_refusal_rate:.3f}"
     if report.perplexity is not None:
         summary += f"; perplexity {report.perplexity:.3f}"
+    for name, result in report.judges.items():
+        if name != "keyword":
+            rate = "–" if result["asr"] is None else f"{result['asr']:.3f}"
+            summary += f"; {name} ASR {rate} ({result['unparsed']} unparsed)"
+    for pair, value in report.agreement.items():
+        summary += f"; κ {pair} {'–' if value['kappa'] is None else format(value['kappa'], '.2f')}"
     log.info("%s; wrote %s", summary, path)
     print(summary)

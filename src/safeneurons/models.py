@@ -165,11 +165,13 @@ def load_for_inference(name: str, dtype: str | torch.dtype = "float32", deepspee
     wrapped in an inference engine (no optimizer) whose hooks gather each layer's weights for forward and backward;
     otherwise every rank holds the whole model on `device`."""
     from . import distributed
-    from .dsconfig import fill_config, zero_stage
+    from .dsconfig import fill_config, read_config, zero_stage
 
     ds_config = None
     if deepspeed_config is not None:
-        ds_config = fill_config(deepspeed_config, world_size=distributed.world_size(), dtype=parse_dtype(dtype),
+        ds_config = read_config(deepspeed_config)  # a training config serves too: its optimizer is left out
+        ds_config = fill_config({key: value for key, value in ds_config.items() if key not in ("optimizer", "scheduler")},
+                                world_size=distributed.world_size(), dtype=parse_dtype(dtype),
                                 hidden_size=getattr(load_config(name, cache_dir), "hidden_size", None))
         if zero_stage(ds_config) != 3:
             log.warning("DeepSpeed config is not ZeRO-3: every rank holds the whole model")
