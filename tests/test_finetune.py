@@ -18,7 +18,7 @@ DATA = ["--data", "demo-utility", "--nsamples", "16", "--max-length", "48"]
 TRAINING = ["--weight-decay", "0.1", "--max-grad-norm", "0.5", "--learning-rate", "5e-3", "--seed", "3"]
 # 16 samples, 2 per rank, 2 ranks, 2 accumulation steps: 2 optimizer steps per epoch, 4 in all
 ZERO3 = ["--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--dtype", "bfloat16", "--batch-size", "2",
-         "--gradient-accumulation-steps", "2", "--num-epochs", "2"]
+         "--gradient-accumulation-steps", "2", "--num-epochs", "2", "--lr-scheduler", "cosine", "--warmup-steps", "1"]
 
 
 def random_masks(model: torch.nn.Module, seed: int = 5) -> dict[str, torch.Tensor]:
@@ -117,6 +117,8 @@ def test_zero3_resumed_run_ends_with_the_uninterrupted_weights(zero3_runs):
     summary = report(zero3_runs["resumed"])
     assert summary["resumed_from_step"] == 2
     assert summary["loss_curve"] == report(zero3_runs["full"])["loss_curve"]
+    assert summary["learning_rates"] == report(zero3_runs["full"])["learning_rates"]
+    assert summary["learning_rates"] == pytest.approx([0.0, 5e-3, 3.75e-3, 1.25e-3])  # cosine, 1 warm-up step
     assert summary["max_abs_change_frozen"] == 0.0
 
 
