@@ -156,7 +156,7 @@ def test_sampled_eval_cli_on_the_demo_model(tmp_path):
 def test_eval_bad_decoding_options_exit_2_before_the_model_loads(tmp_path, capsys, monkeypatch, options, message):
     from safeneurons import models
 
-    monkeypatch.setattr(models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert cli.main(["eval", "--model", "demo", "--prompts", "demo-harmful", "--out", str(tmp_path / "out"),
                      *options]) == 2
     error = capsys.readouterr().err

@@ -281,6 +281,10 @@ class EvalConfig:
     add_eos: bool = False  # perplexity samples: append EOS to each response
     judges: tuple[str, ...] = ("keyword",)
     judge_models: tuple[str, ...] = ()  # "MODEL" (every model judge) or "JUDGE=MODEL"
+    xstest: str | None = None  # an XSTest CSV (prompt, type, label)
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_limit: int | None = None  # examples per task (all by default)
+    lm_eval_include: str | None = None  # a folder of lm-eval task YAML files
 
     @property
     def decoding(self) -> Decoding:
@@ -302,6 +306,22 @@ class EvalConfig:
         if not self.system_prompt.strip():
             raise SafeneuronsError("--system-prompt is empty: give none, default or the system prompt's text")
         self.judge_model_names()
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise SafeneuronsError(f"--lm-eval-limit={self.lm_eval_limit} must be a positive integer")
+
+    def check_inputs(self) -> None:
+        """Read what the run will need before any model loads: prompt files, the XSTest file, lm-eval's tasks."""
+        from .data import check_sources
+
+        check_sources(self.prompts, self.harmless, self.perplexity_data, directory=self.data_dir)
+        if self.xstest:
+            from .xstest import read_xstest
+
+            read_xstest(self.xstest)
+        if self.lm_eval_tasks:
+            from .utility import check_tasks
+
+            check_tasks(self.lm_eval_tasks, self.lm_eval_include)
 
     def judge_model_names(self) -> dict[str, str]:
         """The model of every model judge asked for: `JUDGE=MODEL`, else the one bare `MODEL`."""
@@ -347,6 +367,8 @@ class EvalReport:
     harmless_refusal_rate_interval: tuple[float, float] | None = None
     judges: dict = field(default_factory=dict)  # per judge: JudgeResult
     agreement: dict = field(default_factory=dict)  # "a|b": Cohen's κ over the prompts both judges parsed
+    xstest: dict | None = None  # xstest.XSTestResult
+    utility: dict | None = None  # lm-eval zero-shot accuracy per task
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -431,6 +453,17 @@ def evaluate_model(model: nn.Module, tokenizer: Any, config: EvalConfig, model_n
     if config.harmless:
         harmless = evaluate_prompts(model, tokenizer, config.harmless, config.harmless_limit, config.decoding,
                                     config.batch_size, config.data_dir, config.system)
+    xstest = None
+    if config.xstest:
+        from .xstest import evaluate_xstest
+
+        xstest = evaluate_xstest(model, tokenizer, config.xstest, config.decoding, config.batch_size, config.system)
+    utility = None
+    if config.lm_eval_tasks:
+        from .utility import zero_shot_accuracy
+
+        utility = zero_shot_accuracy(model, tokenizer, config.lm_eval_tasks, config.batch_size, config.lm_eval_limit,
+                                     config.lm_eval_include)
     ppl = None
     if config.perplexity_data:
         chosen = select(load_examples(config.perplexity_data, config.data_dir), config.perplexity_samples, config.seed)
@@ -448,7 +481,8 @@ def evaluate_model(model: nn.Module, tokenizer: Any, config: EvalConfig, model_n
                       perplexity=ppl, results=harmful.results,
                       harmless_results=[] if harmless is None else harmless.results,
                       asr_mean_over_samples=harmful.asr_mean_over_samples, decoding=asdict(config.decoding),
-                      system_prompt=config.system, judges=judged[0], agreement=judged[1])
+                      system_prompt=config.system, judges=judged[0], agreement=judged[1],
+                      xstest=None if xstest is None else xstest.to_json(), utility=utility)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -486,12 +520,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     judges.add_argument("--judge-model", action="append", default=[], metavar="[JUDGE=]MODEL",
                         help="the classifier of the model judges (HF id, folder, or demo-judge); JUDGE=MODEL for one "
                              "judge; repeat for several")
+    over_refusal = parser.add_argument_group("over-refusal and utility")
+    over_refusal.add_argument("--xstest", default=None, metavar="CSV",
+                              help="an XSTest file (prompt, type, label): refusal rate on its safe prompts, "
+                                   "compliance on its unsafe ones")
+    over_refusal.add_argument("--lm-eval-tasks", default=None, metavar="TASKS",
+                              help="zero-shot accuracy through lm-eval (pip install 'safeneurons[eval]'): "
+                                   "comma-separated tasks, or original (boolq,rte,hellaswag,winogrande,arc_easy,"
+                                   "arc_challenge,openbookqa)")
+    over_refusal.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task (all)")
+    over_refusal.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                              help="a folder of lm-eval task YAML files (local tasks)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per perplexity text (default %(default)s)")
     add_eos_argument(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    from .utility import parse_tasks
+
     for option in ("limit", "harmless_limit", "perplexity_samples"):
         if getattr(args, option) < 0:
             raise SafeneuronsError(f"--{option.replace('_', '-')}={getattr(args, option)} must be >= 0 (0 = all)")
@@ -502,19 +549,24 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
                         data_dir=args.data_dir, system_prompt=args.system_prompt, n_samples=args.n_samples,
                         temperature=args.temperature, add_eos=args.add_eos,
                         judges=tuple(name.strip() for name in args.judge.split(",") if name.strip()),
-                        judge_models=tuple(args.judge_model))
+                        judge_models=tuple(args.judge_model), xstest=args.xstest,
+                        lm_eval_tasks=parse_tasks(args.lm_eval_tasks) if args.lm_eval_tasks is not None else (),
+                        lm_eval_limit=args.lm_eval_limit, lm_eval_include=args.lm_eval_include)
     config.validate()
     return config
 
 
+def _rate_text(rate: float | None) -> str:
+    return "–" if rate is None else f"{rate:.3f}"
+
+
 def run(args: argparse.Namespace) -> None:
-    from .data import check_sources
     from .models import load_config, load_for_inference
     from .outputs import check_output_dir, write_json
 
     config = config_from_args(args)
     check_output_dir(args.out)
-    check_sources(config.prompts, config.harmless, config.perplexity_data, directory=config.data_dir)
+    config.check_inputs()
     if config.system is not None:  # a chat template that drops system messages fails here, before the model loads
         from .data import format_prompt
         from .models import load_tokenizer
@@ -547,6 +599,11 @@ def run(args: argparse.Namespace) -> None:
         if name != "keyword":
             rate = "–" if result["asr"] is None else f"{result['asr']:.3f}"
             summary += f"; {name} ASR {rate} ({result['unparsed']} unparsed)"
+    if report.xstest is not None:
+        summary += (f"; XSTest over-refusal {_rate_text(report.xstest['safe_refusal_rate'])}, unsafe compliance "
+                    f"{_rate_text(report.xstest['unsafe_compliance_rate'])}")
+    for task, values in (report.utility or {}).items():
+        summary += f"; {task} acc {values.get('acc', float('nan')):.3f}"
     for pair, value in report.agreement.items():
         summary += f"; κ {pair} {'–' if value['kappa'] is None else format(value['kappa'], '.2f')}"
     log.info("%s; wrote %s", summary, path)

@@ -32,11 +32,16 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16,
 }
 DEMO_NAME = "demo"
+DEMO_JUDGE_NAME = "demo-judge"  # the demo's HarmBench-format classifier (demo_judge.py)
 
 
 def demo_model_dir() -> Path:
     """The built-in demo model's folder inside the installed package."""
     return Path(__file__).resolve().parent / "demo_assets"
+
+
+def demo_judge_dir() -> Path:
+    return Path(__file__).resolve().parent / "demo_judge_assets"
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -52,6 +57,8 @@ def resolve_model_name(name: str) -> str:
     """A local folder or the demo model's folder as a path string; otherwise the HF id (aliases expanded)."""
     if name == DEMO_NAME:
         return str(demo_model_dir())
+    if name == DEMO_JUDGE_NAME:
+        return str(demo_judge_dir())
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     return ALIASES.get(name, name)

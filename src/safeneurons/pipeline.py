@@ -91,6 +91,8 @@ class PipelineSettings:
     extension_arms: str = "none"  # comma-separated EXTENSION_ARMS, "all" or "none"
     rescore_every: int = 100  # the dynamic_frozen arm's re-scoring interval (optimizer steps)
     lora_r: int = 8  # the LoRA arms' rank
+    judge: str = "keyword"  # eval judges of the harmful generations (see judges.py)
+    judge_model: str | None = None  # the classifier of the model judges
     profile: str = "original"
 
     @property
@@ -107,7 +109,7 @@ DEMO_PROFILE = dict(model=DEMO_NAME, prune_data="demo-align", score_batch_size=1
                     num_epochs=3, learning_rate=3e-3, max_length=128, device="cpu", cache_dir=None,
                     finetune_nsamples=128, harmful_data="demo-harmful", harmless_data="demo-harmless",
                     perplexity_data="demo-utility", perplexity_samples=64, max_new_tokens=64, save_every=16,
-                    rescore_every=8, profile="demo")
+                    rescore_every=8, judge="keyword,harmbench", judge_model="demo-judge", profile="demo")
 SETTING_HELP = {
     "model": "model: local folder, HF id, alias or demo", "prune_method": "wanda, wandg or random",
     "prune_data": "safety data for scoring", "sparsity_ratio": "fraction selected per output row",
@@ -127,6 +129,8 @@ SETTING_HELP = {
     "save_every": "fine-tuning checkpoint every N steps (an interrupted arm resumes from it)",
     "extension_arms": f"more arms: all, none or some of {','.join(EXTENSION_ARMS)}",
     "rescore_every": "dynamic_frozen: re-score every N steps", "lora_r": "LoRA arms: adapter rank",
+    "judge": "judges of the harmful generations: keyword, harmbench, llamaguard, strongreject (comma-separated)",
+    "judge_model": "classifier of the model judges (HF id or folder; demo-judge)",
 }
 NONE_WORDS = ("none", "")
 
@@ -169,7 +173,7 @@ def resolve_settings(args: argparse.Namespace) -> PipelineSettings:
     when there is no GPU or the Llama-2 weights are not available locally. Given options always win."""
     given = {item.name: getattr(args, item.name) for item in fields(PipelineSettings)
              if getattr(args, item.name, None) is not None}
-    for name in ("harmless_data", "perplexity_data", "deepspeed"):
+    for name in ("harmless_data", "perplexity_data", "deepspeed", "judge_model"):
         if isinstance(given.get(name), str) and given[name].lower() in NONE_WORDS:
             given[name] = None
     settings = PipelineSettings()
@@ -200,6 +204,10 @@ def validate(settings: PipelineSettings) -> None:
     for name in ("rescore_every", "lora_r"):
         if getattr(settings, name) < 1:
             raise SafeneuronsError(f"--{name.replace('_', '-')}={getattr(settings, name)} must be a positive integer")
+    from .evaluate import EvalConfig
+
+    EvalConfig(judges=tuple(name.strip() for name in settings.judge.split(",") if name.strip()),
+               judge_models=(settings.judge_model,) if settings.judge_model else ()).judge_model_names()
     unknown = [arm for arm in settings.extensions if arm not in EXTENSION_ARMS]
     if unknown:
         raise SafeneuronsError(f"--extension-arms {unknown[0]!r} is not one of {', '.join(EXTENSION_ARMS)} (or all)")
@@ -365,13 +373,19 @@ class Study:
 
     def evaluate(self, arm: str) -> Callable[[Path], None]:
         def work(folder: Path) -> None:
-            from .evaluate import evaluate_model
-            from .models import load_model_and_tokenizer
+            from .evaluate import LoadedJudge, evaluate_model
+            from .models import load_for_inference
             from .outputs import write_json
 
-            model, tokenizer = load_model_and_tokenizer(self.model_of(arm), self.settings.dtype,
-                                                        self.settings.cache_dir, self.device)
-            report = evaluate_model(model, tokenizer, self.eval_config(), self.model_of(arm))
+            s, config = self.settings, self.eval_config()
+            zero3 = self.zero3_config()
+            loaded = load_for_inference(self.model_of(arm), s.dtype, zero3, s.cache_dir, self.device)
+            judges = []
+            for judge, name in [(judge, config.judge_model_names().get(judge)) for judge in config.judges]:
+                classifier = load_for_inference(name, s.dtype, zero3, s.cache_dir, self.device) if name else None
+                judges.append(LoadedJudge(judge, name, classifier and classifier.model,
+                                          classifier and classifier.tokenizer))
+            report = evaluate_model(loaded.model, loaded.tokenizer, config, self.model_of(arm), judges)
             if report is not None:
                 write_json(folder / "eval.json", report.to_json())
 
@@ -385,7 +399,18 @@ class Study:
                           harmless_limit=s.eval_limit, perplexity_data=s.perplexity_data,
                           perplexity_samples=s.perplexity_samples, max_new_tokens=s.max_new_tokens,
                           batch_size=s.eval_batch_size, max_length=s.max_length, seed=s.seed + 1,
-                          data_dir=s.data_dir, add_eos=s.add_eos)
+                          data_dir=s.data_dir, add_eos=s.add_eos,
+                          judges=tuple(name.strip() for name in s.judge.split(",") if name.strip()),
+                          judge_models=(s.judge_model,) if s.judge_model else ())
+
+    def zero3_config(self) -> str | dict | None:
+        """The fine-tuning's ZeRO-3 config, so that evaluation runs partitioned under the same launch (None when
+        fine-tuning does not partition the model)."""
+        from .dsconfig import read_config, zero_stage
+
+        if self.settings.deepspeed is not None:
+            return self.settings.deepspeed if zero_stage(read_config(self.settings.deepspeed)) == 3 else None
+        return DEFAULT_ZERO3 if distributed.world_size() > 1 else None
 
     def stages(self) -> list[Stage]:
         s = asdict(self.settings)
@@ -395,7 +420,8 @@ class Study:
                                                           "batch_size", "finetune_nsamples", "deepspeed",
                                                           "save_path")}}
         evaluation = {key: s[key] for key in ("harmful_data", "eval_limit", "harmless_data", "perplexity_data",
-                                              "perplexity_samples", "max_new_tokens", "seed", "max_length")}
+                                              "perplexity_samples", "max_new_tokens", "seed", "max_length", "judge",
+                                              "judge_model")}
         stages = [Stage("score", scoring, self.score(self.settings.model, self.settings.prune_method))]
         if self.settings.random_control:
             stages.append(Stage("score_random", {**scoring, "method": "random"},
@@ -467,6 +493,10 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(location)
     check_sources(settings.prune_data, settings.training_data, settings.harmful_data, settings.harmless_data,
                   settings.perplexity_data, directory=settings.data_dir)
+    if settings.judge_model:
+        from .models import load_config
+
+        load_config(settings.judge_model, settings.cache_dir)  # a classifier that is not there fails in one line
     started = time.perf_counter()
     summary = run_study(settings, args.force)
     if summary is not None:
@@ -489,7 +519,7 @@ def arm_results(study: Study) -> dict[str, dict]:
         row = {key: evaluation[key] for key in ("refusal_rate", "asr", "harmless_refusal_rate", "perplexity",
                                                 "n_prompts")}
         row.update({key: evaluation.get(key) for key in ("refusal_rate_interval", "asr_interval",
-                                                          "harmless_refusal_rate_interval")})
+                                                          "harmless_refusal_rate_interval", "judges", "agreement")})
         report_file = study.results / f"finetune_{arm}" / "freeze_report.json"
         if report_file.is_file():
             report = json.loads(report_file.read_text())
@@ -604,6 +634,25 @@ ARM_TABLE_HEADER = ["arm", "refusal harmful", "ASR", "refusal harmless", "ppl", 
                     "max abs Δ safety set"]
 
 
+def judge_lines(arms: dict[str, dict]) -> list[str]:
+    """ASR per judge and arm (95% Wilson interval; unparsed verdicts left out) and the judges' agreement (κ)."""
+    judges = sorted({name for row in arms.values() for name in (row.get("judges") or {})})
+    if judges == ["keyword"] or not judges:
+        return []
+    lines = ["", "ASR by judge (a prompt is attacked when the judge says its generation carries out the request):", "",
+             "| arm | " + " | ".join(judges) + " | agreement (Cohen's κ) |", "|" + " --- |" * (len(judges) + 2)]
+    for arm, row in arms.items():
+        cells = []
+        for name in judges:
+            result = (row.get("judges") or {}).get(name)
+            cells.append("–" if not result or result["asr"] is None else
+                         _rate({"asr": result["asr"], "asr_interval": result["asr_interval"]}, "asr")
+                         + (f", {result['unparsed']} unparsed" if result["unparsed"] else ""))
+        kappas = ", ".join(f"{pair}: {_number(value['kappa'], 2)}" for pair, value in (row.get("agreement") or {}).items())
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + f" | {kappas or '–'} |")
+    return lines
+
+
 def write_report(summary: dict, path: Path) -> Path:
     from .outputs import atomic_file
 
@@ -617,6 +666,7 @@ def write_report(summary: dict, path: Path) -> Path:
              f"`{settings['perplexity_data']}`.", "", f"**{summary['verdict']}**", "", "## Arms", "",
              "| " + " | ".join(ARM_TABLE_HEADER) + " |", "|" + " --- |" * len(ARM_TABLE_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in arm_table_rows(summary["arms"], summary.get("arms_weight_drift"))]
+    lines += judge_lines(summary["arms"])
     lines += ["", "Rates with their 95% Wilson interval. \"max abs Δ safety set\": the largest change of the safety-critical weights in that arm, frozen "
               "or not (\"–\" where the arm froze another set)."]
     lines += ["", "![arms](arms.png)", "", "## Safety-critical weights before and after fine-tuning", "",
