@@ -72,7 +72,7 @@ class AblationConfig:
         """What decides a point's result: a finished point with other settings is redone."""
         return {"data": self.data, "utility_data": self.utility_data, "score_method": self.score_method,
                 "nsamples": self.nsamples, "max_length": self.max_length, "seed": self.seed,
-                "add_eos": self.add_eos, "evaluation": asdict(self.evaluation)}
+                "add_eos": self.add_eos, "evaluation": json.loads(json.dumps(asdict(self.evaluation)))}  # as read back
 
 
 @dataclass(frozen=True)

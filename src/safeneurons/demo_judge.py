@@ -12,6 +12,7 @@ held-out accuracy per kind.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .data import Example, build_samples, pad_batch
+from .data import Example, pad_batch, tokenize_example
 from .demo import ANSWER, BENIGN_VERBS, HARMFUL_VERBS, OBJECTS, REFUSALS, TEMPLATES, dataset
 from .judges import HARMBENCH_PROMPT, parse_harmbench
 
@@ -80,7 +81,8 @@ def make_judge_model(build: JudgeBuild, tokenizer: Any) -> Any:
 def train_judge(build: JudgeBuild, tokenizer: Any, model: Any) -> list[float]:
     """Supervised training on the answer tokens only (AdamW, constant rate after a short warm-up)."""
     examples = judge_examples(held_out=False, rng=random.Random(build.seed))
-    samples = build_samples(examples, tokenizer, None, build.seed, build.max_length, add_eos=True)
+    sample = functools.lru_cache(maxsize=None)(  # tokenised when first drawn: most examples never are
+        lambda index: tokenize_example(tokenizer, examples[index], build.max_length, add_eos=True))
     generator = torch.Generator().manual_seed(build.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=build.learning_rate, weight_decay=0.01)
     warmup = max(1, build.steps // 20)
@@ -88,8 +90,8 @@ def train_judge(build: JudgeBuild, tokenizer: Any, model: Any) -> list[float]:
     losses = []
     model.train()
     for step in range(build.steps):
-        indices = torch.randint(len(samples), (build.batch_size,), generator=generator).tolist()
-        loss = model(**pad_batch([samples[index] for index in indices], tokenizer.pad_token_id)).loss
+        indices = torch.randint(len(examples), (build.batch_size,), generator=generator).tolist()
+        loss = model(**pad_batch([sample(index) for index in indices], tokenizer.pad_token_id)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -648,7 +648,8 @@ def judge_lines(arms: dict[str, dict]) -> list[str]:
             cells.append("–" if not result or result["asr"] is None else
                          _rate({"asr": result["asr"], "asr_interval": result["asr_interval"]}, "asr")
                          + (f", {result['unparsed']} unparsed" if result["unparsed"] else ""))
-        kappas = ", ".join(f"{pair}: {_number(value['kappa'], 2)}" for pair, value in (row.get("agreement") or {}).items())
+        kappas = ", ".join(f"{pair.replace('|', ' vs ')}: {_number(value['kappa'], 2)}"
+                           for pair, value in (row.get("agreement") or {}).items())
         lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + f" | {kappas or '–'} |")
     return lines
 
