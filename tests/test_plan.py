@@ -11,6 +11,7 @@ from safeneurons import cli
 from safeneurons.models import scored_linears
 from safeneurons.plan import (GIB, PRESETS, Cluster, ModelShape, Workload, model_shape, plan_report, plan_stages,
                               activation_bytes_per_token, training_activations)
+from safeneurons.plan import kv_cache_bytes as kv_cache_bytes_of
 
 
 def _llama(shape: ModelShape, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -93,7 +94,7 @@ def test_finetune_states_are_deepspeeds_zero3_estimate() -> None:
 
 def test_masks_scores_and_activations_per_gpu() -> None:
     shape, cluster, workload = PRESETS["llama2-70b"], Cluster(1, 8), Workload(batch_size=2, max_length=256)
-    score, finetune, patch, trace = plan_stages(shape, cluster, workload)
+    score, finetune, patch, trace, evaluation = plan_stages(shape, cluster, workload)
     assert score.masks == math.ceil(shape.scored_params / 64)  # one bit per weight, an eighth of the ranks
     assert finetune.masks == score.masks + math.ceil(workload.sparsity_ratio * shape.scored_params * 4 / 8)
     assert workload.sparsity_ratio == 0.1  # the one default of score, pipeline and plan
@@ -111,7 +112,7 @@ def test_fit_verdicts_for_llama2_70b() -> None:
         report = plan_report(shape, Cluster(nodes, 8, 80.0, offload), Workload(batch_size=batch))
         return {stage["stage"]: stage["fits"] for stage in report["stages"]}
 
-    assert fits(1) == {"score": False, "finetune": False, "patch": True, "trace": True}
+    assert fits(1) == {"score": False, "finetune": False, "patch": True, "trace": True, "eval": True}
     assert fits(4)["finetune"] is False and fits(4, batch=1)["finetune"] is True
     assert fits(1, "param", batch=1)["finetune"] is True
     assert all(fits(4, batch=1).values())
@@ -122,7 +123,7 @@ def test_plan_command_prints_json_and_exits_1_when_a_stage_does_not_fit(capsys, 
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert json.loads((tmp_path / "plan.json").read_text()) == report
-    assert [stage["stage"] for stage in report["stages"]] == ["score", "finetune", "patch", "trace"]
+    assert [stage["stage"] for stage in report["stages"]] == ["score", "finetune", "patch", "trace", "eval"]
     assert report["cluster"]["world_size"] == 8
     assert cli.main(["plan", "--model", "llama2-70b", "--nodes", "1", "--gpus_per_node", "8"]) == 1
     table = capsys.readouterr().out
@@ -140,3 +141,24 @@ def test_plan_command_prints_json_and_exits_1_when_a_stage_does_not_fit(capsys, 
 def test_bad_input_gives_one_clear_error(argv: list[str], message: str, capsys) -> None:
     assert cli.main(["plan", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_kv_cache_formula_equals_the_cache_generation_keeps() -> None:
+    """Grouped-query attention, bf16: the keys and values a generation's cache holds, byte for byte."""
+    from safeneurons.plan import kv_cache_bytes
+
+    shape = ModelShape("probe", hidden=80, layers=3, intermediate=176, heads=5, kv_heads=1, vocab=150)
+    model = _llama(shape, torch.bfloat16)
+    ids = torch.randint(3, shape.vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                         do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    cache = out.past_key_values
+    held = sum(tensor.numel() * tensor.element_size() for layer in cache.layers for tensor in (layer.keys, layer.values))
+    assert held == kv_cache_bytes(shape, 2, 7 + 5 - 1)  # the last new token's keys are never computed
+
+
+def test_eval_stage_of_llama2_70b() -> None:
+    shape, cluster = PRESETS["llama2-70b"], Cluster(1, 8)
+    evaluation = plan_stages(shape, cluster, Workload())[4]
+    assert evaluation.stage == "eval" and evaluation.masks == evaluation.scores == 0
+    assert evaluation.activations >= kv_cache_bytes_of(shape, 16, 512 + 256)

@@ -22,7 +22,7 @@ GIB = 2 ** 30
 RESERVED_FRACTION = 0.10
 BF16_BYTES = 2
 FP32_BYTES = 4
-STAGES = ("score", "finetune", "patch", "trace")
+STAGES = ("score", "finetune", "patch", "trace", "eval")
 PATCH_COMPONENTS = 3  # residual, attn_out, mlp_out cached per layer for the clean and the corrupted run
 OFFLOAD_CHOICES = ("none", "optimizer", "param")
 
@@ -114,6 +114,8 @@ class Workload:
     max_length: int = 512
     sparsity_ratio: float = 0.1  # the original extension's default, as in score and pipeline
     gradient_checkpointing: bool = False  # finetune --gradient-checkpointing
+    eval_batch_size: int = 16  # `safeneurons eval` defaults
+    max_new_tokens: int = 256
 
 
 def activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
@@ -137,6 +139,11 @@ def training_activations(shape: ModelShape, tokens: int, checkpointing: bool = F
     if checkpointing:
         return tokens * (shape.layers * BF16_BYTES * shape.hidden + outside + per_layer)
     return tokens * (shape.layers * per_layer + outside)
+
+
+def kv_cache_bytes(shape: ModelShape, sequences: int, length: int) -> int:
+    """The bf16 keys and values generation keeps: every layer, every sequence, every token so far."""
+    return 2 * shape.layers * shape.kv_dim * BF16_BYTES * sequences * length
 
 
 def forward_activations(shape: ModelShape, tokens: int) -> int:
@@ -208,7 +215,14 @@ def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list
     # trace: two models; one layer's gate and up outputs of both (fp32) and the neuron cost matrix
     matching = 2 * 2 * tokens * shape.intermediate * FP32_BYTES + shape.intermediate ** 2 * FP32_BYTES
     trace = StageMemory("trace", 2 * states, forward_activations(shape, tokens) + matching, 0, 0, 2 * cpu)
-    return [score, finetune, patch, trace]
+
+    # eval (generation under ZeRO-3): bf16 partitions plus the gathered layer, one batch's forward and KV cache
+    # for prompts of up to max_length tokens and max_new_tokens more (a judge model adds its own states)
+    cpu, states = inference_model_states(shape, cluster, with_grads=False)
+    length = workload.max_length + workload.max_new_tokens
+    evaluation = StageMemory("eval", states, forward_activations(shape, workload.eval_batch_size * length)
+                             + kv_cache_bytes(shape, workload.eval_batch_size, length), 0, 0, cpu)
+    return [score, finetune, patch, trace, evaluation]
 
 
 def fits(stage: StageMemory, cluster: Cluster) -> bool:
@@ -261,6 +275,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="tokens per sequence (default %(default)s)")
     parser.add_argument("--sparsity-ratio", type=float, default=Workload.sparsity_ratio,
                         help="fraction of the scored weights frozen (default %(default)s)")
+    parser.add_argument("--eval-batch-size", type=int, default=Workload.eval_batch_size,
+                        help="eval: prompts per generation batch per GPU (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=Workload.max_new_tokens,
+                        help="eval: new tokens per generation (default %(default)s)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="fine-tuning with activation checkpointing (finetune --gradient-checkpointing)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (--out also writes DIR/plan.json)")
@@ -274,11 +292,13 @@ def _check_positive(**values: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_positive(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory=args.gpu_memory,
-                    batch_size=args.batch_size, max_length=args.max_length)
+                    batch_size=args.batch_size, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
+                    max_new_tokens=args.max_new_tokens)
     if not 0 <= args.sparsity_ratio < 1:
         raise SafeneuronsError(f"--sparsity-ratio is {args.sparsity_ratio}; expected a fraction in [0, 1)")
     report = plan_report(model_shape(args.model), Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.offload),
-                         Workload(args.batch_size, args.max_length, args.sparsity_ratio, args.gradient_checkpointing))
+                         Workload(args.batch_size, args.max_length, args.sparsity_ratio, args.gradient_checkpointing,
+                                  args.eval_batch_size, args.max_new_tokens))
     if distributed.init_distributed().is_main:
         print(json.dumps(report, indent=2) if args.json else format_table(report))
         if args.out:
