@@ -61,7 +61,8 @@ def test_unsupported_architecture_is_refused(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(SafeneuronsError, match="architecture 'gpt2'; supported are llama, mistral, qwen2"):
+    with pytest.raises(SafeneuronsError, match="no decoder layers at model.layers; expected decoder layers at "
+                                               r"model.layers with self_attn.\{q,k,v\}_proj \(or qkv_proj\)"):
         models.load_model(str(tmp_path))
 
 
@@ -70,7 +71,7 @@ def test_missing_linear_is_refused(demo_tokenizer):
 
     model = make_tiny_llama(demo_tokenizer)
     model.model.layers[1].mlp.up_proj = torch.nn.Identity()
-    with pytest.raises(SafeneuronsError, match="layer 1 has no nn.Linear mlp.up_proj"):
+    with pytest.raises(SafeneuronsError, match="layer 1 does not have the structure safeneurons works on"):
         models.check_architecture(model)
 
 

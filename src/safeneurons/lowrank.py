@@ -239,8 +239,8 @@ def _modify(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, l
 
 
 # Linears that read the same input share its Gram, so they share an owner: q/k/v, o, gate/up, down
-INPUT_GROUPS = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
-                "mlp.gate_proj": 2, "mlp.up_proj": 2, "mlp.down_proj": 3}
+INPUT_GROUPS = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.qkv_proj": 0,
+                "self_attn.o_proj": 1, "mlp.gate_proj": 2, "mlp.up_proj": 2, "mlp.gate_up_proj": 2, "mlp.down_proj": 3}
 
 
 def group_owner(target: Target, world: int) -> int:

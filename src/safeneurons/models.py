@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,9 +23,14 @@ ALIASES = {
     "llama2-13b-hf": "meta-llama/Llama-2-13b-hf",
     "llama2-70b-hf": "meta-llama/Llama-2-70b-hf",
 }
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+# Support is decided by structure, not by model type: decoder layers at `model.layers`, each with an attention
+# block (separate q/k/v projections or one fused qkv_proj, and o_proj) and an MLP (gate and up projections or one
+# fused gate_up_proj, and down_proj). Llama, Mistral, Qwen2/3, Gemma-2/3 and Phi-3 have it.
+ATTENTION_LAYOUTS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
+MLP_LAYOUTS = (("gate_proj", "up_proj"), ("gate_up_proj",))
+BLOCK_OUTPUTS = {"self_attn": "o_proj", "mlp": "down_proj"}
+EXPECTED_LAYOUT = ("decoder layers at model.layers with self_attn.{q,k,v}_proj (or qkv_proj) and o_proj, and "
+                   "mlp.{gate,up}_proj (or gate_up_proj) and down_proj")
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -194,31 +199,84 @@ def load_for_inference(name: str, dtype: str | torch.dtype = "float32", deepspee
 
 
 def check_architecture_config(config: Any, name: str = "") -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_TYPES:
-        raise SafeneuronsError(f"model {name or '?'} has architecture {model_type!r}; supported are "
-                               f"{', '.join(SUPPORTED_TYPES)} (decoder layers with q/k/v/o and gate/up/down projections)")
+    """Refuse, before any weight is read, a config whose model lacks the decoder structure (checked on the model
+    built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as error:
+        raise SafeneuronsError(f"model {name or '?'} (architecture {getattr(config, 'model_type', None)!r}) is not a "
+                               f"causal LM transformers can build ({str(error).splitlines()[0]})") from None
+    check_architecture(skeleton, name)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a Llama-type model (`model.model.layers`)."""
+    """The decoder blocks (`model.model.layers`)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise SafeneuronsError(f"{type(model).__name__} has no decoder layers at model.layers; "
-                               f"supported are {', '.join(SUPPORTED_TYPES)} causal LMs")
+        raise SafeneuronsError(f"{type(model).__name__} has no decoder layers at model.layers; expected "
+                               f"{EXPECTED_LAYOUT}")
     return layers
 
 
-def check_architecture(model: nn.Module) -> None:
+def layer_projections(layer: nn.Module) -> list[tuple[str, nn.Linear]] | None:
+    """The projections of one decoder layer in data order (inputs, then output, of attention then MLP), named
+    like "self_attn.q_proj"; None when the layer does not have the structure."""
+    found = []
+    for parent_name, layouts in (("self_attn", ATTENTION_LAYOUTS), ("mlp", MLP_LAYOUTS)):
+        parent = getattr(layer, parent_name, None)
+        names = next((layout for layout in layouts
+                      if all(isinstance(getattr(parent, name, None), nn.Linear) for name in layout)), None)
+        output = BLOCK_OUTPUTS[parent_name]
+        if names is None or not isinstance(getattr(parent, output, None), nn.Linear):
+            return None
+        found += [(f"{parent_name}.{name}", getattr(parent, name)) for name in (*names, output)]
+    return found
+
+
+def check_architecture(model: nn.Module, name: str = "") -> None:
     """Every decoder layer must have the Linear projections we score, freeze and patch."""
-    check_architecture_config(getattr(model, "config", None), type(model).__name__)
     for index, layer in enumerate(decoder_layers(model)):
-        for parent, names in (("self_attn", ATTENTION_LINEARS), ("mlp", MLP_LINEARS)):
-            for linear in names:
-                module = getattr(getattr(layer, parent, None), linear, None)
-                if not isinstance(module, nn.Linear):
-                    raise SafeneuronsError(f"layer {index} has no nn.Linear {parent}.{linear}; the model does not "
-                                           f"have the decoder layout of {', '.join(SUPPORTED_TYPES)}")
+        if layer_projections(layer) is None:
+            raise SafeneuronsError(f"model {name or type(model).__name__}: layer {index} does not have the structure "
+                                   f"safeneurons works on; expected {EXPECTED_LAYOUT}")
+
+
+def head_dim(config: Any) -> int:
+    """The attention head width as the model uses it: the config's head_dim when set, else hidden / heads."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def fused_parts(name: str, config: Any) -> dict[str, slice] | None:
+    """The output rows of each part of a fused projection ("self_attn.qkv_proj": q, k, v; "mlp.gate_up_proj": gate,
+    up), None for a projection that is not fused."""
+    if name.endswith("gate_up_proj"):
+        width = int(config.intermediate_size)
+        return {"gate": slice(0, width), "up": slice(width, 2 * width)}
+    if name.endswith("qkv_proj"):
+        heads = int(config.num_attention_heads)
+        kv_width = int(getattr(config, "num_key_value_heads", None) or heads) * head_dim(config)
+        q_width = heads * head_dim(config)
+        return {"q": slice(0, q_width), "k": slice(q_width, q_width + kv_width),
+                "v": slice(q_width + kv_width, q_width + 2 * kv_width)}
+    return None
+
+
+SPLIT_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "gate": "mlp.gate_proj",
+               "up": "mlp.up_proj"}
+
+
+def split_fused(tensors: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """One layer's tensors by short name with fused projections replaced by views of their parts, named like the
+    separate projections ("self_attn.q_proj", ...): code written for q/k/v and gate/up works on both layouts, and
+    writes into the views land in the fused tensors."""
+    split = {}
+    for name, tensor in tensors.items():
+        parts = fused_parts(name, config)
+        split.update({SPLIT_NAMES[part]: tensor[rows] for part, rows in parts.items()} if parts else {name: tensor})
+    return split
 
 
 @dataclass(frozen=True)
@@ -229,6 +287,7 @@ class ScoredLinear:
     name: str  # e.g. "self_attn.q_proj"
     param_name: str  # full parameter name, e.g. "model.layers.3.self_attn.q_proj.weight"
     module: nn.Linear
+    config: Any = field(default=None, compare=False, repr=False)  # the model's config (sizes of fused parts)
 
 
 def scored_linears(model: nn.Module, layer: int | None = None) -> list[ScoredLinear]:
@@ -239,10 +298,8 @@ def scored_linears(model: nn.Module, layer: int | None = None) -> list[ScoredLin
     for index, block in enumerate(decoder_layers(model)):
         if layer is not None and index != layer:
             continue
-        for parent, linears in (("self_attn", ATTENTION_LINEARS), ("mlp", MLP_LINEARS)):
-            for linear in linears:
-                module = getattr(getattr(block, parent), linear)
-                found.append(ScoredLinear(index, f"{parent}.{linear}", f"{names[id(module)]}.weight", module))
+        found += [ScoredLinear(index, name, f"{names[id(module)]}.weight", module, getattr(model, "config", None))
+                  for name, module in layer_projections(block)]
     return found
 
 

@@ -37,15 +37,24 @@ class ModelShape:
     kv_heads: int
     vocab: int
     tied_embeddings: bool = False
+    head_dim: int | None = None  # the config's head_dim when it sets one (Gemma, Qwen3, Mistral-NeMo), else hidden/heads
+    counted: tuple[int, int, int] | None = None  # (total, scored, largest) counted on the model's meta skeleton
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.hidden // self.heads
 
     @property
     def kv_dim(self) -> int:
-        return self.kv_heads * (self.hidden // self.heads)
+        return self.kv_heads * self.head_width
 
     @property
     def scored_params_per_layer(self) -> int:
         """q, k, v, o, gate, up, down: the Linear weights that are scored, masked and frozen."""
-        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim
+        if self.counted is not None:
+            return self.counted[1] // self.layers
+        query = self.heads * self.head_width
+        attention = 2 * self.hidden * query + 2 * self.hidden * self.kv_dim
         return attention + 3 * self.hidden * self.intermediate
 
     @property
@@ -54,6 +63,8 @@ class ModelShape:
 
     @property
     def total_params(self) -> int:
+        if self.counted is not None:
+            return self.counted[0]
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         norms = (2 * self.layers + 1) * self.hidden
         return self.scored_params + embeddings + norms
@@ -61,6 +72,8 @@ class ModelShape:
     @property
     def largest_param(self) -> int:
         """The largest single tensor, the most ZeRO-3 gathers at once (DeepSpeed's `largest_layer_params`)."""
+        if self.counted is not None:
+            return self.counted[2]
         return max(self.vocab * self.hidden, self.hidden * self.intermediate)
 
 
@@ -76,10 +89,13 @@ PRESET_ALIASES.update({f"meta-llama/Llama-2-{size}{chat}-hf": f"llama2-{size}"
 
 
 def model_shape(name: str) -> ModelShape:
-    """The built-in size of a llama2 alias, or the shape in a local model folder's config.json (or `demo`)."""
+    """The built-in size of a llama2 alias, or the shape of a local model folder (or `demo`): its config's sizes,
+    and the parameter counts of the model transformers builds from it on the meta device (so every architecture's
+    own extras — norms, biases, fused projections, head_dim — are counted as the model has them). A model that
+    lacks the decoder structure is refused as by every other stage."""
     if name in PRESET_ALIASES:
         return PRESETS[PRESET_ALIASES[name]]
-    from .models import resolve_model_name
+    from .models import model_skeleton, resolve_model_name, scored_linears
 
     folder = Path(resolve_model_name(name))
     config_file = folder / "config.json"
@@ -89,11 +105,17 @@ def model_shape(name: str) -> ModelShape:
     config = json.loads(config_file.read_text())
     try:
         heads = config["num_attention_heads"]
-        return ModelShape(name, config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"],
-                          heads, config.get("num_key_value_heads") or heads, config["vocab_size"],
-                          bool(config.get("tie_word_embeddings", False)))
+        sizes = (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"], heads,
+                 config.get("num_key_value_heads") or heads, config["vocab_size"])
     except KeyError as missing:
-        raise SafeneuronsError(f"{config_file} has no {missing.args[0]}; expected a Llama-type config") from None
+        raise SafeneuronsError(f"{config_file} has no {missing.args[0]}; expected a decoder LM config") from None
+    skeleton = model_skeleton(name)  # checks the structure
+    parameters = list(skeleton.parameters())
+    counted = (sum(param.numel() for param in parameters),
+               sum(linear.module.weight.numel() for linear in scored_linears(skeleton)),
+               max(param.numel() for param in parameters))
+    return ModelShape(name, *sizes, bool(getattr(skeleton.config, "tie_word_embeddings", False)),
+                      config.get("head_dim"), counted)
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ from . import distributed
 from .data import IGNORE_INDEX, Sample, load_samples, pad_batch
 from .errors import SafeneuronsError
 from .masks import save_mask_shard, save_masks, shard_name, write_index
-from .models import (ScoredLinear, decoder_layers, is_zero3_partitioned, load_for_inference, model_device,
-                     scored_linears)
+from .models import (ScoredLinear, decoder_layers, fused_parts, is_zero3_partitioned, load_for_inference,
+                     model_device, scored_linears, split_fused)
 from .outputs import atomic_file, discard_staging, publish_dir, staging_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -520,11 +520,12 @@ def select_heads(scores: Mapping[str, torch.Tensor], heads: int, kv_heads: int, 
 
 
 def select_masks(targets: Sequence[Target], scores: Mapping[str, Mapping[str, torch.Tensor]],
-                 config: ScoreConfig, heads: tuple[int, int] = (1, 1)) -> dict[str, torch.Tensor]:
+                 config: ScoreConfig, heads: tuple[int, int] = (1, 1), model_config: Any = None
+                 ) -> dict[str, torch.Tensor]:
     """Masks of the targets this rank owns, from `scores["safety"]` (and `scores["utility"]`); `heads` = the
     model's (query heads, key/value heads) for granularity head."""
     if config.granularity == "head":
-        return _select_head_masks(targets, scores["safety"], heads, config.sparsity_ratio)
+        return _select_head_masks(targets, scores["safety"], heads, config.sparsity_ratio, model_config)
     masks = {}
     for target in targets:
         if not target.mine:
@@ -539,13 +540,17 @@ def select_masks(targets: Sequence[Target], scores: Mapping[str, Mapping[str, to
 
 
 def _select_head_masks(targets: Sequence[Target], safety: Mapping[str, torch.Tensor], heads: tuple[int, int],
-                       ratio: float) -> dict[str, torch.Tensor]:
-    """Head masks of the layers this rank owns (an owner holds all of a layer's scores)."""
+                       ratio: float, config: Any = None) -> dict[str, torch.Tensor]:
+    """Head masks of the layers this rank owns (an owner holds all of a layer's scores); fused projections are
+    ranked and marked through views of their q/k/v parts."""
     masks = {}
     for layer in sorted({target.linear.layer for target in targets if target.mine}):
         mine = [target for target in targets if target.linear.layer == layer]
-        chosen = select_heads({t.linear.name: safety[t.name] for t in mine}, *heads, ratio)
-        masks.update({t.name: chosen[t.linear.name] for t in mine})
+        chosen = select_heads(split_fused({t.linear.name: safety[t.name] for t in mine}, config), *heads, ratio)
+        fused = {t.linear.name: torch.zeros(safety[t.name].shape, dtype=torch.bool) for t in mine}
+        for name, view in split_fused(fused, config).items():
+            view.copy_(chosen[name])
+        masks.update({t.name: fused[t.linear.name] for t in mine})
     return masks
 
 
@@ -558,7 +563,7 @@ def score_all_layers(model: nn.Module, targets: Sequence[Target], sources: Mappi
     source start the passes at the lowest scored layer."""
     scores = {source: score_targets(model, targets, samples, config, stream, (entries or {}).get(source))
               for stream, (source, samples) in enumerate(sources.items())}
-    return select_masks(targets, scores, config, attention_heads(model)), scores["safety"]
+    return select_masks(targets, scores, config, attention_heads(model), model.config), scores["safety"]
 
 
 def attention_heads(model: nn.Module) -> tuple[int, int]:
@@ -642,12 +647,16 @@ def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
                                "nsamples_used": {name: None if samples is None else len(samples)
                                                  for name, samples in sources.items()}}
     local = {target.name: (target.linear.layer, int(masks[target.name].sum()), math.prod(target.shape),
-                           list(target.shape)) for target in targets if target.mine}
+                           list(target.shape), _part_counts(target, masks[target.name], config_of(target)))
+             for target in targets if target.mine}
     merged = distributed.merge_dicts_to_main(local)
     if merged is None:
         return summary
-    per_parameter = {target.name: dict(zip(("layer", "selected", "total", "shape"), merged[target.name]))
+    per_parameter = {target.name: dict(zip(("layer", "selected", "total", "shape", "parts"), merged[target.name]))
                      for target in targets}
+    for counts in per_parameter.values():
+        if counts["parts"] is None:
+            del counts["parts"]
     per_layer: dict[str, dict[str, int]] = {}
     for counts in per_parameter.values():
         layer = per_layer.setdefault(str(counts["layer"]), {"selected": 0, "total": 0})
@@ -658,6 +667,18 @@ def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
     return {**summary, "total_selected": total_selected, "total_scored": total_scored,
             "selected_fraction": total_selected / total_scored, "per_layer": per_layer,
             "per_parameter": per_parameter}
+
+
+def config_of(target: Target) -> Any:
+    return getattr(target.linear, "config", None)
+
+
+def _part_counts(target: Target, mask: torch.Tensor, config: Any) -> dict[str, dict[str, int]] | None:
+    """Selected and total weights of each part of a fused projection (q/k/v, gate/up)."""
+    parts = fused_parts(target.linear.name, config) if config is not None else None
+    if parts is None:
+        return None
+    return {part: {"selected": int(mask[rows].sum()), "total": int(mask[rows].numel())} for part, rows in parts.items()}
 
 
 def _save_float_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import distributed
 from .errors import SafeneuronsError
-from .models import decoder_layers, is_zero3_partitioned, model_device
+from .models import decoder_layers, fused_parts, is_zero3_partitioned, model_device
 
 log = logging.getLogger(__name__)
 
@@ -163,11 +163,11 @@ class _Recorder:
         self.offset = 0
         self.keep: torch.Tensor | None = None
 
-    def hook(self, key: tuple[str, int]):
+    def hook(self, key: tuple[str, int], columns: slice):
         array = self.arrays[key]
 
         def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-            rows = output.detach().reshape(-1, output.shape[-1])[self.keep]
+            rows = output.detach().reshape(-1, output.shape[-1])[self.keep][:, columns]
             array[self.offset:self.offset + rows.shape[0]] = rows.float().cpu().numpy()
 
         return record
@@ -198,8 +198,8 @@ def collect_mlp_activations(model: nn.Module, inputs: TokenInputs, layers: Itera
         raise SafeneuronsError(f"layers {layers} are out of range for a model with {len(blocks)} decoder layers")
     batches = as_batches(inputs)
     n_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-    modules = {(kind, layer): getattr(blocks[layer].mlp, PROJECTIONS[kind]) for layer in layers for kind in kinds}
-    arrays, spill = _allocate({key: (n_tokens, module.out_features) for key, module in modules.items()},
+    modules = {(kind, layer): mlp_output(blocks[layer].mlp, kind, model.config) for layer in layers for kind in kinds}
+    arrays, spill = _allocate({key: (n_tokens, rows.stop - rows.start) for key, (_, rows) in modules.items()},
                               memory_limit, spill_dir)
     if modules or is_zero3_partitioned(model):  # ZeRO-3 forwards are collective: every rank takes part
         _run_and_record(model, batches, modules, arrays)
@@ -209,10 +209,19 @@ def collect_mlp_activations(model: nn.Module, inputs: TokenInputs, layers: Itera
     return MlpActivations(by_kind["gate"], by_kind["up"], n_tokens, spill)
 
 
+def mlp_output(mlp: nn.Module, kind: str, config: Any) -> tuple[nn.Module, slice]:
+    """The module whose output holds the `kind` (gate or up) activations, and their columns in it: the whole
+    output of gate_proj / up_proj, or one half of a fused gate_up_proj's."""
+    separate = getattr(mlp, PROJECTIONS[kind], None)
+    if separate is not None:
+        return separate, slice(0, separate.out_features)
+    return mlp.gate_up_proj, fused_parts("mlp.gate_up_proj", config)[kind]
+
+
 def _run_and_record(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
                     modules: Mapping[tuple[str, int], nn.Module], arrays: Mapping[tuple[str, int], np.ndarray]) -> None:
     recorder = _Recorder(arrays)
-    handles = [module.register_forward_hook(recorder.hook(key)) for key, module in modules.items()]
+    handles = [module.register_forward_hook(recorder.hook(key, rows)) for key, (module, rows) in modules.items()]
     device = model_device(model)
     decoder = model.model  # the decoder stack alone: the vocabulary projection is not needed
     try:
