@@ -10,7 +10,7 @@ import torch
 from safeneurons import cli
 from safeneurons.models import scored_linears
 from safeneurons.plan import (GIB, PRESETS, Cluster, ModelShape, Workload, model_shape, plan_report, plan_stages,
-                              activation_bytes_per_token, training_activations)
+                              activation_bytes_per_token, forward_activations, training_activations)
 from safeneurons.plan import kv_cache_bytes as kv_cache_bytes_of
 
 
@@ -102,7 +102,11 @@ def test_masks_scores_and_activations_per_gpu() -> None:
     assert finetune.scores == patch.scores == trace.scores == 0
     assert score.activations == training_activations(shape, 256)  # wandg: one sample at a time
     assert finetune.activations == training_activations(shape, 512)
-    assert trace.model_states == 2 * patch.model_states  # two models
+    assert trace.model_states == patch.model_states  # one model at a time
+    cost = 3.1 * shape.intermediate ** 2 * 8  # the float64 cost matrix and its temporaries, measured
+    tokens = workload.batch_size * workload.max_length
+    assert trace.total == max(trace.model_states + forward_activations(shape, tokens), int(cost))
+    assert int(cost) / GIB == pytest.approx(19.0, abs=0.1)  # at I = 28672 (the issue's ≈ 18 GiB with 3 copies)
 
 
 def test_fit_verdicts_for_llama2_70b() -> None:
@@ -162,3 +166,18 @@ def test_eval_stage_of_llama2_70b() -> None:
     evaluation = plan_stages(shape, cluster, Workload())[4]
     assert evaluation.stage == "eval" and evaluation.masks == evaluation.scores == 0
     assert evaluation.activations >= kv_cache_bytes_of(shape, 16, 512 + 256)
+
+
+def test_a_stage_that_does_not_fit_says_what_would_make_it_fit() -> None:
+    shape, cluster = PRESETS["llama2-70b"], Cluster(1, 8)
+    report = plan_report(shape, cluster, Workload())
+    assert set(report["remedies"]) == {stage["stage"] for stage in report["stages"] if not stage["fits"]}
+    finetune = {option["change"]: option for option in report["remedies"]["finetune"]}
+    # each remedy's figure is the plan of the changed cluster or workload
+    expected = plan_stages(shape, Cluster(1, 8, offload="param"), Workload())[1].total / GIB
+    assert finetune["--offload param"]["gib_per_gpu"] == pytest.approx(expected, abs=0.01)
+    assert list(finetune) == ["--offload param"] and finetune["--offload param"]["fits"]  # alone, only this
+    score = [option["change"] for option in report["remedies"]["score"]]
+    assert score == ["--offload param", "--nodes 2", "--nodes 4", "--nodes 8"]
+    tight = plan_report(shape, Cluster(1, 2), Workload())["remedies"]["finetune"]
+    assert len(tight) == 1 and not tight[0]["fits"]  # nothing alone fits 70B fine-tuning on 2 GPUs: the closest

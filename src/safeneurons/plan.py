@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import distributed
@@ -24,6 +24,7 @@ BF16_BYTES = 2
 FP32_BYTES = 4
 STAGES = ("score", "finetune", "patch", "trace", "eval")
 PATCH_COMPONENTS = 3  # residual, attn_out, mlp_out cached per layer for the clean and the corrupted run
+COST_MATRIX_COPIES = 3.1  # trace's float64 I × I distance matrix and its temporaries, measured at I = 4096 and 8192
 OFFLOAD_CHOICES = ("none", "optimizer", "param")
 
 
@@ -234,9 +235,13 @@ def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list
     cache = 2 * shape.layers * PATCH_COMPONENTS * tokens * shape.hidden * FP32_BYTES
     patch = StageMemory("patch", states, forward_activations(shape, tokens) + cache, 0, 0, cpu)
 
-    # trace: two models; one layer's gate and up outputs of both (fp32) and the neuron cost matrix
-    matching = 2 * 2 * tokens * shape.intermediate * FP32_BYTES + shape.intermediate ** 2 * FP32_BYTES
-    trace = StageMemory("trace", 2 * states, forward_activations(shape, tokens) + matching, 0, 0, 2 * cpu)
+    # trace: one model at a time records every layer's gate and up outputs to host memory (fp32), then is freed;
+    # the matching builds the I × I neuron cost matrix in float64 on the device with about three such temporaries
+    # (measured 3.1 × I² × 8 bytes). The phases do not overlap: the peak is the larger of the two.
+    cost_matrix = int(COST_MATRIX_COPIES * shape.intermediate ** 2 * 8)
+    forward = forward_activations(shape, tokens)
+    recorded = 2 * 2 * shape.layers * tokens * shape.intermediate * FP32_BYTES // cluster.nodes  # both models
+    trace = StageMemory("trace", states, max(forward, cost_matrix - states), 0, 0, cpu + recorded)
 
     # eval (generation under ZeRO-3): bf16 partitions plus the gathered layer, one batch's forward and KV cache
     # for prompts of up to max_length tokens and max_new_tokens more (a judge model adds its own states)
@@ -251,6 +256,30 @@ def fits(stage: StageMemory, cluster: Cluster) -> bool:
     return stage.total <= (1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB
 
 
+def remedies(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict[str, list[dict]]:
+    """For every stage that does not fit: each change that makes it fit (offload, activation checkpointing, a
+    smaller batch, more nodes), with the resulting GiB per GPU; where none does alone, the change that comes
+    closest. Each change is applied alone to the given plan."""
+    changes = [("--offload optimizer", replace(cluster, offload="optimizer"), workload),
+               ("--offload param", replace(cluster, offload="param"), workload),
+               ("--gradient-checkpointing", cluster, replace(workload, gradient_checkpointing=True)),
+               ("--batch-size 1", cluster, replace(workload, batch_size=1, eval_batch_size=1)),
+               *[(f"--nodes {cluster.nodes * factor}", replace(cluster, nodes=cluster.nodes * factor), workload)
+                 for factor in (2, 4, 8)]]
+    base = plan_stages(shape, cluster, workload)
+    tried = [(label, plan_stages(shape, changed, load), changed) for label, changed, load in changes]
+    found: dict[str, list[dict]] = {}
+    for index, stage in enumerate(base):
+        if fits(stage, cluster):
+            continue
+        options = [{"change": label, "gib_per_gpu": round(stages[index].total / GIB, 2),
+                    "fits": fits(stages[index], changed)} for label, stages, changed in tried
+                   if stages[index].total < stage.total]
+        working = [option for option in options if option["fits"]]
+        found[stage.stage] = working or sorted(options, key=lambda option: option["gib_per_gpu"])[:1]
+    return found
+
+
 def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict:
     stages = plan_stages(shape, cluster, workload)
     return {
@@ -259,6 +288,7 @@ def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict
         "workload": asdict(workload), "usable_gib_per_gpu": (1 - RESERVED_FRACTION) * cluster.gpu_memory_gib,
         "stages": [{**asdict(stage), "total": stage.total, "total_gib": stage.total / GIB,
                     "fits": fits(stage, cluster)} for stage in stages],
+        "remedies": remedies(shape, cluster, workload),
     }
 
 
@@ -276,6 +306,10 @@ def format_table(report: dict) -> str:
                      + f"  {'yes' if stage['fits'] else 'NO ':<5}{stage['cpu_per_node'] / GIB:>9.1f}")
     lines.append(f"(GiB per GPU; fits = total within {report['usable_gib_per_gpu']:.1f} GiB, "
                  f"{RESERVED_FRACTION:.0%} kept for CUDA/NCCL)")
+    for stage, options in report["remedies"].items():
+        told = "; ".join(f"{option['change']}: {option['gib_per_gpu']:.1f} GiB" for option in options)
+        lines.append(f"{stage} fits with {told}" if options and options[0]["fits"] else
+                     f"{stage} does not fit with any one change; closest: {told or 'none'}")
     return "\n".join(lines)
 
 
