@@ -151,3 +151,23 @@ def test_phi3_masks_equal_its_llama_twins(granularity, demo_tokenizer):
     for kind in ("gate", "up"):
         assert all(torch.allclose(torch.from_numpy(a.get(kind, layer)), torch.from_numpy(b.get(kind, layer)),
                                   atol=1e-5) for layer in range(2))
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "qwen3"])
+@pytest.mark.parametrize("method,sequential", [("wandg", False), ("wanda", True)])
+def test_scores_equal_the_independent_reference(arch, method, sequential, demo_tokenizer):
+    """Scores that start passes from cached layer inputs (and the sequential schedule's pruning) on architectures
+    with scaled embeddings, sliding-window layers and q/k norms, against test_scoring's straightforward loop."""
+    from safeneurons.data import load_samples
+    from safeneurons.scoring import ScoreConfig, score_model
+    from test_scoring import RATIO, TINY_SAMPLES, reference_masks
+
+    model = tiny_model(arch, demo_tokenizer, seed=4)
+    samples = load_samples(TINY_SAMPLES["data"], demo_tokenizer, TINY_SAMPLES["nsamples"], TINY_SAMPLES["seed"],
+                           TINY_SAMPLES["max_length"])
+    result = score_model(model, demo_tokenizer, ScoreConfig(method=method, keep_scores=True, sparsity_ratio=RATIO,
+                                                            sequential=sequential, **TINY_SAMPLES))
+    expected_masks, expected_scores = reference_masks(model, samples, method, RATIO, sequential)
+    for name, expected in expected_masks.items():
+        assert torch.equal(result.masks[name], expected), name
+        torch.testing.assert_close(result.scores[name], expected_scores[name], rtol=1e-5, atol=1e-7)

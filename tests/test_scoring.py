@@ -190,7 +190,7 @@ def test_nan_weight_is_an_error_naming_the_parameter(tiny_model, demo_tokenizer,
 def test_model_without_the_expected_linears_is_an_error(tiny_model, demo_tokenizer):
     broken = copy.deepcopy(tiny_model)
     broken.model.layers[0].mlp.gate_proj = torch.nn.Identity()
-    with pytest.raises(SafeneuronsError, match="gate_proj"):
+    with pytest.raises(SafeneuronsError, match="layer 0 does not have the structure"):
         score_model(broken, demo_tokenizer, tiny_config("wanda"))
 
 
@@ -284,7 +284,7 @@ def test_cli_rejects_a_model_of_another_architecture(tmp_path, capsys, demo_toke
     args = ["score", "--model", str(model_dir), "--method", "wanda", "--data", "demo-align", "--sparsity-ratio", "0.1",
             "--out", str(out)]
     assert cli.main(args) == 2
-    assert "architecture 'gpt2'" in capsys.readouterr().err
+    assert "no decoder layers at model.layers" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
 
 
