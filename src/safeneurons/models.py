@@ -303,6 +303,22 @@ def scored_linears(model: nn.Module, layer: int | None = None) -> list[ScoredLin
     return found
 
 
+@contextlib.contextmanager
+def layers_from(model: nn.Module, start: int, stop: int | None = None) -> Iterator[None]:
+    """While active, the model's forward runs decoder layers [start, stop) only, from `inputs_embeds` = the
+    hidden states entering layer `start` (rotary positions and the causal mask are rebuilt as usual)."""
+    if start == 0 and stop is None:
+        yield
+        return
+    inner = model.model
+    every = inner.layers
+    inner.layers = nn.ModuleList(list(every)[start:stop])
+    try:
+        yield
+    finally:
+        inner.layers = every
+
+
 def is_zero3_partitioned(model: nn.Module) -> bool:
     return any(hasattr(param, "ds_id") for param in model.parameters())
 

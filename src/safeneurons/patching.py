@@ -24,14 +24,14 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from . import distributed
 from .errors import SafeneuronsError
-from .models import decoder_layers, model_device
+from .models import decoder_layers, is_zero3_partitioned, layers_from, model_device
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +375,10 @@ class _RunOutput:
 
 
 def _forward(model: nn.Module, edits: dict[tuple[int, str], Edit], input_ids: torch.Tensor | None = None,
-             inputs_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> _RunOutput:
+             inputs_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             start: int = 0) -> _RunOutput:
+    """The model's last-position logits and final residual with `edits` applied. With `start` > 0,
+    `inputs_embeds` are the hidden states entering decoder layer `start` and only layers from there run."""
     final: dict[str, torch.Tensor] = {}
     keep_final = _keeper(final, "residual", lambda activation: activation[:, -1])
     position_ids = None
@@ -384,12 +387,28 @@ def _forward(model: nn.Module, edits: dict[tuple[int, str], Edit], input_ids: to
     # The final-norm pre-hook sees the residual after every patch of the last layer.
     handle = model.model.norm.register_forward_pre_hook(lambda _m, args: _replace_first(args, keep_final))
     try:
-        with _hooks(model, edits):
+        with _hooks(model, edits), layers_from(model, start):  # hooks attach to the modules before the cut
             out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                         position_ids=position_ids, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
     return _RunOutput(out.logits[:, -1], final["residual"])
+
+
+def _layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The hidden states entering every decoder layer in one run of `input_ids` (batch 1)."""
+    entries: dict[int, torch.Tensor] = {}
+    handles = [layer.register_forward_pre_hook(
+        lambda _module, args, kwargs, index=index: entries.__setitem__(
+            index, (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+        for index, layer in enumerate(decoder_layers(model))]
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return entries
 
 
 # ------------------------------------------------------------------------------------------ positions & caches
@@ -457,14 +476,22 @@ def _write_rows(patches: Sequence[tuple[int, _Patch]]) -> Edit:
     return edit
 
 
-def _patched_batch(model: nn.Module, base_ids: torch.Tensor, metric: Metric, batch: Sequence[_Patch]) -> list[float]:
-    """Row r of one forward pass is the base run with patch r; an empty batch runs the base run (ZeRO-3 filler)."""
+def _patched_batch(model: nn.Module, base_ids: torch.Tensor, metric: Metric, batch: Sequence[_Patch],
+                   entries: Mapping[int, torch.Tensor] | None = None) -> list[float]:
+    """Row r of one forward pass is the base run with patch r; an empty batch runs the base run (ZeRO-3 filler).
+    With the base run's layer inputs (`entries`), the pass starts at the batch's lowest patched layer: the layers
+    below it are the base run's, unchanged by any patch."""
     rows: dict[tuple[int, str], list[tuple[int, _Patch]]] = {}
     for row, patch in enumerate(batch):
         rows.setdefault(patch.site.cache_key, []).append((row, patch))
+    edits = {key: _write_rows(patches) for key, patches in rows.items()}
+    size = max(len(batch), 1)
+    start = min((patch.site.layer for patch in batch), default=0) if entries else 0
     with torch.no_grad():
-        out = _forward(model, {key: _write_rows(patches) for key, patches in rows.items()},
-                       base_ids.expand(max(len(batch), 1), -1))
+        if start:
+            out = _forward(model, edits, inputs_embeds=entries[start].expand(size, -1, -1), start=start)
+        else:
+            out = _forward(model, edits, base_ids.expand(size, -1))
         return metric.compute(out.logits, out.residual).tolist()[:len(batch)]
 
 
@@ -609,9 +636,12 @@ class ActivationPatcher:
         if method == "exact":
             base_metric = _cache_run(model, base, [], metric)[1]
             batch_size = self.batch_size or auto_batch_size(model, base.shape[1])
+            # under ZeRO-3 every pass runs the whole module order (its parameter hooks follow it)
+            entries = None if is_zero3_partitioned(model) else _layer_inputs(model, base)
             patched = _distributed_map(
                 len(patches), batch_size,
-                lambda batch: _patched_batch(model, base, metric, [patches[i] for i in batch]), desc="patching")
+                lambda batch: _patched_batch(model, base, metric, [patches[i] for i in batch], entries),
+                desc="patching")
         else:
             base_metric, patched = _attribution_batch(model, base, metric, patches)
         clean_metric, corrupted_metric = ((source_metric, base_metric) if mode == "denoising"

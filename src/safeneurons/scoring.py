@@ -39,8 +39,8 @@ from . import distributed
 from .data import IGNORE_INDEX, Sample, load_samples, pad_batch
 from .errors import SafeneuronsError
 from .masks import save_mask_shard, save_masks, shard_name, write_index
-from .models import (ScoredLinear, decoder_layers, fused_parts, is_zero3_partitioned, load_for_inference,
-                     model_device, scored_linears, split_fused)
+from .models import (ScoredLinear, decoder_layers, fused_parts, is_zero3_partitioned, layers_from,
+                     load_for_inference, model_device, scored_linears, split_fused)
 from .outputs import atomic_file, discard_staging, publish_dir, staging_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -309,19 +309,6 @@ class Entry:
 
     layer: int
     hidden: torch.Tensor
-
-
-@contextlib.contextmanager
-def layers_from(model: nn.Module, start: int, stop: int | None = None) -> Iterator[None]:
-    """While active, the model's forward runs decoder layers [start, stop) only, from `inputs_embeds` = the
-    hidden states entering layer `start` (rotary positions and the causal mask are rebuilt as usual)."""
-    inner = model.model
-    every = inner.layers
-    inner.layers = nn.ModuleList(list(every)[start:stop])
-    try:
-        yield
-    finally:
-        inner.layers = every
 
 
 def _forward(model: nn.Module, batch: MicroBatch, entry: Entry | None, stop: int | None = None,
