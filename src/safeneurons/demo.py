@@ -10,6 +10,7 @@ deterministic algorithms); the package ships the result in `demo_assets/`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -132,70 +133,98 @@ def train_tokenizer(build: DemoBuild) -> Any:
     return tokenizer
 
 
-def make_model(build: DemoBuild, tokenizer: Any) -> Any:
+def make_llama(tokenizer: Any, seed: int, hidden: int, intermediate: int, layers: int, heads: int,
+               max_positions: int) -> Any:
+    """A randomly initialised Llama over `tokenizer`'s vocabulary (the demo model's and the demo judge's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=build.hidden_size,
-                         intermediate_size=build.intermediate_size, num_hidden_layers=build.num_layers,
-                         num_attention_heads=build.num_heads, num_key_value_heads=build.num_heads,
-                         max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(build.seed)
+    torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
-def train(build: DemoBuild, tokenizer: Any, model: Any) -> list[float]:
-    """Supervised fine-tuning on refusals and answers (response tokens only), AdamW with cosine decay."""
-    examples = dataset("align") + dataset("utility")
-    samples = build_samples(examples, tokenizer, None, build.seed, build.max_length, add_eos=True)  # learn to stop
-    generator = torch.Generator().manual_seed(build.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=build.learning_rate, weight_decay=0.01)
-    warmup = max(1, build.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 0.5 * (
-        1 + math.cos(math.pi * step / build.steps))))
+def make_model(build: DemoBuild, tokenizer: Any) -> Any:
+    return make_llama(tokenizer, build.seed, build.hidden_size, build.intermediate_size, build.num_layers,
+                      build.num_heads, 256)
+
+
+def train_on_samples(model: Any, sample: Callable[[int], Any], n_examples: int, pad_token_id: int, steps: int,
+                     batch_size: int, learning_rate: float, rate: Callable[[int], float], seed: int, label: str,
+                     log_every: int) -> list[float]:
+    """AdamW (weight decay 0.01, clipping 1.0) on batches of `batch_size` examples drawn with `seed`; `sample(i)`
+    is example i tokenised; `rate(step)` scales the learning rate. The builds' shared loop."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     losses = []
     model.train()
-    for step in range(build.steps):
-        indices = torch.randint(len(samples), (build.batch_size,), generator=generator).tolist()
-        batch = pad_batch([samples[index] for index in indices], tokenizer.pad_token_id)
-        loss = model(**batch).loss
+    for step in range(steps):
+        indices = torch.randint(n_examples, (batch_size,), generator=generator).tolist()
+        loss = model(**pad_batch([sample(index) for index in indices], pad_token_id)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if step % 100 == 0 or step == build.steps - 1:
-            log.info("demo build step %d/%d loss %.4f", step, build.steps, loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            log.info("%s step %d/%d loss %.4f", label, step, steps, loss.item())
     model.eval()
     return losses
 
 
-def build_demo(out: str | Path, build: DemoBuild = DemoBuild()) -> Path:
-    """Train the demo tokenizer and model from scratch and save them as an HF folder at `out`."""
+def train(build: DemoBuild, tokenizer: Any, model: Any) -> list[float]:
+    """Supervised fine-tuning on refusals and answers (response tokens only), AdamW with cosine decay."""
+    examples = dataset("align") + dataset("utility")
+    samples = build_samples(examples, tokenizer, None, build.seed, build.max_length, add_eos=True)  # learn to stop
+    warmup = max(1, build.steps // 20)
+    return train_on_samples(model, samples.__getitem__, len(samples), tokenizer.pad_token_id, build.steps,
+                            build.batch_size, build.learning_rate,
+                            lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / build.steps))),
+                            build.seed, "demo build", 100)
+
+
+@contextlib.contextmanager
+def repeatable() -> Iterator[None]:
+    """Deterministic algorithms on one thread (float sums depend on the thread split): a build's weights are
+    the same bit for bit on every run."""
     torch.use_deterministic_algorithms(True)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # float sums depend on the thread split; one thread makes the build repeatable
+    torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+
+
+def save_build(model: Any, tokenizer: Any, out: str | Path, record_name: str, record: dict) -> Path:
+    """The model, tokenizer and the build's record as an HF folder, staged and then moved to `out`."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / record_name).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def build_demo(out: str | Path, build: DemoBuild = DemoBuild()) -> Path:
+    """Train the demo tokenizer and model from scratch and save them as an HF folder at `out`."""
+    with repeatable():
         started = time.time()
         tokenizer = train_tokenizer(build)
         model = make_model(build, tokenizer)
         losses = train(build, tokenizer, model)
-        out = Path(out)
-        tmp = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "demo_build.json").write_text(json.dumps(
-            {"build": build.__dict__, "final_loss": losses[-1], "seconds": round(time.time() - started, 1)},
-            indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-        return out
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(False)
+        return save_build(model, tokenizer, out, "demo_build.json",
+                          {"build": build.__dict__, "final_loss": losses[-1],
+                           "seconds": round(time.time() - started, 1)})
 
 
 def export_demo(out: str | Path) -> Path:

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .data import Example, pad_batch, tokenize_example
-from .demo import ANSWER, BENIGN_VERBS, HARMFUL_VERBS, OBJECTS, REFUSALS, TEMPLATES, dataset
+from .data import Example, tokenize_example
+from .demo import (ANSWER, BENIGN_VERBS, HARMFUL_VERBS, OBJECTS, REFUSALS, TEMPLATES, dataset, make_llama,
+                   repeatable, save_build, train_on_samples)
 from .judges import HARMBENCH_PROMPT, parse_harmbench
 
 log = logging.getLogger(__name__)
@@ -65,43 +62,15 @@ def judge_examples(held_out: bool, rng: random.Random) -> list[Example]:
     return [judge_example(*request, kind, rng) for request in requests for kind in KINDS]
 
 
-def make_judge_model(build: JudgeBuild, tokenizer: Any) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=build.hidden_size,
-                         intermediate_size=build.intermediate_size, num_hidden_layers=build.num_layers,
-                         num_attention_heads=build.num_heads, num_key_value_heads=build.num_heads,
-                         max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(build.seed)
-    return LlamaForCausalLM(config)
-
-
 def train_judge(build: JudgeBuild, tokenizer: Any, model: Any) -> list[float]:
     """Supervised training on the answer tokens only (AdamW, constant rate after a short warm-up)."""
     examples = judge_examples(held_out=False, rng=random.Random(build.seed))
     sample = functools.lru_cache(maxsize=None)(  # tokenised when first drawn: most examples never are
         lambda index: tokenize_example(tokenizer, examples[index], build.max_length, add_eos=True))
-    generator = torch.Generator().manual_seed(build.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=build.learning_rate, weight_decay=0.01)
     warmup = max(1, build.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    losses = []
-    model.train()
-    for step in range(build.steps):
-        indices = torch.randint(len(examples), (build.batch_size,), generator=generator).tolist()
-        loss = model(**pad_batch([sample(index) for index in indices], tokenizer.pad_token_id)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 50 == 0 or step == build.steps - 1:
-            log.info("demo judge step %d/%d loss %.4f", step, build.steps, loss.item())
-    model.eval()
-    return losses
+    return train_on_samples(model, sample, len(examples), tokenizer.pad_token_id, build.steps, build.batch_size,
+                            build.learning_rate, lambda step: min(1.0, (step + 1) / warmup), build.seed, "demo judge",
+                            50)
 
 
 def held_out_accuracy(model: Any, tokenizer: Any, batch_size: int = 32) -> dict[str, float]:
@@ -122,29 +91,16 @@ def build_judge(out: str | Path, build: JudgeBuild = JudgeBuild()) -> Path:
     """Train the demo judge on the demo tokenizer and save it as an HF folder at `out`."""
     from .models import load_tokenizer
 
-    torch.use_deterministic_algorithms(True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # float sums depend on the thread split; one thread makes the build repeatable
-    try:
+    with repeatable():
         started = time.time()
         tokenizer = load_tokenizer("demo")
-        model = make_judge_model(build, tokenizer)
+        model = make_llama(tokenizer, build.seed, build.hidden_size, build.intermediate_size, build.num_layers,
+                           build.num_heads, 1024)
         losses = train_judge(build, tokenizer, model)
         accuracy = held_out_accuracy(model, tokenizer)
-        out = Path(out)
-        tmp = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "demo_judge_build.json").write_text(json.dumps(
-            {"build": asdict(build), "final_loss": losses[-1], "held_out_accuracy": accuracy,
-             "seconds": round(time.time() - started, 1)}, indent=2) + "\n")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-        return out
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(False)
+        return save_build(model, tokenizer, out, "demo_judge_build.json",
+                          {"build": asdict(build), "final_loss": losses[-1], "held_out_accuracy": accuracy,
+                           "seconds": round(time.time() - started, 1)})
 
 
 def main(argv: list[str] | None = None) -> None:
