@@ -6,7 +6,9 @@ A second reference caches the source activations once (one patched forward pass 
 comes from batching alone. "batched" starts each batch's passes at its lowest patched layer, from the base run's
 cached layer inputs; "from embeddings" is the same batched sweep with every pass run from the embeddings (the
 previous implementation), so their ratio is what the cached starts give. Same model (the demo model by default),
-same prompts, same sites; the results are checked to agree before the times are compared.
+same prompts, same sites; the results are checked to agree before the times are compared. With nnsight installed
+(not a dependency), the residual sweep also runs as nnsight's batched invokes (`LanguageModel.trace` with one
+invoke per site, batches of the same size, source activations saved from one traced run).
 
     python bench/bench_patching.py [--model demo] [--repeats 3] [--threads 2]
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import time
 from typing import Callable, Iterator
 
@@ -91,6 +94,29 @@ def one_site_at_a_time(model, metric, base: torch.Tensor, source: torch.Tensor, 
     return values
 
 
+def nnsight_sweep(model, tokenizer, metric, base: torch.Tensor, source: torch.Tensor, sites, batch_size: int
+                  ) -> list[float]:
+    """Residual sites patched with nnsight: one trace per batch, one invoke (batch row) per site."""
+    from nnsight import LanguageModel
+
+    wrapped = LanguageModel(model, tokenizer=tokenizer)
+    layers = sorted({site.layer for site in sites})
+    saved = {}
+    with wrapped.trace(source):
+        for layer in layers:
+            saved[layer] = wrapped.model.layers[layer].output.save()
+    values = []
+    for start in range(0, len(sites), batch_size):
+        outputs = []
+        with wrapped.trace() as tracer:
+            for site in sites[start:start + batch_size]:
+                with tracer.invoke(base):
+                    wrapped.model.layers[site.layer].output[:, site.position, :] = saved[site.layer][:, site.position, :]
+                    outputs.append(wrapped.lm_head.output[:, -1].save())
+        values += [float(metric.compute(logits, None)[0]) for logits in outputs]
+    return values
+
+
 def best_time(function: Callable[[], list[float]], repeats: int) -> tuple[float, list[float]]:
     best, values = float("inf"), []
     for _ in range(repeats):
@@ -141,6 +167,13 @@ def main() -> None:
             print(f"{name:<36}{len(sites):>6}{original:>12.3f}{cached:>17.3f}{whole:>19.3f}{batched:>11.3f}"
                   f"{attribution:>15.3f}{original / batched:>10.1f}x{original / attribution:>9.1f}x"
                   f"{cached / batched:>12.1f}x{whole / batched:>16.2f}x{difference:>12.2e}")
+            if name.startswith("residual") and importlib.util.find_spec("nnsight"):
+                size = patcher.batch_size or patching.auto_batch_size(model, length)
+                nnsight_s, theirs = best_time(lambda: nnsight_sweep(model, tokenizer, metric, clean, corrupted, sites,
+                                                                     size), args.repeats)
+                gap = max(abs(a - b) for a, b in zip(theirs, reference))
+                print(f"{'  nnsight batched invokes':<36}{len(sites):>6}{nnsight_s:>12.3f} s (batches of {size}); "
+                      f"ours {nnsight_s / batched:.2f}x faster; max |diff| to the reference {gap:.2e}")
 
 
 if __name__ == "__main__":

@@ -496,11 +496,20 @@ def _patched_batch(model: nn.Module, base_ids: torch.Tensor, metric: Metric, bat
 
 
 def _distributed_map(n_items: int, batch_size: int, run_batch: Callable[[list[int]], list[Any]],
-                     desc: str) -> list[Any]:
-    """`run_batch` over the items, split across ranks in batches and gathered on every rank in item order.
-    Every rank runs the same number of batches (an empty one when it has none left), as ZeRO-3 requires."""
+                     desc: str, groups: Sequence[int] | None = None) -> list[Any]:
+    """`run_batch` over the items, split across ranks in batches and gathered on every rank in item order; with
+    `groups` (one key per item) a batch never mixes groups. Every rank runs the same number of batches (an empty
+    one when it has none left), as ZeRO-3 requires."""
     indices = distributed.assign_round_robin(n_items)
-    batches = [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    if groups is not None:
+        indices.sort(key=lambda index: groups[index])
+    runs: list[list[int]] = []
+    for index in indices:
+        if runs and (groups is None or groups[runs[-1][-1]] == groups[index]) and len(runs[-1]) < batch_size:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    batches = runs
     n_steps = max(distributed.all_gather(len(batches)))
     local: dict[int, Any] = {}
     for step in distributed.progress(range(n_steps), desc=desc):
@@ -638,10 +647,11 @@ class ActivationPatcher:
             batch_size = self.batch_size or auto_batch_size(model, base.shape[1])
             # under ZeRO-3 every pass runs the whole module order (its parameter hooks follow it)
             entries = None if is_zero3_partitioned(model) else _layer_inputs(model, base)
+            # a batch starts at its lowest layer: batches of one layer's sites recompute nothing below it
             patched = _distributed_map(
                 len(patches), batch_size,
                 lambda batch: _patched_batch(model, base, metric, [patches[i] for i in batch], entries),
-                desc="patching")
+                desc="patching", groups=None if entries is None else [patch.site.layer for patch in patches])
         else:
             base_metric, patched = _attribution_batch(model, base, metric, patches)
         clean_metric, corrupted_metric = ((source_metric, base_metric) if mode == "denoising"
