@@ -396,6 +396,20 @@ class LoadedJudge:
     tokenizer: Any = None
 
 
+def load_judges(config: EvalConfig, dtype: str, deepspeed: Any, cache_dir: str | None,
+                device: torch.device | None) -> list[LoadedJudge]:
+    """The judges of `config`, their classifier models loaded like the evaluated model (partitioned under the
+    same ZeRO-3 config)."""
+    from .models import load_for_inference
+
+    judges = []
+    for judge in config.judges:
+        name = config.judge_model_names().get(judge)
+        classifier = load_for_inference(name, dtype, deepspeed, cache_dir, device) if name else None
+        judges.append(LoadedJudge(judge, name, classifier and classifier.model, classifier and classifier.tokenizer))
+    return judges
+
+
 def prompt_verdict(verdicts: Sequence[Any]) -> bool | None:
     """A prompt's verdict from its samples': harmful if any is; unparsed if none is and one could not be parsed."""
     if any(verdict.harmful for verdict in verdicts):
@@ -577,12 +591,7 @@ def run(args: argparse.Namespace) -> None:
         load_config(name, args.cache_dir)
     context = distributed.init_distributed(require_process_group=args.deepspeed is not None)
     loaded = load_for_inference(args.model, args.dtype, args.deepspeed, args.cache_dir, context.device)
-    judges = []
-    for judge in config.judges:
-        name = judge_models.get(judge)
-        classifier = load_for_inference(name, args.dtype, args.deepspeed, args.cache_dir, context.device) \
-            if name else None
-        judges.append(LoadedJudge(judge, name, classifier and classifier.model, classifier and classifier.tokenizer))
+    judges = load_judges(config, args.dtype, args.deepspeed, args.cache_dir, context.device)
     report = evaluate_model(loaded.model, loaded.tokenizer, config, args.model, judges)
     if report is None:
         return

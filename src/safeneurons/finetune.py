@@ -262,8 +262,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: FineTuneConfig, tot
     from transformers import get_scheduler
 
     warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
-    name = "constant_with_warmup" if config.lr_scheduler == "constant" and warmup else config.lr_scheduler
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    return get_scheduler(scheduler_name(config, bool(warmup)), optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total_steps)
+
+
+def scheduler_name(config: FineTuneConfig, warmup: bool) -> str:
+    """transformers' name of `--lr-scheduler`: `constant` with warm-up is `constant_with_warmup`."""
+    return "constant_with_warmup" if config.lr_scheduler == "constant" and warmup else config.lr_scheduler
 
 
 # --- training backends ---------------------------------------------------------------------------------------
@@ -629,15 +634,21 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
                                     zero_stage(ds_config) if ds_config else None)
         save_model(model, tokenizer, report, config.save_path)
     else:
-        total_steps = planned_steps(len(samples), config, context.world_size)
-        backend: TrainingBackend = DeepSpeedBackend(model, ds_config, config, total_steps) if ds_config else \
-            TorchBackend(model, config, total_steps)
+        backend = make_backend(model, ds_config, config, len(samples), context.world_size)
         dynamic = None if score_config is None else DynamicFreezing(
             frozen, backend.module, tokenizer, score_config, config.rescore_every, config.rescore_mode, context.device)
         report = run_fine_tuning(backend, frozen, samples, tokenizer.pad_token_id, config, context.device, settings,
                                  safety, dynamic)
         save_model(backend.module, tokenizer, report, config.save_path)
     return _logged(report, config)
+
+
+def make_backend(model: nn.Module, ds_config: dict | None, config: FineTuneConfig, n_samples: int,
+                 world: int) -> TrainingBackend:
+    """The DeepSpeed engine loop under a DeepSpeed config, else the plain loop; the schedule spans the plan."""
+    total_steps = planned_steps(n_samples, config, world)
+    return DeepSpeedBackend(model, ds_config, config, total_steps) if ds_config else \
+        TorchBackend(model, config, total_steps)
 
 
 def _logged(report: FineTuneReport, config: FineTuneConfig) -> FineTuneReport:
@@ -659,9 +670,7 @@ def fine_tune_lora(model: nn.Module, masks: MaskSource | None, samples: Sequence
     protected = freeze(model, masks) if masks is not None else None  # never attached: it measures
     start = snapshot(model)
     adapted = add_adapters(model, config.lora_r, config.lora_alpha, config.lora_targets, masks)
-    total_steps = planned_steps(len(samples), config, context.world_size)
-    backend: TrainingBackend = DeepSpeedBackend(adapted, ds_config, config, total_steps) if ds_config else \
-        TorchBackend(adapted, config, total_steps)
+    backend = make_backend(adapted, ds_config, config, len(samples), context.world_size)
     trained = run_fine_tuning(backend, None, samples, pad_token_id, config, context.device, settings, safety)
     merged = merge_adapters(backend.module)
     state = RunState(trained.steps, trained.loss_curve, trained.learning_rates, trained.safety_loss_curve)

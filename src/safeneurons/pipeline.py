@@ -373,18 +373,14 @@ class Study:
 
     def evaluate(self, arm: str) -> Callable[[Path], None]:
         def work(folder: Path) -> None:
-            from .evaluate import LoadedJudge, evaluate_model
+            from .evaluate import evaluate_model, load_judges
             from .models import load_for_inference
             from .outputs import write_json
 
             s, config = self.settings, self.eval_config()
             zero3 = self.zero3_config()
             loaded = load_for_inference(self.model_of(arm), s.dtype, zero3, s.cache_dir, self.device)
-            judges = []
-            for judge, name in [(judge, config.judge_model_names().get(judge)) for judge in config.judges]:
-                classifier = load_for_inference(name, s.dtype, zero3, s.cache_dir, self.device) if name else None
-                judges.append(LoadedJudge(judge, name, classifier and classifier.model,
-                                          classifier and classifier.tokenizer))
+            judges = load_judges(config, s.dtype, zero3, s.cache_dir, self.device)
             report = evaluate_model(loaded.model, loaded.tokenizer, config, self.model_of(arm), judges)
             if report is not None:
                 write_json(folder / "eval.json", report.to_json())

@@ -14,7 +14,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from . import distributed
 from .data import Sample, pad_batch
 from .errors import SafeneuronsError
-from .finetune import ADAM_BETAS, ADAM_EPS, FineTuneConfig, FineTuneReport, RunState, build_report, snapshot
+from .finetune import (ADAM_BETAS, ADAM_EPS, FineTuneConfig, FineTuneReport, RunState, build_report, scheduler_name,
+                       snapshot)
 from .freezing import FrozenWeights, MaskSource, freeze
 
 
@@ -65,7 +66,7 @@ def training_arguments(config: FineTuneConfig, ds_config: Mapping[str, Any] | No
     """`FineTuneConfig` as TrainingArguments: the same optimizer, schedule, clipping, precision and DeepSpeed
     config; no Trainer checkpoints (the model is saved as by the built-in loop)."""
     warmup = config.warmup_steps or config.warmup_ratio  # transformers reads a value below 1 as a ratio
-    scheduler = "constant_with_warmup" if config.lr_scheduler == "constant" and warmup else config.lr_scheduler
+    scheduler = scheduler_name(config, bool(warmup))
     return TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps, learning_rate=config.learning_rate,
