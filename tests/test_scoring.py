@@ -119,6 +119,23 @@ def test_masks_equal_reference(tiny_model, tiny_samples, demo_tokenizer, method,
     assert all(torch.equal(param, before[name]) for name, param in tiny_model.named_parameters())
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.3])
+def test_rounds_of_accumulators_give_the_one_round_scores_bit_for_bit(tiny_model, demo_tokenizer, fraction):
+    """A budget below the sums of all Linears takes them in rounds (1 byte: one Linear per round); each Linear's
+    sum still adds the same samples in the same order."""
+    from safeneurons.scoring import accumulation_rounds, accumulator_bytes, targets_of
+
+    targets = targets_of(tiny_model)
+    budget = max(1, int(fraction * accumulator_bytes(targets)))
+    rounds = accumulation_rounds(targets, budget)
+    assert [target for group in rounds for target in group] == targets and len(rounds) > 1
+    assert all(len(group) == 1 or accumulator_bytes(group) <= budget for group in rounds)
+    whole = score_model(tiny_model, demo_tokenizer, tiny_config("wandg"))
+    in_rounds = score_model(tiny_model, demo_tokenizer, tiny_config("wandg", score_memory=budget))
+    for name, score in whole.scores.items():
+        assert torch.equal(in_rounds.scores[name], score), name
+
+
 def test_sequential_differs_from_default(tiny_model, demo_tokenizer):
     """Pruning earlier layers changes later layers' gradients: the two schedules are not the same algorithm."""
     default = score_model(tiny_model, demo_tokenizer, tiny_config("wandg"))
@@ -264,6 +281,7 @@ def test_cli_reads_the_original_csv(shared_data, tmp_path):
     (["--method", "wanda", "--sparsity-ratio", "0.1", "--p", "0", "--q", "0.5"], "--p"),
     (["--method", "snip", "--sparsity-ratio", "0.1"], "unknown scoring method"),
     (["--method", "wanda", "--sparsity-ratio", "0.1", "--max-length", "6"], "empty after truncation"),
+    (["--method", "wandg", "--score-memory", "lots"], "--score-memory 'lots' is not a memory size"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
     out = tmp_path / "out"

@@ -16,10 +16,10 @@ DEMO_ARGS = ["--model", "demo", "--data", "demo-align", "--nsamples", "9", "--ma
              "--sparsity-ratio", "0.05"]  # 9 samples: one rank runs a padding sample
 
 
-def score_both_ways(tmp_path: Path, extra: list[str]) -> tuple[Path, Path]:
+def score_both_ways(tmp_path: Path, extra: list[str], extra_two: tuple[str, ...] = ()) -> tuple[Path, Path]:
     one, two = tmp_path / "one-rank", tmp_path / "two-ranks"
     assert cli.main(["score", *DEMO_ARGS, *extra, "--out", str(one)]) == 0
-    launch = run_ranks(["safeneurons.cli", "score", *DEMO_ARGS, *extra,
+    launch = run_ranks(["safeneurons.cli", "score", *DEMO_ARGS, *extra, *extra_two,
                         "--deepspeed", "ds_configs/zero3_inference.json", "--out", str(two)])
     assert launch.returncode == 0, launch.stderr[-3000:]
     return one, two
@@ -45,7 +45,9 @@ def assert_masks_agree(one: Path, two: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_zero3_wandg_agree_with_one_rank(tmp_path):
-    one, two = score_both_ways(tmp_path, ["--method", "wandg", "--save-scores"])
+    """2 ranks accumulate locally in rounds (1 MiB: 5 rounds of the demo's 4.9 MiB of sums, each reduced to the
+    owners once), 1 rank in one round."""
+    one, two = score_both_ways(tmp_path, ["--method", "wandg", "--save-scores"], ("--score-memory", "1MiB"))
     assert_masks_agree(one, two)
     index = json.loads((two / INDEX_FILE).read_text())
     shards = sorted(set(index["weight_map"].values()))

@@ -187,6 +187,35 @@ def barrier() -> None:
         dist.barrier()
 
 
+def local_world_size() -> int:
+    """Ranks sharing this node (torchrun, mpirun, srun); the whole world when the launcher does not say."""
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(key, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return world_size()
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this rank may still allocate: free memory of its GPU, or its share of the node's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as meminfo:
+        fields = dict(line.split(":", 1) for line in meminfo)
+    return int(fields["MemAvailable"].split()[0]) * 1024 // local_world_size()
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (collective), so that all ranks take the same decision."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def assign_round_robin(n_items: int, rank_: int | None = None, world: int | None = None) -> list[int]:
     """Indices of the items (layers, prompts, sites) this rank works on: rank, rank + W, rank + 2W, …"""
     rank_ = rank() if rank_ is None else rank_

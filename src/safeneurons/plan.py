@@ -2,7 +2,8 @@
 
 Model states come from DeepSpeed's own ZeRO-3 estimator; activations from a formula for Hugging Face's Llama
 in bf16 with SDPA attention (see `activation_bytes_per_token`); masks are bit-packed and partitioned over all
-ranks; wandg scores are fp32 accumulators of the layers a rank owns. Offline: the llama2 sizes are built in,
+ranks; wandg's fp32 sums of |gradient| are held for every scored weight on every rank when they fit the score
+memory budget (else in rounds of the budget's size, plus the sums a rank owns). Offline: the llama2 sizes are built in,
 other models are read from a local folder's config.json.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from . import distributed
 from .errors import SafeneuronsError
 from .outputs import write_json
+from .scoring import AUTO_MEMORY_FRACTION, parse_memory_size
 
 GIB = 2 ** 30
 # CUDA context, NCCL buffers, the allocator's fragmentation: the share of a GPU a plan may not count on.
@@ -139,6 +141,8 @@ class Workload:
     gradient_checkpointing: bool = False  # finetune --gradient-checkpointing
     eval_batch_size: int = 16  # `safeneurons eval` defaults
     max_new_tokens: int = 256
+    score_batch_size: int = 1  # `safeneurons score` defaults
+    score_memory: int | None = None  # score --score-memory in bytes; None = auto (half of what is left free)
 
 
 def activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
@@ -214,15 +218,54 @@ def bitpacked_masks(shape: ModelShape, cluster: Cluster) -> int:
     return math.ceil(shape.scored_params / 8 / cluster.world)
 
 
+def output_gradient_bytes_per_token(shape: ModelShape) -> int:
+    """wandg keeps every scored Linear's output gradient dY of a pass (bf16) for |dYᵀX|: q, k, v, o, gate, up,
+    down outputs of every layer."""
+    per_layer = shape.heads * shape.head_width + 2 * shape.kv_dim + 2 * shape.hidden + 2 * shape.intermediate
+    return BF16_BYTES * shape.layers * per_layer
+
+
+@dataclass(frozen=True)
+class ScoreSums:
+    """wandg's fp32 sums per GPU: `round_bytes` held during a round (all scored weights when they fit the budget),
+    plus the owned sums of earlier rounds; `rounds` = times the passes run."""
+
+    budget: int
+    round_bytes: int
+    rounds: int
+    peak: int
+
+
+def score_sums(shape: ModelShape, cluster: Cluster, budget: int) -> ScoreSums:
+    """As `scoring.accumulation_rounds`: everything in one round when it fits the budget, else rounds of what the
+    budget leaves beside the owned sums (1/N of everything)."""
+    everything = shape.scored_params * FP32_BYTES
+    if everything <= budget:
+        return ScoreSums(budget, everything, 1, everything)
+    owned = everything // cluster.world
+    largest_linear = FP32_BYTES * shape.hidden * max(shape.intermediate, shape.heads * shape.head_width)
+    round_bytes = min(everything, max(budget - owned, largest_linear))
+    return ScoreSums(budget, round_bytes, math.ceil(everything / round_bytes), round_bytes + owned)
+
+
+def score_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> tuple[StageMemory, ScoreSums]:
+    """wandg: bf16 weights without parameter gradients, one pass's activations and output gradients, the sums."""
+    cpu, states = inference_model_states(shape, cluster, with_grads=False)
+    tokens = workload.score_batch_size * workload.max_length
+    activations = tokens * output_gradient_bytes_per_token(shape) + training_activations(shape, tokens)
+    masks = bitpacked_masks(shape, cluster)
+    budget = workload.score_memory
+    if budget is None:  # as `score`: half of what is free when scoring starts
+        usable = (1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB
+        budget = max(int(AUTO_MEMORY_FRACTION * (usable - states - activations - masks)), 0)
+    sums = score_sums(shape, cluster, budget)
+    return StageMemory("score", states, activations, masks, sums.peak, cpu), sums
+
+
 def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list[StageMemory]:
     tokens = workload.batch_size * workload.max_length
     masks = bitpacked_masks(shape, cluster)
-
-    # score (wandg): one backward per sample; each rank accumulates |grad| in fp32 for the layers it owns
-    cpu, states = inference_model_states(shape, cluster, with_grads=True)
-    owned_layers = math.ceil(shape.layers / cluster.world)
-    score = StageMemory("score", states, training_activations(shape, workload.max_length),
-                        masks, owned_layers * shape.scored_params_per_layer * FP32_BYTES, cpu)
+    score, _ = score_stage(shape, cluster, workload)
 
     # finetune: ZeRO-3 training states; the mask and the saved fp32 values of the frozen entries, partitioned
     cpu, states, _ = zero3_model_states(shape, cluster)
@@ -282,6 +325,7 @@ def remedies(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict[st
 
 def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict:
     stages = plan_stages(shape, cluster, workload)
+    sums = score_stage(shape, cluster, workload)[1]
     return {
         "model": asdict(shape), "total_params": shape.total_params, "scored_params": shape.scored_params,
         "cluster": {**asdict(cluster), "world_size": cluster.world},
@@ -289,6 +333,8 @@ def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict
         "stages": [{**asdict(stage), "total": stage.total, "total_gib": stage.total / GIB,
                     "fits": fits(stage, cluster)} for stage in stages],
         "remedies": remedies(shape, cluster, workload),
+        "score_sums": {"budget_gib": sums.budget / GIB, "round_gib": sums.round_bytes / GIB, "rounds": sums.rounds,
+                       "all_gib": shape.scored_params * FP32_BYTES / GIB},
     }
 
 
@@ -304,6 +350,11 @@ def format_table(report: dict) -> str:
         gib = [stage[key] / GIB for key in ("model_states", "activations", "masks", "scores", "total")]
         lines.append(f"{stage['stage']:<9}" + "".join(f"{value:>9.2f}" for value in gib)
                      + f"  {'yes' if stage['fits'] else 'NO ':<5}{stage['cpu_per_node'] / GIB:>9.1f}")
+    sums = report["score_sums"]
+    lines.append(f"score: wandg sums {sums['all_gib']:.1f} GiB in {'~' if sums['rounds'] > 1 else ''}{sums['rounds']} round"
+                 f"{'' if sums['rounds'] == 1 else 's'} of <= {sums['round_gib']:.1f} GiB per GPU (budget "
+                 f"{sums['budget_gib']:.1f} GiB{', --score-memory' if report['workload']['score_memory'] else ', auto'})"
+                 f"; each round runs the passes once")
     lines.append(f"(GiB per GPU; fits = total within {report['usable_gib_per_gpu']:.1f} GiB, "
                  f"{RESERVED_FRACTION:.0%} kept for CUDA/NCCL)")
     for stage, options in report["remedies"].items():
@@ -337,6 +388,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="eval: new tokens per generation (default %(default)s)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="fine-tuning with activation checkpointing (finetune --gradient-checkpointing)")
+    parser.add_argument("--score-batch-size", type=int, default=Workload.score_batch_size,
+                        help="score: samples per pass (default %(default)s)")
+    parser.add_argument("--score-memory", default="auto", metavar="SIZE",
+                        help="score --score-memory: memory per GPU for wandg's sums (default auto: half of what is "
+                             "left free)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (--out also writes DIR/plan.json)")
 
 
@@ -349,12 +405,13 @@ def _check_positive(**values: float) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_positive(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory=args.gpu_memory,
                     batch_size=args.batch_size, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, score_batch_size=args.score_batch_size)
+    score_memory = parse_memory_size(args.score_memory, "--score-memory")
     if not 0 <= args.sparsity_ratio < 1:
         raise SafeneuronsError(f"--sparsity-ratio is {args.sparsity_ratio}; expected a fraction in [0, 1)")
     report = plan_report(model_shape(args.model), Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.offload),
                          Workload(args.batch_size, args.max_length, args.sparsity_ratio, args.gradient_checkpointing,
-                                  args.eval_batch_size, args.max_new_tokens))
+                                  args.eval_batch_size, args.max_new_tokens, args.score_batch_size, score_memory))
     if distributed.init_distributed().is_main:
         print(json.dumps(report, indent=2) if args.json else format_table(report))
         if args.out:

@@ -11,11 +11,13 @@ fraction by safety score minus the top-p fraction by utility score (set differen
 How the work is split (N ranks): samples are dealt round-robin, every rank runs the same number of forward (and
 backward) passes (padded with a dummy sample that contributes nothing, so ZeRO-3's collectives stay in step).
 Per-sample gradients are never materialised as ``param.grad``: forward hooks keep a Linear's input X, tensor hooks
-its output gradient dY, and ``|dY^T X|`` (the sample's |∂L/∂W|) is reduced, one Linear at a time, to the rank that
-owns the layer (layers round-robin). Owners hold fp32 accumulators for their layers only, fetch the full weight
-of one Linear at a time from the ZeRO-3 partitions, select, and write their masks as one shard each.
-`batch_size` > 1 runs several samples per pass (the |gradient| is still taken per sample) and sums them before
-the reduce, which divides the reduce traffic (4 bytes per scored weight per pass) by the batch size.
+its output gradient dY, and each rank adds ``|dY^T X|`` (the sample's |∂L/∂W|) of its own samples into local fp32
+sums. After the passes each sum is reduced once to the rank that owns the Linear's layer (layers round-robin): the
+traffic is 4 bytes per scored weight per rank for the whole run, not per pass. The sums of all Linears need
+4 bytes per scored weight on every rank; when that exceeds `score_memory` the Linears are taken in rounds that fit
+(the passes run once per round). Owners fetch the full weight of one Linear at a time from the ZeRO-3 partitions,
+select, and write their masks as one shard each. `batch_size` > 1 runs several samples per pass (the |gradient| is
+still taken per sample), which amortises ZeRO-3's parameter gathers over the batch.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 METHODS = ("wanda", "wandg", "random")
 GRANULARITIES = ("weight", "neuron", "head")
 DEFAULT_UTILITY_DATA = "alpaca_cleaned_no_safety"
+AUTO_MEMORY_FRACTION = 0.5  # of what a rank can still allocate, for wandg's accumulators by default
+FP32_BYTES = 4
 DEFAULT_SPARSITY = 0.1  # one default everywhere (score, pipeline, plan): the original extension's
 SUMMARY_FILE = "score_summary.json"
 SCORES_FILE = "scores.safetensors"
@@ -71,6 +76,7 @@ class ScoreConfig:
     keep_scores: bool = False  # return the raw safety scores in ScoreResult.scores
     batch_size: int = 1  # samples per forward/backward pass (per-sample statistics either way)
     add_eos: bool = False  # append EOS to each response (the original work does not)
+    score_memory: int | None = None  # bytes of wandg's fp32 sums per rank; None = half of what is free
 
     @property
     def set_difference(self) -> bool:
@@ -92,6 +98,8 @@ class ScoreConfig:
             raise SafeneuronsError(f"nsamples={self.nsamples} must be a positive integer")
         if self.batch_size < 1:
             raise SafeneuronsError(f"batch size {self.batch_size} must be a positive integer")
+        if self.score_memory is not None and self.score_memory < 1:
+            raise SafeneuronsError(f"score memory {self.score_memory} must be a positive number of bytes")
         if self.max_length < 2:
             raise SafeneuronsError(f"max_length={self.max_length} must be at least 2 tokens")
         if self.set_difference and self.granularity == "head":
@@ -357,50 +365,100 @@ def next_entries(model: nn.Module, batches: Sequence[MicroBatch], entries: Seque
 def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample],
                        config: ScoreConfig, entries: Sequence[Entry] | None = None) -> dict[str, torch.Tensor]:
     """Per target, the sum over all samples of Σ x_j² (wanda) or of |∂L_s/∂W| (wandg), on the owner only;
-    with `entries` (one per micro-batch) the passes start at their layer."""
-    with_grads = config.method == "wandg"
+    with `entries` (one per micro-batch) the passes start at their layer.
+
+    Every rank accumulates its own samples locally (fp32) and the sums are reduced to the owners once, as
+    data-parallel training reduces gradients: the traffic is one copy of the statistics per rank, whatever the
+    number of samples. wandg's accumulators are weight-sized; when all of them do not fit the memory budget
+    (`score_memory`), the targets are taken in rounds of consecutive Linears that fit, each round running the
+    passes again (its backward stops at the round's lowest Linear)."""
     device = model_device(model)
-    capture = LinearCapture(targets, with_grads)
-    local_sums = {} if with_grads else {target.name: torch.zeros(target.shape[1], device=device) for target in targets}
-    owned: dict[str, torch.Tensor] = {}
     batches = rank_batches(samples, config.batch_size, device)
-    try:
-        with scoring_mode(model):
-            for index, batch in enumerate(distributed.progress(batches, desc=f"{config.method} passes",
-                                                               leave=False)):
-                capture.clear()
-                run_batch(model, batch, with_grads, None if entries is None else entries[index])
-                if with_grads:
-                    _reduce_batch_gradients(capture, targets, batch, device, owned)
-                else:
-                    for target in targets:
-                        local_sums[target.name] += squared_input_sum(capture.inputs[target.name], batch.response_rows)
-    finally:
-        capture.close()
-    if not with_grads:  # wanda: the sums of squares are reduced once, at the end
-        for target in targets:
-            total = reduce_to_owner(local_sums[target.name], target.owner)
-            if total is not None:
-                owned[target.name] = total
+    if config.method != "wandg":
+        return _accumulate(model, targets, batches, entries, with_grads=False)
+    rounds = accumulation_rounds(targets, score_memory_budget(config, device))
+    if distributed.is_main():
+        log.info("wandg: %d accumulator round%s of at most %.2f GiB per rank (%.2f GiB for all %d Linears)",
+                 len(rounds), "" if len(rounds) == 1 else "s",
+                 max(accumulator_bytes(group) for group in rounds) / 2**30, accumulator_bytes(targets) / 2**30,
+                 len(targets))
+    owned: dict[str, torch.Tensor] = {}
+    for group in rounds:
+        owned.update(_accumulate(model, group, batches, entries, with_grads=True))
     return owned
 
 
-def _reduce_batch_gradients(capture: LinearCapture, targets: Sequence[Target], batch: MicroBatch,
-                            device: torch.device, owned: dict[str, torch.Tensor]) -> None:
-    """One Linear at a time: Σ over the batch's real samples of |∂L_s/∂W|, summed over the ranks into the
-    owner's fp32 accumulator."""
-    real_rows = batch.real.nonzero().flatten().tolist()
+def accumulator_bytes(targets: Sequence[Target]) -> int:
+    return sum(FP32_BYTES * math.prod(target.shape) for target in targets)
+
+
+def accumulation_rounds(targets: Sequence[Target], budget: int) -> list[list[Target]]:
+    """One round when all the sums fit `budget` bytes; else consecutive targets whose sums fit what the budget leaves
+    beside the owned sums that earlier rounds leave on a rank (a Linear larger than that gets a round of its own).
+    The same on every rank."""
+    if accumulator_bytes(targets) <= budget:
+        return [list(targets)]
+    owned = max(accumulator_bytes([target for target in targets if target.owner == rank])
+                for rank in {target.owner for target in targets})
+    rounds: list[list[Target]] = [[]]
     for target in targets:
-        contribution = None
-        output_grad = capture.output_grads.get(target.name)  # None when the loss does not depend on the Linear
-        for row in real_rows if output_grad is not None else ():
-            gradient = abs_weight_gradient(capture.inputs[target.name][row], output_grad[row])
-            contribution = gradient if contribution is None else contribution.add_(gradient)
-        if contribution is None:
-            contribution = torch.zeros(target.shape, device=device)
-        total = reduce_to_owner(contribution, target.owner)
-        if total is not None:
-            owned[target.name] = owned[target.name].add_(total) if target.name in owned else total
+        if rounds[-1] and accumulator_bytes(rounds[-1] + [target]) > budget - owned:
+            rounds.append([])
+        rounds[-1].append(target)
+    return rounds
+
+
+def score_memory_budget(config: ScoreConfig, device: torch.device) -> int:
+    """Bytes for wandg's local accumulators: `score_memory`, or half of what this rank can still allocate; the
+    smallest over the ranks, so that every rank runs the same rounds."""
+    budget = config.score_memory
+    if budget is None:
+        budget = int(AUTO_MEMORY_FRACTION * distributed.available_memory(device))
+    return distributed.min_over_ranks(budget)
+
+
+def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[MicroBatch],
+                entries: Sequence[Entry] | None, with_grads: bool) -> dict[str, torch.Tensor]:
+    """All of this rank's passes with local fp32 sums for `targets`, then one reduce of each sum to its owner."""
+    device = model_device(model)
+    capture = LinearCapture(targets, with_grads)
+    sums = {target.name: torch.zeros(target.shape if with_grads else target.shape[1], device=device)
+            for target in targets}
+    try:
+        with scoring_mode(model):
+            for index, batch in enumerate(distributed.progress(batches, desc="wandg passes" if with_grads
+                                                               else "wanda passes", leave=False)):
+                capture.clear()
+                run_batch(model, batch, with_grads, None if entries is None else entries[index])
+                for target in targets:
+                    if with_grads:
+                        _add_sample_gradients(sums[target.name], capture, target.name, batch)
+                    else:
+                        sums[target.name] += squared_input_sum(capture.inputs[target.name], batch.response_rows)
+    finally:
+        capture.close()
+    return reduce_to_owners(sums, targets)
+
+
+def _add_sample_gradients(total: torch.Tensor, capture: LinearCapture, name: str, batch: MicroBatch) -> None:
+    """`total` += Σ over the batch's real samples of |∂L_s/∂W| (the gradient is None when the loss does not
+    depend on the Linear)."""
+    output_grad = capture.output_grads.get(name)
+    if output_grad is None:
+        return
+    for row in batch.real.nonzero().flatten().tolist():
+        total += abs_weight_gradient(capture.inputs[name][row], output_grad[row])
+
+
+def reduce_to_owners(sums: dict[str, torch.Tensor], targets: Sequence[Target]) -> dict[str, torch.Tensor]:
+    """Each target's sum over the ranks, on its owner (the others' copies are dropped): the reduces are issued
+    together and overlap."""
+    if _distributed():
+        pending = [dist.reduce(sums[target.name], dst=target.owner, op=dist.ReduceOp.SUM, async_op=True)
+                   for target in targets]
+        for work in pending:
+            work.wait()
+    return {target.name: sums[target.name] for target in targets if target.mine}
 
 
 def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
@@ -759,6 +817,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sample (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="samples per pass; statistics stay per sample (default %(default)s)")
+    parser.add_argument("--score-memory", default="auto", metavar="SIZE",
+                        help="wandg: memory per rank for the local fp32 sums of |gradient| (e.g. 8GiB, 512MiB); "
+                             "all Linears at once when they fit, else in rounds that fit, each running the passes "
+                             "again (default auto: half of what the rank can still allocate)")
     parser.add_argument("--sequential", action="store_true",
                         help="the original layer-by-layer schedule: later layers scored with earlier selections zeroed")
     parser.add_argument("--save-scores", action="store_true", help="also write the raw scores (float32)")
@@ -770,7 +832,24 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                        nsamples=args.nsamples, seed=args.seed, max_length=args.max_length,
                        granularity=args.granularity, utility_data=args.utility_data, p=args.p, q=args.q,
                        sequential=args.sequential, data_dir=args.data_dir, keep_scores=args.save_scores,
-                       batch_size=args.batch_size, add_eos=args.add_eos)
+                       batch_size=args.batch_size, add_eos=args.add_eos,
+                       score_memory=parse_memory_size(args.score_memory, "--score-memory"))
+
+
+MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_size(text: str, option: str) -> int | None:
+    """Bytes of a size such as 8GiB, 512MiB, 1.5GB or 1000000; None for auto."""
+    if text.strip().lower() == "auto":
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and MEMORY_UNITS.get(match.group(2).lower())
+    if not unit or float(match.group(1)) * unit < 1:
+        raise SafeneuronsError(f"{option} {text!r} is not a memory size; expected auto or a positive size such as "
+                               f"8GiB, 512MiB or 2GB")
+    return int(float(match.group(1)) * unit)
 
 
 def run(args: argparse.Namespace) -> int:

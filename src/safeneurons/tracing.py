@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -539,19 +540,63 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SafeneuronsError(f"--memory-limit {args.memory_limit} GiB must not be negative")
 
 
-def _collect_model(name: str, args: argparse.Namespace, device: torch.device, layers: set[int],
+def _collect_model(name: str, args: argparse.Namespace, device: torch.device,
+                   needed: Mapping[tuple[str, int], set[int]],
                    batches: Sequence[dict[str, torch.Tensor]], memory_limit: float) -> MlpActivations:
     from .models import load_for_inference
 
     loaded = load_for_inference(name, args.dtype, args.deepspeed, args.cache_dir, device)
     model, engine = loaded.model, loaded.engine
     try:
-        return collect_mlp_activations(model, batches, layers, memory_limit=memory_limit, spill_dir=args.spill_dir)
+        return collect_shared(model, batches, needed, memory_limit, args.spill_dir)
     finally:
         if engine is not None and hasattr(engine, "destroy"):
             engine.destroy()
         del model, engine
         gc.collect()
+
+
+def token_chunk(n_batches: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of the batches (contiguous, so that the chunks concatenate in token order)."""
+    size = math.ceil(n_batches / world)
+    return range(min(rank * size, n_batches), min((rank + 1) * size, n_batches))
+
+
+def collect_shared(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                   needed: Mapping[tuple[str, int], set[int]], memory_limit: float | None = None,
+                   spill_dir: str | Path | None = None) -> MlpActivations:
+    """Collective: the ranks split the tokens (each runs the model over a contiguous chunk of the batches, recording
+    every needed layer), then each (kind, layer) output is gathered, in token order, on the ranks that `needed`
+    names (the activations cross the network once instead of every rank running every token). Returns this rank's layers over all the tokens. Under ZeRO-3 a rank with fewer batches runs padding
+    passes, as every forward is collective."""
+    world, rank = distributed.world_size(), distributed.rank()
+    chunks = [token_chunk(len(batches), index, world) for index in range(world)]
+    layers = {layer for _, layer in needed}
+    local = collect_mlp_activations(model, [batches[index] for index in chunks[rank]], layers,
+                                    memory_limit=memory_limit, spill_dir=spill_dir) if chunks[rank] else None
+    if is_zero3_partitioned(model):
+        _run_and_record(model, [batches[0]] * (len(chunks[0]) - len(chunks[rank])), {}, {})
+    counts = [sum(int(batches[index]["attention_mask"].sum()) for index in chunk) for chunk in chunks]
+    columns = {key: mlp_output(decoder_layers(model)[key[1]].mlp, key[0], model.config)[1] for key in needed}
+    mine = {key: (sum(counts), cols.stop - cols.start) for key, cols in columns.items() if rank in needed[key]}
+    arrays, spill = _allocate(mine, memory_limit, spill_dir)
+    device = model_device(model) if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+    for key in sorted(needed):
+        sent = torch.zeros(max(counts), columns[key].stop - columns[key].start, device=device)
+        if local is not None:
+            sent[:counts[rank]] = torch.from_numpy(np.ascontiguousarray(local.get(*key))).to(device)
+        for owner in sorted(needed[key]):
+            parts = [torch.empty_like(sent) for _ in range(world)] if rank == owner else None
+            if world > 1:
+                dist.gather(sent, parts, dst=owner)
+            else:
+                parts = [sent]
+            if rank == owner:
+                arrays[key][:] = torch.cat([part[:count] for part, count in zip(parts, counts)]).cpu().numpy()
+    by_kind: dict[str, dict[int, np.ndarray]] = {kind: {} for kind in KINDS}
+    for (kind, layer), array in arrays.items():
+        by_kind[kind][layer] = array
+    return MlpActivations(by_kind["gate"], by_kind["up"], sum(counts), spill)
 
 
 def _token_batches(args: argparse.Namespace, tokenizer: Any, max_positions: int) -> list[dict[str, torch.Tensor]]:
@@ -566,9 +611,9 @@ def _token_batches(args: argparse.Namespace, tokenizer: Any, max_positions: int)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Every rank runs both models over all the tokens (under ZeRO-3 each forward is collective anyway, and the
-    activations are cheaper to recompute than to send) but keeps only the layers of its own layer pairs, assigned
-    round-robin; each rank solves its pairs' assignments and rank 0 gathers the p-values and writes the results."""
+    """The ranks split the tokens of both models' passes and gather each layer's activations on the ranks whose
+    layer pairs (assigned round-robin) need them; each rank solves its pairs' assignments and rank 0 gathers the
+    p-values and writes the results."""
     from .models import load_config, load_tokenizer
 
     from .data import check_sources
@@ -589,9 +634,12 @@ def run(args: argparse.Namespace) -> int:
     max_positions = min(getattr(config, "max_position_embeddings", args.max_length) for config in configs.values())
     batches = _token_batches(args, tokenizer, max_positions)
     memory_limit = args.memory_limit * GIB
-    base = _collect_model(args.base, args, context.device, {i for i, _ in mine}, batches, memory_limit)
-    other = _collect_model(args.other, args, context.device, {j for _, j in mine}, batches,
-                           max(memory_limit - base.nbytes, 0))
+    needs: list[dict[tuple[str, int], set[int]]] = [{}, {}]
+    for index, pair in enumerate(pairs):
+        for side, kind in ((side, kind) for side in (0, 1) for kind in KINDS):
+            needs[side].setdefault((kind, pair[side]), set()).add(distributed.owner_of(index))
+    base = _collect_model(args.base, args, context.device, needs[0], batches, memory_limit)
+    other = _collect_model(args.other, args, context.device, needs[1], batches, max(memory_limit - base.nbytes, 0))
     try:
         matches = {(i, j): match_layer(base, other, i, j, solver, context.device)
                    for i, j in distributed.progress(mine, desc="matching layers")}
