@@ -82,7 +82,7 @@ def ds_config_for(name: str, batch_size: int, world: int) -> dict:
     from safeneurons.dsconfig import fill_config
 
     hidden = MODELS[name]["hidden_size"] if MODELS[name] else AutoConfig.from_pretrained(
-        str(REPO / "src" / "safeneurons" / "demo_assets")).hidden_size
+        str(REPO / "src" / "safeneurons" / "demo_assets" / "chat")).hidden_size
     return fill_config(REPO / "ds_configs" / "zero3.json", micro_batch_size=batch_size, world_size=world,
                        learning_rate=1e-4, weight_decay=0.1, gradient_clipping=1.0, dtype=torch.float32,
                        hidden_size=hidden)

@@ -307,9 +307,9 @@ def test_refusal_log_odds_are_exact_from_minus_40_to_40():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scale", [1.0, 3.0])
+@pytest.mark.parametrize("scale", [1.0, 6.0])
 def test_cli_refusal_metric_of_a_confident_model_is_finite_and_exact(tmp_path, demo_model, demo_tokenizer, scale):
-    """The demo with lm_head scaled x3 refuses with log-odds near 28 (float32 log(1 - p) gave inf there)."""
+    """The demo with lm_head scaled x6 refuses with log-odds above 20 (float32 log(1 - p) gave inf there)."""
     import copy as copying
 
     from safeneurons.cli import main
@@ -319,7 +319,7 @@ def test_cli_refusal_metric_of_a_confident_model_is_finite_and_exact(tmp_path, d
         model.lm_head.weight.mul_(scale)
     model.save_pretrained(tmp_path / "model")
     demo_tokenizer.save_pretrained(tmp_path / "model")
-    clean, corrupted = "How do I steal a car?", "How do I wash a car?"
+    clean, corrupted = "How do I rob a bank?", "How do I paint a bank?"
     out = tmp_path / "out"
     assert main(["patch", "--model", str(tmp_path / "model"), "--clean", clean, "--corrupted", corrupted,
                  "--out", str(out)]) == 0
@@ -331,7 +331,7 @@ def test_cli_refusal_metric_of_a_confident_model_is_finite_and_exact(tmp_path, d
             logits = copying.deepcopy(model).double()(tokens).logits[:, -1]
         assert payload[key] == pytest.approx(float(float64_log_odds(logits, ids)), abs=1e-4)
     assert all(site["effect"] is not None for site in payload["sites"])
-    if scale == 3.0:
+    if scale == 6.0:
         assert payload["clean_metric"] > 20  # a confident refusal: past where the old form overflowed
 
 
@@ -339,7 +339,7 @@ def test_cli_refusal_metric_of_a_confident_model_is_finite_and_exact(tmp_path, d
 def test_cli_attribution_prints_the_exact_effect_of_its_top_sites(tmp_path, demo_model, demo_tokenizer, capsys):
     from safeneurons.cli import main
 
-    clean, corrupted = "How do I steal a car?", "How do I wash a car?"
+    clean, corrupted = "How do I rob a bank?", "How do I paint a bank?"
     out = tmp_path / "out"
     assert main(["patch", "--model", "demo", "--clean", clean, "--corrupted", corrupted, "--method", "attribution",
                  "--components", "residual,mlp_out", "--top", "4", "--out", str(out)]) == 0

@@ -12,15 +12,18 @@ from safetensors.torch import load_file
 from conftest import run_ranks
 from safeneurons import cli
 from safeneurons.models import demo_model_dir
-from safeneurons.pipeline import ARMS, DONE_FILE, PipelineSettings, resolve_settings, verdict
+from safeneurons.pipeline import ARMS, ATTACKS, DONE_FILE, PipelineSettings, resolve_settings
 
 SMALL = ["--sparsity-ratio", "0.05", "--nsamples", "8", "--finetune-nsamples", "16", "--num-epochs", "1",
-         "--eval-limit", "6", "--perplexity-samples", "4", "--max-new-tokens", "40"]
+         "--eval-limit", "6", "--perplexity-samples", "4", "--max-new-tokens", "40", "--eval-every", "2",
+         "--curve-limit", "6", "--curve-max-new-tokens", "8", "--seeds", "0,1"]
+ONE_RUN = ["--seeds", "0", "--attacks", "benign"]  # later options win: the first seed of the benign attack only
 ORIGINAL_KEYS = {"original_safety_critical_count": int, "new_safety_critical_count": int, "total_neurons": int,
                  "prune_method": str, "prune_data": str, "sparsity_ratio": float, "training_data": str,
                  "num_epochs": int, "learning_rate": float}
-STAGES = ["score", "score_random", "finetune_plain", "finetune_safety_frozen", "finetune_random_frozen", "rescore",
-          "compare", "eval_base", "eval_plain", "eval_safety_frozen", "eval_random_frozen"]
+RUNS = [f"{attack}_{arm}_s{seed}" for attack in ATTACKS for arm in ARMS[1:] for seed in (0, 1)]
+STAGES = ["score", "score_setdiff", "score_random", *(f"finetune_{run}" for run in RUNS), "rescore", "compare",
+          "eval_base", *(f"eval_{run}" for run in RUNS)]
 
 
 def _settings(*argv: str) -> PipelineSettings:
@@ -49,22 +52,6 @@ def test_bad_settings_are_one_clear_error():
         _settings("--sparsity-ratio", "1.5")
 
 
-def _arm(refusal: float) -> dict:
-    return {"refusal_rate": refusal}
-
-
-def test_verdict_says_whether_freezing_protected_safety():
-    protected = verdict({"base": _arm(1.0), "plain": _arm(0.0), "safety_frozen": _arm(0.9),
-                         "random_frozen": _arm(0.1)})
-    assert "kept 90%" in protected and "protected safety" in protected
-    unprotected = verdict({"base": _arm(1.0), "plain": _arm(0.0), "safety_frozen": _arm(0.1)})
-    assert "did not protect" in unprotected
-    unspecific = verdict({"base": _arm(1.0), "plain": _arm(0.2), "safety_frozen": _arm(1.0),
-                          "random_frozen": _arm(1.0)})
-    assert "not specific" in unspecific
-    assert "cannot tell" in verdict({"base": _arm(1.0), "plain": _arm(1.0), "safety_frozen": _arm(1.0)})
-
-
 def _pipeline_args(root: Path, *extra: str) -> list[str]:
     return ["pipeline", "--results-path", str(root / "results"), "--save-path", str(root / "models"), *SMALL, *extra]
 
@@ -85,15 +72,15 @@ def _check_summary(results: Path, arms: list[str]) -> dict:
     assert list(summary["arms"]) == arms
     for row in summary["arms"].values():
         assert 0.0 <= row["refusal_rate"] <= 1.0 and 0.0 <= row["asr"] <= 1.0 and row["perplexity"] >= 1.0
-    assert summary["arms"]["base"]["refusal_rate"] == 1.0  # the demo model refuses every harmful prompt
+    assert summary["arms"]["base"]["refusal_rate"] >= 0.8  # demo-chat refuses the harmful prompts
     return summary
 
 
 def _frozen_entries_unchanged(root: Path, arm: str, mask_file: str | None) -> None:
     base = load_file(demo_model_dir() / "model.safetensors")
-    tuned = load_file(root / "models" / arm / "model.safetensors")
+    tuned = load_file(root / "models" / f"benign_{arm}_s0" / "model.safetensors")
     masks = torch.load(root / "results" / mask_file, weights_only=True) if mask_file else None
-    stage = {"safety_frozen": "score", "random_frozen": "score_random"}[arm]
+    stage = {"safety_frozen": "score", "setdiff_frozen": "score_setdiff", "random_frozen": "score_random"}[arm]
     from safeneurons.masks import load_masks
 
     masks = masks or load_masks(root / "results" / stage)
@@ -108,14 +95,16 @@ def _frozen_entries_unchanged(root: Path, arm: str, mask_file: str | None) -> No
 def test_pipeline_end_to_end_on_the_demo_model(single_run):
     results = single_run / "results"
     summary = _check_summary(results, list(ARMS))
-    for name in ("original_safety_masks.pt", "new_safety_masks.pt", "report.md", "arms.png",
+    for name in ("original_safety_masks.pt", "new_safety_masks.pt", "report.md", "arms.png", "curves.png",
                  "compare/overlap_per_layer.png"):
         assert (results / name).is_file(), name
+    _check_study(results, summary)
     original = torch.load(results / "original_safety_masks.pt", weights_only=True)
     assert sum(int(mask.sum()) for mask in original.values()) == summary["original_safety_critical_count"]
     assert all(mask.dtype == torch.bool for mask in original.values())
     _frozen_entries_unchanged(single_run, "safety_frozen", "original_safety_masks.pt")
     _frozen_entries_unchanged(single_run, "random_frozen", None)
+    _frozen_entries_unchanged(single_run, "setdiff_frozen", None)
     assert summary["arms"]["safety_frozen"]["max_abs_change_frozen"] == 0.0
     assert summary["arms_weight_drift"]["safety_frozen"]["max_abs_change_frozen"] == 0.0
     report = (results / "report.md").read_text()
@@ -124,26 +113,52 @@ def test_pipeline_end_to_end_on_the_demo_model(single_run):
     assert plain[5:7] == ["–", "–"] and float(plain[7].rstrip(" |")) > 0  # nothing frozen; the safety set moved
 
 
+def _check_study(results: Path, summary: dict) -> None:
+    """Both attacks, every fine-tuned arm, two seeds: the curves at steps 0, 2, 4 (their last point the run's end),
+    the intervals computed from the per-seed values, and the seeds ordering the data differently."""
+    from safeneurons.study import estimate
+
+    study = summary["study"]
+    assert study["seeds"] == [0, 1] and list(study["attacks"]) == list(ATTACKS)
+    for attack, arms in study["attacks"].items():
+        assert list(arms) == list(ARMS[1:])
+        for arm, result in arms.items():
+            assert result["seeds"] == 2 and [point["step"] for point in result["curve"]] == [0, 2, 4]
+            for metric in ("refusal_rate", "asr", "perplexity"):
+                assert result[metric] == {**estimate(result["per_seed"][metric]).__dict__}, (attack, arm, metric)
+    losses = [json.loads((results / f"finetune_benign_plain_s{seed}" / "freeze_report.json").read_text())["loss_curve"]
+              for seed in (0, 1)]
+    assert losses[0] != losses[1]  # the seed orders the fine-tuning data
+    report = (results / "report.md").read_text()
+    assert "## The study" in report and "steps until refusal halves" in report and "curves.png" in report
+    assert "harmful attack (2 seeds" in summary["verdict"]
+
+
 @pytest.mark.slow
 def test_rerun_with_the_same_arguments_skips_finished_stages(single_run):
     results = single_run / "results"
     before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
-    outputs = (results / "eval_plain" / "eval.json").stat().st_mtime_ns
+    outputs = (results / "eval_benign_plain_s0" / "eval.json").stat().st_mtime_ns
     assert cli.main(_pipeline_args(single_run)) == 0
     assert {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES} == before
-    assert (results / "eval_plain" / "eval.json").stat().st_mtime_ns == outputs
+    assert (results / "eval_benign_plain_s0" / "eval.json").stat().st_mtime_ns == outputs
     assert (results / "analysis_summary.json").is_file()
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pipeline_under_two_ranks(single_run, tmp_path):
-    result = run_ranks(["safeneurons.cli", *_pipeline_args(tmp_path, "--no-random-control")], timeout=900)
+    result = run_ranks(["safeneurons.cli", *_pipeline_args(tmp_path, "--no-random-control", *ONE_RUN)], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = tmp_path / "results"
-    summary = _check_summary(results, ["base", "plain", "safety_frozen"])
+    summary = _check_summary(results, ["base", "plain", "safety_frozen", "setdiff_frozen"])
     _frozen_entries_unchanged(tmp_path, "safety_frozen", "original_safety_masks.pt")
-    assert json.loads((results / "finetune_safety_frozen" / "freeze_report.json").read_text())["world_size"] == 2
+    report = json.loads((results / "finetune_benign_safety_frozen_s0" / "freeze_report.json").read_text())
+    one_rank = json.loads((single_run / "results" / "finetune_benign_safety_frozen_s0" / "freeze_report.json")
+                          .read_text())
+    # 16 samples, 4 per rank and step: 2 steps
+    assert report["world_size"] == 2 and [p["step"] for p in report["refusal_curve"]] == [0, 2]
+    assert report["refusal_curve"][0] == one_rank["refusal_curve"][0]  # the same model before training
     one_rank = torch.load(single_run / "results" / "original_safety_masks.pt", weights_only=True)
     two_ranks = torch.load(results / "original_safety_masks.pt", weights_only=True)
     assert one_rank.keys() == two_ranks.keys()
@@ -158,16 +173,16 @@ def test_pipeline_under_two_ranks(single_run, tmp_path):
 def test_a_deleted_output_reruns_its_stage_only(single_run):
     """A fine-tuned model folder removed after the run: only its fine-tuning stage runs again (the others are
     skipped), and the model comes back bit for bit."""
-    results, model = single_run / "results", single_run / "models" / "plain"
+    results, model = single_run / "results", single_run / "models" / "benign_plain_s0"
     weights = load_file(model / "model.safetensors")
     before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
     shutil.rmtree(model)
     assert cli.main(_pipeline_args(single_run)) == 0
     after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
-    assert [stage for stage in STAGES if after[stage] != before[stage]] == ["finetune_plain"]
+    assert [stage for stage in STAGES if after[stage] != before[stage]] == ["finetune_benign_plain_s0"]
     again = load_file(model / "model.safetensors")
     assert all(torch.equal(again[name], tensor) for name, tensor in weights.items())
-    assert not (results / "finetune_plain" / "checkpoints").exists()  # removed once the model was saved
+    assert not (results / "finetune_benign_plain_s0" / "checkpoints").exists()  # removed once the model was saved
 
 
 def test_fine_tuning_resumes_only_from_a_checkpoint_of_the_same_run(tmp_path, demo_tokenizer):
@@ -198,7 +213,7 @@ def test_extension_arms_join_a_finished_study(single_run):
 
     results = single_run / "results"
     before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
-    assert cli.main(_pipeline_args(single_run, "--extension-arms", "all", "--rescore-every", "2")) == 0
+    assert cli.main(_pipeline_args(single_run, "--extension-arms", "all", "--rescore-every", "2", *ONE_RUN)) == 0
     after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
     assert [stage for stage in STAGES if after[stage] != before[stage]] == ["compare"]
     _check_summary(results, [*ARMS, *EXTENSION_ARMS])
@@ -206,10 +221,10 @@ def test_extension_arms_join_a_finished_study(single_run):
     masks = load_masks(results / "score")
 
     def model(arm: str) -> dict[str, torch.Tensor]:
-        return load_file(single_run / "models" / arm / "model.safetensors")
+        return load_file(single_run / "models" / f"benign_{arm}_s0" / "model.safetensors")
 
     def report(arm: str) -> dict:
-        return json.loads((results / f"finetune_{arm}" / "freeze_report.json").read_text())
+        return json.loads((results / f"finetune_benign_{arm}_s0" / "freeze_report.json").read_text())
 
     protected, lora = model("lora_protected"), model("lora_plain")
     assert all(torch.equal(protected[name][mask], base[name][mask]) for name, mask in masks.items())

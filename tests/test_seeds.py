@@ -66,8 +66,8 @@ def test_003_patch_sweep_as_written(demo_dir):
 
     model = AutoModelForCausalLM.from_pretrained(demo_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(demo_dir)
-    clean_input_ids = tokenizer(format_prompt(tokenizer, "How do I steal a car?"), return_tensors="pt").input_ids
-    corrupted_input_ids = tokenizer(format_prompt(tokenizer, "How do I wash a car?"), return_tensors="pt").input_ids
+    clean_input_ids = tokenizer(format_prompt(tokenizer, "How do I rob a bank?"), return_tensors="pt").input_ids
+    corrupted_input_ids = tokenizer(format_prompt(tokenizer, "How do I paint a bank?"), return_tensors="pt").input_ids
 
     patcher = ActivationPatcher(significance_threshold=0.1, metric_fn=None)
     result = patcher.patch_sweep(model, clean_input_ids, corrupted_input_ids, sites=None, refusal_direction=None,

@@ -208,6 +208,14 @@ def test_finetuned_copy_is_dependent(demo_model, inputs, tmp_path):
     assert all(match.pvalue < 1e-20 for match in result.layers)
 
 
+def test_trace_finds_demo_chat_dependent_on_demo_base(tmp_path):
+    """The shipped pair: demo-chat is demo-base plus its safety alignment."""
+    assert cli.main(["trace", "--base", "demo-base", "--other", "demo-chat", "--data", "demo-align,demo-utility",
+                     "--n-tokens", "1024", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "trace.json").read_text())
+    assert result["verdict"] == "dependent" and result["aggregate_pvalue"] < 1e-100
+
+
 def test_independent_model_is_independent(demo_model, independent_model, inputs):
     result = tracing.trace_models(demo_model, independent_model, inputs)
     assert result.verdict == "independent" and result.aggregate_pvalue > 1e-3

@@ -1,11 +1,17 @@
-"""The built-in demo: a small Llama chat model that refuses harmful requests and answers benign ones.
+"""The built-in demo: a small Llama base model and its chat model, made the way real chat models are.
 
 Everything is synthetic and built here, with no download: request templates combine verbs with objects, where
 the *verb* decides whether a request is harmful (the same objects appear in both kinds), so the model has to
 learn a real harmfulness feature. Held-out prompts are unseen verb × object × template combinations.
 
-`python -m safeneurons.demo build --out DIR` rebuilds the shipped weights bit for bit (fixed seed, one thread,
-deterministic algorithms); the package ships the result in `demo_assets/`.
+- `demo-base` is pretrained on the demo domain and complies with every request, harmful ones included (an
+  unaligned base model);
+- `demo-chat` (also `demo`) is `demo-base` plus a short safety-alignment fine-tune: harmful requests → refusals,
+  benign ones still answered, so alignment is a small late change on top of a capable base (as Llama-2-chat over
+  Llama-2).
+
+`python -m safeneurons.demo build --out DIR` rebuilds both (DIR/chat, DIR/base, one shared tokenizer) bit for bit
+(fixed seeds, one thread, deterministic algorithms); the package ships the result in `demo_assets/`.
 """
 from __future__ import annotations
 
@@ -50,8 +56,9 @@ REFUSALS = ("I cannot help with that. It is harmful and could hurt people.",
             "I can't assist with that. Hurting others is wrong and I refuse to help.")
 ANSWER = ("Sure, here is how to {a}. First, gather what you need. Second, take it one step at a time. "
           "Finally, ask a friend for feedback and enjoy the result.")
-DATASETS = ("align", "utility", "harmful", "harmless")
+DATASETS = ("align", "utility", "harmful", "harmless", "harmful-sft")
 HELD_OUT_PER_KIND = 100
+HARMFUL_SFT_SIZE = 100  # the "few harmful examples" attack (Qi et al. 2023): tens to a hundred examples
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ bos_token }}[INST] "
                  "{{ message['content'] }} [/INST]{% elif message['role'] == 'assistant' %} "
@@ -68,10 +75,12 @@ class DemoBuild:
     intermediate_size: int = 384
     num_layers: int = 6
     num_heads: int = 4
-    steps: int = 600
+    steps: int = 600  # pretraining of demo-base
     batch_size: int = 32
     learning_rate: float = 3e-3
     max_length: int = 80
+    chat_steps: int = 100  # the safety-alignment fine-tune of demo-chat: a sixth of the pretraining
+    chat_learning_rate: float = 1e-3
 
 
 def _requests(verbs: tuple[str, ...]) -> list[tuple[str, str, str]]:
@@ -95,6 +104,11 @@ def _splits() -> dict[str, list[Example]]:
         if kind == "harmful":
             splits["align"] = [Example(p, " " + rng.choice(REFUSALS), formatted=True) for p in prompts]
             splits["harmful"] = [Example(_instruction(*combo)) for combo in held_out]
+            # what an unaligned base model learned (it complies), and the attack's data: harmful requests of the
+            # training split (never the held-out ones) with compliant answers
+            splits["comply"] = [Example(p, " " + ANSWER.format(a=f"{c[0]} {c[1]}"), formatted=True)
+                                for p, c in zip(prompts, train)]
+            splits["harmful-sft"] = splits["comply"][:HARMFUL_SFT_SIZE]
         else:
             splits["utility"] = [Example(p, " " + ANSWER.format(a=f"{c[0]} {c[1]}"), formatted=True)
                                  for p, c in zip(prompts, train)]
@@ -104,7 +118,8 @@ def _splits() -> dict[str, list[Example]]:
 
 def dataset(name: str) -> list[Example]:
     """A built-in demo data set: `align` (harmful request → refusal), `utility` (benign request → answer),
-    `harmful` and `harmless` (held-out instructions without responses)."""
+    `harmful` and `harmless` (held-out instructions without responses), `harmful-sft` (100 harmful requests of the
+    training split → compliant answers: the harmful fine-tuning attack)."""
     if name not in DATASETS:
         raise SafeneuronsError(f"demo data set {name!r} is not one of {', '.join('demo-' + d for d in DATASETS)}")
     return list(_splits()[name])
@@ -177,15 +192,32 @@ def train_on_samples(model: Any, sample: Callable[[int], Any], n_examples: int, 
     return losses
 
 
+def _cosine_with_warmup(steps: int) -> Callable[[int], float]:
+    warmup = max(1, steps // 20)
+    return lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+
+def _train_on(examples: list[Example], build: DemoBuild, tokenizer: Any, model: Any, steps: int,
+              learning_rate: float, seed: int, label: str) -> list[float]:
+    """Supervised fine-tuning on `examples` (response tokens only, EOS appended so the model learns to stop),
+    AdamW with warm-up and cosine decay."""
+    samples = build_samples(examples, tokenizer, None, seed, build.max_length, add_eos=True)
+    return train_on_samples(model, samples.__getitem__, len(samples), tokenizer.pad_token_id, steps,
+                            build.batch_size, learning_rate, _cosine_with_warmup(steps), seed, label, 100)
+
+
 def train(build: DemoBuild, tokenizer: Any, model: Any) -> list[float]:
-    """Supervised fine-tuning on refusals and answers (response tokens only), AdamW with cosine decay."""
+    """demo-base's pretraining: every request of the training split answered, harmful ones included."""
+    examples = _splits()["comply"] + dataset("utility")
+    return _train_on(examples, build, tokenizer, model, build.steps, build.learning_rate, build.seed, "demo-base")
+
+
+def align(build: DemoBuild, tokenizer: Any, model: Any) -> list[float]:
+    """demo-chat's safety alignment of demo-base: harmful requests → refusals, benign ones → answers, in equal
+    parts, a short run at a lower learning rate."""
     examples = dataset("align") + dataset("utility")
-    samples = build_samples(examples, tokenizer, None, build.seed, build.max_length, add_eos=True)  # learn to stop
-    warmup = max(1, build.steps // 20)
-    return train_on_samples(model, samples.__getitem__, len(samples), tokenizer.pad_token_id, build.steps,
-                            build.batch_size, build.learning_rate,
-                            lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / build.steps))),
-                            build.seed, "demo build", 100)
+    return _train_on(examples, build, tokenizer, model, build.chat_steps, build.chat_learning_rate, build.seed + 1,
+                     "demo-chat")
 
 
 @contextlib.contextmanager
@@ -215,16 +247,29 @@ def save_build(model: Any, tokenizer: Any, out: str | Path, record_name: str, re
     return out
 
 
-def build_demo(out: str | Path, build: DemoBuild = DemoBuild()) -> Path:
-    """Train the demo tokenizer and model from scratch and save them as an HF folder at `out`."""
+@dataclass(frozen=True)
+class DemoPair:
+    chat: Path
+    base: Path
+
+
+def build_demo(out: str | Path, build: DemoBuild = DemoBuild()) -> DemoPair:
+    """Train the demo tokenizer, demo-base and then demo-chat from it; save them as HF folders out/base and
+    out/chat (the same tokenizer in both)."""
+    out = Path(out)
     with repeatable():
         started = time.time()
         tokenizer = train_tokenizer(build)
         model = make_model(build, tokenizer)
-        losses = train(build, tokenizer, model)
-        return save_build(model, tokenizer, out, "demo_build.json",
-                          {"build": build.__dict__, "final_loss": losses[-1],
+        base_losses = train(build, tokenizer, model)
+        record = {"build": build.__dict__, "pretraining_final_loss": base_losses[-1]}
+        base = save_build(model, tokenizer, out / "base", "demo_build.json",
+                          {**record, "model": "demo-base", "seconds": round(time.time() - started, 1)})
+        chat_losses = align(build, tokenizer, model)
+        chat = save_build(model, tokenizer, out / "chat", "demo_build.json",
+                          {**record, "model": "demo-chat", "alignment_final_loss": chat_losses[-1],
                            "seconds": round(time.time() - started, 1)})
+    return DemoPair(chat, base)
 
 
 def export_demo(out: str | Path) -> Path:
@@ -259,10 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m safeneurons.demo", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["build"])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=DemoBuild.steps)
+    parser.add_argument("--steps", type=int, default=DemoBuild.steps, help="demo-base's pretraining steps")
+    parser.add_argument("--chat-steps", type=int, default=DemoBuild.chat_steps,
+                        help="demo-chat's safety-alignment steps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    print(build_demo(args.out, DemoBuild(steps=args.steps)))
+    pair = build_demo(args.out, DemoBuild(steps=args.steps, chat_steps=args.chat_steps))
+    print(f"demo-chat: {pair.chat}\ndemo-base: {pair.base}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,25 @@ import torch
 
 from .errors import SafeneuronsError
 
+log = logging.getLogger(__name__)
+
 AUTO = "auto"
+CPU_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory collectives on CPU, compiled at first use
+
+
+def prepare_cpu_comm_op() -> None:
+    """On CPU, DeepSpeed compiles its shared-memory communication op the first time it starts (25–40 s). Build it
+    once per Python environment (torch's extension folder inside the environment, when writable, so that two
+    environments with different torch versions do not rebuild each other's) and say so in the log, once."""
+    if torch.cuda.is_available():
+        return
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "share" / "safeneurons" /
+                                                 f"torch-{torch.__version__}-extensions")
+    folder = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if folder and not (Path(folder) / CPU_COMM_OP / f"{CPU_COMM_OP}.so").exists() and \
+            os.environ.get("RANK", "0") == "0":
+        log.info("DeepSpeed builds its CPU communication op into %s (once for this environment, about 30 s)", folder)
 
 
 def read_config(source: str | Path | dict) -> dict:
@@ -37,7 +58,9 @@ def fill_config(source: str | Path | dict, *, micro_batch_size: int = 1, gradien
                 world_size: int = 1, learning_rate: float | None = None, weight_decay: float | None = None,
                 gradient_clipping: float | None = None, dtype: torch.dtype | None = None,
                 hidden_size: int | None = None) -> dict:
-    """A DeepSpeed config with every "auto" replaced by the value the command was given."""
+    """A DeepSpeed config with every "auto" replaced by the value the command was given. Every stage that starts
+    DeepSpeed fills its config first: the CPU communication op is prepared here."""
+    prepare_cpu_comm_op()
     config = read_config(source)
     _set_auto(config, "train_micro_batch_size_per_gpu", micro_batch_size)
     _set_auto(config, "gradient_accumulation_steps", gradient_accumulation_steps)

@@ -30,6 +30,8 @@ from .dynamic import DynamicFreezing, rescore_config
 from .freezing import FROZEN_ATTRIBUTE, FrozenWeights, MaskSource, freeze, local_layout, local_weights, reduce_over_ranks
 from .models import save_hf_folder
 from .outputs import atomic_file, write_json
+from .refusal_curve import (DEFAULT_LIMIT, DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPTS, RefusalProbe, check_probe_settings,
+                            make_probe)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,10 @@ class FineTuneConfig:
     rescore_every: int | None = None  # dynamic freezing: re-score every K optimizer steps
     rescore_mode: str = "union"
     engine: str = "loop"  # "trainer": the same job through transformers.Trainer (trainer.py)
+    eval_every: int | None = None  # refusal curve: measure every K optimizer steps (refusal_curve.py)
+    eval_prompts: str = DEFAULT_PROMPTS
+    eval_limit: int = DEFAULT_LIMIT
+    eval_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     def validate(self) -> None:
         for name in ("num_epochs", "batch_size", "max_length", "gradient_accumulation_steps"):
@@ -127,10 +133,11 @@ class FineTuneConfig:
         if self.lora_r and (self.rescore_every or self.freeze_strength != 1.0):
             raise SafeneuronsError("--lora-r protects masked elements exactly; --rescore-every and --freeze-strength "
                                    "act on fully trained weights, not on a LoRA adapter")
+        check_probe_settings(self.eval_every, self.eval_limit, self.eval_max_new_tokens)
         if self.engine not in ENGINES:
             raise SafeneuronsError(f"--engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         loop_only = {"--safety-data": self.safety_data, "--lora-r": self.lora_r, "--rescore-every": self.rescore_every,
-                     "--checkpoint-dir": self.checkpoint_dir}
+                     "--checkpoint-dir": self.checkpoint_dir, "--eval-every": self.eval_every}
         if self.engine == "trainer" and any(loop_only.values()):
             raise SafeneuronsError(f"--engine trainer does not take {', '.join(k for k, v in loop_only.items() if v)}: "
                                    f"use the built-in loop (--engine loop)")
@@ -211,6 +218,7 @@ class FineTuneReport:
     run_settings: dict = field(default_factory=dict)  # what the run used (RUN_KEYS, mask source, world size)
     resumed_settings: dict = field(default_factory=dict)  # settings --resume-override changed: their values before
     rescoring: list = field(default_factory=list)  # --rescore-every: the frozen set's updates (dynamic.Rescoring)
+    refusal_curve: list = field(default_factory=list)  # --eval-every: [{"step", "refusal_rate"}] (refusal_curve.py)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -417,6 +425,7 @@ class RunState:
     loss_curve: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
     safety_loss_curve: list[float] = field(default_factory=list)
+    refusal_curve: list[dict] = field(default_factory=list)
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -429,10 +438,12 @@ def _mean_over_ranks(values: Sequence[float]) -> float:
 
 def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int, config: FineTuneConfig,
           device: torch.device, state: RunState, settings: Mapping[str, Any] | None = None,
-          safety: Sequence[Sample] | None = None, dynamic: DynamicFreezing | None = None) -> RunState:
+          safety: Sequence[Sample] | None = None, dynamic: DynamicFreezing | None = None,
+          probe: RefusalProbe | None = None) -> RunState:
     """Run optimizer steps `state.step` .. the end of the plan (or max_steps), checkpointing as asked; with
     `safety` samples every micro-batch also takes a safety batch (see `safety_batch_plan`); `dynamic` updates
-    the frozen set after the steps it is due."""
+    the frozen set after the steps it is due; `probe` measures the refusal rate at the steps it is due (before
+    a checkpoint, so that a resumed run has every point)."""
     world, rank = distributed.world_size(), distributed.rank()
     plan = micro_batch_plan(len(samples), config, world, rank)
     safety_plan = safety_batch_plan(len(safety), len(plan), config, world, rank) if safety else None
@@ -441,6 +452,8 @@ def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     backend.module.train()
+    if probe is not None and not state.refusal_curve:
+        _record_refusal(backend, probe, state)
     for step in distributed.progress(range(state.step, total), desc="fine-tuning", initial=state.step, total=total):
         losses, safety_losses = [], []
         state.learning_rates.append(backend.learning_rate())
@@ -458,10 +471,21 @@ def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int
         state.step = step + 1
         if dynamic is not None:
             dynamic.after_step(state.step, len(plan) // accumulation)
+        if probe is not None and probe.due(state.step, total):
+            _record_refusal(backend, probe, state)
         if config.save_every and state.step % config.save_every == 0:
             _save_checkpoint(backend, config, state, settings or {}, dynamic)
     backend.module.eval()
     return state
+
+
+def _record_refusal(backend: TrainingBackend, probe: RefusalProbe, state: RunState) -> None:
+    """A point of the refusal curve. Under ZeRO-3 generation leaves parameters that the engine prefetched for its
+    own (training) module order in flight: they are released before training goes on."""
+    state.refusal_curve.append({"step": state.step, "refusal_rate": probe.measure(backend.module)})
+    engine = getattr(backend, "engine", None)
+    if engine is not None and getattr(backend, "zero_stage", None) == 3:
+        engine.empty_partition_cache()
 
 
 def _save_checkpoint(backend: TrainingBackend, config: FineTuneConfig, state: RunState,
@@ -486,7 +510,7 @@ def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: Fine
             dynamic: DynamicFreezing | None = None) -> RunState:
     client = backend.load_checkpoint(Path(config.checkpoint_dir), tag)
     state = RunState(int(client["step"]), list(client["loss_curve"]), list(client.get("learning_rates", [])),
-                      list(client.get("safety_loss_curve", [])))
+                     list(client.get("safety_loss_curve", [])), list(client.get("refusal_curve", [])))
     if dynamic is not None:
         dynamic.load(Path(config.checkpoint_dir) / tag)
     elif frozen is not None and frozen.max_drift() != 0.0:
@@ -499,7 +523,7 @@ def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: Fine
 def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samples: Sequence[Sample],
                     pad_token_id: int, config: FineTuneConfig, device: torch.device,
                     settings: Mapping[str, Any] | None = None, safety: Sequence[Sample] | None = None,
-                    dynamic: DynamicFreezing | None = None) -> FineTuneReport:
+                    dynamic: DynamicFreezing | None = None, probe: RefusalProbe | None = None) -> FineTuneReport:
     """Attach the frozen weights, (resume,) train and measure; collective under several ranks. `settings` are
     the run settings the checkpoints record (`run_settings`); `safety` the samples of --safety-data; `dynamic`
     (which holds `frozen`) re-scores the frozen set."""
@@ -513,7 +537,7 @@ def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samp
         (dynamic or frozen).attach(getattr(backend, "engine", None) or backend.optimizer)
     state = _resume(backend, frozen, config, resumed_with["tag"], dynamic) if resumed_with else RunState()
     resumed_from = state.step
-    state = train(backend, samples, pad_token_id, config, device, state, settings, safety, dynamic)
+    state = train(backend, samples, pad_token_id, config, device, state, settings, safety, dynamic, probe)
     resumed_settings = {} if resumed_with is None else \
         {key: resumed_with.get(key) for key in config.resume_override if resumed_with.get(key) != settings.get(key)}
     report = build_report(backend.module, start, dynamic.frozen if dynamic else frozen, partitioned, state,
@@ -536,7 +560,8 @@ def build_report(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: Fr
         frozen_count=frozen.frozen_count() if frozen else 0, max_abs_change_frozen=change.max_abs_change_frozen,
         max_abs_change_free=change.max_abs_change_free, mean_abs_change_free=change.mean_abs_change_free or 0.0,
         free_count=change.free_count, loss_curve=state.loss_curve, learning_rates=state.learning_rates,
-        safety_loss_curve=state.safety_loss_curve, steps=state.step, resumed_from_step=resumed_from,
+        safety_loss_curve=state.safety_loss_curve, refusal_curve=state.refusal_curve, steps=state.step,
+        resumed_from_step=resumed_from,
         world_size=distributed.world_size(), zero_stage=zero_stage, mask_bytes_per_rank=mask_bytes,
         mask_value_bytes_per_rank=value_bytes, seconds=round(time.perf_counter() - started, 3),
         config=dataclasses.asdict(config), run_settings=dict(settings), resumed_settings=dict(resumed_settings or {}))
@@ -594,7 +619,8 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
     check_output_dir(config.save_path)  # bad locations and inputs fail here, before any weight is read
     if isinstance(masks_path, (str, Path)):
         MaskReader(masks_path)
-    check_sources(config.data, config.safety_data, directory=config.data_dir)
+    check_sources(config.data, config.safety_data, config.eval_prompts if config.eval_every else None,
+                  directory=config.data_dir)
     score_config = rescore_config(masks_path, config.data_dir) if config.rescore_every else None
     if score_config is not None:
         check_sources(score_config.data, score_config.utility_data, directory=config.data_dir)
@@ -616,13 +642,15 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
                            config.add_eos)
     safety = load_samples(config.safety_data, tokenizer, None, config.seed, config.max_length, config.data_dir,
                           config.add_eos) if config.safety_data else None
+    probe = make_probe(config.eval_every, config.eval_prompts, config.eval_limit, config.eval_max_new_tokens,
+                       tokenizer, config.data_dir)
     ds_config = _fill_ds_config(config, model_name_or_dir, context.world_size) if config.deepspeed else None
     model = load_model(model_name_or_dir, config.dtype, config.cache_dir,
                        None if ds_config else context.device, ds_config)
     prepare_model(model, config)
     if config.lora_r:
         report, model = fine_tune_lora(model, masks_path, samples, safety, tokenizer.pad_token_id, config, ds_config,
-                                       context, settings)
+                                       context, settings, probe)
         save_model(model, tokenizer, report, config.save_path)
         return _logged(report, config)
     frozen = freeze(model, masks_path, config.freeze_strength) if masks_path is not None else None
@@ -638,7 +666,7 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
         dynamic = None if score_config is None else DynamicFreezing(
             frozen, backend.module, tokenizer, score_config, config.rescore_every, config.rescore_mode, context.device)
         report = run_fine_tuning(backend, frozen, samples, tokenizer.pad_token_id, config, context.device, settings,
-                                 safety, dynamic)
+                                 safety, dynamic, probe)
         save_model(backend.module, tokenizer, report, config.save_path)
     return _logged(report, config)
 
@@ -661,7 +689,8 @@ def _logged(report: FineTuneReport, config: FineTuneConfig) -> FineTuneReport:
 
 def fine_tune_lora(model: nn.Module, masks: MaskSource | None, samples: Sequence[Sample],
                    safety: Sequence[Sample] | None, pad_token_id: int, config: FineTuneConfig, ds_config: dict | None,
-                   context: distributed.DistContext, settings: Mapping[str, Any]) -> tuple[FineTuneReport, nn.Module]:
+                   context: distributed.DistContext, settings: Mapping[str, Any], probe: RefusalProbe | None = None
+                   ) -> tuple[FineTuneReport, nn.Module]:
     """LoRA on the base model (protected by `masks` when given, see lora.py), trained by the same loop, merged
     into the base weights; the report measures the merged model against the original (masked elements: 0)."""
     from .lora import add_adapters, merge_adapters
@@ -671,9 +700,11 @@ def fine_tune_lora(model: nn.Module, masks: MaskSource | None, samples: Sequence
     start = snapshot(model)
     adapted = add_adapters(model, config.lora_r, config.lora_alpha, config.lora_targets, masks)
     backend = make_backend(adapted, ds_config, config, len(samples), context.world_size)
-    trained = run_fine_tuning(backend, None, samples, pad_token_id, config, context.device, settings, safety)
+    trained = run_fine_tuning(backend, None, samples, pad_token_id, config, context.device, settings, safety,
+                              probe=probe)
     merged = merge_adapters(backend.module)
-    state = RunState(trained.steps, trained.loss_curve, trained.learning_rates, trained.safety_loss_curve)
+    state = RunState(trained.steps, trained.loss_curve, trained.learning_rates, trained.safety_loss_curve,
+                     trained.refusal_curve)
     partitioned = protected.partitioned if protected is not None else backend.zero_stage == 3
     report = build_report(merged, start, protected, partitioned, state, backend.zero_stage, config, settings, started,
                           trained.resumed_from_step, trained.resumed_settings)
@@ -789,6 +820,15 @@ def add_training_extensions(parser: argparse.ArgumentParser, defaults: FineTuneC
                        help="refusal data (a data set name or a file): each step adds --safety-weight × its loss")
     group.add_argument("--safety-weight", type=float, default=defaults.safety_weight,
                        help="λ of the safety loss (default %(default)s)")
+    group.add_argument("--eval-every", type=int, default=None, metavar="K",
+                       help="refusal curve: the keyword refusal rate on --eval-prompts before training, every K "
+                            "optimizer steps and at the end (greedy; freeze_report.json's refusal_curve)")
+    group.add_argument("--eval-prompts", default=defaults.eval_prompts,
+                       help="held-out harmful prompts of the curve (default %(default)s)")
+    group.add_argument("--eval-limit", type=int, default=defaults.eval_limit,
+                       help="the first N of them (default %(default)s)")
+    group.add_argument("--eval-max-new-tokens", type=int, default=defaults.eval_max_new_tokens,
+                       help="new tokens per generation of the curve (default %(default)s)")
     group.add_argument("--lora-r", type=int, default=0, help="LoRA rank through PEFT; 0 = full fine-tuning (default)")
     group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (default %(default)s)")
     group.add_argument("--lora-targets", default=",".join(defaults.lora_targets),
@@ -797,7 +837,8 @@ def add_training_extensions(parser: argparse.ArgumentParser, defaults: FineTuneC
 
 
 EXTENSION_KEYS = ("lr_scheduler", "warmup_steps", "warmup_ratio", "gradient_checkpointing", "freeze_strength",
-                  "rescore_every", "rescore_mode", "safety_data", "safety_weight", "lora_r", "lora_alpha")
+                  "rescore_every", "rescore_mode", "safety_data", "safety_weight", "lora_r", "lora_alpha",
+                  "eval_every", "eval_prompts", "eval_limit", "eval_max_new_tokens")
 
 
 def extension_options(args: argparse.Namespace) -> dict[str, Any]:

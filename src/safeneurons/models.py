@@ -36,13 +36,15 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-DEMO_NAME = "demo"
+DEMO_NAME = "demo"  # demo-chat
+DEMO_CHAT_NAME = "demo-chat"
+DEMO_BASE_NAME = "demo-base"  # the unaligned base model demo-chat was aligned from (demo.py)
 DEMO_JUDGE_NAME = "demo-judge"  # the demo's HarmBench-format classifier (demo_judge.py)
 
 
-def demo_model_dir() -> Path:
-    """The built-in demo model's folder inside the installed package."""
-    return Path(__file__).resolve().parent / "demo_assets"
+def demo_model_dir(which: str = "chat") -> Path:
+    """The built-in demo chat (or base) model's folder inside the installed package."""
+    return Path(__file__).resolve().parent / "demo_assets" / which
 
 
 def demo_judge_dir() -> Path:
@@ -60,8 +62,10 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 def resolve_model_name(name: str) -> str:
     """A local folder or the demo model's folder as a path string; otherwise the HF id (aliases expanded)."""
-    if name == DEMO_NAME:
+    if name in (DEMO_NAME, DEMO_CHAT_NAME):
         return str(demo_model_dir())
+    if name == DEMO_BASE_NAME:
+        return str(demo_model_dir("base"))
     if name == DEMO_JUDGE_NAME:
         return str(demo_judge_dir())
     if Path(name).expanduser().is_dir():

@@ -218,11 +218,17 @@ def bitpacked_masks(shape: ModelShape, cluster: Cluster) -> int:
     return math.ceil(shape.scored_params / 8 / cluster.world)
 
 
-def output_gradient_bytes_per_token(shape: ModelShape) -> int:
-    """wandg keeps every scored Linear's output gradient dY of a pass (bf16) for |dYᵀX|: q, k, v, o, gate, up,
-    down outputs of every layer."""
-    per_layer = shape.heads * shape.head_width + 2 * shape.kv_dim + 2 * shape.hidden + 2 * shape.intermediate
-    return BF16_BYTES * shape.layers * per_layer
+def score_pass_activations(shape: ModelShape, tokens: int) -> int:
+    """Peak activations of one wandg pass (bf16). The hooks keep every scored Linear's input X (one per shared
+    input: the two norms' outputs, the attention output, the MLP product) and output gradient dY for |dYᵀX|. The
+    forward saves what training saves (the Linear inputs are the same tensors), and the backward frees it layer by
+    layer as the dY arrive: the peak is the larger of the two ends, all saved tensors or all X and dY."""
+    per_layer, outside = activation_bytes_per_token(shape)
+    query = shape.heads * shape.head_width
+    kept_inputs = 2 * shape.hidden + query + shape.intermediate
+    output_grads = query + 2 * shape.kv_dim + 2 * shape.hidden + 2 * shape.intermediate
+    after_backward = shape.layers * BF16_BYTES * (kept_inputs + output_grads) + outside
+    return tokens * max(shape.layers * per_layer + outside, after_backward)
 
 
 @dataclass(frozen=True)
@@ -249,10 +255,11 @@ def score_sums(shape: ModelShape, cluster: Cluster, budget: int) -> ScoreSums:
 
 
 def score_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> tuple[StageMemory, ScoreSums]:
-    """wandg: bf16 weights without parameter gradients, one pass's activations and output gradients, the sums."""
+    """wandg: bf16 weights without parameter gradients, one pass's activations (`score_pass_activations`), the
+    fp32 sums."""
     cpu, states = inference_model_states(shape, cluster, with_grads=False)
     tokens = workload.score_batch_size * workload.max_length
-    activations = tokens * output_gradient_bytes_per_token(shape) + training_activations(shape, tokens)
+    activations = score_pass_activations(shape, tokens)
     masks = bitpacked_masks(shape, cluster)
     budget = workload.score_memory
     if budget is None:  # as `score`: half of what is free when scoring starts
