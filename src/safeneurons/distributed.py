@@ -205,17 +205,6 @@ def available_memory(device: torch.device) -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024 // local_world_size()
 
 
-def min_over_ranks(value: int) -> int:
-    """The smallest of every rank's `value` (collective), so that all ranks take the same decision."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
-
-
 def assign_round_robin(n_items: int, rank_: int | None = None, world: int | None = None) -> list[int]:
     """Indices of the items (layers, prompts, sites) this rank works on: rank, rank + W, rank + 2W, …"""
     rank_ = rank() if rank_ is None else rank_

@@ -204,14 +204,13 @@ def zero3_model_states(shape: ModelShape, cluster: Cluster) -> tuple[int, int, i
     return int(cpu), int(gpu), int(largest)
 
 
-def inference_model_states(shape: ModelShape, cluster: Cluster, with_grads: bool) -> tuple[int, int]:
-    """bf16 parameters (and their gradients, for wandg) partitioned over all GPUs, or on the CPU with param
-    offload, plus the largest tensor gathered whole: (CPU bytes per node, GPU bytes per GPU)."""
-    per_param = BF16_BYTES * (2 if with_grads else 1)
-    gathered = per_param * shape.largest_param
+def inference_model_states(shape: ModelShape, cluster: Cluster) -> tuple[int, int]:
+    """bf16 parameters (no gradients: not even wandg computes parameter gradients) partitioned over all GPUs, or
+    on the CPU with param offload, plus the largest tensor gathered whole: (CPU bytes per node, GPU bytes per GPU)."""
+    gathered = BF16_BYTES * shape.largest_param
     if cluster.offload == "param":
-        return per_param * shape.total_params // cluster.nodes, gathered
-    return 0, per_param * shape.total_params // cluster.world + gathered
+        return BF16_BYTES * shape.total_params // cluster.nodes, gathered
+    return 0, BF16_BYTES * shape.total_params // cluster.world + gathered
 
 
 def bitpacked_masks(shape: ModelShape, cluster: Cluster) -> int:
@@ -257,7 +256,7 @@ def score_sums(shape: ModelShape, cluster: Cluster, budget: int) -> ScoreSums:
 def score_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> tuple[StageMemory, ScoreSums]:
     """wandg: bf16 weights without parameter gradients, one pass's activations (`score_pass_activations`), the
     fp32 sums."""
-    cpu, states = inference_model_states(shape, cluster, with_grads=False)
+    cpu, states = inference_model_states(shape, cluster)
     tokens = workload.score_batch_size * workload.max_length
     activations = score_pass_activations(shape, tokens)
     masks = bitpacked_masks(shape, cluster)
@@ -281,7 +280,7 @@ def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list
                            masks + frozen_values, 0, cpu)
 
     # patch (exact): forward passes; the clean and corrupted activations of every site are cached in fp32
-    cpu, states = inference_model_states(shape, cluster, with_grads=False)
+    cpu, states = inference_model_states(shape, cluster)
     cache = 2 * shape.layers * PATCH_COMPONENTS * tokens * shape.hidden * FP32_BYTES
     patch = StageMemory("patch", states, forward_activations(shape, tokens) + cache, 0, 0, cpu)
 
@@ -295,7 +294,7 @@ def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list
 
     # eval (generation under ZeRO-3): bf16 partitions plus the gathered layer, one batch's forward and KV cache
     # for prompts of up to max_length tokens and max_new_tokens more (a judge model adds its own states)
-    cpu, states = inference_model_states(shape, cluster, with_grads=False)
+    cpu, states = inference_model_states(shape, cluster)
     length = workload.max_length + workload.max_new_tokens
     evaluation = StageMemory("eval", states, forward_activations(shape, workload.eval_batch_size * length)
                              + kv_cache_bytes(shape, workload.eval_batch_size, length), 0, 0, cpu)

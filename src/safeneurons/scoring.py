@@ -414,7 +414,7 @@ def score_memory_budget(config: ScoreConfig, device: torch.device) -> int:
     budget = config.score_memory
     if budget is None:
         budget = int(AUTO_MEMORY_FRACTION * distributed.available_memory(device))
-    return distributed.min_over_ranks(budget)
+    return min(distributed.all_gather(budget))
 
 
 def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[MicroBatch],

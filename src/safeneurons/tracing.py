@@ -126,6 +126,15 @@ class MlpActivations:
     n_tokens: int
     spill: tempfile.TemporaryDirectory | None = field(default=None, repr=False)  # removed with this object
 
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[tuple[str, int], np.ndarray], n_tokens: int,
+                    spill: tempfile.TemporaryDirectory | None) -> "MlpActivations":
+        """From arrays keyed by (kind, layer)."""
+        by_kind: dict[str, dict[int, np.ndarray]] = {kind: {} for kind in KINDS}
+        for (kind, layer), array in arrays.items():
+            by_kind[kind][layer] = array
+        return cls(by_kind["gate"], by_kind["up"], n_tokens, spill)
+
     def get(self, kind: str, layer: int) -> np.ndarray:
         return (self.gate if kind == "gate" else self.up)[layer]
 
@@ -204,10 +213,7 @@ def collect_mlp_activations(model: nn.Module, inputs: TokenInputs, layers: Itera
                               memory_limit, spill_dir)
     if modules or is_zero3_partitioned(model):  # ZeRO-3 forwards are collective: every rank takes part
         _run_and_record(model, batches, modules, arrays)
-    by_kind: dict[str, dict[int, np.ndarray]] = {kind: {} for kind in KINDS}
-    for (kind, layer), array in arrays.items():
-        by_kind[kind][layer] = array
-    return MlpActivations(by_kind["gate"], by_kind["up"], n_tokens, spill)
+    return MlpActivations.from_arrays(arrays, n_tokens, spill)
 
 
 def mlp_output(mlp: nn.Module, kind: str, config: Any) -> tuple[nn.Module, slice]:
@@ -567,11 +573,14 @@ def collect_shared(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
                    spill_dir: str | Path | None = None) -> MlpActivations:
     """Collective: the ranks split the tokens (each runs the model over a contiguous chunk of the batches, recording
     every needed layer), then each (kind, layer) output is gathered, in token order, on the ranks that `needed`
-    names (the activations cross the network once instead of every rank running every token). Returns this rank's layers over all the tokens. Under ZeRO-3 a rank with fewer batches runs padding
-    passes, as every forward is collective."""
+    names (the activations cross the network once instead of every rank running every token). Returns this
+    rank's layers over all the tokens. Under ZeRO-3 a rank with fewer batches runs padding passes, as every forward
+    is collective. A single process records its layers directly."""
     world, rank = distributed.world_size(), distributed.rank()
-    chunks = [token_chunk(len(batches), index, world) for index in range(world)]
     layers = {layer for _, layer in needed}
+    if world == 1:
+        return collect_mlp_activations(model, batches, layers, memory_limit=memory_limit, spill_dir=spill_dir)
+    chunks = [token_chunk(len(batches), index, world) for index in range(world)]
     local = collect_mlp_activations(model, [batches[index] for index in chunks[rank]], layers,
                                     memory_limit=memory_limit, spill_dir=spill_dir) if chunks[rank] else None
     if is_zero3_partitioned(model):
@@ -587,16 +596,10 @@ def collect_shared(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
             sent[:counts[rank]] = torch.from_numpy(np.ascontiguousarray(local.get(*key))).to(device)
         for owner in sorted(needed[key]):
             parts = [torch.empty_like(sent) for _ in range(world)] if rank == owner else None
-            if world > 1:
-                dist.gather(sent, parts, dst=owner)
-            else:
-                parts = [sent]
+            dist.gather(sent, parts, dst=owner)
             if rank == owner:
                 arrays[key][:] = torch.cat([part[:count] for part, count in zip(parts, counts)]).cpu().numpy()
-    by_kind: dict[str, dict[int, np.ndarray]] = {kind: {} for kind in KINDS}
-    for (kind, layer), array in arrays.items():
-        by_kind[kind][layer] = array
-    return MlpActivations(by_kind["gate"], by_kind["up"], sum(counts), spill)
+    return MlpActivations.from_arrays(arrays, sum(counts), spill)
 
 
 def _token_batches(args: argparse.Namespace, tokenizer: Any, max_positions: int) -> list[dict[str, torch.Tensor]]:
