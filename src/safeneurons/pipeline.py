@@ -118,9 +118,13 @@ class PipelineSettings:
         return tuple(int(seed) for seed in self.seeds.split(",") if seed.strip())
 
     @property
+    def requested_attacks(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.attacks.split(",") if name.strip())
+
+    @property
     def attack_list(self) -> tuple[str, ...]:
-        attacks = tuple(name.strip() for name in self.attacks.split(",") if name.strip())
-        return tuple(name for name in attacks if name != "harmful" or self.harmful_training_data)
+        """The attacks that run: harmful only with its data."""
+        return tuple(name for name in self.requested_attacks if name != "harmful" or self.harmful_training_data)
 
     @property
     def extensions(self) -> tuple[str, ...]:
@@ -255,10 +259,10 @@ def validate(settings: PipelineSettings) -> None:
         raise SafeneuronsError(f"--seeds {settings.seeds!r} is not a comma-separated list of integers") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise SafeneuronsError(f"--seeds {settings.seeds!r} must name at least one seed, each once")
-    attacks = [name.strip() for name in settings.attacks.split(",") if name.strip()]
+    attacks = settings.requested_attacks
     if not attacks or any(name not in ATTACKS for name in attacks):
         raise SafeneuronsError(f"--attacks {settings.attacks!r}: expected a comma list of {', '.join(ATTACKS)}")
-    if "harmful" in attacks and not settings.harmful_training_data and attacks == ["harmful"]:
+    if not settings.attack_list:
         raise SafeneuronsError("--attacks harmful needs --harmful-training-data (harmful requests with compliant "
                                "answers)")
     for name in ("setdiff_q", "setdiff_p"):
