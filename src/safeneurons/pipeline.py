@@ -53,7 +53,7 @@ DEFAULT_ZERO3 = {
     "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
     "bf16": {"enabled": "auto"},
     "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": [0.9, 0.999],
-                                              "eps": 1e-8, "torch_adam": True}},
+                                              "eps": 1e-8, "torch_adam": True, "foreach": True}},
     "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True,
                           "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
                           "stage3_param_persistence_threshold": "auto",

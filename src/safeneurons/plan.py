@@ -1,10 +1,12 @@
-"""`safeneurons plan`: memory per GPU of each stage (score, finetune, patch, trace) for a model and a cluster.
+"""`safeneurons plan`: memory per GPU of each stage (score, finetune, patch, trace, eval) for a model and a cluster.
 
-Model states come from DeepSpeed's own ZeRO-3 estimator; activations from a formula for Hugging Face's Llama
-in bf16 with SDPA attention (see `activation_bytes_per_token`); masks are bit-packed and partitioned over all
-ranks; wandg's fp32 sums of |gradient| are held for every scored weight on every rank when they fit the score
-memory budget (else in rounds of the budget's size, plus the sums a rank owns). Offline: the llama2 sizes are built in,
-other models are read from a local folder's config.json.
+Model states come from DeepSpeed's own ZeRO-3 estimator, plus the optimizer step's transient; activations from a
+formula for Hugging Face's Llama in bf16 with SDPA attention (see `activation_bytes_per_token`), and for patching
+from the formula `patch` sizes its batches with; masks are bit-packed and partitioned over all ranks; wandg's fp32
+sums of |gradient| are held for every scored weight on every rank when they fit the score memory budget (else in
+rounds of the budget's size, plus the sums a rank owns). Each stage's figure is tested against the measured peak
+memory of the real code (tests/test_plan.py). Offline: the llama2 sizes are built in, other models are read from a
+local folder's config.json.
 """
 from __future__ import annotations
 
@@ -25,9 +27,12 @@ RESERVED_FRACTION = 0.10
 BF16_BYTES = 2
 FP32_BYTES = 4
 STAGES = ("score", "finetune", "patch", "trace", "eval")
-PATCH_COMPONENTS = 3  # residual, attn_out, mlp_out cached per layer for the clean and the corrupted run
 COST_MATRIX_COPIES = 3.1  # trace's float64 I × I distance matrix and its temporaries, measured at I = 4096 and 8192
 OFFLOAD_CHOICES = ("none", "optimizer", "param")
+# Bytes per trained parameter that the optimizer step adds on the GPU, beside the states: DeepSpeed's fp32
+# gradient partition and the square-root temporary of torch's AdamW (foreach, as ds_configs set it) — measured
+# (tests/test_plan.py); with optimizer offload the step runs on the CPU.
+OPTIMIZER_STEP_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class ModelShape:
     tied_embeddings: bool = False
     head_dim: int | None = None  # the config's head_dim when it sets one (Gemma, Qwen3, Mistral-NeMo), else hidden/heads
     counted: tuple[int, int, int] | None = None  # (total, scored, largest) counted on the model's meta skeleton
+    eager_attention: bool = False  # the model's attention materialises its scores (Gemma-2's default), not SDPA
 
     @property
     def head_width(self) -> int:
@@ -118,7 +124,7 @@ def model_shape(name: str) -> ModelShape:
                sum(linear.module.weight.numel() for linear in scored_linears(skeleton)),
                max(param.numel() for param in parameters))
     return ModelShape(name, *sizes, bool(getattr(skeleton.config, "tie_word_embeddings", False)),
-                      config.get("head_dim"), counted)
+                      config.get("head_dim"), counted, skeleton.config._attn_implementation == "eager")
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,8 @@ class Workload:
     max_new_tokens: int = 256
     score_batch_size: int = 1  # `safeneurons score` defaults
     score_memory: int | None = None  # score --score-memory in bytes; None = auto (half of what is left free)
+    patch_length: int = 128  # tokens of a patching prompt
+    patch_batch_size: int | None = None  # patch --batch-size; None = auto (a quarter of what is left free)
 
 
 def activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
@@ -187,10 +195,11 @@ class StageMemory:
     masks: int
     scores: int
     cpu_per_node: int
+    optimizer_step: int = 0  # fine-tuning's step transient; it comes after the backward has freed the activations
 
     @property
     def total(self) -> int:
-        return self.model_states + self.activations + self.masks + self.scores
+        return self.model_states + max(self.activations, self.optimizer_step) + self.masks + self.scores
 
 
 def zero3_model_states(shape: ModelShape, cluster: Cluster) -> tuple[int, int, int]:
@@ -268,21 +277,47 @@ def score_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> tupl
     return StageMemory("score", states, activations, masks, sums.peak, cpu), sums
 
 
+def finetune_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> StageMemory:
+    """ZeRO-3 training: DeepSpeed's estimate of the states; the backward's activations, or the optimizer step's
+    transient when larger (the two do not overlap); the mask and the saved fp32 values of the frozen entries,
+    partitioned. On the host, beside DeepSpeed's figure, the bf16 copy of each rank's partition that `finetune`
+    keeps to report the change (`finetune.snapshot`)."""
+    cpu, states, _ = zero3_model_states(shape, cluster)
+    tokens = workload.batch_size * workload.max_length
+    activations = training_activations(shape, tokens, workload.gradient_checkpointing)
+    step = OPTIMIZER_STEP_BYTES * shape.total_params // cluster.world if cluster.offload == "none" else 0
+    frozen_values = math.ceil(workload.sparsity_ratio * shape.scored_params * FP32_BYTES / cluster.world)
+    start_copy = BF16_BYTES * shape.total_params // cluster.nodes
+    return StageMemory("finetune", states, activations, bitpacked_masks(shape, cluster) + frozen_values, 0,
+                       cpu + start_copy, step)
+
+
+def patch_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> StageMemory:
+    """Exact patching: the base run's bf16 input to every decoder layer (a batch starts at its lowest patched
+    layer; not kept under ZeRO-3, counted anyway), the source run's activations of every component a sweep can
+    patch (residual, attn_out, mlp_out: h each; attn_head: the heads' width), and one batch of patched rows of
+    `patch_length` tokens — as many as `--batch-size`, or as `patch`'s auto batch fits a quarter of what is
+    free (`patching.batch_for`)."""
+    from .patching import batch_for, patched_row_bytes
+
+    cpu, states = inference_model_states(shape, cluster)
+    tokens = workload.patch_length
+    layer_inputs = shape.layers * tokens * shape.hidden * BF16_BYTES
+    source = shape.layers * tokens * (3 * shape.hidden + shape.heads * shape.head_width) * BF16_BYTES
+    row = patched_row_bytes(shape.hidden, shape.intermediate, shape.heads, tokens, BF16_BYTES, shape.eager_attention)
+    batch = workload.patch_batch_size
+    if batch is None:
+        free = (1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB - states - layer_inputs - source
+        batch = batch_for(row, max(int(free) // 4, 0))
+    return StageMemory("patch", states, layer_inputs + source + batch * row, 0, 0, cpu)
+
+
 def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list[StageMemory]:
     tokens = workload.batch_size * workload.max_length
-    masks = bitpacked_masks(shape, cluster)
     score, _ = score_stage(shape, cluster, workload)
-
-    # finetune: ZeRO-3 training states; the mask and the saved fp32 values of the frozen entries, partitioned
-    cpu, states, _ = zero3_model_states(shape, cluster)
-    frozen_values = math.ceil(workload.sparsity_ratio * shape.scored_params * FP32_BYTES / cluster.world)
-    finetune = StageMemory("finetune", states, training_activations(shape, tokens, workload.gradient_checkpointing),
-                           masks + frozen_values, 0, cpu)
-
-    # patch (exact): forward passes; the clean and corrupted activations of every site are cached in fp32
+    finetune = finetune_stage(shape, cluster, workload)
+    patch = patch_stage(shape, cluster, workload)
     cpu, states = inference_model_states(shape, cluster)
-    cache = 2 * shape.layers * PATCH_COMPONENTS * tokens * shape.hidden * FP32_BYTES
-    patch = StageMemory("patch", states, forward_activations(shape, tokens) + cache, 0, 0, cpu)
 
     # trace: one model at a time records every layer's gate and up outputs to host memory (fp32), then is freed;
     # the matching builds the I × I neuron cost matrix in float64 on the device with about three such temporaries
@@ -294,7 +329,6 @@ def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list
 
     # eval (generation under ZeRO-3): bf16 partitions plus the gathered layer, one batch's forward and KV cache
     # for prompts of up to max_length tokens and max_new_tokens more (a judge model adds its own states)
-    cpu, states = inference_model_states(shape, cluster)
     length = workload.max_length + workload.max_new_tokens
     evaluation = StageMemory("eval", states, forward_activations(shape, workload.eval_batch_size * length)
                              + kv_cache_bytes(shape, workload.eval_batch_size, length), 0, 0, cpu)
@@ -312,7 +346,7 @@ def remedies(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict[st
     changes = [("--offload optimizer", replace(cluster, offload="optimizer"), workload),
                ("--offload param", replace(cluster, offload="param"), workload),
                ("--gradient-checkpointing", cluster, replace(workload, gradient_checkpointing=True)),
-               ("--batch-size 1", cluster, replace(workload, batch_size=1, eval_batch_size=1)),
+               ("--batch-size 1", cluster, replace(workload, batch_size=1, eval_batch_size=1, patch_batch_size=1)),
                *[(f"--nodes {cluster.nodes * factor}", replace(cluster, nodes=cluster.nodes * factor), workload)
                  for factor in (2, 4, 8)]]
     base = plan_stages(shape, cluster, workload)
@@ -350,10 +384,11 @@ def format_table(report: dict) -> str:
              f"{cluster['gpus_per_node']} GPUs of {cluster['gpu_memory_gib']:g} GiB (offload: {cluster['offload']}; "
              f"batch {report['workload']['batch_size']} x {report['workload']['max_length']} tokens per GPU"
              f"{', activation checkpointing' if report['workload']['gradient_checkpointing'] else ''})",
-             f"{'stage':<9}{'states':>9}{'activ.':>9}{'masks':>9}{'scores':>9}{'total':>9}  fits   CPU/node",
-             "-" * 74]
+             f"{'stage':<9}{'states':>9}{'activ.':>9}{'step':>9}{'masks':>9}{'scores':>9}{'total':>9}  fits   CPU/node",
+             "-" * 83]
     for stage in report["stages"]:
-        gib = [stage[key] / GIB for key in ("model_states", "activations", "masks", "scores", "total")]
+        gib = [stage[key] / GIB for key in ("model_states", "activations", "optimizer_step", "masks", "scores",
+                                            "total")]
         lines.append(f"{stage['stage']:<9}" + "".join(f"{value:>9.2f}" for value in gib)
                      + f"  {'yes' if stage['fits'] else 'NO ':<5}{stage['cpu_per_node'] / GIB:>9.1f}")
     sums = report["score_sums"]
@@ -361,8 +396,8 @@ def format_table(report: dict) -> str:
                  f"{'' if sums['rounds'] == 1 else 's'} of <= {sums['round_gib']:.1f} GiB per GPU (budget "
                  f"{sums['budget_gib']:.1f} GiB{', --score-memory' if report['workload']['score_memory'] else ', auto'})"
                  f"; each round runs the passes once")
-    lines.append(f"(GiB per GPU; fits = total within {report['usable_gib_per_gpu']:.1f} GiB, "
-                 f"{RESERVED_FRACTION:.0%} kept for CUDA/NCCL)")
+    lines.append(f"(GiB per GPU; total = states + the larger of activ. and the optimizer step + masks + scores; fits = "
+                 f"total within {report['usable_gib_per_gpu']:.1f} GiB, {RESERVED_FRACTION:.0%} kept for CUDA/NCCL)")
     for stage, options in report["remedies"].items():
         told = "; ".join(f"{option['change']}: {option['gib_per_gpu']:.1f} GiB" for option in options)
         lines.append(f"{stage} fits with {told}" if options and options[0]["fits"] else
@@ -399,6 +434,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-memory", default="auto", metavar="SIZE",
                         help="score --score-memory: memory per GPU for wandg's sums (default auto: half of what is "
                              "left free)")
+    parser.add_argument("--patch-length", type=int, default=Workload.patch_length,
+                        help="patch: tokens of the prompts (default %(default)s)")
+    parser.add_argument("--patch-batch-size", type=int, default=None,
+                        help="patch --batch-size: patched runs per forward pass (default auto, as patch)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (--out also writes DIR/plan.json)")
 
 
@@ -411,13 +450,16 @@ def _check_positive(**values: float) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_positive(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory=args.gpu_memory,
                     batch_size=args.batch_size, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
-                    max_new_tokens=args.max_new_tokens, score_batch_size=args.score_batch_size)
+                    max_new_tokens=args.max_new_tokens, score_batch_size=args.score_batch_size,
+                    patch_length=args.patch_length,
+                    **({} if args.patch_batch_size is None else {"patch_batch_size": args.patch_batch_size}))
     score_memory = parse_memory_size(args.score_memory, "--score-memory")
     if not 0 <= args.sparsity_ratio < 1:
         raise SafeneuronsError(f"--sparsity-ratio is {args.sparsity_ratio}; expected a fraction in [0, 1)")
     report = plan_report(model_shape(args.model), Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.offload),
                          Workload(args.batch_size, args.max_length, args.sparsity_ratio, args.gradient_checkpointing,
-                                  args.eval_batch_size, args.max_new_tokens, args.score_batch_size, score_memory))
+                                  args.eval_batch_size, args.max_new_tokens, args.score_batch_size, score_memory,
+                                  args.patch_length, args.patch_batch_size))
     if distributed.init_distributed().is_main:
         print(json.dumps(report, indent=2) if args.json else format_table(report))
         if args.out:
