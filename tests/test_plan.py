@@ -12,7 +12,7 @@ from conftest import make_tiny_llama
 from safeneurons import cli
 from safeneurons.models import scored_linears
 from safeneurons.plan import (GIB, PRESETS, Cluster, ModelShape, Workload, model_shape, plan_report, plan_stages,
-                              activation_bytes_per_token, forward_activations, training_activations)
+                              activation_bytes_per_token, sequence_forward_bytes, training_activations)
 from safeneurons.plan import kv_cache_bytes as kv_cache_bytes_of
 
 
@@ -115,8 +115,7 @@ def test_masks_scores_and_activations_per_gpu() -> None:
     assert finetune.activations == training_activations(shape, 512)
     assert trace.model_states == patch.model_states  # one model at a time
     cost = 3.1 * shape.intermediate ** 2 * 8  # the float64 cost matrix and its temporaries, measured
-    tokens = workload.batch_size * workload.max_length
-    assert trace.total == max(trace.model_states + forward_activations(shape, tokens), int(cost))
+    assert trace.total == max(trace.model_states + 2 * sequence_forward_bytes(shape, 256), int(cost))
     assert int(cost) / GIB == pytest.approx(19.0, abs=0.1)  # at I = 28672 (the issue's ≈ 18 GiB with 3 copies)
 
 
@@ -438,3 +437,68 @@ def test_finetune_figure_equals_the_measured_peak_of_the_stage(batch, tokens, me
     stage = finetune_stage(shape, Cluster(1, 1), Workload(batch_size=batch, max_length=tokens))
     assert (stage.activations > stage.optimizer_step) == (batch == 8)
     assert measured == pytest.approx(stage.total + BF16_BYTES * shape.total_params, rel=0.15)
+
+
+MEASURE_EVALUATION = """
+import ctypes, sys, torch
+from pathlib import Path
+from transformers import LlamaConfig, LlamaForCausalLM
+from safeneurons.data import Sample
+from safeneurons.evaluate import Decoding, generate, negative_log_likelihood
+from safeneurons.models import load_tokenizer
+
+def status(field):  # kB in /proc/self/status
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) * 1024
+
+moment, vocab, batch, repeats, new_tokens = sys.argv[1], *(int(value) for value in sys.argv[2:6])
+config = LlamaConfig(vocab_size=vocab, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+                     num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024)
+torch.manual_seed(0)
+model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+tokenizer = load_tokenizer("demo")
+prompts = ["the quick brown fox jumps over the lazy dog " * repeats] * batch  # one length, no padding
+length = len(tokenizer(prompts[0])["input_ids"])
+ids = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+samples = [Sample(row, row.clone()) for row in ids]
+decoding = Decoding(max_new_tokens=new_tokens)
+run = {"generate": lambda: generate(model, tokenizer, prompts, decoding, batch_size=batch),
+       "perplexity": lambda: negative_log_likelihood(model, samples, 0, batch_size=batch)}[moment]
+run()  # warm-up: the kernels' first use of each shape
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+before = status("VmRSS:")
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
+run()
+print("PEAK", status("VmHWM:") - before, length)
+"""
+
+
+@pytest.mark.parametrize("moment, vocab, batch, repeats, new_tokens", [
+    ("generate", 714, 16, 3, 32),  # the prefill decides: the prompts' cache and the forward's working set
+    ("generate", 714, 8, 1, 192),  # the last new token decides: the whole cache
+    ("perplexity", 8000, 8, 5, 1),  # the full logits decide
+])
+def test_eval_figure_equals_the_measured_peak_of_each_moment(moment, vocab, batch, repeats, new_tokens) -> None:
+    """Greedy generation through `evaluate.generate` (demo tokenizer, prompts of one length) and a perplexity batch
+    through `evaluate.negative_log_likelihood`, bf16, in a fresh process: the peak resident memory above what the
+    process held before is plan's eval activations (the largest of the three moments) within 15%, for a shape
+    where each moment is the largest."""
+    import os
+    import subprocess
+    import sys
+
+    from safeneurons.plan import eval_stage, kv_cache_bytes, sequence_forward_bytes
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed large blocks leave RSS at once
+    result = subprocess.run([sys.executable, "-c", MEASURE_EVALUATION, moment, str(vocab), str(batch), str(repeats),
+                             str(new_tokens)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured, length = (int(value) for value in result.stdout.split("PEAK ", 1)[1].split()[:2])
+    shape = ModelShape("probe", hidden=384, layers=4, intermediate=1024, heads=6, kv_heads=6, vocab=vocab)
+    workload = Workload(eval_batch_size=batch, max_length=length, max_new_tokens=new_tokens)
+    prefill = kv_cache_bytes(shape, batch, length) + batch * sequence_forward_bytes(shape, length)
+    last_token = kv_cache_bytes(shape, batch, length + new_tokens - 1) * (1 + 1 / 8)  # one layer's K twice
+    largest = {"prefill": prefill, "last token": last_token, "perplexity": 12 * vocab * batch * length}
+    expected = {(714, 16): "prefill", (714, 8): "last token", (8000, 8): "perplexity"}[vocab, batch]
+    assert max(largest, key=largest.get) == expected
+    assert measured == pytest.approx(eval_stage(shape, Cluster(1, 1), workload).activations, rel=0.15)

@@ -239,11 +239,13 @@ def negative_log_likelihood(model: nn.Module, samples: Sequence[Sample], pad_tok
     total, count = 0.0, 0
     for start in batch_starts(len(samples), batch_size, is_zero3_partitioned(model)):
         if start is None:  # serve the other ranks' gathers
-            model(input_ids=torch.tensor([[pad_token_id]], device=device))
+            model(input_ids=torch.tensor([[pad_token_id]], device=device), use_cache=False)
             continue
         padded = pad_batch(samples[start:start + batch_size], pad_token_id)
         batch = {key: value.to(device) for key, value in padded.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        # no KV cache: a scoring pass has no use for it, and it would hold 2 × layers × kv_dim values per token
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits.float()
         targets = batch["labels"][:, 1:]
         total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                  ignore_index=IGNORE_INDEX, reduction="sum").item()

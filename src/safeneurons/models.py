@@ -138,6 +138,18 @@ def load_config(name: str, cache_dir: str | None = None) -> Any:
     return config
 
 
+def forward_row_bytes(hidden: int, intermediate: int, heads: int, length: int, element: int,
+                      eager_attention: bool) -> int:
+    """Peak bytes one sequence of `length` tokens adds to a no-grad forward without KV cache, measured on
+    transformers' Llama (tests/test_plan.py): the MLP's working set, 4h + 3I elements per token (the residual, the
+    normed input, the activated gate, up and their product), or — with eager attention, which materialises the
+    scores — ≈ 6h elements plus 3 elements and an fp32 softmax value per head and key (the scores, their scaled and
+    masked copies); SDPA keeps no scores. `patch` sizes its batches with it and `plan` counts with it."""
+    mlp = element * (4 * hidden + 3 * intermediate)
+    attention = element * 6 * hidden + (heads * length * (3 * element + 4) if eager_attention else 0)
+    return length * max(mlp, attention)
+
+
 def model_skeleton(name: str, cache_dir: str | None = None) -> nn.Module:
     """The model built on the meta device from its config: every parameter's name and shape, no weights read."""
     from transformers import AutoModelForCausalLM

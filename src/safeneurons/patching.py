@@ -31,7 +31,7 @@ from torch import nn
 
 from . import distributed
 from .errors import SafeneuronsError
-from .models import decoder_layers, is_zero3_partitioned, layers_from, model_device
+from .models import decoder_layers, forward_row_bytes, is_zero3_partitioned, layers_from, model_device
 
 log = logging.getLogger(__name__)
 
@@ -546,18 +546,6 @@ def _attribution_batch(model: nn.Module, base_ids: torch.Tensor, metric: Metric,
     return base_metric, estimates
 
 
-def patched_row_bytes(hidden: int, intermediate: int, heads: int, length: int, element: int,
-                      eager_attention: bool) -> int:
-    """Peak bytes one patched row of `length` tokens adds to a no-grad forward, measured on transformers' Llama
-    (tests/test_plan.py): the MLP's working set, 4h + 3I elements per token (the residual, the normed input, the
-    activated gate, up and their product), or — with eager attention, which materialises the scores — ≈ 6h
-    elements plus 3 elements and an fp32 softmax value per head and key (the scores, their scaled and masked
-    copies); SDPA keeps no scores."""
-    mlp = element * (4 * hidden + 3 * intermediate)
-    attention = element * 6 * hidden + (heads * length * (3 * element + 4) if eager_attention else 0)
-    return length * max(mlp, attention)
-
-
 def batch_for(row_bytes: int, budget: int) -> int:
     """Patched rows per forward pass whose working set fits `budget`: at least 1, at most MAX_AUTO_BATCH."""
     return int(min(max(budget // max(row_bytes, 1), 1), MAX_AUTO_BATCH))
@@ -566,7 +554,7 @@ def batch_for(row_bytes: int, budget: int) -> int:
 def auto_batch_size(model: nn.Module, length: int) -> int:
     """Patched runs per forward pass that fit ACTIVATION_MEMORY_BUDGET (a quarter of free GPU memory on GPU)."""
     config = model.config
-    row = patched_row_bytes(config.hidden_size, config.intermediate_size, config.num_attention_heads, length,
+    row = forward_row_bytes(config.hidden_size, config.intermediate_size, config.num_attention_heads, length,
                             next(model.parameters()).element_size(), config._attn_implementation == "eager")
     budget = ACTIVATION_MEMORY_BUDGET
     device = model_device(model)

@@ -33,6 +33,7 @@ OFFLOAD_CHOICES = ("none", "optimizer", "param")
 # gradient partition and the square-root temporary of torch's AdamW (foreach, as ds_configs set it) — measured
 # (tests/test_plan.py); with optimizer offload the step runs on the CPU.
 OPTIMIZER_STEP_BYTES = 8
+PERPLEXITY_LOGIT_BYTES = 12  # per vocabulary entry and token: bf16 logits, fp32 copy, shifted copy, log-softmax
 
 
 @dataclass(frozen=True)
@@ -181,12 +182,6 @@ def kv_cache_bytes(shape: ModelShape, sequences: int, length: int) -> int:
     return 2 * shape.layers * shape.kv_dim * BF16_BYTES * sequences * length
 
 
-def forward_activations(shape: ModelShape, tokens: int) -> int:
-    """A no-grad forward keeps about one layer's working set plus the logits."""
-    per_layer, _ = activation_bytes_per_token(shape)
-    return tokens * (per_layer + (BF16_BYTES + FP32_BYTES) * shape.vocab)
-
-
 @dataclass(frozen=True)
 class StageMemory:
     stage: str
@@ -292,19 +287,57 @@ def finetune_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> S
                        cpu + start_copy, step)
 
 
+def sequence_forward_bytes(shape: ModelShape, length: int) -> int:
+    """One bf16 sequence's working set in a no-grad forward (`models.forward_row_bytes`)."""
+    from .models import forward_row_bytes
+
+    return forward_row_bytes(shape.hidden, shape.intermediate, shape.heads, length, BF16_BYTES,
+                             shape.eager_attention)
+
+
+def trace_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> StageMemory:
+    """One model at a time runs its decoder stack (no vocabulary projection, no cache) over batches of
+    `batch_size` × `max_length` tokens and records every layer's gate and up outputs to host memory (fp32, both
+    models: the CPU column); then the matching builds the I × I neuron cost matrix in float64 on the device with
+    about three such temporaries (measured 3.1 × I² × 8 bytes, after the model is freed). The phases do not
+    overlap: the peak is the larger of the two."""
+    cpu, states = inference_model_states(shape, cluster)
+    tokens = workload.batch_size * workload.max_length
+    forward = workload.batch_size * sequence_forward_bytes(shape, workload.max_length)
+    cost_matrix = int(COST_MATRIX_COPIES * shape.intermediate ** 2 * 8)
+    recorded = 2 * 2 * shape.layers * tokens * shape.intermediate * FP32_BYTES // cluster.nodes
+    return StageMemory("trace", states, max(forward, cost_matrix - states), 0, 0, cpu + recorded)
+
+
+def eval_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> StageMemory:
+    """Evaluation, the largest of its three moments: a generation batch's prefill (the prompts' bf16 KV cache and
+    the forward's working set), its last new token (the whole KV cache), and a perplexity batch of the same size
+    and length (no cache; full logits: bf16, their fp32 copy, the shifted copy, the log-softmax — 12 bytes per
+    vocabulary entry and token — or the layers' working set when larger). Partitioned bf16 parameters plus the
+    gathered layer, as every inference stage; a judge model adds its own states."""
+    cpu, states = inference_model_states(shape, cluster)
+    batch, length = workload.eval_batch_size, workload.max_length
+    prefill = kv_cache_bytes(shape, batch, length) + batch * sequence_forward_bytes(shape, length)
+    # the cache grows by concatenation: while one layer's keys (or values) are extended they exist twice
+    cache = kv_cache_bytes(shape, batch, length + workload.max_new_tokens - 1)
+    last_token = cache + cache // (2 * shape.layers)
+    perplexity = batch * max(sequence_forward_bytes(shape, length), length * PERPLEXITY_LOGIT_BYTES * shape.vocab)
+    return StageMemory("eval", states, max(prefill, last_token, perplexity), 0, 0, cpu)
+
+
 def patch_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> StageMemory:
     """Exact patching: the base run's bf16 input to every decoder layer (a batch starts at its lowest patched
     layer; not kept under ZeRO-3, counted anyway), the source run's activations of every component a sweep can
     patch (residual, attn_out, mlp_out: h each; attn_head: the heads' width), and one batch of patched rows of
     `patch_length` tokens — as many as `--batch-size`, or as `patch`'s auto batch fits a quarter of what is
     free (`patching.batch_for`)."""
-    from .patching import batch_for, patched_row_bytes
+    from .patching import batch_for
 
     cpu, states = inference_model_states(shape, cluster)
     tokens = workload.patch_length
     layer_inputs = shape.layers * tokens * shape.hidden * BF16_BYTES
     source = shape.layers * tokens * (3 * shape.hidden + shape.heads * shape.head_width) * BF16_BYTES
-    row = patched_row_bytes(shape.hidden, shape.intermediate, shape.heads, tokens, BF16_BYTES, shape.eager_attention)
+    row = sequence_forward_bytes(shape, tokens)
     batch = workload.patch_batch_size
     if batch is None:
         free = (1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB - states - layer_inputs - source
@@ -313,25 +346,11 @@ def patch_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> Stag
 
 
 def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list[StageMemory]:
-    tokens = workload.batch_size * workload.max_length
     score, _ = score_stage(shape, cluster, workload)
     finetune = finetune_stage(shape, cluster, workload)
     patch = patch_stage(shape, cluster, workload)
-    cpu, states = inference_model_states(shape, cluster)
-
-    # trace: one model at a time records every layer's gate and up outputs to host memory (fp32), then is freed;
-    # the matching builds the I × I neuron cost matrix in float64 on the device with about three such temporaries
-    # (measured 3.1 × I² × 8 bytes). The phases do not overlap: the peak is the larger of the two.
-    cost_matrix = int(COST_MATRIX_COPIES * shape.intermediate ** 2 * 8)
-    forward = forward_activations(shape, tokens)
-    recorded = 2 * 2 * shape.layers * tokens * shape.intermediate * FP32_BYTES // cluster.nodes  # both models
-    trace = StageMemory("trace", states, max(forward, cost_matrix - states), 0, 0, cpu + recorded)
-
-    # eval (generation under ZeRO-3): bf16 partitions plus the gathered layer, one batch's forward and KV cache
-    # for prompts of up to max_length tokens and max_new_tokens more (a judge model adds its own states)
-    length = workload.max_length + workload.max_new_tokens
-    evaluation = StageMemory("eval", states, forward_activations(shape, workload.eval_batch_size * length)
-                             + kv_cache_bytes(shape, workload.eval_batch_size, length), 0, 0, cpu)
+    trace = trace_stage(shape, cluster, workload)
+    evaluation = eval_stage(shape, cluster, workload)
     return [score, finetune, patch, trace, evaluation]
 
 
