@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import REPO, make_tiny_llama, run_ranks
 
 from safeneurons import cli
 from safeneurons.models import scored_linears
@@ -409,7 +409,8 @@ def measured_finetune_inputs(tmp_path_factory, demo_tokenizer):
     save_masks({name: torch.rand(param.shape, generator=generator) < 0.1
                 for name, param in model.named_parameters() if "proj" in name}, root / "masks")
     words = "the quick brown fox jumps over the lazy dog and then runs far away into the forest".split()
-    records = [{"prompt": " ".join(words[index % 5:index % 5 + 4]), "response": " ".join(words * 60)} for index in range(16)]
+    records = [{"prompt": " ".join(words[index % 5:index % 5 + 4]), "response": " ".join(words * 60)}
+               for index in range(16)]
     (root / "data.json").write_text(json.dumps(records))
     return root
 
@@ -423,14 +424,13 @@ def test_finetune_figure_equals_the_measured_peak_of_the_stage(batch, tokens, me
     before is plan's total (model states, masks, the larger of the activations and the optimizer step) plus the
     host copy of the weights finetune keeps, within 15%. One sample of 128 tokens peaks in the optimizer step (a
     figure without the step would be 18% low), 8 × 256 tokens in the backward."""
-    from conftest import REPO, run_ranks
-
     from safeneurons.plan import BF16_BYTES, finetune_stage
 
     root = measured_finetune_inputs
     (tmp_path / "measure_finetune.py").write_text(MEASURE_FINE_TUNING)
-    result = run_ranks(["measure_finetune", str(root), str(batch), str(tokens), str(REPO / "ds_configs" / "zero3.json")],
-                       nproc=1, env={"PYTHONPATH": str(tmp_path), "MALLOC_MMAP_THRESHOLD_": "65536"})
+    config = str(REPO / "ds_configs" / "zero3.json")
+    result = run_ranks(["measure_finetune", str(root), str(batch), str(tokens), config], nproc=1,
+                       env={"PYTHONPATH": str(tmp_path), "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert result.returncode == 0, result.stderr[-3000:]
     measured = int(result.stdout.split("PEAK ", 1)[1].split()[0])
     shape = model_shape(str(root / "model"))
