@@ -16,14 +16,14 @@ from safeneurons.plan import (GIB, PRESETS, Cluster, ModelShape, Workload, model
 from safeneurons.plan import kv_cache_bytes as kv_cache_bytes_of
 
 
-def _llama(shape: ModelShape, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def _llama(shape: ModelShape, dtype: torch.dtype = torch.float32, device: str = "cpu", attention: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                          num_key_value_heads=shape.kv_heads, tie_word_embeddings=shape.tied_embeddings,
                          max_position_embeddings=4096)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     with torch.device(device):
         torch.manual_seed(0)
         return LlamaForCausalLM(config).to(dtype)
@@ -49,13 +49,16 @@ def test_a_local_folder_is_read_from_its_config(demo_model) -> None:
     assert shape.scored_params == sum(item.module.weight.numel() for item in scored_linears(demo_model))
 
 
-def test_activation_formula_equals_the_tensors_autograd_saves() -> None:
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_activation_formula_equals_the_tensors_autograd_saves(attention: str) -> None:
     """A shape outside the fit (grouped-query attention, odd widths, other batch and length): the bytes saved
-    for backward, counted once per storage and without parameters, match the formula. The formula is per token;
-    the few tensors that do not grow with the batch (RoPE tables [1, length, head_dim], the scalar loss) were
-    folded into its constants for the fitted batch and length, which leaves well under 0.5% here."""
-    shape = ModelShape("probe", hidden=80, layers=3, intermediate=176, heads=5, kv_heads=1, vocab=150)
-    model = _llama(shape, torch.bfloat16).train()
+    for backward, counted once per storage and without parameters, match the formula, with SDPA and with eager
+    attention (its scores grow with the length). The formula is per token; the few tensors that do not grow with
+    the batch (RoPE tables [1, length, head_dim], the scalar loss) were folded into its constants for the fitted
+    batch and length, which leaves well under 0.5% here."""
+    shape = ModelShape("probe", hidden=80, layers=3, intermediate=176, heads=5, kv_heads=1, vocab=150,
+                       eager_attention=attention == "eager")
+    model = _llama(shape, torch.bfloat16, attention=attention).train()
     parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -69,15 +72,15 @@ def test_activation_formula_equals_the_tensors_autograd_saves() -> None:
     ids = torch.randint(0, shape.vocab, (batch, length), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, labels=ids)
-    assert sum(saved.values()) == pytest.approx(training_activations(shape, batch * length), rel=5e-3)
+    assert sum(saved.values()) == pytest.approx(training_activations(shape, batch, length), rel=5e-3)
 
     # activation checkpointing: the forward keeps each layer's input; the backward recomputes one layer at a time
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(input_ids=ids, labels=ids)
-    per_layer, _ = activation_bytes_per_token(shape)
-    stored = training_activations(shape, batch * length, checkpointing=True) - batch * length * per_layer
+    per_layer, _ = activation_bytes_per_token(shape, length)
+    stored = training_activations(shape, batch, length, checkpointing=True) - batch * length * per_layer
     assert sum(saved.values()) == pytest.approx(stored, rel=0.03)
 
 
@@ -109,10 +112,10 @@ def test_masks_scores_and_activations_per_gpu() -> None:
     # wandg, one sample at a time: the larger of what the forward saves and, at the end of the backward, every
     # scored Linear's bf16 input (4 per layer: 8192, 8192, 8192, 28672) and output gradient (q 8192, k/v 1024,
     # o 8192, gate/up 28672, down 8192)
-    outside = activation_bytes_per_token(shape)[1]
+    outside = activation_bytes_per_token(shape, 256)[1]
     after = 2 * 80 * (3 * 8192 + 28672 + 8192 + 2 * 1024 + 8192 + 2 * 28672 + 8192) + outside
-    assert score.activations == max(training_activations(shape, 256), 256 * after)
-    assert finetune.activations == training_activations(shape, 512)
+    assert score.activations == max(training_activations(shape, 1, 256), 256 * after)
+    assert finetune.activations == training_activations(shape, 2, 256)
     assert trace.model_states == patch.model_states  # one model at a time
     cost = 3.1 * shape.intermediate ** 2 * 8  # the float64 cost matrix and its temporaries, measured
     assert trace.total == max(trace.model_states + 2 * sequence_forward_bytes(shape, 256), int(cost))

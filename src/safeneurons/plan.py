@@ -154,24 +154,32 @@ class Workload:
     patch_batch_size: int | None = None  # patch --batch-size; None = auto (a quarter of what is left free)
 
 
-def activation_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
-    """Bytes saved for backward per token: (per decoder layer, outside the layers), bf16 with SDPA attention.
+def activation_bytes_per_token(shape: ModelShape, length: int) -> tuple[int, int]:
+    """Bytes saved for backward per token of sequences of `length` tokens: (per decoder layer, outside the
+    layers), bf16.
 
     Measured on transformers' LlamaForCausalLM with `torch.autograd.graph.saved_tensors_hooks` (unique storages,
     parameters excluded) and fitted with zero residual over shapes varying hidden, kv heads, MLP width, heads
     and vocabulary. Per layer: 20h (the two RMSNorms keep fp32 copies, q/k before and after RoPE, the attention
     output) + 4 kv_dim (k, v) + 8 I (gate, up, SiLU, product) + 4 heads + 8 (softmax statistics); outside the
-    layers: 8.5h + 4 V (fp32 log-softmax of the logits) + 52 − 8 heads.
+    layers: 8.5h + 4 V (fp32 log-softmax of the logits) + 52 − 8 heads. That is SDPA; eager attention (measured
+    the same way, exact over lengths and grouped-query shapes) keeps instead of SDPA's softmax statistics the
+    fp32 softmax and its bf16 copy of the scores, 6 bytes per head and key, and the keys and values expanded to
+    every query head (4 (q_width − kv_dim) more).
     """
     per_layer = 20 * shape.hidden + 4 * shape.kv_dim + 8 * shape.intermediate + 4 * shape.heads + 8
+    if shape.eager_attention:
+        per_layer += 6 * shape.heads * length + 4 * (shape.heads * shape.head_width - shape.kv_dim) - 4 * shape.heads
     outside = (17 * shape.hidden) // 2 + 4 * shape.vocab + 52 - 8 * shape.heads
     return per_layer, outside
 
 
-def training_activations(shape: ModelShape, tokens: int, checkpointing: bool = False) -> int:
-    """Activations kept for one backward over `tokens` tokens. With activation checkpointing each decoder layer
-    keeps only its bf16 input (2h per token) and the backward recomputes one layer's activations at a time."""
-    per_layer, outside = activation_bytes_per_token(shape)
+def training_activations(shape: ModelShape, sequences: int, length: int, checkpointing: bool = False) -> int:
+    """Activations kept for one backward over `sequences` × `length` tokens. With activation checkpointing each
+    decoder layer keeps only its bf16 input (2h per token) and the backward recomputes one layer's activations at
+    a time."""
+    per_layer, outside = activation_bytes_per_token(shape, length)
+    tokens = sequences * length
     if checkpointing:
         return tokens * (shape.layers * BF16_BYTES * shape.hidden + outside + per_layer)
     return tokens * (shape.layers * per_layer + outside)
@@ -221,17 +229,17 @@ def bitpacked_masks(shape: ModelShape, cluster: Cluster) -> int:
     return math.ceil(shape.scored_params / 8 / cluster.world)
 
 
-def score_pass_activations(shape: ModelShape, tokens: int) -> int:
+def score_pass_activations(shape: ModelShape, sequences: int, length: int) -> int:
     """Peak activations of one wandg pass (bf16). The hooks keep every scored Linear's input X (one per shared
     input: the two norms' outputs, the attention output, the MLP product) and output gradient dY for |dYᵀX|. The
     forward saves what training saves (the Linear inputs are the same tensors), and the backward frees it layer by
     layer as the dY arrive: the peak is the larger of the two ends, all saved tensors or all X and dY."""
-    per_layer, outside = activation_bytes_per_token(shape)
+    per_layer, outside = activation_bytes_per_token(shape, length)
     query = shape.heads * shape.head_width
     kept_inputs = 2 * shape.hidden + query + shape.intermediate
     output_grads = query + 2 * shape.kv_dim + 2 * shape.hidden + 2 * shape.intermediate
     after_backward = shape.layers * BF16_BYTES * (kept_inputs + output_grads) + outside
-    return tokens * max(shape.layers * per_layer + outside, after_backward)
+    return sequences * length * max(shape.layers * per_layer + outside, after_backward)
 
 
 @dataclass(frozen=True)
@@ -261,8 +269,7 @@ def score_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> tupl
     """wandg: bf16 weights without parameter gradients, one pass's activations (`score_pass_activations`), the
     fp32 sums."""
     cpu, states = inference_model_states(shape, cluster)
-    tokens = workload.score_batch_size * workload.max_length
-    activations = score_pass_activations(shape, tokens)
+    activations = score_pass_activations(shape, workload.score_batch_size, workload.max_length)
     masks = bitpacked_masks(shape, cluster)
     budget = workload.score_memory
     if budget is None:  # as `score`: half of what is free when scoring starts
@@ -278,8 +285,8 @@ def finetune_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> S
     partitioned. On the host, beside DeepSpeed's figure, the bf16 copy of each rank's partition that `finetune`
     keeps to report the change (`finetune.snapshot`)."""
     cpu, states, _ = zero3_model_states(shape, cluster)
-    tokens = workload.batch_size * workload.max_length
-    activations = training_activations(shape, tokens, workload.gradient_checkpointing)
+    activations = training_activations(shape, workload.batch_size, workload.max_length,
+                                       workload.gradient_checkpointing)
     step = OPTIMIZER_STEP_BYTES * shape.total_params // cluster.world if cluster.offload == "none" else 0
     frozen_values = math.ceil(workload.sparsity_ratio * shape.scored_params * FP32_BYTES / cluster.world)
     start_copy = BF16_BYTES * shape.total_params // cluster.nodes
