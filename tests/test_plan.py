@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -230,23 +233,44 @@ def test_a_stage_that_does_not_fit_says_what_would_make_it_fit() -> None:
     assert len(tight) == 1 and not tight[0]["fits"]  # nothing alone fits 70B fine-tuning on 2 GPUs: the closest
 
 
-MEASURE_COST_MATRIX = """
-import sys, torch
+PEAK_OF = """
+import ctypes
 from pathlib import Path
-from safeneurons.tracing import match_wmats
 
-def status(field):  # kB in /proc/self/status
+def status(field):  # bytes of a kB field in /proc/self/status
     line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
     return int(line.split()[1]) * 1024
+
+def peak_of(run):
+    # the peak resident memory of run() above what the process holds just before it: the heap the warm-up freed
+    # handed back to the system first, then the peak (VmHWM) restarted from the current size through clear_refs
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = status("VmRSS:")
+    Path("/proc/self/clear_refs").write_text("5")
+    run()
+    return status("VmHWM:") - before
+"""
+# glibc's mmap threshold fixed: large freed blocks leave RSS at once instead of staying in its heap
+PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measure_peak(script: str, *args: object) -> list[int]:
+    """`script` after PEAK_OF in a fresh Python with `args`: the integers it prints after PEAK."""
+    result = subprocess.run([sys.executable, "-c", PEAK_OF + script, *map(str, args)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, **PEAK_ENV})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [int(value) for value in result.stdout.split("PEAK ", 1)[1].split()]
+
+
+MEASURE_COST_MATRIX = """
+import sys, torch
+from safeneurons.tracing import match_wmats
 
 size = int(sys.argv[1])
 generator = torch.Generator().manual_seed(0)
 a, b = torch.randn(size, 64, generator=generator), torch.randn(size, 64, generator=generator)
 match_wmats(a[:8], b[:8])  # the code paths warm, so the next peak is the matching's own
-before = status("VmRSS:")
-Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
-match_wmats(a, b)
-print(status("VmHWM:") - before)
+print("PEAK", peak_of(lambda: match_wmats(a, b)))
 """
 
 
@@ -255,27 +279,17 @@ def test_trace_cost_matrix_figure_equals_the_measured_peak(neurons) -> None:
     """The real matching (float64 distances, the assignment solver) in a fresh process: its peak resident memory
     above what the process held just before (Linux's VmHWM, reset through clear_refs) is plan's 3.1 × I² × 8
     bytes within 15%."""
-    import subprocess
-    import sys
-
     from safeneurons.plan import COST_MATRIX_COPIES
 
-    result = subprocess.run([sys.executable, "-c", MEASURE_COST_MATRIX, str(neurons)], capture_output=True, text=True,
-                            timeout=120)
-    measured = int(result.stdout.strip().splitlines()[-1])
+    measured, = measure_peak(MEASURE_COST_MATRIX, neurons)
     assert measured == pytest.approx(COST_MATRIX_COPIES * neurons ** 2 * 8, rel=0.15)
 
 
 MEASURE_SCORE_PASSES = """
-import ctypes, sys, torch
-from pathlib import Path
+import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from safeneurons.data import IGNORE_INDEX, Sample
 from safeneurons.scoring import ScoreConfig, collect_statistics, targets_of
-
-def status(field):  # kB in /proc/self/status
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) * 1024
 
 hidden, layers, intermediate, heads, vocab, tokens = (int(value) for value in sys.argv[1:])
 config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -290,11 +304,7 @@ sample = Sample(ids, labels)
 score = ScoreConfig(method="wandg", data="unused", sparsity_ratio=0.1, nsamples=1, score_memory=2 ** 40)
 targets = targets_of(model)
 collect_statistics(model, targets, [sample], score)  # warm-up: the allocator's and kernels' first use
-ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand what the warm-up freed back to the system
-before = status("VmRSS:")
-Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
-sums = collect_statistics(model, targets, [sample], score)
-print(status("VmHWM:") - before)
+print("PEAK", peak_of(lambda: collect_statistics(model, targets, [sample], score)))
 """
 
 
@@ -303,19 +313,10 @@ def test_score_figure_equals_the_measured_peak_of_the_passes(tokens) -> None:
     """wandg's passes in bf16 on a 25M-scored-weight Llama in a fresh process: the peak resident memory above what
     the process held before (VmHWM reset through clear_refs) is plan's scores (the fp32 sums, one round) plus
     activations (`score_pass_activations`) within 15%."""
-    import os
-    import subprocess
-    import sys
-
     from safeneurons.plan import score_stage
 
     dims = dict(hidden=512, layers=8, intermediate=1376, heads=8, vocab=714)
-    # fixed mmap threshold: glibc would otherwise keep large freed blocks in its heap, out of RSS's sight
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    result = subprocess.run([sys.executable, "-c", MEASURE_SCORE_PASSES, *map(str, dims.values()), str(tokens)],
-                            capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    measured = int(result.stdout.strip().splitlines()[-1])
+    measured, = measure_peak(MEASURE_SCORE_PASSES, *dims.values(), tokens)
     shape = ModelShape("probe", kv_heads=dims["heads"], **dims)
     stage, _ = score_stage(shape, Cluster(1, 1), Workload(max_length=tokens, score_memory=2 ** 40))
     assert measured == pytest.approx(stage.scores + stage.activations, rel=0.15)
@@ -323,13 +324,8 @@ def test_score_figure_equals_the_measured_peak_of_the_passes(tokens) -> None:
 
 MEASURE_PATCH_SWEEP = """
 import sys, torch
-from pathlib import Path
 from transformers import LlamaConfig, LlamaForCausalLM
 from safeneurons.patching import build_sites, patch_sweep
-
-def status(field):  # kB in /proc/self/status
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) * 1024
 
 hidden, layers, intermediate, heads, vocab, tokens, batch = (int(value) for value in sys.argv[1:8])
 config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -344,10 +340,7 @@ sites = build_sites(layers, heads, ["residual", "attn_out", "mlp_out", "attn_hea
 sweep = lambda: patch_sweep(model, clean, corrupted, sites, metric_fn=lambda logits: logits[:, 1] - logits[:, 2],
                             batch_size=batch)
 sweep()  # warm-up: the kernels' first use of each batch shape allocates workspaces that stay
-before = status("VmRSS:")
-Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
-sweep()
-print(status("VmHWM:") - before)
+print("PEAK", peak_of(sweep))
 """
 
 
@@ -357,31 +350,19 @@ def test_patch_figure_equals_the_measured_peak_of_a_sweep(tokens, attention) -> 
     resident memory above what the process held before is plan's patch activations — the base run's layer
     inputs, the source run's activations, one batch of rows — within 15%, with SDPA and with eager attention
     (whose scores dominate at 256 tokens)."""
-    import os
-    import subprocess
-    import sys
-
     from safeneurons.plan import patch_stage
 
     dims = dict(hidden=384, layers=4, intermediate=1024, heads=6, vocab=714)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed large blocks leave RSS at once
-    result = subprocess.run([sys.executable, "-c", MEASURE_PATCH_SWEEP, *map(str, dims.values()), str(tokens), "16",
-                             attention], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    measured = int(result.stdout.strip().splitlines()[-1])
+    measured, = measure_peak(MEASURE_PATCH_SWEEP, *dims.values(), tokens, 16, attention)
     shape = ModelShape("probe", kv_heads=dims["heads"], eager_attention=attention == "eager", **dims)
     stage = patch_stage(shape, Cluster(1, 1), Workload(patch_length=tokens, patch_batch_size=16))
     assert measured == pytest.approx(stage.activations, rel=0.15)
 
 
 MEASURE_FINE_TUNING = """
-import ctypes, dataclasses, gc, sys
+import dataclasses, gc, sys
 from pathlib import Path
 from safeneurons.finetune import FineTuneConfig, fine_tune
-
-def status(field):  # kB in /proc/self/status
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) * 1024
 
 root, batch, tokens = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 config = FineTuneConfig(data=str(root / "data.json"), save_path=str(root / "warm-up"), num_epochs=1,
@@ -390,11 +371,8 @@ config = FineTuneConfig(data=str(root / "data.json"), save_path=str(root / "warm
 model, masks = str(root / "model"), str(root / "masks" / "masks.safetensors")
 fine_tune(model, masks, config)  # warm-up: imports, kernels, DeepSpeed's op and process group stay
 gc.collect()
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-before = status("VmRSS:")
-Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
-fine_tune(model, masks, dataclasses.replace(config, save_path=str(root / "measured"), nsamples=2 * batch))
-print("PEAK", status("VmHWM:") - before)
+print("PEAK", peak_of(lambda: fine_tune(model, masks, dataclasses.replace(config, save_path=str(root / "measured"),
+                                                                        nsamples=2 * batch))))
 """
 
 
@@ -430,10 +408,10 @@ def test_finetune_figure_equals_the_measured_peak_of_the_stage(batch, tokens, me
     from safeneurons.plan import BF16_BYTES, finetune_stage
 
     root = measured_finetune_inputs
-    (tmp_path / "measure_finetune.py").write_text(MEASURE_FINE_TUNING)
+    (tmp_path / "measure_finetune.py").write_text(PEAK_OF + MEASURE_FINE_TUNING)
     config = str(REPO / "ds_configs" / "zero3.json")
     result = run_ranks(["measure_finetune", str(root), str(batch), str(tokens), config], nproc=1,
-                       env={"PYTHONPATH": str(tmp_path), "MALLOC_MMAP_THRESHOLD_": "65536"})
+                       env={"PYTHONPATH": str(tmp_path), **PEAK_ENV})
     assert result.returncode == 0, result.stderr[-3000:]
     measured = int(result.stdout.split("PEAK ", 1)[1].split()[0])
     shape = model_shape(str(root / "model"))
@@ -443,16 +421,11 @@ def test_finetune_figure_equals_the_measured_peak_of_the_stage(batch, tokens, me
 
 
 MEASURE_EVALUATION = """
-import ctypes, sys, torch
-from pathlib import Path
+import sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from safeneurons.data import Sample
 from safeneurons.evaluate import Decoding, generate, negative_log_likelihood
 from safeneurons.models import load_tokenizer
-
-def status(field):  # kB in /proc/self/status
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) * 1024
 
 moment, vocab, batch, repeats, new_tokens = sys.argv[1], *(int(value) for value in sys.argv[2:6])
 config = LlamaConfig(vocab_size=vocab, hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
@@ -468,11 +441,7 @@ decoding = Decoding(max_new_tokens=new_tokens)
 run = {"generate": lambda: generate(model, tokenizer, prompts, decoding, batch_size=batch),
        "perplexity": lambda: negative_log_likelihood(model, samples, 0, batch_size=batch)}[moment]
 run()  # warm-up: the kernels' first use of each shape
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-before = status("VmRSS:")
-Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current size
-run()
-print("PEAK", status("VmHWM:") - before, length)
+print("PEAK", peak_of(run), length)
 """
 
 
@@ -486,17 +455,9 @@ def test_eval_figure_equals_the_measured_peak_of_each_moment(moment, vocab, batc
     through `evaluate.negative_log_likelihood`, bf16, in a fresh process: the peak resident memory above what the
     process held before is plan's eval activations (the largest of the three moments) within 15%, for a shape
     where each moment is the largest."""
-    import os
-    import subprocess
-    import sys
-
     from safeneurons.plan import eval_stage, kv_cache_bytes, sequence_forward_bytes
 
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed large blocks leave RSS at once
-    result = subprocess.run([sys.executable, "-c", MEASURE_EVALUATION, moment, str(vocab), str(batch), str(repeats),
-                             str(new_tokens)], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
-    measured, length = (int(value) for value in result.stdout.split("PEAK ", 1)[1].split()[:2])
+    measured, length = measure_peak(MEASURE_EVALUATION, moment, vocab, batch, repeats, new_tokens)
     shape = ModelShape("probe", hidden=384, layers=4, intermediate=1024, heads=6, kv_heads=6, vocab=vocab)
     workload = Workload(eval_batch_size=batch, max_length=length, max_new_tokens=new_tokens)
     prefill = kv_cache_bytes(shape, batch, length) + batch * sequence_forward_bytes(shape, length)
