@@ -477,8 +477,9 @@ def run(args: argparse.Namespace) -> int:
     _check_positive(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory=args.gpu_memory,
                     batch_size=args.batch_size, max_length=args.max_length, eval_batch_size=args.eval_batch_size,
                     max_new_tokens=args.max_new_tokens, score_batch_size=args.score_batch_size,
-                    patch_length=args.patch_length,
-                    **({} if args.patch_batch_size is None else {"patch_batch_size": args.patch_batch_size}))
+                    patch_length=args.patch_length)
+    if args.patch_batch_size is not None:  # default: auto
+        _check_positive(patch_batch_size=args.patch_batch_size)
     score_memory = parse_memory_size(args.score_memory, "--score-memory")
     if not 0 <= args.sparsity_ratio < 1:
         raise SafeneuronsError(f"--sparsity-ratio is {args.sparsity_ratio}; expected a fraction in [0, 1)")

@@ -639,8 +639,9 @@ def run(args: argparse.Namespace) -> int:
     memory_limit = args.memory_limit * GIB
     needs: list[dict[tuple[str, int], set[int]]] = [{}, {}]
     for index, pair in enumerate(pairs):
-        for side, kind in ((side, kind) for side in (0, 1) for kind in KINDS):
-            needs[side].setdefault((kind, pair[side]), set()).add(distributed.owner_of(index))
+        for side in (0, 1):
+            for kind in KINDS:
+                needs[side].setdefault((kind, pair[side]), set()).add(distributed.owner_of(index))
     base = _collect_model(args.base, args, context.device, needs[0], batches, memory_limit)
     other = _collect_model(args.other, args, context.device, needs[1], batches, max(memory_limit - base.nbytes, 0))
     try:
