@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def build_model(folder: Path, hidden: int, layers: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from safeneurons.models import load_tokenizer
+    from safeneurons.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer("demo")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 11 // 4,
@@ -40,10 +40,10 @@ def build_model(folder: Path, hidden: int, layers: int) -> Path:
 
 
 def per_linear_svd(model_dir: Path, nsamples: int) -> None:
-    from safeneurons.lowrank import collect_grams, top_output_directions
-    from safeneurons.models import load_model, load_tokenizer
-    from safeneurons.data import load_samples
-    from safeneurons.scoring import targets_of
+    from safeneurons.data.samples import load_samples
+    from safeneurons.interventions.lowrank import collect_grams, top_output_directions
+    from safeneurons.models.loading import load_model, load_tokenizer
+    from safeneurons.scores.config import targets_of
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
@@ -89,8 +89,8 @@ def peak_rss_mib(setup: str, code: str) -> float:
 
 
 def prune_memory(model_dir: Path, work: Path) -> None:
-    from safeneurons.masks import save_masks
-    from safeneurons.models import load_model
+    from safeneurons.masks.io import save_masks
+    from safeneurons.models.loading import load_model
 
     model = load_model(str(model_dir))
     generator = torch.Generator().manual_seed(0)

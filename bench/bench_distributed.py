@@ -121,7 +121,8 @@ def run_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     import importlib
 
-    from safeneurons import cli, distributed
+    from safeneurons import cli
+    from safeneurons.runtime import distributed
 
     # imports out of the timed region: the stage modules, the model code and (ZeRO-3) DeepSpeed
     for module in ("scoring", "patching", "tracing", "evaluate", "lowrank", "models"):
@@ -153,8 +154,8 @@ def build_models(folder: Path, args: argparse.Namespace) -> tuple[str, str]:
     """A ~100M Llama over the demo tokenizer (random init) and a copy with every weight perturbed (lineage)."""
     import torch
 
-    from safeneurons.demo import make_llama
-    from safeneurons.models import load_tokenizer
+    from safeneurons.demo.build import make_llama
+    from safeneurons.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer("demo")
     model = make_llama(tokenizer, seed=0, hidden=args.hidden, intermediate=args.intermediate, layers=args.layers,

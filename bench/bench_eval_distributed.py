@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_generation(args: argparse.Namespace) -> None:
     """One configuration (this process is one of its ranks): time generate_distributed, write the texts."""
-    from safeneurons import distributed
-    from safeneurons.data import load_prompts
-    from safeneurons.evaluate import Decoding, generate_distributed
-    from safeneurons.models import load_for_inference
+    from safeneurons.data.samples import load_prompts
+    from safeneurons.evaluation.generation import Decoding, generate_distributed
+    from safeneurons.models.loading import load_for_inference
+    from safeneurons.runtime import distributed
 
     context = distributed.init_distributed(require_process_group=args.zero3)
     config = str(REPO / "ds_configs" / "zero3_inference.json") if args.zero3 else None
@@ -56,9 +56,9 @@ def launch(args: argparse.Namespace, ranks: int, zero3: bool, result: Path) -> d
 
 
 def judge_throughput(generations: list, advbench: str, prompts: int) -> tuple[float, int]:
-    from safeneurons.data import load_examples
-    from safeneurons.judges import judge_generations
-    from safeneurons.models import load_for_inference
+    from safeneurons.data.readers import load_examples
+    from safeneurons.evaluation.judges import judge_generations
+    from safeneurons.models.loading import load_for_inference
 
     loaded = load_for_inference("demo-judge")
     behaviors = [example.prompt for example in load_examples(advbench)[:prompts]]

@@ -7,9 +7,11 @@ import time
 
 import torch
 
-from safeneurons.data import load_examples, load_prompts, select
-from safeneurons.evaluate import Decoding, generate, perplexity, text_samples
-from safeneurons.models import load_model_and_tokenizer
+from safeneurons.data.readers import load_examples
+from safeneurons.data.samples import load_prompts, select
+from safeneurons.evaluation.generation import Decoding, generate
+from safeneurons.evaluation.perplexity import perplexity, text_samples
+from safeneurons.models.loading import load_model_and_tokenizer
 
 
 def timed(function, *args):

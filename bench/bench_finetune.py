@@ -53,7 +53,8 @@ class Result:
 
 
 def build_model(name: str, ds_config: dict, seed: int) -> torch.nn.Module:
-    from safeneurons.models import load_model, zero3_init_context
+    from safeneurons.models.loading import load_model
+    from safeneurons.runtime.zero3 import zero3_init_context
 
     torch.manual_seed(seed)
     if MODELS[name] is None:
@@ -66,7 +67,7 @@ def build_model(name: str, ds_config: dict, seed: int) -> torch.nn.Module:
 
 def write_random_masks(models: list[str], directory: Path, seed: int) -> None:
     """Mask files (3% of every projection, random) written once by the launching process; ranks read their rows."""
-    from safeneurons.masks import save_masks
+    from safeneurons.masks.io import save_masks
 
     for name in models:
         model = build_model(name, {}, seed)
@@ -79,7 +80,7 @@ def write_random_masks(models: list[str], directory: Path, seed: int) -> None:
 def ds_config_for(name: str, batch_size: int, world: int) -> dict:
     from transformers import AutoConfig
 
-    from safeneurons.dsconfig import fill_config
+    from safeneurons.runtime.dsconfig import fill_config
 
     hidden = MODELS[name]["hidden_size"] if MODELS[name] else AutoConfig.from_pretrained(
         str(REPO / "src" / "safeneurons" / "demo_assets" / "chat")).hidden_size
@@ -117,8 +118,9 @@ def timed_step(engine, batch: torch.Tensor) -> float:
 
 
 def bench_model(name: str, mask_dir: Path, steps: int, batch_size: int, length: int, seed: int) -> Result:
-    from safeneurons import distributed
-    from safeneurons.freezing import freeze, reduce_over_ranks
+    from safeneurons.interventions.freezing import freeze
+    from safeneurons.runtime import distributed
+    from safeneurons.runtime.distributed import reduce_over_ranks
 
     world = distributed.world_size()
     ds_config = ds_config_for(name, batch_size, world)
@@ -151,7 +153,8 @@ def bench_model(name: str, mask_dir: Path, steps: int, batch_size: int, length: 
 
 def peak_memory(name: str, mask_dir: Path | None, steps: int, batch_size: int, length: int, seed: int) -> float:
     """Largest peak RSS over the ranks (MiB) of a process that trains one engine, masked when `mask_dir` is set."""
-    from safeneurons.freezing import freeze, reduce_over_ranks
+    from safeneurons.interventions.freezing import freeze
+    from safeneurons.runtime.distributed import reduce_over_ranks
 
     ds_config = ds_config_for(name, batch_size, int(os.environ["WORLD_SIZE"]))
     model = build_model(name, ds_config, seed)
@@ -192,7 +195,7 @@ def launch(args: argparse.Namespace, *extra: str, script: str = __file__) -> str
 
 
 def run_ranks(args: argparse.Namespace) -> None:
-    from safeneurons import distributed
+    from safeneurons.runtime import distributed
 
     distributed.init_distributed(require_process_group=True)
     if args.memory is not None:

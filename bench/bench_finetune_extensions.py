@@ -40,8 +40,8 @@ def engine_of(model: torch.nn.Module, ds_config: dict):
 
 def build(mechanism: str, name: str, ds_config: dict, mask_dir: Path, seed: int):
     """The engine of one mechanism (or "plain"), built from the seeded weights."""
-    from safeneurons.freezing import freeze
-    from safeneurons.lora import add_adapters
+    from safeneurons.finetune.lora import add_adapters
+    from safeneurons.interventions.freezing import freeze
 
     model = build_model(name, ds_config, seed)
     if mechanism == "checkpointing":
@@ -70,8 +70,8 @@ def step(engine, batch: torch.Tensor, safety: torch.Tensor | None) -> float:
 def side_by_side(name: str, baseline: str, mechanism: str, mask_dir: Path, steps: int, batch_size: int, length: int,
                  seed: int) -> tuple[float, float]:
     """Median step seconds (largest over ranks) of the baseline and the mechanism, alternating."""
-    from safeneurons import distributed
-    from safeneurons.freezing import reduce_over_ranks
+    from safeneurons.runtime import distributed
+    from safeneurons.runtime.distributed import reduce_over_ranks
 
     ds_config = ds_config_for(name, batch_size, distributed.world_size())
     engines = {label: build(label, name, ds_config, mask_dir, seed) for label in (baseline, mechanism)}
@@ -91,11 +91,12 @@ def side_by_side(name: str, baseline: str, mechanism: str, mask_dir: Path, steps
 
 def rescore_seconds(name: str, mask_dir: Path, batch_size: int, length: int, seed: int) -> float:
     """One dynamic-freezing update on a ZeRO-3 engine (largest over ranks)."""
-    from safeneurons import distributed
-    from safeneurons.dynamic import DynamicFreezing
-    from safeneurons.freezing import freeze, reduce_over_ranks
-    from safeneurons.models import load_tokenizer
-    from safeneurons.scoring import ScoreConfig
+    from safeneurons.interventions.dynamic import DynamicFreezing
+    from safeneurons.interventions.freezing import freeze
+    from safeneurons.models.loading import load_tokenizer
+    from safeneurons.runtime import distributed
+    from safeneurons.runtime.distributed import reduce_over_ranks
+    from safeneurons.scores.config import ScoreConfig
 
     ds_config = ds_config_for(name, batch_size, distributed.world_size())
     model = build_model(name, ds_config, seed)
@@ -133,7 +134,7 @@ def saved_activation_bytes(name: str, checkpointing: bool, batch_size: int, leng
 
 
 def run_ranks(args: argparse.Namespace) -> None:
-    from safeneurons import distributed
+    from safeneurons.runtime import distributed
 
     distributed.init_distributed(require_process_group=True)
     rows = []

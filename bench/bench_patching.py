@@ -22,10 +22,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from safeneurons.data import format_prompt
-from safeneurons.models import load_model_and_tokenizer
-from safeneurons import patching
-from safeneurons.patching import ActivationPatcher, PatchingSite, build_sites, refusal_metric, refusal_token_ids
+from safeneurons.data.samples import format_prompt
+from safeneurons.interp import patching
+from safeneurons.interp.patching.metrics import refusal_metric, refusal_token_ids
+from safeneurons.interp.patching.patcher import ActivationPatcher
+from safeneurons.interp.patching.sites import PatchingSite, build_sites
+from safeneurons.models.loading import load_model_and_tokenizer
 
 
 @contextlib.contextmanager

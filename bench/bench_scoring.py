@@ -18,9 +18,11 @@ from typing import Callable
 
 import torch
 
-from safeneurons.data import load_samples, pad_batch
-from safeneurons.models import decoder_layers, load_model, load_tokenizer
-from safeneurons.scoring import ScoreConfig, score_model
+from safeneurons.data.samples import load_samples, pad_batch
+from safeneurons.models.loading import load_model, load_tokenizer
+from safeneurons.models.structure import decoder_layers
+from safeneurons.scores.config import ScoreConfig
+from safeneurons.scores.schedules import score_model
 
 
 @dataclass

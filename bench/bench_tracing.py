@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from safeneurons import tracing
+from safeneurons.interp import tracing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def bench_precision(width: int = 512, dim: int = 1024) -> None:
 
 
 def bench_collection(tokens: int) -> None:
-    from safeneurons.models import load_model, load_tokenizer
+    from safeneurons.models.loading import load_model, load_tokenizer
 
     model, tokenizer = load_model("demo"), load_tokenizer("demo")
     batches = tracing.pack_tokens(tracing.text_token_ids(tokenizer, ["demo-harmless", "demo-utility"], tokens, 0),
@@ -106,7 +106,7 @@ def bench_collection(tokens: int) -> None:
 def write_random_models(folder: Path, width: int, layers: int) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from safeneurons.models import load_tokenizer
+    from safeneurons.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer("demo")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=width,

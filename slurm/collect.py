@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from safeneurons.outputs import atomic_file, write_json
+from safeneurons.runtime.outputs import atomic_file, write_json
 
 GRID_KEYS = ("task", "model", "method", "sparsity", "seed", "stage")
 

@@ -1,22 +1,14 @@
-"""Shared fixtures: the demo model, tiny random Llama models, the reference data, and a 2-rank launcher."""
+"""Shared fixtures: the demo model and tokenizer, a saved tiny random Llama, the reference data, a 2-rank launcher."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-ALIGN_SHORT_CSV = SHARED_DATA / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"
-ADVBENCH_TXT = SHARED_DATA / "advbench.txt"
+from helpers import ALIGN_SHORT_CSV, SHARED_DATA, make_tiny_llama, random_masks, run_ranks
+from safeneurons.masks.io import save_masks
+from safeneurons.models import loading as model_loading
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +21,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_tokenizer():
-    from safeneurons.models import load_tokenizer
+    from safeneurons.models.loading import load_tokenizer
 
     return load_tokenizer("demo")
 
@@ -37,23 +29,9 @@ def demo_tokenizer():
 @pytest.fixture(scope="session")
 def demo_model():
     """The shipped demo model in fp32, eval mode. Do not modify it: copy it first (copy.deepcopy)."""
-    from safeneurons.models import load_model
+    from safeneurons.models.loading import load_model
 
     return load_model("demo")
-
-
-def make_tiny_llama(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 32, intermediate: int = 64,
-                    heads: int = 4, kv_heads: int | None = None):
-    """A random Llama with the demo tokenizer's vocabulary, small enough for per-sample reference loops."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv_heads or heads, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture
@@ -66,26 +44,31 @@ def tiny_llama_dir(tmp_path: Path, demo_tokenizer) -> Path:
     return path
 
 
-def run_ranks(args: Sequence[str], nproc: int = 2, timeout: float = 300, env: dict | None = None,
-              launcher: str = "torchrun") -> subprocess.CompletedProcess:
-    """Run `python -m <args>` (for example ["safeneurons.cli", "score", ...]) on `nproc` CPU ranks.
-
-    One thread per rank keeps 2 ranks on 2 cores from thrashing. Output is captured; the caller asserts."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SAFENEURONS_TIMEOUT": "120",
-                "PYTHONFAULTHANDLER": "1",  # a rank that aborts prints where it was
-                **(env or {})}
-    if launcher == "torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", *args]
-    elif launcher == "mpirun":
-        command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(nproc),
-                   "-x", "OMP_NUM_THREADS", "-x", "HF_HUB_OFFLINE", "-x", "SAFENEURONS_TIMEOUT",
-                   sys.executable, "-m", *args]
-    else:
-        raise ValueError(launcher)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
-
-
 @pytest.fixture
 def torchrun():
     return run_ranks
+
+
+@pytest.fixture(scope="module")
+def tiny_with_masks(tmp_path_factory, demo_tokenizer) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    root = tmp_path_factory.mktemp("finetune")
+    model = make_tiny_llama(demo_tokenizer, seed=11)
+    model.save_pretrained(root / "model")
+    demo_tokenizer.save_pretrained(root / "model")
+    masks = random_masks(model)
+    save_masks(masks, root / "masks")
+    return root / "model", root / "masks" / "masks.safetensors", masks
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+@pytest.fixture
+def workspace(tmp_path, demo_model):
+    save_masks({"model.layers.0.mlp.up_proj.weight": demo_model.model.layers[0].mlp.up_proj.weight != 0},
+               tmp_path / "masks")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 4)
+    (tmp_path / "taken").write_text("keep me")
+    return tmp_path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from helpers import make_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +102,8 @@ def test_003_patch_sweep_as_written(demo_dir):
 def test_004_tracing_functions_with_a_dataloader(demo_tokenizer):
     from torch.utils.data import DataLoader, TensorDataset
 
-    from safeneurons.tracing import mlp_layers, mlp_matching_gate, mlp_matching_up, statistic, statistic_all, \
-        statistic_layer
+    from safeneurons.tracing import (mlp_layers, mlp_matching_gate, mlp_matching_up, statistic, statistic_all,
+                                     statistic_layer)
 
     base_model = make_tiny_llama(demo_tokenizer, seed=1, layers=2, intermediate=48)
     ft_model = make_tiny_llama(demo_tokenizer, seed=1, layers=2, intermediate=48)

@@ -1,0 +1,1 @@
+"""Analysis of results: mask and weight comparison, the study's statistics and plots."""

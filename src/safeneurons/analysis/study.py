@@ -1,0 +1,155 @@
+"""The freezing study over seeds: per attack and arm, the mean and 95% interval of every outcome, the refusal
+curves, "steps until refusal halves", and a verdict that says when arms cannot be told apart.
+
+Intervals are Student-t intervals of the mean over the seeds (each seed orders the fine-tuning data): with n seeds,
+mean ± t(0.975, n − 1) · sd / √n; a single seed has no interval. Two arms are *distinguishable* on a metric when
+their intervals do not overlap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from safeneurons.analysis.plots import pyplot, save_figure
+from safeneurons.evaluation.refusal_curve import steps_until_halved
+
+METRICS = ("refusal_rate", "asr", "harmless_refusal_rate", "perplexity")
+METRIC_LABELS = {"refusal_rate": "final refusal (harmful)", "asr": "ASR", "harmless_refusal_rate":
+                 "refusal (harmless)", "perplexity": "perplexity", "steps_until_halved": "steps until refusal halves"}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The mean over seeds and its 95% t-interval (None with one seed or none)."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+    def overlaps(self, other: "Estimate") -> bool:
+        if None in (self.low, self.high, other.low, other.high):
+            return True  # without intervals nothing can be told apart
+        return self.low <= other.high and other.low <= self.high
+
+
+def estimate(values: Sequence[float | None]) -> Estimate:
+    from scipy import stats
+
+    present = [float(value) for value in values if value is not None]
+    n = len(present)
+    if n == 0:
+        return Estimate(None, None, None, 0)
+    mean = sum(present) / n
+    if n == 1:
+        return Estimate(mean, None, None, 1)
+    sd = math.sqrt(sum((value - mean) ** 2 for value in present) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return Estimate(mean, mean - half, mean + half, n)
+
+
+def mean_curve(curves: Sequence[Sequence[dict]]) -> list[dict]:
+    """Per measured step (the steps every seed measured): the mean refusal rate and its 95% interval."""
+    steps = sorted(set.intersection(*(set(point["step"] for point in curve) for curve in curves))) if curves else []
+    by_step = [{point["step"]: point["refusal_rate"] for point in curve} for curve in curves]
+    return [{"step": step, **asdict(estimate([rates[step] for rates in by_step]))} for step in steps]
+
+
+def aggregate_arm(rows: Sequence[Mapping]) -> dict:
+    """One arm under one attack: per-seed rows (eval results, refusal curve) → estimates, curve, halving steps."""
+    halved = [steps_until_halved(row.get("refusal_curve") or []) for row in rows]
+    curves = [row["refusal_curve"] for row in rows if row.get("refusal_curve")]
+    return {**{metric: asdict(estimate([row.get(metric) for row in rows])) for metric in METRICS},
+            "steps_until_halved": asdict(estimate([step for step in halved if step is not None])),
+            "halved_in": sum(step is not None for step in halved), "seeds": len(rows),
+            "per_seed": {metric: [row.get(metric) for row in rows] for metric in METRICS},
+            "per_seed_steps_until_halved": halved, "curve": mean_curve(curves)}
+
+
+def _interval_text(value: Mapping | None, digits: int = 2) -> str:
+    if not value or value["mean"] is None:
+        return "–"
+    if value["low"] is None:
+        return f"{value['mean']:.{digits}f}"
+    return f"{value['mean']:.{digits}f} ({value['low']:.{digits}f}–{value['high']:.{digits}f})"
+
+
+def table_rows(attacks: Mapping[str, Mapping[str, dict]], labels: Mapping[str, str]) -> list[list[str]]:
+    """Per attack and arm: final refusal, ASR, harmless refusal, perplexity and the halving steps (mean, 95% CI)."""
+    rows = []
+    for attack, arms in attacks.items():
+        for arm, result in arms.items():
+            halved = result["steps_until_halved"]
+            never = result["seeds"] - result["halved_in"]
+            steps = _interval_text(halved, 1) + (f"; not in {never} of {result['seeds']}" if never and halved["n"]
+                                                 else "" if halved["n"] else "not within the run")
+            rows.append([attack, labels.get(arm, arm), *(_interval_text(result[metric], 3 if metric == "perplexity"
+                                                                        else 2) for metric in METRICS), steps])
+    return rows
+
+
+TABLE_HEADER = ["attack", "arm", *(METRIC_LABELS[metric] for metric in METRICS), METRIC_LABELS["steps_until_halved"]]
+
+
+def verdict(attacks: Mapping[str, Mapping[str, dict]], base: Mapping) -> str:
+    """Per attack, one sentence on the final refusal rate of the frozen arms against plain and the random control,
+    quoting the intervals and saying plainly when the arms are not distinguishable."""
+    sentences = [f"Base model refusal on the harmful prompts: {base['refusal_rate']:.2f}."]
+    for attack, arms in attacks.items():
+        if "plain" not in arms:
+            continue
+        final = {arm: Estimate(**result["refusal_rate"]) for arm, result in arms.items()}
+        seeds = arms["plain"]["seeds"]
+        parts = [f"{arm.replace('_', '-')} {_interval_text(arms[arm]['refusal_rate'])}" for arm in arms]
+        text = f"Under the {attack} attack ({seeds} seed{'s' if seeds != 1 else ''}; mean and 95% interval): " \
+               + ", ".join(parts) + "."
+        plain = final["plain"]
+        if plain.mean is not None and base["refusal_rate"] - plain.mean < 0.05:
+            sentences.append(text + " Plain fine-tuning did not lower refusal, so this attack cannot show "
+                                    "whether freezing helps.")
+            continue
+        findings = []
+        for arm in ("safety_frozen", "setdiff_frozen"):
+            if arm not in final:
+                continue
+            name = arm.replace("_", "-")
+            if final[arm].overlaps(plain):
+                findings.append(f"{name} is not distinguishable from plain")
+            elif final[arm].mean > plain.mean:
+                findings.append(f"{name} keeps more refusal than plain")
+            else:
+                findings.append(f"{name} keeps less refusal than plain")
+            control = final.get("random_frozen")
+            if control is not None:
+                findings.append(f"{name} is {'not ' if final[arm].overlaps(control) else ''}distinguishable from "
+                                f"the random control")
+        sentences.append(text + (" " + "; ".join(findings).capitalize() + "." if findings else ""))
+    return " ".join(sentences)
+
+
+def plot_curves(attacks: Mapping[str, Mapping[str, dict]], labels: Mapping[str, str], path: Path) -> Path:
+    """curves.png: refusal rate against fine-tuning step, one panel per attack, per arm the mean over seeds and
+    its 95% band."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, max(len(attacks), 1), figsize=(6 * max(len(attacks), 1), 4), squeeze=False)
+    for axis, (attack, arms) in zip(axes[0], attacks.items()):
+        for arm, result in arms.items():
+            curve = result["curve"]
+            if not curve:
+                continue
+            steps = [point["step"] for point in curve]
+            line, = axis.plot(steps, [point["mean"] for point in curve], marker=".", label=labels.get(arm, arm))
+            if all(point["low"] is not None for point in curve):
+                axis.fill_between(steps, [max(point["low"], 0.0) for point in curve],
+                                  [min(point["high"], 1.0) for point in curve], color=line.get_color(), alpha=0.15)
+        axis.set_title(f"{attack} fine-tuning")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("refusal rate (held-out harmful prompts)")
+        axis.set_ylim(-0.02, 1.02)
+        axis.legend(fontsize=8)
+    figure.suptitle("refusal during fine-tuning: mean over seeds, 95% band")
+    figure.tight_layout()
+    save_figure(figure, path, dpi=120)
+    return path

@@ -1,0 +1,170 @@
+"""`safeneurons`: one console script, one subcommand per stage.
+
+Each command is a module of `safeneurons.cli` with `configure_parser(parser)` and `run(args) -> int | None`: the
+arguments become a config, the config one library call. A command's module is imported only when it runs, so `safeneurons --help` stays fast. Also runnable as `python -m safeneurons.cli SUBCOMMAND …`
+(for `torchrun -m` and `deepspeed --module`). Options may be spelled with `-` or `_` (`--sparsity-ratio` and the
+original work's `--sparsity_ratio` are the same option).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Any, Sequence
+
+from safeneurons.errors import SafeneuronsError
+
+STAGES: dict[str, tuple[str, str]] = {
+    "score": ("safeneurons.cli.score", "find safety-critical weights or neurons (wanda, wandg, random)"),
+    "finetune": ("safeneurons.cli.finetune", "fine-tune with the safety-critical weights frozen (DeepSpeed ZeRO-3)"),
+    "compare": ("safeneurons.cli.compare", "compare masks and weights before and after fine-tuning"),
+    "pipeline": ("safeneurons.cli.pipeline", "the whole study: score, fine-tune, re-score, compare, evaluate"),
+    "patch": ("safeneurons.cli.patch", "activation patching of refusal circuits"),
+    "trace": ("safeneurons.cli.trace", "model lineage by activation matching of MLP neurons"),
+    "eval": ("safeneurons.cli.eval", "attack success rate, refusal rate and perplexity"),
+    "prune": ("safeneurons.cli.prune", "zero the masked weights and save the model (remove safety-critical weights)"),
+    "rewind": ("safeneurons.cli.rewind", "set the masked weights of a fine-tuned model back to the original's"),
+    "lowrank": ("safeneurons.cli.lowrank", "remove safety-only ranks from every Linear (ActSVD)"),
+    "ablate": ("safeneurons.cli.ablate", "prune top, set-difference and random masks over sparsities; evaluate each"),
+    "plan": ("safeneurons.cli.plan", "memory per GPU of each stage for a model and cluster"),
+    "demo-model": ("safeneurons.cli.demo_model", "write the built-in demo model and tokenizer as an HF folder"),
+    "info": ("safeneurons.cli.info", "show how this launch is seen: launcher, ranks, backend, devices"),
+}
+LOCAL_RANK_OPTIONS = ("--local_rank", "--local-rank")
+
+
+def normalize_option_spelling(argv: Sequence[str]) -> list[str]:
+    """`--foo_bar[=v]` becomes `--foo-bar[=v]`; DeepSpeed's `--local_rank=N` is dropped (we read LOCAL_RANK)."""
+    normalized: list[str] = []
+    skip_next = False
+    for index, token in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        name, sep, value = token.partition("=")
+        if name in LOCAL_RANK_OPTIONS:
+            skip_next = not sep and index + 1 < len(argv) and argv[index + 1].isdigit()
+            continue
+        if token.startswith("--"):
+            token = name.replace("_", "-") + sep + value
+        normalized.append(token)
+    return normalized
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safeneurons", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, summary) in STAGES.items():
+        sub = commands.add_parser(name, help=summary, description=summary)
+        if name == selected:
+            module = _stage_module(module_name)
+            if module is None or not hasattr(module, "configure_parser"):
+                sub.description = f"{summary} (not available yet in this version)"
+            else:
+                module.configure_parser(sub)
+    return parser
+
+
+def _stage_module(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name == module_name:
+            return None
+        raise
+
+
+def quiet_libraries() -> None:
+    """Keep library noise out of the user's log: on a machine without CUDA, name DeepSpeed's accelerator so that
+    it does not warn "Setting accelerator to CPU" on every command (on stdout, which `plan --json` needs clean);
+    a warning that a library repeats at every step is shown once."""
+    import os
+    import warnings
+
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if getattr(warnings.showwarning, "shows_once", False):
+        return
+    shown: set[tuple[type, str]] = set()
+    show = warnings.showwarning
+
+    def show_once(message, category, *args, **kwargs):  # libraries may force "always": dedupe at display
+        key = (category, str(message))
+        if key not in shown:
+            shown.add(key)
+            show(message, category, *args, **kwargs)
+
+    show_once.shows_once = True
+    warnings.showwarning = show_once
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = normalize_option_spelling(sys.argv[1:] if argv is None else argv)
+    selected = next((token for token in argv if not token.startswith("-")), None)
+    parser = build_parser(selected if selected in STAGES else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = _stage_module(STAGES[args.command][0])
+    if module is None or not hasattr(module, "run"):
+        print(f"safeneurons: error: `{args.command}` is not available yet in this version", file=sys.stderr)
+        return 2
+    from safeneurons.runtime import distributed
+
+    quiet_libraries()
+    distributed.setup_logging(distributed.discover_launch().rank)
+    finished = False
+    try:
+        code = int(module.run(args) or 0)
+        finished = True
+        return code
+    except SafeneuronsError as error:
+        prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
+        print(f"{prefix}safeneurons: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("safeneurons").warning("interrupted")
+        return 130
+    finally:
+        distributed.shutdown(synchronize=finished)
+
+
+def check_command(argv: Sequence[str]) -> Any:
+    """What a command line would run, checked without running it: the arguments parsed and turned into the
+    command's config, validated (bad input raises SafeneuronsError); the parsed arguments for a command without
+    a config. Nothing is loaded or written."""
+    argv = normalize_option_spelling(argv)
+    selected = next((token for token in argv if not token.startswith("-")), None)
+    if selected not in STAGES:
+        raise SafeneuronsError(f"{selected!r} is not a command; expected one of {', '.join(STAGES)}")
+    args = build_parser(selected).parse_args(argv)
+    module = _stage_module(STAGES[selected][0])
+    if not hasattr(module, "config_from_args"):
+        return args
+    config = module.config_from_args(args)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def run_as_script() -> None:
+    """The console script and `python -m safeneurons.cli`. A rank of a multi-process job leaves with os._exit once
+    its work is done and the process group is gone: interpreter teardown of the communication libraries' threads
+    occasionally aborted a finished rank ("terminate called without an active exception"), failing the job."""
+    import os
+
+    from safeneurons.runtime import distributed
+
+    code = main()
+    if distributed.discover_launch().world_size > 1:
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()  # mpirun expects it; os._exit skips mpi4py's own atexit call
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,26 @@
+"""`python -m safeneurons.demo build|build-judge --out DIR`: rebuild the shipped demo models bit for bit."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from safeneurons.demo.build import DemoBuild, build_demo
+from safeneurons.demo.judge import JudgeBuild, build_judge
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m safeneurons.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["build", "build-judge"],
+                        help="build: demo-base and demo-chat (DIR/base, DIR/chat); build-judge: the demo judge")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"pretraining steps (default {DemoBuild.steps}; the judge's {JudgeBuild.steps})")
+    parser.add_argument("--chat-steps", type=int, default=DemoBuild.chat_steps,
+                        help="demo-chat's safety-alignment steps (default %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.action == "build-judge":
+        print(build_judge(args.out, JudgeBuild(steps=args.steps or JudgeBuild.steps)))
+        return
+    pair = build_demo(args.out, DemoBuild(steps=args.steps or DemoBuild.steps, chat_steps=args.chat_steps))
+    print(f"demo-chat: {pair.chat}\ndemo-base: {pair.base}")

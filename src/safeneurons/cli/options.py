@@ -1,0 +1,37 @@
+"""Options shared by the subcommands."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, out_required: bool = True, seeded: bool = True) -> None:
+    """Options every subcommand takes: --seed and --out (alias --results-path). A stage that draws nothing at
+    random still accepts --seed (launch scripts pass it everywhere) and says that it has no effect."""
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed (default %(default)s)" if seeded else
+                             "accepted for uniform launch scripts; no effect here, nothing is drawn at random "
+                             "(default %(default)s)")
+    parser.add_argument("--out", "--results-path", dest="out", required=out_required, metavar="DIR",
+                        help="folder for the results")
+
+
+def add_eos_argument(parser: argparse.ArgumentParser) -> None:
+    """Samples are prompt + response without EOS, as the original work builds them; --add-eos appends it."""
+    parser.add_argument("--add-eos", action="store_true",
+                        help="append EOS to every response (default: none, as the original work)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_flag: str = "--model", default: str | None = None,
+                        dtypes: str = "float32, bfloat16 or float16", deepspeed: bool = True) -> None:
+    """Options of subcommands that run a model (the model is required unless a default is given); `deepspeed`
+    False where the stage holds the whole model on every rank."""
+    parser.add_argument(model_flag, required=default is None, default=default,
+                        help="local HF folder, HF id, alias (llama2-7b-chat-hf, …) or `demo`")
+    parser.add_argument("--dtype", default="float32", help=f"{dtypes} (default %(default)s)")
+    if deepspeed:
+        parser.add_argument("--deepspeed", metavar="CONFIG", default=None,
+                            help="DeepSpeed JSON config: the model is partitioned across the ranks with ZeRO-3 "
+                                 "(default: none, every rank holds the whole model)")
+    parser.add_argument("--cache-dir", default=None, help="HF cache folder for model downloads")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder with the named data sets' files (default $SAFENEURONS_DATA or ./data)")

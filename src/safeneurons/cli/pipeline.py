@@ -1,0 +1,51 @@
+"""`safeneurons pipeline`: the whole study: score, fine-tune, re-score, compare, evaluate."""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from safeneurons.workflows.pipeline.report import print_summary
+from safeneurons.workflows.pipeline.settings import DEMO_PROFILE, SETTING_HELP, PipelineConfig, resolve_config
+from safeneurons.workflows.pipeline.study import run_pipeline
+
+log = logging.getLogger(__name__)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    defaults = PipelineConfig()
+    for item in fields(PipelineConfig):
+        if item.name not in SETTING_HELP:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        aliases = ["--results-path", "--out"] if item.name == "results_path" else [flag]
+        kind = {"sparsity_ratio": float, "learning_rate": float, "finetune_nsamples": int, "setdiff_q": float,
+                "setdiff_p": float}.get(item.name)
+        if kind is None and isinstance(getattr(defaults, item.name), int):
+            kind = int
+        demo = DEMO_PROFILE.get(item.name, getattr(defaults, item.name))
+        parser.add_argument(*aliases, dest=item.name, type=kind, default=None,
+                            help=f"{SETTING_HELP[item.name]} (default {getattr(defaults, item.name)}; demo: {demo})")
+    parser.add_argument("--no-random-control", dest="random_control", action="store_false", default=None,
+                        help="skip the random-mask control arm")
+    parser.add_argument("--add-eos", dest="add_eos", action="store_true", default=None,
+                        help="append EOS to every response when scoring, fine-tuning and measuring perplexity "
+                             "(default: none, as the original work)")
+    parser.add_argument("--force", action="store_true", help="redo every stage, even those already finished")
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The options given on the command line over the defaults `resolve_config` chooses."""
+    return resolve_config({item.name: getattr(args, item.name) for item in fields(PipelineConfig)
+                           if getattr(args, item.name, None) is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    settings = config_from_args(args)
+    summary = run_pipeline(settings, args.force)
+    if summary is not None:
+        print_summary(summary, Path(settings.results_path), time.perf_counter() - started)
+    return 0

@@ -1,0 +1,116 @@
+"""Read data sets by name or path: the original work's CSV files, JSON/JSONL, plain text, the demo's."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safeneurons.data.examples import DEMO_PREFIX, NAMED_FILES, Example, _prompt_text, as_example
+from safeneurons.errors import SafeneuronsError
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    return Path(explicit or os.environ.get("SAFENEURONS_DATA") or "data").expanduser()
+
+
+def known_names() -> list[str]:
+    from safeneurons.data import demo_vocab as demo
+
+    return sorted(NAMED_FILES) + [DEMO_PREFIX + name for name in demo.DATASETS]
+
+
+def resolve_data_path(source: str, directory: str | os.PathLike | None = None) -> Path:
+    """The file behind a data set name (in the data directory) or a path; a clear error when neither exists."""
+    if source in NAMED_FILES:
+        path = data_dir(directory) / NAMED_FILES[source]
+        if not path.is_file():
+            raise SafeneuronsError(
+                f"data set {source!r} needs {NAMED_FILES[source]} in the data directory {path.parent} "
+                f"(set --data-dir or SAFENEURONS_DATA; the files come from the data/ folder of "
+                f"github.com/boyiwei/alignment-attribution-code)")
+        return path
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise SafeneuronsError(f"data set {source!r} is neither a known name ({', '.join(known_names())}) "
+                               f"nor an existing file")
+    return path
+
+
+def load_examples(source: str, directory: str | os.PathLike | None = None) -> list[Example]:
+    """All records of a named data set or file, in file order."""
+    if source.startswith(DEMO_PREFIX):
+        from safeneurons.data import demo_vocab as demo
+
+        return demo.dataset(source[len(DEMO_PREFIX):])
+    path = resolve_data_path(source, directory)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        examples = _read_csv(path)
+    elif suffix in (".jsonl", ".json"):
+        examples = _read_json(path)
+    else:
+        examples = [Example(_prompt_text(line)) for line in _read_text(path).splitlines() if line.strip()]
+    if not examples:
+        raise SafeneuronsError(f"data file {path} holds no examples")
+    return examples
+
+
+def _read_csv(path: Path) -> list[Example]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise SafeneuronsError(f"data file {path} is not a readable CSV ({str(error).splitlines()[0]})") from None
+    if "prompt" not in frame.columns:
+        columns = ", ".join(str(column) for column in frame.columns) or "none"
+        raise SafeneuronsError(f"CSV {path} has columns [{columns}]; expected prompt,response[,text]")
+    responses = frame["response"] if "response" in frame.columns else [None] * len(frame)
+    return [as_example(prompt, response) for prompt, response in zip(frame["prompt"], responses)]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SafeneuronsError(f"data file {path} is not UTF-8 text (byte {error.start} cannot be decoded): "
+                               f"expected CSV, JSONL/JSON or plain text") from None
+
+
+def _read_json(path: Path) -> list[Example]:
+    text = _read_text(path)
+    try:
+        if path.suffix.lower() == ".json":
+            records = json.loads(text)
+            records = records if isinstance(records, list) else [records]
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise SafeneuronsError(f"data file {path} is not valid JSON at line {error.lineno}: {error.msg}") from None
+    return [_json_record(record, path, index) for index, record in enumerate(records, 1)]
+
+
+def _json_record(record: Any, path: Path, index: int) -> Example:
+    if not isinstance(record, dict):
+        raise SafeneuronsError(f"record {index} of {path} is a {type(record).__name__}; expected an object")
+    if "messages" in record:
+        messages = list(record["messages"])
+        response = messages.pop()["content"] if messages and messages[-1].get("role") == "assistant" else None
+        if not messages:
+            raise SafeneuronsError(f"record {index} of {path} has no message before the assistant's response")
+        return Example(messages[-1]["content"], response, messages=tuple(messages))
+    if "prompt" in record:
+        return as_example(record["prompt"], record.get("response"))
+    if "instruction" in record:
+        instruction = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        return as_example(instruction, record.get("output"))
+    raise SafeneuronsError(f"record {index} of {path} has keys {sorted(record)}; expected prompt/response, "
+                           f"instruction/output or messages")
+
+
+def check_sources(*sources: str | None, directory: str | os.PathLike | None = None) -> None:
+    """Read every named data set or file once, so that a bad name or file fails before any model loads."""
+    for source in sources:
+        if source:
+            load_examples(source, directory)

@@ -1,0 +1,130 @@
+"""The two training backends behind one interface: a plain torch loop (AdamW) and a DeepSpeed engine."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from safeneurons.errors import SafeneuronsError
+from safeneurons.finetune.config import ADAM_BETAS, ADAM_EPS, LATEST_FILE
+from safeneurons.finetune.schedule import make_scheduler
+from safeneurons.runtime.outputs import atomic_file
+
+if TYPE_CHECKING:
+    from safeneurons.finetune.config import FineTuneConfig
+
+
+class TrainingBackend(Protocol):
+    module: nn.Module
+    zero_stage: int | None
+
+    def micro_step(self, batch: Mapping[str, torch.Tensor], boundary: bool,
+                   safety_batch: Mapping[str, torch.Tensor] | None = None) -> tuple[float, float | None]: ...
+
+    def learning_rate(self) -> float: ...
+
+    def save_checkpoint(self, directory: Path, step: int, client_state: dict) -> None: ...
+
+    def load_checkpoint(self, directory: Path, tag: str) -> dict: ...
+
+
+def _adamw(parameters: Sequence[nn.Parameter], config: FineTuneConfig) -> torch.optim.AdamW:
+    """AdamW with the betas and eps of ds_configs/zero3.json, weight decay on every parameter."""
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, betas=ADAM_BETAS,
+                             eps=ADAM_EPS)
+
+
+def _losses(module: nn.Module, batch: Mapping[str, torch.Tensor], safety_batch: Mapping[str, torch.Tensor] | None,
+            safety_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(objective, task loss, safety loss): the objective adds safety_weight × the loss on the safety batch."""
+    loss = module(**batch).loss
+    if safety_batch is None:
+        return loss, loss, None
+    safety_loss = module(**safety_batch).loss
+    return loss + safety_weight * safety_loss, loss, safety_loss
+
+
+def _floats(loss: torch.Tensor, safety_loss: torch.Tensor | None) -> tuple[float, float | None]:
+    return float(loss.detach().float()), None if safety_loss is None else float(safety_loss.detach().float())
+
+
+class TorchBackend:
+    """Single-process AdamW loop: loss / accumulation steps, clipping, the step and the schedule at the boundary."""
+
+    zero_stage = None
+
+    def __init__(self, model: nn.Module, config: FineTuneConfig, total_steps: int) -> None:
+        self.module, self.config = model, config
+        self.optimizer = _adamw([p for p in model.parameters() if p.requires_grad], config)
+        self.scheduler = make_scheduler(self.optimizer, config, total_steps)
+
+    def micro_step(self, batch: Mapping[str, torch.Tensor], boundary: bool,
+                   safety_batch: Mapping[str, torch.Tensor] | None = None) -> tuple[float, float | None]:
+        objective, loss, safety_loss = _losses(self.module, batch, safety_batch, self.config.safety_weight)
+        (objective / self.config.gradient_accumulation_steps).backward()
+        if boundary:
+            if self.config.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return _floats(loss, safety_loss)
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save_checkpoint(self, directory: Path, step: int, client_state: dict) -> None:
+        tag = f"step-{step}"
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "client": client_state}
+        (directory / tag).mkdir(parents=True, exist_ok=True)
+        with atomic_file(directory / tag / "state.pt") as tmp:
+            torch.save(state, tmp)
+        with atomic_file(directory / LATEST_FILE) as tmp:
+            tmp.write_text(tag)
+
+    def load_checkpoint(self, directory: Path, tag: str) -> dict:
+        state = torch.load(directory / tag / "state.pt", map_location="cpu", weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["client"]
+
+
+class DeepSpeedBackend:
+    """The DeepSpeed engine loop: `engine.backward` then `engine.step` (which steps only at the boundary)."""
+
+    def __init__(self, model: nn.Module, ds_config: dict, config: FineTuneConfig, total_steps: int) -> None:
+        import deepspeed
+
+        from safeneurons.runtime.dsconfig import zero_stage
+
+        self.zero_stage, self.config = zero_stage(ds_config), config
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = None if "optimizer" in ds_config else _adamw(parameters, config)  # a config without one
+        # the engine steps the schedule after each optimizer step and keeps it in its checkpoints
+        scheduler = None if "scheduler" in ds_config else lambda opt: make_scheduler(opt, config, total_steps)
+        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=parameters,
+                                               optimizer=optimizer, lr_scheduler=scheduler)
+        self.module = self.engine.module
+
+    def micro_step(self, batch: Mapping[str, torch.Tensor], boundary: bool,
+                   safety_batch: Mapping[str, torch.Tensor] | None = None) -> tuple[float, float | None]:
+        objective, loss, safety_loss = _losses(self.engine, batch, safety_batch, self.config.safety_weight)
+        self.engine.backward(objective)
+        self.engine.step()
+        return _floats(loss, safety_loss)
+
+    def learning_rate(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def save_checkpoint(self, directory: Path, step: int, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(directory), tag=f"step-{step}", client_state=client_state)
+
+    def load_checkpoint(self, directory: Path, tag: str) -> dict:
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=tag)
+        if path is None:
+            raise SafeneuronsError(f"--resume: no DeepSpeed checkpoint in {directory}")
+        return client_state

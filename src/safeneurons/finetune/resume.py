@@ -1,0 +1,51 @@
+"""Resuming a fine-tune: the run settings a checkpoint records and the check that they did not change."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from safeneurons.errors import SafeneuronsError
+from safeneurons.finetune.config import RUN_KEYS, FineTuneConfig
+from safeneurons.runtime import distributed
+from safeneurons.runtime.resume import changed_settings, read_marker
+
+SETTINGS_FILE = "run_settings.json"
+
+
+def run_settings(config: FineTuneConfig, masks: Any) -> dict[str, Any]:
+    """What a checkpoint records of its run (the mask file by path, in-memory masks by their selected count)."""
+    settings = {key: getattr(config, key) for key in RUN_KEYS if key != "masks"}
+    settings["lora_targets"] = list(config.lora_targets)  # as JSON reads it back
+    settings["masks"] = None if masks is None else str(masks) if isinstance(masks, (str, Path)) else \
+        f"<in memory: {sum(int(mask.sum()) for mask in masks.values())} elements>" if isinstance(masks, Mapping) \
+        else "<frozen weights>"
+    return {**settings, "world_size": distributed.world_size()}
+
+
+def complete_checkpoint(directory: Path) -> str:
+    """The tag of the newest complete checkpoint: its run settings are written after every rank saved, so a
+    checkpoint cut short by a killed job (which `latest` may already name) is passed over."""
+    steps = sorted((int(path.parent.name.split("-", 1)[1]), path.parent.name)
+                   for path in directory.glob(f"step-*/{SETTINGS_FILE}") if path.parent.name[5:].isdigit())
+    if not steps:
+        raise SafeneuronsError(f"--resume: no complete checkpoint in {directory}")
+    return steps[-1][1]
+
+
+def check_resume(directory: Path, settings: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Before anything is loaded: the newest complete checkpoint's run settings must equal this run's (keys in
+    `overrides` may differ) and its world size this one's. Returns the checkpoint's settings and its `tag`."""
+    tag = complete_checkpoint(directory)
+    defaults = run_settings(FineTuneConfig(data=""), None)  # what a checkpoint from before a setting existed used
+    saved = {**{key: defaults[key] for key in RUN_KEYS if key not in ("data", "masks")},
+             **(read_marker(directory / tag / SETTINGS_FILE) or {})}
+    if saved.get("world_size") != settings["world_size"]:
+        raise SafeneuronsError(f"--resume: the checkpoint in {directory} was written by {saved.get('world_size')} "
+                               f"rank(s) and this run has {settings['world_size']}; resume with "
+                               f"{saved.get('world_size')} (resharding a checkpoint is not supported)")
+    changed = changed_settings(saved, settings, RUN_KEYS, overrides)
+    if changed:
+        details = "; ".join(f"{key}: {saved.get(key)!r} then, {settings[key]!r} now" for key in changed)
+        raise SafeneuronsError(f"--resume would change the run's settings ({details}); resume with the same "
+                               f"settings, or allow a change with --resume-override {' '.join(changed)}")
+    return {**saved, "tag": tag}

@@ -1,0 +1,1 @@
+"""Interpretability: activation patching of refusal circuits and model lineage by activation matching."""

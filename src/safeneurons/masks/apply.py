@@ -1,0 +1,25 @@
+"""Zero the masked elements of a model's weights in place (every local copy under ZeRO-3)."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from safeneurons.runtime.zero3 import full_numel, full_shape, is_persistent, local_layout, local_weights
+
+if TYPE_CHECKING:
+    from safeneurons.masks.source import _MaskSource
+
+
+def zero_masked(name: str, param: nn.Parameter, source: _MaskSource, lowest: bool = False) -> int:
+    """Zero the masked elements of the part of `param` this rank holds (and of the whole copy that a persistent
+    ZeRO-3 parameter keeps, from its whole mask: such parameters are small); returns the count zeroed here."""
+    shape = full_shape(param)
+    start, _, valid = local_layout(param)
+    mask = source.elements(name, shape, start, start + valid) ^ lowest
+    weights = local_weights(param)
+    weights[:valid][mask.to(weights.device)] = 0
+    if is_persistent(param):
+        whole = source.elements(name, shape, 0, full_numel(param)).view(shape) ^ lowest
+        param.data[whole.to(param.device)] = 0
+    return int(mask.sum())

@@ -1,0 +1,87 @@
+"""One naming scheme for the activations that stages read and write, and one base for the hooks that do it.
+
+A site is keyed `(layer, component)` — patching's edits, tracing's recorded activations and every future stage
+use the same key, as TransformerLens keys its cache by hook name. The components of decoder layer `layer`:
+
+- `residual`: the layer's output (the residual stream after the layer);
+- `attn_out`, `mlp_out`: the attention block's and the MLP block's outputs;
+- `attn_head`: the input of `o_proj` (every head's slice side by side; patching edits one head's columns);
+- `gate`, `up`: the outputs of the MLP's gate and up projections (their rows of a fused `gate_up_proj`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from safeneurons.errors import SafeneuronsError
+from safeneurons.models.structure import decoder_layers, fused_parts
+
+SiteKey = tuple[int, str]  # (layer, component)
+COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "gate", "up")
+MLP_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj"}
+
+
+@dataclass(frozen=True)
+class SitePoint:
+    """Where a site's activation passes: a module's output (or input), all of it or some of its columns."""
+
+    module: nn.Module
+    columns: slice | None  # the component's columns of the module's output (a fused projection); None = all
+    reads_input: bool  # the activation is the module's input (attn_head: o_proj's input)
+
+
+def site_point(model: nn.Module, layer: int, component: str) -> SitePoint:
+    """The module (and columns) holding `component` of decoder layer `layer`; an error names a bad layer."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise SafeneuronsError(f"layer {layer} does not exist; the model has layers 0..{len(layers) - 1}")
+    block = layers[layer]
+    if component in MLP_PROJECTIONS:
+        separate = getattr(block.mlp, MLP_PROJECTIONS[component], None)
+        if separate is not None:
+            return SitePoint(separate, None, False)
+        return SitePoint(block.mlp.gate_up_proj, fused_parts("mlp.gate_up_proj", model.config)[component], False)
+    modules = {"residual": block, "attn_out": block.self_attn, "mlp_out": block.mlp, "attn_head": block.self_attn.o_proj}
+    if component not in modules:
+        raise SafeneuronsError(f"site component {component!r} is not one of {', '.join(COMPONENTS)}")
+    return SitePoint(modules[component], None, component == "attn_head")
+
+
+def output_width(point: SitePoint) -> int:
+    """The number of values the site holds per token."""
+    if point.columns is not None:
+        return point.columns.stop - point.columns.start
+    return point.module.in_features if point.reads_input else point.module.out_features
+
+
+class Hooks:
+    """Forward hooks on modules, all removed together by `close()` or on leaving a `with` block: the base of every
+    recorder and editor (scoring's captures, ActSVD's Grams, tracing's recorder, patching's edits)."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def on_output(self, module: nn.Module, hook: Callable[..., Any]) -> None:
+        """`hook(module, args, output)`; a value it returns replaces the output."""
+        self.handles.append(module.register_forward_hook(hook))
+
+    def on_input(self, module: nn.Module, hook: Callable[..., Any], with_kwargs: bool = False) -> None:
+        """`hook(module, args[, kwargs])` before the module runs; a value it returns replaces the input."""
+        self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+
+    def on_site(self, point: SitePoint, hook: Callable[..., Any]) -> None:
+        """`hook(module, args, output)` on an output site, `hook(module, args)` on an input site."""
+        (self.on_input if point.reads_input else self.on_output)(point.module, hook)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def __enter__(self) -> "Hooks":
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()

@@ -1,0 +1,161 @@
+"""The decoder structure safeneurons works on, checked by structure rather than model type: the
+layers, their projections (separate or fused), head widths and the Linears that are scored.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from safeneurons.errors import SafeneuronsError
+
+# Support is decided by structure, not by model type: decoder layers at `model.layers`, each with an attention
+# block (separate q/k/v projections or one fused qkv_proj, and o_proj) and an MLP (gate and up projections or one
+# fused gate_up_proj, and down_proj). Llama, Mistral, Qwen2/3, Gemma-2/3 and Phi-3 have it.
+ATTENTION_LAYOUTS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
+MLP_LAYOUTS = (("gate_proj", "up_proj"), ("gate_up_proj",))
+BLOCK_OUTPUTS = {"self_attn": "o_proj", "mlp": "down_proj"}
+EXPECTED_LAYOUT = ("decoder layers at model.layers with self_attn.{q,k,v}_proj (or qkv_proj) and o_proj, and "
+                   "mlp.{gate,up}_proj (or gate_up_proj) and down_proj")
+
+
+def forward_row_bytes(hidden: int, intermediate: int, heads: int, length: int, element: int,
+                      eager_attention: bool) -> int:
+    """Peak bytes one sequence of `length` tokens adds to a no-grad forward without KV cache, measured on
+    transformers' Llama (tests/workflows/test_plan.py): the MLP's working set, 4h + 3I elements per token (the residual, the
+    normed input, the activated gate, up and their product), or — with eager attention, which materialises the
+    scores — ≈ 6h elements plus 3 elements and an fp32 softmax value per head and key (the scores, their scaled and
+    masked copies); SDPA keeps no scores. `patch` sizes its batches with it and `plan` counts with it."""
+    mlp = element * (4 * hidden + 3 * intermediate)
+    attention = element * 6 * hidden + (heads * length * (3 * element + 4) if eager_attention else 0)
+    return length * max(mlp, attention)
+
+
+def check_architecture_config(config: Any, name: str = "") -> None:
+    """Refuse, before any weight is read, a config whose model lacks the decoder structure (checked on the model
+    built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as error:
+        raise SafeneuronsError(f"model {name or '?'} (architecture {getattr(config, 'model_type', None)!r}) is not a "
+                               f"causal LM transformers can build ({str(error).splitlines()[0]})") from None
+    check_architecture(skeleton, name)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks (`model.model.layers`)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise SafeneuronsError(f"{type(model).__name__} has no decoder layers at model.layers; expected "
+                               f"{EXPECTED_LAYOUT}")
+    return layers
+
+
+def layer_projections(layer: nn.Module) -> list[tuple[str, nn.Linear]] | None:
+    """The projections of one decoder layer in data order (inputs, then output, of attention then MLP), named
+    like "self_attn.q_proj"; None when the layer does not have the structure."""
+    found = []
+    for parent_name, layouts in (("self_attn", ATTENTION_LAYOUTS), ("mlp", MLP_LAYOUTS)):
+        parent = getattr(layer, parent_name, None)
+        names = next((layout for layout in layouts
+                      if all(isinstance(getattr(parent, name, None), nn.Linear) for name in layout)), None)
+        output = BLOCK_OUTPUTS[parent_name]
+        if names is None or not isinstance(getattr(parent, output, None), nn.Linear):
+            return None
+        found += [(f"{parent_name}.{name}", getattr(parent, name)) for name in (*names, output)]
+    return found
+
+
+def check_architecture(model: nn.Module, name: str = "") -> None:
+    """Every decoder layer must have the Linear projections we score, freeze and patch."""
+    for index, layer in enumerate(decoder_layers(model)):
+        if layer_projections(layer) is None:
+            raise SafeneuronsError(f"model {name or type(model).__name__}: layer {index} does not have the structure "
+                                   f"safeneurons works on; expected {EXPECTED_LAYOUT}")
+
+
+def head_dim(config: Any) -> int:
+    """The attention head width as the model uses it: the config's head_dim when set, else hidden / heads."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def fused_parts(name: str, config: Any) -> dict[str, slice] | None:
+    """The output rows of each part of a fused projection ("self_attn.qkv_proj": q, k, v; "mlp.gate_up_proj": gate,
+    up), None for a projection that is not fused."""
+    if name.endswith("gate_up_proj"):
+        width = int(config.intermediate_size)
+        return {"gate": slice(0, width), "up": slice(width, 2 * width)}
+    if name.endswith("qkv_proj"):
+        heads = int(config.num_attention_heads)
+        kv_width = int(getattr(config, "num_key_value_heads", None) or heads) * head_dim(config)
+        q_width = heads * head_dim(config)
+        return {"q": slice(0, q_width), "k": slice(q_width, q_width + kv_width),
+                "v": slice(q_width + kv_width, q_width + 2 * kv_width)}
+    return None
+
+
+SPLIT_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "gate": "mlp.gate_proj",
+               "up": "mlp.up_proj"}
+
+
+def split_fused(tensors: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """One layer's tensors by short name with fused projections replaced by views of their parts, named like the
+    separate projections ("self_attn.q_proj", ...): code written for q/k/v and gate/up works on both layouts, and
+    writes into the views land in the fused tensors."""
+    split = {}
+    for name, tensor in tensors.items():
+        parts = fused_parts(name, config)
+        split.update({SPLIT_NAMES[part]: tensor[rows] for part, rows in parts.items()} if parts else {name: tensor})
+    return split
+
+
+@dataclass(frozen=True)
+class ScoredLinear:
+    """One Linear inside a decoder layer: the unit of scoring, masking and freezing."""
+
+    layer: int
+    name: str  # e.g. "self_attn.q_proj"
+    param_name: str  # full parameter name, e.g. "model.layers.3.self_attn.q_proj.weight"
+    module: nn.Linear
+    config: Any = field(default=None, compare=False, repr=False)  # the model's config (sizes of fused parts)
+
+
+def scored_linears(model: nn.Module, layer: int | None = None) -> list[ScoredLinear]:
+    """The Linears we score, in layer order (one layer if `layer` is given); never embeddings, norms, lm_head."""
+    check_architecture(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    found = []
+    for index, block in enumerate(decoder_layers(model)):
+        if layer is not None and index != layer:
+            continue
+        found += [ScoredLinear(index, name, f"{names[id(module)]}.weight", module, getattr(model, "config", None))
+                  for name, module in layer_projections(block)]
+    return found
+
+
+@contextlib.contextmanager
+def layers_from(model: nn.Module, start: int, stop: int | None = None) -> Iterator[None]:
+    """While active, the model's forward runs decoder layers [start, stop) only, from `inputs_embeds` = the
+    hidden states entering layer `start` (rotary positions and the causal mask are rebuilt as usual)."""
+    if start == 0 and stop is None:
+        yield
+        return
+    inner = model.model
+    every = inner.layers
+    inner.layers = nn.ModuleList(list(every)[start:stop])
+    try:
+        yield
+    finally:
+        inner.layers = every
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")

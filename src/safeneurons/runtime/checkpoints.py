@@ -1,0 +1,67 @@
+"""Model checkpoints as files: the safetensors weights of an HF folder read tensor by tensor and rewritten shard by
+shard, so that a stage that edits weights (rewind, streaming prune) never holds a whole model in memory.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from safeneurons.errors import SafeneuronsError
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = WEIGHTS_FILE + ".index.json"
+
+
+class CheckpointFiles:
+    """The safetensors weights of an HF folder (one file or shards with an index), read tensor by tensor."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        index = folder / INDEX_FILE
+        if index.is_file():
+            mapping = json.loads(index.read_text())["weight_map"]
+            self.weight_map = {name: folder / shard for name, shard in mapping.items()}
+        elif (folder / WEIGHTS_FILE).is_file():
+            with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
+                self.weight_map = {name: folder / WEIGHTS_FILE for name in handle.keys()}
+        else:
+            raise SafeneuronsError(f"{folder} is not an HF folder with safetensors weights ({WEIGHTS_FILE} or "
+                                   f"{INDEX_FILE})")
+
+    @property
+    def shards(self) -> list[Path]:
+        return sorted(set(self.weight_map.values()))
+
+    def metadata(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shape and dtype of every tensor, read from the file headers only."""
+        found = {}
+        for shard in self.shards:
+            with safe_open(str(shard), framework="pt") as handle:
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    found[name] = (tuple(view.get_shape()), view.get_dtype())
+        return found
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.weight_map[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+def rewrite_checkpoint(source: CheckpointFiles, out: Path, edit: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Write `source`'s weights into `out`, shard by shard, each tensor passed through `edit(name, tensor)`; the
+    folder's other files (config, tokenizer, index) are copied as they are."""
+    for shard in source.shards:
+        with safe_open(str(shard), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {name: edit(name, handle.get_tensor(name)) for name in handle.keys()}
+        save_file(tensors, str(out / shard.name), metadata=metadata)
+        del tensors
+    for item in source.folder.iterdir():
+        if item.suffix != ".safetensors" and item.is_file() and not item.name.startswith("."):
+            shutil.copy2(item, out / item.name)

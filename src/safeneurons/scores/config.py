@@ -1,0 +1,144 @@
+"""What `score` is asked (ScoreConfig), what it returns (ScoreResult) and the Linears it scores."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import nn
+
+from safeneurons.errors import SafeneuronsError
+from safeneurons.models.structure import scored_linears
+from safeneurons.runtime import distributed
+from safeneurons.runtime.distributed import broadcast_from_owner
+from safeneurons.runtime.zero3 import full_shape
+
+if TYPE_CHECKING:
+    from safeneurons.models.structure import ScoredLinear
+
+log = logging.getLogger(__name__)
+
+METHODS = ("wanda", "wandg", "random")
+GRANULARITIES = ("weight", "neuron", "head")
+DEFAULT_UTILITY_DATA = "alpaca_cleaned_no_safety"
+AUTO_MEMORY_FRACTION = 0.5  # of what a rank can still allocate, for wandg's accumulators by default
+FP32_BYTES = 4
+DEFAULT_SPARSITY = 0.1  # one default everywhere (score, pipeline, plan): the original extension's
+SUMMARY_FILE = "score_summary.json"
+SCORES_FILE = "scores.safetensors"
+SCORES_INDEX_FILE = SCORES_FILE + ".index.json"
+
+
+@dataclass
+class ScoreConfig:
+    method: str
+    data: str
+    sparsity_ratio: float
+    nsamples: int = 128
+    seed: int = 0
+    max_length: int = 512
+    granularity: str = "weight"
+    utility_data: str | None = None
+    p: float | None = None
+    q: float | None = None
+    sequential: bool = False
+    data_dir: str | None = None
+    keep_scores: bool = False  # return the raw safety scores in ScoreResult.scores
+    batch_size: int = 1  # samples per forward/backward pass (per-sample statistics either way)
+    add_eos: bool = False  # append EOS to each response (the original work does not)
+    score_memory: int | None = None  # bytes of wandg's fp32 sums per rank; None = half of what is free
+
+    @property
+    def set_difference(self) -> bool:
+        return self.p is not None or self.q is not None or self.utility_data is not None
+
+    @property
+    def utility_source(self) -> str:
+        return self.utility_data or DEFAULT_UTILITY_DATA
+
+    def validate(self) -> None:
+        """Raise SafeneuronsError naming the first bad value."""
+        if self.method not in METHODS:
+            raise SafeneuronsError(f"unknown scoring method {self.method!r}; expected one of {', '.join(METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            raise SafeneuronsError(f"granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if not isinstance(self.sparsity_ratio, (int, float)) or not 0 < self.sparsity_ratio < 1:
+            raise SafeneuronsError(f"sparsity ratio {self.sparsity_ratio!r} must lie in (0, 1)")
+        if self.nsamples <= 0:
+            raise SafeneuronsError(f"nsamples={self.nsamples} must be a positive integer")
+        if self.batch_size < 1:
+            raise SafeneuronsError(f"batch size {self.batch_size} must be a positive integer")
+        if self.score_memory is not None and self.score_memory < 1:
+            raise SafeneuronsError(f"score memory {self.score_memory} must be a positive number of bytes")
+        if self.max_length < 2:
+            raise SafeneuronsError(f"max_length={self.max_length} must be at least 2 tokens")
+        if self.set_difference and self.granularity == "head":
+            raise SafeneuronsError("granularity head ranks whole heads by --sparsity-ratio; the set difference "
+                                   "(--p/--q/--utility-data) works per weight or per neuron")
+        if self.set_difference:
+            for name, value in (("p", self.p), ("q", self.q)):
+                if value is None:
+                    raise SafeneuronsError(f"the set difference against {self.utility_source!r} needs both --p and "
+                                           f"--q; --{name} is missing")
+                if not 0 < value <= 1:
+                    raise SafeneuronsError(f"--{name} {value!r} must lie in (0, 1]")
+
+
+def summary_beside(masks: str | os.PathLike) -> dict[str, Any] | None:
+    """The score_summary.json written beside a mask file (or in its folder), when there is one."""
+    path = Path(masks)
+    summary = (path if path.is_dir() else path.parent) / SUMMARY_FILE
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+def config_from_summary(summary: Mapping[str, Any], data_dir: str | None = None) -> ScoreConfig:
+    """The ScoreConfig a score_summary.json records (its settings are ScoreConfig's fields)."""
+    names = {item.name for item in fields(ScoreConfig)} - {"keep_scores", "data_dir"}
+    return ScoreConfig(**{key: value for key, value in summary.items() if key in names}, data_dir=data_dir)
+
+
+@dataclass
+class ScoreResult:
+    masks: dict[str, torch.Tensor]  # the parameters this rank owns (all of them on 1 rank)
+    scores: dict[str, torch.Tensor] | None  # float32 safety scores, same keys, when config.keep_scores
+    summary: dict[str, Any]  # complete on rank 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A scored Linear, its position in the global order and the rank that owns its layer."""
+
+    index: int
+    linear: ScoredLinear
+    owner: int
+
+    @property
+    def name(self) -> str:
+        return self.linear.param_name
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.linear.module.weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return full_shape(self.weight)
+
+    @property
+    def mine(self) -> bool:
+        return self.owner == distributed.rank()
+
+
+def targets_of(model: nn.Module) -> list[Target]:
+    return [Target(index, linear, distributed.owner_of(linear.layer))
+            for index, linear in enumerate(scored_linears(model))]
+
+
+def mask_on_every_rank(mask: torch.Tensor | None, target: Target, device: torch.device) -> torch.Tensor:
+    """The owner's mask of one Linear, sent to every rank (one layer's masks at a time, never the model's)."""
+    buffer = mask.to(torch.uint8) if target.mine else torch.zeros(target.shape, dtype=torch.uint8)
+    return broadcast_from_owner(buffer.to(device), target.owner).bool()

@@ -1,0 +1,167 @@
+"""Forward and backward passes over calibration micro-batches, with hooks that keep each Linear's
+input X and output gradient dY.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from safeneurons.data.examples import IGNORE_INDEX
+from safeneurons.data.samples import pad_batch
+from safeneurons.models.hooks import Hooks
+from safeneurons.models.structure import decoder_layers, layers_from
+from safeneurons.runtime import distributed
+
+if TYPE_CHECKING:
+    from safeneurons.data.examples import Sample
+    from safeneurons.scores.config import Target
+
+
+class LinearCapture(Hooks):
+    """Hooks on the target Linears: each pass's inputs X and, when gradients are wanted, output gradients dY."""
+
+    def __init__(self, targets: Sequence[Target], with_grads: bool) -> None:
+        super().__init__()
+        self.with_grads = with_grads
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.output_grads: dict[str, torch.Tensor] = {}
+        for target in targets:
+            self.on_output(target.linear.module, self._hook(target.name))
+
+    def _hook(self, name: str):
+        def keep(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.inputs[name] = args[0].detach()
+            if self.with_grads:
+                if not output.requires_grad:  # a lowest scored Linear: its output is where backward stops
+                    output.requires_grad_(True)
+                output.register_hook(lambda grad: self.output_grads.__setitem__(name, grad.detach()))
+        return keep
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.output_grads.clear()
+
+
+def squared_input_sum(inputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ over the selected token rows (response tokens of real samples) of x_j² (fp32), one value per column."""
+    picked = inputs.reshape(-1, inputs.shape[-1])[rows.reshape(-1).to(inputs.device)]
+    return picked.float().pow(2).sum(dim=0)
+
+
+def abs_weight_gradient(inputs: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor:
+    """|∂L/∂W| of one sample from the Linear's input X and output gradient dY: |Σ_tokens dY^T X| (fp32)."""
+    x = inputs.reshape(-1, inputs.shape[-1]).float()
+    dy = output_grad.reshape(-1, output_grad.shape[-1]).float()
+    return (dy.T @ x).abs_()
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients (`LinearCapture` makes the activations that backward needs require
+    grad, so it computes no weight gradient and stops at the lowest scored Linears)."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    was_training = model.training
+    for param, _ in flags:
+        param.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded samples; `real` is False for the padding samples that keep the ranks' pass counts equal."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    real: torch.Tensor
+
+    @property
+    def response_rows(self) -> torch.Tensor:
+        """Token positions whose statistics count: response tokens of real samples."""
+        return (self.labels != IGNORE_INDEX) & self.real[:, None]
+
+
+def rank_batches(samples: Sequence[Sample], batch_size: int, device: torch.device) -> list[MicroBatch]:
+    """This rank's samples (round-robin) in micro-batches, padded with dummies so that every rank runs the
+    same number of passes (ZeRO-3 gathers weights collectively inside every pass)."""
+    per_rank = math.ceil(len(samples) / distributed.world_size())
+    mine = distributed.split_evenly(samples)
+    flagged = [(sample, True) for sample in mine] + [(samples[0], False)] * (per_rank - len(mine))
+    batches = []
+    for start in range(0, len(flagged), batch_size):
+        chunk = flagged[start:start + batch_size]
+        padded = pad_batch([sample for sample, _ in chunk], pad_token_id=0)  # pads are masked and unlabelled
+        batches.append(MicroBatch(padded["input_ids"].to(device), padded["labels"].to(device),
+                                  padded["attention_mask"].to(device),
+                                  torch.tensor([real for _, real in chunk], device=device)))
+    return batches
+
+
+def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean next-token loss over its response tokens (HF's causal-LM loss, one sample at a time)."""
+    targets = labels[:, 1:]
+    # The flattened [tokens, vocab] form, as HF's loss: its fp32 gradient is about 10x closer to float64 than that
+    # of cross_entropy over a transposed [batch, vocab, tokens] tensor.
+    token_losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    return token_losses.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
+@dataclass
+class Entry:
+    """The hidden states entering decoder layer `layer`, for one micro-batch: a pass can start there."""
+
+    layer: int
+    hidden: torch.Tensor
+
+
+def _forward(model: nn.Module, batch: MicroBatch, entry: Entry | None, stop: int | None = None,
+             **kwargs: Any) -> Any:
+    """The model on a micro-batch, from the embeddings or from `entry`, through layer `stop` − 1 (default all)."""
+    # Without padding the mask is dropped, so that attention takes its causal fast path (as the original code)
+    attention_mask = None if bool(batch.attention_mask.all()) else batch.attention_mask
+    inputs = {"input_ids": batch.input_ids} if entry is None else {"inputs_embeds": entry.hidden}
+    if entry is None and stop is None:
+        return model(**inputs, attention_mask=attention_mask, use_cache=False, **kwargs)
+    with layers_from(model, 0 if entry is None else entry.layer, stop):
+        return model(**inputs, attention_mask=attention_mask, use_cache=False, **kwargs)
+
+
+def run_batch(model: nn.Module, batch: MicroBatch, with_grads: bool, entry: Entry | None = None) -> None:
+    """One forward pass (from `entry` when given: the layers below it are not run again), and with `with_grads`
+    one backward of Σ_real samples (sample's mean loss): the samples of a batch do not interact, so each
+    sample's activation gradients are those of its own loss."""
+    if not with_grads:
+        with torch.no_grad():
+            _forward(model, batch, entry)
+        return
+    with torch.enable_grad():
+        logits = _forward(model, batch, entry).logits
+        (per_sample_losses(logits, batch.labels) * batch.real).sum().backward()
+
+
+def next_entries(model: nn.Module, batches: Sequence[MicroBatch], entries: Sequence[Entry] | None,
+                 layer: int) -> list[Entry]:
+    """The hidden states entering layer `layer` + 1 of every micro-batch: layer `layer` alone, run on its own
+    entries (or on the embeddings for layer 0)."""
+    found = []
+    for index, batch in enumerate(batches):
+        kept: dict[str, torch.Tensor] = {}
+        with Hooks() as hooks, torch.no_grad():
+            hooks.on_output(decoder_layers(model)[layer], lambda _m, _a, output: kept.__setitem__(
+                "h", (output[0] if isinstance(output, tuple) else output)))
+            _forward(model, batch, None if entries is None else entries[index], layer + 1, logits_to_keep=1)
+        found.append(Entry(layer + 1, kept["h"].detach()))
+    return found

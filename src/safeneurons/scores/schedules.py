@@ -1,0 +1,150 @@
+"""The two schedules (all layers from one set of passes; the original's layer by layer with
+earlier selections zeroed), `score_model` and the summary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from safeneurons.data.samples import load_samples
+from safeneurons.models.structure import decoder_layers, fused_parts, model_device
+from safeneurons.runtime import distributed
+from safeneurons.runtime.zero3 import is_zero3_partitioned, stored_copies
+from safeneurons.scores.config import ScoreResult, mask_on_every_rank, targets_of
+from safeneurons.scores.passes import next_entries, rank_batches
+from safeneurons.scores.selection import select_masks
+from safeneurons.scores.statistics import score_targets
+
+if TYPE_CHECKING:
+    from safeneurons.data.examples import Sample
+    from safeneurons.scores.config import ScoreConfig, Target
+    from safeneurons.scores.passes import Entry
+
+
+def score_all_layers(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
+                     config: ScoreConfig, entries: Mapping[str, Sequence[Entry]] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every layer from the same passes (one backward per sample), nothing pruned in between; `entries` per
+    source start the passes at the lowest scored layer."""
+    scores = {source: score_targets(model, targets, samples, config, stream, (entries or {}).get(source))
+              for stream, (source, samples) in enumerate(sources.items())}
+    return select_masks(targets, scores, config, attention_heads(model), model.config), scores["safety"]
+
+
+def attention_heads(model: nn.Module) -> tuple[int, int]:
+    """(query heads, key/value heads) of the model's attention (they differ under GQA)."""
+    heads = int(model.config.num_attention_heads)
+    return heads, int(getattr(model.config, "num_key_value_heads", None) or heads)
+
+
+def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
+                         config: ScoreConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The original schedule: layer i is scored on the model whose layers < i have their selected weights zeroed.
+    The weights are restored afterwards. Each layer's passes start at that layer, from the hidden states that
+    enter it (kept per micro-batch, advanced by one layer after each layer is pruned), so the layers below are not
+    run again for every layer; under ZeRO-3, whose hooks follow the module order, every pass starts at the
+    embeddings."""
+    from safeneurons.masks.apply import zero_masked
+    from safeneurons.masks.source import _MaskSource
+
+    saved = [(stored, stored.clone()) for target in targets for stored in stored_copies(target.weight)]
+    masks: dict[str, torch.Tensor] = {}
+    safety_scores: dict[str, torch.Tensor] = {}
+    cached = config.method != "random" and not is_zero3_partitioned(targets[0].linear.module)
+    batches = {source: rank_batches(samples, config.batch_size, model_device(model))
+               for source, samples in sources.items() if samples is not None} if cached else {}
+    entries: dict[str, list[Entry] | None] = {source: None for source in batches}
+    try:
+        for layer in sorted({target.linear.layer for target in targets}):
+            layer_targets = [target for target in targets if target.linear.layer == layer]
+            starts = {source: found for source, found in entries.items() if found is not None}
+            layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config, starts)
+            for target in layer_targets:
+                mask = mask_on_every_rank(layer_masks.get(target.name), target, model_device(model))
+                zero_masked(target.name, target.weight, _MaskSource({target.name: mask}))
+            masks.update(layer_masks)
+            safety_scores.update(layer_scores)
+            if layer + 1 < len(decoder_layers(model)):
+                entries = {source: next_entries(model, batches[source], entries[source], layer)
+                           for source in batches}
+    finally:
+        for stored, original in saved:
+            stored.copy_(original)
+    return masks, safety_scores
+
+
+# ---------------------------------------------------------------- the API
+
+def load_sources(tokenizer: Any, config: ScoreConfig) -> dict[str, list[Sample] | None]:
+    """The safety samples (and utility samples for the set difference); random needs none."""
+    def samples(source: str) -> list[Sample] | None:
+        if config.method == "random":
+            return None
+        return load_samples(source, tokenizer, config.nsamples, config.seed, config.max_length, config.data_dir,
+                            config.add_eos)
+
+    sources = {"safety": samples(config.data)}
+    if config.set_difference:
+        sources["utility"] = samples(config.utility_source)
+    return sources
+
+
+def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig) -> ScoreResult:
+    """Score and select. Collective under N ranks (every rank calls it); under ZeRO-3 pass the module that
+    DeepSpeed's engine hooks (`engine.module`, see `models.load_for_inference`)."""
+    config.validate()
+    targets = targets_of(model)
+    sources = load_sources(tokenizer, config)
+    schedule = score_layer_by_layer if config.sequential else score_all_layers
+    masks, scores = schedule(model, targets, sources, config)
+    summary = build_summary(targets, masks, sources, config)
+    return ScoreResult(masks, scores if config.keep_scores else None, summary)
+
+
+def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
+                  sources: Mapping[str, list[Sample] | None], config: ScoreConfig) -> dict[str, Any]:
+    """Counts per parameter and per layer, merged on rank 0 (the other ranks get the settings only)."""
+    settings = {key: value for key, value in asdict(config).items() if key not in ("keep_scores", "data_dir")}
+    if not config.set_difference:
+        settings["utility_data"] = None
+    summary: dict[str, Any] = {**settings, "world_size": distributed.world_size(),
+                               "zero3_partitioned": is_zero3_partitioned(targets[0].linear.module),
+                               "nsamples_used": {name: None if samples is None else len(samples)
+                                                 for name, samples in sources.items()}}
+    local = {target.name: (target.linear.layer, int(masks[target.name].sum()), math.prod(target.shape),
+                           list(target.shape), _part_counts(target, masks[target.name], config_of(target)))
+             for target in targets if target.mine}
+    merged = distributed.merge_dicts_to_main(local)
+    if merged is None:
+        return summary
+    per_parameter = {target.name: dict(zip(("layer", "selected", "total", "shape", "parts"), merged[target.name]))
+                     for target in targets}
+    for counts in per_parameter.values():
+        if counts["parts"] is None:
+            del counts["parts"]
+    per_layer: dict[str, dict[str, int]] = {}
+    for counts in per_parameter.values():
+        layer = per_layer.setdefault(str(counts["layer"]), {"selected": 0, "total": 0})
+        layer["selected"] += counts["selected"]
+        layer["total"] += counts["total"]
+    total_selected = sum(counts["selected"] for counts in per_parameter.values())
+    total_scored = sum(counts["total"] for counts in per_parameter.values())
+    return {**summary, "total_selected": total_selected, "total_scored": total_scored,
+            "selected_fraction": total_selected / total_scored, "per_layer": per_layer,
+            "per_parameter": per_parameter}
+
+
+def config_of(target: Target) -> Any:
+    return getattr(target.linear, "config", None)
+
+
+def _part_counts(target: Target, mask: torch.Tensor, config: Any) -> dict[str, dict[str, int]] | None:
+    """Selected and total weights of each part of a fused projection (q/k/v, gate/up)."""
+    parts = fused_parts(target.linear.name, config) if config is not None else None
+    if parts is None:
+        return None
+    return {part: {"selected": int(mask[rows].sum()), "total": int(mask[rows].numel())} for part, rows in parts.items()}

@@ -1,0 +1,163 @@
+"""Per-Linear statistics summed over the samples (wanda's squared input norms, wandg's |dY^T X|),
+each reduced once to the rank that owns its layer, in rounds when they do not fit.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from safeneurons.errors import SafeneuronsError
+from safeneurons.models.structure import model_device
+from safeneurons.runtime import distributed
+from safeneurons.runtime.distributed import reduce_each_to_owner
+from safeneurons.runtime.zero3 import weight_on_owner
+from safeneurons.scores.config import AUTO_MEMORY_FRACTION, FP32_BYTES
+from safeneurons.scores.passes import (LinearCapture, abs_weight_gradient, rank_batches, run_batch, scoring_mode,
+                                       squared_input_sum)
+
+if TYPE_CHECKING:
+    from safeneurons.data.examples import Sample
+    from safeneurons.scores.config import ScoreConfig, Target
+    from safeneurons.scores.passes import Entry, MicroBatch
+
+log = logging.getLogger(__name__)
+
+
+def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample],
+                       config: ScoreConfig, entries: Sequence[Entry] | None = None) -> dict[str, torch.Tensor]:
+    """Per target, the sum over all samples of Σ x_j² (wanda) or of |∂L_s/∂W| (wandg), on the owner only;
+    with `entries` (one per micro-batch) the passes start at their layer.
+
+    Every rank accumulates its own samples locally (fp32) and the sums are reduced to the owners once, as
+    data-parallel training reduces gradients: the traffic is one copy of the statistics per rank, whatever the
+    number of samples. wandg's accumulators are weight-sized; when all of them do not fit the memory budget
+    (`score_memory`), the targets are taken in rounds of consecutive Linears that fit, each round running the
+    passes again (its backward stops at the round's lowest Linear)."""
+    device = model_device(model)
+    batches = rank_batches(samples, config.batch_size, device)
+    if config.method != "wandg":
+        return _accumulate(model, targets, batches, entries, with_grads=False)
+    rounds = accumulation_rounds(targets, score_memory_budget(config, device))
+    if distributed.is_main():
+        log.info("wandg: %d accumulator round%s of at most %.2f GiB per rank (%.2f GiB for all %d Linears)",
+                 len(rounds), "" if len(rounds) == 1 else "s",
+                 max(accumulator_bytes(group) for group in rounds) / 2**30, accumulator_bytes(targets) / 2**30,
+                 len(targets))
+    owned: dict[str, torch.Tensor] = {}
+    for group in rounds:
+        owned.update(_accumulate(model, group, batches, entries, with_grads=True))
+    return owned
+
+
+def accumulator_bytes(targets: Sequence[Target]) -> int:
+    return sum(FP32_BYTES * math.prod(target.shape) for target in targets)
+
+
+def accumulation_rounds(targets: Sequence[Target], budget: int) -> list[list[Target]]:
+    """One round when all the sums fit `budget` bytes; else consecutive targets whose sums fit what the budget leaves
+    beside the owned sums that earlier rounds leave on a rank (a Linear larger than that gets a round of its own).
+    The same on every rank."""
+    if accumulator_bytes(targets) <= budget:
+        return [list(targets)]
+    owned = max(accumulator_bytes([target for target in targets if target.owner == rank])
+                for rank in {target.owner for target in targets})
+    rounds: list[list[Target]] = [[]]
+    for target in targets:
+        if rounds[-1] and accumulator_bytes(rounds[-1] + [target]) > budget - owned:
+            rounds.append([])
+        rounds[-1].append(target)
+    return rounds
+
+
+def score_memory_budget(config: ScoreConfig, device: torch.device) -> int:
+    """Bytes for wandg's local accumulators: `score_memory`, or half of what this rank can still allocate; the
+    smallest over the ranks, so that every rank runs the same rounds."""
+    budget = config.score_memory
+    if budget is None:
+        budget = int(AUTO_MEMORY_FRACTION * distributed.available_memory(device))
+    return min(distributed.all_gather(budget))
+
+
+def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[MicroBatch],
+                entries: Sequence[Entry] | None, with_grads: bool) -> dict[str, torch.Tensor]:
+    """All of this rank's passes with local fp32 sums for `targets`, then one reduce of each sum to its owner."""
+    device = model_device(model)
+    capture = LinearCapture(targets, with_grads)
+    sums = {target.name: torch.zeros(target.shape if with_grads else target.shape[1], device=device)
+            for target in targets}
+    try:
+        with scoring_mode(model):
+            for index, batch in enumerate(distributed.progress(batches, desc="wandg passes" if with_grads
+                                                               else "wanda passes", leave=False)):
+                capture.clear()
+                run_batch(model, batch, with_grads, None if entries is None else entries[index])
+                for target in targets:
+                    if with_grads:
+                        _add_sample_gradients(sums[target.name], capture, target.name, batch)
+                    else:
+                        sums[target.name] += squared_input_sum(capture.inputs[target.name], batch.response_rows)
+    finally:
+        capture.close()
+    return reduce_to_owners(sums, targets)
+
+
+def _add_sample_gradients(total: torch.Tensor, capture: LinearCapture, name: str, batch: MicroBatch) -> None:
+    """`total` += Σ over the batch's real samples of |∂L_s/∂W| (the gradient is None when the loss does not
+    depend on the Linear)."""
+    output_grad = capture.output_grads.get(name)
+    if output_grad is None:
+        return
+    for row in batch.real.nonzero().flatten().tolist():
+        total += abs_weight_gradient(capture.inputs[name][row], output_grad[row])
+
+
+def reduce_to_owners(sums: dict[str, torch.Tensor], targets: Sequence[Target]) -> dict[str, torch.Tensor]:
+    """Each target's sum over the ranks, on its owner (the others' copies are dropped): the reduces are issued
+    together and overlap."""
+    reduce_each_to_owner([(sums[target.name], target.owner) for target in targets])
+    return {target.name: sums[target.name] for target in targets if target.mine}
+
+
+def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
+    """Uniform scores that depend only on (seed, parameter index, stream), so every world size draws the same."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + target.index * 2 + stream)
+    return torch.rand(target.shape, generator=generator)
+
+
+def score_targets(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample] | None,
+                  config: ScoreConfig, stream: int = 0, entries: Sequence[Entry] | None = None) -> dict[str, torch.Tensor]:
+    """float32 scores of the targets this rank owns; NaN/inf is an error that names the parameter."""
+    if config.method == "random":
+        return {target.name: random_scores(target, config.seed, stream) for target in targets if target.mine}
+    statistics = collect_statistics(model, targets, samples, config, entries)
+    scores: dict[str, torch.Tensor] = {}
+    problems: list[tuple[int, str]] = []
+    for target in targets:
+        weight = weight_on_owner(target.weight, target.owner)
+        if weight is None:
+            continue
+        magnitude = weight.float().abs()
+        statistic = statistics.pop(target.name)  # freed as we go: scores replace accumulators
+        if config.method == "wanda":
+            score = magnitude * torch.sqrt(statistic / len(samples)).reshape(1, -1)
+        else:
+            score = magnitude * statistic
+        if not torch.isfinite(magnitude).all():
+            problems.append((0, f"parameter {target.name} has NaN or inf weights; its score is not finite"))
+        elif not torch.isfinite(score).all():
+            problems.append((1, f"the {config.method} score of parameter {target.name} is not finite "
+                                f"(NaN or inf in its activations or gradients)"))
+        scores[target.name] = score.cpu()
+    raise_first_problem(problems)
+    return scores
+
+
+def raise_first_problem(problems: list[tuple[int, str]]) -> None:
+    """Collective: raise the most telling problem of any rank (a bad weight before its downstream effects)."""
+    reports = [problem for rank_problems in distributed.all_gather(problems) for problem in rank_problems]
+    if reports:
+        raise SafeneuronsError(min(reports)[1])

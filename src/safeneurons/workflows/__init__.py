@@ -1,0 +1,1 @@
+"""Workflows that chain stages: the pipeline study, the ablation sweep, and the memory plan."""

@@ -1,0 +1,82 @@
+"""A study's stages: each runs once per settings fingerprint (resumable) and records its outputs."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from safeneurons.runtime import distributed
+from safeneurons.runtime.resume import matches, read_marker, write_marker
+from safeneurons.workflows.pipeline.settings import DONE_FILE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """One step of the study: its folder, the settings that decide its outputs, and the work."""
+
+    name: str
+    fingerprint: dict
+    work: Callable[[Path], None]
+    outputs: Callable[[Path], list[Path]] = lambda folder: []  # what must exist for the stage to count as done
+
+
+def has_masks(folder: Path) -> Path:
+    """The mask file (or the index of sharded masks) a score stage writes."""
+    from safeneurons.masks.io import INDEX_FILE, MASKS_FILE
+
+    return folder / (INDEX_FILE if (folder / INDEX_FILE).is_file() else MASKS_FILE)
+
+
+def model_files(folder: Path) -> list[Path]:
+    from safeneurons.runtime.checkpoints import INDEX_FILE, WEIGHTS_FILE
+
+    return [folder / "config.json", folder / (INDEX_FILE if (folder / INDEX_FILE).is_file() else WEIGHTS_FILE)]
+
+
+def stage_done(folder: Path, fingerprint: dict, outputs: Sequence[Path] = ()) -> bool:
+    """Finished with these settings and every output still there (a deleted output reruns the stage)."""
+    finished = matches(read_marker(folder / DONE_FILE), fingerprint)
+    missing = [path for path in outputs if not path.exists()]
+    if finished and missing:
+        log.warning("stage %s finished earlier but %s is missing: running it again", folder.name, missing[0])
+    return finished and not missing
+
+
+def run_stage(stage: Stage, results: Path, force: bool) -> bool:
+    """Run a stage on every rank unless rank 0 finds it finished with the same settings. True if it ran."""
+
+    folder = results / stage.name
+    finished = not force and distributed.is_main() and stage_done(folder, stage.fingerprint, stage.outputs(folder))
+    done = distributed.broadcast_from_main(finished)
+    if done:
+        log.info("stage %s: finished earlier with the same settings, skipped (--force redoes it)", stage.name)
+        return False
+    if distributed.is_main():
+        (folder / DONE_FILE).unlink(missing_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    started = time.perf_counter()
+    log.info("stage %s: running", stage.name)
+    stage.work(folder)
+    distributed.barrier()
+    if distributed.is_main():
+        write_marker(folder / DONE_FILE, stage.fingerprint)
+    log.info("stage %s: done in %.1f s", stage.name, time.perf_counter() - started)
+    return True
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning of the study: an arm under an attack, its data ordered by a seed."""
+
+    attack: str
+    arm: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.attack}_{self.arm}_s{self.seed}"

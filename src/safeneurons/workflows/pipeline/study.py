@@ -1,0 +1,251 @@
+"""The study: score, fine-tune each arm under each attack and seed, re-score, compare, evaluate."""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from safeneurons.errors import SafeneuronsError
+from safeneurons.runtime import distributed
+from safeneurons.workflows.pipeline.report import write_final_outputs
+from safeneurons.workflows.pipeline.settings import ARM_MASK_STAGE, ARMS, DEFAULT_ZERO3, arm_options, check_inputs
+from safeneurons.workflows.pipeline.stages import Run, Stage, has_masks, model_files, run_stage
+
+if TYPE_CHECKING:
+    from safeneurons.workflows.pipeline.settings import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+class Study:
+    """The stages of one pipeline run, in order, and where their outputs live."""
+
+    def __init__(self, settings: PipelineConfig, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+        self.results = Path(settings.results_path)
+        self.models = Path(settings.save_path)
+        self.arms = [arm for arm in ARMS if arm != "random_frozen" or settings.random_control]
+        self.arms += list(settings.extensions)
+        self.runs = [Run(attack, arm, seed) for attack in settings.attack_list for arm in self.arms[1:]
+                     for seed in settings.seed_list]
+        # the run whose safety-frozen model is re-scored and compared (the original extension's outputs)
+        self.reference = (settings.attack_list[0], settings.seed_list[0])
+
+    def masks_of(self, stage: str) -> Path:
+        return self.results / stage  # a folder: masks.safetensors, or shards and their index under N ranks
+
+    def model_of(self, run: Run | None) -> str:
+        return self.settings.model if run is None else str(self.models / run.key)
+
+    def reference_run(self, arm: str) -> Run:
+        return Run(self.reference[0], arm, self.reference[1])
+
+    def attack_data(self, attack: str) -> str:
+        return self.settings.training_data if attack == "benign" else self.settings.harmful_training_data
+
+    def score_config(self, method: str, set_difference: bool = False):
+        from safeneurons.scores.config import ScoreConfig
+
+        s = self.settings
+        extra = dict(utility_data=s.utility_data, q=s.setdiff_q or s.sparsity_ratio,
+                     p=s.setdiff_p or s.sparsity_ratio) if set_difference else {}
+        return ScoreConfig(method=method, data=s.prune_data, sparsity_ratio=s.sparsity_ratio, nsamples=s.nsamples,
+                           seed=s.seed, max_length=s.max_length, data_dir=s.data_dir, batch_size=s.score_batch_size,
+                           add_eos=s.add_eos, **extra)
+
+    def score(self, model_name: str, method: str, set_difference: bool = False) -> Callable[[Path], None]:
+        def work(folder: Path) -> None:
+            from safeneurons.models.loading import load_for_inference
+            from safeneurons.scores.outputs import write_score_outputs
+            from safeneurons.scores.schedules import score_model
+
+            loaded = load_for_inference(model_name, self.settings.dtype, None, self.settings.cache_dir, self.device)
+            result = score_model(loaded.model, loaded.tokenizer, self.score_config(method, set_difference))
+            result.summary.update(model=model_name)
+            write_score_outputs(result, folder, save_scores=False)
+
+        return work
+
+    def finetune(self, run: Run) -> Callable[[Path], None]:
+        def work(folder: Path) -> None:
+            from safeneurons.finetune.api import fine_tune
+            from safeneurons.finetune.config import REPORT_FILE, FineTuneConfig
+            from safeneurons.finetune.resume import run_settings
+            from safeneurons.runtime.outputs import write_json
+
+            s = self.settings
+            deepspeed = s.deepspeed
+            if deepspeed is None and distributed.world_size() > 1:
+                deepspeed = str(write_json(folder / "ds_config.json", DEFAULT_ZERO3)) if distributed.is_main() else None
+                deepspeed = distributed.broadcast_from_main(deepspeed)
+            checkpoints = folder / "checkpoints"
+            curve = dict(eval_every=s.eval_every, eval_prompts=s.harmful_data, eval_limit=s.curve_limit,
+                         eval_max_new_tokens=s.curve_max_new_tokens) if s.eval_every else {}
+            config = FineTuneConfig(data=self.attack_data(run.attack), save_path=self.model_of(run),
+                                    num_epochs=s.num_epochs, learning_rate=s.learning_rate, batch_size=s.batch_size,
+                                    max_length=s.max_length, seed=run.seed, dtype=s.dtype, deepspeed=deepspeed,
+                                    data_dir=s.data_dir, nsamples=s.finetune_nsamples, cache_dir=s.cache_dir,
+                                    add_eos=s.add_eos, checkpoint_dir=str(checkpoints), save_every=s.save_every,
+                                    **curve, **arm_options(run.arm, s))
+            mask_stage = ARM_MASK_STAGE[run.arm]
+            masks = None if mask_stage is None else self.masks_of(mask_stage)
+            config.resume = resumable(checkpoints, run_settings(config, masks))
+            report = fine_tune(s.model, masks, config)
+            if distributed.is_main():
+                write_json(folder / REPORT_FILE, report.to_json())
+                shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: they have served
+
+        return work
+
+    def outputs_of(self, stage: str) -> Callable[[Path], list[Path]]:
+        if stage.startswith("finetune_"):
+            return lambda folder: [*model_files(self.models / stage[len("finetune_"):]), folder / "freeze_report.json"]
+        if stage.startswith("eval_"):
+            return lambda folder: [folder / "eval.json"]
+        if stage == "compare":
+            return lambda folder: [folder / "analysis_summary.json"]
+        return lambda folder: [has_masks(folder)]
+
+    def compare(self, folder: Path) -> None:
+        from safeneurons.analysis.compare import compare_masks, weight_drift, write_comparison
+
+        cache_dir = self.settings.cache_dir
+        comparison = compare_masks(self.masks_of("score"), self.masks_of("rescore"), None,
+                                   self.model_of(None), self.model_of(self.reference_run("safety_frozen")), cache_dir)
+        drift = {arm: weight_drift(self.model_of(None), self.model_of(self.reference_run(arm)),
+                                   self.masks_of(ARM_MASK_STAGE[arm] or "score"), cache_dir=cache_dir)
+                 for arm in self.arms[1:]}
+        if comparison is None:
+            return
+        metadata = {**run_metadata(self.settings), "arms_weight_drift": {arm: stats.to_json()
+                                                                          for arm, stats in drift.items()}}
+        write_comparison(comparison, folder, metadata)
+
+    def evaluate(self, run: Run | None) -> Callable[[Path], None]:
+        def work(folder: Path) -> None:
+            from safeneurons.evaluation.evaluate import evaluate_model, load_judges
+            from safeneurons.models.loading import load_for_inference
+            from safeneurons.runtime.outputs import write_json
+
+            s, config = self.settings, self.eval_config()
+            zero3 = self.zero3_config()
+            loaded = load_for_inference(self.model_of(run), s.dtype, zero3, s.cache_dir, self.device)
+            judges = load_judges(config, s.dtype, zero3, s.cache_dir, self.device)
+            report = evaluate_model(loaded.model, loaded.tokenizer, config, self.model_of(run), judges)
+            if report is not None:
+                write_json(folder / "eval.json", report.to_json())
+
+        return work
+
+    def eval_config(self):
+        from safeneurons.evaluation.evaluate import EvalConfig
+
+        s = self.settings
+        return EvalConfig(prompts=s.harmful_data, limit=s.eval_limit, harmless=s.harmless_data,
+                          harmless_limit=s.eval_limit, perplexity_data=s.perplexity_data,
+                          perplexity_samples=s.perplexity_samples, max_new_tokens=s.max_new_tokens,
+                          batch_size=s.eval_batch_size, max_length=s.max_length, seed=s.seed + 1,
+                          data_dir=s.data_dir, add_eos=s.add_eos,
+                          judges=tuple(name.strip() for name in s.judge.split(",") if name.strip()),
+                          judge_models=(s.judge_model,) if s.judge_model else ())
+
+    def zero3_config(self) -> str | dict | None:
+        """The fine-tuning's ZeRO-3 config, so that evaluation runs partitioned under the same launch (None when
+        fine-tuning does not partition the model)."""
+        from safeneurons.runtime.dsconfig import read_config, zero_stage
+
+        if self.settings.deepspeed is not None:
+            return self.settings.deepspeed if zero_stage(read_config(self.settings.deepspeed)) == 3 else None
+        return DEFAULT_ZERO3 if distributed.world_size() > 1 else None
+
+    def stages(self) -> list[Stage]:
+        s = asdict(self.settings)
+        scoring = {key: s[key] for key in ("model", "prune_method", "prune_data", "sparsity_ratio", "nsamples",
+                                           "max_length", "seed", "dtype", "data_dir", "add_eos")}
+        training = {**scoring, **{key: s[key] for key in ("num_epochs", "learning_rate", "batch_size",
+                                                          "finetune_nsamples", "deepspeed", "save_path",
+                                                          "eval_every", "curve_limit", "curve_max_new_tokens",
+                                                          "harmful_data")}}
+        evaluation = {key: s[key] for key in ("harmful_data", "eval_limit", "harmless_data", "perplexity_data",
+                                              "perplexity_samples", "max_new_tokens", "seed", "max_length", "judge",
+                                              "judge_model")}
+        setdiff = {**scoring, **{key: s[key] for key in ("utility_data", "setdiff_q", "setdiff_p")}}
+
+        def trained(run: Run) -> dict:
+            return {**training, "data": self.attack_data(run.attack), "arm": run.arm, "run_seed": run.seed,
+                    **(setdiff if run.arm == "setdiff_frozen" else {}), **arm_options(run.arm, self.settings)}
+
+        stages = [Stage("score", scoring, self.score(self.settings.model, self.settings.prune_method))]
+        if "setdiff_frozen" in self.arms:
+            stages.append(Stage("score_setdiff", setdiff, self.score(self.settings.model, self.settings.prune_method,
+                                                                     set_difference=True)))
+        if self.settings.random_control:
+            stages.append(Stage("score_random", {**scoring, "method": "random"},
+                                self.score(self.settings.model, "random")))
+        stages += [Stage(f"finetune_{run.key}", trained(run), self.finetune(run)) for run in self.runs]
+        reference = trained(self.reference_run("safety_frozen"))
+        stages.append(Stage("rescore", reference, self.score(self.model_of(self.reference_run("safety_frozen")),
+                                                             self.settings.prune_method)))
+        stages.append(Stage("compare", {**reference, "arms": self.arms}, self.compare))
+        stages.append(Stage("eval_base", {**scoring, **evaluation}, self.evaluate(None)))
+        stages += [Stage(f"eval_{run.key}", {**trained(run), **evaluation}, self.evaluate(run)) for run in self.runs]
+        for stage in stages:
+            stage.outputs = self.outputs_of(stage.name)
+        return stages
+
+
+def resumable(checkpoints: Path, settings: dict) -> bool:
+    """Whether an interrupted fine-tuning stage left a checkpoint of this very run (collective): resume from it.
+    A checkpoint of other settings is removed."""
+    from safeneurons.finetune.resume import check_resume
+
+    usable = None
+    if distributed.is_main() and checkpoints.is_dir():
+        try:
+            check_resume(checkpoints, settings, ())
+            usable = True
+        except SafeneuronsError as why:
+            log.warning("old checkpoints in %s are not this run's (%s): starting afresh", checkpoints, why)
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    usable = distributed.broadcast_from_main(bool(usable))
+    if usable:
+        log.info("resuming the interrupted fine-tuning from %s", checkpoints)
+    return usable
+
+
+def run_metadata(settings: PipelineConfig) -> dict:
+    """The original extension's run keys of analysis_summary.json."""
+    return {"prune_method": settings.prune_method, "prune_data": settings.prune_data,
+            "sparsity_ratio": settings.sparsity_ratio, "training_data": settings.training_data,
+            "num_epochs": settings.num_epochs, "learning_rate": settings.learning_rate}
+
+
+def choose_device(settings: PipelineConfig, context: distributed.DistContext) -> torch.device:
+    if context.world_size > 1 or not settings.device.startswith("cuda"):
+        return context.device if context.world_size > 1 else torch.device(settings.device)
+    if not torch.cuda.is_available():
+        log.warning("--device %s asked for but CUDA is not available: running on the CPU", settings.device)
+        return torch.device("cpu")
+    return torch.device(settings.device)
+
+
+def run_study(settings: PipelineConfig, force: bool = False) -> dict | None:
+    """Every stage in order (skipping finished ones), then the summary files; the summary on rank 0."""
+    context = distributed.init_distributed()
+    study = Study(settings, choose_device(settings, context))
+    for stage in study.stages():
+        run_stage(stage, study.results, force)
+    if not distributed.is_main():
+        return None
+    return write_final_outputs(study)
+
+
+def run_pipeline(settings: PipelineConfig, force: bool = False) -> dict | None:
+    """The whole study after its inputs are checked (collective); the summary on rank 0."""
+    check_inputs(settings)
+    return run_study(settings, force)

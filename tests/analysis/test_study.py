@@ -1,0 +1,90 @@
+"""Issue 14's study: the refusal curve during fine-tuning, estimates over seeds, the verdict, the attack data."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from safeneurons import cli, demo
+from safeneurons.analysis.study import Estimate, aggregate_arm, estimate, verdict
+from safeneurons.data.samples import load_prompts
+from safeneurons.evaluation.generation import Decoding, generate
+from safeneurons.evaluation.metrics import refusal_rate
+from safeneurons.evaluation.refusal_curve import steps_until_halved
+from safeneurons.models.loading import load_model, load_tokenizer
+
+
+def test_harmful_sft_is_a_hundred_compliant_answers_disjoint_from_the_held_out_prompts():
+    attack = demo.dataset("harmful-sft")
+    held_out = {example.prompt for example in demo.dataset("harmful")}
+    assert len(attack) == demo.HARMFUL_SFT_SIZE == 100
+    assert all(example.response.startswith(" Sure, here is how to") for example in attack)
+    assert not any(instruction in example.prompt for example in attack for instruction in held_out)
+    verbs = {verb for verb in demo.HARMFUL_VERBS if any(verb in example.prompt for example in attack)}
+    assert len(verbs) > 5  # many kinds of harm, not one
+
+
+def test_refusal_curve_is_recorded_at_the_requested_steps_and_ends_at_the_final_evaluation(tmp_path):
+    """demo-chat fine-tuned on the harmful attack for 5 steps, the curve every 2: steps 0, 2, 4 and 5; the last
+    point is the refusal rate of the saved model's greedy generations on the same prompts."""
+    args = ["finetune", "--model", "demo", "--data", "demo-harmful-sft", "--nsamples", "40", "--batch-size", "8",
+            "--max-length", "64", "--learning-rate", "1e-3", "--max-steps", "5", "--eval-every", "2",
+            "--eval-prompts", "demo-harmful", "--eval-limit", "12", "--eval-max-new-tokens", "10",
+            "--save-path", str(tmp_path / "out")]
+    assert cli.main(args) == 0
+    curve = json.loads((tmp_path / "out" / "freeze_report.json").read_text())["refusal_curve"]
+    assert [point["step"] for point in curve] == [0, 2, 4, 5]
+    tokenizer = load_tokenizer("demo")
+    prompts = load_prompts("demo-harmful", tokenizer, 12)
+    before = refusal_rate([texts[0] for texts in generate(load_model("demo"), tokenizer, prompts, Decoding(10))])
+    after = refusal_rate([texts[0] for texts in generate(load_model(str(tmp_path / "out")), tokenizer, prompts,
+                                                         Decoding(10))])
+    assert curve[0]["refusal_rate"] == before and curve[-1]["refusal_rate"] == after
+
+
+def test_estimate_is_the_student_t_interval_of_the_mean():
+    values = [0.2, 0.5, 0.35]
+    mean = sum(values) / 3
+    sd = math.sqrt(sum((value - mean) ** 2 for value in values) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, 2)
+    found = estimate(values)
+    assert found.mean == pytest.approx(mean) and found.n == 3
+    assert (found.low, found.high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert estimate([0.4]) == Estimate(0.4, None, None, 1) and estimate([None]).mean is None
+
+
+def test_steps_until_halved_and_the_mean_curve_over_seeds():
+    curves = [[{"step": 0, "refusal_rate": 1.0}, {"step": 2, "refusal_rate": 0.6}, {"step": 4, "refusal_rate": 0.2}],
+              [{"step": 0, "refusal_rate": 0.8}, {"step": 2, "refusal_rate": 0.4}, {"step": 4, "refusal_rate": 0.4}]]
+    assert [steps_until_halved(curve) for curve in curves] == [4, 2]
+    assert steps_until_halved([{"step": 0, "refusal_rate": 1.0}, {"step": 3, "refusal_rate": 0.9}]) is None
+    rows = [{"refusal_rate": 0.2, "asr": 0.7, "harmless_refusal_rate": 0.0, "perplexity": 3.0, "refusal_curve": c}
+            for c in curves]
+    result = aggregate_arm(rows)
+    assert [point["step"] for point in result["curve"]] == [0, 2, 4]
+    assert result["curve"][1]["mean"] == pytest.approx(0.5)
+    assert result["steps_until_halved"]["mean"] == 3 and result["halved_in"] == 2
+    assert result["per_seed"]["asr"] == [0.7, 0.7]
+
+
+def _arm(values: list[float]) -> dict:
+    rows = [{"refusal_rate": value, "asr": 1 - value, "harmless_refusal_rate": 0.0, "perplexity": 2.0}
+            for value in values]
+    return aggregate_arm(rows)
+
+
+def test_verdict_quotes_intervals_and_says_when_arms_are_not_distinguishable():
+    base = {"refusal_rate": 1.0}
+    apart = {"harmful": {"plain": _arm([0.0, 0.05, 0.1]), "safety_frozen": _arm([0.8, 0.85, 0.9]),
+                         "random_frozen": _arm([0.0, 0.1, 0.05])}}
+    text = verdict(apart, base)
+    assert "harmful attack (3 seeds" in text and "safety-frozen 0.85 (" in text
+    assert "Safety-frozen keeps more refusal than plain" in text
+    assert "safety-frozen is distinguishable from the random control" in text
+    together = {"benign": {"plain": _arm([0.1, 0.5, 0.3]), "safety_frozen": _arm([0.2, 0.6, 0.3]),
+                           "random_frozen": _arm([0.3, 0.4, 0.2])}}
+    text = verdict(together, base)
+    assert "not distinguishable from plain" in text and "not distinguishable from the random control" in text
+    unchanged = {"benign": {"plain": _arm([1.0, 1.0, 0.98]), "safety_frozen": _arm([1.0, 1.0, 1.0])}}
+    assert "cannot show whether freezing helps" in verdict(unchanged, base)

@@ -1,0 +1,66 @@
+"""The console script: help, option spelling, DeepSpeed's --local_rank, one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from helpers import REPO
+from safeneurons.cli import STAGES, normalize_option_spelling
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "safeneurons.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_help_lists_every_stage():
+    result = _cli("--help")
+    assert result.returncode == 0
+    assert all(name in result.stdout for name in STAGES)
+
+
+def test_option_spelling_and_local_rank_are_normalised():
+    argv = ["pipeline", "--prune_method", "wandg", "--sparsity_ratio=0.1", "--local_rank=3", "--data",
+            "my_file.csv", "--local-rank", "2", "--results_path", "x"]
+    assert normalize_option_spelling(argv) == ["pipeline", "--prune-method", "wandg", "--sparsity-ratio=0.1",
+                                               "--data", "my_file.csv", "--results-path", "x"]
+
+
+def test_errors_are_one_line_with_exit_code_two(tmp_path):
+    result = _cli("demo-model")
+    assert result.returncode == 2 and "--out" in result.stderr
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(["safeneurons", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "rank=0 world_size=1" in result.stdout
+
+
+def test_plan_json_prints_only_json_on_stdout():
+    """No library banner (DeepSpeed's accelerator warning) before the JSON: `plan --json | python -m json.tool`."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "safeneurons.cli", "plan", "--model", "demo", "--nodes", "1",
+                             "--gpus-per-node", "1", "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["model"]["name"] == "demo"
+
+
+def test_every_option_with_a_default_states_it():
+    import argparse
+
+    from safeneurons import cli
+
+    missing = []
+    for name in cli.STAGES:
+        parser = cli.build_parser(name)
+        sub = parser._subparsers._group_actions[0].choices[name]
+        for action in sub._actions:
+            if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction,
+                                                                 argparse._StoreFalseAction)):
+                continue
+            if action.default not in (None, [], ()) and "default" not in (action.help or ""):
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert not missing, missing

@@ -1,0 +1,241 @@
+"""The pipeline: settings resolution, the verdict, and the whole study end to end on the demo model (1 and 2 ranks)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import run_ranks
+from safeneurons import cli
+from safeneurons.cli.pipeline import config_from_args
+from safeneurons.models.loading import demo_model_dir
+from safeneurons.workflows.pipeline.settings import ARMS, ATTACKS, DONE_FILE, PipelineConfig
+
+SMALL = ["--sparsity-ratio", "0.05", "--nsamples", "8", "--finetune-nsamples", "16", "--num-epochs", "1",
+         "--eval-limit", "6", "--perplexity-samples", "4", "--max-new-tokens", "40", "--eval-every", "2",
+         "--curve-limit", "6", "--curve-max-new-tokens", "8", "--seeds", "0,1"]
+ONE_RUN = ["--seeds", "0", "--attacks", "benign"]  # later options win: the first seed of the benign attack only
+ORIGINAL_KEYS = {"original_safety_critical_count": int, "new_safety_critical_count": int, "total_neurons": int,
+                 "prune_method": str, "prune_data": str, "sparsity_ratio": float, "training_data": str,
+                 "num_epochs": int, "learning_rate": float}
+RUNS = [f"{attack}_{arm}_s{seed}" for attack in ATTACKS for arm in ARMS[1:] for seed in (0, 1)]
+STAGES = ["score", "score_setdiff", "score_random", *(f"finetune_{run}" for run in RUNS), "rescore", "compare",
+          "eval_base", *(f"eval_{run}" for run in RUNS)]
+
+
+def _settings(*argv: str) -> PipelineConfig:
+    return config_from_args(cli.build_parser("pipeline").parse_args(cli.normalize_option_spelling(["pipeline", *argv])))
+
+
+def test_no_arguments_on_a_cpu_machine_run_the_demo_profile():
+    settings = _settings()
+    assert (settings.model, settings.profile, settings.prune_data, settings.training_data) == (
+        "demo", "demo", "demo-align", "demo-utility")
+    assert (settings.prune_method, settings.sparsity_ratio, settings.seed, settings.results_path) == (
+        "wandg", 0.1, 42, "./results")
+
+
+def test_an_explicit_model_keeps_the_original_defaults_and_given_options_win(tmp_path):
+    settings = _settings("--model", str(tmp_path), "--num_epochs", "1", "--harmless-data", "none")
+    assert (settings.profile, settings.prune_data, settings.training_data, settings.learning_rate) == (
+        "original", "align", "alpaca_cleaned_no_safety", 2e-5)
+    assert (settings.num_epochs, settings.batch_size, settings.max_length, settings.cache_dir) == (
+        1, 4, 512, "llm_weights")
+    assert settings.harmless_data is None
+
+
+def test_bad_settings_are_one_clear_error():
+    with pytest.raises(Exception, match="sparsity-ratio"):
+        _settings("--sparsity-ratio", "1.5")
+
+
+def _pipeline_args(root: Path, *extra: str) -> list[str]:
+    return ["pipeline", "--results-path", str(root / "results"), "--save-path", str(root / "models"), *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    assert cli.main(_pipeline_args(root)) == 0
+    return root
+
+
+def _check_summary(results: Path, arms: list[str]) -> dict:
+    summary = json.loads((results / "analysis_summary.json").read_text())
+    assert all(isinstance(summary[key], kind) for key, kind in ORIGINAL_KEYS.items()), summary
+    assert (summary["prune_method"], summary["prune_data"], summary["training_data"]) == (
+        "wandg", "demo-align", "demo-utility")
+    assert summary["original_safety_critical_count"] == summary["new_safety_critical_count"] > 0
+    assert list(summary["arms"]) == arms
+    for row in summary["arms"].values():
+        assert 0.0 <= row["refusal_rate"] <= 1.0 and 0.0 <= row["asr"] <= 1.0 and row["perplexity"] >= 1.0
+    assert summary["arms"]["base"]["refusal_rate"] >= 0.8  # demo-chat refuses the harmful prompts
+    return summary
+
+
+def _frozen_entries_unchanged(root: Path, arm: str, mask_file: str | None) -> None:
+    base = load_file(demo_model_dir() / "model.safetensors")
+    tuned = load_file(root / "models" / f"benign_{arm}_s0" / "model.safetensors")
+    masks = torch.load(root / "results" / mask_file, weights_only=True) if mask_file else None
+    stage = {"safety_frozen": "score", "setdiff_frozen": "score_setdiff", "random_frozen": "score_random"}[arm]
+    from safeneurons.masks.io import load_masks
+
+    masks = masks or load_masks(root / "results" / stage)
+    moved_free = 0
+    for name, mask in masks.items():
+        assert torch.equal(base[name][mask], tuned[name][mask]), name
+        moved_free += int((base[name][~mask] != tuned[name][~mask]).sum())
+    assert moved_free > 0  # the free weights did train
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_the_demo_model(single_run):
+    results = single_run / "results"
+    summary = _check_summary(results, list(ARMS))
+    for name in ("original_safety_masks.pt", "new_safety_masks.pt", "report.md", "arms.png", "curves.png",
+                 "compare/overlap_per_layer.png"):
+        assert (results / name).is_file(), name
+    _check_study(results, summary)
+    original = torch.load(results / "original_safety_masks.pt", weights_only=True)
+    assert sum(int(mask.sum()) for mask in original.values()) == summary["original_safety_critical_count"]
+    assert all(mask.dtype == torch.bool for mask in original.values())
+    _frozen_entries_unchanged(single_run, "safety_frozen", "original_safety_masks.pt")
+    _frozen_entries_unchanged(single_run, "random_frozen", None)
+    _frozen_entries_unchanged(single_run, "setdiff_frozen", None)
+    assert summary["arms"]["safety_frozen"]["max_abs_change_frozen"] == 0.0
+    assert summary["arms_weight_drift"]["safety_frozen"]["max_abs_change_frozen"] == 0.0
+    report = (results / "report.md").read_text()
+    assert "## Arms" in report
+    plain = next(line for line in report.splitlines() if line.startswith("| plain |")).split(" | ")
+    assert plain[5:7] == ["–", "–"] and float(plain[7].rstrip(" |")) > 0  # nothing frozen; the safety set moved
+
+
+def _check_study(results: Path, summary: dict) -> None:
+    """Both attacks, every fine-tuned arm, two seeds: the curves at steps 0, 2, 4 (their last point the run's end),
+    the intervals computed from the per-seed values, and the seeds ordering the data differently."""
+    from safeneurons.analysis.study import estimate
+
+    study = summary["study"]
+    assert study["seeds"] == [0, 1] and list(study["attacks"]) == list(ATTACKS)
+    for attack, arms in study["attacks"].items():
+        assert list(arms) == list(ARMS[1:])
+        for arm, result in arms.items():
+            assert result["seeds"] == 2 and [point["step"] for point in result["curve"]] == [0, 2, 4]
+            for metric in ("refusal_rate", "asr", "perplexity"):
+                assert result[metric] == {**estimate(result["per_seed"][metric]).__dict__}, (attack, arm, metric)
+    losses = [json.loads((results / f"finetune_benign_plain_s{seed}" / "freeze_report.json").read_text())["loss_curve"]
+              for seed in (0, 1)]
+    assert losses[0] != losses[1]  # the seed orders the fine-tuning data
+    report = (results / "report.md").read_text()
+    assert "## The study" in report and "steps until refusal halves" in report and "curves.png" in report
+    assert "harmful attack (2 seeds" in summary["verdict"]
+
+
+@pytest.mark.slow
+def test_rerun_with_the_same_arguments_skips_finished_stages(single_run):
+    results = single_run / "results"
+    before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    outputs = (results / "eval_benign_plain_s0" / "eval.json").stat().st_mtime_ns
+    assert cli.main(_pipeline_args(single_run)) == 0
+    assert {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES} == before
+    assert (results / "eval_benign_plain_s0" / "eval.json").stat().st_mtime_ns == outputs
+    assert (results / "analysis_summary.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pipeline_under_two_ranks(single_run, tmp_path):
+    result = run_ranks(["safeneurons.cli", *_pipeline_args(tmp_path, "--no-random-control", *ONE_RUN)], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tmp_path / "results"
+    summary = _check_summary(results, ["base", "plain", "safety_frozen", "setdiff_frozen"])
+    _frozen_entries_unchanged(tmp_path, "safety_frozen", "original_safety_masks.pt")
+    report = json.loads((results / "finetune_benign_safety_frozen_s0" / "freeze_report.json").read_text())
+    one_rank = json.loads((single_run / "results" / "finetune_benign_safety_frozen_s0" / "freeze_report.json")
+                          .read_text())
+    # 16 samples, 4 per rank and step: 2 steps
+    assert report["world_size"] == 2 and [p["step"] for p in report["refusal_curve"]] == [0, 2]
+    assert report["refusal_curve"][0] == one_rank["refusal_curve"][0]  # the same model before training
+    one_rank = torch.load(single_run / "results" / "original_safety_masks.pt", weights_only=True)
+    two_ranks = torch.load(results / "original_safety_masks.pt", weights_only=True)
+    assert one_rank.keys() == two_ranks.keys()
+    assert all(torch.equal(one_rank[name], two_ranks[name]) for name in one_rank)  # scoring is rank-invariant
+    base_one_rank = json.loads((single_run / "results" / "analysis_summary.json").read_text())["arms"]["base"]
+    base_two_ranks = summary["arms"]["base"]
+    assert base_two_ranks["perplexity"] == pytest.approx(base_one_rank.pop("perplexity"), rel=1e-9)  # sum order
+    assert {key: base_two_ranks[key] for key in base_one_rank} == base_one_rank  # split prompts, same generations
+
+
+@pytest.mark.slow
+def test_a_deleted_output_reruns_its_stage_only(single_run):
+    """A fine-tuned model folder removed after the run: only its fine-tuning stage runs again (the others are
+    skipped), and the model comes back bit for bit."""
+    results, model = single_run / "results", single_run / "models" / "benign_plain_s0"
+    weights = load_file(model / "model.safetensors")
+    before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    shutil.rmtree(model)
+    assert cli.main(_pipeline_args(single_run)) == 0
+    after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert [stage for stage in STAGES if after[stage] != before[stage]] == ["finetune_benign_plain_s0"]
+    again = load_file(model / "model.safetensors")
+    assert all(torch.equal(again[name], tensor) for name, tensor in weights.items())
+    assert not (results / "finetune_benign_plain_s0" / "checkpoints").exists()  # removed once the model was saved
+
+
+def test_fine_tuning_resumes_only_from_a_checkpoint_of_the_same_run(tmp_path, demo_tokenizer):
+    from helpers import make_tiny_llama
+    from safeneurons.finetune.config import FineTuneConfig
+    from safeneurons.finetune.resume import run_settings
+    from safeneurons.workflows.pipeline.study import resumable
+
+    model = make_tiny_llama(demo_tokenizer, seed=1)
+    model.save_pretrained(tmp_path / "m")
+    demo_tokenizer.save_pretrained(tmp_path / "m")
+    checkpoints = tmp_path / "ck"
+    assert cli.main(["finetune", "--model", str(tmp_path / "m"), "--data", "demo-utility", "--nsamples", "8",
+                     "--max-length", "32", "--batch-size", "4", "--checkpoint-dir", str(checkpoints),
+                     "--save-every", "1", "--save-path", str(tmp_path / "out")]) == 0
+    config = FineTuneConfig(data="demo-utility", nsamples=8, max_length=32, batch_size=4, seed=0)  # as the CLI
+    assert resumable(checkpoints, run_settings(config, None))
+    assert not resumable(checkpoints, run_settings(FineTuneConfig(**{**config.__dict__, "learning_rate": 1.0}), None))
+    assert not checkpoints.exists()  # another run's checkpoints are removed, not resumed from
+
+
+@pytest.mark.slow
+def test_extension_arms_join_a_finished_study(single_run):
+    """`--extension-arms all` on a finished run: only the new arms (and compare) run. LoRA protected keeps the
+    safety set bit for bit and plain LoRA does not; the partial freeze moves it less than plain fine-tuning;
+    dynamic freezing re-scored; the safety loss was recorded."""
+    from safeneurons.masks.io import load_masks
+    from safeneurons.workflows.pipeline.settings import EXTENSION_ARMS
+
+    results = single_run / "results"
+    before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert cli.main(_pipeline_args(single_run, "--extension-arms", "all", "--rescore-every", "2", *ONE_RUN)) == 0
+    after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert [stage for stage in STAGES if after[stage] != before[stage]] == ["compare"]
+    _check_summary(results, [*ARMS, *EXTENSION_ARMS])
+    base = load_file(demo_model_dir() / "model.safetensors")
+    masks = load_masks(results / "score")
+
+    def model(arm: str) -> dict[str, torch.Tensor]:
+        return load_file(single_run / "models" / f"benign_{arm}_s0" / "model.safetensors")
+
+    def report(arm: str) -> dict:
+        return json.loads((results / f"finetune_benign_{arm}_s0" / "freeze_report.json").read_text())
+
+    protected, lora = model("lora_protected"), model("lora_plain")
+    assert all(torch.equal(protected[name][mask], base[name][mask]) for name, mask in masks.items())
+    adapted = [name for name in masks if "q_proj" in name or "v_proj" in name]
+    assert adapted and all(not torch.equal(lora[name][masks[name]], base[name][masks[name]]) for name in adapted)
+
+    def mean_drift(weights: dict[str, torch.Tensor]) -> float:
+        return float(sum((weights[name][mask] - base[name][mask]).abs().sum() for name, mask in masks.items()))
+
+    assert 0.0 < mean_drift(model("partial_frozen")) < mean_drift(model("plain"))
+    assert [record["step"] for record in report("dynamic_frozen")["rescoring"]] == [2]
+    assert len(report("safety_loss")["safety_loss_curve"]) == report("safety_loss")["steps"] == 4
