@@ -30,9 +30,11 @@ ZERO3 = str(REPO / "ds_configs" / "zero3_inference.json")
 CONFIGS = (("1 rank", 1, False, "default"), ("2 ranks", 2, False, "default"), ("2 ranks, ZeRO-3", 2, True, "default"),
            ("ZeRO-3, large batch", 2, True, "large"))
 # The functions whose time is a stage's loop (its passes, matchings or generations), wrapped in the worker
-LOOPS = {"wanda": ("scoring.collect_statistics",), "wandg": ("scoring.collect_statistics",),
-         "patch": ("patching.ActivationPatcher.patch",), "trace": ("tracing.collect_shared", "tracing.match_layer"),
-         "eval": ("evaluate.generate_distributed",), "lowrank": ("lowrank._modify",)}
+# (named where the stage looks them up, so that the wrapper is what it calls)
+LOOPS = {"wanda": ("scores.statistics.collect_statistics",), "wandg": ("scores.statistics.collect_statistics",),
+         "patch": ("interp.patching.patcher.ActivationPatcher.patch",),
+         "trace": ("interp.tracing.trace.collect_shared", "interp.tracing.trace.match_layer"),
+         "eval": ("evaluation.evaluate.generate_distributed",), "lowrank": ("interventions.lowrank._modify",)}
 COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "gather", "scatter", "send",
                "isend", "all_to_all_single")
@@ -96,8 +98,11 @@ def time_loops(names: tuple[str, ...], elapsed: list[float]) -> None:
     import importlib
 
     for name in names:
-        module_name, *path = name.split(".")
-        owner = importlib.import_module(f"safeneurons.{module_name}")
+        parts = name.split(".")
+        split = len(parts) - 1  # the longest prefix that is a module; the rest are attributes
+        while not (REPO / "src" / "safeneurons" / Path(*parts[:split])).with_suffix(".py").is_file():
+            split -= 1
+        owner, path = importlib.import_module(".".join(["safeneurons", *parts[:split]])), parts[split:]
         for part in path[:-1]:
             owner = getattr(owner, part)
         original = getattr(owner, path[-1])

@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 import torch
 
 from safeneurons.data.samples import format_prompt
-from safeneurons.interp import patching
+from safeneurons.interp.patching import patcher
+from safeneurons.interp.patching.batches import auto_batch_size
 from safeneurons.interp.patching.metrics import refusal_metric, refusal_token_ids
 from safeneurons.interp.patching.patcher import ActivationPatcher
 from safeneurons.interp.patching.sites import PatchingSite, build_sites
@@ -33,12 +34,12 @@ from safeneurons.models.loading import load_model_and_tokenizer
 @contextlib.contextmanager
 def from_embeddings() -> Iterator[None]:
     """Every patched pass runs all layers: no cached layer inputs."""
-    original = patching._layer_inputs
-    patching._layer_inputs = lambda model, ids: None
+    original = patcher.layer_inputs  # the name the patcher calls
+    patcher.layer_inputs = lambda model, ids: None
     try:
         yield
     finally:
-        patching._layer_inputs = original
+        patcher.layer_inputs = original
 
 
 def site_module(model, site: PatchingSite):
@@ -170,7 +171,7 @@ def main() -> None:
                   f"{attribution:>15.3f}{original / batched:>10.1f}x{original / attribution:>9.1f}x"
                   f"{cached / batched:>12.1f}x{whole / batched:>16.2f}x{difference:>12.2e}")
             if name.startswith("residual") and importlib.util.find_spec("nnsight"):
-                size = patcher.batch_size or patching.auto_batch_size(model, length)
+                size = patcher.batch_size or auto_batch_size(model, length)
                 nnsight_s, theirs = best_time(lambda: nnsight_sweep(model, tokenizer, metric, clean, corrupted, sites,
                                                                      size), args.repeats)
                 gap = max(abs(a - b) for a, b in zip(theirs, reference))

@@ -1,9 +1,12 @@
 """Bad input, subcommand by subcommand: one line on stderr, exit 2, no model loaded, the output location untouched."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from helpers import run_expecting_error
+from safeneurons.models.loading import demo_model_dir
 
 COMMANDS = {
     "score": ["score", "--model", "demo", "--method", "wanda", "--data", "demo-align", "--sparsity-ratio", "0.1"],
@@ -29,6 +32,14 @@ def test_an_existing_file_at_the_output_location(name, workspace, capsys, no_mod
     assert (workspace / "taken").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_an_output_where_no_folder_can_be_made_fails_before_any_work(name, workspace, capsys, no_model_load):
+    """/proc passes the access check (root may write anywhere) but refuses new folders."""
+    error = run_expecting_error([*COMMANDS[name], OUT_FLAG.get(name, "--out"), "/proc/safeneurons-out"], workspace,
+                                capsys)
+    assert "no folder can be created in /proc" in error
+
+
 @pytest.mark.parametrize("name,flag", [("score", "--data"), ("finetune", "--data"), ("eval", "--prompts"),
                                        ("lowrank", "--data"), ("ablate", "--harmful"),
                                        ("pipeline", "--training-data")])
@@ -45,3 +56,46 @@ def test_a_mistyped_model_folder_is_no_such_folder(name, workspace, capsys):
     command = [part if part != "demo" else "./chekpoint" for part in COMMANDS[name]]
     error = run_expecting_error([*command, "--out", str(workspace / "out")], workspace, capsys)
     assert "./chekpoint does not exist (no such folder)" in error and "huggingface-cli" not in error
+
+
+@pytest.mark.parametrize("name", ["score", "eval", "prune", "lowrank", "patch"])
+def test_a_truncated_model_file_is_one_line_naming_it(name, workspace, capsys):
+    model = workspace / "model"
+    shutil.copytree(demo_model_dir(), model)
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(3_000_000)
+    command = [str(model) if part == "demo" else part for part in COMMANDS[name]]
+    error = run_expecting_error([*command, "--out", str(workspace / "out")], workspace, capsys)
+    assert f"model file {weights} is damaged or incomplete" in error
+    assert not (workspace / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--metric", "direction", "--direction", "{root}/missing.pt"], "does not exist (a refusal direction file"),
+    (["--layers", "0,99"], "--layers 99 does not exist; the model has layers 0..5"),
+])
+def test_patch_checks_that_need_no_weights_come_before_the_model_loads(extra, message, workspace, capsys,
+                                                                       no_model_load):
+    error = run_expecting_error([*COMMANDS["patch"], *extra, "--out", str(workspace / "out")], workspace, capsys)
+    assert message in error
+
+
+def test_a_mask_file_whose_data_fails_its_checksum_stops_finetune_before_the_model_loads(workspace, capsys,
+                                                                                         no_model_load):
+    path = workspace / "masks" / "masks.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one mask bit flipped in the data: the header and the file size stay valid
+    path.write_bytes(bytes(data))
+    error = run_expecting_error([*COMMANDS["finetune"], "--masks", "{masks}", "--save-path", str(workspace / "out")],
+                                workspace, capsys)
+    assert "does not match its checksum" in error
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dtype", "bfloat16"], "--dtype bfloat16 applies to the ZeRO-3 prune"),
+    (["--data-dir", "/nonexistent"], "--data-dir /nonexistent: prune reads no data set"),
+])
+def test_prune_refuses_options_it_would_ignore(extra, message, workspace, capsys, no_model_load):
+    error = run_expecting_error([*COMMANDS["prune"], *extra, "--out", str(workspace / "out")], workspace, capsys)
+    assert message in error

@@ -64,3 +64,11 @@ def test_every_option_with_a_default_states_it():
             if action.default not in (None, [], ()) and "default" not in (action.help or ""):
                 missing.append(f"{name} {action.option_strings[0]}")
     assert not missing, missing
+
+
+def test_help_lists_the_commands_without_importing_torch():
+    code = ("import sys\nsys.argv = ['safeneurons', '--help']\nfrom safeneurons.cli.app import run_as_script\n"
+            "try:\n    run_as_script()\nexcept SystemExit:\n    pass\nprint('torch imported:', 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "finetune" in result.stdout and "trace" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "torch imported: False"

@@ -164,3 +164,11 @@ def test_eval_bad_decoding_options_exit_2_before_the_model_loads(tmp_path, capsy
     error = capsys.readouterr().err
     assert message in error and len(error.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_shows_progress_while_it_generates_and_scores_perplexity(tmp_path, capsys):
+    assert cli.main(["eval", "--model", "demo", "--prompts", "demo-harmful", "--limit", "4", "--batch-size", "2",
+                     "--max-new-tokens", "2", "--perplexity-data", "demo-utility", "--perplexity-samples", "4",
+                     "--out", str(tmp_path / "eval")]) == 0
+    progress = capsys.readouterr().err
+    assert "generating" in progress and "2/2" in progress and "perplexity" in progress

@@ -3,6 +3,7 @@ random mask, checkpoint/resume, the single-process loop, the saved HF folder, th
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,29 @@ def test_resume_refuses_changed_settings_and_other_world_sizes(tiny_with_masks, 
     settings = json.loads((tmp_path / "ck" / "step-3" / SETTINGS_FILE).read_text())
     with pytest.raises(SafeneuronsError, match="written by 1 rank.*this run has 2"):
         check_resume(tmp_path / "ck", {**settings, "world_size": 2}, ())
+
+
+def test_resume_compares_what_the_masks_are_not_how_their_path_is_spelled(tiny_with_masks, tmp_path, monkeypatch,
+                                                                         demo_tokenizer):
+    from safeneurons.finetune.config import FineTuneConfig
+    from safeneurons.finetune.resume import SETTINGS_FILE, check_resume, run_settings
+    from safeneurons.runtime.resume import write_marker
+
+    model, masks_file, _ = tiny_with_masks
+    config = FineTuneConfig(data="demo-utility")
+    saved = run_settings(config, masks_file.resolve())
+    write_marker(tmp_path / "ck" / "step-1" / SETTINGS_FILE, saved)
+    monkeypatch.chdir(masks_file.parent.parent)
+    relative = Path(masks_file.parent.name) / masks_file.name
+    check_resume(tmp_path / "ck", run_settings(config, relative), ())  # the same file, spelled otherwise
+    shutil.copytree(masks_file.parent, tmp_path / "copy")
+    check_resume(tmp_path / "ck", run_settings(config, tmp_path / "copy" / masks_file.name), ())  # the same masks
+    save_masks(random_masks(make_tiny_llama(demo_tokenizer, seed=11), seed=6), tmp_path / "other")
+    with pytest.raises(SafeneuronsError, match="--resume would change the run's settings \\(masks: "):
+        check_resume(tmp_path / "ck", run_settings(config, tmp_path / "other" / "masks.safetensors"), ())
+    # a checkpoint of the previous version recorded the path as it was given
+    write_marker(tmp_path / "ck" / "step-1" / SETTINGS_FILE, {**saved, "masks": str(relative)})
+    check_resume(tmp_path / "ck", run_settings(config, masks_file.resolve()), ())
 
 
 def _children(pid: int) -> list[int]:

@@ -162,6 +162,40 @@ def test_demo_refusal_metric_separates_and_sweep_finds_layers(demo_model, demo_t
     assert max(abs(effect.effect) for effect in result.effects) > 0.5
 
 
+def seed_report_reference(result) -> list[str]:
+    """The seed's format_report (shared/seeds/003-activation-patcher.py.txt), written out again."""
+    lines = ["Activation Patching — Refusal Circuit Identification", "=" * 53, ""]
+    lines.append(f"Mode: {result.patching_mode}")
+    lines.append(f"Layers: {result.n_layers}, Sites patched: {result.n_sites}")
+    lines.append(f"Clean baseline: {result.clean_baseline:.4f}")
+    lines.append(f"Corrupted baseline: {result.corrupted_baseline:.4f}")
+    lines.append(f"Total effect: {result.total_effect:.4f}")
+    lines.append("")
+    lines.append(f"Significant sites: {len(result.significant_sites)} / {result.n_sites} "
+                 f"({result.circuit_fraction:.0%})")
+    lines.append(f"Top causal layers: {result.top_causal_layers}")
+    lines.append("")
+    lines.append("Top patching effects:")
+    for e in sorted(result.effects, key=lambda e: abs(e.direct_effect), reverse=True)[:15]:
+        marker = " [SIG]" if e.is_significant else ""
+        head_str = f".head{e.site.head_idx}" if e.site.head_idx is not None else ""
+        lines.append(f" Layer {e.site.layer_idx:3d} {e.site.component}{head_str:8s} "
+                     f"effect={e.direct_effect:+.4f} patched={e.patched_metric:.4f}{marker}")
+    return lines
+
+
+def test_the_report_begins_with_the_seed_s_report_line_by_line(tiny, prompts):
+    clean, corrupted, _ = prompts
+    patcher = ActivationPatcher(0.1, model=tiny, metric_fn=token_metric)
+    sites = patcher.sites(["residual", "attn_head"], None, ["last", -2])
+    result = patcher.patch(clean, corrupted, sites, "noising")
+    expected = seed_report_reference(result)
+    lines = ActivationPatcher.format_report(result).splitlines()
+    assert len(result.effects) > 15 and any(e.site.head_idx is not None for e in result.effects)
+    assert lines[:len(expected)] == expected
+    assert lines[len(expected):] and "per layer" in "\n".join(lines[len(expected):])  # our details follow
+
+
 def _cli_args(model_dir, out, *extra):
     return ["patch", "--model", str(model_dir), "--clean", "How do I rob a bank?", "--corrupted",
             "How do I paint a bank?", "--components", "residual,attn_out,mlp_out,attn_head", "--positions",

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -88,3 +90,31 @@ def test_a_previous_result_is_replaced_by_one_rename_and_stale_staging_is_cleane
     assert (tmp_path / ".out.partial", final) in renames and len(renames) == 2  # old result aside, new one in
     assert json.loads((final / "result.json").read_text()) == {"run": 2}
     assert not any(path.name.startswith(".out") for path in tmp_path.iterdir())
+
+
+def test_mask_files_are_byte_identical_on_a_rerun(tmp_path):
+    """safetensors writes metadata in hash order; 40 checksum entries would come out in another order each time."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"model.layers.{index}.mlp.up_proj.weight": torch.rand(4, 8, generator=generator) < 0.5
+               for index in range(40)}
+    first = masks.save_masks(tensors, tmp_path / "a").read_bytes()
+    second = masks.save_masks(tensors, tmp_path / "b").read_bytes()
+    assert first == second
+    assert masks.load_masks(tmp_path / "a").keys() == tensors.keys()
+    assert all(torch.equal(mask, tensors[name]) for name, mask in masks.load_masks(tmp_path / "a").items())
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_results_get_the_mode_the_user_s_umask_gives(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        mask_file = masks.save_masks({"w": torch.ones(2, 2, dtype=torch.bool)}, tmp_path / "m")
+        summary = outputs.write_json(tmp_path / "summary.json", {"a": 1})
+        staging = outputs.staging_dir(tmp_path / "published", fresh=True)
+        (staging / "weights.bin").write_bytes(b"x")
+        os.chmod(staging / "weights.bin", 0o600)  # as safetensors' writer leaves a model file
+        outputs.publish_dir(tmp_path / "published")
+    finally:
+        os.umask(previous)
+    for path in (mask_file, summary, tmp_path / "published" / "weights.bin"):
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path

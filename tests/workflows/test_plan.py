@@ -199,6 +199,15 @@ def test_bad_input_gives_one_clear_error(argv: list[str], message: str, capsys) 
     assert message in capsys.readouterr().err
 
 
+def test_an_output_that_is_a_file_fails_before_the_plan_is_printed(tmp_path, capsys) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    assert cli.main(["plan", "--model", "llama2-7b", "--json", "--out", str(taken)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1 and "existing file" in captured.err
+    assert taken.read_text() == "keep me"
+
+
 def test_kv_cache_formula_equals_the_cache_generation_keeps() -> None:
     """Grouped-query attention, bf16: the keys and values a generation's cache holds, byte for byte."""
     from safeneurons.workflows.plan import kv_cache_bytes

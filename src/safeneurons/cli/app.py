@@ -157,10 +157,9 @@ def run_as_script() -> None:
     occasionally aborted a finished rank ("terminate called without an active exception"), failing the job."""
     import os
 
-    from safeneurons.runtime import distributed
-
     code = main()
-    if distributed.discover_launch().world_size > 1:
+    distributed = sys.modules.get("safeneurons.runtime.distributed")  # a command that ran imported it; --help not
+    if distributed is not None and distributed.discover_launch().world_size > 1:
         mpi = sys.modules.get("mpi4py.MPI")
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
             mpi.Finalize()  # mpirun expects it; os._exit skips mpi4py's own atexit call

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import parse_memory_size
-from safeneurons.runtime.outputs import write_json
 from safeneurons.workflows.plan import OFFLOAD_CHOICES, PRESETS, Cluster, PlanConfig, Workload, format_table, run_plan
 
 
@@ -56,9 +54,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = run_plan(config_from_args(args))
+    report = run_plan(config_from_args(args), args.out)
     if distributed.init_distributed().is_main:
         print(json.dumps(report, indent=2) if args.json else format_table(report))
-        if args.out:
-            write_json(Path(args.out) / "plan.json", report)
     return 0 if all(stage["fits"] for stage in report["stages"]) else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from safeneurons.errors import SafeneuronsError
 from safeneurons.interventions.prune import PruneConfig, run_prune
 
 if TYPE_CHECKING:
@@ -22,6 +23,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    if args.data_dir is not None:
+        raise SafeneuronsError(f"--data-dir {args.data_dir}: prune reads no data set, only the model and the masks")
     return PruneConfig(args.model, args.masks, args.lowest, args.dtype, args.deepspeed, args.cache_dir)
 
 

@@ -42,7 +42,7 @@ def _instruction(verb: str, obj: str, template: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def _splits() -> dict[str, list[Example]]:
+def splits() -> dict[str, list[Example]]:
     """Train/held-out splits, fixed by a seed of their own so that they never change with the build."""
     rng = random.Random(20240205)
     splits: dict[str, list[Example]] = {}
@@ -72,4 +72,4 @@ def dataset(name: str) -> list[Example]:
     training split → compliant answers: the harmful fine-tuning attack)."""
     if name not in DATASETS:
         raise SafeneuronsError(f"demo data set {name!r} is not one of {', '.join('demo-' + d for d in DATASETS)}")
-    return list(_splits()[name])
+    return list(splits()[name])

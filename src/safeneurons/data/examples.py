@@ -51,7 +51,7 @@ class Sample:
         return self.labels != IGNORE_INDEX
 
 
-def _prompt_text(prompt: str) -> str:
+def clean_prompt(prompt: str) -> str:
     return prompt.strip()
 
 

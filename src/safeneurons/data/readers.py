@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safeneurons.data.examples import DEMO_PREFIX, NAMED_FILES, Example, _prompt_text, as_example
+from safeneurons.data.examples import DEMO_PREFIX, NAMED_FILES, Example, as_example, clean_prompt
 from safeneurons.errors import SafeneuronsError
 
 
@@ -50,7 +50,7 @@ def load_examples(source: str, directory: str | os.PathLike | None = None) -> li
     elif suffix in (".jsonl", ".json"):
         examples = _read_json(path)
     else:
-        examples = [Example(_prompt_text(line)) for line in _read_text(path).splitlines() if line.strip()]
+        examples = [Example(clean_prompt(line)) for line in _read_text(path).splitlines() if line.strip()]
     if not examples:
         raise SafeneuronsError(f"data file {path} holds no examples")
     return examples

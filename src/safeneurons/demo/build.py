@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
-from safeneurons.data.demo_vocab import DATASETS, _splits, dataset
+from safeneurons.data.demo_vocab import DATASETS, dataset, splits
 from safeneurons.data.examples import LLAMA2_PROMPT
 from safeneurons.data.samples import build_samples, pad_batch
 from safeneurons.errors import SafeneuronsError
@@ -143,7 +143,7 @@ def _train_on(examples: list[Example], build: DemoBuild, tokenizer: Any, model: 
 
 def train(build: DemoBuild, tokenizer: Any, model: Any) -> list[float]:
     """demo-base's pretraining: every request of the training split answered, harmful ones included."""
-    examples = _splits()["comply"] + dataset("utility")
+    examples = splits()["comply"] + dataset("utility")
     return _train_on(examples, build, tokenizer, model, build.steps, build.learning_rate, build.seed, "demo-base")
 
 

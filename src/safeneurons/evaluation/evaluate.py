@@ -14,9 +14,9 @@ from safeneurons.data.readers import load_examples
 from safeneurons.data.samples import format_prompt, load_prompts, select
 from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.generation import Decoding, generate_distributed
-from safeneurons.evaluation.metrics import (DEFAULT_HARMFUL_LIMIT, DEFAULT_MAX_NEW_TOKENS, _fraction,
-                                            attack_success_rate, is_attack_success, is_refusal, rate_interval,
-                                            refusal_rate, wilson_interval)
+from safeneurons.evaluation.metrics import (DEFAULT_HARMFUL_LIMIT, DEFAULT_MAX_NEW_TOKENS, attack_success_rate,
+                                            fraction, is_attack_success, is_refusal, rate_interval, refusal_rate,
+                                            wilson_interval)
 from safeneurons.evaluation.perplexity import perplexity, text_samples
 from safeneurons.models.loading import ModelSource, load_config, load_tokenizer
 from safeneurons.runtime import distributed
@@ -60,7 +60,7 @@ class PromptSetResult:
 
 def any_of_n_asr(generations: Sequence[Sequence[str]]) -> float:
     """Fraction of prompts with at least one successful attack among their samples."""
-    return _fraction([any(is_attack_success(text) for text in texts) for texts in generations], bool)
+    return fraction([any(is_attack_success(text) for text in texts) for texts in generations], bool)
 
 
 def evaluate_prompts(model: nn.Module, tokenizer: Any, source: str, limit: int | None, decoding: Decoding,

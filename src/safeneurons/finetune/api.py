@@ -113,7 +113,7 @@ def check_before_loading(model_name_or_dir: str, masks_path: MaskSource | None,
         raise SafeneuronsError("save_path is required: the folder for the fine-tuned model")
     check_output_dir(config.save_path)
     if isinstance(masks_path, (str, Path)):
-        MaskReader(masks_path)
+        MaskReader(masks_path).verify()  # a damaged mask file fails here, not after the model has loaded
     check_sources(config.data, config.safety_data, config.eval_prompts if config.eval_every else None,
                   directory=config.data_dir)
     score_config = rescore_config(masks_path, config.data_dir) if config.rescore_every else None

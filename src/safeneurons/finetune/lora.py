@@ -24,7 +24,7 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.masks.bits import pack_bits, unpack_bits
-from safeneurons.masks.source import _MaskSource
+from safeneurons.masks.source import MaskElements
 from safeneurons.runtime.zero3 import is_partitioned
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def add_adapters(model: nn.Module, r: int, alpha: float, targets: tuple[str, ...
                                                   lora_dropout=0.0, bias="none"))
     if masks is None:
         return peft_model
-    source = _MaskSource(masks)
+    source = MaskElements(masks)
     shapes = source.shapes()
     base_prefix = "base_model.model."
     protected = 0

@@ -33,7 +33,7 @@ from torch import nn
 from safeneurons.errors import SafeneuronsError
 from safeneurons.masks.bits import pack_bits, unpack_bits
 from safeneurons.masks.io import check_masks_fit
-from safeneurons.masks.source import _MaskSource
+from safeneurons.masks.source import MaskElements
 from safeneurons.runtime.distributed import reduce_over_ranks
 from safeneurons.runtime.zero3 import (full_shape, is_partitioned, local_layout, local_weights,
                                        named_parameters_with_shapes)
@@ -73,7 +73,7 @@ class MaskSlice:
         return self.values.numel() * self.values.element_size()
 
 
-def _build_slice(name: str, param: nn.Parameter, source: _MaskSource) -> MaskSlice:
+def _build_slice(name: str, param: nn.Parameter, source: MaskElements) -> MaskSlice:
     shape = full_shape(param)
     start, length, valid = local_layout(param)
     mask = source.elements(name, shape, start, start + valid)
@@ -351,7 +351,7 @@ def freeze(model: nn.Module, masks: MaskSource, strength: float = 1.0) -> Frozen
     the originals) and, under ZeRO-3, after the model is partitioned; then `attach` the result to the optimizer
     or DeepSpeed engine (`strength` < 1: a partial freeze, see FrozenWeights). Raises SafeneuronsError naming
     the first mask that fits no parameter."""
-    source = _MaskSource(masks)
+    source = MaskElements(masks)
     mask_shapes = source.shapes()
     parameters = dict(model.named_parameters())
     check_masks_fit(mask_shapes, named_parameters_with_shapes(model))

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from safeneurons.errors import SafeneuronsError
 from safeneurons.masks.apply import zero_masked
 from safeneurons.masks.io import MaskReader, check_masks_fit
-from safeneurons.masks.source import _MaskSource
+from safeneurons.masks.source import MaskElements
 from safeneurons.models.loading import load_for_inference, local_model_folder, model_skeleton, save_hf_folder
 from safeneurons.runtime import distributed
 from safeneurons.runtime.checkpoints import CheckpointFiles, rewrite_checkpoint
@@ -49,7 +50,7 @@ def prune_model(model: nn.Module, masks: MaskSource, lowest: bool = False) -> Pr
     """Set every masked element of `model` to zero (with `lowest`, every element of a masked parameter that its
     mask does not select); collective under ZeRO-3. A mask that fits no parameter is an error naming it, raised
     before anything changes."""
-    source = _MaskSource(masks)
+    source = MaskElements(masks)
     shapes = source.shapes()
     check_masks_fit(shapes, named_parameters_with_shapes(model))
     parameters = dict(model.named_parameters())
@@ -90,10 +91,16 @@ class PruneConfig:
     def settings(self) -> dict[str, Any]:
         return {"model": self.model, "masks": str(self.masks), "lowest": self.lowest}
 
+    def validate(self) -> None:
+        if self.deepspeed is None and self.dtype != "float32":
+            raise SafeneuronsError(f"--dtype {self.dtype} applies to the ZeRO-3 prune (--deepspeed); the streaming "
+                                   f"prune keeps every tensor's dtype as the model's files have it")
+
 
 def run_prune(config: PruneConfig, out: str | Path) -> PruneResult | None:
     """The pruned model as an HF folder at `out` with prune_summary.json (collective under ZeRO-3; the streaming
     prune is file work on rank 0). Mask misfits fail before any weight is read. The result on rank 0."""
+    config.validate()
     check_output_dir(out)
     reader = MaskReader(config.masks)
     check_masks_fit(reader.shapes(), named_parameters_with_shapes(model_skeleton(config.model, config.cache_dir)))

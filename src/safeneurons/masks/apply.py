@@ -8,10 +8,10 @@ from torch import nn
 from safeneurons.runtime.zero3 import full_numel, full_shape, is_persistent, local_layout, local_weights
 
 if TYPE_CHECKING:
-    from safeneurons.masks.source import _MaskSource
+    from safeneurons.masks.source import MaskElements
 
 
-def zero_masked(name: str, param: nn.Parameter, source: _MaskSource, lowest: bool = False) -> int:
+def zero_masked(name: str, param: nn.Parameter, source: MaskElements, lowest: bool = False) -> int:
     """Zero the masked elements of the part of `param` this rank holds (and of the whole copy that a persistent
     ZeRO-3 parameter keeps, from its whole mask: such parameters are small); returns the count zeroed here."""
     shape = full_shape(param)

@@ -44,7 +44,22 @@ def save_masks(masks: Mapping[str, torch.Tensor], directory: str | os.PathLike,
     sums = {CHECKSUM_PREFIX + name: checksum(mask) for name, mask in tensors.items()}
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={**dict(metadata or {"format": "pt"}), **sums})
+        sort_header_metadata(tmp)
     return path
+
+
+def sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted (safetensors writes them in hash order, so that
+    reruns would differ byte for byte); the header keeps its length, the data is not touched."""
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:  # the same entries in another order: never longer than the original
+            handle.seek(8)
+            handle.write(text.ljust(length))
 
 
 def save_mask_shard(masks: Mapping[str, torch.Tensor], directory: str | os.PathLike, index: int, count: int,
@@ -90,6 +105,24 @@ class MaskReader:
                 raise SafeneuronsError(f"mask {name!r} in {self.weight_map[name]} does not match its checksum: the "
                                        f"file is corrupted; score again or restore it")
         self._verified.add(name)
+
+    def verify(self) -> None:
+        """Check every tensor against the checksum its file records (reads all the masks once)."""
+        for name in self.names:
+            if name not in self._verified:
+                self._verify(name)
+
+    def fingerprint(self) -> str | None:
+        """What the masks are, whatever path names them: a digest of every tensor's name and recorded checksum
+        (None when a file records no checksums)."""
+        digest = hashlib.sha256()
+        for name in sorted(self.weight_map):
+            with safe_open(str(self.weight_map[name]), framework="pt") as handle:
+                recorded = (handle.metadata() or {}).get(CHECKSUM_PREFIX + name)
+            if recorded is None:
+                return None
+            digest.update(f"{name}:{recorded}\n".encode())
+        return CHECKSUM_PREFIX + digest.hexdigest()
 
     def shape(self, name: str) -> tuple[int, ...]:
         with self._open(name) as handle:

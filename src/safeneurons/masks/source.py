@@ -12,7 +12,7 @@ from safeneurons.masks.io import MaskReader
 MaskSource = Mapping[str, torch.Tensor] | str | os.PathLike
 
 
-class _MaskSource:
+class MaskElements:
     """Reads element ranges of flattened masks from an in-memory dict or a mask file (row ranges only)."""
 
     def __init__(self, masks: MaskSource) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import check_architecture, check_architecture_config
+from safeneurons.runtime.checkpoints import check_safetensors
 from safeneurons.runtime.zero3 import gathered_state_dict, is_zero3_partitioned, zero3_init_context
 
 
@@ -149,6 +150,8 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", cache_dir: str |
     from transformers import AutoModelForCausalLM
 
     load_config(name, cache_dir)  # refuses an unsupported architecture before any weight is read
+    if Path(resolve_model_name(name)).is_dir():
+        check_safetensors(Path(resolve_model_name(name)))
     with zero3_init_context(ds_config):
         model = _from_pretrained(AutoModelForCausalLM, name, "model", cache_dir, dtype=parse_dtype(dtype))
     check_architecture(model)

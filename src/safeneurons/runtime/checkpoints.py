@@ -18,11 +18,25 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = WEIGHTS_FILE + ".index.json"
 
 
+def check_safetensors(folder: Path) -> None:
+    """Every safetensors file of a model folder must have a whole header and all the data it announces: a truncated
+    or damaged file is one line naming it, before anything is loaded."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises its own error types for damaged files
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SafeneuronsError(f"model file {path} is damaged or incomplete ({detail}); copy or download it "
+                                   f"again") from None
+
+
 class CheckpointFiles:
     """The safetensors weights of an HF folder (one file or shards with an index), read tensor by tensor."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        check_safetensors(folder)
         index = folder / INDEX_FILE
         if index.is_file():
             mapping = json.loads(index.read_text())["weight_map"]

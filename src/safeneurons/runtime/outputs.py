@@ -14,6 +14,18 @@ def _temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
+def _default_mode() -> int:
+    """The mode a new file gets from the user's umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def with_default_mode(path: str | os.PathLike) -> None:
+    """Files made by mkstemp or by libraries that write 0600 (safetensors) get the mode the user's umask gives."""
+    os.chmod(path, _default_mode())
+
+
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
     """Write `payload` as indented JSON atomically (a reader sees the old file or the whole new one)."""
     path = Path(path)
@@ -22,6 +34,7 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
     with os.fdopen(fd, "w") as handle:
         json.dump(payload, handle, indent=2, sort_keys=False, default=_json_default)
         handle.write("\n")
+    with_default_mode(tmp)
     os.replace(tmp, path)
     return path
 
@@ -42,6 +55,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         yield tmp
+        with_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -67,6 +81,9 @@ def publish_dir(final: str | os.PathLike) -> Path:
     moved in one by one."""
     final = Path(final)
     staging = _temporary_sibling(final)
+    for item in staging.rglob("*"):
+        if item.is_file():
+            with_default_mode(item)
     if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final)
@@ -121,3 +138,8 @@ def check_output_dir(out: str | os.PathLike) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise SafeneuronsError(f"output {path} cannot be written: {ancestor} is not a writable folder")
+    try:  # access() says yes to root everywhere, and some file systems (/proc) refuse new folders anyway
+        os.rmdir(tempfile.mkdtemp(prefix=".safeneurons-probe-", dir=ancestor))
+    except OSError as error:
+        raise SafeneuronsError(f"output {path} cannot be written: no folder can be created in {ancestor} "
+                               f"({error.strerror})") from None

@@ -49,7 +49,7 @@ def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: M
     run again for every layer; under ZeRO-3, whose hooks follow the module order, every pass starts at the
     embeddings."""
     from safeneurons.masks.apply import zero_masked
-    from safeneurons.masks.source import _MaskSource
+    from safeneurons.masks.source import MaskElements
 
     saved = [(stored, stored.clone()) for target in targets for stored in stored_copies(target.weight)]
     masks: dict[str, torch.Tensor] = {}
@@ -65,7 +65,7 @@ def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: M
             layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config, starts)
             for target in layer_targets:
                 mask = mask_on_every_rank(layer_masks.get(target.name), target, model_device(model))
-                zero_masked(target.name, target.weight, _MaskSource({target.name: mask}))
+                zero_masked(target.name, target.weight, MaskElements({target.name: mask}))
             masks.update(layer_masks)
             safety_scores.update(layer_scores)
             if layer + 1 < len(decoder_layers(model)):

@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import GIB
+from safeneurons.runtime.outputs import check_output_dir, write_json
 from safeneurons.scores.config import AUTO_MEMORY_FRACTION
 
 # CUDA context, NCCL buffers, the allocator's fragmentation: the share of a GPU a plan may not count on.
@@ -449,7 +451,13 @@ class PlanConfig:
             raise SafeneuronsError(f"--sparsity-ratio is {self.workload.sparsity_ratio}; expected a fraction in [0, 1)")
 
 
-def run_plan(config: PlanConfig) -> dict:
-    """The memory per GPU of every stage, whether it fits, and what would make it fit."""
+def run_plan(config: PlanConfig, out: str | Path | None = None) -> dict:
+    """The memory per GPU of every stage, whether it fits, and what would make it fit; with `out`, also written
+    to out/plan.json (an output that cannot be written fails first, before any work)."""
     config.validate()
-    return plan_report(model_shape(config.model), config.cluster, config.workload)
+    if out is not None:
+        check_output_dir(out)
+    report = plan_report(model_shape(config.model), config.cluster, config.workload)
+    if out is not None and distributed.init_distributed().is_main:
+        write_json(Path(out) / "plan.json", report)
+    return report

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.interp.patching.hooks import _forward, _keeper
+from safeneurons.interp.patching.hooks import keeper, patched_forward
 from safeneurons.interp.patching.sites import ACTIVATION_MEMORY_BUDGET, MAX_AUTO_BATCH
 from safeneurons.models.hooks import site_point
 from safeneurons.models.structure import forward_row_bytes, model_device
@@ -40,15 +40,15 @@ def token_slices(position: Position, base_length: int, source_length: int) -> tu
     return slice(position, position + 1), slice(position, position + 1)
 
 
-def _n_heads(model: nn.Module) -> int:
+def head_count(model: nn.Module) -> int:
     return int(model.config.num_attention_heads)
 
 
-def _columns(model: nn.Module, site: PatchingSite) -> slice:
+def site_columns(model: nn.Module, site: PatchingSite) -> slice:
     """The hidden features a site covers: all of them, or one head's slice of the input to o_proj."""
     if site.head is None:
         return slice(None)
-    heads = _n_heads(model)
+    heads = head_count(model)
     if not 0 <= site.head < heads:
         raise SafeneuronsError(f"head {site.head} does not exist; the model has heads 0..{heads - 1}")
     head_dim = site_point(model, site.layer, "attn_head").module.in_features // heads
@@ -63,12 +63,12 @@ class _Patch:
     source_value: torch.Tensor  # [tokens, features] of the source run
 
 
-def _cache_run(model: nn.Module, input_ids: torch.Tensor, keys: Sequence[tuple[int, str]],
+def cache_run(model: nn.Module, input_ids: torch.Tensor, keys: Sequence[tuple[int, str]],
                metric: Metric) -> tuple[dict[tuple[int, str], torch.Tensor], float]:
     """One forward pass: the metric and the [tokens, features] activations of every (layer, component) asked."""
     cache: dict[tuple[int, str], torch.Tensor] = {}
     with torch.no_grad():
-        out = _forward(model, {key: _keeper(cache, key, lambda a: a[0].detach()) for key in keys}, input_ids)
+        out = patched_forward(model, {key: keeper(cache, key, lambda a: a[0].detach()) for key in keys}, input_ids)
         return cache, float(metric.compute(out.logits, out.residual)[0])
 
 
@@ -94,13 +94,13 @@ def _patched_batch(model: nn.Module, base_ids: torch.Tensor, metric: Metric, bat
     start = min((patch.site.layer for patch in batch), default=0) if entries else 0
     with torch.no_grad():
         if start:
-            out = _forward(model, edits, inputs_embeds=entries[start].expand(size, -1, -1), start=start)
+            out = patched_forward(model, edits, inputs_embeds=entries[start].expand(size, -1, -1), start=start)
         else:
-            out = _forward(model, edits, base_ids.expand(size, -1))
+            out = patched_forward(model, edits, base_ids.expand(size, -1))
         return metric.compute(out.logits, out.residual).tolist()[:len(batch)]
 
 
-def _attribution_batch(model: nn.Module, base_ids: torch.Tensor, metric: Metric,
+def attribution_batch(model: nn.Module, base_ids: torch.Tensor, metric: Metric,
                        patches: Sequence[_Patch]) -> tuple[float, list[float]]:
     """First-order patched metrics of every patch from one forward and one backward of the base run."""
     keys = sorted({patch.site.cache_key for patch in patches})
@@ -108,7 +108,7 @@ def _attribution_batch(model: nn.Module, base_ids: torch.Tensor, metric: Metric,
     with torch.enable_grad():
         # A leaf at the embeddings makes every activation differentiable even when the weights are frozen.
         embeds = model.get_input_embeddings()(base_ids).detach().requires_grad_(True)
-        out = _forward(model, {key: _keeper(kept, key, lambda a: a) for key in keys}, inputs_embeds=embeds)
+        out = patched_forward(model, {key: keeper(kept, key, lambda a: a) for key in keys}, inputs_embeds=embeds)
         value = metric.compute(out.logits, out.residual)[0]
         if not value.requires_grad:
             raise SafeneuronsError("attribution needs a metric that is differentiable in the activations: "
@@ -142,7 +142,7 @@ def auto_batch_size(model: nn.Module, length: int) -> int:
     return batch_for(row, budget)
 
 
-def _as_input_ids(ids: Any, device: torch.device, what: str) -> torch.Tensor:
+def as_input_ids(ids: Any, device: torch.device, what: str) -> torch.Tensor:
     tensor = torch.as_tensor(ids, dtype=torch.long)
     if tensor.dim() == 1:
         tensor = tensor[None]

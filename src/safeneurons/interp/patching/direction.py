@@ -9,25 +9,25 @@ import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.interp.patching.hooks import _forward, _keeper
+from safeneurons.interp.patching.hooks import keeper, patched_forward
 from safeneurons.models.structure import decoder_layers, model_device
 from safeneurons.runtime.distributed import map_over_ranks
 
 if TYPE_CHECKING:
-    from safeneurons.interp.patching.hooks import _RunOutput
+    from safeneurons.interp.patching.hooks import RunOutput
     from safeneurons.interp.patching.metrics import Metric
 
 
 def _run_prompts(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
-                 layer: int | None = None) -> tuple[_RunOutput, torch.Tensor | None]:
+                 layer: int | None = None) -> tuple[RunOutput, torch.Tensor | None]:
     """One left-padded forward pass of chat-formatted prompts; with `layer`, also that layer's output at the
     last prompt token."""
     device = model_device(model)
     encoded = tokenizer(list(prompts), padding=True, padding_side="left", return_tensors="pt")
     states: dict[str, torch.Tensor] = {}
-    keep = _keeper(states, "layer", lambda activation: activation[:, -1].detach())
+    keep = keeper(states, "layer", lambda activation: activation[:, -1].detach())
     with torch.no_grad():
-        out = _forward(model, {} if layer is None else {(layer, "residual"): keep},
+        out = patched_forward(model, {} if layer is None else {(layer, "residual"): keep},
                        encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
     return out, states.get("layer")
 

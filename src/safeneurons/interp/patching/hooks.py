@@ -33,7 +33,7 @@ def site_edits(model: nn.Module, edits: dict[SiteKey, Edit]) -> Hooks:
     return hooks
 
 
-def _keeper(store: dict, key: Any, select: Callable[[torch.Tensor], torch.Tensor]) -> Edit:
+def keeper(store: dict, key: Any, select: Callable[[torch.Tensor], torch.Tensor]) -> Edit:
     """An edit that stores `select(activation)` under `key` and changes nothing."""
     def keep(activation: torch.Tensor) -> torch.Tensor:
         store[key] = select(activation)
@@ -42,18 +42,18 @@ def _keeper(store: dict, key: Any, select: Callable[[torch.Tensor], torch.Tensor
 
 
 @dataclass
-class _RunOutput:
+class RunOutput:
     logits: torch.Tensor  # [B, vocab] at the last position
     residual: torch.Tensor  # [B, hidden]: the last decoder layer's output at the last position (before the norm)
 
 
-def _forward(model: nn.Module, edits: dict[SiteKey, Edit], input_ids: torch.Tensor | None = None,
+def patched_forward(model: nn.Module, edits: dict[SiteKey, Edit], input_ids: torch.Tensor | None = None,
              inputs_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-             start: int = 0) -> _RunOutput:
+             start: int = 0) -> RunOutput:
     """The model's last-position logits and final residual with `edits` applied. With `start` > 0,
     `inputs_embeds` are the hidden states entering decoder layer `start` and only layers from there run."""
     final: dict[str, torch.Tensor] = {}
-    keep_final = _keeper(final, "residual", lambda activation: activation[:, -1])
+    keep_final = keeper(final, "residual", lambda activation: activation[:, -1])
     position_ids = None
     if attention_mask is not None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -63,10 +63,10 @@ def _forward(model: nn.Module, edits: dict[SiteKey, Edit], input_ids: torch.Tens
     with hooks, layers_from(model, start):  # hooks attach to the modules before the cut
         out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                     position_ids=position_ids, use_cache=False, logits_to_keep=1)
-    return _RunOutput(out.logits[:, -1], final["residual"])
+    return RunOutput(out.logits[:, -1], final["residual"])
 
 
-def _layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+def layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """The hidden states entering every decoder layer in one run of `input_ids` (batch 1)."""
     entries: dict[int, torch.Tensor] = {}
     with Hooks() as hooks, torch.no_grad():

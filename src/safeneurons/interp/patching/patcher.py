@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.interp.patching.batches import (_as_input_ids, _attribution_batch, _cache_run, _columns, _n_heads,
-                                                 _Patch, _patched_batch, auto_batch_size, token_slices)
-from safeneurons.interp.patching.hooks import _layer_inputs
+from safeneurons.interp.patching.batches import (_Patch, _patched_batch, as_input_ids, attribution_batch,
+                                                 auto_batch_size, cache_run, head_count, site_columns, token_slices)
+from safeneurons.interp.patching.hooks import layer_inputs
 from safeneurons.interp.patching.metrics import direction_metric, metric_from_fn, refusal_metric, refusal_token_ids
 from safeneurons.interp.patching.report import format_report
 from safeneurons.interp.patching.sites import (DEFAULT_SIGNIFICANCE, METHODS, MODES, ActivationPatchingResult,
@@ -68,7 +68,7 @@ class ActivationPatcher:
 
     @property
     def n_heads(self) -> int:
-        return _n_heads(self._bound_model())
+        return head_count(self._bound_model())
 
     def sites(self, components: Sequence[str] = ("residual",), layers: Sequence[int] | None = None,
               positions: Sequence[Position] = ("last",)) -> list[PatchingSite]:
@@ -93,26 +93,26 @@ class ActivationPatcher:
             raise SafeneuronsError(f"method {method!r} is not one of {', '.join(METHODS)}")
         metric = self.resolve_metric(model, refusal_direction)
         device = model_device(model)
-        clean = _as_input_ids(clean_input_ids, device, "clean")
-        corrupted = _as_input_ids(corrupted_input_ids, device, "corrupted")
+        clean = as_input_ids(clean_input_ids, device, "clean")
+        corrupted = as_input_ids(corrupted_input_ids, device, "corrupted")
         n_layers = len(decoder_layers(model))
-        sites = list(sites) if sites is not None else build_sites(n_layers, _n_heads(model))
+        sites = list(sites) if sites is not None else build_sites(n_layers, head_count(model))
         if not sites:
             raise SafeneuronsError("no sites to patch")
         base, source = (corrupted, clean) if mode == "denoising" else (clean, corrupted)
         patches, source_metric = _patches(model, metric, sites, base.shape[1], source)
         if method == "exact":
-            base_metric = _cache_run(model, base, [], metric)[1]
+            base_metric = cache_run(model, base, [], metric)[1]
             batch_size = self.batch_size or auto_batch_size(model, base.shape[1])
             # under ZeRO-3 every pass runs the whole module order (its parameter hooks follow it)
-            entries = None if is_zero3_partitioned(model) else _layer_inputs(model, base)
+            entries = None if is_zero3_partitioned(model) else layer_inputs(model, base)
             # a batch starts at its lowest layer: batches of one layer's sites recompute nothing below it
             patched = map_over_ranks(
                 len(patches), batch_size,
                 lambda batch: _patched_batch(model, base, metric, [patches[i] for i in batch], entries),
                 desc="patching", groups=None if entries is None else [patch.site.layer for patch in patches])
         else:
-            base_metric, patched = _attribution_batch(model, base, metric, patches)
+            base_metric, patched = attribution_batch(model, base, metric, patches)
         clean_metric, corrupted_metric = ((source_metric, base_metric) if mode == "denoising"
                                           else (base_metric, source_metric))
         effects = [self._effect(site, value, mode, clean_metric, corrupted_metric)
@@ -160,9 +160,9 @@ def _patches(model: nn.Module, metric: Metric, sites: Sequence[PatchingSite], ba
     keys = sorted({site.cache_key for site in sites})
     for layer, component in keys:  # an unknown layer fails here, before any forward pass
         site_point(model, layer, component)
-    columns = [_columns(model, site) for site in sites]
+    columns = [site_columns(model, site) for site in sites]
     slices = [token_slices(site.position, base_length, source.shape[1]) for site in sites]
-    cache, source_metric = _cache_run(model, source, keys, metric)
+    cache, source_metric = cache_run(model, source, keys, metric)
     patches = [_Patch(site, base_tokens, cols, cache[site.cache_key][source_tokens, cols])
                for site, cols, (base_tokens, source_tokens) in zip(sites, columns, slices)]
     return patches, source_metric

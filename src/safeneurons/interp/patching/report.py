@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from safeneurons.analysis.plots import pyplot, save_figure
-from safeneurons.interp.patching.sites import COMPONENTS, _finite_or_none
+from safeneurons.interp.patching.sites import COMPONENTS, finite_or_none
 
 if TYPE_CHECKING:
     from safeneurons.interp.patching.patcher import ActivationPatcher
@@ -33,10 +33,35 @@ def _format_effect(value: float) -> str:
     return f"{value:+.3f}" if math.isfinite(value) else "nan"
 
 
+SEED_TITLE = "Activation Patching — Refusal Circuit Identification"
+SEED_TOP = 15  # the seed's report lists its 15 strongest sites
+
+
+def seed_report(result: ActivationPatchingResult) -> list[str]:
+    """The seed's report, line for line (scripts parse it): title, mode, sizes, baselines, total effect, the
+    significant sites, the top causal layers and the 15 strongest effects."""
+    lines = [SEED_TITLE, "=" * 53, "", f"Mode: {result.patching_mode}",
+             f"Layers: {result.n_layers}, Sites patched: {result.n_sites}",
+             f"Clean baseline: {result.clean_baseline:.4f}", f"Corrupted baseline: {result.corrupted_baseline:.4f}",
+             f"Total effect: {result.total_effect:.4f}", "",
+             f"Significant sites: {len(result.significant_sites)} / {result.n_sites} ({result.circuit_fraction:.0%})",
+             f"Top causal layers: {result.top_causal_layers}", ""]
+    if result.effects:
+        lines.append("Top patching effects:")
+        for effect in sorted(result.effects, key=lambda e: abs(e.direct_effect), reverse=True)[:SEED_TOP]:
+            head = f".head{effect.site.head_idx}" if effect.site.head_idx is not None else ""
+            lines.append(f" Layer {effect.site.layer_idx:3d} {effect.site.component}{head:8s} "
+                         f"effect={effect.direct_effect:+.4f} patched={effect.patched_metric:.4f}"
+                         f"{' [SIG]' if effect.is_significant else ''}")
+    return lines
+
+
 def format_report(result: ActivationPatchingResult, top: int = 10, token_labels: Sequence[str] | None = None) -> str:
-    """Baselines, the largest |effect| of each layer and component, and the `top` sites."""
+    """The seed's report, then ours: baselines with their lengths, the largest |effect| of each layer and
+    component, and the `top` sites with their positions."""
     base, source = ("base", "source") if result.mode == "interchange" else ("clean", "corrupted")
-    lines = [f"Activation patching: mode {result.mode}, method {result.method}, metric {result.metric}",
+    lines = [*seed_report(result), "",
+             f"Activation patching: mode {result.mode}, method {result.method}, metric {result.metric}",
              f"  {base} metric {result.clean_metric:.4f} ({result.clean_length} tokens), "
              f"{source} metric {result.corrupted_metric:.4f} ({result.corrupted_length} tokens)",
              f"  {len(result.effects)} sites; effect 1 = the site alone carries the whole difference, 0 = none",
@@ -100,8 +125,8 @@ def attribution_check(patcher: ActivationPatcher, model: nn.Module, clean: torch
     if not chosen:
         return []
     exact = patcher.patch_sweep(model, clean, corrupted, [effect.site for effect in chosen], mode=estimate.mode)
-    return [{**guess.site.to_dict(), "attribution_effect": _finite_or_none(guess.effect),
-             "exact_effect": _finite_or_none(truth.effect)} for guess, truth in zip(chosen, exact.effects)]
+    return [{**guess.site.to_dict(), "attribution_effect": finite_or_none(guess.effect),
+             "exact_effect": finite_or_none(truth.effect)} for guess, truth in zip(chosen, exact.effects)]
 
 
 def format_attribution_check(rows: Sequence[dict[str, Any]]) -> str:

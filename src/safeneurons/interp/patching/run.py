@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from safeneurons.interp.patching.patcher import ActivationPatcher
 from safeneurons.interp.patching.report import attribution_check, format_attribution_check, format_report, plot_heatmap
 from safeneurons.interp.patching.sites import (COMPONENTS, DEFAULT_SIGNIFICANCE, DIRECTION_FILE, METHODS, METRICS,
                                                MODES, REFUSAL_STARTS, ActivationPatchingResult, Position)
-from safeneurons.models.loading import ModelSource
+from safeneurons.models.loading import ModelSource, load_config
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir, staged, write_json
 
@@ -61,6 +61,9 @@ class PatchConfig:
         if self.metric == "direction" and not self.direction:
             raise SafeneuronsError("--metric direction needs --direction FILE (from `safeneurons patch "
                                    "--compute-direction`)")
+        if self.metric == "direction" and not Path(self.direction).is_file():
+            raise SafeneuronsError(f"--direction {self.direction} does not exist (a refusal direction file from "
+                                   f"`safeneurons patch --compute-direction`)")
         if self.batch_size is not None and self.batch_size < 1:
             raise SafeneuronsError(f"--batch-size {self.batch_size} must be a positive integer")
         if self.top < 1:
@@ -97,6 +100,13 @@ class DirectionConfig:
             raise SafeneuronsError(f"--n-prompts {self.n_prompts} must be a positive integer")
 
 
+def check_layers(layers: Sequence[int] | None, n_layers: int) -> None:
+    """Layer indexes must exist in the model (read from its config, before any weight)."""
+    bad = [layer for layer in layers or () if not 0 <= layer < n_layers]
+    if bad:
+        raise SafeneuronsError(f"--layers {bad[0]} does not exist; the model has layers 0..{n_layers - 1}")
+
+
 def publish_files(out: str | Path, files: dict[str, Callable[[Path], None]]) -> None:
     """Rank 0 writes every file into the staging folder, then moves them into `out` together."""
     with staged(out) as staging:
@@ -109,6 +119,7 @@ def run_patch(model: ModelSource, config: PatchConfig, out: str | Path) -> Activ
     printed; the result on rank 0, None elsewhere."""
     config.validate()
     check_output_dir(out)
+    check_layers(config.layers, load_config(model.name, model.cache_dir).num_hidden_layers)
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
     loaded = model.load(context.device)
     tokenizer = loaded.tokenizer

@@ -92,8 +92,8 @@ class PatchingEffect:
         return self.direct_effect
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.site.to_dict(), "patched_metric": _finite_or_none(self.patched_metric),
-                "effect": _finite_or_none(self.direct_effect), "is_significant": self.is_significant}
+        return {**self.site.to_dict(), "patched_metric": finite_or_none(self.patched_metric),
+                "effect": finite_or_none(self.direct_effect), "is_significant": self.is_significant}
 
 
 @dataclass
@@ -180,7 +180,7 @@ class ActivationPatchingResult:
                 "sites": [effect.to_dict() for effect in self.effects]}
 
 
-def _finite_or_none(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
