@@ -1,6 +1,6 @@
-"""The docs cannot rot: every `safeneurons` command that README.md and docs/ show for the demo models is checked by
-the real CLI (parsed, turned into its config, validated), and every one in a ```bash block runs as written, in
-the order the pages give them, in one scratch folder (a page's command may use what an earlier one wrote)."""
+"""The docs cannot rot: every `safeneurons` command that README.md and docs/ show is checked by the real CLI
+(parsed, turned into its config, validated), and every demo command in a ```bash block runs as written, in the
+order the pages give them, in one scratch folder (a page's command may use what an earlier one wrote)."""
 from __future__ import annotations
 
 import re
@@ -28,20 +28,21 @@ def _shell_lines(block: str) -> list[str]:
     return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-def commands(page: Path, runnable_only: bool) -> list[list[str]]:
-    """The page's demo commands as argument lists (comments dropped), in page order: those of ```bash blocks, and
-    unless `runnable_only` also those quoted inline in `code`."""
+def commands(page: Path, runnable_only: bool, demo_only: bool = True) -> list[list[str]]:
+    """The page's (demo) commands as argument lists (comments dropped), in page order: those of ```bash blocks,
+    and unless `runnable_only` also those quoted inline in `code`."""
     text = page.read_text()
     lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in _shell_lines(block)]
-    if not runnable_only:
-        lines += re.findall(r"`(safeneurons [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    if not runnable_only:  # complete command lines quoted in the prose (not a bare name, not a synopsis)
+        lines += [span for span in re.findall(r"`(safeneurons [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+                  if "--" in span and "[" not in span]
     found = []
     for line in lines:
         line = line.strip()
         if not line.startswith("safeneurons ") or "..." in line or "|" in line:
             continue
         argv = shlex.split(line, comments=True)[1:]
-        if argv and _runs_a_demo_model(argv):
+        if argv and (_runs_a_demo_model(argv) or not demo_only):
             found.append(argv)
     return found
 
@@ -54,8 +55,8 @@ def _runs_a_demo_model(argv: list[str]) -> bool:
             or any(token.startswith("out/") for token in inputs))
 
 
-def all_commands(runnable_only: bool) -> list[tuple[str, list[str]]]:
-    return [(page.name, argv) for page in PAGES for argv in commands(page, runnable_only)]
+def all_commands(runnable_only: bool, demo_only: bool = True) -> list[tuple[str, list[str]]]:
+    return [(page.name, argv) for page in PAGES for argv in commands(page, runnable_only, demo_only)]
 
 
 def test_the_pages_show_demo_commands():
@@ -63,9 +64,10 @@ def test_the_pages_show_demo_commands():
     assert {"score", "prune", "eval", "finetune", "compare", "patch", "trace", "lowrank", "rewind", "ablate"} <= names
 
 
-@pytest.mark.parametrize("page, argv", all_commands(runnable_only=False),
+@pytest.mark.parametrize("page, argv", all_commands(runnable_only=False, demo_only=False),
                          ids=lambda value: value if isinstance(value, str) else " ".join(value)[:60])
-def test_every_demo_command_is_a_valid_command_line(page, argv):
+def test_every_command_the_pages_show_is_a_valid_command_line(page, argv):
+    """Demo or not (Llama-2 on a cluster): the options exist and their values pass the command's checks."""
     check_command(argv)
 
 

@@ -79,6 +79,9 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in name.replace(".", " . ").split()]
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # (file, size, mtime, tensor) whose checksum matched
+
+
 class MaskReader:
     """Lazy access to a mask file or a sharded mask folder."""
 
@@ -98,13 +101,22 @@ class MaskReader:
         return safe_open(str(self.weight_map[name]), framework="pt")
 
     def _verify(self, name: str) -> None:
-        """Compare a tensor's data with the checksum its file records (files written without one pass)."""
-        with safe_open(str(self.weight_map[name]), framework="pt") as handle:
+        """Compare a tensor's data with the checksum its file records (files written without one pass). A tensor
+        of an unchanged file is verified once per process, whichever reader asks (finetune checks every mask before
+        the model loads; freezing then reads them again)."""
+        path = self.weight_map[name]
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, name)
+        if key in _VERIFIED:
+            self._verified.add(name)
+            return
+        with safe_open(str(path), framework="pt") as handle:
             expected = (handle.metadata() or {}).get(CHECKSUM_PREFIX + name)
             if expected is not None and checksum(handle.get_tensor(name)) != expected:
                 raise SafeneuronsError(f"mask {name!r} in {self.weight_map[name]} does not match its checksum: the "
                                        f"file is corrupted; score again or restore it")
         self._verified.add(name)
+        _VERIFIED.add(key)
 
     def verify(self) -> None:
         """Check every tensor against the checksum its file records (reads all the masks once)."""

@@ -61,15 +61,19 @@ class PatchConfig:
         if self.metric == "direction" and not self.direction:
             raise SafeneuronsError("--metric direction needs --direction FILE (from `safeneurons patch "
                                    "--compute-direction`)")
-        if self.metric == "direction" and not Path(self.direction).is_file():
-            raise SafeneuronsError(f"--direction {self.direction} does not exist (a refusal direction file from "
-                                   f"`safeneurons patch --compute-direction`)")
+
         if self.batch_size is not None and self.batch_size < 1:
             raise SafeneuronsError(f"--batch-size {self.batch_size} must be a positive integer")
         if self.top < 1:
             raise SafeneuronsError(f"--top {self.top} must be a positive integer")
         if not self.significance_threshold >= 0:
             raise SafeneuronsError(f"--significance-threshold {self.significance_threshold} must be >= 0")
+
+    def check_inputs(self) -> None:
+        """The files the sweep reads exist (checked before any model loads)."""
+        if self.metric == "direction" and not Path(self.direction).is_file():
+            raise SafeneuronsError(f"--direction {self.direction} does not exist (a refusal direction file from "
+                                   f"`safeneurons patch --compute-direction`)")
 
     def prompt(self, name: str, tokenizer: Any) -> str:
         text = getattr(self, name)
@@ -118,6 +122,7 @@ def run_patch(model: ModelSource, config: PatchConfig, out: str | Path) -> Activ
     """Collective: the sweep's effects, written to `out` (patching.json, patching.png, report.txt) with the report
     printed; the result on rank 0, None elsewhere."""
     config.validate()
+    config.check_inputs()
     check_output_dir(out)
     check_layers(config.layers, load_config(model.name, model.cache_dir).num_hidden_layers)
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
