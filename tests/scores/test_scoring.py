@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,35 @@ def test_set_difference_is_top_q_safety_minus_top_p_utility(tiny_model, demo_tok
         top_p = set(torch.argsort(utility_flat, descending=True)[:int(p * utility_flat.numel())].tolist())
         assert set(torch.nonzero(mask.flatten()).flatten().tolist()) == top_q - top_p, name
         assert 0 < int(mask.sum()) < len(top_q)  # the utility set really removes something
+
+
+def test_set_difference_per_row_is_each_row_s_top_q_minus_its_top_p(tiny_model, demo_tokenizer):
+    """--setdiff-scope row, the paper's description (the original code's issue #14): each row on its own."""
+    p, q = 0.2, 0.25
+    result = score_model(tiny_model, demo_tokenizer,
+                         tiny_config("wanda", utility_data="demo-utility", p=p, q=q, setdiff_scope="row"))
+    matrix = score_model(tiny_model, demo_tokenizer, tiny_config("wanda", utility_data="demo-utility", p=p, q=q))
+    utility = score_model(tiny_model, demo_tokenizer, tiny_config("wanda", data="demo-utility"))
+    assert result.summary["setdiff_scope"] == "row" and matrix.summary["setdiff_scope"] == "matrix"
+    differs = False
+    for name, mask in result.masks.items():
+        safety, useful = result.scores[name], utility.scores[name]
+        for row in range(mask.shape[0]):
+            cols = mask.shape[1]
+            top_q = set(sorted(range(cols), key=lambda col: -safety[row, col].item())[:int(q * cols)])
+            top_p = set(sorted(range(cols), key=lambda col: -useful[row, col].item())[:int(p * cols)])
+            assert set(torch.nonzero(mask[row]).flatten().tolist()) == top_q - top_p, (name, row)
+        differs |= not torch.equal(mask, matrix.masks[name])
+    assert differs  # the two scopes are different selections
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(setdiff_scope="diagonal"), "--setdiff-scope 'diagonal' is not one of matrix, row"),
+    (dict(setdiff_scope="row", granularity="neuron"), "--setdiff-scope row ranks the weights of each row"),
+])
+def test_a_bad_setdiff_scope_is_one_clear_error(overrides, message):
+    with pytest.raises(SafeneuronsError, match=re.escape(message)):
+        tiny_config("wanda", utility_data="demo-utility", p=0.1, q=0.1, **overrides).validate()
 
 
 def test_random_has_the_same_counts_and_depends_on_the_seed(tiny_model, demo_tokenizer):

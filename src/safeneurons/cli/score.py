@@ -6,7 +6,7 @@ import argparse
 from safeneurons.models.loading import ModelSource
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import parse_memory_size
-from safeneurons.scores.config import DEFAULT_SPARSITY, DEFAULT_UTILITY_DATA, METHODS, ScoreConfig
+from safeneurons.scores.config import DEFAULT_SPARSITY, DEFAULT_UTILITY_DATA, METHODS, SETDIFF_SCOPES, ScoreConfig
 from safeneurons.scores.run import run_score
 
 
@@ -32,6 +32,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="set difference: minus the top-p fraction by utility score, p in (0, 1]")
     parser.add_argument("--q", type=float, default=None,
                         help="set difference: the top-q fraction by safety score, q in (0, 1]")
+    parser.add_argument("--setdiff-scope", default="matrix", choices=SETDIFF_SCOPES,
+                        help="set difference per flattened matrix (the original code) or per output row (the paper's "
+                             "description; its issue #14) (default %(default)s)")
     parser.add_argument("--nsamples", type=int, default=128, help="samples drawn with --seed (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sample (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=1,
@@ -52,7 +55,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                        granularity=args.granularity, utility_data=args.utility_data, p=args.p, q=args.q,
                        sequential=args.sequential, data_dir=args.data_dir, keep_scores=args.save_scores,
                        batch_size=args.batch_size, add_eos=args.add_eos,
-                       score_memory=parse_memory_size(args.score_memory, "--score-memory"))
+                       score_memory=parse_memory_size(args.score_memory, "--score-memory"),
+                       setdiff_scope=args.setdiff_scope)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("wanda", "wandg", "random")
 GRANULARITIES = ("weight", "neuron", "head")
+SETDIFF_SCOPES = ("matrix", "row")
 DEFAULT_UTILITY_DATA = "alpaca_cleaned_no_safety"
 AUTO_MEMORY_FRACTION = 0.5  # of what a rank can still allocate, for wandg's accumulators by default
 FP32_BYTES = 4
@@ -51,6 +52,7 @@ class ScoreConfig:
     batch_size: int = 1  # samples per forward/backward pass (per-sample statistics either way)
     add_eos: bool = False  # append EOS to each response (the original work does not)
     score_memory: int | None = None  # bytes of wandg's fp32 sums per rank; None = half of what is free
+    setdiff_scope: str = "matrix"  # the set difference per flattened matrix (the original code) or per row (paper)
 
     @property
     def set_difference(self) -> bool:
@@ -76,6 +78,11 @@ class ScoreConfig:
             raise SafeneuronsError(f"score memory {self.score_memory} must be a positive number of bytes")
         if self.max_length < 2:
             raise SafeneuronsError(f"max_length={self.max_length} must be at least 2 tokens")
+        if self.setdiff_scope not in SETDIFF_SCOPES:
+            raise SafeneuronsError(f"--setdiff-scope {self.setdiff_scope!r} is not one of {', '.join(SETDIFF_SCOPES)}")
+        if self.setdiff_scope == "row" and self.granularity != "weight":
+            raise SafeneuronsError("--setdiff-scope row ranks the weights of each row; with granularity "
+                                   f"{self.granularity} the units are whole rows or heads: use the default, matrix")
         if self.set_difference and self.granularity == "head":
             raise SafeneuronsError("granularity head ranks whole heads by --sparsity-ratio; the set difference "
                                    "(--p/--q/--utility-data) works per weight or per neuron")

@@ -35,9 +35,13 @@ def _top_units(unit_scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def set_difference_mask(safety: torch.Tensor, utility: torch.Tensor, p: float, q: float,
-                        granularity: str) -> torch.Tensor:
-    """Per matrix: the top-q fraction by safety score minus the top-p fraction by utility score (largest scores);
-    the units are single weights (flattened) or, for `neuron`, output rows by their summed score."""
+                        granularity: str, scope: str = "matrix") -> torch.Tensor:
+    """The top-q fraction by safety score minus the top-p fraction by utility score (largest scores). The units
+    are single weights or, for `neuron`, output rows by their summed score. `scope` `matrix` (the original code)
+    ranks the weights of the whole flattened matrix; `row` (the paper's description) ranks each output row's
+    weights on their own, the top int(cols × q) and int(cols × p) of every row."""
+    if granularity == "weight" and scope == "row":
+        return select_weights(safety, q, "weight") & ~select_weights(utility, p, "weight")
     if granularity == "weight":
         return (_top_units(safety, q) & ~_top_units(utility, p)).view(safety.shape)
     rows = _top_units(safety.sum(dim=1), q) & ~_top_units(utility.sum(dim=1), p)
@@ -85,7 +89,7 @@ def select_masks(targets: Sequence[Target], scores: Mapping[str, Mapping[str, to
         safety = scores["safety"][target.name]
         if config.set_difference:
             masks[target.name] = set_difference_mask(safety, scores["utility"][target.name], config.p, config.q,
-                                                     config.granularity)
+                                                     config.granularity, config.setdiff_scope)
         else:
             masks[target.name] = select_weights(safety, config.sparsity_ratio, config.granularity)
     return masks
