@@ -54,6 +54,20 @@ def test_estimate_is_the_student_t_interval_of_the_mean():
     assert estimate([0.4]) == Estimate(0.4, None, None, 1) and estimate([None]).mean is None
 
 
+def test_intervals_stay_in_the_metric_s_range():
+    """A rate near 1 over three seeds: the raw t-interval reaches past 1 (0.99 (0.96–1.02) in the report)."""
+    from safeneurons.analysis.study import METRIC_BOUNDS
+
+    rates, perplexities = [0.98, 1.0, 0.99], [1.001, 1.04, 1.0]
+    raw_rate, raw_perplexity = estimate(rates), estimate(perplexities)
+    assert raw_rate.high > 1 and raw_perplexity.low < 1  # the case the bounds are for
+    rate = estimate(rates, METRIC_BOUNDS["asr"])
+    perplexity = estimate(perplexities, METRIC_BOUNDS["perplexity"])
+    assert (rate.mean, rate.low, rate.high) == (raw_rate.mean, raw_rate.low, 1.0)
+    assert (perplexity.mean, perplexity.low, perplexity.high) == (raw_perplexity.mean, 1.0, raw_perplexity.high)
+    assert estimate([0.4, 0.5, 0.45], METRIC_BOUNDS["asr"]) == estimate([0.4, 0.5, 0.45])  # inside: unchanged
+
+
 def test_steps_until_halved_and_the_mean_curve_over_seeds():
     curves = [[{"step": 0, "refusal_rate": 1.0}, {"step": 2, "refusal_rate": 0.6}, {"step": 4, "refusal_rate": 0.2}],
               [{"step": 0, "refusal_rate": 0.8}, {"step": 2, "refusal_rate": 0.4}, {"step": 4, "refusal_rate": 0.4}]]

@@ -117,7 +117,7 @@ def test_pipeline_end_to_end_on_the_demo_model(single_run):
 def _check_study(results: Path, summary: dict) -> None:
     """Both attacks, every fine-tuned arm, two seeds: the curves at steps 0, 2, 4 (their last point the run's end),
     the intervals computed from the per-seed values, and the seeds ordering the data differently."""
-    from safeneurons.analysis.study import estimate
+    from safeneurons.analysis.study import METRIC_BOUNDS, estimate
 
     study = summary["study"]
     assert study["seeds"] == [0, 1] and list(study["attacks"]) == list(ATTACKS)
@@ -126,7 +126,8 @@ def _check_study(results: Path, summary: dict) -> None:
         for arm, result in arms.items():
             assert result["seeds"] == 2 and [point["step"] for point in result["curve"]] == [0, 2, 4]
             for metric in ("refusal_rate", "asr", "perplexity"):
-                assert result[metric] == {**estimate(result["per_seed"][metric]).__dict__}, (attack, arm, metric)
+                expected = estimate(result["per_seed"][metric], METRIC_BOUNDS[metric])
+                assert result[metric] == {**expected.__dict__}, (attack, arm, metric)
     losses = [json.loads((results / f"finetune_benign_plain_s{seed}" / "freeze_report.json").read_text())["loss_curve"]
               for seed in (0, 1)]
     assert losses[0] != losses[1]  # the seed orders the fine-tuning data

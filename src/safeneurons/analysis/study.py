@@ -2,7 +2,8 @@
 curves, "steps until refusal halves", and a verdict that says when arms cannot be told apart.
 
 Intervals are Student-t intervals of the mean over the seeds (each seed orders the fine-tuning data): with n seeds,
-mean ± t(0.975, n − 1) · sd / √n; a single seed has no interval. Two arms are *distinguishable* on a metric when
+mean ± t(0.975, n − 1) · sd / √n, clipped to the metric's range (rates in [0, 1], perplexity ≥ 1); a single seed
+has no interval. Two arms are *distinguishable* on a metric when
 their intervals do not overlap.
 """
 from __future__ import annotations
@@ -35,7 +36,16 @@ class Estimate:
         return self.low <= other.high and other.low <= self.high
 
 
-def estimate(values: Sequence[float | None]) -> Estimate:
+# The range each metric can take: its interval is clipped there (a rate's t-interval can reach past 1 when the
+# seeds' values sit at the edge, a perplexity's below 1).
+METRIC_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "refusal_rate": (0.0, 1.0), "asr": (0.0, 1.0), "harmless_refusal_rate": (0.0, 1.0), "perplexity": (1.0, None),
+    "steps_until_halved": (0.0, None)}
+
+
+def estimate(values: Sequence[float | None],
+             bounds: tuple[float | None, float | None] = (None, None)) -> Estimate:
+    """The mean and the 95% Student-t interval of the mean over the seeds, clipped to `bounds` (low, high)."""
     from scipy import stats
 
     present = [float(value) for value in values if value is not None]
@@ -47,22 +57,27 @@ def estimate(values: Sequence[float | None]) -> Estimate:
         return Estimate(mean, None, None, 1)
     sd = math.sqrt(sum((value - mean) ** 2 for value in present) / (n - 1))
     half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return Estimate(mean, mean - half, mean + half, n)
+    floor, ceiling = bounds
+    low = mean - half if floor is None else max(floor, mean - half)
+    high = mean + half if ceiling is None else min(ceiling, mean + half)
+    return Estimate(mean, low, high, n)
 
 
 def mean_curve(curves: Sequence[Sequence[dict]]) -> list[dict]:
     """Per measured step (the steps every seed measured): the mean refusal rate and its 95% interval."""
     steps = sorted(set.intersection(*(set(point["step"] for point in curve) for curve in curves))) if curves else []
     by_step = [{point["step"]: point["refusal_rate"] for point in curve} for curve in curves]
-    return [{"step": step, **asdict(estimate([rates[step] for rates in by_step]))} for step in steps]
+    return [{"step": step, **asdict(estimate([rates[step] for rates in by_step], METRIC_BOUNDS["refusal_rate"]))}
+            for step in steps]
 
 
 def aggregate_arm(rows: Sequence[Mapping]) -> dict:
     """One arm under one attack: per-seed rows (eval results, refusal curve) → estimates, curve, halving steps."""
     halved = [steps_until_halved(row.get("refusal_curve") or []) for row in rows]
     curves = [row["refusal_curve"] for row in rows if row.get("refusal_curve")]
-    return {**{metric: asdict(estimate([row.get(metric) for row in rows])) for metric in METRICS},
-            "steps_until_halved": asdict(estimate([step for step in halved if step is not None])),
+    return {**{metric: asdict(estimate([row.get(metric) for row in rows], METRIC_BOUNDS[metric])) for metric in METRICS},
+            "steps_until_halved": asdict(estimate([step for step in halved if step is not None],
+                                                  METRIC_BOUNDS["steps_until_halved"])),
             "halved_in": sum(step is not None for step in halved), "seeds": len(rows),
             "per_seed": {metric: [row.get(metric) for row in rows] for metric in METRICS},
             "per_seed_steps_until_halved": halved, "curve": mean_curve(curves)}
