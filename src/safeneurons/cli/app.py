@@ -101,11 +101,19 @@ def quiet_libraries() -> None:
     warnings.showwarning = show_once
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = normalize_option_spelling(sys.argv[1:] if argv is None else argv)
-    selected = next((token for token in argv if not token.startswith("-")), None)
+def _selected_command(argv: Sequence[str]) -> str | None:
+    return next((token for token in argv if not token.startswith("-")), None)
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser (with the selected command's options) and the parsed arguments of a normalized command line."""
+    selected = _selected_command(argv)
     parser = build_parser(selected if selected in STAGES else None)
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, args = parse_command_line(normalize_option_spelling(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 2
@@ -138,10 +146,10 @@ def check_command(argv: Sequence[str]) -> Any:
     command's config, validated (bad input raises SafeneuronsError); the parsed arguments for a command without
     a config. Nothing is loaded or written."""
     argv = normalize_option_spelling(argv)
-    selected = next((token for token in argv if not token.startswith("-")), None)
+    selected = _selected_command(argv)
     if selected not in STAGES:
         raise SafeneuronsError(f"{selected!r} is not a command; expected one of {', '.join(STAGES)}")
-    args = build_parser(selected).parse_args(argv)
+    _, args = parse_command_line(argv)
     module = _stage_module(STAGES[selected][0])
     if not hasattr(module, "config_from_args"):
         return args

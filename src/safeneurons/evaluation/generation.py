@@ -66,8 +66,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding:
         else dict(do_sample=False)
     outputs: list[list[str]] = []
     try:
-        for start in distributed.progress(batch_starts(len(prompts), batch_size, lockstep), desc="generating",
-                                          unit="batch"):
+        starts = batch_starts(len(prompts), batch_size, lockstep)
+        for start in distributed.progress(starts, desc="generating", unit="batch", leave=False):
             if decoding.sampled:
                 torch.manual_seed(decoding.seed + first_index + (start or 0))
             texts = [STAND_IN_PROMPT] if start is None else list(prompts[start:start + batch_size])

@@ -44,7 +44,7 @@ def negative_log_likelihood(model: nn.Module, samples: Sequence[Sample], pad_tok
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in distributed.progress(batch_starts(len(samples), batch_size, is_zero3_partitioned(model)),
-                                      desc="perplexity", unit="batch"):
+                                      desc="perplexity", unit="batch", leave=False):
         if start is None:  # serve the other ranks' gathers
             model(input_ids=torch.tensor([[pad_token_id]], device=device), use_cache=False)
             continue

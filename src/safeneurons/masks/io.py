@@ -110,13 +110,18 @@ class MaskReader:
         if key in _VERIFIED:
             self._verified.add(name)
             return
+        expected = self.recorded_checksum(name)
         with safe_open(str(path), framework="pt") as handle:
-            expected = (handle.metadata() or {}).get(CHECKSUM_PREFIX + name)
             if expected is not None and checksum(handle.get_tensor(name)) != expected:
                 raise SafeneuronsError(f"mask {name!r} in {self.weight_map[name]} does not match its checksum: the "
                                        f"file is corrupted; score again or restore it")
         self._verified.add(name)
         _VERIFIED.add(key)
+
+    def recorded_checksum(self, name: str) -> str | None:
+        """The checksum the file records for tensor `name` (from its header), None when it records none."""
+        with safe_open(str(self.weight_map[name]), framework="pt") as handle:
+            return (handle.metadata() or {}).get(CHECKSUM_PREFIX + name)
 
     def verify(self) -> None:
         """Check every tensor against the checksum its file records (reads all the masks once)."""
@@ -129,8 +134,7 @@ class MaskReader:
         (None when a file records no checksums)."""
         digest = hashlib.sha256()
         for name in sorted(self.weight_map):
-            with safe_open(str(self.weight_map[name]), framework="pt") as handle:
-                recorded = (handle.metadata() or {}).get(CHECKSUM_PREFIX + name)
+            recorded = self.recorded_checksum(name)
             if recorded is None:
                 return None
             digest.update(f"{name}:{recorded}\n".encode())

@@ -150,8 +150,9 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", cache_dir: str |
     from transformers import AutoModelForCausalLM
 
     load_config(name, cache_dir)  # refuses an unsupported architecture before any weight is read
-    if Path(resolve_model_name(name)).is_dir():
-        check_safetensors(Path(resolve_model_name(name)))
+    folder = Path(resolve_model_name(name))
+    if folder.is_dir():
+        check_safetensors(folder)
     with zero3_init_context(ds_config):
         model = _from_pretrained(AutoModelForCausalLM, name, "model", cache_dir, dtype=parse_dtype(dtype))
     check_architecture(model)
@@ -221,19 +222,17 @@ def save_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike,
     """Collective: the model (gathered under ZeRO-3), its tokenizer and `json_files` (name -> payload) written by
     rank 0 as an HF folder that `from_pretrained` loads, staged and then moved into place."""
     from safeneurons.runtime import distributed
-    from safeneurons.runtime.outputs import discard_staging, publish_dir, staging_dir, write_json
+    from safeneurons.runtime.outputs import staged, write_json
 
     state = gathered_state_dict(model)
     problem = ""
     if distributed.is_main():
-        staging = staging_dir(out, fresh=True)
         try:
-            model.save_pretrained(staging, state_dict=state)
-            tokenizer.save_pretrained(staging)
-            for name, payload in (json_files or {}).items():
-                write_json(staging / name, payload)
-            publish_dir(out)
+            with staged(out) as staging:
+                model.save_pretrained(staging, state_dict=state)
+                tokenizer.save_pretrained(staging)
+                for name, payload in (json_files or {}).items():
+                    write_json(staging / name, payload)
         except OSError as error:
-            discard_staging(out)
             problem = f"cannot write the model to {out}: {error}"
     distributed.all_ranks_ok(not problem, problem)  # the ranks finish together: none exits while rank 0 writes

@@ -365,20 +365,16 @@ def map_over_ranks(n_items: int, batch_size: int, run_batch: Callable[[list[int]
     return [merged[index] for index in range(n_items)]
 
 
-def is_multi_rank() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
 def reduce_to_owner(tensor: torch.Tensor, owner: int) -> torch.Tensor | None:
     """Sum of `tensor` over the ranks, on `owner` only (None elsewhere)."""
-    if is_multi_rank():
+    if world_size() > 1:
         dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM)
     return tensor if rank() == owner else None
 
 
 def reduce_each_to_owner(tensors: Sequence[tuple[torch.Tensor, int]]) -> None:
     """Sum each tensor over the ranks onto its owner, in place there; the reduces are issued together and overlap."""
-    if not is_multi_rank():
+    if world_size() == 1:
         return
     pending = [dist.reduce(tensor, dst=owner, op=dist.ReduceOp.SUM, async_op=True) for tensor, owner in tensors]
     for work in pending:
@@ -386,17 +382,19 @@ def reduce_each_to_owner(tensors: Sequence[tuple[torch.Tensor, int]]) -> None:
 
 
 def broadcast_from_owner(tensor: torch.Tensor, owner: int) -> torch.Tensor:
-    if is_multi_rank():
+    if world_size() > 1:
         dist.broadcast(tensor, src=owner)
     return tensor
 
 
-def gather_to_owner(tensor: torch.Tensor, owner: int) -> list[torch.Tensor] | None:
-    """Every rank's `tensor` (same shape on every rank) on `owner`, in rank order; None elsewhere."""
-    if not is_multi_rank():
-        return [tensor]
-    parts = [torch.empty_like(tensor) for _ in range(world_size())] if rank() == owner else None
-    dist.gather(tensor, parts, dst=owner)
+def gather_to_owner(tensor: torch.Tensor, owner: int, group: Any = None) -> list[torch.Tensor] | None:
+    """Every rank's `tensor` (same shape on every rank of `group`, default all) on `owner`, in rank order; None
+    elsewhere."""
+    size = dist.get_world_size(group=group) if dist.is_initialized() else 1
+    if size == 1:
+        return [tensor] if rank() == owner else None
+    parts = [torch.empty_like(tensor) for _ in range(size)] if rank() == owner else None
+    dist.gather(tensor, parts, dst=owner, group=group)
     return parts
 
 

@@ -93,16 +93,13 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 def weight_on_owner(param: nn.Parameter, owner: int) -> torch.Tensor | None:
     """The full weight on `owner` only: ZeRO-3 partitions are gathered there and nowhere else."""
-    is_owner = distributed.rank() == owner
     if not is_partitioned(param):
-        return param.detach() if is_owner else None
-    group = param.ds_process_group
-    local = param.ds_tensor.detach().reshape(-1)
-    if dist.get_world_size(group=group) == 1:
-        return local[:full_numel(param)].view(full_shape(param)) if is_owner else None
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group=group))] if is_owner else None
-    dist.gather(local, parts, dst=owner, group=group)
-    return torch.cat(parts)[:full_numel(param)].view(full_shape(param)) if is_owner else None
+        return param.detach() if distributed.rank() == owner else None
+    parts = distributed.gather_to_owner(param.ds_tensor.detach().reshape(-1), owner, param.ds_process_group)
+    if parts is None:
+        return None
+    whole = parts[0] if len(parts) == 1 else torch.cat(parts)  # one partition: a view, no copy
+    return whole[:full_numel(param)].view(full_shape(param))
 
 
 def stored_copies(param: nn.Parameter) -> list[torch.Tensor]:

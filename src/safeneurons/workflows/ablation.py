@@ -28,7 +28,7 @@ from safeneurons.data.readers import check_sources
 from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.evaluate import EvalConfig, evaluate_model
 from safeneurons.evaluation.metrics import wilson_interval
-from safeneurons.models.loading import ModelSource, load_model_and_tokenizer
+from safeneurons.models.loading import ModelSource
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import atomic_file, check_output_dir, write_json
 from safeneurons.runtime.resume import matches, read_marker, write_marker
@@ -305,8 +305,8 @@ def run_ablation(model: ModelSource, config: AblationConfig, out: str | Path) ->
     check_sources(config.data, config.utility_data, evaluation.prompts, evaluation.harmless,
                   evaluation.perplexity_data, directory=config.data_dir)
     context = distributed.init_distributed()
-    loaded_model, tokenizer = load_model_and_tokenizer(model.name, model.dtype, model.cache_dir, context.device)
-    records = run_study(loaded_model, tokenizer, config, Path(out))
+    loaded = model.load(context.device)
+    records = run_study(loaded.model, loaded.tokenizer, config, Path(out))
     if not distributed.is_main():
         return None
     write_outputs(records, config, Path(out), model.name)
