@@ -74,8 +74,10 @@ def layer_linears(model, layer: int) -> dict[str, torch.nn.Linear]:
     return {f"model.layers.{layer}.{name}.weight": block.get_submodule(name) for name in LINEAR_NAMES}
 
 
-def reference_statistics(model, samples, linears: dict, method: str) -> dict[str, torch.Tensor]:
-    """wanda: the original repository's running average of ||x_j||² over response tokens; wandg: Σ |param.grad|."""
+def reference_statistics(model, samples, linears: dict, method: str,
+                         in_model_dtype: bool = False) -> dict[str, torch.Tensor]:
+    """wanda: the original repository's running average of ||x_j||² over response tokens; wandg: Σ |param.grad|
+    in fp32, or with `in_model_dtype` in the gradient's own dtype (the original's `zeros_like(weight)` buffers)."""
     stats: dict[str, torch.Tensor] = {}
     if method == "wanda":
         seen = 0
@@ -101,7 +103,8 @@ def reference_statistics(model, samples, linears: dict, method: str) -> dict[str
         model.zero_grad(set_to_none=True)
         model(sample.input_ids[None], labels=sample.labels[None]).loss.backward()
         for name, module in linears.items():
-            stats[name] = stats.get(name, 0) + module.weight.grad.float().abs()
+            grad = module.weight.grad.abs() if in_model_dtype else module.weight.grad.float().abs()
+            stats[name] = stats.get(name, 0) + grad
     return stats
 
 

@@ -63,10 +63,10 @@ def test_rounds_of_accumulators_give_the_one_round_scores_bit_for_bit(tiny_model
     from safeneurons.scores.statistics import accumulation_rounds, accumulator_bytes
 
     targets = targets_of(tiny_model)
-    budget = max(1, int(fraction * accumulator_bytes(targets)))
-    rounds = accumulation_rounds(targets, budget)
+    budget = max(1, int(fraction * accumulator_bytes(targets, 16)))  # exact sums: 16 bytes a weight
+    rounds = accumulation_rounds(targets, budget, 16)
     assert [target for group in rounds for target in group] == targets and len(rounds) > 1
-    assert all(len(group) == 1 or accumulator_bytes(group) <= budget for group in rounds)
+    assert all(len(group) == 1 or accumulator_bytes(group, 16) <= budget for group in rounds)
     whole = score_model(tiny_model, demo_tokenizer, tiny_config("wandg"))
     in_rounds = score_model(tiny_model, demo_tokenizer, tiny_config("wandg", score_memory=budget))
     for name, score in whole.scores.items():

@@ -126,17 +126,19 @@ def test_masks_scores_and_activations_per_gpu() -> None:
 
 
 def test_score_sums_in_one_round_or_in_rounds_beside_the_owned_sums() -> None:
-    """All fp32 sums of |gradient| on every rank when they fit --score-memory; else the owned eighth stays and the
-    rest of the budget holds one round."""
+    """All sums of |gradient| on every rank when they fit --score-memory; else the owned eighth (fp32) stays and the
+    rest of the budget holds one round of accumulators (16 bytes a weight exact, 4 float32)."""
     shape, cluster = PRESETS["llama2-70b"], Cluster(1, 8)
-    everything = 4 * shape.scored_params
-    one = plan_stages(shape, cluster, Workload(score_memory=everything))[0]
-    assert one.scores == everything
-    budget = 40 * GIB
-    score = plan_stages(shape, cluster, Workload(score_memory=budget))[0]
-    assert score.scores == budget  # owned (everything / 8) + one round of budget − owned
-    report = plan_report(shape, cluster, Workload(score_memory=budget))["score_sums"]
-    assert report["rounds"] == math.ceil(everything / (budget - everything // 8))
+    for accumulate, size in (("exact", 16), ("float32", 4)):
+        everything = size * shape.scored_params
+        one = plan_stages(shape, cluster, Workload(score_memory=everything, accumulate_dtype=accumulate))[0]
+        assert one.scores == everything
+        budget = 40 * GIB
+        score = plan_stages(shape, cluster, Workload(score_memory=budget, accumulate_dtype=accumulate))[0]
+        assert score.scores == budget  # owned (fp32 sums / 8) + one round of budget − owned
+        report = plan_report(shape, cluster, Workload(score_memory=budget, accumulate_dtype=accumulate))
+        owned = 4 * shape.scored_params // 8
+        assert report["score_sums"]["rounds"] == math.ceil(everything / (budget - owned)), accumulate
 
 
 def test_plan_rounds_are_the_rounds_scoring_runs(demo_tokenizer) -> None:
@@ -148,13 +150,14 @@ def test_plan_rounds_are_the_rounds_scoring_runs(demo_tokenizer) -> None:
     model = make_tiny_llama(demo_tokenizer, hidden=64, intermediate=160, layers=4)
     targets = [Target(index, linear, linear.layer % 2) for index, linear in enumerate(scored_linears(model))]
     shape = ModelShape("tiny", hidden=64, layers=4, intermediate=160, heads=4, kv_heads=4, vocab=len(demo_tokenizer))
-    everything = accumulator_bytes(targets)
-    assert 4 * shape.scored_params == everything
+    everything = accumulator_bytes(targets, 16)
+    assert 16 * shape.scored_params == everything
     for budget in (everything, everything // 2 + everything // 4, everything // 2 + everything // 8):
-        planned = score_sums(shape, Cluster(1, 2), budget)
-        rounds = accumulation_rounds(targets, budget)
+        planned = score_sums(shape, Cluster(1, 2), budget, 16)
+        rounds = accumulation_rounds(targets, budget, 16)
         assert planned.rounds <= len(rounds) <= 2 * planned.rounds, budget  # whole Linears per round
-        held = max(accumulator_bytes(group) for group in rounds) + (0 if len(rounds) == 1 else everything // 2)
+        owned = accumulator_bytes(targets, 4) // 2  # finished sums are fp32, half of them on each rank
+        held = max(accumulator_bytes(group, 16) for group in rounds) + (0 if len(rounds) == 1 else owned)
         assert held <= planned.peak, budget
 
 
@@ -167,8 +170,10 @@ def test_fit_verdicts_for_llama2_70b() -> None:
 
     # score fits one node only by holding one Linear's sums per round beside its owned eighth (~290 rounds)
     assert fits(1) == {"score": True, "finetune": False, "patch": True, "trace": True, "eval": True}
-    rounds = {nodes: plan_report(shape, Cluster(nodes, 8), Workload())["score_sums"]["rounds"] for nodes in (1, 4)}
-    assert rounds[1] > 200 and rounds[4] < 30
+    rounds = {(nodes, accumulate): plan_report(shape, Cluster(nodes, 8), Workload(accumulate_dtype=accumulate))[
+        "score_sums"]["rounds"] for nodes in (1, 4) for accumulate in ("exact", "float32")}
+    assert rounds[1, "exact"] == rounds[1, "float32"] > 200  # one Linear a round either way
+    assert 30 < rounds[4, "exact"] < 60 and rounds[4, "float32"] < 30  # exact accumulators are 4x fp32's
     assert fits(4)["finetune"] is False and fits(4, batch=1)["finetune"] is True
     assert fits(1, "param", batch=1)["finetune"] is True
     assert all(fits(4, batch=1).values())

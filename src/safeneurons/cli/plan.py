@@ -6,6 +6,7 @@ import json
 
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import parse_memory_size
+from safeneurons.scores.accumulators import ACCUMULATE_DTYPES
 from safeneurons.workflows.plan import OFFLOAD_CHOICES, PRESETS, Cluster, PlanConfig, Workload, format_table, run_plan
 
 
@@ -38,6 +39,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-memory", default="auto", metavar="SIZE",
                         help="score --score-memory: memory per GPU for wandg's sums (default auto: half of what is "
                              "left free)")
+    parser.add_argument("--accumulate-dtype", default=Workload.accumulate_dtype, choices=ACCUMULATE_DTYPES,
+                        help="score --accumulate-dtype: exact sums take 16 bytes a weight, float32 4, model 2 (bf16) "
+                             "(default %(default)s)")
     parser.add_argument("--patch-length", type=int, default=Workload.patch_length,
                         help="patch: tokens of the prompts (default %(default)s)")
     parser.add_argument("--patch-batch-size", type=int, default=None,
@@ -50,7 +54,7 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
                       Workload(args.batch_size, args.max_length, args.sparsity_ratio, args.gradient_checkpointing,
                                args.eval_batch_size, args.max_new_tokens, args.score_batch_size,
                                parse_memory_size(args.score_memory, "--score-memory"), args.patch_length,
-                               args.patch_batch_size))
+                               args.patch_batch_size, args.accumulate_dtype))
 
 
 def run(args: argparse.Namespace) -> int:

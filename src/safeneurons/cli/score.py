@@ -6,6 +6,7 @@ import argparse
 from safeneurons.models.loading import ModelSource
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import parse_memory_size
+from safeneurons.scores.accumulators import ACCUMULATE_DTYPES
 from safeneurons.scores.config import DEFAULT_SPARSITY, DEFAULT_UTILITY_DATA, METHODS, SETDIFF_SCOPES, ScoreConfig
 from safeneurons.scores.run import run_score
 
@@ -40,9 +41,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1,
                         help="samples per pass; statistics stay per sample (default %(default)s)")
     parser.add_argument("--score-memory", default="auto", metavar="SIZE",
-                        help="wandg: memory per rank for the local fp32 sums of |gradient| (e.g. 8GiB, 512MiB); "
+                        help="wandg: memory per rank for the local sums of |gradient| (e.g. 8GiB, 512MiB); "
                              "all Linears at once when they fit, else in rounds that fit, each running the passes "
                              "again (default auto: half of what the rank can still allocate)")
+    parser.add_argument("--accumulate-dtype", default="exact", choices=ACCUMULATE_DTYPES,
+                        help="how per-sample statistics are summed: exact (fixed point, rounded once to fp32: the "
+                             "same masks bit for bit at any rank count and batch size; wandg's sums take 16 bytes a "
+                             "weight), float32 (4 bytes; the last bits depend on the rank count) or model (wandg "
+                             "only: in the model's dtype, as the original code's gradient buffers under bf16) "
+                             "(default %(default)s)")
     parser.add_argument("--sequential", action="store_true",
                         help="the original layer-by-layer schedule: later layers scored with earlier selections zeroed")
     parser.add_argument("--save-scores", action="store_true", help="also write the raw scores (float32)")
@@ -56,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                        sequential=args.sequential, data_dir=args.data_dir, keep_scores=args.save_scores,
                        batch_size=args.batch_size, add_eos=args.add_eos,
                        score_memory=parse_memory_size(args.score_memory, "--score-memory"),
-                       setdiff_scope=args.setdiff_scope)
+                       setdiff_scope=args.setdiff_scope, accumulate_dtype=args.accumulate_dtype)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -159,3 +159,10 @@ def model_device(model: nn.Module) -> torch.device:
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first parameter (its weights' dtype: the loaders load one dtype)."""
+    for param in model.parameters():
+        return param.dtype
+    return torch.float32

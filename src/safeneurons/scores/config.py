@@ -16,6 +16,7 @@ from safeneurons.models.structure import scored_linears
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import broadcast_from_owner
 from safeneurons.runtime.zero3 import full_shape
+from safeneurons.scores.accumulators import ACCUMULATE_DTYPES
 
 if TYPE_CHECKING:
     from safeneurons.models.structure import ScoredLinear
@@ -27,7 +28,6 @@ GRANULARITIES = ("weight", "neuron", "head")
 SETDIFF_SCOPES = ("matrix", "row")
 DEFAULT_UTILITY_DATA = "alpaca_cleaned_no_safety"
 AUTO_MEMORY_FRACTION = 0.5  # of what a rank can still allocate, for wandg's accumulators by default
-FP32_BYTES = 4
 DEFAULT_SPARSITY = 0.1  # one default everywhere (score, pipeline, plan): the original extension's
 SUMMARY_FILE = "score_summary.json"
 SCORES_FILE = "scores.safetensors"
@@ -51,7 +51,8 @@ class ScoreConfig:
     keep_scores: bool = False  # return the raw safety scores in ScoreResult.scores
     batch_size: int = 1  # samples per forward/backward pass (per-sample statistics either way)
     add_eos: bool = False  # append EOS to each response (the original work does not)
-    score_memory: int | None = None  # bytes of wandg's fp32 sums per rank; None = half of what is free
+    score_memory: int | None = None  # bytes of wandg's sums per rank; None = half of what is free
+    accumulate_dtype: str = "exact"  # how per-sample statistics are summed (scores.accumulators)
     setdiff_scope: str = "matrix"  # the set difference per flattened matrix (the original code) or per row (paper)
 
     @property
@@ -78,6 +79,12 @@ class ScoreConfig:
             raise SafeneuronsError(f"score memory {self.score_memory} must be a positive number of bytes")
         if self.max_length < 2:
             raise SafeneuronsError(f"max_length={self.max_length} must be at least 2 tokens")
+        if self.accumulate_dtype not in ACCUMULATE_DTYPES:
+            raise SafeneuronsError(f"--accumulate-dtype {self.accumulate_dtype!r} is not one of "
+                                   f"{', '.join(ACCUMULATE_DTYPES)}")
+        if self.accumulate_dtype == "model" and self.method != "wandg":
+            raise SafeneuronsError(f"--accumulate-dtype model reproduces the original's gradient sums in the model's "
+                                   f"dtype; it applies to wandg, not {self.method}")
         if self.setdiff_scope not in SETDIFF_SCOPES:
             raise SafeneuronsError(f"--setdiff-scope {self.setdiff_scope!r} is not one of {', '.join(SETDIFF_SCOPES)}")
         if self.setdiff_scope == "row" and self.granularity != "weight":

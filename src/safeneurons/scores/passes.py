@@ -4,7 +4,6 @@ input X and output gradient dY.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -49,15 +48,16 @@ class LinearCapture(Hooks):
 
 
 def squared_input_sum(inputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Σ over the selected token rows (response tokens of real samples) of x_j² (fp32), one value per column."""
-    picked = inputs.reshape(-1, inputs.shape[-1])[rows.reshape(-1).to(inputs.device)]
-    return picked.float().pow(2).sum(dim=0)
+    """Σ over one sample's selected token rows (its response tokens) of x_j² (fp32), one value per column."""
+    return inputs[rows.to(inputs.device)].float().pow(2).sum(dim=0)
 
 
-def abs_weight_gradient(inputs: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor:
-    """|∂L/∂W| of one sample from the Linear's input X and output gradient dY: |Σ_tokens dY^T X| (fp32)."""
-    x = inputs.reshape(-1, inputs.shape[-1]).float()
-    dy = output_grad.reshape(-1, output_grad.shape[-1]).float()
+def abs_weight_gradient(inputs: torch.Tensor, output_grad: torch.Tensor,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """|∂L/∂W| of one sample from the Linear's input X and output gradient dY: |Σ_tokens dY^T X|, computed in
+    `dtype` (fp32, or the model's dtype as autograd's weight gradient is)."""
+    x = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
+    dy = output_grad.reshape(-1, output_grad.shape[-1]).to(dtype)
     return (dy.T @ x).abs_()
 
 
@@ -80,7 +80,7 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class MicroBatch:
-    """Right-padded samples; `real` is False for the padding samples that keep the ranks' pass counts equal."""
+    """Samples of one length; `real` is False for the dummy samples that keep the ranks' pass counts equal."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -94,19 +94,35 @@ class MicroBatch:
 
 
 def rank_batches(samples: Sequence[Sample], batch_size: int, device: torch.device) -> list[MicroBatch]:
-    """This rank's samples (round-robin) in micro-batches, padded with dummies so that every rank runs the
-    same number of passes (ZeRO-3 gathers weights collectively inside every pass)."""
-    per_rank = math.ceil(len(samples) / distributed.world_size())
-    mine = distributed.split_evenly(samples)
-    flagged = [(sample, True) for sample in mine] + [(samples[0], False)] * (per_rank - len(mine))
-    batches = []
-    for start in range(0, len(flagged), batch_size):
-        chunk = flagged[start:start + batch_size]
-        padded = pad_batch([sample for sample, _ in chunk], pad_token_id=0)  # pads are masked and unlabelled
-        batches.append(MicroBatch(padded["input_ids"].to(device), padded["labels"].to(device),
-                                  padded["attention_mask"].to(device),
-                                  torch.tensor([real for _, real in chunk], device=device)))
-    return batches
+    """This rank's samples (round-robin) in micro-batches of at most `batch_size` samples of one length, and
+    dummy batches that give every rank the same number of passes (ZeRO-3 gathers weights collectively inside
+    every pass). A batch never pads: padding changes the kernels' summation order, so a sample's statistics would
+    depend on its batch-mates; without it they are the same bit for bit at any batch size and rank count."""
+    groups = [equal_length_groups(distributed.split_evenly(samples, rank, distributed.world_size()), batch_size)
+              for rank in range(distributed.world_size())]
+    mine = groups[distributed.rank()]
+    dummies = [[(samples[0], False)]] * (max(len(rank_groups) for rank_groups in groups) - len(mine))
+    return [_micro_batch(group, device) for group in mine + dummies]
+
+
+def equal_length_groups(samples: Sequence[Sample], batch_size: int) -> list[list[tuple[Sample, bool]]]:
+    """The samples in chunks of at most `batch_size` samples of one token count, flagged real: a chunk is taken
+    when it fills (the rest at the end), so that batches of 1 keep the samples' order (running sums depend on
+    it)."""
+    filling: dict[int, list[tuple[Sample, bool]]] = {}
+    chunks = []
+    for sample in samples:
+        chunk = filling.setdefault(len(sample.input_ids), [])
+        chunk.append((sample, True))
+        if len(chunk) == batch_size:
+            chunks.append(filling.pop(len(sample.input_ids)))
+    return chunks + list(filling.values())
+
+
+def _micro_batch(group: Sequence[tuple[Sample, bool]], device: torch.device) -> MicroBatch:
+    stacked = pad_batch([sample for sample, _ in group], pad_token_id=0)  # one length: nothing is padded
+    return MicroBatch(stacked["input_ids"].to(device), stacked["labels"].to(device),
+                      stacked["attention_mask"].to(device), torch.tensor([real for _, real in group], device=device))
 
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

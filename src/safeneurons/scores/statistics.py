@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.models.structure import model_device
+from safeneurons.models.structure import model_device, model_dtype
 from safeneurons.runtime import distributed
-from safeneurons.runtime.distributed import reduce_each_to_owner
 from safeneurons.runtime.zero3 import weight_on_owner
-from safeneurons.scores.config import AUTO_MEMORY_FRACTION, FP32_BYTES
+from safeneurons.scores.accumulators import (Accumulator, element_bytes, new_accumulator, owned_bytes,
+                                              reduce_accumulators_to_owners)
+from safeneurons.scores.config import AUTO_MEMORY_FRACTION
 from safeneurons.scores.passes import (LinearCapture, abs_weight_gradient, rank_batches, run_batch, scoring_mode,
                                        squared_input_sum)
 
@@ -32,7 +33,7 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
     """Per target, the sum over all samples of Σ x_j² (wanda) or of |∂L_s/∂W| (wandg), on the owner only;
     with `entries` (one per micro-batch) the passes start at their layer.
 
-    Every rank accumulates its own samples locally (fp32) and the sums are reduced to the owners once, as
+    Every rank accumulates its own samples locally (`accumulators`) and the sums are reduced to the owners once, as
     data-parallel training reduces gradients: the traffic is one copy of the statistics per rank, whatever the
     number of samples. wandg's accumulators are weight-sized; when all of them do not fit the memory budget
     (`score_memory`), the targets are taken in rounds of consecutive Linears that fit, each round running the
@@ -40,34 +41,35 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
     device = model_device(model)
     batches = rank_batches(samples, config.batch_size, device)
     if config.method != "wandg":
-        return _accumulate(model, targets, batches, entries, with_grads=False)
-    rounds = accumulation_rounds(targets, score_memory_budget(config, device))
+        return _accumulate(model, targets, batches, entries, config, with_grads=False)
+    size = element_bytes(config.accumulate_dtype, model_dtype(model).itemsize)
+    rounds = accumulation_rounds(targets, score_memory_budget(config, device), size)
     if distributed.is_main():
-        log.info("wandg: %d accumulator round%s of at most %.2f GiB per rank (%.2f GiB for all %d Linears)",
+        log.info("wandg: %d accumulator round%s of at most %.2f GiB per rank (%.2f GiB for all %d Linears, %s sums)",
                  len(rounds), "" if len(rounds) == 1 else "s",
-                 max(accumulator_bytes(group) for group in rounds) / 2**30, accumulator_bytes(targets) / 2**30,
-                 len(targets))
+                 max(accumulator_bytes(group, size) for group in rounds) / 2**30,
+                 accumulator_bytes(targets, size) / 2**30, len(targets), config.accumulate_dtype)
     owned: dict[str, torch.Tensor] = {}
     for group in rounds:
-        owned.update(_accumulate(model, group, batches, entries, with_grads=True))
+        owned.update(_accumulate(model, group, batches, entries, config, with_grads=True))
     return owned
 
 
-def accumulator_bytes(targets: Sequence[Target]) -> int:
-    return sum(FP32_BYTES * math.prod(target.shape) for target in targets)
+def accumulator_bytes(targets: Sequence[Target], element_size: int) -> int:
+    return sum(element_size * math.prod(target.shape) for target in targets)
 
 
-def accumulation_rounds(targets: Sequence[Target], budget: int) -> list[list[Target]]:
-    """One round when all the sums fit `budget` bytes; else consecutive targets whose sums fit what the budget leaves
-    beside the owned sums that earlier rounds leave on a rank (a Linear larger than that gets a round of its own).
-    The same on every rank."""
-    if accumulator_bytes(targets) <= budget:
+def accumulation_rounds(targets: Sequence[Target], budget: int, element_size: int) -> list[list[Target]]:
+    """One round when all the sums fit `budget` bytes; else consecutive targets whose accumulators fit what the
+    budget leaves beside the sums that earlier rounds leave on a rank (a Linear larger than that gets a round of
+    its own). The same on every rank."""
+    if accumulator_bytes(targets, element_size) <= budget:
         return [list(targets)]
-    owned = max(accumulator_bytes([target for target in targets if target.owner == rank])
+    owned = max(accumulator_bytes([target for target in targets if target.owner == rank], owned_bytes(element_size))
                 for rank in {target.owner for target in targets})
     rounds: list[list[Target]] = [[]]
     for target in targets:
-        if rounds[-1] and accumulator_bytes(rounds[-1] + [target]) > budget - owned:
+        if rounds[-1] and accumulator_bytes(rounds[-1] + [target], element_size) > budget - owned:
             rounds.append([])
         rounds[-1].append(target)
     return rounds
@@ -83,12 +85,14 @@ def score_memory_budget(config: ScoreConfig, device: torch.device) -> int:
 
 
 def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[MicroBatch],
-                entries: Sequence[Entry] | None, with_grads: bool) -> dict[str, torch.Tensor]:
-    """All of this rank's passes with local fp32 sums for `targets`, then one reduce of each sum to its owner."""
-    device = model_device(model)
+                entries: Sequence[Entry] | None, config: ScoreConfig, with_grads: bool) -> dict[str, torch.Tensor]:
+    """All of this rank's passes, each real sample's statistics added to `targets`' accumulators, then one reduce
+    of each accumulator to its owner: the owners get the sums."""
+    device, dtype = model_device(model), model_dtype(model)
     capture = LinearCapture(targets, with_grads)
-    sums = {target.name: torch.zeros(target.shape if with_grads else target.shape[1], device=device)
-            for target in targets}
+    sums = {target.name: new_accumulator(config.accumulate_dtype, target.shape if with_grads else target.shape[1],
+                                         device, dtype) for target in targets}
+    term_dtype = dtype if config.accumulate_dtype == "model" else torch.float32
     try:
         with scoring_mode(model):
             for index, batch in enumerate(distributed.progress(batches, desc="wandg passes" if with_grads
@@ -96,30 +100,28 @@ def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[M
                 capture.clear()
                 run_batch(model, batch, with_grads, None if entries is None else entries[index])
                 for target in targets:
-                    if with_grads:
-                        _add_sample_gradients(sums[target.name], capture, target.name, batch)
-                    else:
-                        sums[target.name] += squared_input_sum(capture.inputs[target.name], batch.response_rows)
+                    _add_sample_terms(sums[target.name], capture, target.name, batch, with_grads, term_dtype)
     finally:
         capture.close()
-    return reduce_to_owners(sums, targets)
+    reduce_accumulators_to_owners([(sums[target.name], target.owner) for target in targets])
+    # each accumulator is dropped as its value is taken, so the values never sit beside all the accumulators
+    return {target.name: accumulator.value(target.name) for target in targets
+            for accumulator in [sums.pop(target.name)] if target.mine}
 
 
-def _add_sample_gradients(total: torch.Tensor, capture: LinearCapture, name: str, batch: MicroBatch) -> None:
-    """`total` += Σ over the batch's real samples of |∂L_s/∂W| (the gradient is None when the loss does not
-    depend on the Linear)."""
+def _add_sample_terms(total: Accumulator, capture: LinearCapture, name: str, batch: MicroBatch, with_grads: bool,
+                      dtype: torch.dtype) -> None:
+    """`total` += each real sample's |∂L_s/∂W| (wandg) or Σ x_j² over its response tokens (wanda). The gradient is
+    None when the loss does not depend on the Linear."""
     output_grad = capture.output_grads.get(name)
-    if output_grad is None:
+    if with_grads and output_grad is None:
         return
+    rows = batch.response_rows
     for row in batch.real.nonzero().flatten().tolist():
-        total += abs_weight_gradient(capture.inputs[name][row], output_grad[row])
-
-
-def reduce_to_owners(sums: dict[str, torch.Tensor], targets: Sequence[Target]) -> dict[str, torch.Tensor]:
-    """Each target's sum over the ranks, on its owner (the others' copies are dropped): the reduces are issued
-    together and overlap."""
-    reduce_each_to_owner([(sums[target.name], target.owner) for target in targets])
-    return {target.name: sums[target.name] for target in targets if target.mine}
+        if with_grads:
+            total.add(abs_weight_gradient(capture.inputs[name][row], output_grad[row], dtype))
+        else:
+            total.add(squared_input_sum(capture.inputs[name][row], rows[row]))
 
 
 def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
@@ -140,12 +142,13 @@ def score_targets(model: nn.Module, targets: Sequence[Target], samples: Sequence
         weight = weight_on_owner(target.weight, target.owner)
         if weight is None:
             continue
-        magnitude = weight.float().abs()
         statistic = statistics.pop(target.name)  # freed as we go: scores replace accumulators
+        # under --accumulate-dtype model the product too is taken in the model's dtype, as the original code does
+        magnitude = weight.abs().to(statistic.dtype)
         if config.method == "wanda":
             score = magnitude * torch.sqrt(statistic / len(samples)).reshape(1, -1)
         else:
-            score = magnitude * statistic
+            score = (magnitude * statistic).float()
         if not torch.isfinite(magnitude).all():
             problems.append((0, f"parameter {target.name} has NaN or inf weights; its score is not finite"))
         elif not torch.isfinite(score).all():

@@ -2,8 +2,8 @@
 
 Model states come from DeepSpeed's own ZeRO-3 estimator, plus the optimizer step's transient; activations from a
 formula for Hugging Face's Llama in bf16 with SDPA attention (see `activation_bytes_per_token`), and for patching
-from the formula `patch` sizes its batches with; masks are bit-packed and partitioned over all ranks; wandg's fp32
-sums of |gradient| are held for every scored weight on every rank when they fit the score memory budget (else in
+from the formula `patch` sizes its batches with; masks are bit-packed and partitioned over all ranks; wandg's
+sums of |gradient| (16 bytes a weight when exact, the default) are held for every scored weight on every rank when they fit the score memory budget (else in
 rounds of the budget's size, plus the sums a rank owns). Each stage's figure is tested against the measured peak
 memory of the real code (tests/workflows/test_plan.py). Offline: the llama2 sizes are built in, other models are read from a
 local folder's config.json.
@@ -19,6 +19,7 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import GIB
 from safeneurons.runtime.outputs import check_output_dir, write_json
+from safeneurons.scores.accumulators import element_bytes, owned_bytes
 from safeneurons.scores.config import AUTO_MEMORY_FRACTION
 
 # CUDA context, NCCL buffers, the allocator's fragmentation: the share of a GPU a plan may not count on.
@@ -152,6 +153,7 @@ class Workload:
     score_memory: int | None = None  # score --score-memory in bytes; None = auto (half of what is left free)
     patch_length: int = 128  # tokens of a patching prompt
     patch_batch_size: int | None = None  # patch --batch-size; None = auto (a quarter of what is left free)
+    accumulate_dtype: str = "exact"  # score --accumulate-dtype
 
 
 def activation_bytes_per_token(shape: ModelShape, length: int) -> tuple[int, int]:
@@ -244,7 +246,7 @@ def score_pass_activations(shape: ModelShape, sequences: int, length: int) -> in
 
 @dataclass(frozen=True)
 class ScoreSums:
-    """wandg's fp32 sums per GPU: `round_bytes` held during a round (all scored weights when they fit the budget),
+    """wandg's sums (`--accumulate-dtype`) per GPU: `round_bytes` held during a round (all scored weights when they fit the budget),
     plus the owned sums of earlier rounds; `rounds` = times the passes run."""
 
     budget: int
@@ -253,21 +255,21 @@ class ScoreSums:
     peak: int
 
 
-def score_sums(shape: ModelShape, cluster: Cluster, budget: int) -> ScoreSums:
+def score_sums(shape: ModelShape, cluster: Cluster, budget: int, element_size: int) -> ScoreSums:
     """As `scoring.accumulation_rounds`: everything in one round when it fits the budget, else rounds of what the
-    budget leaves beside the owned sums (1/N of everything)."""
-    everything = shape.scored_params * FP32_BYTES
+    budget leaves beside the owned sums (1/N of everything); `element_size` bytes per weight."""
+    everything = shape.scored_params * element_size
     if everything <= budget:
         return ScoreSums(budget, everything, 1, everything)
-    owned = everything // cluster.world
-    largest_linear = FP32_BYTES * shape.hidden * max(shape.intermediate, shape.heads * shape.head_width)
+    owned = shape.scored_params * owned_bytes(element_size) // cluster.world
+    largest_linear = element_size * shape.hidden * max(shape.intermediate, shape.heads * shape.head_width)
     round_bytes = min(everything, max(budget - owned, largest_linear))
     return ScoreSums(budget, round_bytes, math.ceil(everything / round_bytes), round_bytes + owned)
 
 
 def score_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> tuple[StageMemory, ScoreSums]:
     """wandg: bf16 weights without parameter gradients, one pass's activations (`score_pass_activations`), the
-    fp32 sums."""
+    sums."""
     cpu, states = inference_model_states(shape, cluster)
     activations = score_pass_activations(shape, workload.score_batch_size, workload.max_length)
     masks = bitpacked_masks(shape, cluster)
@@ -275,7 +277,7 @@ def score_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> tupl
     if budget is None:  # as `score`: half of what is free when scoring starts
         usable = (1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB
         budget = max(int(AUTO_MEMORY_FRACTION * (usable - states - activations - masks)), 0)
-    sums = score_sums(shape, cluster, budget)
+    sums = score_sums(shape, cluster, budget, element_bytes(workload.accumulate_dtype, BF16_BYTES))
     return StageMemory("score", states, activations, masks, sums.peak, cpu), sums
 
 
@@ -400,7 +402,7 @@ def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict
                     "fits": fits(stage, cluster)} for stage in stages],
         "remedies": remedies(shape, cluster, workload),
         "score_sums": {"budget_gib": sums.budget / GIB, "round_gib": sums.round_bytes / GIB, "rounds": sums.rounds,
-                       "all_gib": shape.scored_params * FP32_BYTES / GIB},
+                       "all_gib": shape.scored_params * element_bytes(workload.accumulate_dtype, BF16_BYTES) / GIB},
     }
 
 
@@ -418,7 +420,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{stage['stage']:<9}" + "".join(f"{value:>9.2f}" for value in gib)
                      + f"  {'yes' if stage['fits'] else 'NO ':<5}{stage['cpu_per_node'] / GIB:>9.1f}")
     sums = report["score_sums"]
-    lines.append(f"score: wandg sums {sums['all_gib']:.1f} GiB in {'~' if sums['rounds'] > 1 else ''}{sums['rounds']} round"
+    lines.append(f"score: wandg {report['workload']['accumulate_dtype']} sums {sums['all_gib']:.1f} GiB in "
+                 f"{'~' if sums['rounds'] > 1 else ''}{sums['rounds']} round"
                  f"{'' if sums['rounds'] == 1 else 's'} of <= {sums['round_gib']:.1f} GiB per GPU (budget "
                  f"{sums['budget_gib']:.1f} GiB{', --score-memory' if report['workload']['score_memory'] else ', auto'})"
                  f"; each round runs the passes once")

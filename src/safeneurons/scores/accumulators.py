@@ -1,0 +1,113 @@
+"""Sums of per-sample statistics over the calibration samples, in one of three arithmetics (`--accumulate-dtype`).
+
+- `exact` (the default): every per-sample fp32 term is added exactly, in fixed point (two int64 words per element),
+  and the sum is rounded to fp32 once at the end. Integer addition is associative, so the sum — and so the mask —
+  is the same bit for bit whichever rank adds which sample, in whatever order, for any number of ranks.
+- `float32`: running fp32 sums (4 bytes per element instead of 16); the last bits depend on the order in which
+  samples are added, and so on the number of ranks.
+- `model`: running sums in the model's dtype, as the original code's gradient buffers (`zeros_like(weight)`) do
+  under bf16.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from safeneurons.errors import SafeneuronsError
+from safeneurons.runtime.distributed import reduce_each_to_owner
+
+ACCUMULATE_DTYPES = ("exact", "float32", "model")
+# Fixed point: the high word counts units of 2^-20 and the low word units of 2^-72. A term below 2^-72 (2e-22)
+# adds nothing; the high word holds sums up to 2^43 (8.8e12), the low word 2^11 terms between carries.
+HIGH_UNIT_BITS = 20
+LOW_UNIT_BITS = 72
+LOW_WORD_BITS = LOW_UNIT_BITS - HIGH_UNIT_BITS
+LARGEST_TERM = 2.0 ** 43
+CARRY_EVERY = 2 ** 10  # terms between carries, so that the low word (< 2^52 per term) never overflows int64
+
+
+def element_bytes(accumulate_dtype: str, weight_bytes: int) -> int:
+    """Bytes one accumulated element takes (wandg's sums are weight-sized), for weights of `weight_bytes`."""
+    return {"exact": 16, "float32": 4}.get(accumulate_dtype, weight_bytes)
+
+
+def owned_bytes(element_size: int) -> int:
+    """Bytes per element of a finished sum (an fp32 value, or the model's dtype under `model`), which the owner
+    keeps after its round while the accumulators are freed."""
+    return min(4, element_size)
+
+
+class ExactSum:
+    """Σ of non-negative fp32 terms, exactly, as integers: high · 2^-20 + low · 2^-72."""
+
+    def __init__(self, shape: Sequence[int] | int, device: torch.device) -> None:
+        self.high = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.low = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.flags = torch.zeros(2, dtype=torch.int64, device=device)  # terms not finite; terms too large (or inf)
+        self.pending = 0
+
+    def add(self, term: torch.Tensor) -> None:
+        self.flags[0] += (~torch.isfinite(term)).any()
+        self.flags[1] += (term >= LARGEST_TERM).any()
+        scaled = torch.nan_to_num(term.double(), nan=0.0, posinf=0.0).clamp_(max=LARGEST_TERM).mul_(2.0 ** HIGH_UNIT_BITS)
+        whole = scaled.floor()
+        # fp64 holds the fp32 term exactly, so the fraction below one high unit is exact too
+        self.low += scaled.sub_(whole).mul_(2.0 ** LOW_WORD_BITS).floor_().to(torch.int64)
+        self.high += whole.to(torch.int64)
+        self.pending += 1
+        if self.pending == CARRY_EVERY:
+            self.carry()
+
+    def carry(self) -> None:
+        """Move whole high units out of the low word (exact: the represented sum does not change)."""
+        carried = torch.div(self.low, 2 ** LOW_WORD_BITS, rounding_mode="floor")
+        self.high += carried
+        self.low -= carried * 2 ** LOW_WORD_BITS
+        self.pending = 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        self.carry()  # each rank's low word < 2^52, so the sum over up to 2^11 ranks fits
+        return [self.high, self.low, self.flags]
+
+    def value(self, name: str) -> torch.Tensor:
+        """The fp32 sum (NaN where a term was not finite, for the caller's finiteness check to name)."""
+        if int(self.flags[0]):
+            return torch.full(self.high.shape, float("nan"), device=self.high.device)
+        if int(self.flags[1]):
+            raise SafeneuronsError(f"a per-sample statistic of {name} reaches {LARGEST_TERM:.3g}, beyond the exact "
+                                   "sums' range; use --accumulate-dtype float32")
+        self.carry()
+        total = self.high.double() * 2.0 ** -HIGH_UNIT_BITS + self.low.double() * 2.0 ** -LOW_UNIT_BITS
+        return total.float()
+
+
+class RunningSum:
+    """Σ of terms in one floating dtype, in the order they are added."""
+
+    def __init__(self, shape: Sequence[int] | int, device: torch.device, dtype: torch.dtype) -> None:
+        self.total = torch.zeros(shape, dtype=dtype, device=device)
+
+    def add(self, term: torch.Tensor) -> None:
+        self.total += term.to(self.total.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.total]
+
+    def value(self, name: str) -> torch.Tensor:
+        return self.total
+
+
+Accumulator = ExactSum | RunningSum
+
+
+def new_accumulator(accumulate_dtype: str, shape: Sequence[int] | int, device: torch.device,
+                    model_dtype: torch.dtype) -> Accumulator:
+    if accumulate_dtype == "exact":
+        return ExactSum(shape, device)
+    return RunningSum(shape, device, torch.float32 if accumulate_dtype == "float32" else model_dtype)
+
+
+def reduce_accumulators_to_owners(accumulators: Sequence[tuple[Accumulator, int]]) -> None:
+    """Each accumulator summed over the ranks onto its owner (integer words add exactly, in any order)."""
+    reduce_each_to_owner([(tensor, owner) for accumulator, owner in accumulators for tensor in accumulator.tensors()])
