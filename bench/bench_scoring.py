@@ -1,7 +1,8 @@
 """Scoring time of wandg: the default schedule (one backward per sample for all layers) against the original
 sequential schedule (one backward per layer per sample, earlier layers pruned) — ours and the original code's
-recipe (only the scored layer's weights require grad, `param.grad` per sample) — and against a plain training step
-over the same tokens. Same model, same samples, measured side by side in one run.
+recipe (only the scored layer's weights require grad, `param.grad` per sample) — against a plain training step
+over the same tokens, and exact sums (the default) against running float32 sums. Same model, same samples,
+measured side by side in one run: the sides take turns, best of --repeats rounds each (bench/timing.py).
 
     python bench/bench_scoring.py [--model demo] [--nsamples 32] [--max-length 128] [--batch-size 8] [--threads 1] [--repeats 3]
 """
@@ -23,23 +24,7 @@ from safeneurons.models.loading import load_model, load_tokenizer
 from safeneurons.models.structure import decoder_layers
 from safeneurons.scores.config import ScoreConfig
 from safeneurons.scores.schedules import score_model
-
-
-@dataclass
-class Timing:
-    wall: float
-    cpu: float  # process CPU time: steadier than wall time on a machine shared with other jobs
-
-
-def best_time(run: Callable[[], object], repeats: int) -> Timing:
-    """Shortest wall and CPU times of `repeats` runs (progress bars silenced)."""
-    timings = []
-    for _ in range(repeats):
-        with contextlib.redirect_stderr(io.StringIO()):
-            wall, cpu = time.perf_counter(), time.process_time()
-            run()
-            timings.append(Timing(time.perf_counter() - wall, time.process_time() - cpu))
-    return Timing(min(t.wall for t in timings), min(t.cpu for t in timings))
+from timing import interleaved
 
 
 def training_step(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
@@ -101,39 +86,45 @@ def main() -> None:
     tokens = int(batch["attention_mask"].sum())
     layers = len(decoder_layers(model))
 
-    best_time(lambda: score_model(model, tokenizer, ScoreConfig(**{**vars(config), "nsamples": 2})), 1)  # warm-up
-    default = best_time(lambda: score_model(model, tokenizer, config), args.repeats)
-    batched_config = ScoreConfig(**{**vars(config), "batch_size": args.batch_size})
-    batched = best_time(lambda: score_model(model, tokenizer, batched_config), args.repeats)
-    sequential_config = ScoreConfig(**{**vars(config), "sequential": True})
-    sequential = best_time(lambda: score_model(model, tokenizer, sequential_config), args.repeats)
-    original = best_time(lambda: original_sequential(model, samples, config.sparsity_ratio), args.repeats)
-    ours = score_model(model, tokenizer, sequential_config).masks
-    same = all(torch.equal(ours[name], mask) for name, mask in original_sequential(model, samples, 0.05).items())
+    interleaved({"warm-up": lambda: score_model(model, tokenizer, ScoreConfig(**{**vars(config), "nsamples": 2}))}, 1)
     trainee = copy.deepcopy(model)
-    train = best_time(lambda: training_step(trainee, [batch]), args.repeats)
     single_batches = [pad_batch([sample], tokenizer.pad_token_id) for sample in samples]
-    train_per_sample = best_time(lambda: training_step(trainee, single_batches), args.repeats)
+    sequential_config = ScoreConfig(**{**vars(config), "sequential": True})
+    sides = {
+        "wandg default (1 backward per sample)": lambda: score_model(model, tokenizer, config),
+        "wandg default, running float32 sums": lambda: score_model(
+            model, tokenizer, ScoreConfig(**{**vars(config), "accumulate_dtype": "float32"})),
+        f"wandg default, micro-batches of {args.batch_size}": lambda: score_model(
+            model, tokenizer, ScoreConfig(**{**vars(config), "batch_size": args.batch_size})),
+        "wandg sequential (1 backward per layer per sample)": lambda: score_model(model, tokenizer, sequential_config),
+        "original code's sequential recipe (same passes)": lambda: original_sequential(model, samples,
+                                                                                        config.sparsity_ratio),
+        "plain training step (same tokens, one batch)": lambda: training_step(trainee, [batch]),
+        "training step, 1 sample per pass (same passes as default)": lambda: training_step(trainee, single_batches),
+    }
+    timings = interleaved(sides, args.repeats)
+    ours = timings["wandg sequential (1 backward per layer per sample)"].value.masks
+    original = timings["original code's sequential recipe (same passes)"].value
+    same = sum(int((ours[name] == mask).sum()) for name, mask in original.items()) / sum(
+        mask.numel() for mask in original.values())
 
     print(f"\nmodel {args.model}: {layers} layers, {len(samples)} samples, {tokens} tokens, "
-          f"{torch.get_num_threads()} threads")
-    rows = [("wandg default (1 backward per sample)", default),
-            (f"wandg default, micro-batches of {args.batch_size}", batched),
-            ("wandg sequential (1 backward per layer per sample)", sequential),
-            ("original code's sequential recipe (same passes)", original),
-            ("plain training step (same tokens, one batch)", train),
-            ("training step, 1 sample per pass (same passes as default)", train_per_sample)]
+          f"{torch.get_num_threads()} threads, best of {args.repeats} interleaved rounds")
     print(f"{'':58s} {'wall s':>8s} {'cpu s':>8s}")
-    for label, timing in rows:
+    for label, timing in timings.items():
         print(f"{label:58s} {timing.wall:8.2f} {timing.cpu:8.2f}")
     print(f"sequential: {layers} x {len(samples)} forward+backward passes in both schedules (ours starts each at the "
-          f"scored layer, from cached hidden states); same masks: {same}")
-    for label, numerator, denominator in (("sequential / default", sequential, default),
-                                          ("original sequential / ours (speed of ours)", original, sequential),
-                                          ("default / training step", default, train),
-                                          ("batched default / training step", batched, train),
-                                          ("default / training step of 1-sample passes", default, train_per_sample)):
-        print(f"{label:58s} {numerator.wall / denominator.wall:7.2f}x {numerator.cpu / denominator.cpu:7.2f}x")
+          f"scored layer, from cached hidden states); masks equal to the original's at {same:.4%} of the weights "
+          f"(it sums in fp32 in sample order, ours exactly)")
+    labels = list(sides)
+    for label, numerator, denominator in (("exact / float32 sums (cost of exact sums)", labels[0], labels[1]),
+                                          ("sequential / default", labels[3], labels[0]),
+                                          ("original sequential / ours (speed of ours)", labels[4], labels[3]),
+                                          ("default / training step", labels[0], labels[5]),
+                                          ("batched default / training step", labels[2], labels[5]),
+                                          ("default / training step of 1-sample passes", labels[0], labels[6])):
+        print(f"{label:58s} {timings[numerator].wall / timings[denominator].wall:7.2f}x "
+              f"{timings[numerator].cpu / timings[denominator].cpu:7.2f}x")
 
 
 if __name__ == "__main__":

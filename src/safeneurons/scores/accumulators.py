@@ -24,6 +24,7 @@ HIGH_UNIT_BITS = 20
 LOW_UNIT_BITS = 72
 LOW_WORD_BITS = LOW_UNIT_BITS - HIGH_UNIT_BITS
 LARGEST_TERM = 2.0 ** 43
+CHUNK_ELEMENTS = 2 ** 18  # rows added together, so that the temporaries of a chunk stay in cache
 CARRY_EVERY = 2 ** 10  # terms between carries, so that the low word (< 2^52 per term) never overflows int64
 
 
@@ -44,17 +45,21 @@ class ExactSum:
     def __init__(self, shape: Sequence[int] | int, device: torch.device) -> None:
         self.high = torch.zeros(shape, dtype=torch.int64, device=device)
         self.low = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.flags = torch.zeros(2, dtype=torch.int64, device=device)  # terms not finite; terms too large (or inf)
+        self.flags = torch.zeros(2, dtype=torch.int64, device=device)  # terms not finite; terms too large
         self.pending = 0
 
     def add(self, term: torch.Tensor) -> None:
-        self.flags[0] += (~torch.isfinite(term)).any()
-        self.flags[1] += (term >= LARGEST_TERM).any()
-        scaled = torch.nan_to_num(term.double(), nan=0.0, posinf=0.0).clamp_(max=LARGEST_TERM).mul_(2.0 ** HIGH_UNIT_BITS)
-        whole = scaled.floor()
-        # fp64 holds the fp32 term exactly, so the fraction below one high unit is exact too
-        self.low += scaled.sub_(whole).mul_(2.0 ** LOW_WORD_BITS).floor_().to(torch.int64)
-        self.high += whole.to(torch.int64)
+        largest = term.max()  # NaN when a term is NaN
+        self.flags[0] += ~torch.isfinite(largest)
+        self.flags[1] += largest >= LARGEST_TERM
+        rows = max(1, CHUNK_ELEMENTS // term.shape[-1]) if term.dim() == 2 else term.shape[0]
+        for high, low, part in zip(self.high.split(rows), self.low.split(rows), term.split(rows)):
+            # In fp32, exactly: scaling by a power of 2, the whole high units (truncation is the floor: terms are
+            # not negative) and the fraction below one (the term has 24 significant bits); a NaN, inf or too large
+            # term leaves words that `value` never reads.
+            scaled = part.float() * 2.0 ** HIGH_UNIT_BITS
+            high += scaled.to(torch.int64)
+            low += scaled.frac_().mul_(2.0 ** LOW_WORD_BITS).to(torch.int64)
         self.pending += 1
         if self.pending == CARRY_EVERY:
             self.carry()
@@ -74,7 +79,7 @@ class ExactSum:
         """The fp32 sum (NaN where a term was not finite, for the caller's finiteness check to name)."""
         if int(self.flags[0]):
             return torch.full(self.high.shape, float("nan"), device=self.high.device)
-        if int(self.flags[1]):
+        if int(self.flags[1]):  # (an inf term counts as not finite, above)
             raise SafeneuronsError(f"a per-sample statistic of {name} reaches {LARGEST_TERM:.3g}, beyond the exact "
                                    "sums' range; use --accumulate-dtype float32")
         self.carry()
