@@ -1,6 +1,7 @@
 """Model loading: local folders, aliases, offline errors, architecture checks, the demo model's behaviour."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -115,3 +116,36 @@ def test_demo_build_is_deterministic(tmp_path):
     assert (first.chat / "tokenizer.json").read_bytes() == (first.base / "tokenizer.json").read_bytes()
     different = demo.build_demo(tmp_path / "c", demo.DemoBuild(steps=3, chat_steps=2, batch_size=4, seed=5))
     assert (first.chat / "model.safetensors").read_bytes() != (different.chat / "model.safetensors").read_bytes()
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(monkeypatch, tmp_path):
+    """Not offline by the environment, but the hub's endpoint refuses the connection: no online attempt (the hub
+    client would retry for ~30 s), one line that says why."""
+    from transformers import AutoConfig
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", f"http://127.0.0.1:{port}")
+    attempts = []
+    original = AutoConfig.from_pretrained.__func__
+
+    def recorded(cls, name, **kwargs):
+        attempts.append(kwargs["local_files_only"])
+        return original(cls, name, **kwargs)
+    monkeypatch.setattr(AutoConfig, "from_pretrained", classmethod(recorded))
+    with pytest.raises(SafeneuronsError) as caught:
+        models.load_config("meta-llama/Llama-2-7b-chat-hf", cache_dir=str(tmp_path))
+    message = str(caught.value)
+    assert attempts == [True]
+    assert f"the hub at http://127.0.0.1:{port} cannot be reached" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "llama-2-7b"])
+def test_a_name_that_is_no_folder_alias_or_hub_id_is_refused_before_any_download(name, no_model_load):
+    with pytest.raises(SafeneuronsError, match=f"model '{name}' is not a local folder, a built-in name or alias "
+                                               r"\(demo, demo-base, demo-judge, llama2-7b-chat-hf.*nor an HF id"):
+        models.load_config(name)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from safeneurons.runtime.zero3 import gathered_state_dict, is_zero3_partitioned,
 
 def local_model_folder(name: str, cache_dir: str | None = None) -> Path:
     """The local folder holding a model's files: a folder, `demo`, or an HF id found in the local cache."""
-
+    check_model_name(name)
     resolved = resolve_model_name(name)
     if Path(resolved).is_dir():
         return Path(resolved)
@@ -89,6 +91,37 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
+HUB_PROBE_SECONDS = 5.0
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached (one TCP connect to its endpoint), or None when it can or a proxy is set
+    (then the hub client's own attempt decides). Without it an offline machine waits ~30 s of retries."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_SECONDS).close()
+    except OSError as error:
+        return f"the hub at {constants.ENDPOINT} cannot be reached ({error.strerror or type(error).__name__})"
+    return None
+
+
+def check_model_name(name: str, what: str = "model") -> None:
+    """Refuse a name that is no folder, no built-in name or alias, and cannot be an HF id (`org/name`)."""
+    resolved = resolve_model_name(name)
+    if not Path(resolved).is_dir() and looks_like_path(name):
+        raise SafeneuronsError(f"{what} folder {name} does not exist (no such folder)")
+    if not Path(resolved).is_dir() and resolved.count("/") != 1:
+        known = ", ".join([DEMO_NAME, DEMO_BASE_NAME, DEMO_JUDGE_NAME, *ALIASES])
+        raise SafeneuronsError(f"{what} {name!r} is not a local folder, a built-in name or alias ({known}) nor an "
+                               f"HF id (org/name)")
+
+
 def looks_like_path(name: str) -> bool:
     """A name meant as a local folder rather than an HF id (`org/name`): absolute, relative with ./ or ../, from
     ~, ending in /, or of more than two parts."""
@@ -98,13 +131,15 @@ def looks_like_path(name: str) -> bool:
 
 def _from_pretrained(loader: Any, name: str, what: str, cache_dir: str | None, **kwargs: Any) -> Any:
     """Load from the local cache first; go online only when that fails and HF_HUB_OFFLINE is not set."""
+    check_model_name(name, what)
     resolved = resolve_model_name(name)
-    if not Path(resolved).is_dir() and looks_like_path(name):
-        raise SafeneuronsError(f"{what} folder {name} does not exist (no such folder)")
     local = Path(resolved).is_dir()
-    attempts = [True] if local or _offline() else [True, False]
-    error: Exception | None = None
-    for local_only in attempts:
+    error: Exception | str | None = None
+    for local_only in [True] if local or _offline() else [True, False]:
+        if not local_only:
+            error = hub_unreachable() or error
+            if isinstance(error, str):
+                break
         try:
             return loader.from_pretrained(resolved, cache_dir=cache_dir, local_files_only=local_only, **kwargs)
         except (OSError, ValueError) as caught:
@@ -113,7 +148,7 @@ def _from_pretrained(loader: Any, name: str, what: str, cache_dir: str | None, *
     hint = ("" if local else
             f"; download it where there is network (`huggingface-cli download {resolved} --local-dir DIR`) "
             f"and pass --model DIR, or point --cache_dir/HF_HOME at a cache that holds it")
-    first_line = str(error).strip().splitlines()[0] if error and str(error).strip() else type(error).__name__
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     raise SafeneuronsError(f"{what} {where} is not available locally and could not be loaded ({first_line}){hint}")
 
 

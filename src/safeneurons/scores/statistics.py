@@ -15,7 +15,7 @@ from safeneurons.models.structure import model_device, model_dtype
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import weight_on_owner
 from safeneurons.scores.accumulators import (Accumulator, element_bytes, new_accumulator, owned_bytes,
-                                              reduce_accumulators_to_owners)
+                                             reduce_accumulators_to_owners)
 from safeneurons.scores.config import AUTO_MEMORY_FRACTION
 from safeneurons.scores.passes import (LinearCapture, abs_weight_gradient, rank_batches, run_batch, scoring_mode,
                                        squared_input_sum)
