@@ -9,7 +9,7 @@
 #   PYTHON (python3)  HOSTFILE (deepspeed/mpirun, several nodes)  ACCELERATE_CONFIG (launch/accelerate/*.yaml)
 #   SAFENEURONS_DRY_RUN=1 prints the command instead of running it.
 # Examples:
-#   launch/run.sh torchrun score --model llama2-7b-chat-hf --method wandg --data align --sparsity-ratio 0.01 --out r
+#   launch/run.sh torchrun score --model llama2-7b-chat-hf --score-method wandg --data align --sparsity-ratio 0.01 --out r
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node01 launch/run.sh torchrun finetune --deepspeed ds_configs/zero3.json ...
 set -euo pipefail
 

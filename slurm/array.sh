@@ -26,7 +26,7 @@
 set -euo pipefail
 
 REPO="${SAFENEURONS_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}"
-DEFAULT_ROW_ARGS="--model {model} --method {method} --sparsity-ratio {sparsity} --seed {seed} --out {out}"
+DEFAULT_ROW_ARGS="--model {model} --score-method {method} --sparsity-ratio {sparsity} --seed {seed} --out {out}"
 
 grid_rows() {  # the grid's data rows as "model method sparsity seed", one a line
     sed -e 's/#.*//' -e 's/,/ /g' "$1" | awk 'NF && tolower($1) != "model" { print $1, $2, $3, $4 }'

@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 from safeneurons.cli import STAGES, normalize_option_spelling
 
@@ -72,3 +74,33 @@ def test_help_lists_the_commands_without_importing_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "finetune" in result.stdout and "trace" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "torch imported: False"
+
+
+ONE_NAME = [  # (command and its required options, the canonical flag, the older name it keeps as an alias)
+    (["score", "--model", "demo", "--data", "demo-align", "--out", "o"], "--score-method", "--method", "wanda"),
+    (["pipeline"], "--score-method", "--prune-method", "wanda"),
+    (["pipeline"], "--score-method", "--prune_method", "wanda"),  # the seed's spelling
+    (["ablate", "--model", "demo", "--out", "o"], "--selections", "--methods", "top"),
+    (["ablate", "--model", "demo", "--out", "o"], "--harmful-data", "--harmful", "x"),
+    (["ablate", "--model", "demo", "--out", "o"], "--eval-limit", "--limit", "7"),
+    (["eval", "--model", "demo", "--out", "o"], "--harmful-data", "--prompts", "x"),
+    (["eval", "--model", "demo", "--out", "o"], "--harmless-data", "--harmless", "x"),
+    (["eval", "--model", "demo", "--out", "o"], "--eval-limit", "--limit", "7"),
+    (["eval", "--model", "demo", "--out", "o"], "--eval-batch-size", "--batch-size", "7"),
+    (["patch", "--model", "demo", "--out", "o"], "--patch-method", "--method", "attribution"),
+    (["patch", "--model", "demo", "--out", "o"], "--harmful-data", "--harmful", "x"),
+    (["finetune", "--model", "demo", "--data", "d", "--out", "o"], "--curve-limit", "--eval-limit", "7"),
+    (["finetune", "--model", "demo", "--data", "d", "--out", "o"], "--curve-prompts", "--eval-prompts", "x"),
+    (["trace", "--other", "demo", "--out", "o"], "--model", "--base", "demo-base"),
+]
+
+
+@pytest.mark.parametrize("command, canonical, alias, value", ONE_NAME, ids=lambda item: str(item))
+def test_one_name_per_concept_and_the_older_names_as_aliases(command, canonical, alias, value):
+    """The canonical flag and its alias set the same option; the help shows the canonical name first."""
+    from safeneurons.cli.app import parse_command_line
+
+    _, by_canonical = parse_command_line(normalize_option_spelling([*command, canonical, value]))
+    _, by_alias = parse_command_line(normalize_option_spelling([*command, alias, value]))
+    assert vars(by_canonical) == vars(by_alias)
+    assert value in (str(item) for item in vars(by_canonical).values())

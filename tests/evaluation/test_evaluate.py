@@ -108,8 +108,8 @@ def test_eval_reads_the_advbench_file_in_order(tmp_path, shared_data, demo_token
 
 
 def test_eval_rejects_a_negative_limit_without_writing(tmp_path, capsys):
-    assert cli.main(["eval", "--model", "demo", "--limit", "-1", "--out", str(tmp_path / "out")]) == 2
-    assert "--limit=-1" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", "demo", "--eval-limit", "-1", "--out", str(tmp_path / "out")]) == 2
+    assert "--eval-limit=-1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -213,12 +213,12 @@ def test_array_runs_its_row_skips_finished_rows_and_marks_only_complete_ones(tmp
     assert _run_script(["bash", "slurm/array.sh", "--count", str(grid)], env).stdout.strip() == "3"
     dry = _run_script(["bash", "slurm/array.sh", str(grid)], {**env, "SLURM_ARRAY_TASK_ID": "1",
                                                               "SAFENEURONS_DRY_RUN": "1"})
-    assert "-m safeneurons.cli score --model llama2-7b-chat-hf --method wandg --sparsity-ratio 0.01" in dry.stdout
+    assert "-m safeneurons.cli score --model llama2-7b-chat-hf --score-method wandg --sparsity-ratio 0.01" in dry.stdout
     assert not results.exists() and not log.exists()  # printed only
     assert task(2).returncode == 0
     row = results / "meta-llama_Llama-2-13b-chat-hf__wanda__s0.05__seed1"
     assert log.read_text().splitlines() == [
-        "score --model meta-llama/Llama-2-13b-chat-hf --method wanda --sparsity-ratio 0.05 --seed 1 "
+        "score --model meta-llama/Llama-2-13b-chat-hf --score-method wanda --sparsity-ratio 0.05 --seed 1 "
         f"--out {row} --data align --nsamples 4"]
     assert (row / "DONE").is_file()
     assert json.loads((row / "row.json").read_text())["model"] == "meta-llama/Llama-2-13b-chat-hf"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -137,11 +139,16 @@ def _check_study(results: Path, summary: dict) -> None:
 
 
 @pytest.mark.slow
-def test_rerun_with_the_same_arguments_skips_finished_stages(single_run):
+def test_rerun_with_the_same_arguments_skips_finished_stages(single_run, caplog):
     results = single_run / "results"
     before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
     outputs = (results / "eval_benign_plain_s0" / "eval.json").stat().st_mtime_ns
-    assert cli.main(_pipeline_args(single_run)) == 0
+    with caplog.at_level(logging.INFO, logger="safeneurons"):
+        assert cli.main(_pipeline_args(single_run)) == 0
+    announced = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(announced) == len(STAGES)
+    assert all(re.match(rf"stage {number} of {len(STAGES)} \(\w+, \d+\.\d min into the study\)", line)
+               for number, line in enumerate(announced, 1)), announced
     assert {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES} == before
     assert (results / "eval_benign_plain_s0" / "eval.json").stat().st_mtime_ns == outputs
     assert (results / "analysis_summary.json").is_file()

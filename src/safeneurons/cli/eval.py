@@ -17,11 +17,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)  # --deepspeed ZeRO-3 config: the model partitioned, generation in lock-step
     add_run_arguments(parser)
-    parser.add_argument("--prompts", default="advbench",
+    parser.add_argument("--harmful-data", "--prompts", dest="prompts", default="advbench",
                         help="harmful prompts: a data set name or file (default %(default)s)")
-    parser.add_argument("--limit", type=int, default=DEFAULT_HARMFUL_LIMIT,
+    parser.add_argument("--eval-limit", "--limit", dest="limit", type=int, default=DEFAULT_HARMFUL_LIMIT,
                         help="use the first N harmful prompts (default %(default)s; 0 = all)")
-    parser.add_argument("--harmless", default=None, help="harmless prompts: their refusal rate is the over-refusal")
+    parser.add_argument("--harmless-data", "--harmless", dest="harmless", default=None, help="harmless prompts: their refusal rate is the over-refusal")
     parser.add_argument("--harmless-limit", type=int, default=0,
                         help="use the first N harmless prompts (default %(default)s = all)")
     parser.add_argument("--perplexity-data", default=None,
@@ -58,7 +58,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     over_refusal.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task (all)")
     over_refusal.add_argument("--lm-eval-include", default=None, metavar="DIR",
                               help="a folder of lm-eval task YAML files (local tasks)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default %(default)s)")
+    parser.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=16,
+                        help="prompts per generation batch (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per perplexity text (default %(default)s)")
     add_eos_argument(parser)
 
@@ -66,9 +67,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     from safeneurons.evaluation.utility import parse_tasks
 
-    for option in ("limit", "harmless_limit", "perplexity_samples"):
+    for option, flag in (("limit", "--eval-limit"), ("harmless_limit", "--harmless-limit"),
+                         ("perplexity_samples", "--perplexity-samples")):
         if getattr(args, option) < 0:
-            raise SafeneuronsError(f"--{option.replace('_', '-')}={getattr(args, option)} must be >= 0 (0 = all)")
+            raise SafeneuronsError(f"{flag}={getattr(args, option)} must be >= 0 (0 = all)")
     config = EvalConfig(prompts=args.prompts, limit=args.limit or None, harmless=args.harmless,
                         harmless_limit=args.harmless_limit or None, perplexity_data=args.perplexity_data,
                         perplexity_samples=args.perplexity_samples or None, max_new_tokens=args.max_new_tokens,

@@ -70,13 +70,14 @@ def add_training_extensions(parser: argparse.ArgumentParser, defaults: FineTuneC
     group.add_argument("--safety-weight", type=float, default=defaults.safety_weight,
                        help="λ of the safety loss (default %(default)s)")
     group.add_argument("--eval-every", type=int, default=None, metavar="K",
-                       help="refusal curve: the keyword refusal rate on --eval-prompts before training, every K "
+                       help="refusal curve: the keyword refusal rate on --curve-prompts before training, every K "
                             "optimizer steps and at the end (greedy; freeze_report.json's refusal_curve)")
-    group.add_argument("--eval-prompts", default=defaults.eval_prompts,
+    group.add_argument("--curve-prompts", "--eval-prompts", dest="eval_prompts", default=defaults.eval_prompts,
                        help="held-out harmful prompts of the curve (default %(default)s)")
-    group.add_argument("--eval-limit", type=int, default=defaults.eval_limit,
+    group.add_argument("--curve-limit", "--eval-limit", dest="eval_limit", type=int, default=defaults.eval_limit,
                        help="the first N of them (default %(default)s)")
-    group.add_argument("--eval-max-new-tokens", type=int, default=defaults.eval_max_new_tokens,
+    group.add_argument("--curve-max-new-tokens", "--eval-max-new-tokens", dest="eval_max_new_tokens", type=int,
+                       default=defaults.eval_max_new_tokens,
                        help="new tokens per generation of the curve (default %(default)s)")
     group.add_argument("--lora-r", type=int, default=0, help="LoRA rank through PEFT; 0 = full fine-tuning (default)")
     group.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help="LoRA alpha (default %(default)s)")

@@ -21,11 +21,13 @@ def add_eos_argument(parser: argparse.ArgumentParser) -> None:
                         help="append EOS to every response (default: none, as the original work)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_flag: str = "--model", default: str | None = None,
+def add_model_arguments(parser: argparse.ArgumentParser, model_flag: str | tuple[str, ...] = "--model",
+                        default: str | None = None,
                         dtypes: str = "float32, bfloat16 or float16", deepspeed: bool = True) -> None:
     """Options of subcommands that run a model (the model is required unless a default is given); `deepspeed`
-    False where the stage holds the whole model on every rank."""
-    parser.add_argument(model_flag, required=default is None, default=default,
+    False where the stage holds the whole model on every rank; `model_flag` may name aliases after the flag."""
+    flags = (model_flag,) if isinstance(model_flag, str) else model_flag
+    parser.add_argument(*flags, required=default is None, default=default,
                         help="local HF folder, HF id, alias (llama2-7b-chat-hf, …) or `demo`")
     parser.add_argument("--dtype", default="float32", help=f"{dtypes} (default %(default)s)")
     if deepspeed:

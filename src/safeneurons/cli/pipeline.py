@@ -12,6 +12,8 @@ from safeneurons.workflows.pipeline.settings import DEMO_PROFILE, SETTING_HELP, 
 from safeneurons.workflows.pipeline.study import run_pipeline
 
 log = logging.getLogger(__name__)
+# One name per concept across the commands (score --score-method, eval --eval-limit); the seed's flags stay aliases
+FLAGS = {"results_path": ["--results-path", "--out"], "prune_method": ["--score-method", "--prune-method"]}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -19,8 +21,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     for item in fields(PipelineConfig):
         if item.name not in SETTING_HELP:
             continue
-        flag = "--" + item.name.replace("_", "-")
-        aliases = ["--results-path", "--out"] if item.name == "results_path" else [flag]
+        aliases = FLAGS.get(item.name, ["--" + item.name.replace("_", "-")])
         kind = {"sparsity_ratio": float, "learning_rate": float, "finetune_nsamples": int, "setdiff_q": float,
                 "setdiff_p": float}.get(item.name)
         if kind is None and isinstance(getattr(defaults, item.name), int):

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from safeneurons.cli.options import add_model_arguments, add_run_arguments
 
-    add_model_arguments(parser, "--base")
-    parser.add_argument("--other", required=True, help="the model tested against --base (folder, HF id, alias, demo)")
+    add_model_arguments(parser, ("--model", "--base"))
+    parser.add_argument("--other", required=True, help="the model tested against --model (folder, HF id, alias, demo)")
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="comma-separated data set names or files whose texts give the tokens (default %(default)s)")
     parser.add_argument("--random-tokens", action="store_true", help="uniformly random token ids instead of --data")
@@ -25,7 +25,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help="sequences per forward pass (default %(default)s)")
     parser.add_argument("--all-layers", action="store_true",
-                        help="match every layer of --base against every layer of --other (pruned or deeper models)")
+                        help="match every layer of --model against every layer of --other (pruned or deeper models)")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                         help="significance level of the aggregate p-value (default %(default)s)")
     parser.add_argument("--solver", choices=SOLVERS, default="auto",
@@ -39,7 +39,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TraceConfig:
-    return TraceConfig(base=ModelSource(args.base, args.dtype, args.deepspeed, args.cache_dir),
+    return TraceConfig(base=ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir),
                        other=ModelSource(args.other, args.dtype, args.deepspeed, args.cache_dir),
                        data=args.data, random_tokens=args.random_tokens, n_tokens=args.n_tokens,
                        max_length=args.max_length, batch_size=args.batch_size, all_layers=args.all_layers,

@@ -52,7 +52,7 @@ STAND_IN_PROMPT = "Hello"  # what a rank without a batch of its own generates fr
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding: Decoding = Decoding(),
-             batch_size: int = 16, first_index: int = 0) -> list[list[str]]:
+             batch_size: int = 16, first_index: int = 0, desc: str = "generating") -> list[list[str]]:
     """`decoding.n_samples` continuations of each prompt (the new text only; tokenisation adds BOS), batched with
     left padding. A sampled batch draws from the seed `decoding.seed + first_index + its offset`. Collective
     under ZeRO-3 (lock-step)."""
@@ -67,7 +67,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding:
     outputs: list[list[str]] = []
     try:
         starts = batch_starts(len(prompts), batch_size, lockstep)
-        for start in distributed.progress(starts, desc="generating", unit="batch", leave=False):
+        for start in distributed.progress(starts, desc=desc, unit="batch", leave=False):
             if decoding.sampled:
                 torch.manual_seed(decoding.seed + first_index + (start or 0))
             texts = [STAND_IN_PROMPT] if start is None else list(prompts[start:start + batch_size])
@@ -85,13 +85,13 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding:
 
 
 def generate_distributed(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding: Decoding = Decoding(),
-                         batch_size: int = 16) -> list[list[str]] | None:
+                         batch_size: int = 16, desc: str = "generating") -> list[list[str]] | None:
     """The one generation entry point of evaluation and judging: `generate` with the prompts split round-robin
     across the ranks (each rank holding the whole model, or its ZeRO-3 partition); all generations, in prompt
     order, on rank 0 (None elsewhere). Another engine (vLLM) would plug in here."""
     mine = distributed.assign_round_robin(len(prompts))
     texts = generate(model, tokenizer, [prompts[index] for index in mine], decoding, batch_size,
-                     first_index=distributed.rank() * len(prompts))
+                     first_index=distributed.rank() * len(prompts), desc=desc)
     parts = distributed.gather_to_main(list(zip(mine, texts)))
     if parts is None:
         return None

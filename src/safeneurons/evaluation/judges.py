@@ -175,7 +175,7 @@ def judge_generations(judge: str, behaviors: Sequence[str], generations: Sequenc
     flat = [(index, text) for index, texts in enumerate(generations) for text in texts]
     prompts = [judge_prompt(judge, tokenizer, behaviors[index], text) for index, text in flat]
     outputs = generate_distributed(model, tokenizer, prompts, Decoding(max_new_tokens=ANSWER_TOKENS[judge]),
-                                   batch_size)
+                                   batch_size, desc=f"judging ({judge})")
     if outputs is None:
         return None
     verdicts: list[list[Verdict]] = [[] for _ in generations]

@@ -54,7 +54,7 @@ def check_probe_settings(every: int | None, limit: int, max_new_tokens: int) -> 
     if every is not None and every < 1:
         raise SafeneuronsError(f"--eval-every {every} must be a positive number of optimizer steps")
     if limit < 1 or max_new_tokens < 1:
-        raise SafeneuronsError(f"--eval-limit {limit} and --eval-max-new-tokens {max_new_tokens} must be positive")
+        raise SafeneuronsError(f"--curve-limit {limit} and --curve-max-new-tokens {max_new_tokens} must be positive")
 
 
 def make_probe(every: int | None, source: str, limit: int, max_new_tokens: int, tokenizer: Any,
@@ -66,7 +66,7 @@ def make_probe(every: int | None, source: str, limit: int, max_new_tokens: int, 
 
     prompts = load_prompts(source, tokenizer, limit, directory)
     if not prompts:
-        raise SafeneuronsError(f"--eval-prompts {source} holds no prompts")
+        raise SafeneuronsError(f"--curve-prompts {source} holds no prompts")
     return RefusalProbe(prompts, every, max_new_tokens, tokenizer)
 
 

@@ -6,7 +6,7 @@ minus top-s utility, per matrix), and random masks with the set difference's cou
 seed); evaluate each pruned model (ASR on harmful prompts, refusal on harmless ones, perplexity) beside the
 untouched model. Scores are computed once (`DIR/scores/`); every point is its own folder
 (`DIR/points/<point>/point.json`, written last, is its DONE marker), so an interrupted study, or a SLURM array
-that runs one point per task (`--methods M --sparsities S --seeds K`), skips what is finished. Outputs:
+that runs one point per task (`--selections M --sparsities S --seeds K`), skips what is finished. Outputs:
 `ablation.json`, `ablation.png` (ASR against the fraction of scored weights removed; random as a band over
 seeds) and `report.md`.
 """
@@ -62,7 +62,7 @@ class AblationConfig:
             raise SafeneuronsError(f"--score-method {self.score_method!r} is not wanda or wandg")
         unknown = [method for method in self.methods if method not in METHODS]
         if unknown or not self.methods:
-            raise SafeneuronsError(f"--methods {','.join(self.methods)!r}: expected a comma list of {','.join(METHODS)}")
+            raise SafeneuronsError(f"--selections {','.join(self.methods)!r}: expected a comma list of {','.join(METHODS)}")
         if not self.sparsities or not all(0 < s < 1 for s in self.sparsities):
             raise SafeneuronsError(f"--sparsities {self.sparsities}: every sparsity must lie in (0, 1)")
         if "random" in self.methods and not self.seeds:

@@ -48,7 +48,7 @@ class PatchConfig:
         for name in ("clean", "corrupted"):
             if not getattr(self, name).strip():
                 raise SafeneuronsError(f"the {name} prompt is empty")
-        for value, allowed, option in ((self.mode, MODES, "--mode"), (self.method, METHODS, "--method"),
+        for value, allowed, option in ((self.mode, MODES, "--mode"), (self.method, METHODS, "--patch-method"),
                                        (self.metric, METRICS, "--metric")):
             if value not in allowed:
                 raise SafeneuronsError(f"{option} {value!r} is not one of {', '.join(allowed)}")

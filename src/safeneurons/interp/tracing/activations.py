@@ -131,7 +131,7 @@ def _run_and_record(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
     device = model_device(model)
     decoder = model.model  # the decoder stack alone: the vocabulary projection is not needed
     with ActivationRecorder(points, arrays) as recorder, torch.no_grad():
-        for batch in batches:
+        for batch in distributed.progress(batches, desc="tracing forwards", unit="batch", leave=False):
             mask = batch["attention_mask"].to(device)
             recorder.keep = mask.reshape(-1).bool()
             decoder(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)

@@ -134,7 +134,9 @@ SETTING_HELP = {
     "training_data": "fine-tuning data", "num_epochs": "fine-tuning epochs",
     "learning_rate": "fine-tuning learning rate", "batch_size": "fine-tuning batch size per rank",
     "max_length": "tokens per sample", "save_path": "folder of the fine-tuned models (one sub-folder per arm)",
-    "results_path": "folder of the results", "seed": "random seed",
+    "results_path": "folder of the results",
+    "seed": "seed of the calibration samples (the extension's default; score and finetune default to the original "
+            "work's 0)",
     "device": "device of a single-process run (CPU when CUDA is missing)", "cache_dir": "HF cache folder",
     "dtype": "float32 or bfloat16", "deepspeed": "DeepSpeed config for fine-tuning (N ranks: built-in ZeRO-3)",
     "data_dir": "folder of the named data sets' files", "finetune_nsamples": "fine-tuning samples (default all)",

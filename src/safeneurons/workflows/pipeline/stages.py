@@ -46,26 +46,35 @@ def stage_done(folder: Path, fingerprint: dict, outputs: Sequence[Path] = ()) ->
     return finished and not missing
 
 
-def run_stage(stage: Stage, results: Path, force: bool) -> bool:
-    """Run a stage on every rank unless rank 0 finds it finished with the same settings. True if it ran."""
+def run_stages(stages: Sequence[Stage], results: Path, force: bool) -> None:
+    """Every stage in order, each announced as "stage k of n" with the study's elapsed time."""
+    started = time.perf_counter()
+    for number, stage in enumerate(stages, 1):
+        elapsed = time.perf_counter() - started
+        run_stage(stage, results, force, f"stage {number} of {len(stages)} ({stage.name}, {elapsed / 60:.1f} min "
+                                         f"into the study)")
 
+
+def run_stage(stage: Stage, results: Path, force: bool, title: str = "") -> bool:
+    """Run a stage on every rank unless rank 0 finds it finished with the same settings. True if it ran."""
+    title = title or f"stage {stage.name}"
     folder = results / stage.name
     finished = not force and distributed.is_main() and stage_done(folder, stage.fingerprint, stage.outputs(folder))
     done = distributed.broadcast_from_main(finished)
     if done:
-        log.info("stage %s: finished earlier with the same settings, skipped (--force redoes it)", stage.name)
+        log.info("%s: finished earlier with the same settings, skipped (--force redoes it)", title)
         return False
     if distributed.is_main():
         (folder / DONE_FILE).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     started = time.perf_counter()
-    log.info("stage %s: running", stage.name)
+    log.info("%s: running", title)
     stage.work(folder)
     distributed.barrier()
     if distributed.is_main():
         write_marker(folder / DONE_FILE, stage.fingerprint)
-    log.info("stage %s: done in %.1f s", stage.name, time.perf_counter() - started)
+    log.info("%s: done in %.1f s", title, time.perf_counter() - started)
     return True
 
 

@@ -13,7 +13,7 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime import distributed
 from safeneurons.workflows.pipeline.report import write_final_outputs
 from safeneurons.workflows.pipeline.settings import ARM_MASK_STAGE, ARMS, DEFAULT_ZERO3, arm_options, check_inputs
-from safeneurons.workflows.pipeline.stages import Run, Stage, has_masks, model_files, run_stage
+from safeneurons.workflows.pipeline.stages import Run, Stage, has_masks, model_files, run_stages
 
 if TYPE_CHECKING:
     from safeneurons.workflows.pipeline.settings import PipelineConfig
@@ -238,8 +238,7 @@ def run_study(settings: PipelineConfig, force: bool = False) -> dict | None:
     """Every stage in order (skipping finished ones), then the summary files; the summary on rank 0."""
     context = distributed.init_distributed()
     study = Study(settings, choose_device(settings, context))
-    for stage in study.stages():
-        run_stage(stage, study.results, force)
+    run_stages(study.stages(), study.results, force)
     if not distributed.is_main():
         return None
     return write_final_outputs(study)
