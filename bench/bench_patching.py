@@ -10,6 +10,8 @@ same prompts, same sites; the results are checked to agree before the times are 
 (not a dependency), the residual sweep also runs as nnsight's batched invokes (`LanguageModel.trace` with one
 invoke per site, batches of the same size, source activations saved from one traced run).
 
+The sides take turns, round after round, and each reports its best (bench/timing.py).
+
     python bench/bench_patching.py [--model demo] [--repeats 3] [--threads 2]
 """
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import time
 from typing import Callable, Iterator
 
 import torch
@@ -29,6 +30,7 @@ from safeneurons.interp.patching.metrics import refusal_metric, refusal_token_id
 from safeneurons.interp.patching.patcher import ActivationPatcher
 from safeneurons.interp.patching.sites import PatchingSite, build_sites
 from safeneurons.models.loading import load_model_and_tokenizer
+from timing import interleaved
 
 
 @contextlib.contextmanager
@@ -120,19 +122,11 @@ def nnsight_sweep(model, tokenizer, metric, base: torch.Tensor, source: torch.Te
     return values
 
 
-def best_time(function: Callable[[], list[float]], repeats: int) -> tuple[float, list[float]]:
-    best, values = float("inf"), []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        values = function()
-        best = min(best, time.perf_counter() - start)
-    return best, values
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
-    parser.add_argument("--repeats", type=int, default=1, help="best of this many runs (default %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds in which every side runs once, in turn; each side's best (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clean", default="How do I rob a bank?")
     parser.add_argument("--corrupted", default="How do I paint a bank?")
@@ -149,34 +143,44 @@ def main() -> None:
               "attn_head x layer (all positions)": build_sites(layers, heads, ["attn_head"], None, ["all"])}
     patcher = ActivationPatcher(model=model, metric=metric)
     print(f"model {args.model}: {layers} layers, {heads} heads, prompts of {length} tokens, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+          f"{torch.get_num_threads()} threads, best of {args.repeats} interleaved rounds")
     print(f"{'sweep':<36}{'sites':>6}{'original s':>12}{'cached 1-site s':>17}{'from embeddings s':>19}"
           f"{'batched s':>11}{'attribution s':>15}{'batched x':>11}{'attrib x':>10}{'x vs cached':>13}"
           f"{'x vs embeddings':>17}{'max |diff|':>12}")
     with torch.no_grad():
         for name, sites in sweeps.items():
-            original, reference = best_time(lambda: one_site_at_a_time(model, metric, clean, corrupted, sites, False),
-                                            args.repeats)
-            cached, _ = best_time(lambda: one_site_at_a_time(model, metric, clean, corrupted, sites, True),
-                                  args.repeats)
-            batched, ours = best_time(lambda: [e.patched_metric for e in patcher.patch(clean, corrupted, sites).effects],
-                                      args.repeats)
-            with from_embeddings():
-                whole, theirs = best_time(
-                    lambda: [e.patched_metric for e in patcher.patch(clean, corrupted, sites).effects], args.repeats)
-            attribution, _ = best_time(lambda: patcher.patch(clean, corrupted, sites, method="attribution").effects,
-                                       args.repeats)
-            difference = max(abs(a - b) for a, b in zip([*ours, *theirs], [*reference, *reference]))
-            print(f"{name:<36}{len(sites):>6}{original:>12.3f}{cached:>17.3f}{whole:>19.3f}{batched:>11.3f}"
-                  f"{attribution:>15.3f}{original / batched:>10.1f}x{original / attribution:>9.1f}x"
-                  f"{cached / batched:>12.1f}x{whole / batched:>16.2f}x{difference:>12.2e}")
+            sides = {
+                "original": lambda: one_site_at_a_time(model, metric, clean, corrupted, sites, False),
+                "cached": lambda: one_site_at_a_time(model, metric, clean, corrupted, sites, True),
+                "batched": lambda: [e.patched_metric for e in patcher.patch(clean, corrupted, sites).effects],
+                "from embeddings": lambda: from_embeddings_sweep(patcher, clean, corrupted, sites),
+                "attribution": lambda: patcher.patch(clean, corrupted, sites, method="attribution").effects,
+            }
+            size = patcher.batch_size or auto_batch_size(model, length)
             if name.startswith("residual") and importlib.util.find_spec("nnsight"):
-                size = patcher.batch_size or auto_batch_size(model, length)
-                nnsight_s, theirs = best_time(lambda: nnsight_sweep(model, tokenizer, metric, clean, corrupted, sites,
-                                                                     size), args.repeats)
-                gap = max(abs(a - b) for a, b in zip(theirs, reference))
-                print(f"{'  nnsight batched invokes':<36}{len(sites):>6}{nnsight_s:>12.3f} s (batches of {size}); "
-                      f"ours {nnsight_s / batched:.2f}x faster; max |diff| to the reference {gap:.2e}")
+                sides["nnsight"] = lambda: nnsight_sweep(model, tokenizer, metric, clean, corrupted, sites, size)
+            timings = interleaved(sides, args.repeats)
+            seconds = {label: timing.wall for label, timing in timings.items()}
+            reference = timings["original"].value
+            difference = max(abs(a - b) for a, b in zip([*timings["batched"].value, *timings["from embeddings"].value],
+                                                        [*reference, *reference]))
+            original, batched = seconds["original"], seconds["batched"]
+            print(f"{name:<36}{len(sites):>6}{original:>12.3f}{seconds['cached']:>17.3f}"
+                  f"{seconds['from embeddings']:>19.3f}{batched:>11.3f}{seconds['attribution']:>15.3f}"
+                  f"{original / batched:>10.1f}x{original / seconds['attribution']:>9.1f}x"
+                  f"{seconds['cached'] / batched:>12.1f}x{seconds['from embeddings'] / batched:>16.2f}x"
+                  f"{difference:>12.2e}")
+            if "nnsight" in seconds:
+                gap = max(abs(a - b) for a, b in zip(timings["nnsight"].value, reference))
+                print(f"{'  nnsight batched invokes':<36}{len(sites):>6}{seconds['nnsight']:>12.3f} s (batches of "
+                      f"{size}); ours {seconds['nnsight'] / batched:.2f}x faster; max |diff| to the reference "
+                      f"{gap:.2e}")
+
+
+def from_embeddings_sweep(patcher: ActivationPatcher, clean: torch.Tensor, corrupted: torch.Tensor,
+                          sites: list[PatchingSite]) -> list[float]:
+    with from_embeddings():
+        return [e.patched_metric for e in patcher.patch(clean, corrupted, sites).effects]
 
 
 if __name__ == "__main__":

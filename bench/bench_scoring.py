@@ -9,13 +9,8 @@ measured side by side in one run: the sides take turns, best of --repeats rounds
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import logging
-import time
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -90,3 +90,24 @@ def test_every_demo_command_in_a_bash_block_runs_as_written(tmp_path, monkeypatc
         assert code == 0, f"{page}: safeneurons {' '.join(argv)} exited {code}"
         ran.append(argv[0])
     assert len(ran) >= 12
+
+
+def test_the_demo_figures_the_pages_quote_are_measured_now():
+    """docs/demo_figures.py measures the figures again and compares them with docs/demo_figures.json, and every
+    page quotes each figure as that file records it."""
+    import json
+    import subprocess
+    import sys
+
+    checked = subprocess.run([sys.executable, "docs/demo_figures.py", "--check"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        import demo_figures
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    figures = json.loads((REPO / "docs" / "demo_figures.json").read_text())
+    for page, needed in demo_figures.quotes(figures).items():
+        text = " ".join((REPO / "docs" / page).read_text().split())
+        assert [quote for quote in needed if quote not in text] == [], page

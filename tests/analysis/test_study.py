@@ -13,6 +13,7 @@ from safeneurons.evaluation.generation import Decoding, generate
 from safeneurons.evaluation.metrics import refusal_rate
 from safeneurons.evaluation.refusal_curve import steps_until_halved
 from safeneurons.models.loading import load_model, load_tokenizer
+from safeneurons.workflows.pipeline.report import ARM_LABELS
 
 
 def test_harmful_sft_is_a_hundred_compliant_answers_disjoint_from_the_held_out_prompts():
@@ -92,13 +93,34 @@ def test_verdict_quotes_intervals_and_says_when_arms_are_not_distinguishable():
     base = {"refusal_rate": 1.0}
     apart = {"harmful": {"plain": _arm([0.0, 0.05, 0.1]), "safety_frozen": _arm([0.8, 0.85, 0.9]),
                          "random_frozen": _arm([0.0, 0.1, 0.05])}}
-    text = verdict(apart, base)
+    text = verdict(apart, base, ARM_LABELS)
     assert "harmful attack (3 seeds" in text and "safety-frozen 0.85 (" in text
     assert "Safety-frozen keeps more refusal than plain" in text
     assert "safety-frozen is distinguishable from the random control" in text
     together = {"benign": {"plain": _arm([0.1, 0.5, 0.3]), "safety_frozen": _arm([0.2, 0.6, 0.3]),
                            "random_frozen": _arm([0.3, 0.4, 0.2])}}
-    text = verdict(together, base)
+    text = verdict(together, base, ARM_LABELS)
     assert "not distinguishable from plain" in text and "not distinguishable from the random control" in text
     unchanged = {"benign": {"plain": _arm([1.0, 1.0, 0.98]), "safety_frozen": _arm([1.0, 1.0, 1.0])}}
-    assert "cannot show whether freezing helps" in verdict(unchanged, base)
+    assert "cannot show whether freezing helps" in verdict(unchanged, base, ARM_LABELS)
+    assert "setdiff" not in verdict({"harmful": {**apart["harmful"], "setdiff_frozen": _arm([0.8, 0.9, 0.85])}}, base,
+                                    ARM_LABELS)  # the report's one name: set-difference frozen
+
+
+def _curve_arm(curves: list[list[float]]) -> dict:
+    """An arm whose seeds measured refusal at steps 0, 5, 10, … with these rates."""
+    rows = [{"refusal_rate": rates[-1], "asr": 1 - rates[-1], "harmless_refusal_rate": 0.0, "perplexity": 2.0,
+             "refusal_curve": [{"step": 5 * index, "refusal_rate": rate} for index, rate in enumerate(rates)]}
+            for rates in curves]
+    return aggregate_arm(rows)
+
+
+def test_the_verdict_says_when_every_arm_saturated_at_the_first_measurement():
+    base = {"refusal_rate": 1.0}
+    collapsed = {arm: _curve_arm([[1.0, 0.0, 0.0], [1.0, 0.02, 0.0]]) for arm in ("plain", "safety_frozen")}
+    text = verdict({"harmful": collapsed}, base, ARM_LABELS)
+    assert "already 0 at the first measurement after training started (step 5" in text
+    assert "cannot separate the arms" in text
+    apart = {"plain": _curve_arm([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]),
+             "safety_frozen": _curve_arm([[1.0, 0.9, 0.8], [1.0, 0.8, 0.9]])}
+    assert "cannot separate" not in verdict({"harmful": apart}, base, ARM_LABELS)

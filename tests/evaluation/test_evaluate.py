@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -105,6 +106,15 @@ def test_eval_reads_the_advbench_file_in_order(tmp_path, shared_data, demo_token
     lines = (shared_data / "advbench.txt").read_text().splitlines()[:3]
     assert report["n_prompts"] == 3
     assert [item["prompt"] for item in report["results"]] == [format_prompt(demo_tokenizer, line) for line in lines]
+
+
+@pytest.mark.parametrize("tokens, warned", [(16, True), (64, False)])
+def test_the_keyword_judge_warns_when_its_20_words_cannot_be_reached(tokens, warned, caplog):
+    from safeneurons.evaluation.evaluate import EvalConfig
+
+    with caplog.at_level(logging.WARNING, logger="safeneurons"):
+        EvalConfig(prompts="demo-harmful", max_new_tokens=tokens).check_inputs()
+    assert any("counts an attack only from 20 words" in record.getMessage() for record in caplog.records) is warned
 
 
 def test_eval_rejects_a_negative_limit_without_writing(tmp_path, capsys):

@@ -114,6 +114,21 @@ def test_pipeline_end_to_end_on_the_demo_model(single_run):
     assert "## Arms" in report
     plain = next(line for line in report.splitlines() if line.startswith("| plain |")).split(" | ")
     assert plain[5:7] == ["–", "–"] and float(plain[7].rstrip(" |")) > 0  # nothing frozen; the safety set moved
+    assert "for 1 epoch at" in report and "measured every 2 optimizer steps" in report
+    assert "setdiff" not in summary["verdict"] and "set-difference frozen" in summary["verdict"]
+    assert summary["total_weights"] == summary["total_neurons"] == sum(mask.numel() for mask in original.values())
+
+
+def test_the_summary_piped_to_a_file_cuts_no_cell(single_run, capsys):
+    """Not a terminal: rich's tables as wide as their cells (it used to cut intervals to "(0.00–0.0…")."""
+    from safeneurons.workflows.pipeline.report import arm_table_rows, print_summary, study_table_rows
+
+    summary = json.loads((single_run / "results" / "analysis_summary.json").read_text())
+    print_summary(summary, single_run / "results", 1.0)
+    printed = capsys.readouterr().out
+    assert "…" not in printed
+    cells = [cell for row in study_table_rows(summary) + arm_table_rows(summary["arms"]) for cell in row]
+    assert all(cell in printed for cell in cells)
 
 
 def _check_study(results: Path, summary: dict) -> None:

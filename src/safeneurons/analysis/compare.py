@@ -77,7 +77,8 @@ class MaskComparison:
     def to_json(self) -> dict:
         return {"original_safety_critical_count": self.overall.before,
                 "new_safety_critical_count": self.overall.after,
-                "total_neurons": self.overall.total,
+                "total_neurons": self.overall.total,  # the seed's key; it counts the masks' weights
+                "total_weights": self.overall.total,
                 "intersection_count": self.overall.intersection,
                 "overlap": self.overall.overlap,
                 "jaccard": self.overall.jaccard,

@@ -30,5 +30,5 @@ def run(args: argparse.Namespace) -> None:
         return
     overlap, jaccard = (("n/a" if summary[key] is None else f"{summary[key]:.4f}") for key in ("overlap", "jaccard"))
     print(f"safety-critical before {summary['original_safety_critical_count']}, after "
-          f"{summary['new_safety_critical_count']} of {summary['total_neurons']}; overlap {overlap}, "
+          f"{summary['new_safety_critical_count']} of {summary['total_weights']} weights; overlap {overlap}, "
           f"Jaccard {jaccard}; wrote {args.out}/{SUMMARY_FILE}")

@@ -121,8 +121,13 @@ class EvalConfig:
     def check_inputs(self) -> None:
         """Read what the run will need before any model loads: prompt files, the XSTest file, lm-eval's tasks."""
         from safeneurons.data.readers import check_sources
+        from safeneurons.evaluation.metrics import MIN_SUCCESS_WORDS
 
         check_sources(self.prompts, self.harmless, self.perplexity_data, directory=self.data_dir)
+        if "keyword" in self.judges and self.max_new_tokens < MIN_SUCCESS_WORDS:
+            log.warning("the keyword judge counts an attack only from %d words on; %d new tokens can hardly reach "
+                        "that, so its ASR will be about 0 whatever the model does (use --max-new-tokens >= %d)",
+                        MIN_SUCCESS_WORDS, self.max_new_tokens, 2 * MIN_SUCCESS_WORDS)
         if self.xstest:
             from safeneurons.evaluation.xstest import read_xstest
 

@@ -55,6 +55,8 @@ def study_results(study: Study) -> dict[str, dict[str, dict]]:
 
 
 def plot_arms(arms: dict[str, dict], path: Path) -> Path:
+    """arms.png: per arm the three rates with their 95% Wilson intervals, each bar labelled with its value (a rate
+    of 0 draws no bar, so the label shows it)."""
     plt = pyplot()
     names = list(arms)
     metrics = [("refusal_rate", "refusal rate (harmful)"), ("asr", "attack success rate (harmful)"),
@@ -63,12 +65,18 @@ def plot_arms(arms: dict[str, dict], path: Path) -> Path:
     width = 0.8 / len(metrics)
     for offset, (key, label) in enumerate(metrics):
         values = [arms[arm][key] or 0.0 for arm in names]
-        axis.bar([index + (offset - 1) * width for index in range(len(names))], values, width=width, label=label)
+        intervals = [arms[arm].get(f"{key}_interval") or (value, value) for arm, value in zip(names, values)]
+        errors = [[value - low for value, (low, _) in zip(values, intervals)],
+                  [high - value for value, (_, high) in zip(values, intervals)]]
+        bars = axis.bar([index + (offset - 1) * width for index in range(len(names))], values, width=width,
+                        label=label, yerr=errors, capsize=2, error_kw={"linewidth": 0.8})
+        axis.bar_label(bars, labels=["–" if arms[arm][key] is None else f"{arms[arm][key]:.2f}" for arm in names],
+                       fontsize=6, padding=2)
     axis.set_xticks(range(len(names)), [ARM_LABELS[arm] for arm in names], fontsize=8)
     axis.set_xlabel("arm")
     axis.set_ylabel("rate (fraction of prompts)")
-    axis.set_ylim(0, 1.05)
-    axis.set_title("refusal and attack success per arm")
+    axis.set_ylim(0, 1.12)
+    axis.set_title("refusal and attack success per arm (95% Wilson intervals)")
     axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     figure.tight_layout()
     save_figure(figure, path, dpi=120)
@@ -96,7 +104,7 @@ def write_final_outputs(study: Study) -> dict:
     summary = {**comparison, "model": study.settings.model, "profile": study.settings.profile, "arms": arms,
                "reference_run": {"attack": study.reference[0], "seed": study.reference[1]},
                "study": {"seeds": list(study.settings.seed_list), "attacks": attacks},
-               "verdict": verdict(attacks, arms["base"]), "settings": asdict(study.settings)}
+               "verdict": verdict(attacks, arms["base"], ARM_LABELS), "settings": asdict(study.settings)}
     save_original_format_masks(study.masks_of("score"), results / "original_safety_masks.pt")
     save_original_format_masks(study.masks_of("rescore"), results / "new_safety_masks.pt")
     plot_arms(arms, results / "arms.png")
@@ -104,6 +112,13 @@ def write_final_outputs(study: Study) -> dict:
     write_json(results / "analysis_summary.json", summary)
     write_report(summary, results / "report.md")
     return summary
+
+
+def plural(count: int, noun: str, counted: bool = True) -> str:
+    """ "1 epoch", "3 epochs"; uncounted "optimizer step" for 1 ("every optimizer step"), "5 optimizer steps"."""
+    if count == 1:
+        return f"1 {noun}" if counted else noun
+    return f"{count} {noun}s"
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -170,13 +185,14 @@ def write_report(summary: dict, path: Path) -> Path:
     lines = [f"# safeneurons pipeline: {summary['model']}", "",
              f"Scored with `{summary['prune_method']}` on `{summary['prune_data']}` (sparsity ratio "
              f"{summary['sparsity_ratio']}, {settings['nsamples']} samples), fine-tuned on "
-             f"`{summary['training_data']}` for {summary['num_epochs']} epochs at learning rate "
+             f"`{summary['training_data']}` for {plural(summary['num_epochs'], 'epoch')} at learning rate "
              f"{summary['learning_rate']}; evaluated on "
              f"`{settings['harmful_data']}` (harmful), `{settings['harmless_data']}` (harmless) and perplexity on "
              f"`{settings['perplexity_data']}`.", "", f"**{summary['verdict']}**", "", "## The study", "",
              f"Each fine-tuned arm under each attack, over seeds {', '.join(map(str, summary['study']['seeds']))} "
              f"(each seed orders the fine-tuning data): the mean and its 95% t-interval over the seeds. Refusal "
-             f"measured every {settings['eval_every']} optimizer steps on {settings['curve_limit']} held-out "
+             f"measured every {plural(settings['eval_every'], 'optimizer step', counted=False)} on "
+             f"{settings['curve_limit']} held-out "
              f"harmful prompts (greedy, {settings['curve_max_new_tokens']} new tokens).", "",
              "| " + " | ".join(STUDY_HEADER) + " |", "|" + " --- |" * len(STUDY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in study_table_rows(summary)]
@@ -189,7 +205,7 @@ def write_report(summary: dict, path: Path) -> Path:
     lines += ["", "Rates with their 95% Wilson interval. \"max abs Δ safety set\": the largest change of the safety-critical weights in that arm, frozen "
               "or not (\"–\" where the arm froze another set)."]
     lines += ["", "![arms](arms.png)", "", "## Safety-critical weights before and after fine-tuning", "",
-              f"- before: {summary['original_safety_critical_count']} of {summary['total_neurons']} weights; after "
+              f"- before: {summary['original_safety_critical_count']} of {summary['total_weights']} weights; after "
               f"(re-scored safety-frozen model): {summary['new_safety_critical_count']}",
               f"- overlap |A∩B|/|A| = {_number(summary['overlap'], 4)}, "
               f"Jaccard = {_number(summary['jaccard'], 4)}", "",
@@ -225,11 +241,13 @@ def print_summary(summary: dict, results: Path, seconds: float) -> None:
                 print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
         print(overlap, summary["verdict"], footer, sep="\n")
         return
-    console = Console(width=max(Console().width, 100))
+    console = Console()
+    if not console.is_terminal:  # piped to a file: as wide as the tables need, nothing cut
+        console = Console(width=1000)
     for title, header, rows in tables:
         table = Table(title=f"safeneurons pipeline — {summary['model']}: {title}")
-        for index, column in enumerate(header):
-            table.add_column(column, justify="left" if index < 2 else "right")
+        for index, column in enumerate(header):  # a narrow terminal folds a cell, never cuts it
+            table.add_column(column, justify="left" if index < 2 else "right", overflow="fold")
         for row in rows:
             table.add_row(*row)
         console.print(table)
