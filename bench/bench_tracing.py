@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from timing import interleaved
 from safeneurons.interp import tracing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +44,7 @@ def synthetic_pair(width: int, tokens: int, kind: str, seed: int) -> tuple[np.nd
     return base, base[:, rng.permutation(width)] + noise
 
 
-def timed(function, *args):
-    started = time.perf_counter()
-    result = function(*args)
-    return result, time.perf_counter() - started
-
-
-def bench_solvers(widths: list[int], kinds: list[str], tokens: int, skip: set[tuple[int, str]]) -> None:
+def bench_solvers(widths: list[int], kinds: list[str], tokens: int, skip: set[tuple[int, str]], repeats: int) -> None:
     print(f"\n1. assignment per layer ({tokens} tokens; seconds; ratio = scipy / lap)")
     print(f"{'width':>6} {'pair':>12} {'distances':>10} {'scipy':>8} {'lap':>8} {'ratio':>6}  same")
     for width in widths:
@@ -59,10 +54,12 @@ def bench_solvers(widths: list[int], kinds: list[str], tokens: int, skip: set[tu
                 continue
             base, other = synthetic_pair(width, tokens, kind, seed=width)
             x, y = torch.from_numpy(base).T.double(), torch.from_numpy(other).T.double()
-            cost, distance_s = timed(lambda: tracing.pairwise_sq_distances(x, y).numpy())
-            scipy_cols, scipy_s = timed(tracing.solve_assignment, cost, "scipy")
-            lap_cols, lap_s = timed(tracing.solve_assignment, cost, "lap")
-            same = np.array_equal(scipy_cols, lap_cols)
+            timings = interleaved({"distances": lambda: tracing.pairwise_sq_distances(x, y).numpy()}, 1)
+            cost, distance_s = timings["distances"].value, timings["distances"].wall
+            solved = interleaved({solver: lambda solver=solver: tracing.solve_assignment(cost, solver)
+                                  for solver in ("scipy", "lap")}, repeats)
+            scipy_s, lap_s = solved["scipy"].wall, solved["lap"].wall
+            same = np.array_equal(solved["scipy"].value, solved["lap"].value)
             print(f"{width:>6} {kind:>12} {distance_s:>10.2f} {scipy_s:>8.2f} {lap_s:>8.2f} "
                   f"{scipy_s / lap_s:>6.2f}  {same}", flush=True)
 
@@ -82,7 +79,7 @@ def bench_precision(width: int = 512, dim: int = 1024) -> None:
           f"correctly matched bf16 (original) {bf16:.1%}, float64 (ours) {ours:.1%}")
 
 
-def bench_collection(tokens: int) -> None:
+def bench_collection(tokens: int, repeats: int) -> None:
     from safeneurons.models.loading import load_model, load_tokenizer
 
     model, tokenizer = load_model("demo"), load_tokenizer("demo")
@@ -90,7 +87,6 @@ def bench_collection(tokens: int) -> None:
                                   128, 8)
     layers = len(model.model.layers)
     tracing.collect_mlp_activations(model, batches[:1])  # warm-up: the first forward pays one-off costs
-    _, ours = timed(lambda: [tracing.collect_mlp_activations(m, batches) for m in (model, model)])
 
     def original():  # mlp_matching_gate then mlp_matching_up per layer: each runs both models
         for layer in range(layers):
@@ -98,7 +94,9 @@ def bench_collection(tokens: int) -> None:
                 for m in (model, model):
                     tracing.collect_mlp_activations(m, batches, [layer], kinds=[kind])
 
-    _, theirs = timed(original)
+    timings = interleaved({"ours": lambda: [tracing.collect_mlp_activations(m, batches) for m in (model, model)],
+                           "original": original}, repeats)
+    ours, theirs = timings["ours"].wall, timings["original"].wall
     print(f"\n3. activation collection, demo model ({layers} layers, {tokens} tokens): ours 2 passes {ours:.2f} s, "
           f"original {4 * layers} passes {theirs:.2f} s, ratio {theirs / ours:.1f}x")
 
@@ -158,13 +156,16 @@ def main() -> None:
     parser.add_argument("--rank-width", type=int, default=2048, help="MLP width of the random models of part 4")
     parser.add_argument("--rank-layers", type=int, default=8)
     parser.add_argument("--full", action="store_true", help="also the independent pair at width 11008")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds in which the compared sides run in turn; each side's best (default %(default)s)")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    bench_solvers(args.widths, args.kinds, args.tokens, set() if args.full else {(11008, "independent")})
+    bench_solvers(args.widths, args.kinds, args.tokens, set() if args.full else {(11008, "independent")},
+                  args.repeats)
     bench_precision()
-    bench_collection(2048)
+    bench_collection(2048, args.repeats)
     bench_ranks(args.rank_width, args.rank_layers, 1024)
 
 

@@ -16,7 +16,7 @@ class Timing:
     value: Any = None  # what the side's last run returned
 
 
-def interleaved(sides: Mapping[str, Callable[[], Any]], repeats: int) -> dict[str, Timing]:
+def interleaved(sides: Mapping[Any, Callable[[], Any]], repeats: int) -> dict[Any, Timing]:
     """Each side's shortest wall and CPU times over `repeats` rounds in which every side runs once, in turn
     (progress bars silenced)."""
     best: dict[str, Timing] = {}

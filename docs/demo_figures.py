@@ -114,7 +114,27 @@ def rounded(value: Any, digits: int = 3) -> Any:
         return round(value, digits) if math.isfinite(value) else str(value)
     if isinstance(value, dict):
         return {key: rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rounded(item, digits) for item in value]
     return value
+
+
+def ablation_quotes(ablation: dict[str, Any]) -> list[str]:
+    """docs/causal.md's sentences on the sweep: each point's ASR, share removed and perplexity as recorded."""
+    curves, base = ablation["curves"], ablation["base"]
+    top, setdiff, random = (curves[name] for name in ("top", "setdiff", "random"))
+    share = [f"{100 * point['fraction_removed']:.1f}%" for point in setdiff]
+    return [f"ASR {base['asr']} (95% interval {base['asr_interval'][0]}–{base['asr_interval'][1]})",
+            f"perplexity {base['perplexity']}",
+            *(f"{point['asr']} at {100 * point['fraction_removed']:.1f}%" for point in top[:3]),
+            f"(perplexity {top[0]['perplexity']}, {top[1]['perplexity']}, {top[2]['perplexity']}; "
+            f"{top[3]['perplexity']} at {100 * top[3]['fraction_removed']:.1f}%, {top[4]['perplexity']} at "
+            f"{100 * top[4]['fraction_removed']:.1f}%)",
+            f"{setdiff[1]['asr']} at {share[1]}",
+            f"{setdiff[2]['asr']} ({setdiff[2]['asr_interval'][0]}–{setdiff[2]['asr_interval'][1]}) at {share[2]}",
+            f"{setdiff[3]['asr']} at {share[3]}", f"at {share[4]} it falls back to {setdiff[4]['asr']}",
+            f"ASR at {random[0]['asr']} up to {share[2]}", f"{random[3]['asr']} at {share[3]}",
+            f"{random[4]['asr']} at {share[4]} (seeds {random[4]['asr_min']}–{random[4]['asr_max']})"]
 
 
 def quotes(figures: dict[str, Any]) -> dict[str, list[str]]:
@@ -127,6 +147,7 @@ def quotes(figures: dict[str, Any]) -> dict[str, list[str]]:
                             f"max effect error {patching['max_effect_error']}",
                             f"{patching['final_residual_change']['attribution']:+}",
                             f"{patching['final_residual_change']['exact']:+}"],
+            "causal.md": ablation_quotes(figures["ablation"]) if "ablation" in figures else [],
             "scoring.md": [f"{100 * schedules['wandg']['shared']:.1f}% of the selected weights with wandg",
                            f"{100 * schedules['wanda']['shared']:.1f}% with wanda",
                            f"({schedules['wandg']['selected']:,} each)"]}
