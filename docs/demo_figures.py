@@ -1,7 +1,7 @@
 """The demo figures the docs quote, measured by one script so that the pages cannot drift from the code.
 
     python docs/demo_figures.py            # measure, print, and rewrite docs/demo_figures.json
-    python docs/demo_figures.py --slow     # also the ablation sweep of docs/causal.md (minutes)
+    python docs/demo_figures.py --slow     # also docs/causal.md's sweep and docs/pipeline.md's study (minutes)
     python docs/demo_figures.py --check    # measure the fast figures, compare with docs/demo_figures.json
 
 Each figure is one library call (or the command a page shows) on the shipped demo pair (demo-chat, 6 layers);
@@ -102,10 +102,38 @@ def ablation() -> dict[str, Any]:
                        for method, points in result["curves"].items()}}
 
 
+def quick_study() -> dict[str, Any]:
+    """The no-argument `safeneurons pipeline` (the demo profile's quick study), as docs/pipeline.md describes it:
+    per attack and arm the final refusal over the seeds, ASR and perplexity ranges, and the weights each arm froze."""
+    import tempfile
+    import time
+
+    from safeneurons import cli
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        if cli.main(["pipeline", "--results-path", f"{folder}/results", "--save-path", f"{folder}/models"]) != 0:
+            raise SystemExit("the pipeline failed")
+        seconds = time.perf_counter() - started
+        summary = json.loads(Path(folder, "results", "analysis_summary.json").read_text())
+    attacks = summary["study"]["attacks"]
+    rows = [result for arms in attacks.values() for result in arms.values()]
+    first_zero = [next((point["step"] for point in result["curve"] if point["mean"] == 0.0), None) for result in rows]
+    return {"seconds": seconds, "base_refusal": summary["arms"]["base"]["refusal_rate"],
+            "final_refusal": {attack: {arm: result["refusal_rate"] for arm, result in arms.items()}
+                              for attack, arms in attacks.items()},
+            "asr_range": [min(r["asr"]["mean"] for r in rows), max(r["asr"]["mean"] for r in rows)],
+            "perplexity_range": [min(r["perplexity"]["mean"] for r in rows), max(r["perplexity"]["mean"] for r in rows)],
+            "base_perplexity": summary["arms"]["base"]["perplexity"],
+            "refusal_gone_by_step": None if None in first_zero else max(first_zero),
+            "frozen": {arm: summary["arms"][arm].get("frozen_count") for arm in summary["arms"] if arm != "base"},
+            "verdict": summary["verdict"]}
+
+
 def measure(slow: bool = False) -> dict[str, Any]:
     figures = {"attribution_against_exact": attribution_against_exact(),
                "default_against_sequential": default_against_sequential()}
-    return {**figures, "ablation": ablation()} if slow else figures
+    return {**figures, "ablation": ablation(), "quick_study": quick_study()} if slow else figures
 
 
 def rounded(value: Any, digits: int = 3) -> Any:

@@ -183,6 +183,7 @@ class EvalResult:
     agreement: dict = field(default_factory=dict)  # "a|b": Cohen's κ over the prompts both judges parsed
     xstest: dict | None = None  # xstest.XSTestResult
     utility: dict | None = None  # lm-eval zero-shot accuracy per task
+    model_source: dict | None = None  # a GGUF file's provenance (models.gguf), when the weights came from one
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -355,6 +356,7 @@ def run_eval(model: ModelSource, config: EvalConfig, out: str | Path) -> EvalRes
     judges = load_judges(config, model.dtype, model.deepspeed, model.cache_dir, context.device)
     result = evaluate_model(loaded.model, loaded.tokenizer, config, model.name, judges)
     if result is not None:
+        result.model_source = model.provenance()
         path = write_json(Path(out) / "eval.json", result.to_json())
         log.info("%s; wrote %s", result.summary_line(config.n_samples), path)
     return result

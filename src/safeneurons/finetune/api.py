@@ -39,7 +39,7 @@ def _fill_ds_config(config: FineTuneConfig, model_name: str, world: int) -> dict
     from safeneurons.models.loading import parse_dtype, resolve_model_name
     from safeneurons.runtime.dsconfig import fill_config
 
-    hidden = getattr(AutoConfig.from_pretrained(resolve_model_name(model_name), cache_dir=config.cache_dir),
+    hidden = getattr(AutoConfig.from_pretrained(resolve_model_name(model_name, config.cache_dir), cache_dir=config.cache_dir),
                      "hidden_size", None)
     filled = fill_config(config.deepspeed, micro_batch_size=config.batch_size,
                        gradient_accumulation_steps=config.gradient_accumulation_steps, world_size=world,

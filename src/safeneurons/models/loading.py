@@ -21,7 +21,7 @@ from safeneurons.runtime.zero3 import gathered_state_dict, is_zero3_partitioned,
 def local_model_folder(name: str, cache_dir: str | None = None) -> Path:
     """The local folder holding a model's files: a folder, `demo`, or an HF id found in the local cache."""
     check_model_name(name)
-    resolved = resolve_model_name(name)
+    resolved = resolve_model_name(name, cache_dir)
     if Path(resolved).is_dir():
         return Path(resolved)
     from huggingface_hub import snapshot_download
@@ -74,14 +74,20 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         raise SafeneuronsError(f"dtype {name!r} is not one of {', '.join(sorted(DTYPES))}") from None
 
 
-def resolve_model_name(name: str) -> str:
-    """A local folder or the demo model's folder as a path string; otherwise the HF id (aliases expanded)."""
+def resolve_model_name(name: str, cache_dir: str | None = None) -> str:
+    """A local folder or the demo model's folder as a path string (a GGUF file's de-quantized folder, made on first
+    use under `cache_dir` or the HF cache); otherwise the HF id (aliases expanded)."""
+    from safeneurons.models.gguf import dequantized_folder, gguf_file_of
+
     if name in (DEMO_NAME, DEMO_CHAT_NAME):
         return str(demo_model_dir())
     if name == DEMO_BASE_NAME:
         return str(demo_model_dir("base"))
     if name == DEMO_JUDGE_NAME:
         return str(demo_judge_dir())
+    gguf = gguf_file_of(name)
+    if gguf is not None:
+        return str(dequantized_folder(gguf, cache_dir))
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
     return ALIASES.get(name, name)
@@ -113,11 +119,15 @@ def hub_unreachable() -> str | None:
 
 def check_model_name(name: str, what: str = "model") -> None:
     """Refuse a name that is no folder, no built-in name or alias, and cannot be an HF id (`org/name`)."""
+    from safeneurons.models.gguf import GGUF_ALIASES, gguf_file_of
+
+    if gguf_file_of(name) is not None:
+        return
     resolved = resolve_model_name(name)
     if not Path(resolved).is_dir() and looks_like_path(name):
         raise SafeneuronsError(f"{what} folder {name} does not exist (no such folder)")
     if not Path(resolved).is_dir() and resolved.count("/") != 1:
-        known = ", ".join([DEMO_NAME, DEMO_BASE_NAME, DEMO_JUDGE_NAME, *ALIASES])
+        known = ", ".join([DEMO_NAME, DEMO_BASE_NAME, DEMO_JUDGE_NAME, *ALIASES, *GGUF_ALIASES])
         raise SafeneuronsError(f"{what} {name!r} is not a local folder, a built-in name or alias ({known}) nor an "
                                f"HF id (org/name)")
 
@@ -132,7 +142,7 @@ def looks_like_path(name: str) -> bool:
 def _from_pretrained(loader: Any, name: str, what: str, cache_dir: str | None, **kwargs: Any) -> Any:
     """Load from the local cache first; go online only when that fails and HF_HUB_OFFLINE is not set."""
     check_model_name(name, what)
-    resolved = resolve_model_name(name)
+    resolved = resolve_model_name(name, cache_dir)
     local = Path(resolved).is_dir()
     error: Exception | str | None = None
     for local_only in [True] if local or _offline() else [True, False]:
@@ -185,7 +195,7 @@ def load_model(name: str, dtype: str | torch.dtype = "float32", cache_dir: str |
     from transformers import AutoModelForCausalLM
 
     load_config(name, cache_dir)  # refuses an unsupported architecture before any weight is read
-    folder = Path(resolve_model_name(name))
+    folder = Path(resolve_model_name(name, cache_dir))
     if folder.is_dir():
         check_safetensors(folder)
     with zero3_init_context(ds_config):
@@ -216,6 +226,13 @@ class ModelSource:
     def load(self, device: torch.device | None = None) -> LoadedModel:
         """Collective under ZeRO-3: see `load_for_inference`."""
         return load_for_inference(self.name, self.dtype, self.deepspeed, self.cache_dir, device)
+
+    def provenance(self) -> dict | None:
+        """Where the weights came from when they were de-quantized from a GGUF file (file, SHA-256, quantization
+        types); None for a plain checkpoint."""
+        from safeneurons.models.gguf import gguf_source
+
+        return gguf_source(resolve_model_name(self.name, self.cache_dir))
 
 
 @dataclass

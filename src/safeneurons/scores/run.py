@@ -28,6 +28,7 @@ def run_score(model: ModelSource, config: ScoreConfig, out: str | Path, save_sco
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
     loaded = model.load(context.device)
     result = score_model(loaded.model, loaded.tokenizer, config)
-    result.summary.update(model=model.name, dtype=model.dtype, deepspeed=model.deepspeed)
+    result.summary.update(model=model.name, dtype=model.dtype, deepspeed=model.deepspeed,
+                          model_source=model.provenance())
     write_score_outputs(result, out, save_scores)
     return result

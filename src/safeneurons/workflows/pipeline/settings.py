@@ -168,7 +168,7 @@ def weights_available_locally(model: str, cache_dir: str | None) -> bool:
     from safeneurons.models.loading import resolve_model_name
 
     try:
-        AutoConfig.from_pretrained(resolve_model_name(model), cache_dir=cache_dir, local_files_only=True)
+        AutoConfig.from_pretrained(resolve_model_name(model, cache_dir), cache_dir=cache_dir, local_files_only=True)
     except (OSError, ValueError):
         return False
     return True
