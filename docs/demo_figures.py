@@ -165,6 +165,23 @@ def ablation_quotes(ablation: dict[str, Any]) -> list[str]:
             f"{random[4]['asr']} at {share[4]} (seeds {random[4]['asr_min']}–{random[4]['asr_max']})"]
 
 
+def study_quotes(study: dict[str, Any]) -> list[str]:
+    """docs/pipeline.md's sentences on the quick study."""
+    finals = [estimate for arms in study["final_refusal"].values() for estimate in arms.values()]
+    low, high = min(e["low"] for e in finals), max(e["high"] for e in finals)
+    mean = max(e["mean"] for e in finals)
+    assert mean == min(e["mean"] for e in finals), "the page says every arm ends at one refusal rate"
+    return [f"refuses {study['base_refusal']} of the held-out harmful prompts",
+            f"by step {study['refusal_gone_by_step']}, the first measurement",
+            f"Final refusal {mean} (95% interval over the seeds {low}–{high})",
+            f"safety-frozen ({study['frozen']['safety_frozen']:,} weights",
+            f"set-difference frozen ({study['frozen']['setdiff_frozen']:,})",
+            f"random-frozen ({study['frozen']['random_frozen']:,})",
+            f"ASR {study['asr_range'][0]}–{study['asr_range'][1]}",
+            f"perplexity {study['perplexity_range'][0]}–{study['perplexity_range'][1]} ({study['base_perplexity']} "
+            f"before)", "the design cannot separate the arms"]
+
+
 def quotes(figures: dict[str, Any]) -> dict[str, list[str]]:
     """What each page must say, figure by figure, as the recorded figures give it."""
     patching, schedules = figures["attribution_against_exact"], figures["default_against_sequential"]
@@ -176,6 +193,7 @@ def quotes(figures: dict[str, Any]) -> dict[str, list[str]]:
                             f"{patching['final_residual_change']['attribution']:+}",
                             f"{patching['final_residual_change']['exact']:+}"],
             "causal.md": ablation_quotes(figures["ablation"]) if "ablation" in figures else [],
+            "pipeline.md": study_quotes(figures["quick_study"]) if "quick_study" in figures else [],
             "scoring.md": [f"{100 * schedules['wandg']['shared']:.1f}% of the selected weights with wandg",
                            f"{100 * schedules['wanda']['shared']:.1f}% with wanda",
                            f"({schedules['wandg']['selected']:,} each)"]}
