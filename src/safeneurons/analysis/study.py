@@ -178,9 +178,9 @@ def plot_curves(attacks: Mapping[str, Mapping[str, dict]], labels: Mapping[str, 
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False, sharex=True,
                                 sharey=True)
     for row, (attack, arms) in zip(axes, attacks.items()):
+        reference = arms.get("plain", {}).get("curve") or []
         for axis, arm in zip(row, arm_names):
             curve = arms.get(arm, {}).get("curve") or []
-            reference = arms.get("plain", {}).get("curve") or []
             if reference and arm != "plain":
                 axis.plot([p["step"] for p in reference], [p["mean"] for p in reference], color="grey",
                           linestyle="--", linewidth=1, label="plain (mean)")

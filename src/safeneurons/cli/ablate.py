@@ -20,15 +20,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-method", default="wandg", help="wandg or wanda (default %(default)s)")
     parser.add_argument("--sparsities", default="0.01,0.03,0.05",
                         help="comma list: per-row fraction (top) and p = q (set difference) (default %(default)s)")
-    parser.add_argument("--selections", "--methods", dest="methods", default=",".join(METHODS), help="comma list of top, setdiff, random "
+    parser.add_argument("--selections", "--methods", dest="methods", default=",".join(METHODS),
+                        help="comma list of top, setdiff, random "
                                                                       "(default %(default)s)")
     parser.add_argument("--seeds", default="0,1,2", help="random controls' seeds (default %(default)s)")
     parser.add_argument("--nsamples", type=int, default=128, help="scoring samples (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per sample (default %(default)s)")
-    parser.add_argument("--harmful-data", "--harmful", dest="harmful", default="advbench", help="harmful prompts (default %(default)s)")
-    parser.add_argument("--harmless-data", "--harmless", dest="harmless", default=None, help="harmless prompts (over-refusal); default none")
+    parser.add_argument("--harmful-data", "--harmful", dest="harmful", default="advbench",
+                        help="harmful prompts (default %(default)s)")
+    parser.add_argument("--harmless-data", "--harmless", dest="harmless", default=None,
+                        help="harmless prompts (over-refusal); default none")
     parser.add_argument("--perplexity-data", default=None, help="text set for perplexity; default none")
-    parser.add_argument("--eval-limit", "--limit", dest="limit", type=int, default=100, help="first N prompts of each set (default %(default)s)")
+    parser.add_argument("--eval-limit", "--limit", dest="limit", type=int, default=100,
+                        help="first N prompts of each set (default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per generation "
                                                                         "(default %(default)s)")
     parser.add_argument("--eval-batch-size", type=int, default=16, help="prompts per batch (default %(default)s)")

@@ -5,7 +5,7 @@ import argparse
 import logging
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.evaluation.evaluate import EvalConfig, run_eval
+from safeneurons.evaluation.evaluate import FLAGS, EvalConfig, run_eval
 from safeneurons.evaluation.metrics import DEFAULT_HARMFUL_LIMIT, DEFAULT_MAX_NEW_TOKENS
 from safeneurons.models.loading import ModelSource
 
@@ -21,7 +21,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="harmful prompts: a data set name or file (default %(default)s)")
     parser.add_argument("--eval-limit", "--limit", dest="limit", type=int, default=DEFAULT_HARMFUL_LIMIT,
                         help="use the first N harmful prompts (default %(default)s; 0 = all)")
-    parser.add_argument("--harmless-data", "--harmless", dest="harmless", default=None, help="harmless prompts: their refusal rate is the over-refusal")
+    parser.add_argument("--harmless-data", "--harmless", dest="harmless", help="harmless prompts (over-refusal)")
     parser.add_argument("--harmless-limit", type=int, default=0,
                         help="use the first N harmless prompts (default %(default)s = all)")
     parser.add_argument("--perplexity-data", default=None,
@@ -67,10 +67,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
     from safeneurons.evaluation.utility import parse_tasks
 
-    for option, flag in (("limit", "--eval-limit"), ("harmless_limit", "--harmless-limit"),
-                         ("perplexity_samples", "--perplexity-samples")):
+    for option in ("limit", "harmless_limit", "perplexity_samples"):
         if getattr(args, option) < 0:
-            raise SafeneuronsError(f"{flag}={getattr(args, option)} must be >= 0 (0 = all)")
+            raise SafeneuronsError(f"{FLAGS[option]}={getattr(args, option)} must be >= 0 (0 = all)")
     config = EvalConfig(prompts=args.prompts, limit=args.limit or None, harmless=args.harmless,
                         harmless_limit=args.harmless_limit or None, perplexity_data=args.perplexity_data,
                         perplexity_samples=args.perplexity_samples or None, max_new_tokens=args.max_new_tokens,

@@ -55,8 +55,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     direction = parser.add_argument_group("refusal direction (--compute-direction)")
     direction.add_argument("--compute-direction", action="store_true",
                            help="write OUT/refusal_direction.pt: mean residual of harmful minus harmless prompts")
-    direction.add_argument("--harmful-data", "--harmful", dest="harmful", default="demo-harmful", help="harmful prompts (default %(default)s)")
-    direction.add_argument("--harmless-data", "--harmless", dest="harmless", default="demo-harmless", help="harmless prompts (default %(default)s)")
+    direction.add_argument("--harmful-data", "--harmful", dest="harmful", default="demo-harmful",
+                           help="harmful prompts (default %(default)s)")
+    direction.add_argument("--harmless-data", "--harmless", dest="harmless", default="demo-harmless",
+                           help="harmless prompts (default %(default)s)")
     direction.add_argument("--n-prompts", type=int, default=64, help="prompts of each set (default %(default)s)")
     direction.add_argument("--layer", type=int, default=None,
                            help="layer whose output is averaged (default: the last, i.e. the final residual)")

@@ -16,7 +16,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser, "--model")
     add_run_arguments(parser)
-    parser.add_argument("--score-method", "--method", dest="method", required=True, metavar="{" + ",".join(METHODS) + "}",
+    parser.add_argument("--score-method", "--method", dest="method", required=True,
+                        metavar="{" + ",".join(METHODS) + "}",
                         help="wanda (|W|·activation norm), wandg (|W|·Σ per-sample |gradient|, SNIP) or random")
     parser.add_argument("--data", required=True,
                         help="safety data: a name (align, align_short, demo-align, …) or a file")

@@ -23,6 +23,9 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir, write_json
 
 log = logging.getLogger(__name__)
+# EvalConfig's counts and the flags that set them (one name per concept across the commands)
+FLAGS = {"limit": "--eval-limit", "harmless_limit": "--harmless-limit", "perplexity_samples": "--perplexity-samples",
+         "batch_size": "--eval-batch-size", "max_length": "--max-length"}
 
 
 @dataclass
@@ -108,10 +111,10 @@ class EvalConfig:
         self.decoding.validate()
         for name in ("limit", "harmless_limit", "perplexity_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise SafeneuronsError(f"--{name.replace('_', '-')}={getattr(self, name)} must be a positive integer")
+                raise SafeneuronsError(f"{FLAGS[name]}={getattr(self, name)} must be a positive integer")
         for name in ("batch_size", "max_length"):
             if getattr(self, name) < 1:
-                raise SafeneuronsError(f"--{name.replace('_', '-')}={getattr(self, name)} must be a positive integer")
+                raise SafeneuronsError(f"{FLAGS[name]}={getattr(self, name)} must be a positive integer")
         if not self.system_prompt.strip():
             raise SafeneuronsError("--system-prompt is empty: give none, default or the system prompt's text")
         self.judge_model_names()

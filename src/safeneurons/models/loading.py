@@ -146,10 +146,10 @@ def _from_pretrained(loader: Any, name: str, what: str, cache_dir: str | None, *
     local = Path(resolved).is_dir()
     error: Exception | str | None = None
     for local_only in [True] if local or _offline() else [True, False]:
-        if not local_only:
-            error = hub_unreachable() or error
-            if isinstance(error, str):
-                break
+        unreachable = None if local_only else hub_unreachable()
+        if unreachable:
+            error = unreachable
+            break
         try:
             return loader.from_pretrained(resolved, cache_dir=cache_dir, local_files_only=local_only, **kwargs)
         except (OSError, ValueError) as caught:

@@ -12,7 +12,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from safeneurons.data.examples import IGNORE_INDEX
-from safeneurons.data.samples import pad_batch
 from safeneurons.models.hooks import Hooks
 from safeneurons.models.structure import decoder_layers, layers_from
 from safeneurons.runtime import distributed
@@ -84,7 +83,6 @@ class MicroBatch:
 
     input_ids: torch.Tensor
     labels: torch.Tensor
-    attention_mask: torch.Tensor
     real: torch.Tensor
 
     @property
@@ -120,9 +118,9 @@ def equal_length_groups(samples: Sequence[Sample], batch_size: int) -> list[list
 
 
 def _micro_batch(group: Sequence[tuple[Sample, bool]], device: torch.device) -> MicroBatch:
-    stacked = pad_batch([sample for sample, _ in group], pad_token_id=0)  # one length: nothing is padded
-    return MicroBatch(stacked["input_ids"].to(device), stacked["labels"].to(device),
-                      stacked["attention_mask"].to(device), torch.tensor([real for _, real in group], device=device))
+    return MicroBatch(torch.stack([sample.input_ids for sample, _ in group]).to(device),
+                      torch.stack([sample.labels for sample, _ in group]).to(device),
+                      torch.tensor([real for _, real in group], device=device))
 
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -145,14 +143,14 @@ class Entry:
 
 def _forward(model: nn.Module, batch: MicroBatch, entry: Entry | None, stop: int | None = None,
              **kwargs: Any) -> Any:
-    """The model on a micro-batch, from the embeddings or from `entry`, through layer `stop` − 1 (default all)."""
-    # Without padding the mask is dropped, so that attention takes its causal fast path (as the original code)
-    attention_mask = None if bool(batch.attention_mask.all()) else batch.attention_mask
+    """The model on a micro-batch, from the embeddings or from `entry`, through layer `stop` − 1 (default all).
+    Micro-batches are never padded, so no attention mask is passed: attention takes its causal fast path, as in
+    the original code."""
     inputs = {"input_ids": batch.input_ids} if entry is None else {"inputs_embeds": entry.hidden}
     if entry is None and stop is None:
-        return model(**inputs, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return model(**inputs, use_cache=False, **kwargs)
     with layers_from(model, 0 if entry is None else entry.layer, stop):
-        return model(**inputs, attention_mask=attention_mask, use_cache=False, **kwargs)
+        return model(**inputs, use_cache=False, **kwargs)
 
 
 def run_batch(model: nn.Module, batch: MicroBatch, with_grads: bool, entry: Entry | None = None) -> None:

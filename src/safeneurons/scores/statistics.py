@@ -104,9 +104,12 @@ def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[M
     finally:
         capture.close()
     reduce_accumulators_to_owners([(sums[target.name], target.owner) for target in targets])
-    # each accumulator is dropped as its value is taken, so the values never sit beside all the accumulators
-    return {target.name: accumulator.value(target.name) for target in targets
-            for accumulator in [sums.pop(target.name)] if target.mine}
+    owned = {}
+    for target in targets:  # each accumulator is dropped as its value is taken: values never sit beside them all
+        accumulator = sums.pop(target.name)
+        if target.mine:
+            owned[target.name] = accumulator.value(target.name)
+    return owned
 
 
 def _add_sample_terms(total: Accumulator, capture: LinearCapture, name: str, batch: MicroBatch, with_grads: bool,

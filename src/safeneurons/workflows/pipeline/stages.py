@@ -55,9 +55,9 @@ def run_stages(stages: Sequence[Stage], results: Path, force: bool) -> None:
                                          f"into the study)")
 
 
-def run_stage(stage: Stage, results: Path, force: bool, title: str = "") -> bool:
-    """Run a stage on every rank unless rank 0 finds it finished with the same settings. True if it ran."""
-    title = title or f"stage {stage.name}"
+def run_stage(stage: Stage, results: Path, force: bool, title: str) -> bool:
+    """Run a stage on every rank unless rank 0 finds it finished with the same settings. True if it ran; `title`
+    names it in the log."""
     folder = results / stage.name
     finished = not force and distributed.is_main() and stage_done(folder, stage.fingerprint, stage.outputs(folder))
     done = distributed.broadcast_from_main(finished)
