@@ -8,7 +8,6 @@ their intervals do not overlap.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -55,11 +54,13 @@ def estimate(values: Sequence[float | None],
     mean = sum(present) / n
     if n == 1:
         return Estimate(mean, None, None, 1)
-    sd = math.sqrt(sum((value - mean) ** 2 for value in present) / (n - 1))
-    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    if len(set(present)) == 1:  # no spread: scipy's interval would be NaN (0/0)
+        low = high = mean
+    else:
+        low, high = (float(end) for end in stats.t.interval(0.95, n - 1, loc=mean, scale=stats.sem(present)))
     floor, ceiling = bounds
-    low = mean - half if floor is None else max(floor, mean - half)
-    high = mean + half if ceiling is None else min(ceiling, mean + half)
+    low = low if floor is None else max(floor, low)
+    high = high if ceiling is None else min(ceiling, high)
     return Estimate(mean, low, high, n)
 
 

@@ -53,6 +53,8 @@ def normalize_option_spelling(argv: Sequence[str]) -> list[str]:
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    from safeneurons.cli.config_files import add_config_argument
+
     parser = argparse.ArgumentParser(prog="safeneurons", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, summary) in STAGES.items():
@@ -63,7 +65,12 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                 sub.description = f"{summary} (not available yet in this version)"
             else:
                 module.configure_parser(sub)
+                add_config_argument(sub)
     return parser
+
+
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
 
 
 def _stage_module(module_name: str):
@@ -106,14 +113,39 @@ def _selected_command(argv: Sequence[str]) -> str | None:
 
 
 def parse_command_line(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    """The parser (with the selected command's options) and the parsed arguments of a normalized command line."""
+    """The parser (with the selected command's options, and the defaults of its --config file) and the parsed
+    arguments of a normalized command line; data sets named with --prompt-column/--response-column."""
+    from safeneurons.cli.config_files import apply_config, config_file_of, read_config_file
+    from safeneurons.cli.options import apply_data_columns
+
     selected = _selected_command(argv)
     parser = build_parser(selected if selected in STAGES else None)
-    return parser, parser.parse_args(argv)
+    config_file = config_file_of(list(argv)) if selected in STAGES else None
+    if config_file:
+        apply_config(command_parser(parser, selected), read_config_file(config_file), config_file)
+    args = parser.parse_args(argv)
+    apply_data_columns(args)
+    return parser, args
+
+
+def write_run_config(parser: argparse.ArgumentParser, args: argparse.Namespace, module: Any) -> None:
+    """Rank 0 records the options of a finished run as config.yaml in its results folder (when it has one)."""
+    from safeneurons.cli.config_files import resolved_options, result_folder, write_resolved_config
+    from safeneurons.runtime import distributed
+
+    resolved = module.resolved_args(args) if hasattr(module, "resolved_args") else args
+    folder = result_folder(resolved)
+    if distributed.is_main() and folder is not None and folder.is_dir():
+        write_resolved_config(folder, args.command, resolved_options(command_parser(parser, args.command), resolved))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, args = parse_command_line(normalize_option_spelling(sys.argv[1:] if argv is None else argv))
+    argv = normalize_option_spelling(sys.argv[1:] if argv is None else argv)
+    try:
+        parser, args = parse_command_line(argv)
+    except SafeneuronsError as error:
+        print(f"safeneurons: error: {error}", file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help()
         return 2
@@ -128,11 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finished = False
     try:
         code = int(module.run(args) or 0)
+        if code == 0:
+            write_run_config(parser, args, module)
         finished = True
         return code
     except SafeneuronsError as error:
+        from safeneurons.cli.config_files import named_in_file, read_config_file
+
         prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
-        print(f"{prefix}safeneurons: error: {error}", file=sys.stderr)
+        message = named_in_file(str(error), read_config_file(args.config), args.config) if args.config else str(error)
+        print(f"{prefix}safeneurons: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("safeneurons").warning("interrupted")

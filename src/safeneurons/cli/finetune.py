@@ -43,6 +43,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="loop", help=f"{' or '.join(ENGINES)}: the built-in loop (default), or "
                         f"the same job through transformers.Trainer")
     add_training_extensions(parser, defaults)
+    from safeneurons.cli.options import add_tracking_arguments
+
+    add_tracking_arguments(parser, "SAVE_PATH/runs")
+    parser.add_argument("--run-name", default=None, help="the tracked run's name (default: the save folder's name)")
 
 
 def add_training_extensions(parser: argparse.ArgumentParser, defaults: FineTuneConfig) -> None:
@@ -105,7 +109,8 @@ def config_from_args(args: argparse.Namespace) -> FineTuneConfig:
         save_every=args.save_every, resume=args.resume, data_dir=args.data_dir, nsamples=args.nsamples,
         max_steps=args.max_steps, cache_dir=args.cache_dir, add_eos=args.add_eos,
         keep_checkpoints=args.keep_checkpoints, resume_override=tuple(args.resume_override),
-        engine=args.engine, **extensions)
+        engine=args.engine, report_to=args.report_to, logging_dir=args.logging_dir, run_name=args.run_name,
+        **extensions)
 
 
 def run(args: argparse.Namespace) -> int:

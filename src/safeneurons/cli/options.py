@@ -37,3 +37,39 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_flag: str | tuple
     parser.add_argument("--cache-dir", default=None, help="HF cache folder for model downloads")
     parser.add_argument("--data-dir", default=None,
                         help="folder with the named data sets' files (default $SAFENEURONS_DATA or ./data)")
+    add_data_column_arguments(parser)
+
+
+def add_data_column_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-column", default=None, metavar="COLUMN",
+                        help="the prompt column of the hub, datasets-folder and parquet/arrow data sets given here "
+                             "that do not name one (SOURCE#prompt=COLUMN); default: the standard names (prompt, "
+                             "instruction, messages) or a known benchmark's")
+    parser.add_argument("--response-column", default=None, metavar="COLUMN",
+                        help="the response column of those data sets (SOURCE#response=COLUMN)")
+
+
+# The options that name a data set, across the commands
+DATA_OPTIONS = ("data", "utility_data", "safety_data", "eval_prompts", "prune_data", "training_data", "harmful_data",
+                "harmless_data", "perplexity_data", "harmful_training_data", "harmful", "harmless", "prompts")
+
+
+def apply_data_columns(args: argparse.Namespace) -> None:
+    """--prompt-column/--response-column written into each `datasets` source of the command line."""
+    from safeneurons.data.hub import with_columns
+
+    prompt, response = getattr(args, "prompt_column", None), getattr(args, "response_column", None)
+    for name in DATA_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, with_columns(value, prompt, response))
+
+
+def add_tracking_arguments(parser: argparse.ArgumentParser, logging_dir: str) -> None:
+    """--report-to and its folder (rank 0 logs loss, learning rate, gradient norm, throughput, the refusal curve)."""
+    from safeneurons.runtime.tracking import REPORT_TO
+
+    parser.add_argument("--report-to", default="none", choices=REPORT_TO,
+                        help="experiment tracking: TensorBoard event files or a Weights & Biases run (WANDB_MODE="
+                             "offline keeps it on disk), with the run's config (default %(default)s)")
+    parser.add_argument("--logging-dir", default=None, help=f"the tracking folder (default {logging_dir})")

@@ -35,6 +35,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="append EOS to every response when scoring, fine-tuning and measuring perplexity "
                              "(default: none, as the original work)")
     parser.add_argument("--force", action="store_true", help="redo every stage, even those already finished")
+    from safeneurons.cli.options import add_data_column_arguments
+
+    add_data_column_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
@@ -43,9 +46,17 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
                            if getattr(args, item.name, None) is not None})
 
 
+def resolved_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The options with the defaults the profile chose, as config.yaml records them (`model: demo` included, so
+    the file runs the same study wherever it is run)."""
+    settings = getattr(args, "settings", None) or config_from_args(args)
+    return argparse.Namespace(**{**vars(args), **{item.name: getattr(settings, item.name)
+                                                  for item in fields(PipelineConfig) if hasattr(args, item.name)}})
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    settings = config_from_args(args)
+    settings = args.settings = config_from_args(args)
     summary = run_pipeline(settings, args.force)
     if summary is not None:
         print_summary(summary, Path(settings.results_path), time.perf_counter() - started)

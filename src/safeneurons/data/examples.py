@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,6 +51,11 @@ class Sample:
     @property
     def response_mask(self) -> torch.Tensor:
         return self.labels != IGNORE_INDEX
+
+
+def data_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """The folder of the named data sets' files: --data-dir, else $SAFENEURONS_DATA, else ./data."""
+    return Path(explicit or os.environ.get("SAFENEURONS_DATA") or "data").expanduser()
 
 
 def clean_prompt(prompt: str) -> str:

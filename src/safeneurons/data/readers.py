@@ -1,4 +1,5 @@
-"""Read data sets by name or path: the original work's CSV files, JSON/JSONL, plain text, the demo's."""
+"""Read data sets by name or path: the original work's CSV files, JSON/JSONL, plain text, the demo's, and
+through `datasets` (hub.py) hub sets, `save_to_disk` folders, parquet and arrow files."""
 from __future__ import annotations
 
 import json
@@ -6,18 +7,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safeneurons.data.examples import DEMO_PREFIX, NAMED_FILES, Example, as_example, clean_prompt
+from safeneurons.data.examples import DEMO_PREFIX, NAMED_FILES, Example, as_example, clean_prompt, data_dir
+from safeneurons.data.hub import BENCHMARKS, Rows, is_datasets_source, load_rows
 from safeneurons.errors import SafeneuronsError
-
-
-def data_dir(explicit: str | os.PathLike | None = None) -> Path:
-    return Path(explicit or os.environ.get("SAFENEURONS_DATA") or "data").expanduser()
 
 
 def known_names() -> list[str]:
     from safeneurons.data import demo_vocab as demo
 
-    return sorted(NAMED_FILES) + [DEMO_PREFIX + name for name in demo.DATASETS]
+    return sorted(NAMED_FILES) + sorted(BENCHMARKS) + [DEMO_PREFIX + name for name in demo.DATASETS]
 
 
 def resolve_data_path(source: str, directory: str | os.PathLike | None = None) -> Path:
@@ -32,8 +30,8 @@ def resolve_data_path(source: str, directory: str | os.PathLike | None = None) -
         return path
     path = Path(source).expanduser()
     if not path.is_file():
-        raise SafeneuronsError(f"data set {source!r} is neither a known name ({', '.join(known_names())}) "
-                               f"nor an existing file")
+        raise SafeneuronsError(f"data set {source!r} is neither a known name ({', '.join(known_names())}), "
+                               f"a hub set (hf:ORG/NAME[:CONFIG][@SPLIT]), a save_to_disk folder nor an existing file")
     return path
 
 
@@ -43,6 +41,8 @@ def load_examples(source: str, directory: str | os.PathLike | None = None) -> li
         from safeneurons.data import demo_vocab as demo
 
         return demo.dataset(source[len(DEMO_PREFIX):])
+    if is_datasets_source(source):
+        return _examples_of_rows(load_rows(source, directory), source)
     path = resolve_data_path(source, directory)
     suffix = path.suffix.lower()
     if suffix == ".csv":
@@ -91,7 +91,27 @@ def _read_json(path: Path) -> list[Example]:
     return [_json_record(record, path, index) for index, record in enumerate(records, 1)]
 
 
-def _json_record(record: Any, path: Path, index: int) -> Example:
+def _examples_of_rows(rows: Rows, source: str) -> list[Example]:
+    """Examples from `datasets` records: the named columns, else the standard names as in JSON files."""
+    prompt, response = rows.columns.prompt, rows.columns.response
+    if prompt is None:
+        if response is not None:
+            raise SafeneuronsError(f"data set {source!r} names a response column but no prompt column")
+        return [_json_record(record, source, index) for index, record in enumerate(rows.records, 1)]
+    for column in (prompt, response):
+        if column is not None and column not in rows.records[0]:
+            raise SafeneuronsError(f"data set {source!r} has no column {column!r}; its columns: "
+                                   f"{', '.join(rows.records[0])}")
+    return [as_example(_first_turn(record[prompt]), record.get(response) if response else None)
+            for record in rows.records]
+
+
+def _first_turn(value: Any) -> Any:
+    """A prompt column of turns (SORRY-Bench's `turns`) gives its first turn."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _json_record(record: Any, path: Path | str, index: int) -> Example:
     if not isinstance(record, dict):
         raise SafeneuronsError(f"record {index} of {path} is a {type(record).__name__}; expected an object")
     if "messages" in record:

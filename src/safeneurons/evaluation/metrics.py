@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import Sequence
 
 from safeneurons.errors import SafeneuronsError
@@ -43,14 +42,14 @@ def refusal_rate(generations: Sequence[str]) -> float:
     return fraction(generations, is_refusal)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The 95% Wilson score interval of a rate of `successes` out of `n`."""
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval (95%) of a rate of `successes` out of `n` (scipy's binomtest)."""
+    from scipy import stats
+
     if n <= 0:
         raise SafeneuronsError("a rate needs at least one trial")
-    rate = successes / n
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    interval = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
 
 
 def rate_interval(rate: float, n: int) -> tuple[float, float]:

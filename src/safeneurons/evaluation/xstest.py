@@ -1,4 +1,5 @@
-"""Over-refusal on XSTest (Röttger et al. 2024): a CSV of prompts with `prompt`, `type` and `label` columns
+"""Over-refusal on XSTest (Röttger et al. 2024): prompts with `prompt`, `type` and `label` columns (a CSV file, or the
+hub set `xstest` and any `datasets` source)
 (`label` safe or unsafe; the published file also has id, focus and note). A well-calibrated model answers the
 safe prompts (homonyms, figurative language, safe contexts, ...) and refuses the unsafe contrast prompts.
 
@@ -26,10 +27,31 @@ class XSTestPrompt:
     type: str = ""
 
 
-def read_xstest(path: str | Path) -> list[XSTestPrompt]:
-    """The prompts of an XSTest CSV, checked: one line naming the problem for a missing file, a missing column, an
-    unknown label or no prompt at all."""
-    path = Path(path)
+def read_xstest(source: str | Path) -> list[XSTestPrompt]:
+    """The prompts of an XSTest CSV file or of a `datasets` source (the `xstest` hub set, a save_to_disk folder, a
+    parquet file), checked: one line naming the problem for a missing file, a missing column, an unknown label or
+    no prompt at all."""
+    from safeneurons.data.hub import is_datasets_source, load_rows
+
+    if is_datasets_source(str(source)):
+        rows, where = load_rows(str(source)).records, f"XSTest set {source}"
+    else:
+        rows, where = _csv_rows(Path(source)), f"XSTest file {source}"
+    missing = [column for column in REQUIRED_COLUMNS if column not in (rows[0] if rows else {})]
+    if rows and missing:
+        raise SafeneuronsError(f"{where} has no {missing[0]!r} column; expected the columns prompt, type, label")
+    prompts = []
+    for line, row in enumerate(rows, start=2):
+        label = str(row.get("label") or "").strip().lower()
+        if label not in LABELS:
+            raise SafeneuronsError(f"{where} line {line}: label {row.get('label')!r} is not safe or unsafe")
+        prompts.append(XSTestPrompt(str(row.get("prompt") or "").strip(), label, str(row.get("type") or "").strip()))
+    if not prompts:
+        raise SafeneuronsError(f"{where} holds no prompt")
+    return prompts
+
+
+def _csv_rows(path: Path) -> list[dict]:
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -37,20 +59,11 @@ def read_xstest(path: str | Path) -> list[XSTestPrompt]:
             if missing:
                 raise SafeneuronsError(f"XSTest file {path} has no {missing[0]!r} column; expected the columns "
                                        f"prompt, type, label")
-            rows = list(reader)
+            return list(reader)
     except FileNotFoundError:
         raise SafeneuronsError(f"XSTest file {path} does not exist") from None
     except UnicodeDecodeError:
         raise SafeneuronsError(f"XSTest file {path} is not UTF-8 text") from None
-    prompts = []
-    for line, row in enumerate(rows, start=2):
-        label = (row.get("label") or "").strip().lower()
-        if label not in LABELS:
-            raise SafeneuronsError(f"XSTest file {path} line {line}: label {row.get('label')!r} is not safe or unsafe")
-        prompts.append(XSTestPrompt((row.get("prompt") or "").strip(), label, (row.get("type") or "").strip()))
-    if not prompts:
-        raise SafeneuronsError(f"XSTest file {path} holds no prompt")
-    return prompts
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The entry points: `fine_tune` (full weights, frozen masks), `fine_tune_lora`, and the seed's FineTuner."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from safeneurons.finetune.schedule import planned_steps
 from safeneurons.interventions.dynamic import DynamicFreezing, rescore_config
 from safeneurons.interventions.freezing import FROZEN_ATTRIBUTE, FrozenWeights, freeze
 from safeneurons.runtime import distributed
+from safeneurons.runtime.tracking import Tracker, open_tracker
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
@@ -88,13 +90,17 @@ def fine_tune(model_name_or_dir: str, masks_path: MaskSource | None, config: Fin
     model = load_model(model_name_or_dir, config.dtype, config.cache_dir,
                        None if ds_config else context.device, ds_config)
     prepare_model(model, config)
-    if config.lora_r:
-        report, model = fine_tune_lora(model, masks_path, samples, safety, tokenizer.pad_token_id, config, ds_config,
-                                       context, settings, probe)
-    else:
-        frozen = freeze(model, masks_path, config.freeze_strength) if masks_path is not None else None
-        report, model = _train_full(model, frozen, tokenizer, samples, safety, probe, score_config, ds_config,
-                                    settings, context, config)
+    tracker = open_tracker(config.tracking, dataclasses.asdict(config))
+    try:
+        if config.lora_r:
+            report, model = fine_tune_lora(model, masks_path, samples, safety, tokenizer.pad_token_id, config,
+                                           ds_config, context, settings, probe, tracker)
+        else:
+            frozen = freeze(model, masks_path, config.freeze_strength) if masks_path is not None else None
+            report, model = _train_full(model, frozen, tokenizer, samples, safety, probe, score_config, ds_config,
+                                        settings, context, config, tracker)
+    finally:
+        tracker.close()
     save_model(model, tokenizer, report, config.save_path)
     return _logged(report, config)
 
@@ -130,20 +136,20 @@ def check_before_loading(model_name_or_dir: str, masks_path: MaskSource | None,
 def _train_full(model: nn.Module, frozen: FrozenWeights | None, tokenizer: Any, samples: Sequence[Sample],
                 safety: Sequence[Sample] | None, probe: RefusalProbe | None, score_config: ScoreConfig | None,
                 ds_config: dict | None, settings: Mapping[str, Any], context: Any,
-                config: FineTuneConfig) -> tuple[FineTuneResult, nn.Module]:
+                config: FineTuneConfig, tracker: Tracker) -> tuple[FineTuneResult, nn.Module]:
     """Full-weight training with the HF Trainer or our loop; returns the report and the trained module."""
     if config.engine == "trainer":
         from safeneurons.finetune.trainer import train_with_trainer
         from safeneurons.runtime.dsconfig import zero_stage
 
         report = train_with_trainer(model, frozen, samples, tokenizer.pad_token_id, config, ds_config, settings,
-                                    zero_stage(ds_config) if ds_config else None)
+                                    zero_stage(ds_config) if ds_config else None, tracker)
         return report, model
     backend = make_backend(model, ds_config, config, len(samples), context.world_size)
     dynamic = None if score_config is None else DynamicFreezing(
         frozen, backend.module, tokenizer, score_config, config.rescore_every, config.rescore_mode, context.device)
     report = run_fine_tuning(backend, frozen, samples, tokenizer.pad_token_id, config, context.device, settings,
-                             safety, dynamic, probe)
+                             safety, dynamic, probe, tracker)
     return report, backend.module
 
 
@@ -165,8 +171,8 @@ def _logged(report: FineTuneResult, config: FineTuneConfig) -> FineTuneResult:
 
 def fine_tune_lora(model: nn.Module, masks: MaskSource | None, samples: Sequence[Sample],
                    safety: Sequence[Sample] | None, pad_token_id: int, config: FineTuneConfig, ds_config: dict | None,
-                   context: distributed.DistContext, settings: Mapping[str, Any], probe: RefusalProbe | None = None
-                   ) -> tuple[FineTuneResult, nn.Module]:
+                   context: distributed.DistContext, settings: Mapping[str, Any], probe: RefusalProbe | None = None,
+                   tracker: Tracker | None = None) -> tuple[FineTuneResult, nn.Module]:
     """LoRA on the base model (protected by `masks` when given, see lora.py), trained by the same loop, merged
     into the base weights; the report measures the merged model against the original (masked elements: 0)."""
     from safeneurons.finetune.lora import add_adapters, merge_adapters
@@ -177,7 +183,7 @@ def fine_tune_lora(model: nn.Module, masks: MaskSource | None, samples: Sequence
     adapted = add_adapters(model, config.lora_r, config.lora_alpha, config.lora_targets, masks)
     backend = make_backend(adapted, ds_config, config, len(samples), context.world_size)
     trained = run_fine_tuning(backend, None, samples, pad_token_id, config, context.device, settings, safety,
-                              probe=probe)
+                              probe=probe, tracker=tracker)
     merged = merge_adapters(backend.module)
     state = RunState(trained.steps, trained.loss_curve, trained.learning_rates, trained.safety_loss_curve,
                      trained.refusal_curve)

@@ -25,6 +25,8 @@ class TrainingBackend(Protocol):
 
     def learning_rate(self) -> float: ...
 
+    def grad_norm(self) -> float | None: ...
+
     def save_checkpoint(self, directory: Path, step: int, client_state: dict) -> None: ...
 
     def load_checkpoint(self, directory: Path, tag: str) -> dict: ...
@@ -59,21 +61,31 @@ class TorchBackend:
         self.module, self.config = model, config
         self.optimizer = _adamw([p for p in model.parameters() if p.requires_grad], config)
         self.scheduler = make_scheduler(self.optimizer, config, total_steps)
+        self.last_grad_norm: float | None = None
 
     def micro_step(self, batch: Mapping[str, torch.Tensor], boundary: bool,
                    safety_batch: Mapping[str, torch.Tensor] | None = None) -> tuple[float, float | None]:
         objective, loss, safety_loss = _losses(self.module, batch, safety_batch, self.config.safety_weight)
         (objective / self.config.gradient_accumulation_steps).backward()
         if boundary:
-            if self.config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
+            self.last_grad_norm = self._clip_gradients()
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return _floats(loss, safety_loss)
 
+    def _clip_gradients(self) -> float:
+        """The gradients' total norm before clipping (clipped only with max_grad_norm > 0)."""
+        if self.config.max_grad_norm > 0:
+            return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm))
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def grad_norm(self) -> float | None:
+        return self.last_grad_norm
 
     def save_checkpoint(self, directory: Path, step: int, client_state: dict) -> None:
         tag = f"step-{step}"
@@ -119,6 +131,11 @@ class DeepSpeedBackend:
 
     def learning_rate(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        """The engine's global norm of the last step (before clipping); None where it computes none."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
 
     def save_checkpoint(self, directory: Path, step: int, client_state: dict) -> None:
         self.engine.save_checkpoint(str(directory), tag=f"step-{step}", client_state=client_state)

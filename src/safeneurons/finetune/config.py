@@ -4,12 +4,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.refusal_curve import (CURVE_MAX_NEW_TOKENS, DEFAULT_LIMIT, DEFAULT_PROMPTS,
                                                   check_probe_settings)
+from safeneurons.runtime.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,16 @@ class FineTuneConfig:
     eval_prompts: str = DEFAULT_PROMPTS
     eval_limit: int = DEFAULT_LIMIT
     eval_max_new_tokens: int = CURVE_MAX_NEW_TOKENS
+    report_to: str = "none"  # experiment tracking (runtime/tracking.py): tensorboard, wandb or none
+    logging_dir: str | None = None  # its folder; default save_path/runs
+    run_name: str | None = None  # default: the save folder's name
+    tracking_group: str | None = None  # a study's runs share one (W&B's group)
+
+    @property
+    def tracking(self) -> TrackingConfig:
+        return TrackingConfig(self.report_to, self.logging_dir or (f"{self.save_path}/runs" if self.save_path else None),
+                              self.run_name or (Path(self.save_path).name if self.save_path else None),
+                              self.tracking_group)
 
     def validate(self) -> None:
         for name in ("num_epochs", "batch_size", "max_length", "gradient_accumulation_steps"):
@@ -93,6 +105,7 @@ class FineTuneConfig:
         if self.keep_checkpoints < 1:
             raise SafeneuronsError(f"--keep-checkpoints {self.keep_checkpoints} must be at least 1")
         self._validate_extensions()
+        self.tracking.validate()
         unknown = [key for key in self.resume_override if key not in RUN_KEYS]
         if unknown:
             raise SafeneuronsError(f"--resume-override {unknown[0]!r} is not a run setting; one of {', '.join(RUN_KEYS)}")

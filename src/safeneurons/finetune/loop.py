@@ -22,6 +22,7 @@ from safeneurons.models.loading import save_hf_folder
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import mean_over_ranks, reduce_over_ranks
 from safeneurons.runtime.resume import write_marker
+from safeneurons.runtime.tracking import Tracker
 from safeneurons.runtime.zero3 import local_layout, local_weights
 
 if TYPE_CHECKING:
@@ -76,11 +77,12 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
 def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int, config: FineTuneConfig,
           device: torch.device, state: RunState, settings: Mapping[str, Any] | None = None,
           safety: Sequence[Sample] | None = None, dynamic: DynamicFreezing | None = None,
-          probe: RefusalProbe | None = None) -> RunState:
+          probe: RefusalProbe | None = None, tracker: Tracker | None = None) -> RunState:
     """Run optimizer steps `state.step` .. the end of the plan (or max_steps), checkpointing as asked; with
     `safety` samples every micro-batch also takes a safety batch (see `safety_batch_plan`); `dynamic` updates
     the frozen set after the steps it is due; `probe` measures the refusal rate at the steps it is due (before
-    a checkpoint, so that a resumed run has every point)."""
+    a checkpoint, so that a resumed run has every point); `tracker` receives each step's metrics."""
+    tracker = tracker or Tracker()
     world, rank = distributed.world_size(), distributed.rank()
     plan = micro_batch_plan(len(samples), config, world, rank)
     safety_plan = safety_batch_plan(len(safety), len(plan), config, world, rank) if safety else None
@@ -90,9 +92,9 @@ def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int
         total = min(total, config.max_steps)
     backend.module.train()
     if probe is not None and not state.refusal_curve:
-        _record_refusal(backend, probe, state)
+        _record_refusal(backend, probe, state, tracker)
     for step in distributed.progress(range(state.step, total), desc="fine-tuning", initial=state.step, total=total):
-        losses, safety_losses = [], []
+        losses, safety_losses, started = [], [], time.perf_counter()
         state.learning_rates.append(backend.learning_rate())
         for micro in range(accumulation):
             index = step * accumulation + micro
@@ -106,20 +108,29 @@ def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int
         if safety_losses:
             state.safety_loss_curve.append(mean_over_ranks(safety_losses))
         state.step = step + 1
+        _track_step(tracker, backend, state, accumulation * config.batch_size * world, time.perf_counter() - started)
         if dynamic is not None:
             dynamic.after_step(state.step, len(plan) // accumulation)
         if probe is not None and probe.due(state.step, total):
-            _record_refusal(backend, probe, state)
+            _record_refusal(backend, probe, state, tracker)
         if config.save_every and state.step % config.save_every == 0:
             _save_checkpoint(backend, config, state, settings or {}, dynamic)
     backend.module.eval()
     return state
 
 
-def _record_refusal(backend: TrainingBackend, probe: RefusalProbe, state: RunState) -> None:
+def _track_step(tracker: Tracker, backend: TrainingBackend, state: RunState, samples: int, seconds: float) -> None:
+    tracker.log({"train/loss": state.loss_curve[-1], "train/learning_rate": state.learning_rates[-1],
+                 "train/grad_norm": backend.grad_norm(),
+                 "train/safety_loss": state.safety_loss_curve[-1] if state.safety_loss_curve else None,
+                 "train/samples_per_second": samples / seconds if seconds > 0 else None}, state.step)
+
+
+def _record_refusal(backend: TrainingBackend, probe: RefusalProbe, state: RunState, tracker: Tracker) -> None:
     """A point of the refusal curve. Under ZeRO-3 generation leaves parameters that the engine prefetched for its
     own (training) module order in flight: they are released before training goes on."""
     state.refusal_curve.append({"step": state.step, "refusal_rate": probe.measure(backend.module)})
+    tracker.log({"eval/refusal_rate": state.refusal_curve[-1]["refusal_rate"]}, state.step)
     engine = getattr(backend, "engine", None)
     if engine is not None and getattr(backend, "zero_stage", None) == 3:
         engine.empty_partition_cache()
@@ -160,7 +171,8 @@ def _resume(backend: TrainingBackend, frozen: FrozenWeights | None, config: Fine
 def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samples: Sequence[Sample],
                     pad_token_id: int, config: FineTuneConfig, device: torch.device,
                     settings: Mapping[str, Any] | None = None, safety: Sequence[Sample] | None = None,
-                    dynamic: DynamicFreezing | None = None, probe: RefusalProbe | None = None) -> FineTuneResult:
+                    dynamic: DynamicFreezing | None = None, probe: RefusalProbe | None = None,
+                    tracker: Tracker | None = None) -> FineTuneResult:
     """Attach the frozen weights, (resume,) train and measure; collective under several ranks. `settings` are
     the run settings the checkpoints record (`run_settings`); `safety` the samples of --safety-data; `dynamic`
     (which holds `frozen`) re-scores the frozen set."""
@@ -174,7 +186,7 @@ def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samp
         (dynamic or frozen).attach(getattr(backend, "engine", None) or backend.optimizer)
     state = _resume(backend, frozen, config, resumed_with["tag"], dynamic) if resumed_with else RunState()
     resumed_from = state.step
-    state = train(backend, samples, pad_token_id, config, device, state, settings, safety, dynamic, probe)
+    state = train(backend, samples, pad_token_id, config, device, state, settings, safety, dynamic, probe, tracker)
     resumed_settings = {} if resumed_with is None else \
         {key: resumed_with.get(key) for key in config.resume_override if resumed_with.get(key) != settings.get(key)}
     report = build_report(backend.module, start, dynamic.frozen if dynamic else frozen, partitioned, state,

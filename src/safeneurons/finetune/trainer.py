@@ -19,6 +19,7 @@ from safeneurons.finetune.loop import RunState, build_report, snapshot
 from safeneurons.finetune.schedule import scheduler_name
 from safeneurons.interventions.freezing import freeze
 from safeneurons.runtime import distributed
+from safeneurons.runtime.tracking import Tracker
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
@@ -69,6 +70,21 @@ class _LearningRates(TrainerCallback):
         self.rates.append(float(lr_scheduler.get_last_lr()[0]))
 
 
+class TrackerCallback(TrainerCallback):
+    """The Trainer's logs to our tracker, under the loop's names (its learning rate is the one after the step)."""
+
+    NAMES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+             "train_samples_per_second": "train/samples_per_second"}
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, float] | None = None,
+               **kwargs: Any) -> None:
+        self.tracker.log({name: float(logs[key]) for key, name in self.NAMES.items() if key in (logs or {})},
+                         int(state.global_step))
+
+
 def training_arguments(config: FineTuneConfig, ds_config: Mapping[str, Any] | None, output_dir: str
                        ) -> TrainingArguments:
     """`FineTuneConfig` as TrainingArguments: the same optimizer, schedule, clipping, precision and DeepSpeed
@@ -90,7 +106,7 @@ def training_arguments(config: FineTuneConfig, ds_config: Mapping[str, Any] | No
 
 def train_with_trainer(model: nn.Module, frozen: FrozenWeights | None, samples: Sequence[Sample], pad_token_id: int,
                        config: FineTuneConfig, ds_config: Mapping[str, Any] | None, settings: Mapping[str, Any],
-                       zero_stage: int | None) -> FineTuneResult:
+                       zero_stage: int | None, tracker: Tracker | None = None) -> FineTuneResult:
     """Train `model` (built under the DeepSpeed config when there is one) with `MaskedTrainer`; collective."""
     started = time.perf_counter()
     partitioned = frozen.partitioned if frozen is not None else zero_stage == 3
@@ -98,7 +114,8 @@ def train_with_trainer(model: nn.Module, frozen: FrozenWeights | None, samples: 
     rates = _LearningRates()
     trainer = Trainer(model=model, args=training_arguments(config, ds_config, config.save_path + ".trainer"),
                       train_dataset=list(samples), data_collator=functools.partial(pad_batch, pad_token_id=pad_token_id),
-                      callbacks=[rates, *([FrozenWeightsCallback(frozen)] if frozen is not None else [])])
+                      callbacks=[rates, *([FrozenWeightsCallback(frozen)] if frozen is not None else []),
+                                 *([TrackerCallback(tracker)] if tracker is not None else [])])
     trainer.train()
     model.eval()
     losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]

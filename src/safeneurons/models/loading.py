@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -15,6 +13,7 @@ from torch import nn
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import check_architecture, check_architecture_config
 from safeneurons.runtime.checkpoints import check_safetensors
+from safeneurons.runtime.hub import hub_unreachable, offline_requested
 from safeneurons.runtime.zero3 import gathered_state_dict, is_zero3_partitioned, zero3_init_context
 
 
@@ -93,30 +92,6 @@ def resolve_model_name(name: str, cache_dir: str | None = None) -> str:
     return ALIASES.get(name, name)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
-HUB_PROBE_SECONDS = 5.0
-
-
-def hub_unreachable() -> str | None:
-    """Why the hub cannot be reached (one TCP connect to its endpoint), or None when it can or a proxy is set
-    (then the hub client's own attempt decides). Without it an offline machine waits ~30 s of retries."""
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    from huggingface_hub import constants
-
-    endpoint = urlparse(constants.ENDPOINT)
-    host = endpoint.hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, endpoint.port or (443 if endpoint.scheme == "https" else 80)),
-                                 timeout=HUB_PROBE_SECONDS).close()
-    except OSError as error:
-        return f"the hub at {constants.ENDPOINT} cannot be reached ({error.strerror or type(error).__name__})"
-    return None
-
-
 def check_model_name(name: str, what: str = "model") -> None:
     """Refuse a name that is no folder, no built-in name or alias, and cannot be an HF id (`org/name`)."""
     from safeneurons.models.gguf import GGUF_ALIASES, gguf_file_of
@@ -145,7 +120,7 @@ def _from_pretrained(loader: Any, name: str, what: str, cache_dir: str | None, *
     resolved = resolve_model_name(name, cache_dir)
     local = Path(resolved).is_dir()
     error: Exception | str | None = None
-    for local_only in [True] if local or _offline() else [True, False]:
+    for local_only in [True] if local or offline_requested() else [True, False]:
         unreachable = None if local_only else hub_unreachable()
         if unreachable:
             error = unreachable

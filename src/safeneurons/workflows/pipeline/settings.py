@@ -11,6 +11,7 @@ from safeneurons.data.readers import check_sources
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.loading import DEMO_NAME, load_config
 from safeneurons.runtime.outputs import check_output_dir
+from safeneurons.runtime.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class PipelineConfig:
     curve_limit: int = 32  # refusal curve: held-out harmful prompts
     curve_max_new_tokens: int = 16
     study: str = "quick"
+    report_to: str = "none"  # tracking of every fine-tune and of the study's results (runtime/tracking.py)
     profile: str = "original"
 
     @property
@@ -158,6 +160,8 @@ SETTING_HELP = {
     "eval_every": "refusal curve: optimizer steps between measurements (0 = none)",
     "curve_limit": "refusal curve: held-out harmful prompts", "curve_max_new_tokens": "refusal curve: new tokens",
     "study": "quick or full (the demo: more seeds, data and prompts; the one to quote)",
+    "report_to": "experiment tracking: tensorboard, wandb or none (RESULTS/runs: one run per fine-tune, one for the "
+                 "study's results)",
 }
 NONE_WORDS = ("none", "")
 
@@ -212,6 +216,7 @@ def validate(settings: PipelineConfig) -> None:
 
     EvalConfig(judges=tuple(name.strip() for name in settings.judge.split(",") if name.strip()),
                judge_models=(settings.judge_model,) if settings.judge_model else ()).judge_model_names()
+    TrackingConfig(settings.report_to, settings.results_path).validate()
     unknown = [arm for arm in settings.extensions if arm not in EXTENSION_ARMS]
     if unknown:
         raise SafeneuronsError(f"--extension-arms {unknown[0]!r} is not one of {', '.join(EXTENSION_ARMS)} (or all)")

@@ -5,12 +5,13 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime import distributed
+from safeneurons.runtime.tracking import TrackingConfig, open_tracker
 from safeneurons.workflows.pipeline.report import write_final_outputs
 from safeneurons.workflows.pipeline.settings import ARM_MASK_STAGE, ARMS, DEFAULT_ZERO3, arm_options, check_inputs
 from safeneurons.workflows.pipeline.stages import Run, Stage, has_masks, model_files, run_stages
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from safeneurons.workflows.pipeline.settings import PipelineConfig
 
 log = logging.getLogger(__name__)
+TRACKING_DIR = "runs"  # RESULTS/runs/<run>: the tracked fine-tunes and the study's results
 
 
 class Study:
@@ -91,6 +93,8 @@ class Study:
                                     max_length=s.max_length, seed=run.seed, dtype=s.dtype, deepspeed=deepspeed,
                                     data_dir=s.data_dir, nsamples=s.finetune_nsamples, cache_dir=s.cache_dir,
                                     add_eos=s.add_eos, checkpoint_dir=str(checkpoints), save_every=s.save_every,
+                                    report_to=s.report_to, logging_dir=str(self.results / TRACKING_DIR / run.key),
+                                    run_name=run.key, tracking_group=self.results.name,
                                     **curve, **arm_options(run.arm, s))
             mask_stage = ARM_MASK_STAGE[run.arm]
             masks = None if mask_stage is None else self.masks_of(mask_stage)
@@ -241,7 +245,18 @@ def run_study(settings: PipelineConfig, force: bool = False) -> dict | None:
     run_stages(study.stages(), study.results, force)
     if not distributed.is_main():
         return None
-    return write_final_outputs(study)
+    summary = write_final_outputs(study)
+    track_results(settings, study.results, summary)
+    return summary
+
+
+def track_results(settings: PipelineConfig, results: Path, summary: Mapping[str, Any]) -> None:
+    """The study's final numbers per arm (refusal, ASR, perplexity, …) as one tracked run beside the fine-tunes'."""
+    tracker = open_tracker(TrackingConfig(settings.report_to, str(results / TRACKING_DIR / "study"), "study",
+                                          results.name), asdict(settings))
+    tracker.log({f"study/{arm}/{key}": value for arm, row in summary["arms"].items() for key, value in row.items()
+                 if isinstance(value, (int, float)) and not isinstance(value, bool)}, 0)
+    tracker.close()
 
 
 def run_pipeline(settings: PipelineConfig, force: bool = False) -> dict | None:
