@@ -223,6 +223,37 @@ def report(folder: Path) -> dict:
     return json.loads((folder / "freeze_report.json").read_text())
 
 
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the TensorBoard event files in `folder`, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def tensorboard_text(folder: Path, tag: str = "config/text_summary") -> str:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return events.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+
+
+def assert_tracked_like_the_report(folder: Path, summary: dict, events: str = "runs") -> None:
+    """One event file in folder/events (rank 0 alone writes), the loss of every step equal to the report's, the
+    gradient norms, the config."""
+    folder = folder / events
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+    scalars = tensorboard_scalars(folder)
+    steps = list(range(1, summary["steps"] + 1))
+    assert scalars["train/loss"] == [(step, torch.tensor(loss).float().item())  # event files hold float32
+                                     for step, loss in zip(steps, summary["loss_curve"])]
+    assert [step for step, _ in scalars["train/grad_norm"]] == steps
+    assert all(norm > 0 for _, norm in scalars["train/grad_norm"])
+    assert "report_to: tensorboard" in tensorboard_text(folder)
+
+
 def assert_frozen_identical_free_changed(original: dict, trained: dict, masks: dict) -> None:
     for name, mask in masks.items():
         before, after = original[name].to(trained[name].dtype), trained[name]

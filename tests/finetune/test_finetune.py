@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (REPO, assert_frozen_identical_free_changed, make_tiny_llama, random_masks, report, run_ranks,
-                     weights)
+from helpers import (REPO, assert_frozen_identical_free_changed, assert_tracked_like_the_report, make_tiny_llama,
+                     random_masks, report, run_ranks, tensorboard_scalars, weights)
 from safeneurons import cli
 from safeneurons.errors import SafeneuronsError
 from safeneurons.masks.io import save_masks
@@ -35,7 +35,7 @@ def zero3_runs(tiny_with_masks, tmp_path_factory) -> dict[str, Path]:
     lost, as in a run killed then); resumed from that checkpoint."""
     model, masks, _ = tiny_with_masks
     root = tmp_path_factory.mktemp("zero3")
-    (root / "full.log").write_text(finetune_ranks(model, masks, root / "full"))
+    (root / "full.log").write_text(finetune_ranks(model, masks, root / "full", "--report-to", "tensorboard"))
     finetune_ranks(model, masks, root / "stopped", "--checkpoint-dir", str(root / "checkpoints"),
                    "--save-every", "2", "--max-steps", "3")
     finetune_ranks(model, masks, root / "resumed", "--checkpoint-dir", str(root / "checkpoints"), "--resume")
@@ -58,6 +58,9 @@ def test_zero3_two_ranks_frozen_identical_free_changed(zero3_runs, tiny_with_mas
     warnings = [line for line in (zero3_runs["full"].parent / "full.log").read_text().splitlines()
                 if "Warning:" in line]
     assert warnings and all(warnings.count(line) <= 2 for line in warnings)  # each distinct warning once a rank
+    assert_tracked_like_the_report(zero3_runs["full"], summary)
+    rates = tensorboard_scalars(zero3_runs["full"] / "runs")["train/learning_rate"]
+    assert rates == [(step, torch.tensor(rate).float().item()) for step, rate in enumerate(summary["learning_rates"], 1)]
 
 
 @pytest.mark.slow

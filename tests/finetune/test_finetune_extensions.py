@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from helpers import (REPO, assert_frozen_identical_free_changed, make_tiny_llama, random_masks, report,
-                     run_expecting_error, run_ranks, weights)
+from helpers import (REPO, assert_frozen_identical_free_changed, assert_tracked_like_the_report, make_tiny_llama,
+                     random_masks, report, run_expecting_error, run_ranks, weights)
 from safeneurons import cli
 from safeneurons.finetune.api import FineTuner
 from safeneurons.interventions.freezing import freeze
@@ -182,7 +182,7 @@ def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
         _two_ranks_dynamic(*scored_tiny, tmp_path)
         return
     model, masks_file, masks = tiny_with_masks
-    extra = {"trainer": ["--engine", "trainer", "--gradient-checkpointing"],
+    extra = {"trainer": ["--engine", "trainer", "--gradient-checkpointing", "--report-to", "tensorboard"],
              "lora": ["--lora-r", "4", "--lora-targets", "q_proj,v_proj,down_proj", "--safety-data", "demo-align",
                       "--safety-weight", "0.5"]}[run]
     result = run_ranks(["safeneurons.cli", "finetune", "--model", str(model), "--masks", str(masks_file), *ZERO3,
@@ -198,6 +198,8 @@ def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
     assert summary["max_abs_change_frozen"] == 0.0
     if run == "lora":
         assert len(summary["safety_loss_curve"]) == 8
+    else:  # the Trainer's logs reach the same tracker under the loop's names
+        assert_tracked_like_the_report(tmp_path / "out", summary)
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
