@@ -159,3 +159,13 @@ def test_xstest_over_refusal_reads_a_datasets_copy(tmp_path):
     prompts = read_xstest(str(tmp_path / "xstest"))
     assert [(p.prompt, p.label, p.type) for p in prompts] == list(zip(*(RECORDS["xstest"]["train"][key]
                                                                        for key in ("prompt", "label", "type"))))
+
+
+def test_a_list_of_data_sets_keeps_each_sources_columns(tmp_path):
+    """trace --data takes several sets; a source's own `#prompt=…,response=…` keeps its comma."""
+    datasets.Dataset.from_dict(RECORDS["jailbreakbench"]["harmful"]).to_parquet(str(tmp_path / "h.parquet"))
+    parquet = str(tmp_path / "h.parquet")
+    config = check_command(["trace", "--model", "demo-base", "--other", "demo-chat", "--data",
+                            f"demo-harmless,{parquet}#prompt=Goal,response=Target,{parquet}", "--prompt-column",
+                            "Target", "--out", str(tmp_path / "out")])
+    assert config.sources == ["demo-harmless", f"{parquet}#prompt=Goal,response=Target", f"{parquet}#prompt=Target"]

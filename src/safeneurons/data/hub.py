@@ -95,6 +95,17 @@ def split_columns(source: str) -> tuple[str, Columns | None]:
     return base, Columns(values.get("prompt"), values.get("response"))
 
 
+def split_source_list(text: str) -> list[str]:
+    """A comma-separated list of data sets, where a source's `#prompt=…,response=…` keeps its own commas."""
+    sources: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if sources and COLUMNS_MARK in sources[-1] and item.startswith(("prompt=", "response=")):
+            sources[-1] += "," + item
+        elif item:
+            sources.append(item)
+    return sources
+
+
 def with_columns(source: str, prompt: str | None, response: str | None) -> str:
     """`source` naming the given columns, unless it names its own or is no `datasets` source."""
     if (prompt is None and response is None) or COLUMNS_MARK in source or not is_datasets_source(source):

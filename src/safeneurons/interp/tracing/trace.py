@@ -45,7 +45,9 @@ class TraceConfig:
 
     @property
     def sources(self) -> list[str]:
-        return [source.strip() for source in self.data.split(",") if source.strip()]
+        from safeneurons.data.hub import split_source_list
+
+        return split_source_list(self.data)
 
     def validate(self) -> None:
         for name in ("n_tokens", "max_length", "batch_size"):
