@@ -9,7 +9,7 @@ import torch
 
 from safeneurons import cli
 from safeneurons.evaluation.metrics import wilson_interval
-from safeneurons.workflows.ablation import random_like_counts
+from safeneurons.masks.apply import random_like_counts
 
 
 @pytest.mark.parametrize("successes,n", [(0, 100), (4, 100), (50, 100), (100, 100), (1, 7), (12, 520)])

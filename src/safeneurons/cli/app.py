@@ -21,6 +21,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "compare": ("safeneurons.cli.compare", "compare masks and weights before and after fine-tuning"),
     "pipeline": ("safeneurons.cli.pipeline", "the whole study: score, fine-tune, re-score, compare, evaluate"),
     "patch": ("safeneurons.cli.patch", "activation patching of refusal circuits"),
+    "direction": ("safeneurons.cli.direction", "the refusal direction: candidates, selection, ablation, addition, "
+                                               "orthogonalization"),
     "trace": ("safeneurons.cli.trace", "model lineage by activation matching of MLP neurons"),
     "eval": ("safeneurons.cli.eval", "attack success rate, refusal rate and perplexity"),
     "prune": ("safeneurons.cli.prune", "zero the masked weights and save the model (remove safety-critical weights)"),

@@ -1,8 +1,10 @@
-"""Zero the masked elements of a model's weights in place (every local copy under ZeRO-3)."""
+"""Zero the masked elements of a model's weights in place (every local copy under ZeRO-3); random masks of a
+reference's counts (the controls)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
+import torch
 from torch import nn
 
 from safeneurons.runtime.zero3 import full_numel, full_shape, is_persistent, local_layout, local_weights
@@ -23,3 +25,14 @@ def zero_masked(name: str, param: nn.Parameter, source: MaskElements, lowest: bo
         whole = source.elements(name, shape, 0, full_numel(param)).view(shape) ^ lowest
         param.data[whole.to(param.device)] = 0
     return int(mask.sum())
+
+
+def random_like_counts(reference: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Uniformly random masks with exactly the reference's count in every matrix."""
+    masks = {}
+    for index, (name, mask) in enumerate(sorted(reference.items())):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        chosen = torch.zeros(mask.numel(), dtype=torch.bool)
+        chosen[torch.randperm(mask.numel(), generator=generator)[:int(mask.sum())]] = True
+        masks[name] = chosen.view(mask.shape)
+    return masks

@@ -28,6 +28,7 @@ from safeneurons.data.readers import check_sources
 from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.evaluate import EvalConfig, evaluate_model
 from safeneurons.evaluation.metrics import wilson_interval
+from safeneurons.masks.apply import random_like_counts
 from safeneurons.models.loading import ModelSource
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import atomic_file, check_output_dir, write_json
@@ -105,17 +106,6 @@ def study_points(config: AblationConfig) -> list[Point]:
 
 
 # ---------------------------------------------------------------- masks
-
-def random_like_counts(reference: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Uniformly random masks with exactly the reference's count in every matrix."""
-    masks = {}
-    for index, (name, mask) in enumerate(sorted(reference.items())):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        chosen = torch.zeros(mask.numel(), dtype=torch.bool)
-        chosen[torch.randperm(mask.numel(), generator=generator)[:int(mask.sum())]] = True
-        masks[name] = chosen.view(mask.shape)
-    return masks
-
 
 def point_masks(point: Point, scores: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     safety, utility = scores["safety"], scores["utility"]

@@ -1,0 +1,67 @@
+"""`safeneurons direction`: the refusal direction, end to end (candidates, selection, ablation, addition,
+orthogonalization), as Arditi et al. 2024 and their code."""
+from __future__ import annotations
+
+import argparse
+
+from safeneurons.interp.direction.run import RefusalDirectionConfig, run_refusal_direction
+from safeneurons.interp.direction.selection import SelectionConfig
+from safeneurons.models.loading import ModelSource
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from safeneurons.cli.options import add_model_arguments, add_run_arguments
+
+    add_model_arguments(parser, "--model")
+    add_run_arguments(parser)
+    defaults, selection = RefusalDirectionConfig(), SelectionConfig()
+    parser.set_defaults(seed=defaults.seed)
+    parser.add_argument("--harmful-data", "--harmful", dest="harmful", default=defaults.harmful,
+                        help="harmful instructions (default %(default)s)")
+    parser.add_argument("--harmless-data", "--harmless", dest="harmless", default=defaults.harmless,
+                        help="harmless instructions (default %(default)s)")
+    parser.add_argument("--n-train", type=int, default=defaults.n_train,
+                        help="prompts of each set for the candidates, drawn with --seed (default %(default)s)")
+    parser.add_argument("--n-val", type=int, default=defaults.n_val,
+                        help="prompts of each set for the selection (default %(default)s); the rest is held out")
+    parser.add_argument("--eval-limit", type=int, default=defaults.eval_limit,
+                        help="held-out prompts of each set to evaluate on (default %(default)s)")
+    parser.add_argument("--no-filter-train", dest="filter_train", action="store_false",
+                        help="keep every train prompt (the original keeps harmful prompts with refusal score > 0 "
+                             "and harmless ones < 0)")
+    parser.add_argument("--no-filter-val", dest="filter_val", action="store_false",
+                        help="keep every validation prompt")
+    parser.add_argument("--kl-threshold", type=float, default=selection.kl_threshold,
+                        help="discard candidates whose ablation moves the harmless distribution more (default "
+                             "%(default)s)")
+    parser.add_argument("--induce-threshold", type=float, default=selection.induce_threshold,
+                        help="discard candidates whose addition induces less refusal (default %(default)s)")
+    parser.add_argument("--prune-layer-fraction", type=float, default=selection.prune_layer_fraction,
+                        help="discard candidates of the last fraction of layers (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=selection.batch_size,
+                        help="prompts per forward pass (default %(default)s)")
+    parser.add_argument("--candidates-per-pass", type=int, default=selection.candidates_per_pass,
+                        help="candidate directions scored in one forward pass (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                        help="greedy new tokens of the evaluation's generations (default %(default)s)")
+    parser.add_argument("--compare-random", type=int, default=0, metavar="N",
+                        help="also evaluate N random directions of the same norm (the control)")
+    parser.add_argument("--masks", default=None,
+                        help="a mask (score's masks.safetensors or folder): how the direction lies in its weights")
+    parser.add_argument("--save-orthogonalized", default=None, metavar="DIR",
+                        help="write the weight-orthogonalized model as an HF folder (streamed tensor by tensor)")
+
+
+def config_from_args(args: argparse.Namespace) -> RefusalDirectionConfig:
+    selection = SelectionConfig(args.kl_threshold, args.induce_threshold, args.prune_layer_fraction, args.batch_size,
+                                args.candidates_per_pass)
+    return RefusalDirectionConfig(args.harmful, args.harmless, args.n_train, args.n_val, args.seed,
+                                  args.filter_train, args.filter_val, selection, args.eval_limit,
+                                  args.max_new_tokens, args.compare_random, args.masks, args.save_orthogonalized,
+                                  data_dir=args.data_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_refusal_direction(ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir), config_from_args(args),
+                          args.out)
+    return 0
