@@ -137,6 +137,25 @@ def reference_masks(model, samples, method: str, ratio: float, sequential: bool)
 HEADS = 4
 
 
+# Tiny models of the other architectures safety papers report on (Gemma-2/3 with post-norms, Qwen3, Phi-3 fused)
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=HEADS,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+ARCHS = {"gemma2": dict(head_dim=32), "gemma3_text": dict(head_dim=32, sliding_window=16),
+         "qwen3": dict(head_dim=32), "phi3": dict()}
+
+
+def tiny_model(arch: str, tokenizer, seed: int = 0):
+    """A random tiny model of `arch` with the demo tokenizer's vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  **COMMON, **ARCHS[arch])
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+
 def _module(model, layer, component):
     block = model.model.layers[layer]
     return {"residual": block, "attn_out": block.self_attn, "mlp_out": block.mlp,

@@ -11,28 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import HEADS, REPO, logits_of, ref_patched_logits, run_ranks, token_metric
+from helpers import ARCHS, HEADS, REPO, logits_of, ref_patched_logits, run_ranks, tiny_model, token_metric
 from safeneurons import cli
 from safeneurons.data.samples import format_prompt
 from safeneurons.interp.patching.patcher import ActivationPatcher
 from safeneurons.interp.patching.sites import PatchingSite
 from safeneurons.models.loading import load_model
 from safeneurons.models.structure import scored_linears
-
-COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=HEADS,
-              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
-ARCHS = {"gemma2": dict(head_dim=32), "gemma3_text": dict(head_dim=32, sliding_window=16),
-         "qwen3": dict(head_dim=32), "phi3": dict()}
-
-
-def tiny_model(arch: str, tokenizer, seed: int = 0):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                  **COMMON, **ARCHS[arch])
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.fixture(scope="module")

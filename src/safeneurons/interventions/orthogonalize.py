@@ -21,11 +21,11 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import decoder_layers
-from safeneurons.runtime.checkpoints import INDEX_FILE, CheckpointFiles, rewrite_checkpoint
+from safeneurons.runtime.checkpoints import INDEX_FILE, WEIGHTS_FILE, CheckpointFiles, rewrite_checkpoint
 
 WRITES = re.compile(r"(^|\.)(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$")
 EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")
-UNTIED_FILE = "lm_head.safetensors"
+UNTIED_FILE = "model-lm_head.safetensors"
 
 
 @dataclass
@@ -110,9 +110,22 @@ def orthogonalize_files(folder: Path, direction: torch.Tensor, out: Path) -> Ort
     rewrite_checkpoint(files, out, edit)
     tied = bool(config.get("tie_word_embeddings", False)) and "lm_head.weight" not in files.weight_map and embedding
     if tied:
-        save_file({"lm_head.weight": next(iter(embedding.values()))}, str(out / UNTIED_FILE))
-        weight_map = {name: path.name for name, path in files.weight_map.items()} | {"lm_head.weight": UNTIED_FILE}
-        (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-        (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
+        untie_files(files, out, next(iter(embedding.values())), config)
     return OrthogonalizeResult(edited, bool(tied))
+
+
+def untie_files(files: CheckpointFiles, out: Path, unembedding: torch.Tensor, config: dict) -> None:
+    """The unembedding as its own shard, listed in the index (a single weights file becomes shard 1 of 2: loaders
+    read model.safetensors alone when it exists), and config.json no longer tied."""
+    weight_map = {name: path.name for name, path in files.weight_map.items()}
+    if (out / WEIGHTS_FILE).is_file() and not (files.folder / INDEX_FILE).is_file():
+        first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+        (out / WEIGHTS_FILE).rename(out / first)
+        weight_map = {name: first for name in weight_map}
+    else:
+        second = UNTIED_FILE
+    save_file({"lm_head.weight": unembedding.contiguous()}, str(out / second))
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": {**weight_map, "lm_head.weight": second}},
+                                             indent=2))
+    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
 

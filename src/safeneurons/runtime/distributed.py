@@ -365,6 +365,26 @@ def map_over_ranks(n_items: int, batch_size: int, run_batch: Callable[[list[int]
     return [merged[index] for index in range(n_items)]
 
 
+def map_fixed_batches(n_items: int, batch_size: int, run_batch: Callable[[list[int]], list[Any]],
+                      desc: str) -> list[Any]:
+    """`run_batch` over fixed batches of consecutive items (0..B-1, B..2B-1, …), the batches dealt round-robin to the
+    ranks, the results gathered on every rank in item order. Each batch is the same at any rank count, so results
+    that depend on a batch's padding do not depend on the number of ranks. A rank out of batches runs the first
+    one again and drops it (every rank makes the same passes, as ZeRO-3 requires)."""
+    batches = [list(range(start, min(start + batch_size, n_items))) for start in range(0, n_items, batch_size)]
+    mine = batches[rank()::world_size()]
+    local: dict[int, Any] = {}
+    for step in progress(range(-(-len(batches) // world_size())), desc=desc):
+        if step < len(mine):
+            local.update(zip(mine[step], run_batch(mine[step])))
+        else:
+            run_batch(batches[0])
+    merged: dict[int, Any] = {}
+    for part in all_gather(local):
+        merged.update(part)
+    return [merged[index] for index in range(n_items)]
+
+
 def reduce_to_owner(tensor: torch.Tensor, owner: int) -> torch.Tensor | None:
     """Sum of `tensor` over the ranks, on `owner` only (None elsewhere)."""
     if world_size() > 1:

@@ -1,8 +1,8 @@
 """Candidate directions: the mean of harmful minus harmless activations at every decoder layer's input
 (resid_pre) and every post-instruction position, and the refusal scores that filter the prompts first.
 
-Each prompt's activations are computed by whichever rank holds it and gathered in prompt order, then summed in
-float64 in that order on every rank: the candidates do not depend on the number of ranks.
+Prompts go in fixed batches (the batches split across ranks); each prompt's activations are gathered in prompt
+order and summed in float64 in that order on every rank: the candidates do not depend on the number of ranks.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.hooks import Hooks
 from safeneurons.models.structure import decoder_layers, model_device
-from safeneurons.runtime.distributed import map_over_ranks
+from safeneurons.runtime.distributed import map_fixed_batches
 
 
 def encode(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -35,9 +35,9 @@ def last_logits(model: nn.Module, inputs: dict[str, torch.Tensor], copies: int =
 
 
 def batched(n_items: int, batch_size: int, run: Callable[[list[int]], list[Any]], desc: str) -> list[Any]:
-    """`run` over index batches, split across ranks, results in item order on every rank. A rank out of items
-    runs the first one and drops it, so that every rank makes the same forward passes (ZeRO-3 needs that)."""
-    return map_over_ranks(n_items, batch_size, lambda indices: run(indices) if indices else run([0])[:0], desc=desc)
+    """`run` over fixed batches, split across ranks, results in item order on every rank (the same at any rank
+    count: a prompt's activations depend on its batch's padding)."""
+    return map_fixed_batches(n_items, batch_size, run, desc)
 
 
 def prompt_scores(model: nn.Module, tokenizer: Any, prompts: Sequence[str], score: Callable[[torch.Tensor], torch.Tensor],

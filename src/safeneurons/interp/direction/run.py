@@ -65,6 +65,10 @@ class RefusalDirectionConfig:
 
             check_orthogonalizable(load_config(model.name, model.cache_dir))
         check_sources(self.harmful, self.harmless, directory=self.data_dir)
+        from safeneurons.data.readers import load_examples
+
+        for what, source in (("harmful", self.harmful), ("harmless", self.harmless)):
+            check_split_sizes(len(load_examples(source, self.data_dir)), self, what)
         if self.masks:
             from safeneurons.masks.io import MaskReader, check_masks_fit
             from safeneurons.models.loading import model_skeleton
@@ -88,12 +92,16 @@ class Splits:
     filtered: dict[str, int] = field(default_factory=dict)  # prompts the filter removed, per split
 
 
+def check_split_sizes(count: int, config: RefusalDirectionConfig, what: str) -> None:
+    needed = config.n_train + config.n_val + 1
+    if count < needed:
+        raise SafeneuronsError(f"--{what} has {count} prompts; --n-train {config.n_train} + --n-val "
+                               f"{config.n_val} + at least one held-out prompt needs {needed}")
+
+
 def draw(prompts: Sequence[str], config: RefusalDirectionConfig, what: str) -> tuple[list[str], list[str], list[str]]:
     """Train, validation and held-out test prompts, drawn without overlap with `seed`."""
-    needed = config.n_train + config.n_val + 1
-    if len(prompts) < needed:
-        raise SafeneuronsError(f"--{what} has {len(prompts)} prompts; --n-train {config.n_train} + --n-val "
-                               f"{config.n_val} + at least one held-out prompt needs {needed}")
+    check_split_sizes(len(prompts), config, what)
     order = random.Random(config.seed).sample(range(len(prompts)), len(prompts))
     picked = [prompts[index] for index in order]
     train, val = picked[:config.n_train], picked[config.n_train:config.n_train + config.n_val]

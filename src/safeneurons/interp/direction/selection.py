@@ -20,7 +20,7 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.interp.direction import hooks
 from safeneurons.interp.direction.candidates import Candidates, encode, last_logits
 from safeneurons.models.structure import model_device
-from safeneurons.runtime.distributed import map_over_ranks
+from safeneurons.runtime.distributed import map_fixed_batches
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,8 @@ def _chunks(count: int, size: int) -> list[list[int]]:
 
 
 def _over_passes(units: list[Any], run: Any, desc: str) -> list[torch.Tensor]:
-    """`run(unit)` → [copies, B] for each unit, split across ranks (a rank out of units repeats the first)."""
-    return map_over_ranks(len(units), 1, lambda picked: [run(units[i]) for i in picked] if picked
-                          else [run(units[0])][:0], desc=desc)
+    """`run(unit)` → [copies, B] for each unit (a fixed batch of prompts and candidates), split across ranks."""
+    return map_fixed_batches(len(units), 1, lambda picked: [run(units[i]) for i in picked], desc=desc)
 
 
 def _means(per_unit: list[torch.Tensor], chunks: list[list[int]], n_batches: int, count: int) -> list[float]:

@@ -69,11 +69,16 @@ class PatchConfig:
         if not self.significance_threshold >= 0:
             raise SafeneuronsError(f"--significance-threshold {self.significance_threshold} must be >= 0")
 
-    def check_inputs(self) -> None:
-        """The files the sweep reads exist (checked before any model loads)."""
+    def check_inputs(self, hidden_size: int | None = None) -> None:
+        """The files the sweep reads exist, and a direction fits the model (checked before any model loads)."""
         if self.metric == "direction" and not Path(self.direction).is_file():
             raise SafeneuronsError(f"--direction {self.direction} does not exist (a refusal direction file from "
-                                   f"`safeneurons patch --compute-direction`)")
+                                   f"`safeneurons direction` or `safeneurons patch --compute-direction`)")
+        if self.metric == "direction" and hidden_size is not None:
+            size = load_direction(self.direction).numel()
+            if size != hidden_size:
+                raise SafeneuronsError(f"the refusal direction {self.direction} has {size} entries; the model's "
+                                       f"hidden size is {hidden_size}: it comes from another model")
 
     def prompt(self, name: str, tokenizer: Any) -> str:
         text = getattr(self, name)
@@ -122,9 +127,10 @@ def run_patch(model: ModelSource, config: PatchConfig, out: str | Path) -> Activ
     """Collective: the sweep's effects, written to `out` (patching.json, patching.png, report.txt) with the report
     printed; the result on rank 0, None elsewhere."""
     config.validate()
-    config.check_inputs()
+    model_config = load_config(model.name, model.cache_dir)
+    config.check_inputs(model_config.hidden_size)
     check_output_dir(out)
-    check_layers(config.layers, load_config(model.name, model.cache_dir).num_hidden_layers)
+    check_layers(config.layers, model_config.num_hidden_layers)
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
     loaded = model.load(context.device)
     tokenizer = loaded.tokenizer
