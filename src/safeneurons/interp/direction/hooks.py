@@ -38,10 +38,11 @@ def unit_directions(directions: torch.Tensor) -> torch.Tensor:
 
 
 def _project_out(activation: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-    copies = units.shape[0]
-    rows = activation.view(copies, -1, *activation.shape[1:])  # [C, B, T, H]
-    unit = units.to(activation)[:, None, None, :]
-    return (rows - (rows * unit).sum(-1, keepdim=True) * unit).view_as(activation)
+    copies, hidden = units.shape
+    rows = activation.reshape(copies, -1, hidden)  # [C, B·T, H]
+    unit = units.to(activation)
+    projections = torch.bmm(rows, unit[:, :, None])  # [C, B·T, 1]
+    return torch.baddbmm(rows, projections, unit[:, None, :], alpha=-1).view_as(activation)
 
 
 def _edit_output(output: Any, edit: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,8 +19,10 @@ from torch import nn
 from safeneurons.errors import SafeneuronsError
 from safeneurons.interp.direction import hooks
 from safeneurons.interp.direction.candidates import Candidates, encode, last_logits
-from safeneurons.models.structure import model_device
+from safeneurons.models.hooks import Hooks
+from safeneurons.models.structure import decoder_layers, layers_from, model_device
 from safeneurons.runtime.distributed import map_fixed_batches
+from safeneurons.runtime.zero3 import is_zero3_partitioned
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,8 @@ def kl_divergence(base_logits: torch.Tensor, edited_logits: torch.Tensor) -> tor
     return (base.exp() * (base - edited)).sum(-1)
 
 
-def _chunks(count: int, size: int) -> list[list[int]]:
-    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+def _chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[start:start + size]) for start in range(0, len(items), size)]
 
 
 def _over_passes(units: list[Any], run: Any, desc: str) -> list[torch.Tensor]:
@@ -66,49 +68,91 @@ def _over_passes(units: list[Any], run: Any, desc: str) -> list[torch.Tensor]:
     return map_fixed_batches(len(units), 1, lambda picked: [run(units[i]) for i in picked], desc=desc)
 
 
-def _means(per_unit: list[torch.Tensor], chunks: list[list[int]], n_batches: int, count: int) -> list[float]:
-    """Per candidate, the float64 mean over every prompt (units are ordered chunk-major, batch-minor)."""
-    means = [0.0] * count
-    for chunk_index, chunk in enumerate(chunks):
-        rows = torch.cat([per_unit[chunk_index * n_batches + batch] for batch in range(n_batches)], dim=1).double()
-        for offset, candidate in enumerate(chunk):
-            means[candidate] = float(rows[offset].mean())
-    return means
+def length_batches(tokenizer: Any, prompts: Sequence[str], size: int) -> list[list[str]]:
+    """Batches of prompts of similar length (sorted by token count, ties in prompt order): less padding to run."""
+    lengths = [len(tokenizer(prompt)["input_ids"]) for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lambda index: (lengths[index], index))
+    return [[prompts[index] for index in order[start:start + size]] for start in range(0, len(order), size)]
+
+
+class _Baseline:
+    """Each validation batch's unedited run, on every rank: the harmful batches' refusal scores, the harmless
+    batches' logits (for the KL) and block inputs (an addition at layer l reruns layers l.. only)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, batches: Mapping[str, list[list[str]]], refusal: Any,
+                 cache_inputs: bool) -> None:
+        device = model_device(model)
+        self.inputs = {name: [encode(tokenizer, batch, device) for batch in found] for name, found in batches.items()}
+        self.refusal = [refusal.compute(last_logits(model, inputs), None) for inputs in self.inputs["harmful"]]
+        self.logits, self.layer_inputs = [], []
+        for inputs in self.inputs["harmless"]:
+            captured: dict[int, torch.Tensor] = {}
+            with Hooks() as recorder:
+                for index, block in enumerate(decoder_layers(model) if cache_inputs else []):
+                    recorder.on_input(block, lambda _m, args, kwargs, index=index: captured.__setitem__(
+                        index, (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+                self.logits.append(last_logits(model, inputs))
+            self.layer_inputs.append(captured)
+        self.harmless_refusal = [refusal.compute(logits, None) for logits in self.logits]
+
+
+def _from_layer(model: nn.Module, baseline: _Baseline, batch: int, start: int, copies: int) -> torch.Tensor:
+    """The last-position logits of harmless batch `batch` rerun from block `start` (its cached input)."""
+    inputs = baseline.inputs["harmless"][batch]
+    if start == 0 or not baseline.layer_inputs[batch]:
+        return last_logits(model, inputs, copies)
+    hidden = baseline.layer_inputs[batch][start].repeat(copies, 1, 1)
+    with torch.no_grad(), layers_from(model, start):
+        return model(inputs_embeds=hidden, attention_mask=inputs["attention_mask"].repeat(copies, 1),
+                     position_ids=inputs["position_ids"].repeat(copies, 1), use_cache=False,
+                     logits_to_keep=1).logits[:, -1].float()
 
 
 def score_candidates(model: nn.Module, tokenizer: Any, candidates: Candidates, harmful: Sequence[str],
                      harmless: Sequence[str], refusal: Any, config: SelectionConfig) -> list[CandidateScore]:
-    """Bypass, induce and KL of every candidate, in (position, layer) order."""
-    device = model_device(model)
+    """Bypass, induce and KL of every candidate, in (position, layer) order. A zero candidate (layer 0: the
+    template tokens' embeddings are the same in every prompt) changes nothing: it scores the baseline."""
     n_layers = candidates.directions.shape[1]
     keys = [(position, layer) for position in candidates.positions for layer in range(n_layers)]
     raw = torch.stack([candidates.at(position, layer) for position, layer in keys]).float()
-    chunks = _chunks(len(keys), config.candidates_per_pass)
-    batches = {name: [list(prompts[start:start + config.batch_size])
-                      for start in range(0, len(prompts), config.batch_size)]
+    batches = {name: length_batches(tokenizer, prompts, config.batch_size)
                for name, prompts in (("harmful", harmful), ("harmless", harmless))}
+    baseline = _Baseline(model, tokenizer, batches, refusal, cache_inputs=not is_zero3_partitioned(model))
+    live = [index for index in range(len(keys)) if bool(raw[index].norm() > 0)]
+    ablated = _chunks(live, config.candidates_per_pass)
+    added = _chunks(sorted(live, key=lambda index: (keys[index][1], index)), config.candidates_per_pass)
 
     def bypass(unit: tuple[int, int]) -> torch.Tensor:
-        chunk, inputs = chunks[unit[0]], encode(tokenizer, batches["harmful"][unit[1]], device)
+        chunk, inputs = ablated[unit[0]], baseline.inputs["harmful"][unit[1]]
         with hooks.ablation(model, raw[chunk]):
             return refusal.compute(last_logits(model, inputs, len(chunk)), None).view(len(chunk), -1)
 
     def kl(unit: tuple[int, int]) -> torch.Tensor:
-        chunk, inputs = chunks[unit[0]], encode(tokenizer, batches["harmless"][unit[1]], device)
-        base = last_logits(model, inputs).repeat(len(chunk), 1)
+        chunk, inputs = ablated[unit[0]], baseline.inputs["harmless"][unit[1]]
         with hooks.ablation(model, raw[chunk]):
-            return kl_divergence(base, last_logits(model, inputs, len(chunk))).view(len(chunk), -1)
+            edited = last_logits(model, inputs, len(chunk))
+        return kl_divergence(baseline.logits[unit[1]].repeat(len(chunk), 1), edited).view(len(chunk), -1)
 
     def induce(unit: tuple[int, int]) -> torch.Tensor:
-        chunk, inputs = chunks[unit[0]], encode(tokenizer, batches["harmless"][unit[1]], device)
-        with hooks.addition(model, raw[chunk], [keys[i][1] for i in chunk]):
-            return refusal.compute(last_logits(model, inputs, len(chunk)), None).view(len(chunk), -1)
+        chunk = added[unit[0]]
+        layers = [keys[index][1] for index in chunk]
+        with hooks.addition(model, raw[chunk], layers):
+            logits = _from_layer(model, baseline, unit[1], min(layers), len(chunk))
+        return refusal.compute(logits, None).view(len(chunk), -1)
 
+    runs = (("bypass", bypass, ablated, "harmful", baseline.refusal),
+            ("kl", kl, ablated, "harmless", [torch.zeros_like(scores) for scores in baseline.harmless_refusal]),
+            ("induce", induce, added, "harmless", baseline.harmless_refusal))
     scores = {}
-    for name, run, prompts in (("bypass", bypass, "harmful"), ("kl", kl, "harmless"), ("induce", induce, "harmless")):
-        units = [(chunk, batch) for chunk in range(len(chunks)) for batch in range(len(batches[prompts]))]
-        scores[name] = _means(_over_passes(units, run, desc=f"selection: {name}"), chunks, len(batches[prompts]),
-                              len(keys))
+    for name, run, chunks, prompts, unedited in runs:
+        n_batches = len(batches[prompts])
+        units = [(chunk, batch) for chunk in range(len(chunks)) for batch in range(n_batches)]
+        per_unit = _over_passes(units, run, desc=f"selection: {name}")
+        rows = {index: torch.cat(unedited).double() for index in range(len(keys))}  # zero candidates: unedited
+        for chunk_index, chunk in enumerate(chunks):
+            found = torch.cat([per_unit[chunk_index * n_batches + batch] for batch in range(n_batches)], dim=1)
+            rows.update({index: found[offset].double() for offset, index in enumerate(chunk)})
+        scores[name] = [float(rows[index].mean()) for index in range(len(keys))]
     return [CandidateScore(position, layer, scores["bypass"][i], scores["induce"][i], scores["kl"][i])
             for i, (position, layer) in enumerate(keys)]
 
