@@ -38,6 +38,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="discard candidates whose addition induces less refusal (default %(default)s)")
     parser.add_argument("--prune-layer-fraction", type=float, default=selection.prune_layer_fraction,
                         help="discard candidates of the last fraction of layers (default %(default)s)")
+    parser.add_argument("--when-all-discarded", default="error", choices=("error", "lowest-bypass"),
+                        help="when the filter keeps no candidate: stop (the original's assert), or report the lowest "
+                             "bypass candidate of all, marked as discarded (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=selection.batch_size,
                         help="prompts per forward pass (default %(default)s)")
     parser.add_argument("--candidates-per-pass", type=int, default=selection.candidates_per_pass,
@@ -54,7 +57,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RefusalDirectionConfig:
     selection = SelectionConfig(args.kl_threshold, args.induce_threshold, args.prune_layer_fraction, args.batch_size,
-                                args.candidates_per_pass)
+                                args.candidates_per_pass, args.when_all_discarded.replace("-", "_"))
     return RefusalDirectionConfig(args.harmful, args.harmless, args.n_train, args.n_val, args.seed,
                                   args.filter_train, args.filter_val, selection, args.eval_limit,
                                   args.max_new_tokens, args.compare_random, args.masks, args.save_orthogonalized,

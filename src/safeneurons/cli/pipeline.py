@@ -34,6 +34,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--add-eos", dest="add_eos", action="store_true", default=None,
                         help="append EOS to every response when scoring, fine-tuning and measuring perplexity "
                              "(default: none, as the original work)")
+    parser.add_argument("--direction", dest="direction", action="store_true", default=None,
+                        help="add the base model's refusal direction (candidates, selection, ablation, "
+                             "orthogonalization, its link to the safety mask) as a stage and a report section")
     parser.add_argument("--force", action="store_true", help="redo every stage, even those already finished")
     from safeneurons.cli.options import add_data_column_arguments
 

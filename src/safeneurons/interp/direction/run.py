@@ -169,7 +169,8 @@ def find_direction(loaded: Any, config: RefusalDirectionConfig) -> tuple[Refusal
                                 splits.harmless_test, settings, refusal)
     effects["random_directions"] = random_controls(model, tokenizer, direction.float(), best.layer,
                                                    splits.harmful_test, splits.harmless_test, settings)
-    report = {"selected": asdict(best), "post_instruction_tokens": tokenizer.convert_ids_to_tokens(token_ids),
+    report = {"selected": asdict(best), "selected_despite_filter": best.discarded is not None,
+              "post_instruction_tokens": tokenizer.convert_ids_to_tokens(token_ids),
               "refusal_token_ids": refusal.detail["refusal_token_ids"], "selection": asdict(config.selection),
               "splits": {name: len(getattr(splits, name)) for name in ("harmful_train", "harmless_train",
                                                                         "harmful_val", "harmless_val",

@@ -24,6 +24,8 @@ from safeneurons.models.structure import decoder_layers, layers_from, model_devi
 from safeneurons.runtime.distributed import map_fixed_batches
 from safeneurons.runtime.zero3 import is_zero3_partitioned
 
+WHEN_ALL_DISCARDED = ("error", "lowest_bypass")
+
 
 @dataclass(frozen=True)
 class SelectionConfig:
@@ -32,8 +34,12 @@ class SelectionConfig:
     prune_layer_fraction: float = 0.2
     batch_size: int = 16  # prompts per pass
     candidates_per_pass: int = 8
+    when_all_discarded: str = "error"  # or "lowest_bypass": report the best candidate, marked as discarded
 
     def validate(self) -> None:
+        if self.when_all_discarded not in WHEN_ALL_DISCARDED:
+            raise SafeneuronsError(f"--when-all-discarded {self.when_all_discarded!r} is not one of "
+                                   f"{', '.join(WHEN_ALL_DISCARDED)}")
         if not self.kl_threshold >= 0 or not 0 <= self.prune_layer_fraction < 1:
             raise SafeneuronsError(f"--kl-threshold {self.kl_threshold} must be >= 0 and --prune-layer-fraction "
                                    f"{self.prune_layer_fraction} in [0, 1)")
@@ -171,10 +177,13 @@ def discard_reason(score: CandidateScore, n_layers: int, config: SelectionConfig
 
 
 def select(scores: Sequence[CandidateScore], n_layers: int, config: SelectionConfig) -> CandidateScore:
-    """The kept candidate of lowest bypass score (the first in (position, layer) order on a tie)."""
+    """The kept candidate of lowest bypass score (the first in (position, layer) order on a tie); when the filter
+    keeps none, an error, or with `lowest_bypass` the lowest of all (its `discarded` says why it failed)."""
     for score in scores:
         score.discarded = discard_reason(score, n_layers, config)
     kept = [score for score in scores if score.discarded is None]
+    if not kept and config.when_all_discarded == "lowest_bypass":
+        kept = [score for score in scores if not math.isnan(score.refusal_score)]
     if not kept:
         reasons: dict[str, int] = {}
         for score in scores:

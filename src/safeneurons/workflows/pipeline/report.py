@@ -109,6 +109,10 @@ def write_final_outputs(study: Study) -> dict:
     save_original_format_masks(study.masks_of("rescore"), results / "new_safety_masks.pt")
     plot_arms(arms, results / "arms.png")
     plot_curves(attacks, ARM_LABELS, results / "curves.png")
+    from safeneurons.workflows.pipeline.direction import direction_summary
+
+    if study.settings.direction:
+        summary["direction"] = direction_summary(results)
     write_json(results / "analysis_summary.json", summary)
     write_report(summary, results / "report.md")
     return summary
@@ -213,6 +217,9 @@ def write_report(summary: dict, path: Path) -> Path:
               "| --- | --- | --- |"]
     lines += [f"| {name} | {_number(row['overlap'], 4)} | {_number(row['jaccard'], 4)} |"
               for name, row in summary["per_module"].items()]
+    from safeneurons.workflows.pipeline.direction import direction_lines
+
+    lines += direction_lines(summary.get("direction"))
     lines += ["", "Files: `analysis_summary.json`, `original_safety_masks.pt`, `new_safety_masks.pt`, one folder per "
               "stage (`score/`, `finetune_*/`, `rescore/`, `compare/`, `eval_*/`).", ""]
     with atomic_file(path) as tmp:

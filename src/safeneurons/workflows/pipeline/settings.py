@@ -91,6 +91,7 @@ class PipelineConfig:
     curve_max_new_tokens: int = 16
     study: str = "quick"
     report_to: str = "none"  # tracking of every fine-tune and of the study's results (runtime/tracking.py)
+    direction: bool = False  # add the base model's refusal direction (workflows/pipeline/direction.py)
     profile: str = "original"
 
     @property

@@ -113,6 +113,8 @@ class Study:
             return lambda folder: [folder / "eval.json"]
         if stage == "compare":
             return lambda folder: [folder / "analysis_summary.json"]
+        if stage == "direction":
+            return lambda folder: [folder / "direction_report.json"]
         return lambda folder: [has_masks(folder)]
 
     def compare(self, folder: Path) -> None:
@@ -198,6 +200,10 @@ class Study:
         stages.append(Stage("compare", {**reference, "arms": self.arms}, self.compare))
         stages.append(Stage("eval_base", {**scoring, **evaluation}, self.evaluate(None)))
         stages += [Stage(f"eval_{run.key}", {**trained(run), **evaluation}, self.evaluate(run)) for run in self.runs]
+        if self.settings.direction:
+            from safeneurons.workflows.pipeline.direction import STAGE, direction_stage
+
+            stages.append(Stage(STAGE, {**scoring, **evaluation}, direction_stage(self)))
         for stage in stages:
             stage.outputs = self.outputs_of(stage.name)
         return stages
