@@ -247,7 +247,7 @@ def demo_run(tmp_path_factory):
                      "--sparsity-ratio", "0.03", "--out", str(root / "masks")]) == 0
     argv = ["direction", "--model", "demo", "--n-train", "24", "--n-val", "10", "--eval-limit", "8",
             "--max-new-tokens", "24", "--kl-threshold", "1000", "--induce-threshold", "-1000", "--compare-random",
-            "1", "--masks", str(root / "masks"), "--save-orthogonalized", str(root / "orthogonalized"),
+            "1", "--perplexity-data", "demo-utility", "--perplexity-samples", "8", "--masks", str(root / "masks"), "--save-orthogonalized", str(root / "orthogonalized"),
             "--out", str(root / "one")]
     assert cli.main(argv) == 0
     return root, argv
@@ -270,6 +270,9 @@ def test_the_stage_writes_the_originals_files_and_measures_the_direction(demo_ru
     effects = report["effects"]
     assert effects["harmful"]["baseline"]["refusal_rate"]["rate"] == 1.0  # demo-chat refuses
     assert report["orthogonalized"]["measured"]
+    perplexity = effects["perplexity"]
+    assert report["orthogonalized"]["perplexity"] == pytest.approx(perplexity["ablation"], rel=1e-5)
+    assert perplexity["baseline"] > 1 and perplexity["ablation"] != perplexity["baseline"]
     assert report["orthogonalized"]["harmful"]["refusal_score"] == pytest.approx(
         effects["refusal_score"]["ablation"], abs=1e-4)  # the weights do what the hooks do
     links = report["links"]

@@ -49,6 +49,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="greedy new tokens of the evaluation's generations (default %(default)s)")
     parser.add_argument("--compare-random", type=int, default=0, metavar="N",
                         help="also evaluate N random directions of the same norm (the control)")
+    parser.add_argument("--perplexity-data", default=None,
+                        help="harmless text for perplexity at baseline, under ablation, subtraction and with the "
+                             "orthogonalized weights (default: none)")
+    parser.add_argument("--perplexity-samples", type=int, default=defaults.perplexity_samples,
+                        help="texts of --perplexity-data (default %(default)s)")
     parser.add_argument("--masks", default=None,
                         help="a mask (score's masks.safetensors or folder): how the direction lies in its weights")
     parser.add_argument("--save-orthogonalized", default=None, metavar="DIR",
@@ -60,8 +65,9 @@ def config_from_args(args: argparse.Namespace) -> RefusalDirectionConfig:
                                 args.candidates_per_pass, args.when_all_discarded.replace("-", "_"))
     return RefusalDirectionConfig(args.harmful, args.harmless, args.n_train, args.n_val, args.seed,
                                   args.filter_train, args.filter_val, selection, args.eval_limit,
-                                  args.max_new_tokens, args.compare_random, args.masks, args.save_orthogonalized,
-                                  data_dir=args.data_dir)
+                                  args.max_new_tokens, args.compare_random, args.perplexity_data,
+                                  args.perplexity_samples, masks=args.masks,
+                                  save_orthogonalized=args.save_orthogonalized, data_dir=args.data_dir)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ class EffectSettings:
     decoding: Decoding
     batch_size: int
     random_directions: int  # random controls of the direction's norm (seeds 0..N-1)
+    perplexity_samples: Sequence[Any] = ()  # tokenised harmless text (evaluation.perplexity.text_samples)
 
 
 def rate(flags: Sequence[bool]) -> dict[str, Any]:
@@ -88,7 +89,17 @@ def direction_effects(model: nn.Module, tokenizer: Any, direction: torch.Tensor,
     effects["refusal_score"] = {name: mean_refusal_score(model, tokenizer, prompts, edits[name], refusal,
                                                          settings.batch_size)
                                 for name, prompts in (("baseline", harmful), ("ablation", harmful))}
+    if settings.perplexity_samples:
+        effects["perplexity"] = {name: perplexity_under(model, tokenizer, edits[name], settings)
+                                 for name in ("baseline", "ablation", "actadd_subtract")}
     return effects
+
+
+def perplexity_under(model: nn.Module, tokenizer: Any, intervention: Intervention, settings: EffectSettings) -> float:
+    from safeneurons.evaluation.perplexity import perplexity
+
+    with intervention():
+        return perplexity(model, tokenizer, settings.perplexity_samples, settings.batch_size)
 
 
 def mean_refusal_score(model: nn.Module, tokenizer: Any, prompts: Sequence[str], intervention: Intervention,

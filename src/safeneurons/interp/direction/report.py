@@ -55,6 +55,11 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
              f"{_rate(harmful['ablation'], 'asr')}, subtraction {_rate(harmful['actadd_subtract'], 'asr')}",
              f"refusal on held-out harmless prompts: baseline {_rate(harmless['baseline'], 'refusal_rate')}, "
              f"addition {_rate(harmless['actadd_add'], 'refusal_rate')}"]
+    if effects.get("perplexity"):
+        lines.append("perplexity on harmless text: " + ", ".join(f"{name} {value:.3f}"
+                                                                 for name, value in effects["perplexity"].items())
+                     + (f", orthogonalized {report['orthogonalized']['perplexity']:.3f}"
+                        if "perplexity" in report.get("orthogonalized", {}) else ""))
     orthogonalized = report.get("orthogonalized", {})
     if orthogonalized.get("measured"):
         lines.append(f"orthogonalized weights: ASR {_rate(orthogonalized['harmful'], 'asr')}")

@@ -43,6 +43,9 @@ class RefusalDirectionConfig:
     eval_limit: int = 32  # held-out prompts of each set to evaluate on
     max_new_tokens: int = 32
     random_directions: int = 0  # --compare-random: random directions of the same norm as controls
+    perplexity_data: str | None = None  # harmless text: perplexity at baseline, under ablation and subtraction
+    perplexity_samples: int = 32
+    max_length: int = 256  # tokens per perplexity text
     masks: str | None = None  # link the direction to these safety-critical weights
     save_orthogonalized: str | None = None
     refusal_starts: tuple[str, ...] = REFUSAL_STARTS
@@ -50,7 +53,7 @@ class RefusalDirectionConfig:
 
     def validate(self) -> None:
         self.selection.validate()
-        for name in ("n_train", "n_val", "eval_limit", "max_new_tokens"):
+        for name in ("n_train", "n_val", "eval_limit", "max_new_tokens", "perplexity_samples", "max_length"):
             if getattr(self, name) < 1:
                 raise SafeneuronsError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
         if self.random_directions < 0:
@@ -64,7 +67,7 @@ class RefusalDirectionConfig:
             from safeneurons.interventions.orthogonalize import check_orthogonalizable
 
             check_orthogonalizable(load_config(model.name, model.cache_dir))
-        check_sources(self.harmful, self.harmless, directory=self.data_dir)
+        check_sources(self.harmful, self.harmless, self.perplexity_data, directory=self.data_dir)
         from safeneurons.data.readers import load_examples
 
         for what, source in (("harmful", self.harmful), ("harmless", self.harmless)):
@@ -164,7 +167,7 @@ def find_direction(loaded: Any, config: RefusalDirectionConfig) -> tuple[Refusal
     best = select(scores, candidates.directions.shape[1], config.selection)
     direction = candidates.at(best.position, best.layer)
     settings = EffectSettings(Decoding(max_new_tokens=config.max_new_tokens), config.selection.batch_size,
-                              config.random_directions)
+                              config.random_directions, perplexity_texts(tokenizer, config))
     effects = direction_effects(model, tokenizer, direction.float(), best.layer, splits.harmful_test,
                                 splits.harmless_test, settings, refusal)
     effects["random_directions"] = random_controls(model, tokenizer, direction.float(), best.layer,
@@ -177,6 +180,17 @@ def find_direction(loaded: Any, config: RefusalDirectionConfig) -> tuple[Refusal
                                                                         "harmful_test", "harmless_test")},
               "filtered": splits.filtered, "direction_norm": float(direction.norm()), "effects": effects}
     return RefusalDirectionResult(best.position, best.layer, direction, scores, best, candidates, report), splits
+
+
+def perplexity_texts(tokenizer: Any, config: RefusalDirectionConfig) -> list[Any]:
+    """The first --perplexity-samples texts of --perplexity-data, tokenised (none without it)."""
+    if not config.perplexity_data:
+        return []
+    from safeneurons.data.readers import load_examples
+    from safeneurons.evaluation.perplexity import text_samples
+
+    examples = load_examples(config.perplexity_data, config.data_dir)[:config.perplexity_samples]
+    return text_samples(examples, tokenizer, config.max_length)
 
 
 def measure_on(prompts: Sequence[str], settings: EffectSettings, refusal: Any, tokenizer: Any) -> Any:
@@ -209,7 +223,8 @@ def run_refusal_direction(model: ModelSource, config: RefusalDirectionConfig,
 
         result.report["links"] = links(loaded.model, load_masks(config.masks), result.direction.float(), measure,
                                        str(config.masks))
-    result.report["orthogonalized"] = orthogonalized_effects(loaded, result, measure, model)
+    result.report["orthogonalized"] = orthogonalized_effects(loaded, result, measure, model,
+                                                             perplexity_texts(loaded.tokenizer, config))
     if config.save_orthogonalized and distributed.is_main():
         save_orthogonalized(model, result, config.save_orthogonalized)
     if not distributed.is_main():
@@ -218,8 +233,8 @@ def run_refusal_direction(model: ModelSource, config: RefusalDirectionConfig,
     return result
 
 
-def orthogonalized_effects(loaded: Any, result: RefusalDirectionResult, measure: Any,
-                           model: ModelSource) -> dict[str, Any]:
+def orthogonalized_effects(loaded: Any, result: RefusalDirectionResult, measure: Any, model: ModelSource,
+                           texts: Sequence[Any] = ()) -> dict[str, Any]:
     """The orthogonalized model on the held-out harmful prompts (the loaded model is edited in place: last)."""
     from safeneurons.interventions.orthogonalize import check_orthogonalizable, orthogonalize_model
 
@@ -231,7 +246,12 @@ def orthogonalized_effects(loaded: Any, result: RefusalDirectionResult, measure:
     except SafeneuronsError as error:
         return {"measured": False, "why": str(error)}
     edit = orthogonalize_model(loaded.model, result.direction.float())
-    return {"measured": True, **edit.to_json(), "harmful": measure(loaded.model)}
+    found = {"measured": True, **edit.to_json(), "harmful": measure(loaded.model)}
+    if texts:
+        from safeneurons.evaluation.perplexity import perplexity
+
+        found["perplexity"] = perplexity(loaded.model, loaded.tokenizer, texts)
+    return found
 
 
 def save_orthogonalized(model: ModelSource, result: RefusalDirectionResult, out: str) -> None:
