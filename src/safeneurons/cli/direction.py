@@ -48,7 +48,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                         help="greedy new tokens of the evaluation's generations (default %(default)s)")
     parser.add_argument("--compare-random", type=int, default=0, metavar="N",
-                        help="also evaluate N random directions of the same norm (the control)")
+                        help="also evaluate N random directions of the same norm, the control (default %(default)s)")
     parser.add_argument("--perplexity-data", default=None,
                         help="harmless text for perplexity at baseline, under ablation, subtraction and with the "
                              "orthogonalized weights (default: none)")
