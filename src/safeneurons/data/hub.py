@@ -186,7 +186,8 @@ def _from_hub(repo: str, config: str | None, split: str, source: str, directory:
             f"load it once where there is network (datasets.load_dataset({repo!r}"
             f"{', ' + repr(config) if config else ''})) with HF_HOME pointing at the cache this machine reads, or "
             f"save_to_disk a local copy and pass its folder"
-            + (f" (or put it in the data directory as {data_dir(directory) / source})" if source in BENCHMARKS else "")
+            + (f" (or put it in the data directory, --data-dir, as {data_dir(directory) / source})"
+               if source in BENCHMARKS else "")
             ) from None
 
 
