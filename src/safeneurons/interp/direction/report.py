@@ -38,11 +38,13 @@ def plot_scores(scores: Sequence[CandidateScore], tokens: Sequence[str], effects
     return save_figure(figure, path)
 
 
-def _rate(entry: Mapping[str, Any] | None, key: str) -> str:
+def rate_text(entry: Mapping[str, Any] | None, key: str, with_n: bool = True) -> str:
+    """A judged rate as "0.88 [0.72, 0.95] (n=32)"; "–" where it was not measured."""
     if not entry:
         return "–"
     value = entry[key]
-    return f"{value['rate']:.2f} [{value['interval'][0]:.2f}, {value['interval'][1]:.2f}] (n={value['n']})"
+    return (f"{value['rate']:.2f} [{value['interval'][0]:.2f}, {value['interval'][1]:.2f}]"
+            + (f" (n={value['n']})" if with_n else ""))
 
 
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
@@ -51,10 +53,10 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     lines = [f"refusal direction: position {best['position']} ({report['post_instruction_tokens'][best['position']]!r}),"
              f" layer {best['layer']}; bypass {best['refusal_score']:.3f}, induce {best['steering_score']:.3f}, "
              f"KL {best['kl_div_score']:.4f}",
-             f"ASR on held-out harmful prompts: baseline {_rate(harmful['baseline'], 'asr')}, ablation "
-             f"{_rate(harmful['ablation'], 'asr')}, subtraction {_rate(harmful['actadd_subtract'], 'asr')}",
-             f"refusal on held-out harmless prompts: baseline {_rate(harmless['baseline'], 'refusal_rate')}, "
-             f"addition {_rate(harmless['actadd_add'], 'refusal_rate')}"]
+             f"ASR on held-out harmful prompts: baseline {rate_text(harmful['baseline'], 'asr')}, ablation "
+             f"{rate_text(harmful['ablation'], 'asr')}, subtraction {rate_text(harmful['actadd_subtract'], 'asr')}",
+             f"refusal on held-out harmless prompts: baseline {rate_text(harmless['baseline'], 'refusal_rate')}, "
+             f"addition {rate_text(harmless['actadd_add'], 'refusal_rate')}"]
     if effects.get("perplexity"):
         lines.append("perplexity on harmless text: " + ", ".join(f"{name} {value:.3f}"
                                                                  for name, value in effects["perplexity"].items())
@@ -62,9 +64,9 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
                         if "perplexity" in report.get("orthogonalized", {}) else ""))
     orthogonalized = report.get("orthogonalized", {})
     if orthogonalized.get("measured"):
-        lines.append(f"orthogonalized weights: ASR {_rate(orthogonalized['harmful'], 'asr')}")
+        lines.append(f"orthogonalized weights: ASR {rate_text(orthogonalized['harmful'], 'asr')}")
     for control in effects.get("random_directions", []):
         lines.append(f"random direction {control['seed']}: ablation ASR "
-                     f"{_rate(control['harmful_ablation'], 'asr')}, addition refusal "
-                     f"{_rate(control['harmless_actadd_add'], 'refusal_rate')}")
+                     f"{rate_text(control['harmful_ablation'], 'asr')}, addition refusal "
+                     f"{rate_text(control['harmless_actadd_add'], 'refusal_rate')}")
     return lines

@@ -41,10 +41,9 @@ def direction_summary(results: Path) -> dict[str, Any] | None:
 
 
 def _rate(entry: dict | None, key: str) -> str:
-    if not entry:
-        return "–"
-    value = entry[key]
-    return f"{value['rate']:.2f} [{value['interval'][0]:.2f}, {value['interval'][1]:.2f}]"
+    from safeneurons.interp.direction.report import rate_text
+
+    return rate_text(entry, key, with_n=False)
 
 
 def direction_lines(report: dict[str, Any] | None) -> list[str]:
