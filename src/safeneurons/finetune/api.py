@@ -224,8 +224,12 @@ class FineTuner:
         prepare_model(self.model, config)
         backend = TorchBackend(self.model, config, planned_steps(len(samples), config, 1))
         device = next(self.model.parameters()).device
-        report = run_fine_tuning(backend, self.frozen, samples, self.tokenizer.pad_token_id, config, device,
-                                 safety=safety)
+        tracker = open_tracker(config.tracking, dataclasses.asdict(config))
+        try:
+            report = run_fine_tuning(backend, self.frozen, samples, self.tokenizer.pad_token_id, config, device,
+                                     safety=safety, tracker=tracker)
+        finally:
+            tracker.close()
         if save_path:
             save_model(self.model, self.tokenizer, report, save_path)
         self.report = self.model.fine_tune_report = report
