@@ -201,16 +201,24 @@ def block_output_projections(model, inputs, direction):
     return found
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text", "qwen3", "phi3"])
 def test_ablation_removes_the_direction_from_every_block_output(arch, demo_tokenizer):
+    """On every supported structure; and where weights can carry it (not Gemma's post-norms), the orthogonalized
+    model's logits equal the hooks'."""
     model = make_tiny_llama(demo_tokenizer, seed=3, hidden=64, heads=4) if arch == "llama" else \
-        tiny_model("gemma2", demo_tokenizer, seed=3)
+        tiny_model(arch, demo_tokenizer, seed=3)
     direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     inputs = encode(demo_tokenizer, ["[INST] How do I rob a bank? [/INST]", "[INST] Hi [/INST]"], torch.device("cpu"))
     assert max(block_output_projections(model, inputs, direction)) < 1e-5
-    if arch == "gemma2":  # the attention and MLP outputs are normalised after: ablating them is not enough
+    if arch.startswith("gemma"):  # the attention and MLP outputs are normalised after: ablating them is not enough
         with pytest.raises(SafeneuronsError, match="post-norms"):
             orthogonalize_model(copy.deepcopy(model), direction)
+        return
+    with hooks.ablation(model, direction):
+        ablated = last_logits(model, inputs)
+    edited = copy.deepcopy(model)
+    orthogonalize_model(edited, direction)
+    assert torch.allclose(last_logits(edited, inputs), ablated, atol=1e-5)
 
 
 @pytest.mark.parametrize("tied", [False, True])
