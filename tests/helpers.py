@@ -159,13 +159,14 @@ def tiny_model(arch: str, tokenizer, seed: int = 0):
 def _module(model, layer, component):
     block = model.model.layers[layer]
     return {"residual": block, "attn_out": block.self_attn, "mlp_out": block.mlp,
-            "attn_head": block.self_attn.o_proj}[component]
+            "attn_head": block.self_attn.o_proj, "mlp_neuron": block.mlp.down_proj}[component]
 
 
 def _hook(model, layer, component, edit):
-    """Apply `edit` to the activation: module output (first element of a tuple), or o_proj's input for heads."""
+    """Apply `edit` to the activation: module output (first element of a tuple), or o_proj's input for heads and
+    down_proj's for neurons."""
     module = _module(model, layer, component)
-    if component == "attn_head":
+    if component in ("attn_head", "mlp_neuron"):
         return module.register_forward_pre_hook(lambda m, args: (edit(args[0]),) + tuple(args[1:]))
 
     def on_output(m, args, output):
@@ -205,6 +206,7 @@ def ref_patched_logits(model, base_ids, source_ids, site):
     width = source.shape[-1]
     cols = list(range(width)) if site.head is None else list(range(site.head * width // HEADS,
                                                                   (site.head + 1) * width // HEADS))
+    cols = cols if site.neurons is None else list(site.neurons)
 
     def replace(x):
         x = x.clone()

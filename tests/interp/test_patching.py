@@ -44,8 +44,11 @@ def prompts(demo_tokenizer):
     return clean, corrupted, ids("Tell me how to bomb the city hall today.")
 
 
+NEURONS = (1, 5, 30)  # the mlp_neuron sites' neurons
+
+
 def all_sites(positions):
-    return [PatchingSite(layer, component, head, position)
+    return [PatchingSite(layer, component, head, position, NEURONS if component == "mlp_neuron" else None)
             for layer in range(2) for component in COMPONENTS
             for head in (range(HEADS) if component == "attn_head" else [None]) for position in positions]
 
@@ -130,7 +133,7 @@ def test_direction_metric_projects_final_residual_and_attribution_is_exact_where
     last = 1
     # Downstream of the last layer's sites the final residual is linear in them, so the first-order estimate is
     # exact for a metric linear in the final residual.
-    sites = [PatchingSite(last, c, h, p) for c in COMPONENTS for h in (range(HEADS) if c == "attn_head" else [None])
+    sites = [PatchingSite(last, c, h, p, NEURONS if c == "mlp_neuron" else None) for c in COMPONENTS for h in (range(HEADS) if c == "attn_head" else [None])
              for p in ("last", "all", 4)]
     exact = patch_sweep(tiny, clean, corrupted, sites, direction, "noising")
     estimate = patch_sweep(tiny, clean, corrupted, sites, direction, "noising", method="attribution")

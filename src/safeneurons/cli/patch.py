@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.interp.neurons.sets import MASK_RULE_HELP, MASK_RULES
 from safeneurons.interp.patching.run import EACH, DirectionConfig, PatchConfig, run_direction, run_patch
 from safeneurons.interp.patching.sites import COMPONENTS, DEFAULT_SIGNIFICANCE, METHODS, METRICS, MODES, REFUSAL_STARTS
 from safeneurons.models.loading import ModelSource
@@ -27,6 +28,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                          help="corrupted prompt (the source of interchange), e.g. a harmless request")
     prompts.add_argument("--corrupted-file", default=None, metavar="FILE", help="the corrupted prompt from a file")
     prompts.add_argument("--raw", action="store_true", help="tokenise the prompts as given, without the chat format")
+    prompts.add_argument("--source-model", default=None, metavar="MODEL",
+                         help="cross-model patching: the source run is this model's (same structure and tokenizer; "
+                              "the corrupted prompt defaults to the clean one), e.g. demo-chat into --model demo-base")
     sweep = parser.add_argument_group("sites and metric")
     sweep.add_argument("--mode", default="noising", choices=MODES, help="default %(default)s")
     sweep.add_argument("--patch-method", "--method", dest="method", default="exact", choices=METHODS,
@@ -34,6 +38,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                             "(default %(default)s)")
     sweep.add_argument("--components", default="residual",
                        help=f"comma list of {','.join(COMPONENTS)} (default %(default)s)")
+    sweep.add_argument("--neurons", nargs="+", default=[], metavar="LAYER:INDEXES",
+                       help="mlp_neuron: the MLP neurons patched together in each layer, as LAYER:INDEXES items "
+                            "(3:0,5,10-19) or one mask file of `safeneurons score`")
+    sweep.add_argument("--neuron-rule", default="rows", choices=MASK_RULES, help=f"{MASK_RULE_HELP} "
+                       f"(default %(default)s)")
     sweep.add_argument("--layers", default="all", help="all, or a comma list of layer indexes (default %(default)s)")
     sweep.add_argument("--positions", default="last",
                        help="comma list of: last, all (every token at once), each (one site per token), a token "
@@ -109,12 +118,15 @@ def config_from_args(args: argparse.Namespace) -> PatchConfig | DirectionConfig:
     if args.compute_direction:
         return DirectionConfig(args.harmful, args.harmless, args.n_prompts, args.layer, args.data_dir)
     layers = _parse_layers(args.layers)
-    return PatchConfig(clean=_prompt_text(args, "clean"), corrupted=_prompt_text(args, "corrupted"), raw=args.raw,
+    clean = _prompt_text(args, "clean")
+    same_prompt = args.source_model is not None and args.corrupted is None and args.corrupted_file is None
+    return PatchConfig(clean=clean, corrupted=clean if same_prompt else _prompt_text(args, "corrupted"), raw=args.raw,
                        mode=args.mode, method=args.method, components=_parse_components(args.components),
                        layers=None if layers is None else tuple(layers), positions=_parse_positions(args.positions),
                        metric=args.metric, tokens=tuple(args.tokens) if args.tokens else None,
                        direction=args.direction, refusal_starts=tuple(args.refusal_starts),
-                       batch_size=args.batch_size, top=args.top, significance_threshold=args.significance_threshold)
+                       batch_size=args.batch_size, top=args.top, significance_threshold=args.significance_threshold,
+                       neurons=tuple(args.neurons), neuron_rule=args.neuron_rule, source_model=args.source_model)
 
 
 def run(args: argparse.Namespace) -> int:

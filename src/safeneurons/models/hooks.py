@@ -6,6 +6,8 @@ use the same key, as TransformerLens keys its cache by hook name. The components
 - `residual`: the layer's output (the residual stream after the layer);
 - `attn_out`, `mlp_out`: the attention block's and the MLP block's outputs;
 - `attn_head`: the input of `o_proj` (every head's slice side by side; patching edits one head's columns);
+- `mlp_neuron`: the input of `down_proj`, act(gate)·up: the MLP's intermediate units, one column a neuron (patching
+  edits chosen columns; fused `gate_up_proj` MLPs have the same `down_proj`);
 - `gate`, `up`: the outputs of the MLP's gate and up projections (their rows of a fused `gate_up_proj`).
 """
 from __future__ import annotations
@@ -19,8 +21,9 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import decoder_layers, fused_parts
 
 SiteKey = tuple[int, str]  # (layer, component)
-COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "gate", "up")
+COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "mlp_neuron", "gate", "up")
 MLP_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj"}
+READS_INPUT = ("attn_head", "mlp_neuron")  # sites that are a module's input, not its output
 
 
 @dataclass(frozen=True)
@@ -43,10 +46,11 @@ def site_point(model: nn.Module, layer: int, component: str) -> SitePoint:
         if separate is not None:
             return SitePoint(separate, None, False)
         return SitePoint(block.mlp.gate_up_proj, fused_parts("mlp.gate_up_proj", model.config)[component], False)
-    modules = {"residual": block, "attn_out": block.self_attn, "mlp_out": block.mlp, "attn_head": block.self_attn.o_proj}
+    modules = {"residual": block, "attn_out": block.self_attn, "mlp_out": block.mlp, "attn_head": block.self_attn.o_proj,
+               "mlp_neuron": block.mlp.down_proj}
     if component not in modules:
         raise SafeneuronsError(f"site component {component!r} is not one of {', '.join(COMPONENTS)}")
-    return SitePoint(modules[component], None, component == "attn_head")
+    return SitePoint(modules[component], None, component in READS_INPUT)
 
 
 def output_width(point: SitePoint) -> int:

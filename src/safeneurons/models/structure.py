@@ -166,3 +166,21 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     for param in model.parameters():
         return param.dtype
     return torch.float32
+
+
+# What two models must share for one's activations to stand in for the other's (cross-model patching).
+SHAPE_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size")
+
+
+def check_same_config(config: Any, other: Any, names: tuple[str, str] = ("the model", "the source model")) -> None:
+    """Refuse (from the configs alone, before any weight loads) two models whose activations do not match."""
+    for field_name in SHAPE_FIELDS:
+        first, second = getattr(config, field_name, None), getattr(other, field_name, None)
+        if first != second:
+            raise SafeneuronsError(f"{names[0]} and {names[1]} differ in structure: {field_name} {first!r} vs "
+                                   f"{second!r}; activations are exchanged only between models of one structure")
+
+
+def check_same_structure(model: nn.Module, other: nn.Module) -> None:
+    check_same_config(model.config, other.config)

@@ -44,8 +44,16 @@ def head_count(model: nn.Module) -> int:
     return int(model.config.num_attention_heads)
 
 
-def site_columns(model: nn.Module, site: PatchingSite) -> slice:
-    """The hidden features a site covers: all of them, or one head's slice of the input to o_proj."""
+def site_columns(model: nn.Module, site: PatchingSite) -> slice | torch.Tensor:
+    """The hidden features a site covers: all of them, one head's slice of the input to o_proj, or the chosen MLP
+    neurons (columns of down_proj's input)."""
+    if site.neurons is not None:
+        width = site_point(model, site.layer, "mlp_neuron").module.in_features
+        bad = [index for index in site.neurons if not 0 <= index < width]
+        if bad:
+            raise SafeneuronsError(f"neuron {bad[0]} of layer {site.layer} does not exist; the MLP has neurons "
+                                   f"0..{width - 1}")
+        return torch.tensor(site.neurons, dtype=torch.long)
     if site.head is None:
         return slice(None)
     heads = head_count(model)
@@ -59,7 +67,7 @@ def site_columns(model: nn.Module, site: PatchingSite) -> slice:
 class _Patch:
     site: PatchingSite
     base_tokens: slice
-    columns: slice
+    columns: slice | torch.Tensor  # a slice of features, or neuron indexes
     source_value: torch.Tensor  # [tokens, features] of the source run
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from safeneurons.interp.patching.report import format_report
 from safeneurons.interp.patching.sites import (DEFAULT_SIGNIFICANCE, METHODS, MODES, ActivationPatchingResult,
                                                PatchingEffect, build_sites, normalised_effect)
 from safeneurons.models.hooks import site_point
-from safeneurons.models.structure import decoder_layers, model_device
+from safeneurons.models.structure import check_same_structure, decoder_layers, model_device
 from safeneurons.runtime.distributed import map_over_ranks
 from safeneurons.runtime.zero3 import is_zero3_partitioned
 
@@ -71,8 +71,9 @@ class ActivationPatcher:
         return head_count(self._bound_model())
 
     def sites(self, components: Sequence[str] = ("residual",), layers: Sequence[int] | None = None,
-              positions: Sequence[Position] = ("last",)) -> list[PatchingSite]:
-        return build_sites(self.n_layers, self.n_heads, components, layers, positions)
+              positions: Sequence[Position] = ("last",),
+              neurons: Mapping[int, Sequence[int]] | None = None) -> list[PatchingSite]:
+        return build_sites(self.n_layers, self.n_heads, components, layers, positions, neurons)
 
     def resolve_metric(self, model: nn.Module, refusal_direction: torch.Tensor | None = None) -> Metric:
         if self.metric is not None:
@@ -85,8 +86,11 @@ class ActivationPatcher:
 
     def patch_sweep(self, model: nn.Module, clean_input_ids: Any, corrupted_input_ids: Any,
                     sites: Sequence[PatchingSite] | None = None, refusal_direction: torch.Tensor | None = None,
-                    mode: str = "noising", *, method: str = "exact") -> ActivationPatchingResult:
-        """Patch every site (default: every layer's residual at the last token) of `model`."""
+                    mode: str = "noising", *, method: str = "exact",
+                    source_model: nn.Module | None = None) -> ActivationPatchingResult:
+        """Patch every site (default: every layer's residual at the last token) of `model`. With `source_model`
+        (a model of the same structure and tokenizer) the source run is that model's, on the source prompt, which
+        may be the base prompt itself: cross-model patching."""
         if mode not in MODES:
             raise SafeneuronsError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         if method not in METHODS:
@@ -100,7 +104,9 @@ class ActivationPatcher:
         if not sites:
             raise SafeneuronsError("no sites to patch")
         base, source = (corrupted, clean) if mode == "denoising" else (clean, corrupted)
-        patches, source_metric = _patches(model, metric, sites, base.shape[1], source)
+        if source_model is not None:
+            check_same_structure(model, source_model)
+        patches, source_metric = _patches(model, metric, sites, base.shape[1], source, source_model or model)
         if method == "exact":
             base_metric = cache_run(model, base, [], metric)[1]
             batch_size = self.batch_size or auto_batch_size(model, base.shape[1])
@@ -125,10 +131,11 @@ class ActivationPatcher:
                                         clean.shape[1], corrupted.shape[1], n_layers, self.significance_threshold)
 
     def patch(self, clean_input_ids: Any, corrupted_input_ids: Any, sites: Sequence[PatchingSite] | None = None,
-              mode: str = "noising", method: str = "exact") -> ActivationPatchingResult:
+              mode: str = "noising", method: str = "exact",
+              source_model: nn.Module | None = None) -> ActivationPatchingResult:
         """`patch_sweep` on the bound model (`model=`)."""
         return self.patch_sweep(self._bound_model(), clean_input_ids, corrupted_input_ids, sites, None, mode,
-                                method=method)
+                                method=method, source_model=source_model)
 
     def _effect(self, site: PatchingSite, patched: float, mode: str, clean: float, corrupted: float) -> PatchingEffect:
         effect = normalised_effect(mode, patched, clean, corrupted)
@@ -154,15 +161,15 @@ def _saved_tokenizer(model: nn.Module) -> Any:
 
 
 def _patches(model: nn.Module, metric: Metric, sites: Sequence[PatchingSite], base_length: int,
-             source: torch.Tensor) -> tuple[list[_Patch], float]:
-    """Each site's base-run token range and features with the source run's activation, and the source run's
-    metric (one cached pass for every layer)."""
+             source: torch.Tensor, source_model: nn.Module) -> tuple[list[_Patch], float]:
+    """Each site's base-run token range and features with the source run's activation (of `source_model`), and
+    the source run's metric (one cached pass for every layer)."""
     keys = sorted({site.cache_key for site in sites})
     for layer, component in keys:  # an unknown layer fails here, before any forward pass
         site_point(model, layer, component)
     columns = [site_columns(model, site) for site in sites]
     slices = [token_slices(site.position, base_length, source.shape[1]) for site in sites]
-    cache, source_metric = cache_run(model, source, keys, metric)
+    cache, source_metric = cache_run(source_model, source, keys, metric)
     patches = [_Patch(site, base_tokens, cols, cache[site.cache_key][source_tokens, cols])
                for site, cols, (base_tokens, source_tokens) in zip(sites, columns, slices)]
     return patches, source_metric

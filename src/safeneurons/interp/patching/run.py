@@ -19,7 +19,9 @@ from safeneurons.interp.patching.patcher import ActivationPatcher
 from safeneurons.interp.patching.report import attribution_check, format_attribution_check, format_report, plot_heatmap
 from safeneurons.interp.patching.sites import (COMPONENTS, DEFAULT_SIGNIFICANCE, DIRECTION_FILE, METHODS, METRICS,
                                                MODES, REFUSAL_STARTS, ActivationPatchingResult, Position)
+from safeneurons.interp.neurons.sets import NeuronSets, check_sets, neurons_from_masks, parse_neurons
 from safeneurons.models.loading import ModelSource, load_config
+from safeneurons.models.structure import check_same_config
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir, staged, write_json
 
@@ -43,8 +45,14 @@ class PatchConfig:
     batch_size: int | None = None  # patched runs per forward (None: as many as fit a memory bound)
     top: int = 15  # sites listed in the report (and checked exactly with attribution)
     significance_threshold: float = DEFAULT_SIGNIFICANCE
+    neurons: tuple[str, ...] = ()  # mlp_neuron: LAYER:INDEXES items, or one `score` mask file
+    neuron_rule: str = "rows"  # how a mask file names neurons (interp.neurons.sets.MASK_RULE_HELP)
+    source_model: str | None = None  # cross-model: the source run is this model's (same structure and tokenizer)
 
     def validate(self) -> None:
+        if ("mlp_neuron" in self.components) != bool(self.neurons):
+            raise SafeneuronsError("--neurons (LAYER:INDEXES items or a neuron mask file) goes with --components "
+                                   "mlp_neuron, and mlp_neuron needs it")
         for name in ("clean", "corrupted"):
             if not getattr(self, name).strip():
                 raise SafeneuronsError(f"the {name} prompt is empty")
@@ -80,6 +88,18 @@ class PatchConfig:
                 raise SafeneuronsError(f"the refusal direction {self.direction} has {size} entries; the model's "
                                        f"hidden size is {hidden_size}: it comes from another model")
 
+    def neuron_sets(self, model_config: Any) -> NeuronSets | None:
+        """The neurons to patch per layer, checked against the model's config (before any weight loads)."""
+        if not self.neurons:
+            return None
+        if len(self.neurons) == 1 and ":" not in self.neurons[0]:
+            if not Path(self.neurons[0]).exists():
+                raise SafeneuronsError(f"--neurons {self.neurons[0]}: no such mask file, and not LAYER:INDEXES")
+            return neurons_from_masks(self.neurons[0], model_config, self.neuron_rule)
+        sets = parse_neurons(self.neurons)
+        check_sets(sets, model_config.num_hidden_layers, model_config.intermediate_size)
+        return sets
+
     def prompt(self, name: str, tokenizer: Any) -> str:
         text = getattr(self, name)
         return text if self.raw else prompt_text(tokenizer, as_example(text))
@@ -109,6 +129,12 @@ class DirectionConfig:
             raise SafeneuronsError(f"--n-prompts {self.n_prompts} must be a positive integer")
 
 
+def check_same_tokenizer(tokenizer: Any, other: Any, other_name: str) -> None:
+    if tokenizer.get_vocab() != other.get_vocab():
+        raise SafeneuronsError(f"--source-model {other_name} has another tokenizer (its vocabulary differs): the two "
+                               f"runs would read different tokens")
+
+
 def check_layers(layers: Sequence[int] | None, n_layers: int) -> None:
     """Layer indexes must exist in the model (read from its config, before any weight)."""
     bad = [layer for layer in layers or () if not 0 <= layer < n_layers]
@@ -131,24 +157,35 @@ def run_patch(model: ModelSource, config: PatchConfig, out: str | Path) -> Activ
     config.check_inputs(model_config.hidden_size)
     check_output_dir(out)
     check_layers(config.layers, model_config.num_hidden_layers)
+    neurons = config.neuron_sets(model_config)
+    source = None if config.source_model is None else ModelSource(config.source_model, model.dtype, model.deepspeed,
+                                                                  model.cache_dir)
+    if source is not None:
+        check_same_config(model_config, load_config(source.name, source.cache_dir),
+                          (f"--model {model.name}", f"--source-model {source.name}"))
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
     loaded = model.load(context.device)
     tokenizer = loaded.tokenizer
+    source_loaded = None if source is None else source.load(context.device)
+    if source_loaded is not None:
+        check_same_tokenizer(tokenizer, source_loaded.tokenizer, source.name)
     clean = tokenizer(config.prompt("clean", tokenizer), return_tensors="pt")["input_ids"]
     corrupted = tokenizer(config.prompt("corrupted", tokenizer), return_tensors="pt")["input_ids"]
     base = corrupted if config.mode == "denoising" else clean
     metric = config.metric_for(tokenizer)
     patcher = ActivationPatcher(config.significance_threshold, model=loaded.model, tokenizer=tokenizer, metric=metric,
                                 batch_size=config.batch_size)
-    sites = patcher.sites(config.components, config.layers, config.site_positions(base.shape[1]))
-    result = patcher.patch(clean, corrupted, sites, config.mode, config.method)
+    sites = patcher.sites(config.components, config.layers, config.site_positions(base.shape[1]), neurons)
+    result = patcher.patch(clean, corrupted, sites, config.mode, config.method,
+                           source_model=None if source_loaded is None else source_loaded.model)
     check = attribution_check(patcher, loaded.model, clean, corrupted, result, config.top) \
         if config.method == "attribution" else []
     if not distributed.is_main():
         return None
     labels = [tokenizer.decode([token]) for token in base[0].tolist()]
     report = format_report(result, config.top, labels) + (format_attribution_check(check) if check else "")
-    payload = {**result.to_dict(), "model": model.name, "metric_detail": metric.detail,
+    payload = {**result.to_dict(), "model": model.name, "source_model": config.source_model or model.name,
+               "metric_detail": metric.detail,
                "base_tokens": labels, "world_size": distributed.world_size()}
     if check:
         payload["exact_check"] = check

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -12,7 +12,7 @@ from safeneurons.errors import SafeneuronsError
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head")
+COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "mlp_neuron")
 MODES = ("noising", "denoising", "interchange")
 METHODS = ("exact", "attribution")
 METRICS = ("refusal", "logit_diff", "direction")
@@ -32,20 +32,27 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class PatchingSite:
-    """One activation to patch: layer, component (and head for `attn_head`), token position. The field names and
-    order are the original patcher's (`PatchingSite(layer_idx, component, head_idx=None, token_position="last")`);
-    `layer`, `head` and `position` are the short names used throughout safeneurons."""
+    """One activation to patch: layer, component (and head for `attn_head`, MLP neurons for `mlp_neuron`), token
+    position. The field names and order are the original patcher's (`PatchingSite(layer_idx, component,
+    head_idx=None, token_position="last")`); `neuron_idx` (an int or a list of ints; an empty list patches nothing)
+    comes after them. `layer`, `head`, `neurons` and `position` are the short names used throughout safeneurons."""
 
     layer_idx: int
     component: str = "residual"
     head_idx: int | None = None
     token_position: Position = "last"
+    neuron_idx: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.component not in COMPONENTS:
             raise SafeneuronsError(f"component {self.component!r} is not one of {', '.join(COMPONENTS)}")
         if (self.component == "attn_head") != (self.head_idx is not None):
             raise SafeneuronsError(f"site {self.label}: a head index goes with component attn_head and only with it")
+        if (self.component == "mlp_neuron") != (self.neuron_idx is not None):
+            raise SafeneuronsError(f"site L{self.layer_idx}.{self.component}: neuron indexes go with component "
+                                   f"mlp_neuron and only with it")
+        if self.neuron_idx is not None:  # frozen and hashable: neurons are kept as a sorted tuple without repeats
+            object.__setattr__(self, "neuron_idx", _neuron_tuple(self.neuron_idx))
         position = self.token_position
         if isinstance(position, bool) or not (isinstance(position, int) or position in ("last", "all")):
             raise SafeneuronsError(f"position {position!r} is not 'last', 'all' or a token index")
@@ -63,8 +70,14 @@ class PatchingSite:
         return self.token_position
 
     @property
+    def neurons(self) -> tuple[int, ...] | None:
+        return self.neuron_idx  # type: ignore[return-value]  (a tuple after __post_init__)
+
+    @property
     def label(self) -> str:
         head = f".h{self.head}" if self.head is not None else ""
+        if self.neurons is not None:
+            head = f".n{self.neurons[0]}" if len(self.neurons) == 1 else f".n[{len(self.neurons)}]"
         return f"L{self.layer}.{self.component}{head}@{self.position}"
 
     @property
@@ -72,7 +85,15 @@ class PatchingSite:
         return self.layer, self.component
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "component": self.component, "head": self.head, "position": self.position}
+        fields = {"layer": self.layer, "component": self.component, "head": self.head, "position": self.position}
+        return fields if self.neurons is None else {**fields, "neurons": list(self.neurons)}
+
+
+def _neuron_tuple(value: Any) -> tuple[int, ...]:
+    values = [value] if isinstance(value, int) and not isinstance(value, bool) else list(value)
+    if any(isinstance(index, bool) or not isinstance(index, int) for index in values):
+        raise SafeneuronsError(f"neuron_idx {value!r} is not an int or a list of ints")
+    return tuple(sorted(set(values)))
 
 
 @dataclass(frozen=True)
@@ -200,8 +221,13 @@ def normalised_effect(mode: str, patched: float, clean: float, corrupted: float)
 
 
 def build_sites(n_layers: int, n_heads: int, components: Sequence[str] = ("residual",),
-                layers: Sequence[int] | None = None, positions: Sequence[Position] = ("last",)) -> list[PatchingSite]:
-    """Every (layer, component[, head], position) combination, layer-major."""
+                layers: Sequence[int] | None = None, positions: Sequence[Position] = ("last",),
+                neurons: Mapping[int, Sequence[int]] | None = None) -> list[PatchingSite]:
+    """Every (layer, component[, head], position) combination, layer-major. `mlp_neuron` sites patch the
+    `neurons` of their layer together (a layer without an entry: an empty set, which patches nothing)."""
+    if "mlp_neuron" in components and neurons is None:
+        raise SafeneuronsError("component mlp_neuron needs the neurons to patch (per layer: a list of indexes, or "
+                               "a neuron mask file)")
     chosen_layers = range(n_layers) if layers is None else layers
     for layer in chosen_layers:
         if not 0 <= layer < n_layers:
@@ -210,5 +236,7 @@ def build_sites(n_layers: int, n_heads: int, components: Sequence[str] = ("resid
     for layer in chosen_layers:
         for component in components:
             heads = range(n_heads) if component == "attn_head" else [None]
-            sites.extend(PatchingSite(layer, component, head, position) for head in heads for position in positions)
+            chosen = tuple(neurons.get(layer, ())) if component == "mlp_neuron" else None
+            sites.extend(PatchingSite(layer, component, head, position, chosen)
+                         for head in heads for position in positions)
     return sites

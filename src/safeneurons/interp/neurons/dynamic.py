@@ -1,0 +1,103 @@
+"""Dynamic neuron patching during generation: the patched model generates; at every forward it makes (the prompt,
+then each new token) the source model runs on the same tokens with its own KV cache, and the chosen MLP neurons
+of the patched model take the source model's values at those tokens. With the patched model as its own source
+nothing changes, token for token."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from safeneurons.errors import SafeneuronsError
+from safeneurons.models.hooks import Hooks, site_point
+from safeneurons.models.structure import check_same_structure, decoder_layers
+
+NeuronSet = Mapping[int, Sequence[int]]  # layer -> neuron indexes (the input columns of its down_proj)
+
+
+def neuron_index(model: nn.Module, neurons: NeuronSet) -> dict[int, torch.Tensor]:
+    """The non-empty layers of `neurons` as index tensors; an error names a layer or neuron that does not exist."""
+    n_layers = len(decoder_layers(model))
+    chosen = {}
+    for layer, indexes in sorted(neurons.items()):
+        if not 0 <= layer < n_layers:
+            raise SafeneuronsError(f"layer {layer} does not exist; the model has layers 0..{n_layers - 1}")
+        width = site_point(model, layer, "mlp_neuron").module.in_features
+        bad = [index for index in indexes if not 0 <= index < width]
+        if bad:
+            raise SafeneuronsError(f"neuron {bad[0]} of layer {layer} does not exist; the MLP has neurons "
+                                   f"0..{width - 1}")
+        if len(indexes):
+            chosen[layer] = torch.as_tensor(sorted(set(int(i) for i in indexes)), dtype=torch.long)
+    return chosen
+
+
+FORWARDED = ("input_ids", "attention_mask", "position_ids", "cache_position")
+
+
+class _SourceRun:
+    """The source model's run on the tokens the patched model is about to process, with its own KV cache (a new
+    one whenever the patched model starts a sequence)."""
+
+    def __init__(self, source: nn.Module, layers: Sequence[int]) -> None:
+        self.source = source
+        self.values: dict[int, torch.Tensor] = {}
+        self.cache: Any = None
+        self.running = False  # the source may be the patched model itself: its own call must not recurse
+        self.hooks = Hooks()
+        for layer in layers:
+            point = site_point(source, layer, "mlp_neuron")
+            self.hooks.on_input(point.module, lambda _m, args, layer=layer: self.values.__setitem__(layer, args[0]))
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        from transformers import DynamicCache
+
+        if self.running:
+            return
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 renamed it `cache`
+        if self.cache is None or past is None or past.get_seq_length() == 0:
+            self.cache = DynamicCache(config=self.source.config)
+        inputs = {name: kwargs[name] for name in FORWARDED if kwargs.get(name) is not None}
+        if args:
+            inputs["input_ids"] = args[0]
+        if "input_ids" not in inputs:
+            raise SafeneuronsError("dynamic neuron patching needs token ids (the patched model got embeddings)")
+        self.running = True
+        try:
+            self.source(**inputs, **{_cache_argument(self.source): self.cache}, use_cache=True, logits_to_keep=1)
+        finally:
+            self.running = False
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """transformers 5 renamed the forward's `past_key_values` to `cache`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def patched_neurons(model: nn.Module, source: nn.Module, neurons: NeuronSet) -> Iterator[None]:
+    """While open, every forward of `model` (a generation step, or a plain call) first runs `source` on the same
+    tokens, and the `neurons` of `model` take the source's values at every token of that forward."""
+    check_same_structure(model, source)
+    chosen = neuron_index(model, neurons)
+    run = _SourceRun(source, list(chosen))
+
+    def writer(layer: int, columns: torch.Tensor):
+        def write(_module: nn.Module, args: tuple) -> tuple:
+            activation = args[0].clone()
+            activation[..., columns] = run.values[layer][..., columns].to(activation.dtype)
+            return (activation, *args[1:])
+        return write
+
+    hooks = Hooks()
+    with run.hooks, hooks:
+        if chosen:  # an empty set patches nothing and runs no source model
+            hooks.on_input(model, run, with_kwargs=True)
+        for layer, columns in chosen.items():
+            hooks.on_input(site_point(model, layer, "mlp_neuron").module, writer(layer, columns.to(
+                next(model.parameters()).device)))
+        yield
