@@ -199,3 +199,37 @@ def test_cli_cross_model_neuron_patch_and_its_bad_input(demo_tokenizer, tmp_path
     assert "neuron 64 of layer 0 does not exist" in error
     error = run_expecting_error([*command[:-5], "--out", str(tmp_path / "o4")], tmp_path, capsys)
     assert "--neurons" in error
+
+
+@pytest.mark.slow
+def test_eval_with_dynamic_neuron_patching_on_two_ranks_equals_one_rank(tmp_path):
+    """`eval --patch-neurons-from`: every MLP neuron of demo-base taken into demo-chat removes its refusals on the
+    demo's harmful prompts; the generations split across 2 ranks equal 1 rank's."""
+    import json
+
+    from helpers import run_ranks
+    from safeneurons import cli
+
+    every = [f"{layer}:0-383" for layer in range(6)]
+    command = ["eval", "--model", "demo-chat", "--patch-neurons-from", "demo-base", "--neurons", *every,
+               "--harmful-data", "demo-harmful", "--eval-limit", "6", "--max-new-tokens", "24", "--eval-batch-size", "2"]
+    assert cli.main([*command, "--out", str(tmp_path / "one")]) == 0
+    result = run_ranks(["safeneurons.cli", *command, "--out", str(tmp_path / "two")], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
+    assert one["results"] == two["results"]
+    assert one["neuron_patching"]["n_neurons"] == 6 * 384 and one["neuron_patching"]["source_model"] == "demo-base"
+    assert cli.main(["eval", "--model", "demo-chat", "--harmful-data", "demo-harmful", "--eval-limit", "6",
+                     "--max-new-tokens", "24", "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
+    assert plain["refusal_rate"] == 1.0 and one["refusal_rate"] == 0.0
+
+
+def test_eval_refuses_bad_neurons_before_loading(tmp_path, capsys):
+    base = ["eval", "--model", "demo-chat", "--harmful-data", "demo-harmful", "--out", str(tmp_path / "out")]
+    error = run_expecting_error([*base, "--patch-neurons-from", "demo-base", "--neurons", "2:384"], tmp_path, capsys)
+    assert "neuron 384 of layer 2 does not exist" in error
+    error = run_expecting_error([*base, "--neurons", "2:1"], tmp_path, capsys)
+    assert "--patch-neurons-from MODEL and --neurons" in error
+    error = run_expecting_error([*base, "--patch-neurons-from", "demo-base", "--neurons", "9:1"], tmp_path, capsys)
+    assert "layer 9 does not exist" in error

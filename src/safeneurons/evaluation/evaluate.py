@@ -1,10 +1,11 @@
 """`evaluate_model`: ASR, refusal rates, judges, XSTest, perplexity and utility in one call."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -97,6 +98,9 @@ class EvalConfig:
     lm_eval_tasks: tuple[str, ...] = ()
     lm_eval_limit: int | None = None  # examples per task (all by default)
     lm_eval_include: str | None = None  # a folder of lm-eval task YAML files
+    patch_neurons_from: str | None = None  # dynamic neuron patching: the source model of the neurons' values
+    neurons: tuple[str, ...] = ()  # with it: LAYER:INDEXES items or a `score` mask file
+    neuron_rule: str = "rows"  # how a mask file names neurons (interp.neurons.sets.MASK_RULE_HELP)
 
     @property
     def decoding(self) -> Decoding:
@@ -118,6 +122,9 @@ class EvalConfig:
         if not self.system_prompt.strip():
             raise SafeneuronsError("--system-prompt is empty: give none, default or the system prompt's text")
         self.judge_model_names()
+        if bool(self.patch_neurons_from) != bool(self.neurons):
+            raise SafeneuronsError("--patch-neurons-from MODEL and --neurons (LAYER:INDEXES items or a mask file) go "
+                                   "together")
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise SafeneuronsError(f"--lm-eval-limit={self.lm_eval_limit} must be a positive integer")
 
@@ -187,6 +194,7 @@ class EvalResult:
     xstest: dict | None = None  # xstest.XSTestResult
     utility: dict | None = None  # lm-eval zero-shot accuracy per task
     model_source: dict | None = None  # a GGUF file's provenance (models.gguf), when the weights came from one
+    neuron_patching: dict | None = None  # dynamic neuron patching: the source model and the neurons patched
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -349,6 +357,38 @@ def check_eval_inputs(model: ModelSource, config: EvalConfig, out: str | Path) -
         format_prompt(load_tokenizer(model.name, model.cache_dir), "Hello", config.system)
     for name in config.judge_model_names().values():
         load_config(name, model.cache_dir)
+    if config.patch_neurons_from:
+        neuron_sets_to_patch(model, config)
+
+
+def neuron_sets_to_patch(model: ModelSource, config: EvalConfig) -> Any:
+    """The neurons of --patch-neurons-from, checked against both configs before any weight loads."""
+    from safeneurons.interp.neurons.sets import resolve_neurons
+    from safeneurons.models.structure import check_same_config
+
+    model_config = load_config(model.name, model.cache_dir)
+    check_same_config(model_config, load_config(config.patch_neurons_from, model.cache_dir),
+                      (f"--model {model.name}", f"--patch-neurons-from {config.patch_neurons_from}"))
+    return resolve_neurons(config.neurons, model_config, config.neuron_rule)
+
+
+@contextlib.contextmanager
+def neuron_patching(model: ModelSource, config: EvalConfig, loaded: Any, device: Any) -> Iterator[dict | None]:
+    """While open, the model's chosen neurons take the source model's values at every token (dynamic patching);
+    yields what the report records of it (None without --patch-neurons-from)."""
+    if not config.patch_neurons_from:
+        yield None
+        return
+    from safeneurons.interp.neurons.dynamic import patched_neurons
+    from safeneurons.interp.neurons.sets import count
+    from safeneurons.interp.patching.run import check_same_tokenizer
+
+    sets = neuron_sets_to_patch(model, config)
+    source = ModelSource(config.patch_neurons_from, model.dtype, model.deepspeed, model.cache_dir).load(device)
+    check_same_tokenizer(loaded.tokenizer, source.tokenizer, config.patch_neurons_from)
+    with patched_neurons(loaded.model, source.model, sets):
+        yield {"source_model": config.patch_neurons_from, "n_neurons": count(sets),
+               "neurons": {str(layer): indexes for layer, indexes in sets.items() if indexes}}
 
 
 def run_eval(model: ModelSource, config: EvalConfig, out: str | Path) -> EvalResult | None:
@@ -357,9 +397,11 @@ def run_eval(model: ModelSource, config: EvalConfig, out: str | Path) -> EvalRes
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
     loaded = model.load(context.device)
     judges = load_judges(config, model.dtype, model.deepspeed, model.cache_dir, context.device)
-    result = evaluate_model(loaded.model, loaded.tokenizer, config, model.name, judges)
+    with neuron_patching(model, config, loaded, context.device) as patched:
+        result = evaluate_model(loaded.model, loaded.tokenizer, config, model.name, judges)
     if result is not None:
         result.model_source = model.provenance()
+        result.neuron_patching = patched
         path = write_json(Path(out) / "eval.json", result.to_json())
         log.info("%s; wrote %s", result.summary_line(config.n_samples), path)
     return result

@@ -32,6 +32,19 @@ def parse_neurons(items: Sequence[str]) -> NeuronSets:
     return sets
 
 
+def resolve_neurons(items: Sequence[str], model_config: Any, rule: str = "rows") -> NeuronSets:
+    """`--neurons`: LAYER:INDEXES items or one mask file, checked against the model's config (no weights read)."""
+    from pathlib import Path
+
+    if len(items) == 1 and ":" not in items[0]:
+        if not Path(items[0]).exists():
+            raise SafeneuronsError(f"--neurons {items[0]}: no such mask file, and not LAYER:INDEXES")
+        return neurons_from_masks(items[0], model_config, rule)
+    sets = parse_neurons(items)
+    check_sets(sets, model_config.num_hidden_layers, model_config.intermediate_size)
+    return sets
+
+
 def check_sets(sets: Mapping[int, Sequence[int]], n_layers: int, width: int) -> None:
     """Every layer and neuron exists in a model of `n_layers` layers and `width` MLP neurons (from its config)."""
     for layer, indexes in sets.items():

@@ -19,7 +19,7 @@ from safeneurons.interp.patching.patcher import ActivationPatcher
 from safeneurons.interp.patching.report import attribution_check, format_attribution_check, format_report, plot_heatmap
 from safeneurons.interp.patching.sites import (COMPONENTS, DEFAULT_SIGNIFICANCE, DIRECTION_FILE, METHODS, METRICS,
                                                MODES, REFUSAL_STARTS, ActivationPatchingResult, Position)
-from safeneurons.interp.neurons.sets import NeuronSets, check_sets, neurons_from_masks, parse_neurons
+from safeneurons.interp.neurons.sets import NeuronSets, resolve_neurons
 from safeneurons.models.loading import ModelSource, load_config
 from safeneurons.models.structure import check_same_config
 from safeneurons.runtime import distributed
@@ -90,15 +90,7 @@ class PatchConfig:
 
     def neuron_sets(self, model_config: Any) -> NeuronSets | None:
         """The neurons to patch per layer, checked against the model's config (before any weight loads)."""
-        if not self.neurons:
-            return None
-        if len(self.neurons) == 1 and ":" not in self.neurons[0]:
-            if not Path(self.neurons[0]).exists():
-                raise SafeneuronsError(f"--neurons {self.neurons[0]}: no such mask file, and not LAYER:INDEXES")
-            return neurons_from_masks(self.neurons[0], model_config, self.neuron_rule)
-        sets = parse_neurons(self.neurons)
-        check_sets(sets, model_config.num_hidden_layers, model_config.intermediate_size)
-        return sets
+        return resolve_neurons(self.neurons, model_config, self.neuron_rule) if self.neurons else None
 
     def prompt(self, name: str, tokenizer: Any) -> str:
         text = getattr(self, name)
