@@ -9,10 +9,10 @@ from helpers import make_tiny_llama, run_expecting_error
 from safeneurons.data.samples import format_prompt
 from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.generation import Decoding, generate
-from safeneurons.interp.neurons.dynamic import patched_neurons
-from safeneurons.interp.neurons.sets import jaccard, neurons_from_masks, parse_neurons, random_like, top_fraction
 from safeneurons.interp.patching.patcher import ActivationPatcher
 from safeneurons.interp.patching.sites import PatchingSite
+from safeneurons.interventions.neuron_patching import patched_neurons
+from safeneurons.masks.neurons import jaccard, neurons_from_masks, parse_neurons, random_like, top_fraction
 
 WIDTH = 64  # the tiny models' MLP neurons
 
@@ -233,3 +233,32 @@ def test_eval_refuses_bad_neurons_before_loading(tmp_path, capsys):
     assert "--patch-neurons-from MODEL and --neurons" in error
     error = run_expecting_error([*base, "--patch-neurons-from", "demo-base", "--neurons", "9:1"], tmp_path, capsys)
     assert "layer 9 does not exist" in error
+
+
+def test_activation_contrast_equals_a_reference_written_here(pair, demo_tokenizer):
+    from safeneurons.interp.neurons.contrast import activation_contrast
+
+    chat, base = pair
+    texts = [format_prompt(demo_tokenizer, prompt) for prompt in PROMPTS]
+    scores = activation_contrast(chat, base, demo_tokenizer, texts, Decoding(max_new_tokens=5), batch_size=2)
+    answers = [text[0] for text in generate(chat, demo_tokenizer, texts, Decoding(max_new_tokens=5), batch_size=2)]
+    total, tokens = torch.zeros(2, WIDTH), 0
+    for text, answer in zip(texts, answers):
+        start = len(demo_tokenizer(text)["input_ids"])
+        ids = demo_tokenizer(text + answer, return_tensors="pt")["input_ids"]
+        for layer in range(2):
+            acts = []
+            for model in (chat, base):
+                kept = {}
+                handle = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+                    lambda _m, args: kept.__setitem__("x", args[0][0]))
+                with torch.no_grad():
+                    model(ids)
+                handle.remove()
+                acts.append(kept["x"][start:])
+            total[layer] += (acts[0] - acts[1]).abs().sum(0)
+        tokens += ids.shape[1] - start
+    assert tokens > 0
+    for layer in range(2):
+        torch.testing.assert_close(scores[layer], total[layer] / tokens)
+    assert top_fraction(scores, 0.05)[0] == sorted(torch.topk(total[0], 3).indices.tolist())

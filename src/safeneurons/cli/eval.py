@@ -7,14 +7,13 @@ import logging
 from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.evaluate import FLAGS, EvalConfig, run_eval
 from safeneurons.evaluation.metrics import DEFAULT_HARMFUL_LIMIT, DEFAULT_MAX_NEW_TOKENS
-from safeneurons.interp.neurons.sets import MASK_RULE_HELP, MASK_RULES
 from safeneurons.models.loading import ModelSource
 
 log = logging.getLogger(__name__)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from safeneurons.cli.options import add_eos_argument, add_model_arguments, add_run_arguments
+    from safeneurons.cli.options import add_model_arguments, add_run_arguments
 
     add_model_arguments(parser)  # --deepspeed ZeRO-3 config: the model partitioned, generation in lock-step
     add_run_arguments(parser)
@@ -59,19 +58,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     over_refusal.add_argument("--lm-eval-limit", type=int, default=None, help="examples per lm-eval task (all)")
     over_refusal.add_argument("--lm-eval-include", default=None, metavar="DIR",
                               help="a folder of lm-eval task YAML files (local tasks)")
-    neurons = parser.add_argument_group("dynamic neuron patching (Chen et al. 2024)")
-    neurons.add_argument("--patch-neurons-from", default=None, metavar="MODEL",
-                         help="at every generated token the chosen MLP neurons take this model's values on the same "
-                              "prefix (same structure and tokenizer), e.g. demo-chat into --model demo-base")
-    neurons.add_argument("--neurons", nargs="+", default=[], metavar="LAYER:INDEXES",
-                         help="the neurons patched: LAYER:INDEXES items (3:0,5,10-19) or a mask file of `safeneurons "
-                              "score`")
-    neurons.add_argument("--neuron-rule", default="rows", choices=MASK_RULES,
-                         help=f"{MASK_RULE_HELP} (default %(default)s)")
+    _add_batch_arguments(parser)
+    _add_neuron_patching_arguments(parser)
+
+
+def _add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    from safeneurons.cli.options import add_eos_argument
+
     parser.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=16,
                         help="prompts per generation batch (default %(default)s)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per perplexity text (default %(default)s)")
     add_eos_argument(parser)
+
+
+def _add_neuron_patching_arguments(parser: argparse.ArgumentParser) -> None:
+    from safeneurons.cli.options import add_neuron_arguments
+
+    neurons = parser.add_argument_group("dynamic neuron patching (Chen et al. 2024)")
+    neurons.add_argument("--patch-neurons-from", default=None, metavar="MODEL",
+                         help="at every generated token the chosen MLP neurons take this model's values on the same "
+                              "prefix (same structure and tokenizer), e.g. demo-chat into --model demo-base")
+    add_neuron_arguments(neurons)
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:

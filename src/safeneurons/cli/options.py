@@ -73,3 +73,14 @@ def add_tracking_arguments(parser: argparse.ArgumentParser, logging_dir: str) ->
                         help="experiment tracking: TensorBoard event files or a Weights & Biases run (WANDB_MODE="
                              "offline keeps it on disk), with the run's config (default %(default)s)")
     parser.add_argument("--logging-dir", default=None, help=f"the tracking folder (default {logging_dir})")
+
+
+def add_neuron_arguments(group: argparse._ActionsContainer) -> None:
+    """--neurons and --neuron-rule: the MLP neurons a command patches."""
+    from safeneurons.masks.neurons import MASK_RULE_HELP, MASK_RULES
+
+    group.add_argument("--neurons", nargs="+", default=[], metavar="LAYER:INDEXES",
+                       help="the MLP neurons patched together in each layer: LAYER:INDEXES items (3:0,5,10-19) or "
+                            "one mask file of `safeneurons score`")
+    group.add_argument("--neuron-rule", default="rows", choices=MASK_RULES, help=f"{MASK_RULE_HELP} "
+                       f"(default %(default)s)")

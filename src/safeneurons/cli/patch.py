@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.interp.neurons.sets import MASK_RULE_HELP, MASK_RULES
 from safeneurons.interp.patching.run import EACH, DirectionConfig, PatchConfig, run_direction, run_patch
 from safeneurons.interp.patching.sites import COMPONENTS, DEFAULT_SIGNIFICANCE, METHODS, METRICS, MODES, REFUSAL_STARTS
 from safeneurons.models.loading import ModelSource
@@ -16,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from safeneurons.cli.options import add_model_arguments, add_run_arguments
+    from safeneurons.cli.options import add_model_arguments, add_neuron_arguments, add_run_arguments
 
     add_model_arguments(parser, "--model")
     add_run_arguments(parser)
@@ -38,11 +37,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                             "(default %(default)s)")
     sweep.add_argument("--components", default="residual",
                        help=f"comma list of {','.join(COMPONENTS)} (default %(default)s)")
-    sweep.add_argument("--neurons", nargs="+", default=[], metavar="LAYER:INDEXES",
-                       help="mlp_neuron: the MLP neurons patched together in each layer, as LAYER:INDEXES items "
-                            "(3:0,5,10-19) or one mask file of `safeneurons score`")
-    sweep.add_argument("--neuron-rule", default="rows", choices=MASK_RULES, help=f"{MASK_RULE_HELP} "
-                       f"(default %(default)s)")
+    add_neuron_arguments(sweep)
     sweep.add_argument("--layers", default="all", help="all, or a comma list of layer indexes (default %(default)s)")
     sweep.add_argument("--positions", default="last",
                        help="comma list of: last, all (every token at once), each (one site per token), a token "
@@ -61,6 +56,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                             "sites patched exactly beside their estimates (default %(default)s)")
     sweep.add_argument("--significance-threshold", type=float, default=DEFAULT_SIGNIFICANCE,
                        help="|effect| above which a site is significant (default %(default)s)")
+    _add_direction_arguments(parser)
+
+
+def _add_direction_arguments(parser: argparse.ArgumentParser) -> None:
     direction = parser.add_argument_group("refusal direction (--compute-direction)")
     direction.add_argument("--compute-direction", action="store_true",
                            help="write OUT/refusal_direction.pt: mean residual of harmful minus harmless prompts")

@@ -100,7 +100,7 @@ class EvalConfig:
     lm_eval_include: str | None = None  # a folder of lm-eval task YAML files
     patch_neurons_from: str | None = None  # dynamic neuron patching: the source model of the neurons' values
     neurons: tuple[str, ...] = ()  # with it: LAYER:INDEXES items or a `score` mask file
-    neuron_rule: str = "rows"  # how a mask file names neurons (interp.neurons.sets.MASK_RULE_HELP)
+    neuron_rule: str = "rows"  # how a mask file names neurons (masks.neurons.MASK_RULE_HELP)
 
     @property
     def decoding(self) -> Decoding:
@@ -363,7 +363,7 @@ def check_eval_inputs(model: ModelSource, config: EvalConfig, out: str | Path) -
 
 def neuron_sets_to_patch(model: ModelSource, config: EvalConfig) -> Any:
     """The neurons of --patch-neurons-from, checked against both configs before any weight loads."""
-    from safeneurons.interp.neurons.sets import resolve_neurons
+    from safeneurons.masks.neurons import resolve_neurons
     from safeneurons.models.structure import check_same_config
 
     model_config = load_config(model.name, model.cache_dir)
@@ -379,13 +379,13 @@ def neuron_patching(model: ModelSource, config: EvalConfig, loaded: Any, device:
     if not config.patch_neurons_from:
         yield None
         return
-    from safeneurons.interp.neurons.dynamic import patched_neurons
-    from safeneurons.interp.neurons.sets import count
-    from safeneurons.interp.patching.run import check_same_tokenizer
+    from safeneurons.interventions.neuron_patching import patched_neurons
+    from safeneurons.masks.neurons import count
+    from safeneurons.models.structure import check_same_tokenizer
 
     sets = neuron_sets_to_patch(model, config)
     source = ModelSource(config.patch_neurons_from, model.dtype, model.deepspeed, model.cache_dir).load(device)
-    check_same_tokenizer(loaded.tokenizer, source.tokenizer, config.patch_neurons_from)
+    check_same_tokenizer(loaded.tokenizer, source.tokenizer, model.name, config.patch_neurons_from)
     with patched_neurons(loaded.model, source.model, sets):
         yield {"source_model": config.patch_neurons_from, "n_neurons": count(sets),
                "neurons": {str(layer): indexes for layer, indexes in sets.items() if indexes}}

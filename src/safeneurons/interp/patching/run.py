@@ -19,9 +19,9 @@ from safeneurons.interp.patching.patcher import ActivationPatcher
 from safeneurons.interp.patching.report import attribution_check, format_attribution_check, format_report, plot_heatmap
 from safeneurons.interp.patching.sites import (COMPONENTS, DEFAULT_SIGNIFICANCE, DIRECTION_FILE, METHODS, METRICS,
                                                MODES, REFUSAL_STARTS, ActivationPatchingResult, Position)
-from safeneurons.interp.neurons.sets import NeuronSets, resolve_neurons
+from safeneurons.masks.neurons import NeuronSets, resolve_neurons
 from safeneurons.models.loading import ModelSource, load_config
-from safeneurons.models.structure import check_same_config
+from safeneurons.models.structure import check_same_config, check_same_tokenizer
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir, staged, write_json
 
@@ -46,7 +46,7 @@ class PatchConfig:
     top: int = 15  # sites listed in the report (and checked exactly with attribution)
     significance_threshold: float = DEFAULT_SIGNIFICANCE
     neurons: tuple[str, ...] = ()  # mlp_neuron: LAYER:INDEXES items, or one `score` mask file
-    neuron_rule: str = "rows"  # how a mask file names neurons (interp.neurons.sets.MASK_RULE_HELP)
+    neuron_rule: str = "rows"  # how a mask file names neurons (masks.neurons.MASK_RULE_HELP)
     source_model: str | None = None  # cross-model: the source run is this model's (same structure and tokenizer)
 
     def validate(self) -> None:
@@ -121,12 +121,6 @@ class DirectionConfig:
             raise SafeneuronsError(f"--n-prompts {self.n_prompts} must be a positive integer")
 
 
-def check_same_tokenizer(tokenizer: Any, other: Any, other_name: str) -> None:
-    if tokenizer.get_vocab() != other.get_vocab():
-        raise SafeneuronsError(f"--source-model {other_name} has another tokenizer (its vocabulary differs): the two "
-                               f"runs would read different tokens")
-
-
 def check_layers(layers: Sequence[int] | None, n_layers: int) -> None:
     """Layer indexes must exist in the model (read from its config, before any weight)."""
     bad = [layer for layer in layers or () if not 0 <= layer < n_layers]
@@ -160,7 +154,7 @@ def run_patch(model: ModelSource, config: PatchConfig, out: str | Path) -> Activ
     tokenizer = loaded.tokenizer
     source_loaded = None if source is None else source.load(context.device)
     if source_loaded is not None:
-        check_same_tokenizer(tokenizer, source_loaded.tokenizer, source.name)
+        check_same_tokenizer(tokenizer, source_loaded.tokenizer, model.name, source.name)
     clean = tokenizer(config.prompt("clean", tokenizer), return_tensors="pt")["input_ids"]
     corrupted = tokenizer(config.prompt("corrupted", tokenizer), return_tensors="pt")["input_ids"]
     base = corrupted if config.mode == "denoising" else clean

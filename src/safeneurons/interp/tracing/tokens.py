@@ -7,22 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from safeneurons.errors import SafeneuronsError
-
 log = logging.getLogger(__name__)
-
-
-def check_same_tokenizer(tokenizer_a: Any, tokenizer_b: Any, name_a: str = "base", name_b: str = "other") -> None:
-    """Refuse models that read text differently: activation matching needs both to see the same token ids."""
-    vocab_a, vocab_b = tokenizer_a.get_vocab(), tokenizer_b.get_vocab()
-    if vocab_a == vocab_b:
-        return
-    differing = sorted(token for token in vocab_a.keys() | vocab_b.keys() if vocab_a.get(token) != vocab_b.get(token))
-    example = differing[0]
-    raise SafeneuronsError(
-        f"models {name_a} and {name_b} have different tokenizers ({len(vocab_a)} vs {len(vocab_b)} tokens, "
-        f"{len(differing)} differing; token {example!r} has id {vocab_a.get(example)} vs {vocab_b.get(example)}); "
-        f"activation matching needs both models to read the same token ids")
 
 
 def _example_text(tokenizer: Any, example: Any) -> str:

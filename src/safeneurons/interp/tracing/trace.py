@@ -18,9 +18,10 @@ from safeneurons.interp.tracing.activations import MlpActivations, collect_share
 from safeneurons.interp.tracing.assignment import DEFAULT_ALPHA, DEFAULT_BATCH_SIZE, DEFAULT_DATA, KINDS, resolve_solver
 from safeneurons.interp.tracing.lineage import TraceResult, layer_pairs, match_layer, summarize
 from safeneurons.interp.tracing.report import plot_trace, summary_line
-from safeneurons.interp.tracing.tokens import check_same_tokenizer, pack_tokens, random_token_ids, text_token_ids
+from safeneurons.interp.tracing.tokens import pack_tokens, random_token_ids, text_token_ids
 from safeneurons.models.hooks import SiteKey
 from safeneurons.models.loading import ModelSource, load_config, load_tokenizer
+from safeneurons.models.structure import check_same_tokenizer
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import GIB
 from safeneurons.runtime.outputs import check_output_dir, write_json
