@@ -262,3 +262,18 @@ def test_activation_contrast_equals_a_reference_written_here(pair, demo_tokenize
     for layer in range(2):
         torch.testing.assert_close(scores[layer], total[layer] / tokens)
     assert top_fraction(scores, 0.05)[0] == sorted(torch.topk(total[0], 3).indices.tolist())
+
+
+def test_neuron_scores_sum_the_rows_of_gate_and_up_like_neuron_granularity(pair):
+    from safeneurons.masks.neurons import neuron_scores
+
+    config = pair[0].config
+    generator = torch.Generator().manual_seed(0)
+    gate, up = torch.rand(WIDTH, 32, generator=generator), torch.rand(WIDTH, 32, generator=generator)
+    down = torch.rand(32, WIDTH, generator=generator)
+    separate = neuron_scores({"model.layers.1.mlp.gate_proj.weight": gate, "model.layers.1.mlp.up_proj.weight": up,
+                              "model.layers.1.mlp.down_proj.weight": down}, config)
+    assert list(separate) == [1]
+    torch.testing.assert_close(separate[1], torch.tensor([gate[j].sum() + up[j].sum() for j in range(WIDTH)]))
+    fused = neuron_scores({"model.layers.1.mlp.gate_up_proj.weight": torch.cat([gate, up])}, config)
+    torch.testing.assert_close(fused[1], separate[1])

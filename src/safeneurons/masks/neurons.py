@@ -129,3 +129,21 @@ def jaccard(first: Mapping[int, Sequence[int]], second: Mapping[int, Sequence[in
 
 def count(sets: Mapping[int, Sequence[int]]) -> int:
     return sum(len(indexes) for indexes in sets.values())
+
+
+def neuron_scores(scores: Mapping[str, torch.Tensor], config: Any) -> dict[int, torch.Tensor]:
+    """Per layer, each MLP neuron's score from per-weight scores (`score --save-scores`, or
+    `ScoreResult.scores`): the sum over its rows of gate_proj and up_proj (their halves of a fused gate_up_proj),
+    the same rows `score --granularity neuron` ranks. Layers without MLP scores are left out."""
+    width = int(config.intermediate_size)
+    ranked = {}
+    for layer in range(int(config.num_hidden_layers)):
+        prefix = f"model.layers.{layer}.mlp."
+        rows = [scores[prefix + f"{part}.weight"] for part in ("gate_proj", "up_proj") if prefix + f"{part}.weight"
+                in scores]
+        if prefix + "gate_up_proj.weight" in scores:
+            fused = scores[prefix + "gate_up_proj.weight"]
+            rows += [fused[:width], fused[width:]]
+        if rows:
+            ranked[layer] = sum(part.float().sum(1) for part in rows)
+    return ranked
