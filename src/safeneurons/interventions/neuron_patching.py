@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.masks.neurons import check_sets
 from safeneurons.models.hooks import Hooks, site_point
 from safeneurons.models.structure import check_same_structure, decoder_layers
 
@@ -19,19 +20,9 @@ NeuronSet = Mapping[int, Sequence[int]]  # layer -> neuron indexes (the input co
 
 def neuron_index(model: nn.Module, neurons: NeuronSet) -> dict[int, torch.Tensor]:
     """The non-empty layers of `neurons` as index tensors; an error names a layer or neuron that does not exist."""
-    n_layers = len(decoder_layers(model))
-    chosen = {}
-    for layer, indexes in sorted(neurons.items()):
-        if not 0 <= layer < n_layers:
-            raise SafeneuronsError(f"layer {layer} does not exist; the model has layers 0..{n_layers - 1}")
-        width = site_point(model, layer, "mlp_neuron").module.in_features
-        bad = [index for index in indexes if not 0 <= index < width]
-        if bad:
-            raise SafeneuronsError(f"neuron {bad[0]} of layer {layer} does not exist; the MLP has neurons "
-                                   f"0..{width - 1}")
-        if len(indexes):
-            chosen[layer] = torch.as_tensor(sorted(set(int(i) for i in indexes)), dtype=torch.long)
-    return chosen
+    check_sets(neurons, len(decoder_layers(model)), site_point(model, 0, "mlp_neuron").module.in_features)
+    return {layer: torch.as_tensor(sorted(set(int(i) for i in indexes)), dtype=torch.long)
+            for layer, indexes in sorted(neurons.items()) if len(indexes)}
 
 
 FORWARDED = ("input_ids", "attention_mask", "position_ids", "cache_position")
@@ -46,6 +37,7 @@ class _SourceRun:
         self.values: dict[int, torch.Tensor] = {}
         self.cache: Any = None
         self.running = False  # the source may be the patched model itself: its own call must not recurse
+        self.cache_argument = _cache_argument(source)
         self.hooks = Hooks()
         for layer in layers:
             point = site_point(source, layer, "mlp_neuron")
@@ -66,7 +58,7 @@ class _SourceRun:
             raise SafeneuronsError("dynamic neuron patching needs token ids (the patched model got embeddings)")
         self.running = True
         try:
-            self.source(**inputs, **{_cache_argument(self.source): self.cache}, use_cache=True, logits_to_keep=1)
+            self.source(**inputs, **{self.cache_argument: self.cache}, use_cache=True, logits_to_keep=1)
         finally:
             self.running = False
 

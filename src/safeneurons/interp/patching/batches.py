@@ -10,8 +10,9 @@ from torch import nn
 from safeneurons.errors import SafeneuronsError
 from safeneurons.interp.patching.hooks import keeper, patched_forward
 from safeneurons.interp.patching.sites import ACTIVATION_MEMORY_BUDGET, MAX_AUTO_BATCH
+from safeneurons.masks.neurons import check_sets
 from safeneurons.models.hooks import site_point
-from safeneurons.models.structure import forward_row_bytes, model_device
+from safeneurons.models.structure import decoder_layers, forward_row_bytes, model_device
 
 if TYPE_CHECKING:
     from safeneurons.interp.patching.metrics import Metric
@@ -48,11 +49,8 @@ def site_columns(model: nn.Module, site: PatchingSite) -> slice | torch.Tensor:
     """The hidden features a site covers: all of them, one head's slice of the input to o_proj, or the chosen MLP
     neurons (columns of down_proj's input)."""
     if site.neurons is not None:
-        width = site_point(model, site.layer, "mlp_neuron").module.in_features
-        bad = [index for index in site.neurons if not 0 <= index < width]
-        if bad:
-            raise SafeneuronsError(f"neuron {bad[0]} of layer {site.layer} does not exist; the MLP has neurons "
-                                   f"0..{width - 1}")
+        check_sets({site.layer: site.neurons}, len(decoder_layers(model)),
+                   site_point(model, site.layer, "mlp_neuron").module.in_features)
         return torch.tensor(site.neurons, dtype=torch.long)
     if site.head is None:
         return slice(None)
