@@ -279,3 +279,29 @@ def test_the_direction_joins_a_finished_study(single_run):
     assert summary["selected_despite_filter"] is True and summary["links"]["masks"].endswith("score")
     report = (results / "report.md").read_text()
     assert "## Refusal direction (base model)" in report and "discarded every candidate" in report
+
+
+@pytest.mark.slow
+def test_neuron_patching_joins_a_finished_study(single_run):
+    """`--neuron-patching` on a finished run: only its stage runs (and compare); the report gains the study's
+    section with a verdict per ranking and direction, its table and its figure."""
+    results = single_run / "results"
+    before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert cli.main(_pipeline_args(single_run, "--neuron-patching", "--neuron-fractions", "0.05,0.2")) == 0
+    after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert {stage for stage in STAGES if after[stage] != before[stage]} <= {"compare"}
+    summary = json.loads((results / "analysis_summary.json").read_text())["neuron_patching"]
+    assert (summary["chat_model"], summary["base_model"]) == ("demo", "demo-base")
+    assert summary["config"]["fractions"] == [0.05, 0.2] and summary["config"]["limit"] == 6
+    report = (results / "report.md").read_text()
+    assert "## Safety neurons" in report and "(neuron_patching/neuron_patching.png)" in report
+    verdicts = [line for line in report.splitlines() if line.startswith("- ") and "than random" in line]
+    assert len(verdicts) == 2 * 4 and (results / "neuron_patching" / "neuron_patching.png").is_file()
+
+
+def test_neuron_patching_needs_its_base_model(tmp_path):
+    with pytest.raises(Exception, match="--neuron-patching needs --neuron-base-model"):
+        _settings("--model", str(tmp_path), "--neuron-patching")
+    with pytest.raises(Exception, match="fractions in"):
+        _settings("--neuron-patching", "--neuron-fractions", "0.05,1.5")
+    assert _settings("--neuron-patching").neuron_base_model == "demo-base"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from safeneurons.errors import SafeneuronsError
+from safeneurons.cli.options import comma_floats
 from safeneurons.evaluation.evaluate import EvalConfig
 from safeneurons.models.loading import ModelSource
 from safeneurons.workflows.ablation import METHODS, AblationConfig, report_section, run_ablation, summarize
@@ -39,22 +39,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_eos_argument(parser)
 
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise SafeneuronsError(f"{option} {text!r}: expected numbers separated by commas") from None
-
-
 def config_from_args(args: argparse.Namespace) -> AblationConfig:
     evaluation = EvalConfig(prompts=args.harmful, limit=args.limit, harmless=args.harmless,
                             harmless_limit=args.limit, perplexity_data=args.perplexity_data,
                             perplexity_samples=64, max_new_tokens=args.max_new_tokens,
                             batch_size=args.eval_batch_size, seed=args.seed, data_dir=args.data_dir,
                             add_eos=args.add_eos)
-    seeds = tuple(int(seed) for seed in _floats(args.seeds, "--seeds"))
+    seeds = tuple(int(seed) for seed in comma_floats(args.seeds, "--seeds"))
     config = AblationConfig(data=args.data, utility_data=args.utility_data, score_method=args.score_method,
-                            sparsities=_floats(args.sparsities, "--sparsities"),
+                            sparsities=comma_floats(args.sparsities, "--sparsities"),
                             methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), seeds=seeds,
                             nsamples=args.nsamples, max_length=args.max_length, seed=args.seed,
                             data_dir=args.data_dir, add_eos=args.add_eos, evaluation=evaluation)

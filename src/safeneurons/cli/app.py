@@ -23,6 +23,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "patch": ("safeneurons.cli.patch", "activation patching of refusal circuits"),
     "direction": ("safeneurons.cli.direction", "the refusal direction: candidates, selection, ablation, addition, "
                                                "orthogonalization"),
+    "neurons": ("safeneurons.cli.neurons", "safety neurons: each ranking's top MLP neurons patched between an aligned "
+                                           "model and its base during generation, against random neurons"),
     "trace": ("safeneurons.cli.trace", "model lineage by activation matching of MLP neurons"),
     "eval": ("safeneurons.cli.eval", "attack success rate, refusal rate and perplexity"),
     "prune": ("safeneurons.cli.prune", "zero the masked weights and save the model (remove safety-critical weights)"),

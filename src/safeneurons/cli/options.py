@@ -84,3 +84,13 @@ def add_neuron_arguments(group: argparse._ActionsContainer) -> None:
                             "one mask file of `safeneurons score`")
     group.add_argument("--neuron-rule", default="rows", choices=MASK_RULES, help=f"{MASK_RULE_HELP} "
                        f"(default %(default)s)")
+
+
+def comma_floats(text: str, option: str) -> tuple[float, ...]:
+    """`0.01,0.05`: the numbers of a comma list; a bad one is an error naming `option`."""
+    from safeneurons.errors import SafeneuronsError
+
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise SafeneuronsError(f"{option} {text!r}: expected numbers separated by commas") from None

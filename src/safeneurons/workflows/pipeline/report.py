@@ -113,6 +113,10 @@ def write_final_outputs(study: Study) -> dict:
 
     if study.settings.direction:
         summary["direction"] = direction_summary(results)
+    if study.settings.neuron_patching:
+        from safeneurons.workflows.pipeline.neurons import neuron_summary
+
+        summary["neuron_patching"] = neuron_summary(results)
     write_json(results / "analysis_summary.json", summary)
     write_report(summary, results / "report.md")
     return summary
@@ -220,6 +224,9 @@ def write_report(summary: dict, path: Path) -> Path:
     from safeneurons.workflows.pipeline.direction import direction_lines
 
     lines += direction_lines(summary.get("direction"))
+    from safeneurons.workflows.pipeline.neurons import neuron_lines
+
+    lines += neuron_lines(summary.get("neuron_patching"))
     lines += ["", "Files: `analysis_summary.json`, `original_safety_masks.pt`, `new_safety_masks.pt`, one folder per "
               "stage (`score/`, `finetune_*/`, `rescore/`, `compare/`, `eval_*/`).", ""]
     with atomic_file(path) as tmp:

@@ -92,11 +92,23 @@ class PipelineConfig:
     study: str = "quick"
     report_to: str = "none"  # tracking of every fine-tune and of the study's results (runtime/tracking.py)
     direction: bool = False  # add the base model's refusal direction (workflows/pipeline/direction.py)
+    neuron_patching: bool = False  # add the neuron study (workflows/pipeline/neurons.py)
+    neuron_base_model: str | None = None  # its unaligned base of --model (demo: demo-base)
+    neuron_fractions: str = "0.005,0.01,0.02,0.05,0.1,0.2"  # its k: fractions of each layer's MLP neurons
+    neuron_random_seeds: str = "0,1,2"  # its random control's seeds
     profile: str = "original"
 
     @property
     def seed_list(self) -> tuple[int, ...]:
         return tuple(int(seed) for seed in self.seeds.split(",") if seed.strip())
+
+    @property
+    def neuron_fraction_list(self) -> tuple[float, ...]:
+        return tuple(float(k) for k in self.neuron_fractions.split(",") if k.strip())
+
+    @property
+    def neuron_seed_list(self) -> tuple[int, ...]:
+        return tuple(int(seed) for seed in self.neuron_random_seeds.split(",") if seed.strip())
 
     @property
     def requested_attacks(self) -> tuple[str, ...]:
@@ -125,7 +137,7 @@ DEMO_PROFILE = dict(model=DEMO_NAME, prune_data="demo-align", score_batch_size=1
                     finetune_nsamples=64, harmful_data="demo-harmful", harmless_data="demo-harmless",
                     perplexity_data="demo-utility", perplexity_samples=32, max_new_tokens=32, eval_limit=50,
                     save_every=16, rescore_every=8, judge="keyword", judge_model=None, eval_every=1,
-                    curve_limit=24, curve_max_new_tokens=12, profile="demo")
+                    curve_limit=24, curve_max_new_tokens=12, neuron_base_model="demo-base", profile="demo")
 # `--study full` with the demo: more seeds, data, prompts and tokens, both judges
 DEMO_FULL_STUDY = dict(seeds="0,1,2,3,4", num_epochs=2, finetune_nsamples=100, eval_limit=100, perplexity_samples=64,
                        max_new_tokens=64, eval_every=2, curve_limit=50, curve_max_new_tokens=16,
@@ -161,6 +173,9 @@ SETTING_HELP = {
     "eval_every": "refusal curve: optimizer steps between measurements (0 = none)",
     "curve_limit": "refusal curve: held-out harmful prompts", "curve_max_new_tokens": "refusal curve: new tokens",
     "study": "quick or full (the demo: more seeds, data and prompts; the one to quote)",
+    "neuron_base_model": "--neuron-patching: the unaligned base of --model (same structure and tokenizer)",
+    "neuron_fractions": "--neuron-patching: k, fractions of each layer's MLP neurons patched (comma-separated)",
+    "neuron_random_seeds": "--neuron-patching: seeds of the random neurons, the control (comma-separated)",
     "report_to": "experiment tracking: tensorboard, wandb or none (RESULTS/runs: one run per fine-tune, one for the "
                  "study's results)",
 }
@@ -218,9 +233,28 @@ def validate(settings: PipelineConfig) -> None:
     EvalConfig(judges=tuple(name.strip() for name in settings.judge.split(",") if name.strip()),
                judge_models=(settings.judge_model,) if settings.judge_model else ()).judge_model_names()
     TrackingConfig(settings.report_to, settings.results_path).validate()
+    validate_neuron_settings(settings)
     unknown = [arm for arm in settings.extensions if arm not in EXTENSION_ARMS]
     if unknown:
         raise SafeneuronsError(f"--extension-arms {unknown[0]!r} is not one of {', '.join(EXTENSION_ARMS)} (or all)")
+
+
+def validate_neuron_settings(settings: PipelineConfig) -> None:
+    if not settings.neuron_patching:
+        return
+    if not settings.neuron_base_model:
+        raise SafeneuronsError(f"--neuron-patching needs --neuron-base-model: the unaligned base that --model "
+                               f"{settings.model} was aligned from")
+    for name, parse in (("neuron_fractions", lambda: settings.neuron_fraction_list),
+                        ("neuron_random_seeds", lambda: settings.neuron_seed_list)):
+        try:
+            parse()
+        except ValueError:
+            raise SafeneuronsError(f"--{name.replace('_', '-')} {getattr(settings, name)!r} is not a comma-separated "
+                                   f"list of numbers") from None
+    from safeneurons.workflows.pipeline.neurons import study_config
+
+    study_config(settings).validate()
 
 
 def arm_options(arm: str, settings: PipelineConfig) -> dict[str, Any]:
@@ -237,7 +271,8 @@ def resolve_config(given: dict[str, Any]) -> PipelineConfig:
     when there is no GPU or the Llama-2 weights are not available locally. Given settings always win ("none"
     switches an optional data set or config off)."""
     given = dict(given)
-    for name in ("harmless_data", "perplexity_data", "deepspeed", "judge_model", "harmful_training_data"):
+    for name in ("harmless_data", "perplexity_data", "deepspeed", "judge_model", "harmful_training_data",
+                 "neuron_base_model"):
         if isinstance(given.get(name), str) and given[name].lower() in NONE_WORDS:
             given[name] = None
     settings = PipelineConfig()
@@ -267,3 +302,7 @@ def check_inputs(settings: PipelineConfig) -> None:
                   settings.utility_data, directory=settings.data_dir)
     if settings.judge_model:
         load_config(settings.judge_model, settings.cache_dir)
+    if settings.neuron_patching:
+        from safeneurons.workflows.pipeline.neurons import check_neuron_inputs
+
+        check_neuron_inputs(settings)

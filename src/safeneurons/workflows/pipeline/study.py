@@ -115,6 +115,8 @@ class Study:
             return lambda folder: [folder / "analysis_summary.json"]
         if stage == "direction":
             return lambda folder: [folder / "direction_report.json"]
+        if stage == "neuron_patching":
+            return lambda folder: [folder / "neuron_patching.json"]
         return lambda folder: [has_masks(folder)]
 
     def compare(self, folder: Path) -> None:
@@ -204,6 +206,12 @@ class Study:
             from safeneurons.workflows.pipeline.direction import STAGE, direction_stage
 
             stages.append(Stage(STAGE, {**scoring, **evaluation}, direction_stage(self)))
+        if self.settings.neuron_patching:
+            from safeneurons.workflows.pipeline.neurons import STAGE, neuron_stage
+
+            neurons = {key: s[key] for key in ("neuron_base_model", "neuron_fractions", "neuron_random_seeds",
+                                               "utility_data", "setdiff_p", "score_batch_size")}
+            stages.append(Stage(STAGE, {**scoring, **evaluation, **neurons}, neuron_stage(self)))
         for stage in stages:
             stage.outputs = self.outputs_of(stage.name)
         return stages
