@@ -1,4 +1,5 @@
-"""`python -m safeneurons.demo build|build-judge --out DIR`: rebuild the shipped demo models bit for bit."""
+"""`python -m safeneurons.demo build|build-judge|build-smollm2-safe --out DIR`: rebuild the shipped demo models
+and smollm2-safe's adapter bit for bit."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,10 @@ from safeneurons.demo.judge import JudgeBuild, build_judge
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m safeneurons.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["build", "build-judge"],
-                        help="build: demo-base and demo-chat (DIR/base, DIR/chat); build-judge: the demo judge")
+    parser.add_argument("action", choices=["build", "build-judge", "build-smollm2-safe"],
+                        help="build: demo-base and demo-chat (DIR/base, DIR/chat); build-judge: the demo judge; "
+                             "build-smollm2-safe: smollm2-safe's LoRA adapter (needs --align)")
+    parser.add_argument("--align", default=None, help="build-smollm2-safe: the original work's align CSV")
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=None,
                         help=f"pretraining steps (default {DemoBuild.steps}; the judge's {JudgeBuild.steps})")
@@ -19,6 +22,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="demo-chat's safety-alignment steps (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.action == "build-smollm2-safe":
+        from safeneurons.demo.smollm2_safe import build_smollm2_safe
+
+        if not args.align:
+            parser.error("build-smollm2-safe needs --align FILE (the original work's align CSV)")
+        print(build_smollm2_safe(args.align, args.out))
+        return
     if args.action == "build-judge":
         print(build_judge(args.out, JudgeBuild(steps=args.steps or JudgeBuild.steps)))
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -17,11 +18,23 @@ if TYPE_CHECKING:
     from safeneurons.data.examples import Example
 
 log = logging.getLogger(__name__)
+LLAMA2_BARE = re.compile(r"\[INST\]\s*((?:(?!<<SYS>>).)*?)\s*\[/INST\]", re.DOTALL)
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether tokenising a text puts BOS first (Llama's tokenizers do; SmolLM2's, whose BOS is <|im_start|>,
+    does not)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
 def strip_bos(tokenizer: Any, text: str) -> str:
+    """The chat template's text without its leading BOS when tokenisation adds BOS itself (no doubled BOS), and
+    as it is otherwise (where BOS is a token the template needs, such as ChatML's <|im_start|>)."""
     bos = tokenizer.bos_token or ""
-    return text[len(bos):] if bos and text.startswith(bos) else text
+    return text[len(bos):] if bos and text.startswith(bos) and adds_bos(tokenizer) else text
 
 
 def format_prompt(tokenizer: Any, instruction: str | Sequence[dict], system: str | None = None) -> str:
@@ -43,12 +56,28 @@ def format_prompt(tokenizer: Any, instruction: str | Sequence[dict], system: str
     return LLAMA2_PROMPT.format(instruction=content)
 
 
+def llama2_instruction(prompt: str) -> str | None:
+    """The instruction of a bare Llama-2 prompt (`[INST] … [/INST]`, no system block), else None."""
+    match = LLAMA2_BARE.fullmatch(prompt.strip())
+    return match.group(1) if match else None
+
+
+def uses_llama2_format(tokenizer: Any) -> bool:
+    return format_prompt(tokenizer, "x").lstrip().startswith("[INST]")
+
+
 def prompt_text(tokenizer: Any, example: Example, system: str | None = None) -> str:
     """The text the model sees before the response: the data's own chat-format prompt as it is, else formatted
-    (with `system` as the system message)."""
+    (with `system` as the system message). A bare Llama-2 prompt (the original work's data) given to a model of
+    another chat format is re-formatted in the model's own template: its instruction is what the data means."""
     if example.messages:
         return format_prompt(tokenizer, example.messages, system)
-    return example.prompt if example.formatted else format_prompt(tokenizer, example.prompt, system)
+    if not example.formatted:
+        return format_prompt(tokenizer, example.prompt, system)
+    instruction = llama2_instruction(example.prompt)
+    if instruction is not None and not uses_llama2_format(tokenizer):
+        return format_prompt(tokenizer, instruction, system)
+    return example.prompt
 
 
 def _response_text(example: Example) -> str | None:

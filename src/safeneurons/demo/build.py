@@ -127,7 +127,7 @@ def train_on_samples(model: Any, sample: Callable[[int], Any], n_examples: int, 
     return losses
 
 
-def _cosine_with_warmup(steps: int) -> Callable[[int], float]:
+def cosine_with_warmup(steps: int) -> Callable[[int], float]:
     warmup = max(1, steps // 20)
     return lambda step: min((step + 1) / warmup, 0.5 * (1 + math.cos(math.pi * step / steps)))
 
@@ -138,7 +138,7 @@ def _train_on(examples: list[Example], build: DemoBuild, tokenizer: Any, model: 
     AdamW with warm-up and cosine decay."""
     samples = build_samples(examples, tokenizer, None, seed, build.max_length, add_eos=True)
     return train_on_samples(model, samples.__getitem__, len(samples), tokenizer.pad_token_id, steps,
-                            build.batch_size, learning_rate, _cosine_with_warmup(steps), seed, label, 100)
+                            build.batch_size, learning_rate, cosine_with_warmup(steps), seed, label, 100)
 
 
 def train(build: DemoBuild, tokenizer: Any, model: Any) -> list[float]:

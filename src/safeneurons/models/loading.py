@@ -76,6 +76,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def resolve_model_name(name: str, cache_dir: str | None = None) -> str:
     """A local folder or the demo model's folder as a path string (a GGUF file's de-quantized folder, made on first
     use under `cache_dir` or the HF cache); otherwise the HF id (aliases expanded)."""
+    from safeneurons.models.adapters import ADAPTER_ALIASES, merged_folder
     from safeneurons.models.gguf import dequantized_folder, gguf_file_of
 
     if name in (DEMO_NAME, DEMO_CHAT_NAME):
@@ -84,6 +85,8 @@ def resolve_model_name(name: str, cache_dir: str | None = None) -> str:
         return str(demo_model_dir("base"))
     if name == DEMO_JUDGE_NAME:
         return str(demo_judge_dir())
+    if name in ADAPTER_ALIASES:
+        return str(merged_folder(name, cache_dir))
     gguf = gguf_file_of(name)
     if gguf is not None:
         return str(dequantized_folder(gguf, cache_dir))
@@ -94,15 +97,16 @@ def resolve_model_name(name: str, cache_dir: str | None = None) -> str:
 
 def check_model_name(name: str, what: str = "model") -> None:
     """Refuse a name that is no folder, no built-in name or alias, and cannot be an HF id (`org/name`)."""
+    from safeneurons.models.adapters import ADAPTER_ALIASES
     from safeneurons.models.gguf import GGUF_ALIASES, gguf_file_of
 
-    if gguf_file_of(name) is not None:
+    if name in ADAPTER_ALIASES or gguf_file_of(name) is not None:
         return
     resolved = resolve_model_name(name)
     if not Path(resolved).is_dir() and looks_like_path(name):
         raise SafeneuronsError(f"{what} folder {name} does not exist (no such folder)")
     if not Path(resolved).is_dir() and resolved.count("/") != 1:
-        known = ", ".join([DEMO_NAME, DEMO_BASE_NAME, DEMO_JUDGE_NAME, *ALIASES, *GGUF_ALIASES])
+        known = ", ".join([DEMO_NAME, DEMO_BASE_NAME, DEMO_JUDGE_NAME, *ALIASES, *GGUF_ALIASES, *ADAPTER_ALIASES])
         raise SafeneuronsError(f"{what} {name!r} is not a local folder, a built-in name or alias ({known}) nor an "
                                f"HF id (org/name)")
 
@@ -204,10 +208,12 @@ class ModelSource:
 
     def provenance(self) -> dict | None:
         """Where the weights came from when they were de-quantized from a GGUF file (file, SHA-256, quantization
-        types); None for a plain checkpoint."""
+        types) or merged from a shipped adapter (which, over which base); None for a plain checkpoint."""
+        from safeneurons.models.adapters import adapter_source
         from safeneurons.models.gguf import gguf_source
 
-        return gguf_source(resolve_model_name(self.name, self.cache_dir))
+        folder = resolve_model_name(self.name, self.cache_dir)
+        return adapter_source(folder) or gguf_source(folder)
 
 
 @dataclass

