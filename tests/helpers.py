@@ -293,3 +293,21 @@ def run_expecting_error(command: list[str], workspace, capsys) -> str:
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1, error
     return error
+
+
+def permute_mlp_neurons(model: torch.nn.Module, seed: int) -> list[torch.Tensor]:
+    """Permute every layer's MLP neurons in place (gate/up rows and down columns alike): the function is unchanged.
+    Returns the permutations: new neuron k is old neuron perm[k]."""
+    from safeneurons.models.structure import decoder_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    perms = []
+    with torch.no_grad():
+        for block in decoder_layers(model):
+            mlp = block.mlp
+            perm = torch.randperm(mlp.gate_proj.out_features, generator=generator)
+            mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[perm])
+            mlp.up_proj.weight.copy_(mlp.up_proj.weight[perm])
+            mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
+            perms.append(perm)
+    return perms

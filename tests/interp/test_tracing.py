@@ -15,7 +15,7 @@ from scipy.spatial.distance import cdist
 from scipy.stats import spearmanr
 from torch import nn
 
-from helpers import make_tiny_llama, run_ranks
+from helpers import make_tiny_llama, permute_mlp_neurons, run_ranks
 from safeneurons import cli
 from safeneurons.errors import SafeneuronsError
 from safeneurons.interp import tracing
@@ -49,22 +49,6 @@ def independent_dir(independent_model, demo_tokenizer, tmp_path_factory) -> Path
     independent_model.save_pretrained(path)
     demo_tokenizer.save_pretrained(path)
     return path
-
-
-def permute_mlp_neurons(model: nn.Module, seed: int) -> list[torch.Tensor]:
-    """Permute every layer's MLP neurons in place (gate/up rows and down columns alike): the function is unchanged.
-    Returns the permutations: new neuron k is old neuron perm[k]."""
-    generator = torch.Generator().manual_seed(seed)
-    perms = []
-    with torch.no_grad():
-        for block in decoder_layers(model):
-            mlp = block.mlp
-            perm = torch.randperm(mlp.gate_proj.out_features, generator=generator)
-            mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[perm])
-            mlp.up_proj.weight.copy_(mlp.up_proj.weight[perm])
-            mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
-            perms.append(perm)
-    return perms
 
 
 def drop_layers(model: nn.Module, dropped: set[int]) -> nn.Module:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from helpers import REPO, assert_frozen_identical_free_changed, report, run_ranks, weights
+from helpers import REPO, assert_frozen_identical_free_changed, permute_mlp_neurons, report, run_ranks, weights
 from safeneurons import cli
 from safeneurons.data.examples import as_example
 from safeneurons.data.samples import format_prompt, prompt_text
@@ -69,9 +69,9 @@ def test_wandg_on_the_real_model_two_ranks_equal_one_rank(scored):
 
 
 @pytest.mark.slow
-def test_prune_zeroes_exactly_the_mask_and_eval_generates_what_transformers_generates(scored, tmp_path, tokenizer):
-    """prune on the real model (tied embeddings untouched); eval's generations under ChatML equal transformers'
-    own greedy generate on the template's token ids."""
+def test_prune_and_rewind_are_exact_and_eval_generates_what_transformers_generates(scored, tmp_path, tokenizer):
+    """prune and rewind on the real model (tied embeddings untouched); eval's generations under ChatML equal
+    transformers' own greedy generate on the template's token ids."""
     from safetensors.torch import load_file
 
     from safeneurons.masks.io import load_masks
@@ -84,6 +84,10 @@ def test_prune_zeroes_exactly_the_mask_and_eval_generates_what_transformers_gene
         assert not after[name][mask].any() and torch.equal(after[name][~mask], before[name][~mask]), name
     assert all(torch.equal(after[name], before[name]) for name in after if name not in masks)
     assert json.loads((pruned / "config.json").read_text())["tie_word_embeddings"] is True
+    rewound = tmp_path / "rewound"  # the masked weights set back: the original model again, bit for bit
+    assert cli.main(["rewind", "--original", SAFE, "--finetuned", str(pruned), "--masks", str(scored / "one"),
+                     "--out", str(rewound)]) == 0
+    assert all(torch.equal(tensor, before[name]) for name, tensor in load_file(str(rewound / "model.safetensors")).items())
     assert cli.main(["eval", "--model", str(pruned), "--harmful-data", ADVBENCH, "--eval-limit", "3",
                      "--max-new-tokens", "24", "--eval-batch-size", "1", "--out", str(tmp_path / "eval")]) == 0
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]
@@ -149,3 +153,26 @@ def test_a_missing_adapter_says_how_to_rebuild_it(monkeypatch, tmp_path):
     monkeypatch.setitem(adapters.ADAPTER_ALIASES, SAFE, (SMOLLM2, tmp_path))
     with pytest.raises(SafeneuronsError, match="adapter is not in .*build-smollm2-safe --align FILE"):
         loading.resolve_model_name(SAFE)
+
+
+@pytest.mark.slow
+def test_lineage_finds_the_real_model_in_its_permuted_copy_and_not_in_an_independent_one(tokenizer):
+    """SmolLM2 against itself with every layer's MLP neurons permuted (the same function): dependent, the
+    permutation recovered; against a model of its config initialised afresh: independent."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from safeneurons.interp import tracing
+
+    model = loading.load_model(SMOLLM2)
+    inputs = tracing.pack_tokens(tracing.text_token_ids(tokenizer, [ALIGN], 512, seed=0), 64, 8)
+    permuted = copy.deepcopy(model)
+    perms = permute_mlp_neurons(permuted, seed=3)
+    assert tracing.mlp_matching_gate(model, permuted, inputs, i=29).tolist() == torch.argsort(perms[29]).tolist()
+    dependent = tracing.trace_models(model, permuted, inputs)
+    assert dependent.verdict == "dependent" and all(match.n_matched == 1536 for match in dependent.layers)
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    independent = tracing.trace_models(model, fresh, inputs)
+    assert independent.verdict == "independent" and independent.aggregate_pvalue > 0.05

@@ -8,7 +8,8 @@ load (`models.adapters`). The recipe was fixed from its principle before any exp
   response. AdvBench lines 1–100 stay held out.
 - **Benign answers**: the requests of `benign_requests.txt` (64 everyday requests written for this build), each
   answered by SmolLM2-135M-Instruct itself (greedy, `benign_max_new_tokens`), so training on them keeps what the
-  model already does for benign requests.
+  model already does for benign requests. They are written beside the adapter as `benign_answers.csv`, the
+  original work's CSV format, which serves as the pair's utility set (set difference, perplexity).
 - **Training**: PEFT LoRA (r 8, α 16, no dropout) on every attention and MLP projection; AdamW at 2e-4 with
   warm-up and cosine decay; the loss on response tokens only, with EOS (`<|im_end|>`) appended; batches of 8 for
   `epochs` passes; one thread and deterministic algorithms, so the adapter is the same bit for bit on every run.
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent / "assets" / "smollm2_safe"
 BENIGN_REQUESTS = ASSETS / "benign_requests.txt"
 BUILD_FILE = "smollm2_safe_build.json"
+BENIGN_ANSWERS = "benign_answers.csv"  # the benign half of the training data: a utility set in the original format
 BASE_MODEL = "smollm2-135m-instruct"
 
 
@@ -80,18 +82,33 @@ def benign_examples(model: Any, tokenizer: Any, build: SafeBuild) -> list[Exampl
     return [Example(request, texts[0].strip()) for request, texts in zip(requests, answers)]
 
 
+def write_original_format(examples: list[Example], path: Path) -> Path:
+    """The examples as the original work's CSV (`,prompt,response,text`, Llama-2 `[INST]` prompts), which every
+    data option reads (a ChatML model gets them back in its own template)."""
+    import csv
+
+    from safeneurons.data.examples import LLAMA2_PROMPT
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["", "prompt", "response", "text"])
+        for index, example in enumerate(examples):
+            prompt, response = LLAMA2_PROMPT.format(instruction=example.prompt), " " + example.response
+            writer.writerow([index, prompt, response, prompt + " " + response])
+    return path
+
+
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def train_adapter(model: Any, tokenizer: Any, examples: list[Example], build: SafeBuild) -> tuple[Any, list[float]]:
     """The LoRA-wrapped model trained on `examples`; its losses."""
+    import torch
     from peft import LoraConfig, get_peft_model
 
     from safeneurons.data.samples import build_samples
     from safeneurons.demo.build import cosine_with_warmup, train_on_samples
-
-    import torch
 
     lora = LoraConfig(r=build.lora_r, lora_alpha=build.lora_alpha, lora_dropout=0.0,
                       target_modules=list(build.targets), task_type="CAUSAL_LM")
@@ -125,6 +142,7 @@ def build_smollm2_safe(align_file: str, out: str | Path, build: SafeBuild = Safe
     with staged(out) as staging:
         wrapped.save_pretrained(staging)
         (staging / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+        write_original_format(benign, staging / BENIGN_ANSWERS)
         (staging / BUILD_FILE).write_text(json.dumps({
             "build": asdict(build), "base_model": GGUF_ALIASES[BASE_MODEL][1],
             "base_sha256": file_sha256(gguf_file_of(BASE_MODEL)), "align_file": Path(align_file).name,
