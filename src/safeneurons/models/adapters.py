@@ -26,18 +26,23 @@ def adapter_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def merged_folder(name: str, cache_dir: str | None = None) -> Path:
-    """The cached folder of `name`'s base with its adapter merged, made on first use (staged, then one rename)."""
-    from filelock import FileLock
-
-    from safeneurons.models.gguf import cache_root
-    from safeneurons.models.loading import resolve_model_name
-
-    base_name, adapter = ADAPTER_ALIASES[name]
+def check_adapter(name: str) -> Path:
+    """The adapter folder of alias `name`; one clear error when it is missing."""
+    adapter = ADAPTER_ALIASES[name][1]
     if not (adapter / ADAPTER_FILE).is_file():
         raise SafeneuronsError(f"{name}'s adapter is not in {adapter}: rebuild it with python -m safeneurons.demo "
                                f"build-smollm2-safe --align FILE --out {adapter}")
-    base = Path(resolve_model_name(base_name, cache_dir))
+    return adapter
+
+
+def merged_folder(name: str, base: Path, cache_dir: str | None = None) -> Path:
+    """The cached folder of `name`'s base (the resolved folder `base`) with its adapter merged, made on first use
+    (staged, then one rename)."""
+    from filelock import FileLock
+
+    from safeneurons.models.gguf import cache_root
+
+    base_name, adapter = ADAPTER_ALIASES[name][0], check_adapter(name)
     key = hashlib.sha256((adapter_digest(adapter) + str(base.name)).encode()).hexdigest()[:16]
     folder = cache_root(cache_dir) / f"{name}-{key}"
     if (folder / SOURCE_FILE).is_file():

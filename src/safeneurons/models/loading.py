@@ -76,7 +76,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 def resolve_model_name(name: str, cache_dir: str | None = None) -> str:
     """A local folder or the demo model's folder as a path string (a GGUF file's de-quantized folder, made on first
     use under `cache_dir` or the HF cache); otherwise the HF id (aliases expanded)."""
-    from safeneurons.models.adapters import ADAPTER_ALIASES, merged_folder
+    from safeneurons.models.adapters import ADAPTER_ALIASES, check_adapter, merged_folder
     from safeneurons.models.gguf import dequantized_folder, gguf_file_of
 
     if name in (DEMO_NAME, DEMO_CHAT_NAME):
@@ -86,7 +86,9 @@ def resolve_model_name(name: str, cache_dir: str | None = None) -> str:
     if name == DEMO_JUDGE_NAME:
         return str(demo_judge_dir())
     if name in ADAPTER_ALIASES:
-        return str(merged_folder(name, cache_dir))
+        check_adapter(name)  # before the base model is de-quantized
+        base = Path(resolve_model_name(ADAPTER_ALIASES[name][0], cache_dir))
+        return str(merged_folder(name, base, cache_dir))
     gguf = gguf_file_of(name)
     if gguf is not None:
         return str(dequantized_folder(gguf, cache_dir))
