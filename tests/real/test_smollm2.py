@@ -176,3 +176,18 @@ def test_lineage_finds_the_real_model_in_its_permuted_copy_and_not_in_an_indepen
     fresh = AutoModelForCausalLM.from_config(model.config)
     independent = tracing.trace_models(model, fresh, inputs)
     assert independent.verdict == "independent" and independent.aggregate_pvalue > 0.05
+
+
+@pytest.mark.slow
+def test_lowrank_removes_exactly_rank_r_from_every_linear_of_the_real_model(tmp_path):
+    """ActSVD's plain variant with r = 2: every one of the 210 Linears changes by a matrix of rank 2, the
+    embeddings (tied to the unembedding) and norms not at all."""
+    from safetensors.torch import load_file
+
+    assert cli.main(["lowrank", "--model", SAFE, "--data", ALIGN, "--rank-safety", "2", "--nsamples", "4",
+                     "--max-length", "64", "--out", str(tmp_path / "lowrank")]) == 0
+    before, after = loading.load_model(SAFE).state_dict(), load_file(str(tmp_path / "lowrank" / "model.safetensors"))
+    changed = {name: int(torch.linalg.matrix_rank(tensor.double() - before[name].double(), rtol=1e-6))
+               for name, tensor in after.items() if not torch.equal(tensor, before[name])}
+    assert len(changed) == 30 * 7 and set(changed.values()) == {2}
+    assert all(".mlp." in name or ".self_attn." in name for name in changed)
