@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,14 +137,15 @@ def test_patching_the_final_residual_under_chatml_moves_the_metric_all_the_way(t
 def test_the_adapter_build_is_the_same_bit_for_bit_on_every_run(tmp_path):
     """The build script on a cut-down recipe (4 refusals, 2 benign answers, 1 step), twice: the same bytes. The
     shipped adapter is the full recipe's output (its record says which files it read)."""
-    from safeneurons.demo.smollm2_safe import ASSETS, BUILD_FILE, SafeBuild, build_smollm2_safe, file_sha256
+    from safeneurons.demo.smollm2_safe import ASSETS, BUILD_FILE, SafeBuild, build_smollm2_safe
+    from safeneurons.models.gguf import file_digest
 
     small = SafeBuild(n_harmful=4, benign_limit=2, benign_max_new_tokens=8, epochs=1, max_length=64)
     first, second = (build_smollm2_safe(ALIGN, tmp_path / name, small) for name in ("a", "b"))
-    assert file_sha256(first / "adapter_model.safetensors") == file_sha256(second / "adapter_model.safetensors")
+    assert file_digest(first / "adapter_model.safetensors") == file_digest(second / "adapter_model.safetensors")
     assert json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"] == SMOLLM2
     shipped = json.loads((ASSETS / BUILD_FILE).read_text())
-    assert shipped["align_sha256"] == file_sha256(ALIGN) and shipped["build"]["n_harmful"] == 128
+    assert shipped["align_sha256"] == file_digest(Path(ALIGN)) and shipped["build"]["n_harmful"] == 128
 
 
 def test_a_missing_adapter_says_how_to_rebuild_it(monkeypatch, tmp_path):

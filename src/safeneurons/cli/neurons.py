@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from safeneurons.cli.options import comma_floats
+from safeneurons.interp.neurons.rankings import WEIGHT_METHODS
 from safeneurons.interp.neurons.run import run_neuron_study
 from safeneurons.interp.neurons.study import DEFAULT_FRACTIONS, RANKINGS, NeuronStudyConfig
 from safeneurons.models.loading import ModelSource
@@ -35,9 +36,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="k: fractions of each layer's MLP neurons patched (default %(default)s)")
     parser.add_argument("--rankings", default=",".join(RANKINGS),
                         help=f"rankings compared, some of {','.join(RANKINGS)} (default %(default)s)")
-    parser.add_argument("--random-seeds", default="0,1,2",
+    parser.add_argument("--random-seeds", default=",".join(map(str, defaults.random_seeds)),
                         help="seeds of the random neurons, the control (default %(default)s)")
-    parser.add_argument("--setdiff-method", default=defaults.setdiff_method, choices=("wandg", "wanda"),
+    parser.add_argument("--setdiff-method", default=defaults.setdiff_method, choices=WEIGHT_METHODS,
                         help="the set difference's score (default %(default)s)")
     parser.add_argument("--setdiff-p", type=float, default=defaults.setdiff_p,
                         help="the set difference: each layer's top-p utility neurons go last (default %(default)s)")

@@ -18,7 +18,6 @@ load (`models.adapters`). The recipe was fixed from its principle before any exp
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -98,10 +97,6 @@ def write_original_format(examples: list[Example], path: Path) -> Path:
     return path
 
 
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def train_adapter(model: Any, tokenizer: Any, examples: list[Example], build: SafeBuild) -> tuple[Any, list[float]]:
     """The LoRA-wrapped model trained on `examples`; its losses."""
     import torch
@@ -126,7 +121,7 @@ def build_smollm2_safe(align_file: str, out: str | Path, build: SafeBuild = Safe
     """Train the adapter on `align_file` and SmolLM2's own benign answers; write PEFT's adapter files and the
     build's record into `out` (staged, one rename)."""
     from safeneurons.demo.build import repeatable
-    from safeneurons.models.gguf import GGUF_ALIASES, gguf_file_of
+    from safeneurons.models.gguf import GGUF_ALIASES, file_digest, gguf_file_of
     from safeneurons.models.loading import load_model_and_tokenizer
     from safeneurons.runtime.outputs import staged
 
@@ -145,8 +140,8 @@ def build_smollm2_safe(align_file: str, out: str | Path, build: SafeBuild = Safe
         write_original_format(benign, staging / BENIGN_ANSWERS)
         (staging / BUILD_FILE).write_text(json.dumps({
             "build": asdict(build), "base_model": GGUF_ALIASES[BASE_MODEL][1],
-            "base_sha256": file_sha256(gguf_file_of(BASE_MODEL)), "align_file": Path(align_file).name,
-            "align_sha256": file_sha256(align_file), "n_harmful": len(harmful), "n_benign": len(benign),
+            "base_sha256": file_digest(gguf_file_of(BASE_MODEL)), "align_file": Path(align_file).name,
+            "align_sha256": file_digest(Path(align_file)), "n_harmful": len(harmful), "n_benign": len(benign),
             "steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
             "seconds": round(time.time() - started, 1)}, indent=2) + "\n")
     return Path(out)

@@ -3,6 +3,7 @@ by PEFT into a cached HF folder (float32 safetensors, keyed by the adapter's and
 stage then loads like any folder. `adapter_source.json` in that folder records what was merged."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,9 +21,17 @@ SOURCE_FILE = "adapter_source.json"
 
 
 def adapter_digest(folder: Path) -> str:
+    """SHA-256 of the adapter's weights and config, once per process and version of the files (every stage
+    resolves the alias several times)."""
+    files = [folder / name for name in (ADAPTER_FILE, "adapter_config.json")]
+    return _digest(tuple(str(path) for path in files), tuple(path.stat().st_mtime_ns for path in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(paths: tuple[str, ...], mtimes_ns: tuple[int, ...]) -> str:
     digest = hashlib.sha256()
-    for name in (ADAPTER_FILE, "adapter_config.json"):
-        digest.update((folder / name).read_bytes())
+    for path in paths:
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 
@@ -43,7 +52,8 @@ def merged_folder(name: str, base: Path, cache_dir: str | None = None) -> Path:
     from safeneurons.models.gguf import cache_root
 
     base_name, adapter = ADAPTER_ALIASES[name][0], check_adapter(name)
-    key = hashlib.sha256((adapter_digest(adapter) + str(base.name)).encode()).hexdigest()[:16]
+    digest = adapter_digest(adapter)
+    key = hashlib.sha256((digest + str(base.name)).encode()).hexdigest()[:16]
     folder = cache_root(cache_dir) / f"{name}-{key}"
     if (folder / SOURCE_FILE).is_file():
         return folder
@@ -52,7 +62,7 @@ def merged_folder(name: str, base: Path, cache_dir: str | None = None) -> Path:
         if not (folder / SOURCE_FILE).is_file():
             log.info("merging %s's adapter into %s, once, into %s", name, base_name, folder)
             _write_merged(base, adapter, folder, {"model": name, "base_model": base_name, "base_folder": str(base),
-                                                  "adapter": str(adapter), "adapter_sha256": adapter_digest(adapter)})
+                                                  "adapter": str(adapter), "adapter_sha256": digest})
     return folder
 
 

@@ -16,11 +16,12 @@ STAGE = "neuron_patching"
 
 
 def study_config(s: PipelineConfig) -> NeuronStudyConfig:
+    from safeneurons.interp.neurons.rankings import WEIGHT_METHODS
     from safeneurons.interp.neurons.study import NeuronStudyConfig
 
     return NeuronStudyConfig(prompts=s.harmful_data, limit=s.eval_limit, safety_data=s.prune_data,
                              utility_data=s.utility_data, nsamples=s.nsamples, setdiff_method=s.prune_method
-                             if s.prune_method in ("wandg", "wanda") else "wandg",
+                             if s.prune_method in WEIGHT_METHODS else "wandg",
                              setdiff_p=s.setdiff_p or s.sparsity_ratio, fractions=s.neuron_fraction_list,
                              random_seeds=s.neuron_seed_list, max_new_tokens=s.max_new_tokens,
                              batch_size=s.eval_batch_size, score_batch_size=s.score_batch_size,
