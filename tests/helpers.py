@@ -311,3 +311,32 @@ def permute_mlp_neurons(model: torch.nn.Module, seed: int) -> list[torch.Tensor]
             mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, perm])
             perms.append(perm)
     return perms
+
+
+PEAK_OF = """
+import ctypes
+from pathlib import Path
+
+def status(field):  # bytes of a kB field in /proc/self/status
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) * 1024
+
+def peak_of(run):
+    # the peak resident memory of run() above what the process holds just before it: the heap the warm-up freed
+    # handed back to the system first, then the peak (VmHWM) restarted from the current size through clear_refs
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = status("VmRSS:")
+    Path("/proc/self/clear_refs").write_text("5")
+    run()
+    return status("VmHWM:") - before
+"""
+# glibc's mmap threshold fixed: large freed blocks leave RSS at once instead of staying in its heap
+PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measure_peak(script: str, *args: object, timeout: float = 300) -> list[int]:
+    """`script` after PEAK_OF in a fresh Python with `args`: the integers it prints after PEAK."""
+    result = subprocess.run([sys.executable, "-c", PEAK_OF + script, *map(str, args)], capture_output=True,
+                            text=True, timeout=timeout, env={**os.environ, **PEAK_ENV})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [int(value) for value in result.stdout.split("PEAK ", 1)[1].split()]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, assert_frozen_identical_free_changed, permute_mlp_neurons, report, run_ranks, weights
+from helpers import (REPO, assert_frozen_identical_free_changed, measure_peak, permute_mlp_neurons, report, run_ranks,
+                     weights)
 from safeneurons import cli
 from safeneurons.data.examples import as_example
 from safeneurons.data.samples import format_prompt, prompt_text
@@ -18,6 +19,7 @@ from safeneurons.models import loading
 SMOLLM2, SAFE = "smollm2-135m-instruct", "smollm2-safe"
 DATA = REPO.parent / "shared" / "data"
 ALIGN, ADVBENCH = str(DATA / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"), str(DATA / "advbench.txt")
+UTILITY = str(REPO / "src" / "safeneurons" / "demo" / "assets" / "smollm2_safe" / "benign_answers.csv")
 SCORE = ["score", "--model", SAFE, "--score-method", "wandg", "--data", ALIGN, "--nsamples", "4", "--max-length",
          "64", "--sparsity-ratio", "0.01"]
 pytestmark = [pytest.mark.real, pytest.mark.skipif(
@@ -193,3 +195,144 @@ def test_lowrank_removes_exactly_rank_r_from_every_linear_of_the_real_model(tmp_
                for name, tensor in after.items() if not torch.equal(tensor, before[name])}
     assert len(changed) == 30 * 7 and set(changed.values()) == {2}
     assert all(".mlp." in name or ".self_attn." in name for name in changed)
+
+
+def _top(scores: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top int(fraction × numel) entries of a matrix by a threshold on its sorted values, and where the
+    threshold value itself lies (a tie there leaves the set undecided)."""
+    flat = scores.reshape(-1)
+    threshold = flat.sort(descending=True).values[int(fraction * flat.numel()) - 1]
+    return (flat > threshold).view(scores.shape), (flat == threshold).view(scores.shape)
+
+
+@pytest.mark.slow
+def test_set_difference_on_the_real_model_is_the_safety_top_minus_the_utility_top(tmp_path):
+    """wandg on align_short (safety) and on the pair's utility set, each scored alone with its raw scores saved,
+    and the set difference of the two (the original's per-matrix scope): in every matrix its mask is the top-q
+    safety weights minus the top-p utility weights, recomputed here from the saved scores."""
+    from safetensors.torch import load_file
+
+    from safeneurons.masks.io import load_masks
+
+    common = ["--model", SAFE, "--score-method", "wandg", "--nsamples", "4", "--max-length", "64"]
+    for name, data in (("safety", ALIGN), ("utility", UTILITY)):
+        assert cli.main(["score", *common, "--data", data, "--save-scores", "--out", str(tmp_path / name)]) == 0
+    assert cli.main(["score", *common, "--data", ALIGN, "--utility-data", UTILITY, "--p", "0.02", "--q", "0.03",
+                     "--out", str(tmp_path / "setdiff")]) == 0
+    safety, utility = (load_file(str(tmp_path / name / "scores.safetensors")) for name in ("safety", "utility"))
+    masks = load_masks(tmp_path / "setdiff")
+    assert masks.keys() == safety.keys() and len(masks) == 30 * 7
+    removed = 0
+    for name, mask in masks.items():
+        (safe_top, safe_tie), (useful_top, useful_tie) = _top(safety[name], 0.03), _top(utility[name], 0.02)
+        decided = ~(safe_tie | useful_tie)
+        assert torch.equal(mask[decided], (safe_top & ~useful_top)[decided]), name
+        removed += int((safe_top & useful_top).sum())
+    assert 0 < removed < sum(int(mask.numel() * 0.03) for mask in masks.values())  # the difference removes some
+
+
+def test_the_harmful_attack_refuses_bad_input_before_loading_a_model(tmp_path):
+    from safeneurons.demo.smollm2_attack import AttackBuild, build_smollm2_attack
+    from safeneurons.errors import SafeneuronsError
+
+    with pytest.raises(SafeneuronsError, match="--advbench .*missing.txt: no such file"):
+        build_smollm2_attack(str(tmp_path / "missing.txt"), tmp_path / "attack.csv")
+    with pytest.raises(SafeneuronsError, match="--first-line 600: expected 1–520"):
+        build_smollm2_attack(ADVBENCH, tmp_path / "attack.csv", AttackBuild(first_line=600))
+    assert not (tmp_path / "attack.csv").exists()
+
+
+@pytest.mark.slow
+def test_the_harmful_attack_holds_compliant_answers_to_requests_after_the_held_out_ones(tmp_path):
+    """The real pair's harmful attack on a small count: SmolLM2-Instruct's own answers to AdvBench requests from
+    line 101 on, in file order, every one a successful attack by the keyword criterion, in the original format."""
+    from safeneurons.data.readers import load_examples
+    from safeneurons.data.samples import llama2_instruction
+    from safeneurons.demo.smollm2_attack import AttackBuild, build_smollm2_attack
+    from safeneurons.evaluation.metrics import is_attack_success
+
+    out = build_smollm2_attack(ADVBENCH, tmp_path / "attack.csv", AttackBuild(count=2, max_new_tokens=48,
+                                                                                 read_batch=4))
+    record = json.loads((tmp_path / "attack.csv.json").read_text())
+    examples = load_examples(str(out))
+    requests = [line.strip() for line in Path(ADVBENCH).read_text().splitlines()][100:100 + record["requests_read"]]
+    instructions = [llama2_instruction(example.prompt) for example in examples]
+    assert len(examples) == record["kept"] == 2 and all(is_attack_success(ex.response) for ex in examples)
+    assert all(text in requests for text in instructions)
+    assert [requests.index(text) for text in instructions] == sorted(requests.index(text) for text in instructions)
+
+
+MEASURE_SCORE_PASS = """
+import sys, torch
+from safeneurons.data import IGNORE_INDEX, Sample
+from safeneurons.models.loading import load_model_and_tokenizer
+from safeneurons.scoring import ScoreConfig, collect_statistics, targets_of
+
+tokens, accumulate = int(sys.argv[1]), sys.argv[2]
+model, tokenizer = load_model_and_tokenizer("smollm2-safe", dtype="bfloat16")
+ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+labels = ids.clone()
+labels[:8] = IGNORE_INDEX
+score = ScoreConfig(method="wandg", data="unused", sparsity_ratio=0.1, nsamples=1, score_memory=2 ** 40,
+                    accumulate_dtype=accumulate)
+targets = targets_of(model)
+collect_statistics(model, targets, [Sample(ids[:16], labels[:16])], score)  # warm-up on a short sample
+print("PEAK", peak_of(lambda: collect_statistics(model, targets, [Sample(ids, labels)], score)))
+"""
+
+
+@pytest.mark.slow
+def test_plans_score_figure_is_the_measured_peak_on_the_real_model():
+    """wandg's pass over one 128-token sample of smollm2-safe in bf16 (float32 sums), in a fresh process: the peak
+    resident memory above what it held before is plan's sums plus pass activations for this model's shape (tied
+    embeddings, GQA 9/3, 49,152-entry vocabulary) within 15%. Before the loss backward's logit gradients were
+    counted, plan was 10% low here."""
+    from safeneurons.workflows.plan import Cluster, Workload, model_shape, score_stage
+
+    measured, = measure_peak(MEASURE_SCORE_PASS, 128, "float32", timeout=600)
+    stage, _ = score_stage(model_shape(SAFE), Cluster(1, 1), Workload(max_length=128, score_memory=2 ** 40,
+                                                                      accumulate_dtype="float32"))
+    assert measured == pytest.approx(stage.scores + stage.activations, rel=0.15)
+
+
+MEASURE_EVAL = """
+import sys, torch
+from safeneurons.data import Sample
+from safeneurons.evaluation.generation import Decoding, generate
+from safeneurons.evaluation.perplexity import negative_log_likelihood
+from safeneurons.models.loading import load_model_and_tokenizer
+
+batch, length, new_tokens = (int(value) for value in sys.argv[1:4])
+model, tokenizer = load_model_and_tokenizer("smollm2-safe", dtype="bfloat16")
+prompt = " ".join(["the"] * length)  # one token per word, and a continuation that does not stop early
+assert len(tokenizer(prompt)["input_ids"]) == length
+generate(model, tokenizer, [prompt[:40]] * 2, Decoding(max_new_tokens=2), batch_size=2)  # warm-up
+generation = peak_of(lambda: generate(model, tokenizer, [prompt] * batch, Decoding(max_new_tokens=new_tokens),
+                                      batch_size=batch))
+ids = torch.randint(0, model.config.vocab_size, (length,), generator=torch.Generator().manual_seed(0))
+samples = [Sample(ids, ids.clone())] * batch
+negative_log_likelihood(model, samples[:2], tokenizer.pad_token_id, batch_size=2)  # warm-up
+scoring = peak_of(lambda: negative_log_likelihood(model, samples, tokenizer.pad_token_id, batch_size=batch))
+print("PEAK", generation, scoring)
+"""
+
+
+@pytest.mark.slow
+def test_plans_eval_figures_are_the_measured_peaks_on_the_real_model():
+    """eval's two moments on smollm2-safe in bf16, each in the same fresh process after a warm-up: a generation
+    batch (4 prompts of 128 tokens, 16 new tokens) peaks at plan's larger of prefill and last token, and a
+    perplexity batch of the same size at plan's logits figure, each within 15%."""
+    from safeneurons.workflows.plan import (PERPLEXITY_LOGIT_BYTES, Cluster, Workload, eval_stage, kv_cache_bytes,
+                                            model_shape, sequence_forward_bytes)
+
+    batch, length, new_tokens = 4, 128, 16
+    generation, scoring = measure_peak(MEASURE_EVAL, batch, length, new_tokens, timeout=600)
+    shape = model_shape(SAFE)
+    prefill = kv_cache_bytes(shape, batch, length) + batch * sequence_forward_bytes(shape, length)
+    cache = kv_cache_bytes(shape, batch, length + new_tokens - 1)
+    perplexity = batch * length * PERPLEXITY_LOGIT_BYTES * shape.vocab
+    stage = eval_stage(shape, Cluster(1, 1), Workload(eval_batch_size=batch, max_length=length,
+                                                      max_new_tokens=new_tokens))
+    assert stage.activations == max(prefill, cache + cache // (2 * shape.layers), perplexity)
+    assert generation == pytest.approx(max(prefill, cache + cache // (2 * shape.layers)), rel=0.15)
+    assert scoring == pytest.approx(perplexity, rel=0.15)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import REPO, make_tiny_llama, run_ranks
+from helpers import PEAK_ENV, PEAK_OF, REPO, make_tiny_llama, measure_peak, run_ranks
 from safeneurons import cli
 from safeneurons.models.structure import scored_linears
 from safeneurons.workflows.plan import (GIB, PRESETS, Cluster, ModelShape, Workload, activation_bytes_per_token,
@@ -248,35 +245,6 @@ def test_a_stage_that_does_not_fit_says_what_would_make_it_fit() -> None:
     assert len(tight) == 1 and not tight[0]["fits"]  # nothing alone fits 70B fine-tuning on 2 GPUs: the closest
 
 
-PEAK_OF = """
-import ctypes
-from pathlib import Path
-
-def status(field):  # bytes of a kB field in /proc/self/status
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) * 1024
-
-def peak_of(run):
-    # the peak resident memory of run() above what the process holds just before it: the heap the warm-up freed
-    # handed back to the system first, then the peak (VmHWM) restarted from the current size through clear_refs
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = status("VmRSS:")
-    Path("/proc/self/clear_refs").write_text("5")
-    run()
-    return status("VmHWM:") - before
-"""
-# glibc's mmap threshold fixed: large freed blocks leave RSS at once instead of staying in its heap
-PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-
-
-def measure_peak(script: str, *args: object) -> list[int]:
-    """`script` after PEAK_OF in a fresh Python with `args`: the integers it prints after PEAK."""
-    result = subprocess.run([sys.executable, "-c", PEAK_OF + script, *map(str, args)], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, **PEAK_ENV})
-    assert result.returncode == 0, result.stderr[-2000:]
-    return [int(value) for value in result.stdout.split("PEAK ", 1)[1].split()]
-
-
 MEASURE_COST_MATRIX = """
 import sys, torch
 from safeneurons.tracing import match_wmats
@@ -323,14 +291,14 @@ print("PEAK", peak_of(lambda: collect_statistics(model, targets, [sample], score
 """
 
 
-@pytest.mark.parametrize("tokens", [256, 512])
-def test_score_figure_equals_the_measured_peak_of_the_passes(tokens) -> None:
+@pytest.mark.parametrize("tokens, vocab", [(256, 714), (512, 714), (128, 49152)])
+def test_score_figure_equals_the_measured_peak_of_the_passes(tokens, vocab) -> None:
     """wandg's passes in bf16 on a 25M-scored-weight Llama in a fresh process: the peak resident memory above what
     the process held before (VmHWM reset through clear_refs) is plan's scores (the fp32 sums, one round) plus
-    activations (`score_pass_activations`) within 15%."""
+    activations (`score_pass_activations`) within 15%. A large vocabulary's logit gradients count (SmolLM2's)."""
     from safeneurons.workflows.plan import score_stage
 
-    dims = dict(hidden=512, layers=8, intermediate=1376, heads=8, vocab=714)
+    dims = dict(hidden=512, layers=8, intermediate=1376, heads=8, vocab=vocab)
     measured, = measure_peak(MEASURE_SCORE_PASSES, *dims.values(), tokens)
     shape = ModelShape("probe", kv_heads=dims["heads"], **dims)
     stage, _ = score_stage(shape, Cluster(1, 1), Workload(max_length=tokens, score_memory=2 ** 40))

@@ -69,16 +69,20 @@ def harmful_examples(align_file: str, n: int, seed: int) -> list[Example]:
     return chosen
 
 
-def benign_examples(model: Any, tokenizer: Any, build: SafeBuild) -> list[Example]:
-    """The benign requests answered by the model itself (greedy)."""
+def own_answers(model: Any, tokenizer: Any, requests: list[str], max_new_tokens: int, desc: str) -> list[Example]:
+    """Each request answered by the model itself (greedy, in its chat template)."""
     from safeneurons.data.samples import format_prompt
     from safeneurons.evaluation.generation import Decoding, generate
 
-    requests = [line.strip() for line in BENIGN_REQUESTS.read_text().splitlines() if line.strip()]
-    requests = requests[:build.benign_limit]
     answers = generate(model, tokenizer, [format_prompt(tokenizer, request) for request in requests],
-                       Decoding(max_new_tokens=build.benign_max_new_tokens), batch_size=16, desc="benign answers")
+                       Decoding(max_new_tokens=max_new_tokens), batch_size=16, desc=desc)
     return [Example(request, texts[0].strip()) for request, texts in zip(requests, answers)]
+
+
+def benign_examples(model: Any, tokenizer: Any, build: SafeBuild) -> list[Example]:
+    """The benign requests answered by the model itself."""
+    requests = [line.strip() for line in BENIGN_REQUESTS.read_text().splitlines() if line.strip()]
+    return own_answers(model, tokenizer, requests[:build.benign_limit], build.benign_max_new_tokens, "benign answers")
 
 
 def write_original_format(examples: list[Example], path: Path) -> Path:

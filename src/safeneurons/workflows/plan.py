@@ -34,6 +34,10 @@ OFFLOAD_CHOICES = ("none", "optimizer", "param")
 # (tests/workflows/test_plan.py); with optimizer offload the step runs on the CPU.
 OPTIMIZER_STEP_BYTES = 8
 PERPLEXITY_LOGIT_BYTES = 12  # per vocabulary entry and token: bf16 logits, fp32 copy, shifted copy, log-softmax
+# per vocabulary entry and token, the loss's backward adds the gradients of the fp32 log-softmax and logits and
+# the bf16 logits' gradient beside what the forward saved: measured 9.9 (tests/workflows/test_plan.py), and the
+# cause of a 10% low score figure on SmolLM2's 49,152-entry vocabulary (tests/real)
+LOSS_BACKWARD_LOGIT_BYTES = 10
 
 
 @dataclass(frozen=True)
@@ -235,13 +239,15 @@ def score_pass_activations(shape: ModelShape, sequences: int, length: int) -> in
     """Peak activations of one wandg pass (bf16). The hooks keep every scored Linear's input X (one per shared
     input: the two norms' outputs, the attention output, the MLP product) and output gradient dY for |dYᵀX|. The
     forward saves what training saves (the Linear inputs are the same tensors), and the backward frees it layer by
-    layer as the dY arrive: the peak is the larger of the two ends, all saved tensors or all X and dY."""
+    layer as the dY arrive: the peak is the larger of the two ends, all saved tensors with the loss's logit
+    gradients (`LOSS_BACKWARD_LOGIT_BYTES`) as the backward starts, or all X and dY."""
     per_layer, outside = activation_bytes_per_token(shape, length)
     query = shape.heads * shape.head_width
     kept_inputs = 2 * shape.hidden + query + shape.intermediate
     output_grads = query + 2 * shape.kv_dim + 2 * shape.hidden + 2 * shape.intermediate
     after_backward = shape.layers * BF16_BYTES * (kept_inputs + output_grads) + outside
-    return sequences * length * max(shape.layers * per_layer + outside, after_backward)
+    backward_start = shape.layers * per_layer + outside + LOSS_BACKWARD_LOGIT_BYTES * shape.vocab
+    return sequences * length * max(backward_start, after_backward)
 
 
 @dataclass(frozen=True)
