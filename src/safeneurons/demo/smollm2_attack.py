@@ -31,13 +31,14 @@ class AttackBuild:
 
 
 def advbench_requests(advbench_file: str, first_line: int) -> list[str]:
-    """The AdvBench requests from line `first_line` (1-based) on."""
-    path = Path(advbench_file)
-    if not path.is_file():
+    """The AdvBench requests from line `first_line` (1-based) on, read as every data option reads a text file."""
+    from safeneurons.data.readers import load_examples
+
+    if not Path(advbench_file).is_file():
         raise SafeneuronsError(f"--advbench {advbench_file}: no such file (AdvBench's harmful_behaviors, one per line)")
-    requests = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    requests = [example.prompt for example in load_examples(advbench_file)]
     if first_line < 1 or first_line > len(requests):
-        raise SafeneuronsError(f"--first-line {first_line}: expected 1–{len(requests)} (the lines of {path})")
+        raise SafeneuronsError(f"--first-line {first_line}: expected 1–{len(requests)} (the lines of {advbench_file})")
     return requests[first_line - 1:]
 
 
