@@ -30,7 +30,7 @@ def stages(out: Path, nsamples: int, length: int, prompts: int) -> list[tuple[st
         (f"`score` wandg, {nsamples} align_short samples ≤ {length} tokens", [
             *cli, "score", *score, "--score-method", "wandg", "--out", masks]),
         ("`score` wanda, the same samples", [*cli, "score", *score, "--score-method", "wanda",
-                                              "--out", str(out / "wanda")]),
+                                             "--out", str(out / "wanda")]),
         ("`score` set difference (wandg, utility benign_answers.csv, p = q = 0.1)", [
             *cli, "score", *score, "--score-method", "wandg", "--utility-data", UTILITY, "--p", "0.1", "--q", "0.1",
             "--out", str(out / "setdiff")]),
@@ -40,7 +40,7 @@ def stages(out: Path, nsamples: int, length: int, prompts: int) -> list[tuple[st
             *cli, "rewind", "--original", MODEL, "--finetuned", str(out / "pruned"), "--masks", masks,
             "--out", str(out / "rewound")]),
         ("`lowrank` ActSVD r = 2, the same samples", [*cli, "lowrank", *score, "--rank-safety", "2",
-                                                      "--out", str(out / "lowrank")]),
+                                                     "--out", str(out / "lowrank")]),
         ("`finetune`, 2 ranks, ZeRO-3, 2 steps of 4 samples, mask frozen", [
             *launch, "finetune", "--model", MODEL, "--masks", masks, "--data", ALIGN, "--nsamples", "4",
             "--max-length", str(length), "--batch-size", "1", "--num-epochs", "1", "--learning-rate", "1e-4",
