@@ -382,14 +382,15 @@ def measured_finetune_inputs(tmp_path_factory, demo_tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch, tokens", [(1, 128), (4, 256)])
+@pytest.mark.parametrize("batch, tokens", [(1, 128)])
 def test_finetune_figure_equals_the_measured_peak_of_the_stage(batch, tokens, measured_finetune_inputs,
                                                                 tmp_path) -> None:
     """The whole `finetune` stage — load, freeze, DeepSpeed ZeRO-3 (bf16, one rank), two optimizer steps, the change
     report, the save — in a fresh process after a warm-up run: its peak resident memory above what the process held
     before is plan's total (model states, masks, the larger of the activations and the optimizer step) plus the
     host copy of the weights finetune keeps, within 15%. One sample of 128 tokens peaks in the optimizer step (a
-    figure without the step would be 18% low), 4 × 256 tokens in the backward."""
+    figure without the step would be 18% low); the activations' own formula is checked against the tensors
+    autograd saves (test_activation_formula_equals_the_tensors_autograd_saves)."""
     from safeneurons.workflows.plan import BF16_BYTES, finetune_stage
 
     root = measured_finetune_inputs
@@ -401,7 +402,7 @@ def test_finetune_figure_equals_the_measured_peak_of_the_stage(batch, tokens, me
     measured = int(result.stdout.split("PEAK ", 1)[1].split()[0])
     shape = model_shape(str(root / "model"))
     stage = finetune_stage(shape, Cluster(1, 1), Workload(batch_size=batch, max_length=tokens))
-    assert (stage.activations > stage.optimizer_step) == (batch == 4)
+    assert stage.optimizer_step > stage.activations
     assert measured == pytest.approx(stage.total + BF16_BYTES * shape.total_params, rel=0.15)
 
 
