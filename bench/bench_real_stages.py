@@ -57,9 +57,13 @@ def stages(out: Path, nsamples: int, length: int, prompts: int) -> list[tuple[st
     ]
 
 
+def threads_per_rank() -> str:
+    return os.environ.get("OMP_NUM_THREADS", "1")
+
+
 def measure(command: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS in bytes of `python -m command` (and the processes it waited for)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads_per_rank()}
     with tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         process = subprocess.Popen([sys.executable, "-m", *command], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -79,7 +83,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=32)
     args = parser.parse_args()
-    print("| stage on smollm2-safe (float32; 1 thread per rank) | wall time | peak RSS |")
+    print(f"| stage on smollm2-safe (float32; {threads_per_rank()} thread(s) per rank) | wall time | peak RSS |")
     print("| --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
         for label, command in stages(Path(folder), args.nsamples, args.max_length, args.prompts):

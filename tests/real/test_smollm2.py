@@ -322,9 +322,9 @@ print("PEAK", *generation, scoring)
 def test_plans_eval_figures_are_the_measured_peaks_on_the_real_model():
     """eval's two moments on smollm2-safe in bf16, in one fresh process after a warm-up. Generation (prompts of
     128 tokens, 4 new tokens: the prefill decides) at 2 and at 8 prompts: the 6 more prompts cost plan's prefill
-    figure for 6 more, within 15% (the difference leaves out what any batch costs, about 6 MB here: 30% of a
-    4-prompt batch, which one batch alone therefore missed by 21%). A perplexity batch of 4 peaks at plan's logits
-    figure, within 15%."""
+    figure for 6 more, within 15%. The difference leaves out what any batch costs, about 6 MB here: a quarter or
+    more of a 4-prompt batch, which one batch alone therefore missed by 16–33% on three runs. A perplexity batch of
+    4 peaks at plan's logits figure, within 15%."""
     from safeneurons.workflows.plan import (PERPLEXITY_LOGIT_BYTES, Cluster, Workload, eval_stage, kv_cache_bytes,
                                             model_shape, sequence_forward_bytes)
 

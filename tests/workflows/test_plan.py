@@ -382,9 +382,7 @@ def measured_finetune_inputs(tmp_path_factory, demo_tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch, tokens", [(1, 128)])
-def test_finetune_figure_equals_the_measured_peak_of_the_stage(batch, tokens, measured_finetune_inputs,
-                                                                tmp_path) -> None:
+def test_finetune_figure_equals_the_measured_peak_of_the_stage(measured_finetune_inputs, tmp_path) -> None:
     """The whole `finetune` stage — load, freeze, DeepSpeed ZeRO-3 (bf16, one rank), two optimizer steps, the change
     report, the save — in a fresh process after a warm-up run: its peak resident memory above what the process held
     before is plan's total (model states, masks, the larger of the activations and the optimizer step) plus the
@@ -393,7 +391,7 @@ def test_finetune_figure_equals_the_measured_peak_of_the_stage(batch, tokens, me
     autograd saves (test_activation_formula_equals_the_tensors_autograd_saves)."""
     from safeneurons.workflows.plan import BF16_BYTES, finetune_stage
 
-    root = measured_finetune_inputs
+    batch, tokens, root = 1, 128, measured_finetune_inputs
     (tmp_path / "measure_finetune.py").write_text(PEAK_OF + MEASURE_FINE_TUNING)
     config = str(REPO / "ds_configs" / "zero3.json")
     result = run_ranks(["measure_finetune", str(root), str(batch), str(tokens), config], nproc=1,
