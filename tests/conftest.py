@@ -1,6 +1,7 @@
 """Shared fixtures: the demo model and tokenizer, a saved tiny random Llama, the reference data, a 2-rank launcher."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,10 @@ import torch
 from helpers import ALIGN_SHORT_CSV, SHARED_DATA, make_tiny_llama, random_masks, run_ranks
 from safeneurons.masks.io import save_masks
 from safeneurons.models import loading as model_loading
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # -n 2 on 2 cores: one thread per worker and per process it starts
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

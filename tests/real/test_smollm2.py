@@ -162,7 +162,9 @@ def test_a_missing_adapter_says_how_to_rebuild_it(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_lineage_finds_the_real_model_in_its_permuted_copy_and_not_in_an_independent_one(tokenizer):
     """SmolLM2 against itself with every layer's MLP neurons permuted (the same function): dependent, the
-    permutation recovered; against a model of its config initialised afresh: independent."""
+    permutation recovered; its first 6 layers against a 6-layer model of its config initialised afresh:
+    independent. (The assignment against unrelated activations takes ~7 s per layer on one core, against a
+    permuted copy 0.4 s: 6 of the 30 layers keep the test within the CI budget.)"""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -176,9 +178,12 @@ def test_lineage_finds_the_real_model_in_its_permuted_copy_and_not_in_an_indepen
     assert tracing.mlp_matching_gate(model, permuted, inputs, i=29).tolist() == torch.argsort(perms[29]).tolist()
     dependent = tracing.trace_models(model, permuted, inputs)
     assert dependent.verdict == "dependent" and all(match.n_matched == 1536 for match in dependent.layers)
+    model.model.layers = model.model.layers[:6]
+    model.config.num_hidden_layers = 6
     torch.manual_seed(0)
     fresh = AutoModelForCausalLM.from_config(model.config)
     independent = tracing.trace_models(model, fresh, inputs)
+    assert len(independent.layers) == 6
     assert independent.verdict == "independent" and independent.aggregate_pvalue > 0.05
 
 
@@ -207,19 +212,18 @@ def _top(scores: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Ten
 
 @pytest.mark.slow
 def test_set_difference_on_the_real_model_is_the_safety_top_minus_the_utility_top(tmp_path):
-    """wandg on align_short (safety) and on the pair's utility set, each scored alone with its raw scores saved,
-    and the set difference of the two (the original's per-matrix scope): in every matrix its mask is the top-q
-    safety weights minus the top-p utility weights, recomputed here from the saved scores."""
+    """The set difference of wandg on align_short (safety) and on the pair's utility set (the original's
+    per-matrix scope), its safety scores saved, and the utility set scored alone: in every matrix the mask is the
+    top-q safety weights minus the top-p utility weights, recomputed here from the saved scores."""
     from safetensors.torch import load_file
 
     from safeneurons.masks.io import load_masks
 
-    common = ["--model", SAFE, "--score-method", "wandg", "--nsamples", "4", "--max-length", "64"]
-    for name, data in (("safety", ALIGN), ("utility", UTILITY)):
-        assert cli.main(["score", *common, "--data", data, "--save-scores", "--out", str(tmp_path / name)]) == 0
+    common = ["--model", SAFE, "--score-method", "wandg", "--nsamples", "4", "--max-length", "64", "--save-scores"]
+    assert cli.main(["score", *common, "--data", UTILITY, "--out", str(tmp_path / "utility")]) == 0
     assert cli.main(["score", *common, "--data", ALIGN, "--utility-data", UTILITY, "--p", "0.02", "--q", "0.03",
-                     "--out", str(tmp_path / "setdiff")]) == 0
-    safety, utility = (load_file(str(tmp_path / name / "scores.safetensors")) for name in ("safety", "utility"))
+                     "--out", str(tmp_path / "setdiff")]) == 0  # its saved scores are the safety scores
+    safety, utility = (load_file(str(tmp_path / name / "scores.safetensors")) for name in ("setdiff", "utility"))
     masks = load_masks(tmp_path / "setdiff")
     assert masks.keys() == safety.keys() and len(masks) == 30 * 7
     removed = 0

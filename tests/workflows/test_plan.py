@@ -294,13 +294,13 @@ print("PEAK", peak_of(lambda: collect_statistics(model, targets, [sample], score
 
 @pytest.mark.parametrize("tokens, vocab", [(128, 714), (256, 714)])
 def test_score_figure_equals_the_measured_peak_of_the_passes(tokens, vocab) -> None:
-    """wandg's passes in bf16 on a 25M-scored-weight Llama in a fresh process: the peak resident memory above what
+    """wandg's passes in bf16 on a 12M-scored-weight Llama in a fresh process: the peak resident memory above what
     the process held before (VmHWM reset through clear_refs) is plan's scores (the fp32 sums, one round) plus
     activations (`score_pass_activations`) within 15%. A large vocabulary's logit gradients count: the real
     tier measures them on SmolLM2's 49,152 entries (tests/real)."""
     from safeneurons.workflows.plan import score_stage
 
-    dims = dict(hidden=512, layers=8, intermediate=1376, heads=8, vocab=vocab)
+    dims = dict(hidden=512, layers=4, intermediate=1376, heads=8, vocab=vocab)
     measured, = measure_peak(MEASURE_SCORE_PASSES, *dims.values(), tokens)
     shape = ModelShape("probe", kv_heads=dims["heads"], **dims)
     stage, _ = score_stage(shape, Cluster(1, 1), Workload(max_length=tokens, score_memory=2 ** 40))
@@ -337,7 +337,7 @@ def test_patch_figure_equals_the_measured_peak_of_a_sweep(tokens, attention) -> 
     (whose scores dominate at 256 tokens)."""
     from safeneurons.workflows.plan import patch_stage
 
-    dims = dict(hidden=384, layers=4, intermediate=1024, heads=6, vocab=714)
+    dims = dict(hidden=384, layers=2, intermediate=1024, heads=6, vocab=714)
     measured, = measure_peak(MEASURE_PATCH_SWEEP, *dims.values(), tokens, 16, attention)
     shape = ModelShape("probe", kv_heads=dims["heads"], eager_attention=attention == "eager", **dims)
     stage = patch_stage(shape, Cluster(1, 1), Workload(patch_length=tokens, patch_batch_size=16))
