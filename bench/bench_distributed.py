@@ -209,11 +209,16 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--trace-tokens", type=int, default=1024)
     parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--configs", default=",".join(label for label, *_ in CONFIGS),
+                        help="which runs, comma-separated (one GPU: '1 rank'; NCCL needs a GPU per rank)")
     parser.add_argument("--command", help=argparse.SUPPRESS)
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--zero3", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    known = [label for label, *_ in CONFIGS]
+    if not set(args.configs.split(",")) <= set(known) or "1 rank" not in args.configs.split(","):
+        parser.error(f"--configs {args.configs!r}: expected '1 rank' and any of {known}, comma-separated")
     if args.command:
         run_worker(args)
         return 0
@@ -226,6 +231,8 @@ def main() -> int:
             items = commands["default"][stage][1]
             runs = {}
             for index, (label, ranks, zero3, size) in enumerate(CONFIGS):
+                if label not in args.configs.split(","):
+                    continue
                 result = Path(scratch) / f"{stage}-{index}.json"
                 runs[label] = launch(stage, commands[size][stage][0], ranks, zero3, result)
                 items = items or patch_sites(Path(str(result) + ".out"))

@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "eval": ("safeneurons.cli.eval", "attack success rate, refusal rate and perplexity"),
     "prune": ("safeneurons.cli.prune", "zero the masked weights and save the model (remove safety-critical weights)"),
     "rewind": ("safeneurons.cli.rewind", "set the masked weights of a fine-tuned model back to the original's"),
+    "defend": ("safeneurons.cli.defend", "a published defence after fine-tuning: RESTA, Safe LoRA or Antidote"),
     "lowrank": ("safeneurons.cli.lowrank", "remove safety-only ranks from every Linear (ActSVD)"),
     "ablate": ("safeneurons.cli.ablate", "prune top, set-difference and random masks over sparsities; evaluate each"),
     "plan": ("safeneurons.cli.plan", "memory per GPU of each stage for a model and cluster"),

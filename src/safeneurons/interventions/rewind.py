@@ -14,12 +14,10 @@ from typing import Any
 
 import torch
 
-from safeneurons.errors import SafeneuronsError
 from safeneurons.masks.io import MaskReader, check_masks_fit
-from safeneurons.models.loading import local_model_folder
-from safeneurons.runtime import distributed
-from safeneurons.runtime.checkpoints import CheckpointFiles, rewrite_checkpoint
-from safeneurons.runtime.outputs import check_output_dir, staged, write_json
+from safeneurons.models.loading import open_matching_checkpoints
+from safeneurons.runtime.checkpoints import CheckpointFiles, rewrite_checkpoint, write_on_main
+from safeneurons.runtime.outputs import check_output_dir
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "rewind_summary.json"
@@ -55,21 +53,10 @@ class RewindResult:
 def open_inputs(config: RewindConfig) -> RewindInputs:
     """Check, from file headers only, that both models have the same tensors (names, shapes, dtypes) and that
     every mask fits one of them; the error names the first misfit."""
-    inputs = RewindInputs(CheckpointFiles(local_model_folder(config.original, config.cache_dir)),
-                          CheckpointFiles(local_model_folder(config.finetuned, config.cache_dir)),
-                          MaskReader(config.masks))
-    before, after = inputs.original.metadata(), inputs.finetuned.metadata()
-    for name, (shape, dtype) in after.items():
-        if name not in before:
-            raise SafeneuronsError(f"--finetuned has tensor {name!r}, which --original does not: not the same "
-                                   f"architecture")
-        if before[name] != (shape, dtype):
-            raise SafeneuronsError(f"tensor {name!r} is {shape} {dtype} in --finetuned but {before[name][0]} "
-                                   f"{before[name][1]} in --original")
-    missing = sorted(set(before) - set(after))
-    if missing:
-        raise SafeneuronsError(f"--original has tensor {missing[0]!r}, which --finetuned does not")
-    check_masks_fit(inputs.masks.shapes(), {name: shape for name, (shape, _) in after.items()})
+    original, finetuned = open_matching_checkpoints({"--original": config.original, "--finetuned": config.finetuned},
+                                                    config.cache_dir)
+    inputs = RewindInputs(original, finetuned, MaskReader(config.masks))
+    check_masks_fit(inputs.masks.shapes(), {name: shape for name, (shape, _) in original.metadata().items()})
     return inputs
 
 
@@ -94,9 +81,5 @@ def run_rewind(config: RewindConfig, out: str | Path) -> RewindResult | None:
     File work: rank 0 does it (None on the other ranks)."""
     check_output_dir(out)
     inputs = open_inputs(config)
-    if not distributed.is_main():
-        return None
-    with staged(out) as staging:
-        result = rewind_files(inputs, staging)
-        write_json(staging / SUMMARY_FILE, result.to_json(config))
-    return result
+    return write_on_main(out, lambda staging: rewind_files(inputs, staging), SUMMARY_FILE,
+                         lambda result: result.to_json(config))

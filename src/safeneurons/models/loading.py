@@ -12,7 +12,7 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import check_architecture, check_architecture_config
-from safeneurons.runtime.checkpoints import check_safetensors
+from safeneurons.runtime.checkpoints import CheckpointFiles, check_safetensors, check_same_tensors
 from safeneurons.runtime.hub import hub_unreachable, offline_requested
 from safeneurons.runtime.zero3 import gathered_state_dict, is_zero3_partitioned, zero3_init_context
 
@@ -271,3 +271,14 @@ def save_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike,
         except OSError as error:
             problem = f"cannot write the model to {out}: {error}"
     distributed.all_ranks_ok(not problem, problem)  # the ranks finish together: none exits while rank 0 writes
+
+
+def open_matching_checkpoints(models: dict[str, str], cache_dir: str | None = None) -> list[CheckpointFiles]:
+    """The safetensors files of each model ({option: model}, the first the reference), checked from the file headers
+    to hold the same tensors as the reference; the error names the two options and the first misfit."""
+    (reference_option, reference), *others = models.items()
+    opened = [CheckpointFiles(local_model_folder(reference, cache_dir))]
+    for option, model in others:
+        opened.append(CheckpointFiles(local_model_folder(model, cache_dir)))
+        check_same_tensors(opened[0], opened[-1], reference_option, option)
+    return opened

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.runtime import distributed
+from safeneurons.runtime.outputs import staged, write_json
 
+Result = TypeVar("Result")
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = WEIGHTS_FILE + ".index.json"
 
@@ -67,6 +70,24 @@ class CheckpointFiles:
             return handle.get_tensor(name)
 
 
+def check_same_tensors(reference: CheckpointFiles, other: CheckpointFiles, reference_option: str,
+                       other_option: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Both checkpoints hold the same tensors (names, shapes, dtypes), read from the file headers only; the error
+    names the first misfit and the two options. Returns the reference's metadata."""
+    expected, found = reference.metadata(), other.metadata()
+    for name, (shape, dtype) in found.items():
+        if name not in expected:
+            raise SafeneuronsError(f"{other_option} has tensor {name!r}, which {reference_option} does not: not the "
+                                   f"same architecture")
+        if expected[name] != (shape, dtype):
+            raise SafeneuronsError(f"tensor {name!r} is {shape} {dtype} in {other_option} but {expected[name][0]} "
+                                   f"{expected[name][1]} in {reference_option}")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise SafeneuronsError(f"{reference_option} has tensor {missing[0]!r}, which {other_option} does not")
+    return expected
+
+
 def rewrite_checkpoint(source: CheckpointFiles, out: Path, edit: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
     """Write `source`'s weights into `out`, shard by shard, each tensor passed through `edit(name, tensor)`; the
     folder's other files (config, tokenizer, index) are copied as they are."""
@@ -79,3 +100,15 @@ def rewrite_checkpoint(source: CheckpointFiles, out: Path, edit: Callable[[str, 
     for item in source.folder.iterdir():
         if item.suffix != ".safetensors" and item.is_file() and not item.name.startswith("."):
             shutil.copy2(item, out / item.name)
+
+
+def write_on_main(out: str | Path, write: Callable[[Path], Result], summary_file: str,
+                  summary_of: Callable[[Result], dict[str, Any]]) -> Result | None:
+    """File work that one process does (rewriting checkpoints): on rank 0 `write(staging)` and its summary JSON,
+    staged and published at `out` with one rename; None on the other ranks."""
+    if not distributed.is_main():
+        return None
+    with staged(out) as staging:
+        result = write(staging)
+        write_json(staging / summary_file, summary_of(result))
+    return result
