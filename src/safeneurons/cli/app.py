@@ -25,6 +25,8 @@ STAGES: dict[str, tuple[str, str]] = {
                                                "orthogonalization"),
     "neurons": ("safeneurons.cli.neurons", "safety neurons: each ranking's top MLP neurons patched between an aligned "
                                            "model and its base during generation, against random neurons"),
+    "safety-layers": ("safeneurons.cli.safety_layers", "SPPFT's safety layers from the cosine gap of harmful and "
+                                                       "harmless queries, as whole-layer masks for finetune"),
     "trace": ("safeneurons.cli.trace", "model lineage by activation matching of MLP neurons"),
     "eval": ("safeneurons.cli.eval", "attack success rate, refusal rate and perplexity"),
     "prune": ("safeneurons.cli.prune", "zero the masked weights and save the model (remove safety-critical weights)"),
