@@ -175,7 +175,7 @@ ZERO3 = ["--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--dtype", "bfl
 @pytest.mark.parametrize("run", ["trainer", "lora", "dynamic"])
 def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
     """The HF Trainer with MaskedTrainer's callback and activation checkpointing; protected LoRA with the safety
-    loss: frozen elements bit-identical in the saved bf16 model. Dynamic freezing with a partial freeze: each
+    loss and the token-wise constrained objective: frozen elements bit-identical in the saved bf16 model. Dynamic freezing with a partial freeze: each
     re-scoring, counted over the ranks' partitions, selects exactly the mask's count again (the same per-row
     sparsity), and the union only grows."""
     if run == "dynamic":
@@ -184,7 +184,7 @@ def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
     model, masks_file, masks = tiny_with_masks
     extra = {"trainer": ["--engine", "trainer", "--gradient-checkpointing", "--report-to", "tensorboard"],
              "lora": ["--lora-r", "4", "--lora-targets", "q_proj,v_proj,down_proj", "--safety-data", "demo-align",
-                      "--safety-weight", "0.5"]}[run]
+                      "--safety-weight", "0.5", "--constrained-betas", "paper"]}[run]
     result = run_ranks(["safeneurons.cli", "finetune", "--model", str(model), "--masks", str(masks_file), *ZERO3,
                         *extra, "--save-path", str(tmp_path / "out")], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -211,6 +211,8 @@ def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
     (["--safety-data", "demo-align", "--safety-weight", "-1"], "--safety-weight -1.0 must be >= 0"),
     (["--freeze-strength", "0.5"], "give --masks"),
     (["--engine", "trainer", "--lora-r", "2"], "--engine trainer does not take --lora-r"),
+    (["--constrained-betas", "0.5,0,1"], "--constrained-betas '0.5,0,1': expected 'paper' or three positive"),
+    (["--engine", "trainer", "--constrained-betas", "paper"], "--engine trainer does not take --constrained-betas"),
 ])
 def test_bad_training_options_fail_before_the_model_loads(options, message, workspace, capsys, no_model_load):
     command = ["finetune", "--model", "demo", "--data", "demo-utility", *options, "--save-path",

@@ -6,6 +6,7 @@ import argparse
 from safeneurons.errors import SafeneuronsError
 from safeneurons.finetune.api import fine_tune
 from safeneurons.finetune.config import ENGINES, LR_SCHEDULERS, RESCORE_MODES, RUN_KEYS, FineTuneConfig
+from safeneurons.finetune.constrained import parse_betas
 from safeneurons.runtime import distributed
 
 
@@ -73,6 +74,10 @@ def add_training_extensions(parser: argparse.ArgumentParser, defaults: FineTuneC
                        help="refusal data (a data set name or a file): each step adds --safety-weight × its loss")
     group.add_argument("--safety-weight", type=float, default=defaults.safety_weight,
                        help="λ of the safety loss (default %(default)s)")
+    group.add_argument("--constrained-betas", default=None, metavar="paper|B1,B2,B3",
+                       help="token-wise constrained fine-tuning (Qi et al. 2024): each response token's log-prob "
+                            "is held near the model's before training, with β for the first token, tokens 2–5 and "
+                            "the rest; 'paper' = 0.5,2,0.1 (default: off, plain cross-entropy)")
     group.add_argument("--eval-every", type=int, default=None, metavar="K",
                        help="refusal curve: the keyword refusal rate on --curve-prompts before training, every K "
                             "optimizer steps and at the end (greedy; freeze_report.json's refusal_curve)")
@@ -101,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> FineTuneConfig:
         raise SafeneuronsError("--save-path (or --out) is required: the folder for the fine-tuned model")
     extensions = {key: getattr(args, key) for key in EXTENSION_KEYS}
     extensions["lora_targets"] = tuple(name.strip() for name in args.lora_targets.split(",") if name.strip())
+    extensions["constrained_betas"] = None if args.constrained_betas is None else parse_betas(args.constrained_betas)
     return FineTuneConfig(
         data=args.data, save_path=save_path, num_epochs=args.num_epochs, learning_rate=args.learning_rate,
         batch_size=args.batch_size, max_length=args.max_length, weight_decay=args.weight_decay,

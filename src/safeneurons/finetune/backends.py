@@ -9,6 +9,7 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.finetune.config import ADAM_BETAS, ADAM_EPS, LATEST_FILE
+from safeneurons.finetune.constrained import constrained_loss
 from safeneurons.finetune.schedule import make_scheduler
 from safeneurons.runtime.outputs import atomic_file
 
@@ -39,13 +40,19 @@ def _adamw(parameters: Sequence[nn.Parameter], config: FineTuneConfig) -> torch.
 
 
 def _losses(module: nn.Module, batch: Mapping[str, torch.Tensor], safety_batch: Mapping[str, torch.Tensor] | None,
-            safety_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(objective, task loss, safety loss): the objective adds safety_weight × the loss on the safety batch."""
-    loss = module(**batch).loss
+            config: FineTuneConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(objective, task loss, safety loss): the objective adds safety_weight × the loss on the safety batch; a batch
+    with the aligned model's `reference_logprobs` takes the token-wise constrained loss instead of cross-entropy."""
+    if "reference_logprobs" in batch:
+        inputs = {key: value for key, value in batch.items() if key not in ("labels", "reference_logprobs")}
+        loss = constrained_loss(module(**inputs).logits, batch["labels"], batch["reference_logprobs"],
+                                config.constrained_betas)
+    else:
+        loss = module(**batch).loss
     if safety_batch is None:
         return loss, loss, None
     safety_loss = module(**safety_batch).loss
-    return loss + safety_weight * safety_loss, loss, safety_loss
+    return loss + config.safety_weight * safety_loss, loss, safety_loss
 
 
 def _floats(loss: torch.Tensor, safety_loss: torch.Tensor | None) -> tuple[float, float | None]:
@@ -65,7 +72,7 @@ class TorchBackend:
 
     def micro_step(self, batch: Mapping[str, torch.Tensor], boundary: bool,
                    safety_batch: Mapping[str, torch.Tensor] | None = None) -> tuple[float, float | None]:
-        objective, loss, safety_loss = _losses(self.module, batch, safety_batch, self.config.safety_weight)
+        objective, loss, safety_loss = _losses(self.module, batch, safety_batch, self.config)
         (objective / self.config.gradient_accumulation_steps).backward()
         if boundary:
             self.last_grad_norm = self._clip_gradients()
@@ -124,7 +131,7 @@ class DeepSpeedBackend:
 
     def micro_step(self, batch: Mapping[str, torch.Tensor], boundary: bool,
                    safety_batch: Mapping[str, torch.Tensor] | None = None) -> tuple[float, float | None]:
-        objective, loss, safety_loss = _losses(self.engine, batch, safety_batch, self.config.safety_weight)
+        objective, loss, safety_loss = _losses(self.engine, batch, safety_batch, self.config)
         self.engine.backward(objective)
         self.engine.step()
         return _floats(loss, safety_loss)

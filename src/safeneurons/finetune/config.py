@@ -30,7 +30,7 @@ ENGINES = ("loop", "trainer")
 RUN_KEYS = ("data", "nsamples", "num_epochs", "learning_rate", "batch_size", "gradient_accumulation_steps",
             "max_length", "weight_decay", "max_grad_norm", "seed", "dtype", "add_eos", "masks", "lr_scheduler",
             "warmup_steps", "warmup_ratio", "freeze_strength", "safety_data", "safety_weight", "lora_r",
-            "lora_alpha", "lora_targets", "rescore_every", "rescore_mode")
+            "lora_alpha", "lora_targets", "rescore_every", "rescore_mode", "constrained_betas")
 
 
 @dataclass
@@ -69,6 +69,7 @@ class FineTuneConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     rescore_every: int | None = None  # dynamic freezing: re-score every K optimizer steps
     rescore_mode: str = "union"
+    constrained_betas: tuple[float, float, float] | None = None  # token-wise constrained objective (constrained.py)
     engine: str = "loop"  # "trainer": the same job through transformers.Trainer (trainer.py)
     eval_every: int | None = None  # refusal curve: measure every K optimizer steps (refusal_curve.py)
     eval_prompts: str = DEFAULT_PROMPTS
@@ -135,8 +136,12 @@ class FineTuneConfig:
         check_probe_settings(self.eval_every, self.eval_limit, self.eval_max_new_tokens)
         if self.engine not in ENGINES:
             raise SafeneuronsError(f"--engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.constrained_betas is not None and (len(self.constrained_betas) != 3 or
+                                                   not all(beta > 0 for beta in self.constrained_betas)):
+            raise SafeneuronsError(f"--constrained-betas {self.constrained_betas} must be three positive numbers")
         loop_only = {"--safety-data": self.safety_data, "--lora-r": self.lora_r, "--rescore-every": self.rescore_every,
-                     "--checkpoint-dir": self.checkpoint_dir, "--eval-every": self.eval_every}
+                     "--checkpoint-dir": self.checkpoint_dir, "--eval-every": self.eval_every,
+                     "--constrained-betas": self.constrained_betas}
         if self.engine == "trainer" and any(loop_only.values()):
             raise SafeneuronsError(f"--engine trainer does not take {', '.join(k for k, v in loop_only.items() if v)}: "
                                    f"use the built-in loop (--engine loop)")

@@ -15,6 +15,7 @@ from torch import nn
 from safeneurons.data.samples import pad_batch
 from safeneurons.errors import SafeneuronsError
 from safeneurons.finetune.config import REPORT_FILE, FineTuneResult
+from safeneurons.finetune.constrained import pad_reference, reference_logprobs
 from safeneurons.finetune.drift import DriftStats
 from safeneurons.finetune.resume import SETTINGS_FILE, check_resume, run_settings
 from safeneurons.finetune.schedule import micro_batch_plan, safety_batch_plan
@@ -77,11 +78,13 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
 def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int, config: FineTuneConfig,
           device: torch.device, state: RunState, settings: Mapping[str, Any] | None = None,
           safety: Sequence[Sample] | None = None, dynamic: DynamicFreezing | None = None,
-          probe: RefusalProbe | None = None, tracker: Tracker | None = None) -> RunState:
+          probe: RefusalProbe | None = None, tracker: Tracker | None = None,
+          reference: Sequence[torch.Tensor] | None = None) -> RunState:
     """Run optimizer steps `state.step` .. the end of the plan (or max_steps), checkpointing as asked; with
     `safety` samples every micro-batch also takes a safety batch (see `safety_batch_plan`); `dynamic` updates
     the frozen set after the steps it is due; `probe` measures the refusal rate at the steps it is due (before
-    a checkpoint, so that a resumed run has every point); `tracker` receives each step's metrics."""
+    a checkpoint, so that a resumed run has every point); `tracker` receives each step's metrics; `reference`
+    (each sample's aligned log-probs) makes every batch carry them for the constrained loss."""
     tracker = tracker or Tracker()
     world, rank = distributed.world_size(), distributed.rank()
     plan = micro_batch_plan(len(samples), config, world, rank)
@@ -99,6 +102,9 @@ def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int
         for micro in range(accumulation):
             index = step * accumulation + micro
             batch = pad_batch([samples[i] for i in plan[index]], pad_token_id)
+            if reference is not None:
+                batch["reference_logprobs"] = pad_reference([reference[i] for i in plan[index]],
+                                                             batch["labels"].shape[1] - 1)
             safety_batch = None if safety_plan is None else \
                 _to_device(pad_batch([safety[i] for i in safety_plan[index]], pad_token_id), device)
             loss, safety_loss = backend.micro_step(_to_device(batch, device), micro == accumulation - 1, safety_batch)
@@ -182,11 +188,14 @@ def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samp
         else None
     partitioned = frozen.partitioned if frozen is not None else backend.zero_stage == 3
     start = snapshot(backend.module)  # before resuming: changes are measured from the original weights
+    reference = None if config.constrained_betas is None else \
+        reference_logprobs(backend.module, samples, device)  # the aligned model's, also when resuming
     if frozen is not None:
         (dynamic or frozen).attach(getattr(backend, "engine", None) or backend.optimizer)
     state = _resume(backend, frozen, config, resumed_with["tag"], dynamic) if resumed_with else RunState()
     resumed_from = state.step
-    state = train(backend, samples, pad_token_id, config, device, state, settings, safety, dynamic, probe, tracker)
+    state = train(backend, samples, pad_token_id, config, device, state, settings, safety, dynamic, probe, tracker,
+                  reference)
     resumed_settings = {} if resumed_with is None else \
         {key: resumed_with.get(key) for key in config.resume_override if resumed_with.get(key) != settings.get(key)}
     report = build_report(backend.module, start, dynamic.frozen if dynamic else frozen, partitioned, state,

@@ -1,0 +1,91 @@
+"""Token-wise constrained fine-tuning (Qi et al. 2024, *Safety Alignment Should Be Made More Than Just a Few Tokens
+Deep*, arXiv 2406.05946, their eq. 3): each response token's log-probability may leave the aligned model's only at a
+price that is steepest on the first tokens,
+
+    loss = mean over response tokens t of  −(2 / β_t) · log σ(β_t · (log π_θ(y_t | x, y_<t) − log π_aligned(y_t | …)))
+
+with the paper's schedule β_1 = 0.5, β_t = 2 for 2 ≤ t ≤ 5 and β_t = 0.1 after. As β → 0 its gradient becomes the
+cross-entropy's (the plain fine-tuning objective); large β holds the token's probability at the aligned model's.
+The aligned model's log-probabilities are those of the model before the first step, computed once, one sample per
+pass (so they do not depend on batching or on the number of ranks).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from safeneurons.data.examples import IGNORE_INDEX, Sample
+from safeneurons.errors import SafeneuronsError
+from safeneurons.runtime.distributed import map_fixed_batches
+
+PAPER_BETAS = (0.5, 2.0, 0.1)  # β for the first response token, for tokens 2–5, and after
+EARLY_TOKENS = 5
+
+
+def parse_betas(text: str) -> tuple[float, float, float]:
+    """`paper` or three comma-separated positive numbers (first token, tokens 2–5, the rest)."""
+    if text == "paper":
+        return PAPER_BETAS
+    try:
+        betas = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        betas = ()
+    if len(betas) != 3 or not all(beta > 0 for beta in betas):
+        raise SafeneuronsError(f"--constrained-betas {text!r}: expected 'paper' or three positive numbers "
+                               f"B1,B2,B3 (first response token, tokens 2–5, the rest)")
+    return betas
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T−1]: log π(y_t) of each next-token label (0 where the label is ignored), in float32."""
+    targets = labels[:, 1:]
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked.masked_fill(targets == IGNORE_INDEX, 0.0)
+
+
+def token_betas(labels: torch.Tensor, betas: Sequence[float]) -> torch.Tensor:
+    """[B, T−1]: β of each next-token label by its position in the response (1 = the response's first token)."""
+    valid = labels[:, 1:] != IGNORE_INDEX
+    position = valid.long().cumsum(dim=1)
+    first, early, rest = betas
+    beta = torch.where(position <= EARLY_TOKENS, torch.tensor(early), torch.tensor(rest))
+    return torch.where(position == 1, torch.tensor(first), beta).to(torch.float32)
+
+
+def constrained_loss(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
+                     betas: Sequence[float]) -> torch.Tensor:
+    """The objective above for a batch: `reference` holds the aligned model's `token_logprobs` [B, T−1]."""
+    valid = labels[:, 1:] != IGNORE_INDEX
+    beta = token_betas(labels, betas).to(logits.device)
+    delta = token_logprobs(logits, labels) - reference.to(logits.device)
+    per_token = -(2.0 / beta) * F.logsigmoid(beta * delta)
+    return per_token[valid].sum() / valid.sum().clamp(min=1)
+
+
+def reference_logprobs(model: nn.Module, samples: Sequence[Sample], device: torch.device) -> list[torch.Tensor]:
+    """Each sample's `token_logprobs` under `model` as it is now (CPU, float32), one sample per pass, the passes
+    split across ranks and gathered on every rank (collective; ZeRO-3 safe)."""
+    was_training = model.training
+    model.eval()
+
+    def run(indices: list[int]) -> list[torch.Tensor]:
+        sample = samples[indices[0]]
+        with torch.no_grad():
+            logits = model(input_ids=sample.input_ids[None].to(device)).logits
+        return [token_logprobs(logits, sample.labels[None].to(device))[0].cpu()]
+
+    reference = map_fixed_batches(len(samples), 1, run, "aligned log-probs")
+    model.train(was_training)
+    return reference
+
+
+def pad_reference(rows: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """[B, width]: the batch's reference rows, right-padded with 0 as `pad_batch` pads the samples."""
+    padded = torch.zeros(len(rows), width)
+    for row, values in enumerate(rows):
+        padded[row, :len(values)] = values
+    return padded
