@@ -172,10 +172,11 @@ ZERO3 = ["--deepspeed", str(REPO / "ds_configs" / "zero3.json"), "--dtype", "bfl
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("run", ["trainer", "lora", "dynamic"])
+@pytest.mark.parametrize("run", ["trainer", "lora", "dynamic", "lisa"])
 def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
     """The HF Trainer with MaskedTrainer's callback and activation checkpointing; protected LoRA with the safety
-    loss and the token-wise constrained objective: frozen elements bit-identical in the saved bf16 model. Dynamic freezing with a partial freeze: each
+    loss and the token-wise constrained objective; Lisa's alternation with its proximal gradient added to the ZeRO-3
+    partitions: frozen elements bit-identical in the saved bf16 model. Dynamic freezing with a partial freeze: each
     re-scoring, counted over the ranks' partitions, selects exactly the mask's count again (the same per-row
     sparsity), and the union only grows."""
     if run == "dynamic":
@@ -184,7 +185,8 @@ def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
     model, masks_file, masks = tiny_with_masks
     extra = {"trainer": ["--engine", "trainer", "--gradient-checkpointing", "--report-to", "tensorboard"],
              "lora": ["--lora-r", "4", "--lora-targets", "q_proj,v_proj,down_proj", "--safety-data", "demo-align",
-                      "--safety-weight", "0.5", "--constrained-betas", "paper"]}[run]
+                      "--safety-weight", "0.5", "--constrained-betas", "paper"],
+             "lisa": ["--safety-data", "demo-align", "--lisa-steps", "2,2", "--lisa-rho", "1"]}[run]
     result = run_ranks(["safeneurons.cli", "finetune", "--model", str(model), "--masks", str(masks_file), *ZERO3,
                         *extra, "--save-path", str(tmp_path / "out")], timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -192,12 +194,14 @@ def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
     assert (summary["world_size"], summary["zero_stage"], summary["steps"]) == (2, 3, 8)
     assert summary["learning_rates"][:2] == [0.0, 5e-3]
     trained = weights(tmp_path / "out")
-    checked = masks if run == "trainer" else {key: mask for key, mask in masks.items()
+    checked = masks if run != "lora" else {key: mask for key, mask in masks.items()
                                               if any(part in key for part in ("q_proj", "v_proj", "down_proj"))}
     assert_frozen_identical_free_changed(weights(model), trained, checked)
     assert summary["max_abs_change_frozen"] == 0.0
     if run == "lora":
         assert len(summary["safety_loss_curve"]) == 8
+    elif run == "lisa":  # alignment steps train on the alignment data: no safety loss is mixed in
+        assert summary["safety_loss_curve"] == [] and summary["run_settings"]["lisa_steps"] == [2, 2]
     else:  # the Trainer's logs reach the same tracker under the loop's names
         assert_tracked_like_the_report(tmp_path / "out", summary)
 
@@ -213,6 +217,9 @@ def test_two_ranks_zero3(run, tiny_with_masks, scored_tiny, tmp_path):
     (["--engine", "trainer", "--lora-r", "2"], "--engine trainer does not take --lora-r"),
     (["--constrained-betas", "0.5,0,1"], "--constrained-betas '0.5,0,1': expected 'paper' or three positive"),
     (["--engine", "trainer", "--constrained-betas", "paper"], "--engine trainer does not take --constrained-betas"),
+    (["--lisa-steps", "2,2"], "--lisa-steps alternates with steps on alignment data: give --safety-data"),
+    (["--lisa-steps", "2,2", "--safety-data", "demo-align", "--lisa-rho", "-1"], "--lisa-rho -1.0 must be >= 0"),
+    (["--lisa-steps", "2"], "--lisa-steps '2': expected 'paper' or A,F"),
 ])
 def test_bad_training_options_fail_before_the_model_loads(options, message, workspace, capsys, no_model_load):
     command = ["finetune", "--model", "demo", "--data", "demo-utility", *options, "--save-path",

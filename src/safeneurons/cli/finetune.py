@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.finetune.api import fine_tune
 from safeneurons.finetune.config import ENGINES, LR_SCHEDULERS, RESCORE_MODES, RUN_KEYS, FineTuneConfig
-from safeneurons.finetune.constrained import parse_betas
+from safeneurons.finetune.constrained import PAPER_BETAS
+from safeneurons.finetune.lisa import PAPER_STEPS
 from safeneurons.runtime import distributed
 
 
@@ -78,6 +80,11 @@ def add_training_extensions(parser: argparse.ArgumentParser, defaults: FineTuneC
                        help="token-wise constrained fine-tuning (Qi et al. 2024): each response token's log-prob "
                             "is held near the model's before training, with β for the first token, tokens 2–5 and "
                             "the rest; 'paper' = 0.5,2,0.1 (default: off, plain cross-entropy)")
+    group.add_argument("--lisa-steps", default=None, metavar="paper|A,F",
+                       help="Lisa (Huang et al. 2024): A steps on --safety-data, then F on --data, repeated, each with "
+                            "a proximal term towards the weights at the last switch; 'paper' = 100,900 (default: off)")
+    group.add_argument("--lisa-rho", type=float, default=defaults.lisa_rho,
+                       help="Lisa's proximal weight ρ (default %(default)s; 0: alternation only)")
     group.add_argument("--eval-every", type=int, default=None, metavar="K",
                        help="refusal curve: the keyword refusal rate on --curve-prompts before training, every K "
                             "optimizer steps and at the end (greedy; freeze_report.json's refusal_curve)")
@@ -97,7 +104,21 @@ def add_training_extensions(parser: argparse.ArgumentParser, defaults: FineTuneC
 
 EXTENSION_KEYS = ("lr_scheduler", "warmup_steps", "warmup_ratio", "gradient_checkpointing", "freeze_strength",
                   "rescore_every", "rescore_mode", "safety_data", "safety_weight", "lora_r", "lora_alpha",
-                  "eval_every", "eval_prompts", "eval_limit", "eval_max_new_tokens")
+                  "eval_every", "eval_prompts", "eval_limit", "eval_max_new_tokens", "lisa_rho")
+
+
+def paper_or_numbers(text: str | None, option: str, paper: tuple, kind: type, valid: Callable[[tuple], bool],
+                     expected: str) -> tuple | None:
+    """None (not given), the paper's values for `paper`, or as many comma-separated numbers as the paper has."""
+    if text is None or text == "paper":
+        return None if text is None else paper
+    try:
+        values = tuple(kind(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != len(paper) or not valid(values):
+        raise SafeneuronsError(f"{option} {text!r}: expected 'paper' or {expected}")
+    return values
 
 
 def config_from_args(args: argparse.Namespace) -> FineTuneConfig:
@@ -106,7 +127,12 @@ def config_from_args(args: argparse.Namespace) -> FineTuneConfig:
         raise SafeneuronsError("--save-path (or --out) is required: the folder for the fine-tuned model")
     extensions = {key: getattr(args, key) for key in EXTENSION_KEYS}
     extensions["lora_targets"] = tuple(name.strip() for name in args.lora_targets.split(",") if name.strip())
-    extensions["constrained_betas"] = None if args.constrained_betas is None else parse_betas(args.constrained_betas)
+    extensions["constrained_betas"] = paper_or_numbers(
+        args.constrained_betas, "--constrained-betas", PAPER_BETAS, float, lambda betas: all(b > 0 for b in betas),
+        "three positive numbers B1,B2,B3 (first response token, tokens 2–5, the rest)")
+    extensions["lisa_steps"] = paper_or_numbers(
+        args.lisa_steps, "--lisa-steps", PAPER_STEPS, int, lambda steps: steps[0] >= 0 and steps[1] >= 1,
+        "A,F with A >= 0 alignment and F >= 1 fine-tuning steps per cycle")
     return FineTuneConfig(
         data=args.data, save_path=save_path, num_epochs=args.num_epochs, learning_rate=args.learning_rate,
         batch_size=args.batch_size, max_length=args.max_length, weight_decay=args.weight_decay,

@@ -22,6 +22,7 @@ from safeneurons.finetune.schedule import planned_steps
 from safeneurons.interventions.dynamic import DynamicFreezing, rescore_config
 from safeneurons.interventions.freezing import FROZEN_ATTRIBUTE, FrozenWeights, freeze
 from safeneurons.runtime import distributed
+from safeneurons.runtime.dsconfig import zero_stage
 from safeneurons.runtime.tracking import Tracker, open_tracker
 
 if TYPE_CHECKING:
@@ -140,8 +141,6 @@ def _train_full(model: nn.Module, frozen: FrozenWeights | None, tokenizer: Any, 
     """Full-weight training with the HF Trainer or our loop; returns the report and the trained module."""
     if config.engine == "trainer":
         from safeneurons.finetune.trainer import train_with_trainer
-        from safeneurons.runtime.dsconfig import zero_stage
-
         report = train_with_trainer(model, frozen, samples, tokenizer.pad_token_id, config, ds_config, settings,
                                     zero_stage(ds_config) if ds_config else None, tracker)
         return report, model
@@ -157,6 +156,9 @@ def make_backend(model: nn.Module, ds_config: dict | None, config: FineTuneConfi
                  world: int) -> TrainingBackend:
     """The DeepSpeed engine loop under a DeepSpeed config, else the plain loop; the schedule spans the plan."""
     total_steps = planned_steps(n_samples, config, world)
+    if ds_config and config.lisa_steps is not None and zero_stage(ds_config) != 3:
+        raise SafeneuronsError(f"--lisa-steps adds its proximal gradient to the plain loop's or ZeRO-3's gradient "
+                               f"partitions; the DeepSpeed config is ZeRO-{zero_stage(ds_config)}")
     return DeepSpeedBackend(model, ds_config, config, total_steps) if ds_config else \
         TorchBackend(model, config, total_steps)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class TrainingBackend(Protocol):
     module: nn.Module
     zero_stage: int | None
+    before_update: Callable[[], None] | None
 
     def micro_step(self, batch: Mapping[str, torch.Tensor], boundary: bool,
                    safety_batch: Mapping[str, torch.Tensor] | None = None) -> tuple[float, float | None]: ...
@@ -69,12 +70,15 @@ class TorchBackend:
         self.optimizer = _adamw([p for p in model.parameters() if p.requires_grad], config)
         self.scheduler = make_scheduler(self.optimizer, config, total_steps)
         self.last_grad_norm: float | None = None
+        self.before_update: Callable[[], None] | None = None  # edits the gradients before clipping and the step
 
     def micro_step(self, batch: Mapping[str, torch.Tensor], boundary: bool,
                    safety_batch: Mapping[str, torch.Tensor] | None = None) -> tuple[float, float | None]:
         objective, loss, safety_loss = _losses(self.module, batch, safety_batch, self.config)
         (objective / self.config.gradient_accumulation_steps).backward()
         if boundary:
+            if self.before_update is not None:
+                self.before_update()
             self.last_grad_norm = self._clip_gradients()
             self.optimizer.step()
             self.scheduler.step()
@@ -128,11 +132,14 @@ class DeepSpeedBackend:
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=parameters,
                                                optimizer=optimizer, lr_scheduler=scheduler)
         self.module = self.engine.module
+        self.before_update: Callable[[], None] | None = None  # edits the gradient partitions before the step
 
     def micro_step(self, batch: Mapping[str, torch.Tensor], boundary: bool,
                    safety_batch: Mapping[str, torch.Tensor] | None = None) -> tuple[float, float | None]:
         objective, loss, safety_loss = _losses(self.engine, batch, safety_batch, self.config)
         self.engine.backward(objective)
+        if boundary and self.before_update is not None:
+            self.before_update()
         self.engine.step()
         return _floats(loss, safety_loss)
 

@@ -30,7 +30,7 @@ ENGINES = ("loop", "trainer")
 RUN_KEYS = ("data", "nsamples", "num_epochs", "learning_rate", "batch_size", "gradient_accumulation_steps",
             "max_length", "weight_decay", "max_grad_norm", "seed", "dtype", "add_eos", "masks", "lr_scheduler",
             "warmup_steps", "warmup_ratio", "freeze_strength", "safety_data", "safety_weight", "lora_r",
-            "lora_alpha", "lora_targets", "rescore_every", "rescore_mode", "constrained_betas")
+            "lora_alpha", "lora_targets", "rescore_every", "rescore_mode", "constrained_betas", "lisa_steps", "lisa_rho")
 
 
 @dataclass
@@ -70,6 +70,8 @@ class FineTuneConfig:
     rescore_every: int | None = None  # dynamic freezing: re-score every K optimizer steps
     rescore_mode: str = "union"
     constrained_betas: tuple[float, float, float] | None = None  # token-wise constrained objective (constrained.py)
+    lisa_steps: tuple[int, int] | None = None  # Lisa's alignment and fine-tuning steps per cycle (lisa.py)
+    lisa_rho: float = 1.0  # Lisa's proximal weight ρ
     engine: str = "loop"  # "trainer": the same job through transformers.Trainer (trainer.py)
     eval_every: int | None = None  # refusal curve: measure every K optimizer steps (refusal_curve.py)
     eval_prompts: str = DEFAULT_PROMPTS
@@ -139,12 +141,24 @@ class FineTuneConfig:
         if self.constrained_betas is not None and (len(self.constrained_betas) != 3 or
                                                    not all(beta > 0 for beta in self.constrained_betas)):
             raise SafeneuronsError(f"--constrained-betas {self.constrained_betas} must be three positive numbers")
+        self._validate_lisa()
         loop_only = {"--safety-data": self.safety_data, "--lora-r": self.lora_r, "--rescore-every": self.rescore_every,
                      "--checkpoint-dir": self.checkpoint_dir, "--eval-every": self.eval_every,
-                     "--constrained-betas": self.constrained_betas}
+                     "--constrained-betas": self.constrained_betas, "--lisa-steps": self.lisa_steps}
         if self.engine == "trainer" and any(loop_only.values()):
             raise SafeneuronsError(f"--engine trainer does not take {', '.join(k for k, v in loop_only.items() if v)}: "
                                    f"use the built-in loop (--engine loop)")
+
+    def _validate_lisa(self) -> None:
+        if self.lisa_steps is None:
+            return
+        if not self.safety_data:
+            raise SafeneuronsError("--lisa-steps alternates with steps on alignment data: give --safety-data")
+        if self.lisa_rho < 0:
+            raise SafeneuronsError(f"--lisa-rho {self.lisa_rho} must be >= 0")
+        if self.checkpoint_dir or self.resume:
+            raise SafeneuronsError("--lisa-steps keeps its proximal anchors in memory: it does not checkpoint or "
+                                   "resume (--checkpoint-dir, --resume)")
 
     def check_needs_masks(self, has_masks: bool) -> None:
         """Options that modify a freeze are refused without one."""

@@ -18,25 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from safeneurons.data.examples import IGNORE_INDEX, Sample
-from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime.distributed import map_fixed_batches
 
 PAPER_BETAS = (0.5, 2.0, 0.1)  # β for the first response token, for tokens 2–5, and after
 EARLY_TOKENS = 5
-
-
-def parse_betas(text: str) -> tuple[float, float, float]:
-    """`paper` or three comma-separated positive numbers (first token, tokens 2–5, the rest)."""
-    if text == "paper":
-        return PAPER_BETAS
-    try:
-        betas = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        betas = ()
-    if len(betas) != 3 or not all(beta > 0 for beta in betas):
-        raise SafeneuronsError(f"--constrained-betas {text!r}: expected 'paper' or three positive numbers "
-                               f"B1,B2,B3 (first response token, tokens 2–5, the rest)")
-    return betas
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

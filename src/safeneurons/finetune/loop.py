@@ -17,6 +17,7 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.finetune.config import REPORT_FILE, FineTuneResult
 from safeneurons.finetune.constrained import pad_reference, reference_logprobs
 from safeneurons.finetune.drift import DriftStats
+from safeneurons.finetune.lisa import LisaState
 from safeneurons.finetune.resume import SETTINGS_FILE, check_resume, run_settings
 from safeneurons.finetune.schedule import micro_batch_plan, safety_batch_plan
 from safeneurons.models.loading import save_hf_folder
@@ -75,39 +76,68 @@ def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[
     return {key: value.to(device) for key, value in batch.items()}
 
 
+@dataclass
+class MicroBatches:
+    """This rank's micro-batches: the training samples by `plan`, the safety samples by `safety_plan` (mixed into
+    every step with --safety-data, or in place of the user's batch in Lisa's alignment steps), and the aligned
+    log-probs of the constrained objective (`reference`)."""
+
+    samples: Sequence[Sample]
+    plan: list[list[int]]
+    pad_token_id: int
+    device: torch.device
+    safety: Sequence[Sample] | None = None
+    safety_plan: list[list[int]] | None = None
+    mix_safety: bool = True
+    reference: Sequence[torch.Tensor] | None = None
+
+    def _safety_batch(self, index: int) -> dict[str, torch.Tensor]:
+        return _to_device(pad_batch([self.safety[i] for i in self.safety_plan[index]], self.pad_token_id), self.device)
+
+    def get(self, index: int, aligning: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """(batch, safety batch) of micro-batch `index`; in an alignment step the batch is the safety data's."""
+        if aligning:
+            return self._safety_batch(index), None
+        batch = pad_batch([self.samples[i] for i in self.plan[index]], self.pad_token_id)
+        if self.reference is not None:
+            batch["reference_logprobs"] = pad_reference([self.reference[i] for i in self.plan[index]],
+                                                         batch["labels"].shape[1] - 1)
+        mixed = self._safety_batch(index) if self.safety_plan is not None and self.mix_safety else None
+        return _to_device(batch, self.device), mixed
+
+
 def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int, config: FineTuneConfig,
           device: torch.device, state: RunState, settings: Mapping[str, Any] | None = None,
           safety: Sequence[Sample] | None = None, dynamic: DynamicFreezing | None = None,
           probe: RefusalProbe | None = None, tracker: Tracker | None = None,
           reference: Sequence[torch.Tensor] | None = None) -> RunState:
     """Run optimizer steps `state.step` .. the end of the plan (or max_steps), checkpointing as asked; with
-    `safety` samples every micro-batch also takes a safety batch (see `safety_batch_plan`); `dynamic` updates
-    the frozen set after the steps it is due; `probe` measures the refusal rate at the steps it is due (before
-    a checkpoint, so that a resumed run has every point); `tracker` receives each step's metrics; `reference`
-    (each sample's aligned log-probs) makes every batch carry them for the constrained loss."""
+    `safety` samples every micro-batch also takes a safety batch (see `safety_batch_plan`), or with --lisa-steps
+    the alignment steps train on them (lisa.py); `dynamic` updates the frozen set after the steps it is due;
+    `probe` measures the refusal rate at the steps it is due (before a checkpoint, so that a resumed run has every
+    point); `tracker` receives each step's metrics; `reference` (each sample's aligned log-probs) makes every batch
+    carry them for the constrained loss."""
     tracker = tracker or Tracker()
     world, rank = distributed.world_size(), distributed.rank()
     plan = micro_batch_plan(len(samples), config, world, rank)
-    safety_plan = safety_batch_plan(len(safety), len(plan), config, world, rank) if safety else None
+    batches = MicroBatches(samples, plan, pad_token_id, device, safety,
+                           safety_batch_plan(len(safety), len(plan), config, world, rank) if safety else None,
+                           config.lisa_steps is None, reference)
     accumulation = config.gradient_accumulation_steps
-    total = len(plan) // accumulation
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
+    total = min(len(plan) // accumulation, config.max_steps or len(plan))
+    lisa = None if config.lisa_steps is None else \
+        LisaState.start(backend.module, config.lisa_steps, config.lisa_rho, total)
     backend.module.train()
     if probe is not None and not state.refusal_curve:
         _record_refusal(backend, probe, state, tracker)
     for step in distributed.progress(range(state.step, total), desc="fine-tuning", initial=state.step, total=total):
         losses, safety_losses, started = [], [], time.perf_counter()
+        aligning = lisa is not None and lisa.before_step(step)
+        backend.before_update = lisa.proximal.add_to_gradients if lisa and lisa.proximal_active(step) else None
         state.learning_rates.append(backend.learning_rate())
         for micro in range(accumulation):
-            index = step * accumulation + micro
-            batch = pad_batch([samples[i] for i in plan[index]], pad_token_id)
-            if reference is not None:
-                batch["reference_logprobs"] = pad_reference([reference[i] for i in plan[index]],
-                                                             batch["labels"].shape[1] - 1)
-            safety_batch = None if safety_plan is None else \
-                _to_device(pad_batch([safety[i] for i in safety_plan[index]], pad_token_id), device)
-            loss, safety_loss = backend.micro_step(_to_device(batch, device), micro == accumulation - 1, safety_batch)
+            batch, safety_batch = batches.get(step * accumulation + micro, aligning)
+            loss, safety_loss = backend.micro_step(batch, micro == accumulation - 1, safety_batch)
             losses.append(loss)
             safety_losses += [] if safety_loss is None else [safety_loss]
         state.loss_curve.append(mean_over_ranks(losses))

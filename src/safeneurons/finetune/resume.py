@@ -19,7 +19,8 @@ def run_settings(config: FineTuneConfig, masks: Any) -> dict[str, Any]:
     selected count."""
     settings = {key: getattr(config, key) for key in RUN_KEYS if key != "masks"}
     settings["lora_targets"] = list(config.lora_targets)  # as JSON reads it back
-    settings["constrained_betas"] = None if config.constrained_betas is None else list(config.constrained_betas)
+    for key in ("constrained_betas", "lisa_steps"):
+        settings[key] = None if getattr(config, key) is None else list(getattr(config, key))
     settings["masks"] = None if masks is None else masks_identity(masks) if isinstance(masks, (str, Path)) else \
         f"<in memory: {sum(int(mask.sum()) for mask in masks.values())} elements>" if isinstance(masks, Mapping) \
         else "<frozen weights>"
