@@ -47,6 +47,7 @@ def test_safety_layers_masks_freeze_those_layers_through_finetune(tmp_path):
                      "demo-harmless", "--limit", "8", "--out", str(tmp_path / "layers")]) == 0
     summary = json.loads((tmp_path / "layers" / "safety_layers.json").read_text())
     assert len(summary["gap"]) == 6 and summary["safety_layers"] == list(range(summary["first"], summary["last"] + 1))
+    assert summary["onset_found"] == (summary["first"] > 0)
     assert summary["gap"] == pytest.approx([a - b for a, b in zip(summary["harmless_similarity"],
                                                                   summary["mixed_similarity"])])
     assert cli.main(["finetune", "--model", "demo", "--masks", str(tmp_path / "layers"), "--data", "demo-utility",

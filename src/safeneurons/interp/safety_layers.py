@@ -74,6 +74,7 @@ class SafetyLayersResult:
 
     def to_json(self, config: SafetyLayersConfig) -> dict[str, Any]:
         return {"method": "sppft", "safety_layers": self.layers, "first": self.first, "last": self.last,
+                "onset_found": self.first > 0,
                 "gap": self.gap, "harmless_similarity": self.harmless_similarity,
                 "mixed_similarity": self.mixed_similarity, "onset": config.onset, "limit": config.limit,
                 "model": config.model, "harmful_data": config.harmful_data, "harmless_data": config.harmless_data}
@@ -138,6 +139,10 @@ def run_safety_layers(config: SafetyLayersConfig, out: str | Path) -> SafetyLaye
     gap = [a - b for a, b in zip(within, mixed)]
     result = SafetyLayersResult(*locate(gap, config.onset), within, mixed, gap)
     log.info("safety layers %d-%d of %d", result.first, result.last, len(gap))
+    if result.first == 0:
+        log.warning("the cosine gap is already %.3g of its largest value at the first layer: the curve has no "
+                    "onset to find (the paper's start near 0), so the first layers are selected by default; look "
+                    "at safety_layers.json's gap before trusting them", gap[0] / max(gap))
     if distributed.is_main():
         with staged(out) as staging:
             save_masks(whole_layer_masks(model, result.layers), staging)
