@@ -11,6 +11,7 @@ import torch
 from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.refusal_curve import (CURVE_MAX_NEW_TOKENS, DEFAULT_LIMIT, DEFAULT_PROMPTS,
                                                   check_probe_settings)
+from safeneurons.finetune.lisa import PAPER_RHO
 from safeneurons.runtime.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class FineTuneConfig:
     rescore_mode: str = "union"
     constrained_betas: tuple[float, float, float] | None = None  # token-wise constrained objective (constrained.py)
     lisa_steps: tuple[int, int] | None = None  # Lisa's alignment and fine-tuning steps per cycle (lisa.py)
-    lisa_rho: float = 1.0  # Lisa's proximal weight ρ
+    lisa_rho: float = PAPER_RHO  # Lisa's proximal weight ρ
     engine: str = "loop"  # "trainer": the same job through transformers.Trainer (trainer.py)
     eval_every: int | None = None  # refusal curve: measure every K optimizer steps (refusal_curve.py)
     eval_prompts: str = DEFAULT_PROMPTS

@@ -19,6 +19,7 @@ from torch import nn
 
 from safeneurons.data.examples import IGNORE_INDEX, Sample
 from safeneurons.runtime.distributed import map_fixed_batches
+from safeneurons.scores.passes import next_token_losses
 
 PAPER_BETAS = (0.5, 2.0, 0.1)  # β for the first response token, for tokens 2–5, and after
 EARLY_TOKENS = 5
@@ -26,10 +27,7 @@ EARLY_TOKENS = 5
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[B, T−1]: log π(y_t) of each next-token label (0 where the label is ignored), in float32."""
-    targets = labels[:, 1:]
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked.masked_fill(targets == IGNORE_INDEX, 0.0)
+    return -next_token_losses(logits, labels)
 
 
 def token_betas(labels: torch.Tensor, betas: Sequence[float]) -> torch.Tensor:

@@ -123,14 +123,18 @@ def _micro_batch(group: Sequence[tuple[Sample, bool]], device: torch.device) -> 
                       torch.tensor([real for _, real in group], device=device))
 
 
-def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each sample's mean next-token loss over its response tokens (HF's causal-LM loss, one sample at a time)."""
+def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T−1]: −log p of each next-token label in float32, 0 where the label is ignored."""
     targets = labels[:, 1:]
     # The flattened [tokens, vocab] form, as HF's loss: its fp32 gradient is about 10x closer to float64 than that
     # of cross_entropy over a transposed [batch, vocab, tokens] tensor.
-    token_losses = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
-    return token_losses.sum(dim=1) / (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+
+
+def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean next-token loss over its response tokens (HF's causal-LM loss, one sample at a time)."""
+    return next_token_losses(logits, labels).sum(dim=1) / (labels[:, 1:] != IGNORE_INDEX).sum(dim=1).clamp(min=1)
 
 
 @dataclass
