@@ -7,7 +7,7 @@ import math
 import pytest
 
 from safeneurons import cli, demo
-from safeneurons.analysis.study import Estimate, aggregate_arm, estimate, verdict
+from safeneurons.analysis.study import Estimate, aggregate_arm, estimate, ranking, verdict
 from safeneurons.data.samples import load_prompts
 from safeneurons.evaluation.generation import Decoding, generate
 from safeneurons.evaluation.metrics import refusal_rate
@@ -105,6 +105,27 @@ def test_verdict_quotes_intervals_and_says_when_arms_are_not_distinguishable():
     assert "cannot show whether freezing helps" in verdict(unchanged, base, ARM_LABELS)
     assert "setdiff" not in verdict({"harmful": {**apart["harmful"], "setdiff_frozen": _arm([0.8, 0.9, 0.85])}}, base,
                                     ARM_LABELS)  # the report's one name: set-difference frozen
+
+
+def test_the_ranking_orders_arms_by_mean_refusal_and_names_the_ones_it_cannot_separate():
+    """Pairs of arms are told apart exactly when their t-intervals do not overlap, recomputed here by hand."""
+    values = {"plain": [0.0, 0.05, 0.1], "lisa": [0.8, 0.85, 0.9], "resta": [0.7, 0.9, 0.8],
+              "antidote": [0.3, 0.35, 0.4], "safety_frozen": [0.0, 0.1, 0.05]}
+    final = {arm: estimate(rates, (0.0, 1.0)) for arm, rates in values.items()}
+    text = ranking(final, ARM_LABELS)
+    order = sorted(values, key=lambda arm: -sum(values[arm]) / 3)
+    assert text.startswith("Ranked by final refusal: " + ", ".join(
+        f"{place}. {ARM_LABELS[arm]} {sum(values[arm]) / 3:.2f}" for place, arm in enumerate(order, 1)))
+
+    def apart(a: str, b: str) -> bool:
+        return final[a].high < final[b].low or final[b].high < final[a].low
+
+    tied = [ARM_LABELS[arm] for arm in order[1:] if not apart(arm, order[0])]
+    assert tied == ["RESTA"] and f"Not distinguishable from Lisa (intervals overlap): {', '.join(tied)}." in text
+    above = [ARM_LABELS[arm] for arm in order if arm != "plain" and apart(arm, "plain")]
+    assert f"Above plain: {', '.join(above)}; below plain: none." in text and "safety-frozen" not in above
+    one_seed = {arm: estimate(rates[:1]) for arm, rates in values.items()}
+    assert "cannot tell arms apart" in ranking(one_seed, ARM_LABELS)
 
 
 def _curve_arm(curves: list[list[float]]) -> dict:

@@ -15,6 +15,7 @@ from helpers import run_ranks
 from safeneurons import cli
 from safeneurons.cli.pipeline import config_from_args
 from safeneurons.models.loading import demo_model_dir
+from safeneurons.workflows.pipeline.report import ARM_LABELS
 from safeneurons.workflows.pipeline.settings import ARMS, ATTACKS, DONE_FILE, PipelineConfig
 
 SMALL = ["--sparsity-ratio", "0.05", "--nsamples", "8", "--finetune-nsamples", "16", "--num-epochs", "1",
@@ -25,8 +26,11 @@ ORIGINAL_KEYS = {"original_safety_critical_count": int, "new_safety_critical_cou
                  "prune_method": str, "prune_data": str, "sparsity_ratio": float, "training_data": str,
                  "num_epochs": int, "learning_rate": float}
 RUNS = [f"{attack}_{arm}_s{seed}" for attack in ATTACKS for arm in ARMS[1:] for seed in (0, 1)]
-STAGES = ["score", "score_setdiff", "score_random", *(f"finetune_{run}" for run in RUNS), "rescore", "compare",
-          "eval_base", *(f"eval_{run}" for run in RUNS)]
+# The demo profile chooses each attack's rate from plain first (--attack-rates): with 4 steps K = 1, so the largest
+# candidate, demo's 1e-3, passes at once
+CALIBRATION = [f"calibrate_{attack}_lr0.001" for attack in ATTACKS]
+STAGES = [*CALIBRATION, "score", "score_setdiff", "score_random", *(f"finetune_{run}" for run in RUNS), "rescore",
+          "compare", "eval_base", *(f"eval_{run}" for run in RUNS)]
 
 
 def _settings(*argv: str) -> PipelineConfig:
@@ -162,8 +166,11 @@ def test_rerun_with_the_same_arguments_skips_finished_stages(single_run, caplog)
         assert cli.main(_pipeline_args(single_run)) == 0
     announced = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
     assert len(announced) == len(STAGES)
-    assert all(re.match(rf"stage {number} of {len(STAGES)} \(\w+, \d+\.\d min into the study\)", line)
-               for number, line in enumerate(announced, 1)), announced
+    trials, stages = announced[:len(CALIBRATION)], announced[len(CALIBRATION):]
+    assert all(line.startswith(f"attack strength ({attack}, learning rate 0.001)")
+               for attack, line in zip(ATTACKS, trials)), trials
+    assert all(re.match(rf"stage {number} of {len(stages)} \(\w+, \d+\.\d min into the study\)", line)
+               for number, line in enumerate(stages, 1)), stages
     assert {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES} == before
     assert (results / "eval_benign_plain_s0" / "eval.json").stat().st_mtime_ns == outputs
     assert (results / "analysis_summary.json").is_file()
@@ -265,6 +272,63 @@ def test_extension_arms_join_a_finished_study(single_run):
 
 
 @pytest.mark.slow
+def test_defences_join_a_finished_study(single_run):
+    """`--defences all` on a finished run: only the defences' stages (and compare) run. SPPFT's located layers stay
+    bit for bit; RESTA is plain + (demo − demo-base); Antidote zeroes exactly int(0.1 × columns) of each row of
+    plain's Linears; Safe LoRA changes only the matrices it projected of plain LoRA's model; Lisa and the
+    constrained objective trained with the paper's settings; the report ranks every arm and prices it."""
+    from safetensors.torch import load_file
+
+    from safeneurons.workflows.pipeline.settings import DEFENCES
+
+    results, models = single_run / "results", single_run / "models"
+    before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert cli.main(_pipeline_args(single_run, "--defences", "all", *ONE_RUN)) == 0
+    after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert [stage for stage in STAGES if after[stage] != before[stage]] == ["compare"]
+    arms = [*ARMS, "sppft", "lora_plain", *DEFENCES[1:]]
+    summary = _check_summary(results, arms)
+    demo, base = load_file(demo_model_dir() / "model.safetensors"), load_file(
+        demo_model_dir("base") / "model.safetensors")
+
+    def model(arm: str) -> dict[str, torch.Tensor]:
+        return load_file(models / f"benign_{arm}_s0" / "model.safetensors")
+
+    layers = json.loads((results / "safety_layers" / "safety_layers.json").read_text())["safety_layers"]
+    sppft = model("sppft")
+    inside = [name for name in demo if any(f"layers.{layer}." in name for layer in layers)]
+    assert inside and all(torch.equal(sppft[name], demo[name]) for name in inside)
+    assert any(not torch.equal(sppft[name], demo[name]) for name in demo if name not in inside)
+    plain, resta = model("plain"), model("resta")
+    for name, tensor in plain.items():
+        assert torch.allclose(resta[name], tensor + (demo[name] - base[name]), atol=1e-6, rtol=0), name
+    antidote = model("antidote")
+    linears = [name for name in plain if ".layers." in name and name.endswith("proj.weight")]
+    for name in linears:
+        zeroed = (antidote[name] == 0) & (plain[name] != 0)
+        assert torch.equal(antidote[name][~zeroed], plain[name][~zeroed]), name
+        assert zeroed.sum(dim=1).tolist() == [int(plain[name].shape[1] * 0.1)] * plain[name].shape[0], name
+    lora, safe_lora = model("lora_plain"), model("safe_lora")
+    repair = json.loads((results / "defend_benign_safe_lora_s0" / "defence.json").read_text())
+    assert repair["source"] == str(models / "benign_lora_plain_s0")
+    projected = set(repair["summary"]["projected"])
+    assert all(torch.equal(safe_lora[name], lora[name]) != (name in projected) for name in lora)
+
+    def run_settings(arm: str) -> dict:
+        return json.loads((results / f"finetune_benign_{arm}_s0" / "freeze_report.json").read_text())["run_settings"]
+
+    assert run_settings("lisa")["lisa_steps"] == [1, 9] and run_settings("constrained_sft")["constrained_betas"] == [
+        0.5, 2.0, 0.1]
+    costs = summary["costs"]["benign"]
+    assert costs["plain"]["relative_to_plain"] == 1.0 and all(cost["seconds"] > 0 for cost in costs.values())
+    assert costs["sppft"]["preparation_seconds"] > 0 and costs["resta"]["preparation_seconds"] is None
+    report = (results / "report.md").read_text()
+    assert "## Cost of each arm" in report and "| benign | RESTA |" in report and "## Attack strength" in report
+    benign = summary["verdict"].split("Under the benign attack")[1]
+    assert "Ranked by final refusal: " in benign and all(f". {ARM_LABELS[arm]} " in benign for arm in arms[1:])
+
+
+@pytest.mark.slow
 def test_the_direction_joins_a_finished_study(single_run):
     """`--direction` on a finished run: only its stage runs (and compare, whose arms an earlier test of this module
     may have extended); the report and the summary gain its section, which says plainly that the original's filter
@@ -305,3 +369,28 @@ def test_neuron_patching_needs_its_base_model(tmp_path):
     with pytest.raises(Exception, match="fractions in"):
         _settings("--neuron-patching", "--neuron-fractions", "0.05,1.5")
     assert _settings("--neuron-patching").neuron_base_model == "demo-base"
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--defences", "sppft,bogus"], "--defences 'bogus' is not one of sppft, safe_lora, lisa"),
+    (["--defences", "resta", "--base-model", "none"], "--defences resta needs --base-model"),
+    (["--defences", "safe_lora", "--base-model", "{other}"], "in --base-model but (714, 128) F32 in --model"),
+    (["--defences", "antidote", "--harmful-training-data", "none", "--attacks", "benign"],
+     "--defences antidote re-aligns on harmful prompts with harmful answers: give --harmful-training-data"),
+    (["--defences", "lisa", "--deepspeed", str(Path(__file__).parents[2] / "ds_configs" / "zero2.json")],
+     "is ZeRO stage 2"),
+    (["--lisa-steps", "5"], "--lisa-steps '5': expected paper or A,F"),
+    (["--attack-rates", "1e-3,-1"], "--attack-rates '1e-3,-1': expected distinct positive learning rates"),
+    (["--attack-rates", "1e-3", "--eval-every", "0"], "--eval-every must be > 0"),
+    (["--attack-halving-fraction", "0"], "--attack-halving-fraction=0.0 must lie in (0, 1]"),
+])
+def test_bad_defence_settings_are_one_line_before_any_model_loads(options, message, tmp_path, demo_tokenizer,
+                                                                  capsys, no_model_load):
+    from helpers import make_tiny_llama, run_expecting_error
+
+    other = tmp_path / "other"
+    make_tiny_llama(demo_tokenizer, seed=1, layers=3).save_pretrained(other)
+    command = _pipeline_args(tmp_path, "--model", "demo", *[str(other) if option == "{other}" else option
+                                                            for option in options])
+    assert message in run_expecting_error(command, tmp_path, capsys)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "models").exists()

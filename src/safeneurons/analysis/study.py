@@ -99,8 +99,10 @@ def table_rows(attacks: Mapping[str, Mapping[str, dict]], labels: Mapping[str, s
         for arm, result in arms.items():
             halved = result["steps_until_halved"]
             never = result["seeds"] - result["halved_in"]
-            steps = _interval_text(halved, 1) + (f"; not in {never} of {result['seeds']}" if never and halved["n"]
-                                                 else "" if halved["n"] else "not within the run")
+            if halved["n"]:
+                steps = _interval_text(halved, 1) + (f"; not in {never} of {result['seeds']}" if never else "")
+            else:  # no curve at all: a post-hoc repair, or none measured
+                steps = "not within the run" if result["curve"] else "–"
             rows.append([attack, labels.get(arm, arm), *(_interval_text(result[metric], 3 if metric == "perplexity"
                                                                         else 2) for metric in METRICS), steps])
     return rows
@@ -127,6 +129,31 @@ def saturation(arms: Mapping[str, dict]) -> str | None:
                     f"design cannot separate the arms: measure earlier (--eval-every) or make the attack "
                     f"{'weaker' if bound == 0 else 'stronger'}.")
     return None
+
+
+def ranking(final: Mapping[str, Estimate], labels: Mapping[str, str]) -> str:
+    """The arms ranked by their mean final refusal, which of them the first cannot be told from (overlapping
+    intervals), and each arm's standing against plain."""
+    ranked = sorted((arm for arm in final if final[arm].mean is not None), key=lambda arm: -final[arm].mean)
+    if len(ranked) < 2:
+        return ""
+    name = {arm: labels.get(arm, arm) for arm in ranked}
+    text = "Ranked by final refusal: " + ", ".join(f"{place}. {name[arm]} {final[arm].mean:.2f}"
+                                                   for place, arm in enumerate(ranked, 1)) + "."
+    first = ranked[0]
+    if any(final[arm].low is None for arm in ranked):
+        return text + " Some arms have no interval (one seed): the ranking cannot tell arms apart."
+    tied = [name[arm] for arm in ranked[1:] if final[arm].overlaps(final[first])]
+    text += (f" Not distinguishable from {name[first]} (intervals overlap): {', '.join(tied)}." if tied else
+             f" {name[first]} is distinguishable from every other arm.")
+    if "plain" in final and first != "plain":
+        plain = final["plain"]
+        above = [name[arm] for arm in ranked if arm != "plain" and not final[arm].overlaps(plain)
+                 and final[arm].mean > plain.mean]
+        below = [name[arm] for arm in ranked if arm != "plain" and not final[arm].overlaps(plain)
+                 and final[arm].mean < plain.mean]
+        text += f" Above plain: {', '.join(above) or 'none'}; below plain: {', '.join(below) or 'none'}."
+    return text
 
 
 def verdict(attacks: Mapping[str, Mapping[str, dict]], base: Mapping, labels: Mapping[str, str] | None = None) -> str:
@@ -165,7 +192,8 @@ def verdict(attacks: Mapping[str, Mapping[str, dict]], base: Mapping, labels: Ma
             if control is not None:
                 findings.append(f"{name} is {'not ' if final[arm].overlaps(control) else ''}distinguishable from "
                                 f"the random control")
-        sentences.append(text + (" " + "; ".join(findings).capitalize() + "." if findings else ""))
+        text += " " + "; ".join(findings).capitalize() + "." if findings else ""
+        sentences.append((text + " " + ranking(final, labels)).rstrip())
     return " ".join(sentences)
 
 
@@ -191,6 +219,9 @@ def plot_curves(attacks: Mapping[str, Mapping[str, dict]], labels: Mapping[str, 
                 if all(point["low"] is not None for point in curve):
                     axis.fill_between(steps, [point["low"] for point in curve], [point["high"] for point in curve],
                                       color="C0", alpha=0.2, label="95% interval")
+            else:
+                axis.text(0.5, 0.5, "no refusal curve\n(a post-hoc repair,\nor none measured)",
+                          transform=axis.transAxes, ha="center", va="center", fontsize=7)
             axis.set_title(f"{attack}: {labels.get(arm, arm)}", fontsize=8)
             axis.set_ylim(-0.02, 1.02)
             axis.tick_params(labelsize=7)

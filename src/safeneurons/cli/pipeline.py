@@ -23,7 +23,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
             continue
         aliases = FLAGS.get(item.name, ["--" + item.name.replace("_", "-")])
         kind = {"sparsity_ratio": float, "learning_rate": float, "finetune_nsamples": int, "setdiff_q": float,
-                "setdiff_p": float}.get(item.name)
+                "setdiff_p": float, "attack_halving_fraction": float}.get(item.name)
         if kind is None and isinstance(getattr(defaults, item.name), int):
             kind = int
         demo = DEMO_PROFILE.get(item.name, getattr(defaults, item.name))

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING, Callable, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
+from safeneurons.data.examples import IGNORE_INDEX
 from safeneurons.errors import SafeneuronsError
 from safeneurons.finetune.config import ADAM_BETAS, ADAM_EPS, LATEST_FILE
 from safeneurons.finetune.constrained import constrained_loss
 from safeneurons.finetune.schedule import make_scheduler
+from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import atomic_file
 
 if TYPE_CHECKING:
@@ -40,20 +42,38 @@ def _adamw(parameters: Sequence[nn.Parameter], config: FineTuneConfig) -> torch.
                              eps=ADAM_EPS)
 
 
+def token_share(labels: torch.Tensor) -> float:
+    """Under N ranks, N × this rank's share of the micro-batch's response tokens (1 on one rank). A rank's loss is
+    the mean over its own tokens and the ranks' gradients are averaged: scaled by this, the average is the mean over
+    all the micro-batch's tokens, as one rank taking the whole micro-batch computes it."""
+    world = distributed.world_size()
+    if world == 1:
+        return 1.0
+    tokens = float((labels[:, 1:] != IGNORE_INDEX).sum())
+    return tokens * world / max(distributed.reduce_over_ranks(tokens), 1.0)
+
+
 def _losses(module: nn.Module, batch: Mapping[str, torch.Tensor], safety_batch: Mapping[str, torch.Tensor] | None,
             config: FineTuneConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(objective, task loss, safety loss): the objective adds safety_weight × the loss on the safety batch; a batch
-    with the aligned model's `reference_logprobs` takes the token-wise constrained loss instead of cross-entropy."""
+    with the aligned model's `reference_logprobs` takes the token-wise constrained loss instead of cross-entropy.
+    Each loss is weighted by its `token_share`, so that the number of ranks does not change the objective."""
     if "reference_logprobs" in batch:
         inputs = {key: value for key, value in batch.items() if key not in ("labels", "reference_logprobs")}
         loss = constrained_loss(module(**inputs).logits, batch["labels"], batch["reference_logprobs"],
                                 config.constrained_betas)
     else:
         loss = module(**batch).loss
+    loss = _shared(loss, batch["labels"])
     if safety_batch is None:
         return loss, loss, None
-    safety_loss = module(**safety_batch).loss
+    safety_loss = _shared(module(**safety_batch).loss, safety_batch["labels"])
     return loss + config.safety_weight * safety_loss, loss, safety_loss
+
+
+def _shared(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    share = token_share(labels)
+    return loss if share == 1.0 else loss * share
 
 
 def _floats(loss: torch.Tensor, safety_loss: torch.Tensor | None) -> tuple[float, float | None]:

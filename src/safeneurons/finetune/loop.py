@@ -70,6 +70,7 @@ class RunState:
     learning_rates: list[float] = field(default_factory=list)
     safety_loss_curve: list[float] = field(default_factory=list)
     refusal_curve: list[dict] = field(default_factory=list)
+    refusal_curve_seconds: float = 0.0  # of this process's measurements: the cost of the curve, not of training
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -165,7 +166,9 @@ def _track_step(tracker: Tracker, backend: TrainingBackend, state: RunState, sam
 def _record_refusal(backend: TrainingBackend, probe: RefusalProbe, state: RunState, tracker: Tracker) -> None:
     """A point of the refusal curve. Under ZeRO-3 generation leaves parameters that the engine prefetched for its
     own (training) module order in flight: they are released before training goes on."""
+    started = time.perf_counter()
     state.refusal_curve.append({"step": state.step, "refusal_rate": probe.measure(backend.module)})
+    state.refusal_curve_seconds += time.perf_counter() - started
     tracker.log({"eval/refusal_rate": state.refusal_curve[-1]["refusal_rate"]}, state.step)
     engine = getattr(backend, "engine", None)
     if engine is not None and getattr(backend, "zero_stage", None) == 3:
@@ -252,6 +255,7 @@ def build_report(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: Fr
         resumed_from_step=resumed_from,
         world_size=distributed.world_size(), zero_stage=zero_stage, mask_bytes_per_rank=mask_bytes,
         mask_value_bytes_per_rank=value_bytes, seconds=round(time.perf_counter() - started, 3),
+        refusal_curve_seconds=round(state.refusal_curve_seconds, 3),
         config=dataclasses.asdict(config), run_settings=dict(settings), resumed_settings=dict(resumed_settings or {}))
 
 

@@ -10,6 +10,7 @@ import torch
 
 from safeneurons.analysis.plots import pyplot, save_figure
 from safeneurons.analysis.study import TABLE_HEADER as STUDY_HEADER
+from safeneurons.workflows.pipeline.defences import LABELS as DEFENCE_LABELS
 from safeneurons.workflows.pipeline.settings import PARTIAL_STRENGTH, SAFETY_WEIGHT
 from safeneurons.workflows.pipeline.stages import Run
 
@@ -20,7 +21,7 @@ ARM_LABELS = {"base": "base (not fine-tuned)", "plain": "plain", "safety_frozen"
               "setdiff_frozen": "set-difference frozen",
               "random_frozen": "random-frozen (control)", "partial_frozen": f"partial freeze (s={PARTIAL_STRENGTH})",
               "dynamic_frozen": "dynamic freeze (union)", "safety_loss": f"safety loss (λ={SAFETY_WEIGHT})",
-              "lora_plain": "LoRA", "lora_protected": "LoRA, safety-masked"}
+              "lora_plain": "LoRA", "lora_protected": "LoRA, safety-masked", **DEFENCE_LABELS}
 
 
 def run_row(study: Study, run: Run | None) -> dict:
@@ -96,6 +97,8 @@ def write_final_outputs(study: Study) -> dict:
     """analysis_summary.json, the two .pt mask files, arms.png, curves.png and report.md in results_path (rank 0)."""
     from safeneurons.analysis.study import plot_curves, verdict
     from safeneurons.runtime.outputs import write_json
+    from safeneurons.workflows.pipeline.calibration import rule_text
+    from safeneurons.workflows.pipeline.defences import arm_costs
 
     results = study.results
     comparison = json.loads((results / "compare" / "analysis_summary.json").read_text())
@@ -104,7 +107,12 @@ def write_final_outputs(study: Study) -> dict:
     summary = {**comparison, "model": study.settings.model, "profile": study.settings.profile, "arms": arms,
                "reference_run": {"attack": study.reference[0], "seed": study.reference[1]},
                "study": {"seeds": list(study.settings.seed_list), "attacks": attacks},
-               "verdict": verdict(attacks, arms["base"], ARM_LABELS), "settings": asdict(study.settings)}
+               "verdict": verdict(attacks, arms["base"], ARM_LABELS), "settings": asdict(study.settings),
+               "learning_rates": study.rates, "costs": arm_costs(study)}
+    if study.calibration:
+        summary["attack_strength"] = {
+            "rule": rule_text(study.settings.attack_halving_fraction, study.settings.attack_rate_list),
+            "attacks": {attack: result.to_json() for attack, result in study.calibration.items()}}
     save_original_format_masks(study.masks_of("score"), results / "original_safety_masks.pt")
     save_original_format_masks(study.masks_of("rescore"), results / "new_safety_masks.pt")
     plot_arms(arms, results / "arms.png")
@@ -186,17 +194,52 @@ def study_table_rows(summary: dict) -> list[list[str]]:
     return table_rows(summary["study"]["attacks"], ARM_LABELS)
 
 
+def rates_text(summary: dict) -> str:
+    """The fine-tuning rate: one for every attack, or each attack's (chosen by the attack-strength rule)."""
+    rates = summary.get("learning_rates") or {}
+    if len(set(rates.values())) <= 1:
+        return f"{next(iter(rates.values()), summary['learning_rate']):g}"
+    return ", ".join(f"{rate:g} ({attack} attack)" for attack, rate in rates.items())
+
+
+def attack_strength_lines(summary: dict) -> list[str]:
+    """The attack-strength rule, every rate it tried per attack and the one it chose."""
+    strength = summary.get("attack_strength")
+    if not strength:
+        return []
+    lines = ["", "## Attack strength", "", f"Each attack's learning rate is {strength['rule']}.", "",
+             "| attack | learning rate | steps | refusal halved at step | passes (K) |",
+             "| --- | --- | --- | --- | --- |"]
+    notes = []
+    for attack, result in strength["attacks"].items():
+        for trial in result["trials"]:
+            halved = trial["halved_at"]
+            passed = halved is None or halved >= result["limit"]
+            chosen = " **chosen**" if trial["rate"] == result["chosen"] else ""
+            lines.append(f"| {attack} | {trial['rate']:g}{chosen} | {trial['steps']} | "
+                         f"{'never' if halved is None else halved} | {'yes' if passed else 'no'} ({result['limit']}) |")
+        if not result["passed"]:
+            notes.append(f"Under the {attack} attack no candidate passed: the smallest, {result['chosen']:g}, is kept, "
+                         f"and the attack is stronger than the rule allows.")
+        elif result["chosen_halved_at"] is None:
+            notes.append(f"Under the {attack} attack at {result['chosen']:g} plain's refusal never halved within the "
+                         f"run: protection cannot show as a slower loss.")
+    return lines + (["", *notes] if notes else [])
+
+
 def write_report(summary: dict, path: Path) -> Path:
     from safeneurons.runtime.outputs import atomic_file
+    from safeneurons.workflows.pipeline.defences import cost_lines
 
     settings = summary["settings"]
     lines = [f"# safeneurons pipeline: {summary['model']}", "",
              f"Scored with `{summary['prune_method']}` on `{summary['prune_data']}` (sparsity ratio "
              f"{summary['sparsity_ratio']}, {settings['nsamples']} samples), fine-tuned on "
              f"`{summary['training_data']}` for {plural(summary['num_epochs'], 'epoch')} at learning rate "
-             f"{summary['learning_rate']}; evaluated on "
+             f"{rates_text(summary)}; evaluated on "
              f"`{settings['harmful_data']}` (harmful), `{settings['harmless_data']}` (harmless) and perplexity on "
-             f"`{settings['perplexity_data']}`.", "", f"**{summary['verdict']}**", "", "## The study", "",
+             f"`{settings['perplexity_data']}`.", "", f"**{summary['verdict']}**", *attack_strength_lines(summary),
+             "", "## The study", "",
              f"Each fine-tuned arm under each attack, over seeds {', '.join(map(str, summary['study']['seeds']))} "
              f"(each seed orders the fine-tuning data): the mean and its 95% t-interval over the seeds. Refusal "
              f"measured every {plural(settings['eval_every'], 'optimizer step', counted=False)} on "
@@ -204,6 +247,7 @@ def write_report(summary: dict, path: Path) -> Path:
              f"harmful prompts (greedy, {settings['curve_max_new_tokens']} new tokens).", "",
              "| " + " | ".join(STUDY_HEADER) + " |", "|" + " --- |" * len(STUDY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in study_table_rows(summary)]
+    lines += cost_lines(summary["costs"], ARM_LABELS)
     lines += ["", "![refusal curves](curves.png)", "",
               f"## Arms: one run each ({summary['reference_run']['attack']} attack, seed "
               f"{summary['reference_run']['seed']})", "",

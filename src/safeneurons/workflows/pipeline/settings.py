@@ -9,6 +9,7 @@ import torch
 
 from safeneurons.data.readers import check_sources
 from safeneurons.errors import SafeneuronsError
+from safeneurons.finetune.constrained import PAPER_BETAS
 from safeneurons.models.loading import DEMO_NAME, load_config
 from safeneurons.runtime.outputs import check_output_dir
 from safeneurons.runtime.tracking import TrackingConfig
@@ -17,12 +18,17 @@ log = logging.getLogger(__name__)
 
 ARMS = ("base", "plain", "safety_frozen", "setdiff_frozen", "random_frozen")
 EXTENSION_ARMS = ("partial_frozen", "dynamic_frozen", "safety_loss", "lora_plain", "lora_protected")
+# The field's defences (docs/defences.md): three train, three repair a fine-tuned arm's model afterwards
+DEFENCES = ("sppft", "safe_lora", "lisa", "constrained_sft", "antidote", "resta")
+POST_HOC_SOURCE = {"safe_lora": "lora_plain", "antidote": "plain", "resta": "plain"}  # the arm each one repairs
+NEEDS_BASE_MODEL = ("safe_lora", "resta")
 ATTACKS = ("benign", "harmful")
 STUDIES = ("quick", "full")
 ARM_MASK_STAGE = {"plain": None, "safety_frozen": "score", "setdiff_frozen": "score_setdiff",
                   "random_frozen": "score_random",
                   "partial_frozen": "score", "dynamic_frozen": "score", "safety_loss": None, "lora_plain": None,
-                  "lora_protected": "score"}
+                  "lora_protected": "score", "sppft": "safety_layers", "lisa": None, "constrained_sft": None,
+                  "safe_lora": None, "antidote": None, "resta": None}
 PARTIAL_STRENGTH = 0.5
 SAFETY_WEIGHT = 1.0
 DONE_FILE = "DONE"
@@ -96,6 +102,11 @@ class PipelineConfig:
     neuron_base_model: str | None = None  # its unaligned base of --model (demo: demo-base)
     neuron_fractions: str = "0.005,0.01,0.02,0.05,0.1,0.2"  # its k: fractions of each layer's MLP neurons
     neuron_random_seeds: str = "0,1,2"  # its random control's seeds
+    defences: str = "none"  # comma-separated DEFENCES, "all" or "none": more arms (workflows/pipeline/defences.py)
+    base_model: str | None = None  # the unaligned base of --model: Safe LoRA's and RESTA's other end (demo-base)
+    lisa_steps: str = "paper"  # the lisa arm's alignment and fine-tuning steps per cycle: paper or A,F
+    attack_rates: str = "none"  # candidate learning rates; the attack's is chosen from plain alone (calibration.py)
+    attack_halving_fraction: float = 0.25  # the rule: plain's refusal must not halve before this fraction of steps
     profile: str = "original"
 
     @property
@@ -121,10 +132,27 @@ class PipelineConfig:
 
     @property
     def extensions(self) -> tuple[str, ...]:
-        value = self.extension_arms.strip().lower()
-        if value in NONE_WORDS:
+        return chosen_names(self.extension_arms, EXTENSION_ARMS)
+
+    @property
+    def defence_list(self) -> tuple[str, ...]:
+        return chosen_names(self.defences, DEFENCES)
+
+    @property
+    def attack_rate_list(self) -> tuple[float, ...]:
+        """The candidate rates, largest first (the rule takes the first that passes)."""
+        if self.attack_rates.strip().lower() in NONE_WORDS:
             return ()
-        return EXTENSION_ARMS if value == "all" else tuple(name.strip() for name in value.split(",") if name.strip())
+        return tuple(sorted((float(rate) for rate in self.attack_rates.split(",") if rate.strip()), reverse=True))
+
+    @property
+    def lisa_step_pair(self) -> tuple[int, int]:
+        from safeneurons.finetune.lisa import PAPER_STEPS
+
+        if self.lisa_steps == "paper":
+            return PAPER_STEPS
+        alignment, finetuning = (int(steps) for steps in self.lisa_steps.split(","))
+        return alignment, finetuning
 
 
 # The embedded default: the demo chat model and its data; the attacks are the demo's benign answers and its 100
@@ -137,7 +165,8 @@ DEMO_PROFILE = dict(model=DEMO_NAME, prune_data="demo-align", score_batch_size=1
                     finetune_nsamples=64, harmful_data="demo-harmful", harmless_data="demo-harmless",
                     perplexity_data="demo-utility", perplexity_samples=32, max_new_tokens=32, eval_limit=50,
                     save_every=16, rescore_every=8, judge="keyword", judge_model=None, eval_every=1,
-                    curve_limit=24, curve_max_new_tokens=12, neuron_base_model="demo-base", profile="demo")
+                    curve_limit=24, curve_max_new_tokens=12, neuron_base_model="demo-base", base_model="demo-base",
+                    lisa_steps="1,9", attack_rates="1e-3,3e-4,1e-4,3e-5,1e-5", profile="demo")
 # `--study full` with the demo: more seeds, data, prompts and tokens, both judges
 DEMO_FULL_STUDY = dict(seeds="0,1,2,3,4", num_epochs=2, finetune_nsamples=100, eval_limit=100, perplexity_samples=64,
                        max_new_tokens=64, eval_every=2, curve_limit=50, curve_max_new_tokens=16,
@@ -176,10 +205,25 @@ SETTING_HELP = {
     "neuron_base_model": "--neuron-patching: the unaligned base of --model (same structure and tokenizer)",
     "neuron_fractions": "--neuron-patching: k, fractions of each layer's MLP neurons patched (comma-separated)",
     "neuron_random_seeds": "--neuron-patching: seeds of the random neurons, the control (comma-separated)",
+    "defences": f"the field's defences as more arms: all, none or some of {','.join(DEFENCES)}",
+    "base_model": "the unaligned base of --model (safe_lora, resta: the other end of the alignment/safety vector)",
+    "lisa_steps": "lisa arm: alignment and fine-tuning steps per cycle, paper (100,900) or A,F",
+    "attack_rates": "candidate learning rates (comma-separated) for the attack strength, chosen from the plain arm "
+                    "alone before any other arm runs; none: --learning-rate",
+    "attack_halving_fraction": "the rule: the largest candidate at which plain's refusal does not halve before "
+                               "this fraction of the run's steps",
     "report_to": "experiment tracking: tensorboard, wandb or none (RESULTS/runs: one run per fine-tune, one for the "
                  "study's results)",
 }
 NONE_WORDS = ("none", "")
+
+
+def chosen_names(value: str, every: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma list of names, "all" (`every`) or "none"."""
+    value = value.strip().lower()
+    if value in NONE_WORDS:
+        return ()
+    return every if value == "all" else tuple(name.strip() for name in value.split(",") if name.strip())
 
 
 def weights_available_locally(model: str, cache_dir: str | None) -> bool:
@@ -234,6 +278,7 @@ def validate(settings: PipelineConfig) -> None:
                judge_models=(settings.judge_model,) if settings.judge_model else ()).judge_model_names()
     TrackingConfig(settings.report_to, settings.results_path).validate()
     validate_neuron_settings(settings)
+    validate_defence_settings(settings)
     unknown = [arm for arm in settings.extensions if arm not in EXTENSION_ARMS]
     if unknown:
         raise SafeneuronsError(f"--extension-arms {unknown[0]!r} is not one of {', '.join(EXTENSION_ARMS)} (or all)")
@@ -257,13 +302,44 @@ def validate_neuron_settings(settings: PipelineConfig) -> None:
     study_config(settings).validate()
 
 
+def validate_defence_settings(settings: PipelineConfig) -> None:
+    """--defences, --lisa-steps and the attack-strength rule's settings (one line each, before anything loads)."""
+    unknown = [name for name in settings.defence_list if name not in DEFENCES]
+    if unknown:
+        raise SafeneuronsError(f"--defences {unknown[0]!r} is not one of {', '.join(DEFENCES)} (or all, none)")
+    needing = [name for name in settings.defence_list if name in NEEDS_BASE_MODEL]
+    if needing and not settings.base_model:
+        raise SafeneuronsError(f"--defences {needing[0]} needs --base-model: the unaligned base that --model "
+                               f"{settings.model} was aligned from")
+    try:
+        steps = settings.lisa_step_pair
+    except ValueError:
+        steps = None
+    if steps is None or steps[0] < 0 or steps[1] < 1:
+        raise SafeneuronsError(f"--lisa-steps {settings.lisa_steps!r}: expected paper or A,F (alignment steps >= 0, "
+                               f"fine-tuning steps >= 1 per cycle)")
+    try:
+        rates = settings.attack_rate_list
+    except ValueError:
+        rates = (0.0,)
+    if any(rate <= 0 for rate in rates) or len(set(rates)) != len(rates):
+        raise SafeneuronsError(f"--attack-rates {settings.attack_rates!r}: expected distinct positive learning rates, "
+                               f"comma-separated, or none")
+    if rates and settings.eval_every == 0:
+        raise SafeneuronsError("--attack-rates chooses the rate from plain's refusal curve: --eval-every must be > 0")
+    if not 0 < settings.attack_halving_fraction <= 1:
+        raise SafeneuronsError(f"--attack-halving-fraction={settings.attack_halving_fraction} must lie in (0, 1]")
+
+
 def arm_options(arm: str, settings: PipelineConfig) -> dict[str, Any]:
     """The FineTuneConfig fields an arm sets beyond the shared training settings."""
     return {"partial_frozen": {"freeze_strength": PARTIAL_STRENGTH},
             "dynamic_frozen": {"rescore_every": settings.rescore_every, "rescore_mode": "union"},
             "safety_loss": {"safety_data": settings.prune_data, "safety_weight": SAFETY_WEIGHT},
             "lora_plain": {"lora_r": settings.lora_r},
-            "lora_protected": {"lora_r": settings.lora_r}}.get(arm, {})
+            "lora_protected": {"lora_r": settings.lora_r},
+            "lisa": {"safety_data": settings.prune_data, "lisa_steps": settings.lisa_step_pair},
+            "constrained_sft": {"constrained_betas": PAPER_BETAS}}.get(arm, {})
 
 
 def resolve_config(given: dict[str, Any]) -> PipelineConfig:
@@ -272,7 +348,7 @@ def resolve_config(given: dict[str, Any]) -> PipelineConfig:
     switches an optional data set or config off)."""
     given = dict(given)
     for name in ("harmless_data", "perplexity_data", "deepspeed", "judge_model", "harmful_training_data",
-                 "neuron_base_model"):
+                 "neuron_base_model", "base_model"):
         if isinstance(given.get(name), str) and given[name].lower() in NONE_WORDS:
             given[name] = None
     settings = PipelineConfig()

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from safeneurons.runtime import distributed
+from safeneurons.runtime.outputs import write_json
 from safeneurons.runtime.resume import matches, read_marker, write_marker
 from safeneurons.workflows.pipeline.settings import DONE_FILE
 
 log = logging.getLogger(__name__)
+SECONDS_FILE = "seconds.json"  # in a stage folder: how long its work took (the report's costs)
 
 
 @dataclass
@@ -72,10 +74,18 @@ def run_stage(stage: Stage, results: Path, force: bool, title: str) -> bool:
     log.info("%s: running", title)
     stage.work(folder)
     distributed.barrier()
+    seconds = time.perf_counter() - started
     if distributed.is_main():
+        write_json(folder / SECONDS_FILE, {"seconds": round(seconds, 3)})
         write_marker(folder / DONE_FILE, stage.fingerprint)
-    log.info("%s: done in %.1f s", title, time.perf_counter() - started)
+    log.info("%s: done in %.1f s", title, seconds)
     return True
+
+
+def stage_seconds(folder: Path) -> float | None:
+    """How long a finished stage's work took (None for a stage finished before this was recorded)."""
+    record = read_marker(folder / SECONDS_FILE)
+    return None if record is None else record["seconds"]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,12 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime import distributed
 from safeneurons.runtime.tracking import TrackingConfig, open_tracker
 from safeneurons.workflows.pipeline.report import write_final_outputs
-from safeneurons.workflows.pipeline.settings import ARM_MASK_STAGE, ARMS, DEFAULT_ZERO3, arm_options, check_inputs
+from safeneurons.workflows.pipeline.calibration import AttackStrengthResult, calibrate
+from safeneurons.workflows.pipeline.defences import (DEFENCE_FILE, SAFETY_LAYERS_STAGE, check_defence_inputs,
+                                                     defence_arms, defend_stage, safety_layers_config,
+                                                     safety_layers_stage, source_run)
+from safeneurons.workflows.pipeline.settings import (ARM_MASK_STAGE, ARMS, DEFAULT_ZERO3, POST_HOC_SOURCE, arm_options,
+                                                     check_inputs)
 from safeneurons.workflows.pipeline.stages import Run, Stage, has_masks, model_files, run_stages
 
 if TYPE_CHECKING:
@@ -33,10 +38,14 @@ class Study:
         self.models = Path(settings.save_path)
         self.arms = [arm for arm in ARMS if arm != "random_frozen" or settings.random_control]
         self.arms += list(settings.extensions)
+        self.arms += [arm for arm in defence_arms(settings) if arm not in self.arms]
         self.runs = [Run(attack, arm, seed) for attack in settings.attack_list for arm in self.arms[1:]
                      for seed in settings.seed_list]
         # the run whose safety-frozen model is re-scored and compared (the original extension's outputs)
         self.reference = (settings.attack_list[0], settings.seed_list[0])
+        # each attack's learning rate: --learning-rate, or the one `calibrate` chooses from plain alone
+        self.rates = {attack: settings.learning_rate for attack in settings.attack_list}
+        self.calibration: dict[str, AttackStrengthResult] = {}
 
     def masks_of(self, stage: str) -> Path:
         return self.results / stage  # a folder: masks.safetensors, or shards and their index under N ranks
@@ -73,7 +82,9 @@ class Study:
 
         return work
 
-    def finetune(self, run: Run) -> Callable[[Path], None]:
+    def finetune(self, run: Run, rate: float | None = None, keep_model: bool = True) -> Callable[[Path], None]:
+        """The fine-tuning of a run at its attack's rate (or `rate`); without `keep_model` the model is saved in
+        the stage folder and removed once its report is written (the attack-strength trials)."""
         def work(folder: Path) -> None:
             from safeneurons.finetune.api import fine_tune
             from safeneurons.finetune.config import REPORT_FILE, FineTuneConfig
@@ -86,29 +97,39 @@ class Study:
                 deepspeed = str(write_json(folder / "ds_config.json", DEFAULT_ZERO3)) if distributed.is_main() else None
                 deepspeed = distributed.broadcast_from_main(deepspeed)
             checkpoints = folder / "checkpoints"
+            checkpointing = run.arm != "lisa"  # Lisa's proximal anchors live in memory: it cannot resume
             curve = dict(eval_every=s.eval_every, eval_prompts=s.harmful_data, eval_limit=s.curve_limit,
                          eval_max_new_tokens=s.curve_max_new_tokens) if s.eval_every else {}
-            config = FineTuneConfig(data=self.attack_data(run.attack), save_path=self.model_of(run),
-                                    num_epochs=s.num_epochs, learning_rate=s.learning_rate, batch_size=s.batch_size,
-                                    max_length=s.max_length, seed=run.seed, dtype=s.dtype, deepspeed=deepspeed,
-                                    data_dir=s.data_dir, nsamples=s.finetune_nsamples, cache_dir=s.cache_dir,
-                                    add_eos=s.add_eos, checkpoint_dir=str(checkpoints), save_every=s.save_every,
+            save_path = self.model_of(run) if keep_model else str(folder / "model")
+            config = FineTuneConfig(data=self.attack_data(run.attack), save_path=save_path,
+                                    num_epochs=s.num_epochs, learning_rate=rate or self.rates[run.attack],
+                                    batch_size=s.batch_size, max_length=s.max_length, seed=run.seed, dtype=s.dtype,
+                                    deepspeed=deepspeed, data_dir=s.data_dir, nsamples=s.finetune_nsamples,
+                                    cache_dir=s.cache_dir, add_eos=s.add_eos,
+                                    checkpoint_dir=str(checkpoints) if checkpointing else None,
+                                    save_every=s.save_every if checkpointing else None,
                                     report_to=s.report_to, logging_dir=str(self.results / TRACKING_DIR / run.key),
                                     run_name=run.key, tracking_group=self.results.name,
                                     **curve, **arm_options(run.arm, s))
             mask_stage = ARM_MASK_STAGE[run.arm]
             masks = None if mask_stage is None else self.masks_of(mask_stage)
-            config.resume = resumable(checkpoints, run_settings(config, masks))
+            config.resume = checkpointing and resumable(checkpoints, run_settings(config, masks))
             report = fine_tune(s.model, masks, config)
             if distributed.is_main():
                 write_json(folder / REPORT_FILE, report.to_json())
                 shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: they have served
+                if not keep_model:
+                    shutil.rmtree(save_path, ignore_errors=True)
 
         return work
 
     def outputs_of(self, stage: str) -> Callable[[Path], list[Path]]:
         if stage.startswith("finetune_"):
             return lambda folder: [*model_files(self.models / stage[len("finetune_"):]), folder / "freeze_report.json"]
+        if stage.startswith("defend_"):
+            return lambda folder: [*model_files(self.models / stage[len("defend_"):]), folder / DEFENCE_FILE]
+        if stage.startswith("calibrate_"):
+            return lambda folder: [folder / "freeze_report.json"]
         if stage.startswith("eval_"):
             return lambda folder: [folder / "eval.json"]
         if stage == "compare":
@@ -171,23 +192,44 @@ class Study:
             return self.settings.deepspeed if zero_stage(read_config(self.settings.deepspeed)) == 3 else None
         return DEFAULT_ZERO3 if distributed.world_size() > 1 else None
 
+    def scoring_fingerprint(self) -> dict:
+        s = asdict(self.settings)
+        return {key: s[key] for key in ("model", "prune_method", "prune_data", "sparsity_ratio", "nsamples",
+                                        "max_length", "seed", "dtype", "data_dir", "add_eos")}
+
+    def setdiff_fingerprint(self) -> dict:
+        s = asdict(self.settings)
+        return {**self.scoring_fingerprint(), **{key: s[key] for key in ("utility_data", "setdiff_q", "setdiff_p")}}
+
+    def fingerprint(self, run: Run, rate: float | None = None) -> dict:
+        """The settings that decide a run's model (fine-tuned at its attack's rate, or `rate`; or repaired)."""
+        s = asdict(self.settings)
+        if run.arm in POST_HOC_SOURCE:
+            repair = {"base_model": s["base_model"], **({key: s[key] for key in (
+                "harmful_training_data", "score_batch_size")} if run.arm == "antidote" else {})}
+            return {**self.fingerprint(source_run(run)), "defence": run.arm, **repair}
+        training = {key: s[key] for key in ("num_epochs", "batch_size", "finetune_nsamples", "deepspeed",
+                                            "save_path", "eval_every", "curve_limit", "curve_max_new_tokens",
+                                            "harmful_data")}
+        return {**self.scoring_fingerprint(), **training, "learning_rate": rate or self.rates[run.attack],
+                "data": self.attack_data(run.attack), "arm": run.arm, "run_seed": run.seed,
+                **(self.setdiff_fingerprint() if run.arm == "setdiff_frozen" else {}),
+                **({"safety_layers": asdict(safety_layers_config(self.settings))} if run.arm == "sppft" else {}),
+                **arm_options(run.arm, self.settings)}
+
+    def training_stage(self, run: Run) -> Stage:
+        """A run's fine-tuning, or for a post-hoc defence the repair of its source run's model."""
+        if run.arm not in POST_HOC_SOURCE:
+            return Stage(f"finetune_{run.key}", self.fingerprint(run), self.finetune(run))
+        return Stage(f"defend_{run.key}", self.fingerprint(run), defend_stage(self, run))
+
     def stages(self) -> list[Stage]:
         s = asdict(self.settings)
-        scoring = {key: s[key] for key in ("model", "prune_method", "prune_data", "sparsity_ratio", "nsamples",
-                                           "max_length", "seed", "dtype", "data_dir", "add_eos")}
-        training = {**scoring, **{key: s[key] for key in ("num_epochs", "learning_rate", "batch_size",
-                                                          "finetune_nsamples", "deepspeed", "save_path",
-                                                          "eval_every", "curve_limit", "curve_max_new_tokens",
-                                                          "harmful_data")}}
+        scoring, setdiff = self.scoring_fingerprint(), self.setdiff_fingerprint()
         evaluation = {key: s[key] for key in ("harmful_data", "eval_limit", "harmless_data", "perplexity_data",
                                               "perplexity_samples", "max_new_tokens", "seed", "max_length", "judge",
                                               "judge_model")}
-        setdiff = {**scoring, **{key: s[key] for key in ("utility_data", "setdiff_q", "setdiff_p")}}
-
-        def trained(run: Run) -> dict:
-            return {**training, "data": self.attack_data(run.attack), "arm": run.arm, "run_seed": run.seed,
-                    **(setdiff if run.arm == "setdiff_frozen" else {}), **arm_options(run.arm, self.settings)}
-
+        trained = self.fingerprint
         stages = [Stage("score", scoring, self.score(self.settings.model, self.settings.prune_method))]
         if "setdiff_frozen" in self.arms:
             stages.append(Stage("score_setdiff", setdiff, self.score(self.settings.model, self.settings.prune_method,
@@ -195,7 +237,11 @@ class Study:
         if self.settings.random_control:
             stages.append(Stage("score_random", {**scoring, "method": "random"},
                                 self.score(self.settings.model, "random")))
-        stages += [Stage(f"finetune_{run.key}", trained(run), self.finetune(run)) for run in self.runs]
+        if "sppft" in self.arms:
+            stages.append(Stage(SAFETY_LAYERS_STAGE, asdict(safety_layers_config(self.settings)),
+                                safety_layers_stage(self)))
+        stages += [self.training_stage(run) for run in self.runs if run.arm not in POST_HOC_SOURCE]
+        stages += [self.training_stage(run) for run in self.runs if run.arm in POST_HOC_SOURCE]
         reference = trained(self.reference_run("safety_frozen"))
         stages.append(Stage("rescore", reference, self.score(self.model_of(self.reference_run("safety_frozen")),
                                                              self.settings.prune_method)))
@@ -256,6 +302,9 @@ def run_study(settings: PipelineConfig, force: bool = False) -> dict | None:
     """Every stage in order (skipping finished ones), then the summary files; the summary on rank 0."""
     context = distributed.init_distributed()
     study = Study(settings, choose_device(settings, context))
+    if settings.attack_rate_list:
+        study.calibration = calibrate(study, force)
+        study.rates = {attack: result.chosen for attack, result in study.calibration.items()}
     run_stages(study.stages(), study.results, force)
     if not distributed.is_main():
         return None
@@ -276,4 +325,5 @@ def track_results(settings: PipelineConfig, results: Path, summary: Mapping[str,
 def run_pipeline(settings: PipelineConfig, force: bool = False) -> dict | None:
     """The whole study after its inputs are checked (collective); the summary on rank 0."""
     check_inputs(settings)
+    check_defence_inputs(settings)
     return run_study(settings, force)
