@@ -286,7 +286,7 @@ def test_defences_join_a_finished_study(single_run):
     assert cli.main(_pipeline_args(single_run, "--defences", "all", *ONE_RUN)) == 0
     after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
     assert [stage for stage in STAGES if after[stage] != before[stage]] == ["compare"]
-    arms = [*ARMS, "sppft", "lora_plain", *DEFENCES[1:]]
+    arms = [*ARMS, "safety_loss", "sppft", "lora_plain", *DEFENCES[1:]]
     summary = _check_summary(results, arms)
     demo, base = load_file(demo_model_dir() / "model.safetensors"), load_file(
         demo_model_dir("base") / "model.safetensors")

@@ -4,7 +4,8 @@ The trained ones are fine-tuning arms with their options (settings.arm_options):
 located on the study's model (one `safety_layers` stage: the prune data's prompts against the utility data's),
 `lisa` alternates with steps on the prune data (the safety-loss arm's data), `constrained_sft` trains with the
 paper's β schedule. The post-hoc ones repair another arm's model run for run (same attack and seed) in a `defend_*`
-stage: `resta` and `antidote` plain's, `safe_lora` plain LoRA's (added to the arms when not asked for).
+stage: `resta` and `antidote` plain's, `safe_lora` plain LoRA's (added to the arms when not asked for). The
+safety-loss arm joins them, so every defence is ranked against the package's own.
 
 Cost: an arm's fine-tuning seconds without the refusal curve's measurements (the same for every arm), plus for a
 post-hoc arm its repair, as a ratio to plain's; the one-time preparation (scoring, locating layers) apart.
@@ -32,8 +33,9 @@ LABELS = {"sppft": "SPPFT (safety layers frozen)", "safe_lora": "Safe LoRA", "li
 
 
 def defence_arms(settings: PipelineConfig) -> list[str]:
-    """The arms --defences adds, each post-hoc one after the arm it repairs."""
-    arms: list[str] = []
+    """The arms --defences adds: the safety-loss mix (the study's other defence, which the issue ranks with them),
+    then each defence, a post-hoc one after the arm it repairs."""
+    arms: list[str] = ["safety_loss"] if settings.defence_list else []
     for name in settings.defence_list:
         source = POST_HOC_SOURCE.get(name)
         if source not in (None, "plain", *settings.extensions, *arms):

@@ -101,6 +101,7 @@ class Study:
             curve = dict(eval_every=s.eval_every, eval_prompts=s.harmful_data, eval_limit=s.curve_limit,
                          eval_max_new_tokens=s.curve_max_new_tokens) if s.eval_every else {}
             save_path = self.model_of(run) if keep_model else str(folder / "model")
+            name = run.key if keep_model else folder.name  # a trial is tracked apart from the run it calibrates
             config = FineTuneConfig(data=self.attack_data(run.attack), save_path=save_path,
                                     num_epochs=s.num_epochs, learning_rate=rate or self.rates[run.attack],
                                     batch_size=s.batch_size, max_length=s.max_length, seed=run.seed, dtype=s.dtype,
@@ -108,8 +109,8 @@ class Study:
                                     cache_dir=s.cache_dir, add_eos=s.add_eos,
                                     checkpoint_dir=str(checkpoints) if checkpointing else None,
                                     save_every=s.save_every if checkpointing else None,
-                                    report_to=s.report_to, logging_dir=str(self.results / TRACKING_DIR / run.key),
-                                    run_name=run.key, tracking_group=self.results.name,
+                                    report_to=s.report_to, logging_dir=str(self.results / TRACKING_DIR / name),
+                                    run_name=name, tracking_group=self.results.name,
                                     **curve, **arm_options(run.arm, s))
             mask_stage = ARM_MASK_STAGE[run.arm]
             masks = None if mask_stage is None else self.masks_of(mask_stage)
