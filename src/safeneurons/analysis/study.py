@@ -8,6 +8,7 @@ their intervals do not overlap.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -197,18 +198,30 @@ def verdict(attacks: Mapping[str, Mapping[str, dict]], base: Mapping, labels: Ma
     return " ".join(sentences)
 
 
+CURVE_COLUMNS = 5  # panels per row: a study with the defences has a dozen arms
+
+
 def plot_curves(attacks: Mapping[str, Mapping[str, dict]], labels: Mapping[str, str], path: Path) -> Path:
-    """curves.png: refusal rate against fine-tuning step, one row of panels per attack and one panel per arm (arms
-    that coincide would hide each other on one axis): the arm's mean over seeds with its 95% band, and plain's mean
-    dashed for reference."""
+    """curves.png: refusal rate against fine-tuning step, one block of panels per attack and one panel per arm
+    that has a curve (arms that coincide would hide each other on one axis; a post-hoc repair has none): the arm's
+    mean over seeds with its 95% band, and plain's mean dashed for reference."""
     plt = pyplot()
-    arm_names = list(dict.fromkeys(arm for arms in attacks.values() for arm in arms)) or ["plain"]
-    rows, columns = max(len(attacks), 1), len(arm_names)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False, sharex=True,
-                                sharey=True)
-    for row, (attack, arms) in zip(axes, attacks.items()):
+    arm_names = list(dict.fromkeys(arm for arms in attacks.values() for arm, row in arms.items() if row.get("curve")))
+    arm_names = arm_names or ["plain"]
+    columns = min(len(arm_names), CURVE_COLUMNS)
+    block = math.ceil(len(arm_names) / columns)  # rows per attack
+    rows = max(len(attacks), 1) * block
+    height = 2.6 * rows + 1.0  # inches: the panels and a strip at the bottom for the x label and the legend
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, height), squeeze=False,
+                                sharex=True, sharey=True)
+    for number, (attack, arms) in enumerate(attacks.items()):
+        panels = axes[number * block:(number + 1) * block].flat
         reference = arms.get("plain", {}).get("curve") or []
-        for axis, arm in zip(row, arm_names):
+        for index, axis in enumerate(panels):
+            if index >= len(arm_names):
+                axis.set_visible(False)
+                continue
+            arm = arm_names[index]
             curve = arms.get(arm, {}).get("curve") or []
             if reference and arm != "plain":
                 axis.plot([p["step"] for p in reference], [p["mean"] for p in reference], color="grey",
@@ -220,18 +233,18 @@ def plot_curves(attacks: Mapping[str, Mapping[str, dict]], labels: Mapping[str, 
                     axis.fill_between(steps, [point["low"] for point in curve], [point["high"] for point in curve],
                                       color="C0", alpha=0.2, label="95% interval")
             else:
-                axis.text(0.5, 0.5, "no refusal curve\n(a post-hoc repair,\nor none measured)",
-                          transform=axis.transAxes, ha="center", va="center", fontsize=7)
+                axis.text(0.5, 0.5, "no refusal curve measured", transform=axis.transAxes, ha="center",
+                          va="center", fontsize=7)
             axis.set_title(f"{attack}: {labels.get(arm, arm)}", fontsize=8)
             axis.set_ylim(-0.02, 1.02)
-            axis.tick_params(labelsize=7)
-        row[0].set_ylabel("refusal rate (held-out harmful)", fontsize=8)
-    for axis in axes[-1]:
-        axis.set_xlabel("optimizer step", fontsize=8)
-    handles, names = axes[0][-1].get_legend_handles_labels()
+            axis.tick_params(labelbottom=True, labelsize=7)
+    figure.supxlabel("optimizer step", y=0.45 / height, fontsize=9)
+    figure.supylabel("refusal rate (held-out harmful prompts)", x=0.005, fontsize=9)
+    handles = {name: handle for axis in axes.flat for handle, name in zip(*axis.get_legend_handles_labels())}
     if handles:
-        figure.legend(handles, names, loc="lower center", ncol=len(handles), fontsize=8)
-    figure.suptitle("refusal during fine-tuning, per attack and arm")
-    figure.tight_layout(rect=(0, 0.06, 1, 1))
+        figure.legend(list(handles.values()), list(handles), loc="lower center", bbox_to_anchor=(0.5, 0.0),
+                      ncol=len(handles), fontsize=8)
+    figure.suptitle("refusal during fine-tuning, per attack and arm (post-hoc repairs have no curve)")
+    figure.tight_layout(rect=(0.015, 0.65 / height, 1, 1))
     save_figure(figure, path, dpi=120)
     return path
