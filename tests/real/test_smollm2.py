@@ -162,9 +162,9 @@ def test_a_missing_adapter_says_how_to_rebuild_it(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_lineage_finds_the_real_model_in_its_permuted_copy_and_not_in_an_independent_one(tokenizer):
     """SmolLM2 against itself with every layer's MLP neurons permuted (the same function): dependent, the
-    permutation recovered; its first 6 layers against a 6-layer model of its config initialised afresh:
+    permutation recovered; its first 3 layers against a 3-layer model of its config initialised afresh:
     independent. (The assignment against unrelated activations takes ~7 s per layer on one core, against a
-    permuted copy 0.4 s: 6 of the 30 layers keep the test within the CI budget.)"""
+    permuted copy 0.4 s: 3 of the 30 layers keep the test within the CI budget.)"""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -178,12 +178,12 @@ def test_lineage_finds_the_real_model_in_its_permuted_copy_and_not_in_an_indepen
     assert tracing.mlp_matching_gate(model, permuted, inputs, i=29).tolist() == torch.argsort(perms[29]).tolist()
     dependent = tracing.trace_models(model, permuted, inputs)
     assert dependent.verdict == "dependent" and all(match.n_matched == 1536 for match in dependent.layers)
-    model.model.layers = model.model.layers[:6]
-    model.config.num_hidden_layers = 6
+    model.model.layers = model.model.layers[:3]
+    model.config.num_hidden_layers = 3
     torch.manual_seed(0)
     fresh = AutoModelForCausalLM.from_config(model.config)
     independent = tracing.trace_models(model, fresh, inputs)
-    assert len(independent.layers) == 6
+    assert len(independent.layers) == 3
     assert independent.verdict == "independent" and independent.aggregate_pvalue > 0.05
 
 
@@ -193,7 +193,7 @@ def test_lowrank_removes_exactly_rank_r_from_every_linear_of_the_real_model(tmp_
     embeddings (tied to the unembedding) and norms not at all."""
     from safetensors.torch import load_file
 
-    assert cli.main(["lowrank", "--model", SAFE, "--data", ALIGN, "--rank-safety", "2", "--nsamples", "4",
+    assert cli.main(["lowrank", "--model", SAFE, "--data", ALIGN, "--rank-safety", "2", "--nsamples", "2",
                      "--max-length", "64", "--out", str(tmp_path / "lowrank")]) == 0
     before, after = loading.load_model(SAFE).state_dict(), load_file(str(tmp_path / "lowrank" / "model.safetensors"))
     changed = {name: int(torch.linalg.matrix_rank(tensor.double() - before[name].double(), rtol=1e-6))
@@ -219,7 +219,7 @@ def test_set_difference_on_the_real_model_is_the_safety_top_minus_the_utility_to
 
     from safeneurons.masks.io import load_masks
 
-    common = ["--model", SAFE, "--score-method", "wandg", "--nsamples", "4", "--max-length", "64", "--save-scores"]
+    common = ["--model", SAFE, "--score-method", "wandg", "--nsamples", "2", "--max-length", "64", "--save-scores"]
     assert cli.main(["score", *common, "--data", UTILITY, "--out", str(tmp_path / "utility")]) == 0
     assert cli.main(["score", *common, "--data", ALIGN, "--utility-data", UTILITY, "--p", "0.02", "--q", "0.03",
                      "--out", str(tmp_path / "setdiff")]) == 0  # its saved scores are the safety scores
