@@ -9,14 +9,15 @@ wanda and wandg scoring (demo-align samples), exact patching (residual × every 
 tracing (the model against a perturbed copy), generation (eval, keyword judge) and ActSVD (lowrank).
 For each run it prints the loop time (the stage's passes, matchings or generations: the slowest rank), the stage
 time (the command's `cli.main`: loading, data, selection and writing included), the wall time of the whole launch (Python, DeepSpeed and process-group start-up included), the speed-up of both against 1 rank, and the
-tensor bytes each rank hands to torch.distributed collectives per work item (sample, site, token or prompt),
-counted by wrapping the collectives before anything is imported.
+tensor bytes each rank hands to torch.distributed collectives (and sends) per work item (sample, site, token or
+prompt), counted by wrapping the collectives before anything is imported, and the largest rank's peak RSS.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -25,10 +26,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = str(REPO / "ds_configs" / "zero3_inference.json")
-# (label, ranks, ZeRO-3, micro-batch): "large" gives each rank all its items in one pass (scoring, lowrank, eval,
-# trace) or 128 sites per pass (patch), amortising ZeRO-3's parameter gathers
-CONFIGS = (("1 rank", 1, False, "default"), ("2 ranks", 2, False, "default"), ("2 ranks, ZeRO-3", 2, True, "default"),
-           ("ZeRO-3, large batch", 2, True, "large"))
+# (label, ranks, ZeRO-3, micro-batch, more options): "large" gives each rank all its items in one pass (scoring,
+# lowrank, eval, trace) or 128 sites per pass (patch), amortising ZeRO-3's parameter gathers; "2 stages" holds one
+# block of layers per rank (`--shard layers`, the stages in SHARDED)
+# (labels have no commas: --configs is a comma-separated list of them)
+CONFIGS = (("1 rank", 1, False, "default", ()), ("2 ranks", 2, False, "default", ()),
+           ("2 ranks ZeRO-3", 2, True, "default", ()), ("ZeRO-3 large batch", 2, True, "large", ()),
+           ("2 stages", 2, False, "default", ("--shard", "layers")))
+SHARDED = ("wanda", "wandg")
 # The functions whose time is a stage's loop (its passes, matchings or generations), wrapped in the worker
 # (named where the stage looks them up, so that the wrapper is what it calls)
 LOOPS = {"wanda": ("scores.statistics.collect_statistics",), "wandg": ("scores.statistics.collect_statistics",),
@@ -147,9 +152,10 @@ def run_worker(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     code = cli.main([*command, "--out", args.result + ".out"])
     seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
     # one file per rank: some stages end their process group themselves
     Path(f"{args.result}.{rank}").write_text(json.dumps({"seconds": seconds, "loop": loop[0], "code": code,
-                                                          "bytes": counter[0]}))
+                                                          "bytes": counter[0], "peak": peak}))
     distributed.shutdown()
 
 
@@ -192,7 +198,9 @@ def launch(stage: str, command: list[str], ranks: int, zero3: bool, result: Path
     if done.returncode != 0 or len(reports) < ranks or any(report["code"] for report in reports):
         raise SystemExit(f"{' '.join(command[:1])} on {ranks} rank(s){' ZeRO-3' if zero3 else ''} failed:\n"
                          f"{done.stderr[-3000:]}")
-    return {"seconds": reports[0]["seconds"], "loop": max(report["loop"] for report in reports), "bytes": max(report["bytes"] for report in reports), "wall": wall}
+    return {"seconds": reports[0]["seconds"], "loop": max(report["loop"] for report in reports),
+            "bytes": max(report["bytes"] for report in reports), "wall": wall,
+            "peak": max(report["peak"] for report in reports)}
 
 
 def patch_sites(out: Path) -> int:
@@ -226,21 +234,22 @@ def main() -> int:
         model, other = build_models(Path(scratch), args)
         commands = {size: stage_commands(model, other, args, size == "large") for size in ("default", "large")}
         print(f"{'stage':>8} {'run':>20} {'loop s':>7} {'speed-up':>8} {'stage s':>8} {'speed-up':>8} "
-              f"{'wall s':>7} {'speed-up':>8} {'MB/item/rank':>12}", flush=True)
+              f"{'wall s':>7} {'speed-up':>8} {'MB/item/rank':>12} {'peak RSS GB':>11} {'× 1 rank':>8}", flush=True)
         for stage in args.stages.split(","):
             items = commands["default"][stage][1]
             runs = {}
-            for index, (label, ranks, zero3, size) in enumerate(CONFIGS):
-                if label not in args.configs.split(","):
+            for index, (label, ranks, zero3, size, options) in enumerate(CONFIGS):
+                if label not in args.configs.split(",") or (options and stage not in SHARDED):
                     continue
                 result = Path(scratch) / f"{stage}-{index}.json"
-                runs[label] = launch(stage, commands[size][stage][0], ranks, zero3, result)
+                runs[label] = launch(stage, [*commands[size][stage][0], *options], ranks, zero3, result)
                 items = items or patch_sites(Path(str(result) + ".out"))
             base = runs["1 rank"]
             for label, run in runs.items():
                 print(f"{stage:>8} {label:>20} {run['loop']:>7.1f} {base['loop'] / run['loop']:>8.2f} "
-                      f"{run['seconds']:>8.1f} {base['seconds'] / run['seconds']:>8.2f} {run['wall']:>7.1f} {base['wall'] / run['wall']:>8.2f} {run['bytes'] / items / 1e6:>12.3f}",
-                      flush=True)
+                      f"{run['seconds']:>8.1f} {base['seconds'] / run['seconds']:>8.2f} {run['wall']:>7.1f} "
+                      f"{base['wall'] / run['wall']:>8.2f} {run['bytes'] / items / 1e6:>12.3f} "
+                      f"{run['peak'] / 1e9:>11.2f} {run['peak'] / base['peak']:>8.2f}", flush=True)
     return 0
 
 

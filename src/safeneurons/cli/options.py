@@ -40,6 +40,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_flag: str | tuple
     add_data_column_arguments(parser)
 
 
+def add_shard_argument(parser: argparse.ArgumentParser) -> None:
+    from safeneurons.models.blocks import SHARD_MODES
+
+    parser.add_argument("--shard", default="none", choices=SHARD_MODES,
+                        help="layers: each rank holds one contiguous block of decoder layers, read from the "
+                             "safetensors directly and balanced by parameters, the hidden states passed rank to rank "
+                             "(for models that do not fit one rank; not with --deepspeed) (default %(default)s)")
+
+
 def add_data_column_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-column", default=None, metavar="COLUMN",
                         help="the prompt column of the hub, datasets-folder and parquet/arrow data sets given here "

@@ -12,9 +12,10 @@ from safeneurons.scores.run import run_score
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from safeneurons.cli.options import add_eos_argument, add_model_arguments, add_run_arguments
+    from safeneurons.cli.options import add_eos_argument, add_model_arguments, add_run_arguments, add_shard_argument
 
     add_model_arguments(parser, "--model")
+    add_shard_argument(parser)
     add_run_arguments(parser)
     parser.add_argument("--score-method", "--method", dest="method", required=True,
                         metavar="{" + ",".join(METHODS) + "}",
@@ -69,8 +70,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = run_score(ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir), config, args.out,
-                       args.save_scores)
+    result = run_score(ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir, args.shard), config,
+                       args.out, args.save_scores)
     if distributed.is_main():
         summary = result.summary
         print(f"{config.method}: selected {summary['total_selected']} of {summary['total_scored']} weights "

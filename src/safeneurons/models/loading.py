@@ -203,9 +203,27 @@ class ModelSource:
     dtype: str = "float32"
     deepspeed: str | None = None
     cache_dir: str | None = None
+    shard: str = "none"  # "layers": each rank holds one block of decoder layers (models.blocks)
+
+    def check(self) -> None:
+        """The holding asked is possible: before any process group or weight."""
+        from safeneurons.models.blocks import SHARD_MODES
+
+        if self.shard not in SHARD_MODES:
+            raise SafeneuronsError(f"--shard {self.shard!r} is not one of {', '.join(SHARD_MODES)}")
+        if self.shard == "layers" and self.deepspeed is not None:
+            raise SafeneuronsError(f"--shard layers holds each layer on one rank; --deepspeed {self.deepspeed} would "
+                                   f"partition every layer over all of them: give one or the other")
 
     def load(self, device: torch.device | None = None) -> LoadedModel:
-        """Collective under ZeRO-3: see `load_for_inference`."""
+        """Collective under ZeRO-3: see `load_for_inference`; layer-sharded: this rank's block (models.blocks)."""
+        if self.shard == "layers":
+            from safeneurons.models.blocks import load_block
+            from safeneurons.runtime import distributed
+
+            block = load_block(self.name, distributed.rank(), distributed.world_size(), parse_dtype(self.dtype),
+                               device or torch.device("cpu"), self.cache_dir)
+            return LoadedModel(block.model, load_tokenizer(self.name, self.cache_dir), block=block)
         return load_for_inference(self.name, self.dtype, self.deepspeed, self.cache_dir, device)
 
     def provenance(self) -> dict | None:
@@ -223,6 +241,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     engine: Any = None  # the DeepSpeed engine whose hooks gather the ZeRO-3 weights (kept alive with the model)
+    block: Any = None  # models.blocks.LayerBlock: this rank's part of a layer-sharded model
 
 
 def load_for_inference(name: str, dtype: str | torch.dtype = "float32", deepspeed_config: str | dict | None = None,

@@ -10,14 +10,17 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import torch
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import reduce_each_to_owner
 
 ACCUMULATE_DTYPES = ("exact", "float32", "model")
+AUTO_MEMORY_FRACTION = 0.5  # of what a rank can still allocate, for wandg's accumulators by default
 # Fixed point: the high word counts units of 2^-20 and the low word units of 2^-72. A term below 2^-72 (2e-22)
 # adds nothing; the high word holds sums up to 2^43 (8.8e12), the low word 2^11 terms between carries.
 HIGH_UNIT_BITS = 20
@@ -111,6 +114,36 @@ def new_accumulator(accumulate_dtype: str, shape: Sequence[int] | int, device: t
     if accumulate_dtype == "exact":
         return ExactSum(shape, device)
     return RunningSum(shape, device, torch.float32 if accumulate_dtype == "float32" else model_dtype)
+
+
+def accumulator_bytes(targets: Sequence[Any], element_size: int) -> int:
+    """Bytes of the targets' (scores.config.Target) weight-sized sums."""
+    return sum(element_size * math.prod(target.shape) for target in targets)
+
+
+def accumulation_rounds(targets: Sequence[Any], budget: int, element_size: int) -> list[list[Any]]:
+    """One round when all the sums fit `budget` bytes; else consecutive targets whose accumulators fit what the
+    budget leaves beside the sums that earlier rounds leave on a rank (a Linear larger than that gets a round of
+    its own). The same on every rank."""
+    if accumulator_bytes(targets, element_size) <= budget:
+        return [list(targets)]
+    owned = max(accumulator_bytes([target for target in targets if target.owner == rank], owned_bytes(element_size))
+                for rank in {target.owner for target in targets})
+    rounds: list[list[Any]] = [[]]
+    for target in targets:
+        if rounds[-1] and accumulator_bytes(rounds[-1] + [target], element_size) > budget - owned:
+            rounds.append([])
+        rounds[-1].append(target)
+    return rounds
+
+
+def score_memory_budget(config: Any, device: torch.device) -> int:
+    """Bytes for wandg's local accumulators: `score_memory`, or half of what this rank can still allocate; the
+    smallest over the ranks, so that every rank runs the same rounds."""
+    budget = config.score_memory
+    if budget is None:
+        budget = int(AUTO_MEMORY_FRACTION * distributed.available_memory(device))
+    return min(distributed.all_gather(budget))
 
 
 def reduce_accumulators_to_owners(accumulators: Sequence[tuple[Accumulator, int]]) -> None:

@@ -19,6 +19,7 @@ from safeneurons.runtime.zero3 import full_shape
 from safeneurons.scores.accumulators import ACCUMULATE_DTYPES
 
 if TYPE_CHECKING:
+    from safeneurons.models.blocks import LayerBlock
     from safeneurons.models.structure import ScoredLinear
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ METHODS = ("wanda", "wandg", "random")
 GRANULARITIES = ("weight", "neuron", "head")
 SETDIFF_SCOPES = ("matrix", "row")
 DEFAULT_UTILITY_DATA = "alpaca_cleaned_no_safety"
-AUTO_MEMORY_FRACTION = 0.5  # of what a rank can still allocate, for wandg's accumulators by default
 DEFAULT_SPARSITY = 0.1  # one default everywhere (score, pipeline, plan): the original extension's
 SUMMARY_FILE = "score_summary.json"
 SCORES_FILE = "scores.safetensors"
@@ -147,9 +147,11 @@ class Target:
         return self.owner == distributed.rank()
 
 
-def targets_of(model: nn.Module) -> list[Target]:
-    return [Target(index, linear, distributed.owner_of(linear.layer))
-            for index, linear in enumerate(scored_linears(model))]
+def targets_of(model: nn.Module, block: LayerBlock | None = None) -> list[Target]:
+    """The scored Linears, each owned by the rank of its layer: round robin, or on a layer-sharded model the
+    stage that holds the layer."""
+    owner = distributed.owner_of if block is None else block.split.stage_of
+    return [Target(index, linear, owner(linear.layer)) for index, linear in enumerate(scored_linears(model))]
 
 
 def mask_on_every_rank(mask: torch.Tensor | None, target: Target, device: torch.device) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from safeneurons.runtime import distributed
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
+    from safeneurons.scores.accumulators import Accumulator
     from safeneurons.scores.config import Target
 
 
@@ -60,6 +61,21 @@ def abs_weight_gradient(inputs: torch.Tensor, output_grad: torch.Tensor,
     return (dy.T @ x).abs_()
 
 
+def add_sample_terms(total: Accumulator, inputs: Mapping[str, torch.Tensor], output_grads: Mapping[str, torch.Tensor],
+                     name: str, batch: MicroBatch, with_grads: bool, dtype: torch.dtype) -> None:
+    """`total` += each real sample's |∂L_s/∂W| (wandg) or Σ x_j² over its response tokens (wanda), from one pass's
+    captured inputs and output gradients. The gradient is missing when the loss does not depend on the Linear."""
+    output_grad = output_grads.get(name)
+    if with_grads and output_grad is None:
+        return
+    rows = batch.response_rows
+    for row in batch.real.nonzero().flatten().tolist():
+        if with_grads:
+            total.add(abs_weight_gradient(inputs[name][row], output_grad[row], dtype))
+        else:
+            total.add(squared_input_sum(inputs[name][row], rows[row]))
+
+
 @contextlib.contextmanager
 def scoring_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients (`LinearCapture` makes the activations that backward needs require
@@ -100,7 +116,7 @@ def rank_batches(samples: Sequence[Sample], batch_size: int, device: torch.devic
               for rank in range(distributed.world_size())]
     mine = groups[distributed.rank()]
     dummies = [[(samples[0], False)]] * (max(len(rank_groups) for rank_groups in groups) - len(mine))
-    return [_micro_batch(group, device) for group in mine + dummies]
+    return [micro_batch(group, device) for group in mine + dummies]
 
 
 def equal_length_groups(samples: Sequence[Sample], batch_size: int) -> list[list[tuple[Sample, bool]]]:
@@ -117,7 +133,7 @@ def equal_length_groups(samples: Sequence[Sample], batch_size: int) -> list[list
     return chunks + list(filling.values())
 
 
-def _micro_batch(group: Sequence[tuple[Sample, bool]], device: torch.device) -> MicroBatch:
+def micro_batch(group: Sequence[tuple[Sample, bool]], device: torch.device) -> MicroBatch:
     return MicroBatch(torch.stack([sample.input_ids for sample, _ in group]).to(device),
                       torch.stack([sample.labels for sample, _ in group]).to(device),
                       torch.tensor([real for _, real in group], device=device))

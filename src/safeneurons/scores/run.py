@@ -9,7 +9,7 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir
 from safeneurons.scores.config import ScoreConfig, ScoreResult
 from safeneurons.scores.outputs import write_score_outputs
-from safeneurons.scores.schedules import score_model
+from safeneurons.scores.schedules import check_shard_settings, score_model
 
 
 def check_score_inputs(config: ScoreConfig, out: str | Path) -> None:
@@ -25,10 +25,12 @@ def run_score(model: ModelSource, config: ScoreConfig, out: str | Path, save_sco
     """Collective: the masks (and with `save_scores` the raw scores) of `model` written to `out`; every rank gets
     its own part of the result, rank 0 the complete summary."""
     check_score_inputs(config, out)
-    context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
+    model.check()
+    check_shard_settings(config, model.shard == "layers")
+    context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
     loaded = model.load(context.device)
-    result = score_model(loaded.model, loaded.tokenizer, config)
-    result.summary.update(model=model.name, dtype=model.dtype, deepspeed=model.deepspeed,
+    result = score_model(loaded.model, loaded.tokenizer, config, loaded.block)
+    result.summary.update(model=model.name, dtype=model.dtype, deepspeed=model.deepspeed, shard=model.shard,
                           model_source=model.provenance())
     write_score_outputs(result, out, save_scores)
     return result

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from safeneurons.data.samples import load_samples
+from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import decoder_layers, fused_parts, model_device
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import is_zero3_partitioned, stored_copies
@@ -21,16 +22,17 @@ from safeneurons.scores.statistics import score_targets
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
+    from safeneurons.models.blocks import LayerBlock
     from safeneurons.scores.config import ScoreConfig, Target
     from safeneurons.scores.passes import Entry
 
 
 def score_all_layers(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
-                     config: ScoreConfig, entries: Mapping[str, Sequence[Entry]] | None = None
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                     config: ScoreConfig, entries: Mapping[str, Sequence[Entry]] | None = None,
+                     block: LayerBlock | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every layer from the same passes (one backward per sample), nothing pruned in between; `entries` per
-    source start the passes at the lowest scored layer."""
-    scores = {source: score_targets(model, targets, samples, config, stream, (entries or {}).get(source))
+    source start the passes at the lowest scored layer; on a layer-sharded `block` the passes are pipelined."""
+    scores = {source: score_targets(model, targets, samples, config, stream, (entries or {}).get(source), block)
               for stream, (source, samples) in enumerate(sources.items())}
     return select_masks(targets, scores, config, attention_heads(model), model.config), scores["safety"]
 
@@ -79,6 +81,12 @@ def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: M
 
 # ---------------------------------------------------------------- the API
 
+def check_shard_settings(config: ScoreConfig, sharded: bool) -> None:
+    if sharded and config.sequential:
+        raise SafeneuronsError("--shard layers runs the all-layers schedule; --sequential (each layer scored after "
+                               "the layers below are pruned) is not layer-sharded yet: run it unsharded or under "
+                               "--deepspeed")
+
 def load_sources(tokenizer: Any, config: ScoreConfig) -> dict[str, list[Sample] | None]:
     """The safety samples (and utility samples for the set difference); random needs none."""
     def samples(source: str) -> list[Sample] | None:
@@ -93,15 +101,22 @@ def load_sources(tokenizer: Any, config: ScoreConfig) -> dict[str, list[Sample] 
     return sources
 
 
-def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig) -> ScoreResult:
+def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig, block: LayerBlock | None = None
+                ) -> ScoreResult:
     """Score and select. Collective under N ranks (every rank calls it); under ZeRO-3 pass the module that
-    DeepSpeed's engine hooks (`engine.module`, see `models.load_for_inference`)."""
+    DeepSpeed's engine hooks (`engine.module`, see `models.load_for_inference`); layer-sharded, this rank's
+    `block` (models.blocks) and its model."""
     config.validate()
-    targets = targets_of(model)
+    check_shard_settings(config, block is not None)
+    targets = targets_of(model, block)
     sources = load_sources(tokenizer, config)
-    schedule = score_layer_by_layer if config.sequential else score_all_layers
-    masks, scores = schedule(model, targets, sources, config)
+    if config.sequential:
+        masks, scores = score_layer_by_layer(model, targets, sources, config)
+    else:
+        masks, scores = score_all_layers(model, targets, sources, config, block=block)
     summary = build_summary(targets, masks, sources, config)
+    if block is not None:
+        summary["layer_split"] = block.split.to_json()
     return ScoreResult(masks, scores if config.keep_scores else None, summary)
 
 

@@ -4,7 +4,6 @@ each reduced once to the rank that owns its layer, in rounds when they do not fi
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -14,14 +13,14 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import model_device, model_dtype
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import weight_on_owner
-from safeneurons.scores.accumulators import (Accumulator, element_bytes, new_accumulator, owned_bytes,
-                                             reduce_accumulators_to_owners)
-from safeneurons.scores.config import AUTO_MEMORY_FRACTION
-from safeneurons.scores.passes import (LinearCapture, abs_weight_gradient, rank_batches, run_batch, scoring_mode,
-                                       squared_input_sum)
+from safeneurons.scores.accumulators import (accumulation_rounds, accumulator_bytes, element_bytes, new_accumulator,
+                                             reduce_accumulators_to_owners, score_memory_budget)
+from safeneurons.scores.passes import LinearCapture, add_sample_terms, rank_batches, run_batch, scoring_mode
+from safeneurons.scores.sharded import sharded_statistics
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
+    from safeneurons.models.blocks import LayerBlock
     from safeneurons.scores.config import ScoreConfig, Target
     from safeneurons.scores.passes import Entry, MicroBatch
 
@@ -29,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample],
-                       config: ScoreConfig, entries: Sequence[Entry] | None = None) -> dict[str, torch.Tensor]:
+                       config: ScoreConfig, entries: Sequence[Entry] | None = None,
+                       block: LayerBlock | None = None) -> dict[str, torch.Tensor]:
     """Per target, the sum over all samples of Σ x_j² (wanda) or of |∂L_s/∂W| (wandg), on the owner only;
     with `entries` (one per micro-batch) the passes start at their layer.
 
@@ -37,7 +37,10 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
     data-parallel training reduces gradients: the traffic is one copy of the statistics per rank, whatever the
     number of samples. wandg's accumulators are weight-sized; when all of them do not fit the memory budget
     (`score_memory`), the targets are taken in rounds of consecutive Linears that fit, each round running the
-    passes again (its backward stops at the round's lowest Linear)."""
+    passes again (its backward stops at the round's lowest Linear). On a layer-sharded `block` every rank runs
+    every sample through its own layers instead (scores.sharded)."""
+    if block is not None:
+        return sharded_statistics(block, targets, samples, config, block.device, block.dtype)
     device = model_device(model)
     batches = rank_batches(samples, config.batch_size, device)
     if config.method != "wandg":
@@ -53,35 +56,6 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
     for group in rounds:
         owned.update(_accumulate(model, group, batches, entries, config, with_grads=True))
     return owned
-
-
-def accumulator_bytes(targets: Sequence[Target], element_size: int) -> int:
-    return sum(element_size * math.prod(target.shape) for target in targets)
-
-
-def accumulation_rounds(targets: Sequence[Target], budget: int, element_size: int) -> list[list[Target]]:
-    """One round when all the sums fit `budget` bytes; else consecutive targets whose accumulators fit what the
-    budget leaves beside the sums that earlier rounds leave on a rank (a Linear larger than that gets a round of
-    its own). The same on every rank."""
-    if accumulator_bytes(targets, element_size) <= budget:
-        return [list(targets)]
-    owned = max(accumulator_bytes([target for target in targets if target.owner == rank], owned_bytes(element_size))
-                for rank in {target.owner for target in targets})
-    rounds: list[list[Target]] = [[]]
-    for target in targets:
-        if rounds[-1] and accumulator_bytes(rounds[-1] + [target], element_size) > budget - owned:
-            rounds.append([])
-        rounds[-1].append(target)
-    return rounds
-
-
-def score_memory_budget(config: ScoreConfig, device: torch.device) -> int:
-    """Bytes for wandg's local accumulators: `score_memory`, or half of what this rank can still allocate; the
-    smallest over the ranks, so that every rank runs the same rounds."""
-    budget = config.score_memory
-    if budget is None:
-        budget = int(AUTO_MEMORY_FRACTION * distributed.available_memory(device))
-    return min(distributed.all_gather(budget))
 
 
 def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[MicroBatch],
@@ -100,7 +74,8 @@ def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[M
                 capture.clear()
                 run_batch(model, batch, with_grads, None if entries is None else entries[index])
                 for target in targets:
-                    _add_sample_terms(sums[target.name], capture, target.name, batch, with_grads, term_dtype)
+                    add_sample_terms(sums[target.name], capture.inputs, capture.output_grads, target.name, batch, with_grads,
+                                     term_dtype)
     finally:
         capture.close()
     reduce_accumulators_to_owners([(sums[target.name], target.owner) for target in targets])
@@ -112,21 +87,6 @@ def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[M
     return owned
 
 
-def _add_sample_terms(total: Accumulator, capture: LinearCapture, name: str, batch: MicroBatch, with_grads: bool,
-                      dtype: torch.dtype) -> None:
-    """`total` += each real sample's |∂L_s/∂W| (wandg) or Σ x_j² over its response tokens (wanda). The gradient is
-    None when the loss does not depend on the Linear."""
-    output_grad = capture.output_grads.get(name)
-    if with_grads and output_grad is None:
-        return
-    rows = batch.response_rows
-    for row in batch.real.nonzero().flatten().tolist():
-        if with_grads:
-            total.add(abs_weight_gradient(capture.inputs[name][row], output_grad[row], dtype))
-        else:
-            total.add(squared_input_sum(capture.inputs[name][row], rows[row]))
-
-
 def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
     """Uniform scores that depend only on (seed, parameter index, stream), so every world size draws the same."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + target.index * 2 + stream)
@@ -134,11 +94,12 @@ def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
 
 
 def score_targets(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample] | None,
-                  config: ScoreConfig, stream: int = 0, entries: Sequence[Entry] | None = None) -> dict[str, torch.Tensor]:
+                  config: ScoreConfig, stream: int = 0, entries: Sequence[Entry] | None = None,
+                  block: LayerBlock | None = None) -> dict[str, torch.Tensor]:
     """float32 scores of the targets this rank owns; NaN/inf is an error that names the parameter."""
     if config.method == "random":
         return {target.name: random_scores(target, config.seed, stream) for target in targets if target.mine}
-    statistics = collect_statistics(model, targets, samples, config, entries)
+    statistics = collect_statistics(model, targets, samples, config, entries, block)
     scores: dict[str, torch.Tensor] = {}
     problems: list[tuple[int, str]] = []
     for target in targets:

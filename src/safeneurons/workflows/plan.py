@@ -20,7 +20,7 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import GIB
 from safeneurons.runtime.outputs import check_output_dir, write_json
 from safeneurons.scores.accumulators import element_bytes, owned_bytes
-from safeneurons.scores.config import AUTO_MEMORY_FRACTION
+from safeneurons.scores.accumulators import AUTO_MEMORY_FRACTION
 
 # CUDA context, NCCL buffers, the allocator's fragmentation: the share of a GPU a plan may not count on.
 RESERVED_FRACTION = 0.10

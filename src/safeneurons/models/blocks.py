@@ -1,0 +1,168 @@
+"""Layer sharding (`--shard layers`): each rank holds one contiguous block of decoder layers, read from the
+safetensors files directly; the first block also holds the embeddings, the last the final norm and `lm_head`.
+
+The split balances the parameters a rank holds (the embeddings and the head count towards the first and the last
+block), read from the file headers only. A rank's model is the architecture built on the meta device with its own
+block's tensors loaded into it: the other layers never take memory.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from safeneurons.errors import SafeneuronsError
+
+SHARD_MODES = ("none", "layers")
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+FIRST_PREFIXES = ("model.embed_tokens.",)
+LAST_PREFIXES = ("model.norm.", "lm_head.")
+# Architectures whose forward rescales `inputs_embeds` (Gemma's √hidden): the hidden states a block receives would
+# be scaled a second time, so they are not sharded.
+SCALED_EMBEDDINGS = ("gemma", "gemma2", "gemma3_text")
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """Decoder layers [starts[s], starts[s + 1]) are stage s's; `params` the parameters each stage holds."""
+
+    starts: tuple[int, ...]
+    params: tuple[int, ...]
+
+    @property
+    def stages(self) -> int:
+        return len(self.starts) - 1
+
+    def block(self, stage: int) -> range:
+        return range(self.starts[stage], self.starts[stage + 1])
+
+    def stage_of(self, layer: int) -> int:
+        return next(stage for stage in range(self.stages) if layer < self.starts[stage + 1])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stages": self.stages, "blocks": [[block.start, block.stop] for block in map(self.block,
+                range(self.stages))], "params": list(self.params)}
+
+
+def balanced_split(layer_params: Sequence[int], first_extra: int, last_extra: int, stages: int) -> LayerSplit:
+    """Contiguous non-empty blocks minimising the largest stage's parameters (exact, by dynamic programming over
+    the cut points; ties go to the earliest cuts)."""
+    layers = len(layer_params)
+    if not 1 <= stages <= layers:
+        raise SafeneuronsError(f"--shard layers over {stages} ranks: the model has {layers} decoder layers; expected "
+                               f"at most one stage per layer")
+    prefix = [0]
+    for count in layer_params:
+        prefix.append(prefix[-1] + count)
+
+    def cost(start: int, stop: int, stage: int) -> int:
+        extra = (first_extra if stage == 0 else 0) + (last_extra if stage == stages - 1 else 0)
+        return prefix[stop] - prefix[start] + extra
+
+    # best[s][i]: the least largest stage for layers [0, i) over stages 0..s−1; cut[s][i] where the last began
+    best = [[None] * (layers + 1) for _ in range(stages + 1)]
+    cut = [[0] * (layers + 1) for _ in range(stages + 1)]
+    best[0][0] = 0
+    for stage in range(1, stages + 1):
+        for stop in range(stage, layers - (stages - stage) + 1):
+            for start in range(stage - 1, stop):
+                if best[stage - 1][start] is None:
+                    continue
+                value = max(best[stage - 1][start], cost(start, stop, stage - 1))
+                if best[stage][stop] is None or value < best[stage][stop]:
+                    best[stage][stop], cut[stage][stop] = value, start
+    starts = [layers]
+    for stage in range(stages, 0, -1):
+        starts.append(cut[stage][starts[-1]])
+    starts.reverse()
+    return LayerSplit(tuple(starts), tuple(cost(starts[s], starts[s + 1], s) for s in range(stages)))
+
+
+def split_from_headers(metadata: dict[str, tuple[tuple[int, ...], str]], num_layers: int, tied: bool,
+                       stages: int) -> LayerSplit:
+    """The balanced split of a checkpoint from its tensors' shapes (a tied head counts as a copy of the
+    embeddings on the last stage)."""
+    layer_params = [0] * num_layers
+    first = last = 0
+    for name, (shape, _dtype) in metadata.items():
+        count = 1
+        for size in shape:
+            count *= size
+        found = LAYER_KEY.match(name)
+        if found:
+            layer_params[int(found.group(1))] += count
+        elif name.startswith(FIRST_PREFIXES):
+            first += count
+            last += count if tied and "lm_head.weight" not in metadata else 0
+        elif name.startswith(LAST_PREFIXES):
+            last += count
+    return balanced_split(layer_params, first, last, stages)
+
+
+@dataclass
+class LayerBlock:
+    """One rank's part of a layer-sharded model: the model (its block loaded, the rest on the meta device)."""
+
+    model: nn.Module
+    split: LayerSplit
+    stage: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def layers(self) -> range:
+        return self.split.block(self.stage)
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.split.stages - 1
+
+
+def check_shardable(config: Any, name: str) -> None:
+    if getattr(config, "model_type", None) in SCALED_EMBEDDINGS:
+        raise SafeneuronsError(f"--shard layers: {name} is {config.model_type}, whose forward rescales the hidden "
+                               f"states a block receives; run it unsharded (or under --deepspeed)")
+
+
+def load_block(name: str, stage: int, stages: int, dtype: torch.dtype, device: torch.device,
+               cache_dir: str | None = None) -> LayerBlock:
+    """Stage `stage` of `stages`: the model skeleton with only its block's tensors read from the safetensors."""
+    from safeneurons.models.loading import load_config, local_model_folder, model_skeleton
+    from safeneurons.runtime.checkpoints import CheckpointFiles
+
+    config = load_config(name, cache_dir)
+    check_shardable(config, name)
+    files = CheckpointFiles(Path(local_model_folder(name, cache_dir)))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    split = split_from_headers(files.metadata(), config.num_hidden_layers, tied, stages)
+    model = model_skeleton(name, cache_dir)
+    block = LayerBlock(model, split, stage, device, dtype)
+    wanted = [key for key in model.state_dict() if _belongs(key, block)]
+    missing = [key for key in wanted if key not in files.weight_map and not (tied and key == "lm_head.weight")]
+    if missing:
+        raise SafeneuronsError(f"--shard layers: {files.folder} has no tensor {missing[0]!r}")
+    state = {key: files.get(key).to(device=device, dtype=dtype) for key in wanted if key in files.weight_map}
+    if block.last and tied and "lm_head.weight" not in state:
+        state["lm_head.weight"] = files.get("model.embed_tokens.weight").to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)  # a tied head gets its own copy: the embeddings stay
+    inner = model.model
+    inner.rotary_emb = type(inner.rotary_emb)(config=model.config).to(device)  # its buffers are not in the files
+    if not block.last:
+        inner.norm = nn.Identity()  # the block's output is the next block's input, not normalised
+    model.eval()
+    return block
+
+
+def _belongs(key: str, block: LayerBlock) -> bool:
+    found = LAYER_KEY.match(key)
+    if found:
+        return int(found.group(1)) in block.layers
+    return (block.first and key.startswith(FIRST_PREFIXES)) or (block.last and key.startswith(LAST_PREFIXES))

@@ -1,0 +1,114 @@
+"""wanda's and wandg's statistics on a layer-sharded model (`score --shard layers`, models.blocks).
+
+Every stage runs every sample through its own block of layers, the hidden states passed stage to stage (and for
+wandg the gradients back, in 1F1B order), and sums its own Linears' statistics locally: each rank already holds
+the complete sums of the layers it owns, so there is no reduce, and the passes are repeated only when a rank's own
+sums exceed its memory budget. The per-sample terms are those of the unsharded passes, bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from safeneurons.models.structure import layers_from
+from safeneurons.runtime import distributed
+from safeneurons.runtime.pipeline import StageLink, one_forward_one_backward
+from safeneurons.scores.accumulators import accumulation_rounds, element_bytes, new_accumulator, score_memory_budget
+from safeneurons.scores.passes import (LinearCapture, add_sample_terms, equal_length_groups, micro_batch,
+                                       per_sample_losses, scoring_mode)
+
+if TYPE_CHECKING:
+    from safeneurons.data.examples import Sample
+    from safeneurons.models.blocks import LayerBlock
+    from safeneurons.scores.config import ScoreConfig, Target
+    from safeneurons.scores.passes import MicroBatch
+
+log = logging.getLogger(__name__)
+
+
+def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Sequence[Sample],
+                       config: ScoreConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Collective over the stages: per Linear of this rank's block, the sum over all samples of Σ x_j² (wanda)
+    or |∂L_s/∂W| (wandg)."""
+    batches = [micro_batch(group, device) for group in equal_length_groups(samples, config.batch_size)]
+    mine = [target for target in targets if target.mine]
+    if config.method != "wandg":
+        return _run_passes(block, mine, batches, config, device, dtype, with_grads=False)
+    size = element_bytes(config.accumulate_dtype, dtype.itemsize)
+    rounds = accumulation_rounds(mine, score_memory_budget(config, device), size) if mine else [[]]
+    count = max(distributed.all_gather(len(rounds)))  # every stage runs every round's passes
+    log.info("wandg, layer-sharded: stage %d of %d holds layers %d-%d, its sums in %d round%s",
+             block.stage, block.split.stages, block.layers.start, block.layers.stop - 1, len(rounds),
+             "" if len(rounds) == 1 else "s")
+    owned: dict[str, torch.Tensor] = {}
+    for index in range(count):
+        group = rounds[index] if index < len(rounds) else []
+        owned.update(_run_passes(block, group, batches, config, device, dtype, with_grads=True))
+    return owned
+
+
+def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[MicroBatch], config: ScoreConfig,
+                device: torch.device, dtype: torch.dtype, with_grads: bool) -> dict[str, torch.Tensor]:
+    """One pipelined sweep over the micro-batches (forward only, or 1F1B forward and backward), each real
+    sample's terms added to this stage's accumulators."""
+    stages = block.split.stages
+    order = one_forward_one_backward(block.stage, stages, len(batches)) if with_grads else [
+        ("F", index) for index in range(len(batches))]
+    sums = {target.name: new_accumulator(config.accumulate_dtype, target.shape if with_grads else target.shape[1],
+                                         device, dtype) for target in targets}
+    term_dtype = dtype if config.accumulate_dtype == "model" else torch.float32
+    capture, link = LinearCapture(targets, with_grads), StageLink(block.stage, stages, device)
+    in_flight: dict[int, tuple] = {}
+    try:
+        with scoring_mode(block.model):
+            for kind, index in distributed.progress(order, desc="pipelined passes", leave=False):
+                batch = batches[index]
+                if kind == "F":
+                    capture.clear()
+                    received, output = _forward(block, batch, link, with_grads, dtype)
+                    in_flight[index] = (received, output, dict(capture.inputs))
+                    if with_grads:
+                        continue
+                    inputs, grads = in_flight.pop(index)[2], {}
+                else:
+                    capture.output_grads.clear()
+                    received, output, inputs = in_flight.pop(index)
+                    _backward(block, received, output, link)
+                    grads = capture.output_grads
+                for target in targets:
+                    add_sample_terms(sums[target.name], inputs, grads, target.name, batch, with_grads, term_dtype)
+    finally:
+        capture.close()
+        link.finish()
+    return {name: total.value(name) for name, total in sums.items()}
+
+
+def _forward(block: LayerBlock, batch: MicroBatch, link: StageLink, with_grads: bool,
+             dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """This stage's layers on one micro-batch: from the tokens (first stage) or the hidden states received; the
+    output is sent on, or on the last stage is the loss (wandg) or the final hidden states (wanda)."""
+    received = None
+    if not block.first:
+        received = link.receive_activation((*batch.input_ids.shape, block.model.config.hidden_size), dtype)
+        received.requires_grad_(with_grads)
+    inputs = {"input_ids": batch.input_ids} if received is None else {"inputs_embeds": received}
+    with torch.set_grad_enabled(with_grads), layers_from(block.model, block.layers.start, block.layers.stop):
+        if block.last and with_grads:
+            logits = block.model(**inputs, use_cache=False).logits
+            return received, (per_sample_losses(logits, batch.labels) * batch.real).sum()
+        output = block.model.model(**inputs, use_cache=False).last_hidden_state
+    if not block.last:
+        link.send_activation(output)
+    return received, output
+
+
+def _backward(block: LayerBlock, received: torch.Tensor | None, output: torch.Tensor, link: StageLink) -> None:
+    """Backward through this stage from the loss (last stage) or the gradient received from the next stage,
+    the gradient of the hidden states received then sent back."""
+    gradient = None if block.last else link.receive_gradient(tuple(output.shape), output.dtype)
+    if output.requires_grad:
+        torch.autograd.backward(output, gradient)
+    if received is not None:
+        link.send_gradient(received.grad if received.grad is not None else torch.zeros_like(received))
