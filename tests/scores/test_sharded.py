@@ -161,3 +161,14 @@ def test_bad_sharding_is_one_line_before_any_weight(tied_llama, tmp_path, capsys
     assert "rescales the hidden states" in run_expecting_error(
         ["score", "--model", str(gemma), *score[3:]], tmp_path, capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_splits_a_model_as_score_does(tied_llama):
+    """`plan`'s layer-sharded blocks for a model folder are the blocks `score --shard layers` loads."""
+    from safeneurons.workflows.plan import Cluster, Workload, model_shape, plan_report
+
+    folder, _ = tied_llama
+    for stages in (2, 3):
+        report = plan_report(model_shape(str(folder)), Cluster(1, stages), Workload())["score_layer_sharded"]
+        split = load_block(str(folder), 0, stages, torch.float32, torch.device("cpu")).split
+        assert report["blocks"] == [[block.start, block.stop] for block in map(split.block, range(stages))]

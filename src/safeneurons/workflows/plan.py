@@ -19,8 +19,8 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import GIB
 from safeneurons.runtime.outputs import check_output_dir, write_json
-from safeneurons.scores.accumulators import element_bytes, owned_bytes
-from safeneurons.scores.accumulators import AUTO_MEMORY_FRACTION
+from safeneurons.scores.accumulators import AUTO_MEMORY_FRACTION, element_bytes, owned_bytes
+from safeneurons.workflows.plan_layers import ShardedScoreInputs, sharded_score_line, sharded_score_report
 
 # CUDA context, NCCL buffers, the allocator's fragmentation: the share of a GPU a plan may not count on.
 RESERVED_FRACTION = 0.10
@@ -397,9 +397,24 @@ def remedies(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict[st
     return found
 
 
+def sharded_score_inputs(shape: ModelShape, cluster: Cluster, workload: Workload) -> ShardedScoreInputs:
+    """`score --shard layers` with every GPU one stage: equal decoder layers, the embeddings on the first and the
+    final norm with the head (a tied head's copy) on the last."""
+    embeddings = shape.vocab * shape.hidden
+    per_layer = (shape.total_params - embeddings * (1 if shape.tied_embeddings else 2) - shape.hidden) // shape.layers
+    return ShardedScoreInputs(
+        [per_layer] * shape.layers, embeddings, embeddings + shape.hidden, shape.scored_params_per_layer,
+        cluster.world, BF16_BYTES, element_bytes(workload.accumulate_dtype, BF16_BYTES),
+        int((1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB), workload.score_memory,
+        lambda layers: score_pass_activations(replace(shape, layers=layers, counted=None),
+                                              workload.score_batch_size, workload.max_length))
+
+
 def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict:
     stages = plan_stages(shape, cluster, workload)
     sums = score_stage(shape, cluster, workload)[1]
+    sharded = sharded_score_report(sharded_score_inputs(shape, cluster, workload)) if (
+        cluster.world <= shape.layers) else None
     return {
         "model": asdict(shape), "total_params": shape.total_params, "scored_params": shape.scored_params,
         "cluster": {**asdict(cluster), "world_size": cluster.world},
@@ -409,6 +424,7 @@ def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict
         "remedies": remedies(shape, cluster, workload),
         "score_sums": {"budget_gib": sums.budget / GIB, "round_gib": sums.round_bytes / GIB, "rounds": sums.rounds,
                        "all_gib": shape.scored_params * element_bytes(workload.accumulate_dtype, BF16_BYTES) / GIB},
+        "score_layer_sharded": sharded,
     }
 
 
@@ -431,6 +447,8 @@ def format_table(report: dict) -> str:
                  f"{'' if sums['rounds'] == 1 else 's'} of <= {sums['round_gib']:.1f} GiB per GPU (budget "
                  f"{sums['budget_gib']:.1f} GiB{', --score-memory' if report['workload']['score_memory'] else ', auto'})"
                  f"; each round runs the passes once")
+    if report["score_layer_sharded"] is not None:
+        lines.append(sharded_score_line(report["score_layer_sharded"], report["workload"]["accumulate_dtype"]))
     lines.append(f"(GiB per GPU; total = states + the larger of activ. and the optimizer step + masks + scores; fits = "
                  f"total within {report['usable_gib_per_gpu']:.1f} GiB, {RESERVED_FRACTION:.0%} kept for CUDA/NCCL)")
     for stage, options in report["remedies"].items():

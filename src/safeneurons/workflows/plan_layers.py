@@ -1,0 +1,83 @@
+"""`plan`'s layer-sharded score stage (`score --shard layers`, models.blocks): one block of decoder layers per GPU,
+the split `score` uses (balanced by parameters, the embeddings on the first block, the head on the last).
+
+Per stage: its block's bf16 weights; the activations of its layers for the micro-batches in flight (1F1B: stage s
+holds up to `stages − s` of them); its own Linears' wandg sums, in rounds only when they exceed the budget. No GPU
+holds another block's weights or sums, so the question is whether the largest stage fits in one pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from safeneurons.models.blocks import balanced_split
+from safeneurons.runtime.memory import GIB
+from safeneurons.scores.accumulators import AUTO_MEMORY_FRACTION
+
+
+@dataclass(frozen=True)
+class ShardedStage:
+    """One GPU's share of layer-sharded scoring, in bytes."""
+
+    layers: range
+    weights: int
+    activations: int
+    sums: int
+    rounds: int  # times the passes run for this stage's sums (every stage runs the largest count)
+
+    @property
+    def total(self) -> int:
+        """Weights, activations and one round of sums (a round holds the sums it fills)."""
+        return self.weights + self.activations + math.ceil(self.sums / self.rounds)
+
+
+@dataclass(frozen=True)
+class ShardedScoreInputs:
+    """What plan knows of the model and the GPUs (workflows.plan fills it from its shapes and formulas)."""
+
+    layer_params: list[int]
+    first_params: int  # the embeddings
+    last_params: int  # the final norm and the head (a tied head's copy)
+    scored_per_layer: int
+    stages: int
+    weight_bytes: int  # per parameter (bf16)
+    sum_bytes: int  # per scored weight (wandg's --accumulate-dtype)
+    usable: int  # bytes of a GPU a plan may count on
+    budget: int | None  # --score-memory, or None for score's auto budget
+    block_activations: Callable[[int], int]  # one micro-batch's activations for a block of n layers
+
+
+def sharded_score_stages(inputs: ShardedScoreInputs) -> list[ShardedStage]:
+    split = balanced_split(inputs.layer_params, inputs.first_params, inputs.last_params, inputs.stages)
+    found = []
+    for stage in range(split.stages):
+        layers = split.block(stage)
+        weights = inputs.weight_bytes * split.params[stage]
+        activations = (split.stages - stage) * inputs.block_activations(len(layers))  # micro-batches in flight
+        sums = inputs.sum_bytes * inputs.scored_per_layer * len(layers)
+        budget = inputs.budget  # else as `score`: half of what is free when scoring starts
+        budget = budget if budget is not None else max(int(AUTO_MEMORY_FRACTION * (
+            inputs.usable - weights - activations)), 1)
+        found.append(ShardedStage(layers, weights, activations, sums, max(1, math.ceil(sums / budget))))
+    return found
+
+
+def sharded_score_report(inputs: ShardedScoreInputs) -> dict:
+    """The blocks, the largest stage, the passes every stage runs and whether the largest fits its GPU."""
+    stages = sharded_score_stages(inputs)
+    largest = max(stages, key=lambda stage: stage.total)
+    return {"stages": len(stages), "blocks": [[stage.layers.start, stage.layers.stop] for stage in stages],
+            "largest_gib": {"weights": largest.weights / GIB, "activations": largest.activations / GIB,
+                            "sums": largest.sums / GIB, "total": largest.total / GIB},
+            "passes": max(stage.rounds for stage in stages), "fits": largest.total <= inputs.usable}
+
+
+def sharded_score_line(report: dict, accumulate_dtype: str) -> str:
+    largest, passes = report["largest_gib"], report["passes"]
+    blocks = ", ".join(f"{start}-{stop - 1}" for start, stop in report["blocks"])
+    return (f"score --shard layers: {report['stages']} stages (layers {blocks}); largest stage {largest['total']:.1f} "
+            f"GiB = weights {largest['weights']:.1f} + activations {largest['activations']:.1f} + wandg "
+            f"{accumulate_dtype} sums {largest['sums']:.1f} GiB{' in rounds' if passes > 1 else ''}: "
+            f"{'one pass' if passes == 1 else f'{passes} passes'} over the data"
+            f"{'' if report['fits'] else ' (does NOT fit)'}")
