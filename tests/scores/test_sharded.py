@@ -132,8 +132,9 @@ def test_three_stages_give_the_masks_of_one_unsharded_rank(tied_llama, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_stages_of_a_fused_architecture_give_wandas_masks(tmp_path):
-    """Phi-3 (fused qkv and gate/up): wanda on 2 stages = 1 rank."""
+def test_two_stages_times_two_replicas_of_a_fused_architecture_give_wandas_masks(tmp_path):
+    """Phi-3 (fused qkv and gate/up), wanda on 4 ranks = 2 stages × 2 replicas (each replica half the samples, a
+    stage's two ranks summing exactly): the masks of 1 rank."""
     tokenizer = load_tokenizer("demo")
     folder = tmp_path / "phi3"
     model = tiny_model("phi3", tokenizer)
@@ -141,10 +142,12 @@ def test_two_stages_of_a_fused_architecture_give_wandas_masks(tmp_path):
     tokenizer.save_pretrained(folder)
     command = ["score", "--model", str(folder), "--method", "wanda", *ARGS]
     assert cli.main([*command, "--out", str(tmp_path / "one")]) == 0
-    launch = run_ranks(["safeneurons.cli", *command, "--shard", "layers", "--out", str(tmp_path / "two")])
+    launch = run_ranks(["safeneurons.cli", *command, "--shard", "layers", "--stages", "2", "--out",
+                        str(tmp_path / "four")], nproc=4)
     assert launch.returncode == 0, launch.stderr[-3000:]
-    one, two = load_masks(tmp_path / "one"), load_masks(tmp_path / "two")
-    assert one.keys() == two.keys() and all(torch.equal(one[name], two[name]) for name in one)
+    one, four = load_masks(tmp_path / "one"), load_masks(tmp_path / "four")
+    assert one.keys() == four.keys() and all(torch.equal(one[name], four[name]) for name in one)
+    assert json.loads((tmp_path / "four" / "score_summary.json").read_text())["world_size"] == 4
 
 
 def test_bad_sharding_is_one_line_before_any_weight(tied_llama, tmp_path, capsys):
@@ -154,6 +157,9 @@ def test_bad_sharding_is_one_line_before_any_weight(tied_llama, tmp_path, capsys
     assert "give one or the other" in run_expecting_error(
         [*score, "--deepspeed", "ds_configs/zero3_inference.json"], tmp_path, capsys)
     assert "--sequential" in run_expecting_error([*score, "--sequential"], tmp_path, capsys)
+    assert "positive divisor of the 1 ranks" in run_expecting_error([*score, "--stages", "2"], tmp_path, capsys)
+    assert "with --shard layers" in run_expecting_error([*score[:-4], "--stages", "2", *score[-2:]], tmp_path,
+                                                        capsys)
     tokenizer = load_tokenizer("demo")
     gemma = tmp_path / "gemma2"
     tiny_model("gemma2", tokenizer).save_pretrained(gemma)

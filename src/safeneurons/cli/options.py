@@ -41,12 +41,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_flag: str | tuple
 
 
 def add_shard_argument(parser: argparse.ArgumentParser) -> None:
-    from safeneurons.models.blocks import SHARD_MODES
+    from safeneurons.models.loading import SHARD_MODES
 
     parser.add_argument("--shard", default="none", choices=SHARD_MODES,
                         help="layers: each rank holds one contiguous block of decoder layers, read from the "
                              "safetensors directly and balanced by parameters, the hidden states passed rank to rank "
                              "(for models that do not fit one rank; not with --deepspeed) (default %(default)s)")
+    parser.add_argument("--stages", type=int, default=None,
+                        help="with --shard layers: ranks per pipeline (default: the ranks of a node); the world is "
+                             "stages × replicas, each replica scoring its share of the samples")
 
 
 def add_data_column_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.models.loading import (LoadedModel, ModelSource, load_config, load_tokenizer, local_model_folder,
+                                        model_skeleton, parse_dtype)
+from safeneurons.runtime.checkpoints import CheckpointFiles
+from safeneurons.runtime.pipeline import pipeline_layout, replica_group
 
-SHARD_MODES = ("none", "layers")
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 FIRST_PREFIXES = ("model.embed_tokens.",)
 LAST_PREFIXES = ("model.norm.", "lm_head.")
@@ -105,13 +108,21 @@ def split_from_headers(metadata: dict[str, tuple[tuple[int, ...], str]], num_lay
 
 @dataclass
 class LayerBlock:
-    """One rank's part of a layer-sharded model: the model (its block loaded, the rest on the meta device)."""
+    """One rank's part of a layer-sharded model: the model (its block loaded, the rest on the meta device) and its
+    place in the stages × replicas."""
 
     model: nn.Module
     split: LayerSplit
     stage: int
     device: torch.device
     dtype: torch.dtype
+    replica: int = 0  # which of the `replicas` pipelines this rank is in (rank = replica × stages + stage)
+    replicas: int = 1
+    group: Any = None  # this stage's ranks across the replicas (runtime.pipeline.replica_group)
+
+    @property
+    def first_rank(self) -> int:
+        return self.replica * self.split.stages
 
     @property
     def layers(self) -> range:
@@ -135,9 +146,6 @@ def check_shardable(config: Any, name: str) -> None:
 def load_block(name: str, stage: int, stages: int, dtype: torch.dtype, device: torch.device,
                cache_dir: str | None = None) -> LayerBlock:
     """Stage `stage` of `stages`: the model skeleton with only its block's tensors read from the safetensors."""
-    from safeneurons.models.loading import load_config, local_model_folder, model_skeleton
-    from safeneurons.runtime.checkpoints import CheckpointFiles
-
     config = load_config(name, cache_dir)
     check_shardable(config, name)
     files = CheckpointFiles(Path(local_model_folder(name, cache_dir)))
@@ -166,3 +174,16 @@ def _belongs(key: str, block: LayerBlock) -> bool:
     if found:
         return int(found.group(1)) in block.layers
     return (block.first and key.startswith(FIRST_PREFIXES)) or (block.last and key.startswith(LAST_PREFIXES))
+
+
+def load_source(source: ModelSource, device: torch.device | None = None) -> LoadedModel:
+    """Collective: the model as `source` holds it — this rank's block of a layer-sharded model (its place in the
+    stages × replicas from `source.stages`), or `source.load` whole or partitioned."""
+    if source.shard != "layers":
+        return source.load(device)
+    stage, stages, replica, replicas = pipeline_layout(source.stages)
+    block = load_block(source.name, stage, stages, parse_dtype(source.dtype), device or torch.device("cpu"),
+                       source.cache_dir)
+    block.replica, block.replicas = replica, replicas
+    block.group = replica_group(stages, replicas)
+    return LoadedModel(block.model, load_tokenizer(source.name, source.cache_dir), block=block)

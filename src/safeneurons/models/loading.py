@@ -194,6 +194,9 @@ def load_model_and_tokenizer(name: str, dtype: str | torch.dtype = "float32", ca
     return load_model(name, dtype, cache_dir, device, ds_config), load_tokenizer(name, cache_dir)
 
 
+SHARD_MODES = ("none", "layers")  # how a model is held: whole (or ZeRO-3 partitioned), or one block per rank
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Which model a stage runs and how it is held: a folder, HF id, alias or `demo`, in `dtype`, partitioned under
@@ -204,26 +207,23 @@ class ModelSource:
     deepspeed: str | None = None
     cache_dir: str | None = None
     shard: str = "none"  # "layers": each rank holds one block of decoder layers (models.blocks)
+    stages: int | None = None  # with shard "layers": pipeline stages (None: the ranks of a node); the rest replicate
 
     def check(self) -> None:
         """The holding asked is possible: before any process group or weight."""
-        from safeneurons.models.blocks import SHARD_MODES
-
         if self.shard not in SHARD_MODES:
             raise SafeneuronsError(f"--shard {self.shard!r} is not one of {', '.join(SHARD_MODES)}")
+        if self.stages is not None and (self.shard != "layers" or self.stages < 1):
+            raise SafeneuronsError(f"--stages {self.stages}: expected a positive number of pipeline stages, with "
+                                   f"--shard layers")
         if self.shard == "layers" and self.deepspeed is not None:
             raise SafeneuronsError(f"--shard layers holds each layer on one rank; --deepspeed {self.deepspeed} would "
                                    f"partition every layer over all of them: give one or the other")
 
     def load(self, device: torch.device | None = None) -> LoadedModel:
-        """Collective under ZeRO-3: see `load_for_inference`; layer-sharded: this rank's block (models.blocks)."""
-        if self.shard == "layers":
-            from safeneurons.models.blocks import load_block
-            from safeneurons.runtime import distributed
-
-            block = load_block(self.name, distributed.rank(), distributed.world_size(), parse_dtype(self.dtype),
-                               device or torch.device("cpu"), self.cache_dir)
-            return LoadedModel(block.model, load_tokenizer(self.name, self.cache_dir), block=block)
+        """Collective under ZeRO-3: see `load_for_inference` (layer-sharded: `models.blocks.load_source`)."""
+        if self.shard != "none":
+            raise SafeneuronsError(f"--shard {self.shard}: load with models.blocks.load_source")
         return load_for_inference(self.name, self.dtype, self.deepspeed, self.cache_dir, device)
 
     def provenance(self) -> dict | None:
@@ -241,7 +241,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     engine: Any = None  # the DeepSpeed engine whose hooks gather the ZeRO-3 weights (kept alive with the model)
-    block: Any = None  # models.blocks.LayerBlock: this rank's part of a layer-sharded model
+    block: Any = None  # models.blocks.LayerBlock: this rank's part of a layer-sharded model (models.blocks)
 
 
 def load_for_inference(name: str, dtype: str | torch.dtype = "float32", deepspeed_config: str | dict | None = None,

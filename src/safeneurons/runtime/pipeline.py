@@ -1,5 +1,8 @@
-"""Point-to-point transfers between pipeline stages (`--shard layers`), and the order in which a stage runs its
-micro-batches' forward and backward passes.
+"""Point-to-point transfers between pipeline stages (`--shard layers`), the order in which a stage runs its
+micro-batches' forward and backward passes, and the layout of stages × replicas.
+
+The world is `replicas` pipelines of `stages` ranks each: rank = replica × stages + stage. A replica's stages pass
+its micro-batches along; the ranks of one stage in every replica sum their statistics onto replica 0's.
 
 Every stage knows each micro-batch's shape (the samples are the same on every rank), so a transfer is the tensor
 alone. Sends are asynchronous, receives block: a stage runs ahead by as many micro-batches as its schedule lets
@@ -8,10 +11,41 @@ stages keep their order, so no tags are needed.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+
+from safeneurons.errors import SafeneuronsError
+from safeneurons.runtime.distributed import local_world_size, rank, world_size
+
+
+def pipeline_layout(stages: int | None) -> tuple[int, int, int, int]:
+    """(stage, stages, replica, replicas) of this rank for `stages` stages (None: one per rank of a node)."""
+    stages = stages or local_world_size()
+    if stages < 1 or world_size() % stages:
+        raise SafeneuronsError(f"--stages {stages}: expected a positive divisor of the {world_size()} ranks "
+                               f"(stages × replicas)")
+    return rank() % stages, stages, rank() // stages, world_size() // stages
+
+
+def replica_group(stages: int, replicas: int) -> Any:
+    """Collective: the process group of this rank's stage across the replicas (None with one replica). Every
+    rank creates every stage's group, in stage order, as torch.distributed requires."""
+    if replicas == 1:
+        return None
+    groups = [dist.new_group([stage + replica * stages for replica in range(replicas)]) for stage in range(stages)]
+    return groups[rank() % stages]
+
+
+def sum_over_replicas(tensors: Sequence[torch.Tensor], group: Any, stage: int) -> None:
+    """Each tensor summed over this stage's replicas onto replica 0's rank (= `stage`), in place there."""
+    if group is None:
+        return
+    pending = [dist.reduce(tensor, dst=stage, op=dist.ReduceOp.SUM, group=group, async_op=True)
+               for tensor in tensors]
+    for work in pending:
+        work.wait()
 
 
 def one_forward_one_backward(stage: int, stages: int, count: int) -> list[tuple[str, int]]:
@@ -25,10 +59,10 @@ def one_forward_one_backward(stage: int, stages: int, count: int) -> list[tuple[
 
 
 class StageLink:
-    """This rank's sends and receives as stage `stage` of a pipeline over ranks 0..stages−1."""
+    """This rank's sends and receives as stage `stage` of the pipeline over ranks first..first + stages − 1."""
 
-    def __init__(self, stage: int, stages: int, device: torch.device) -> None:
-        self.stage, self.stages, self.device = stage, stages, device
+    def __init__(self, stage: int, stages: int, device: torch.device, first: int = 0) -> None:
+        self.stage, self.stages, self.device, self.first = stage, stages, device, first
         self.pending: list[Any] = []  # (work, tensor): a tensor stays alive until its send completes
         self.sent_bytes = 0
 
@@ -44,16 +78,16 @@ class StageLink:
         return tensor
 
     def send_activation(self, hidden: torch.Tensor) -> None:
-        self._send(hidden, self.stage + 1)
+        self._send(hidden, self.first + self.stage + 1)
 
     def receive_activation(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return self._receive(shape, dtype, self.stage - 1)
+        return self._receive(shape, dtype, self.first + self.stage - 1)
 
     def send_gradient(self, grad: torch.Tensor) -> None:
-        self._send(grad, self.stage - 1)
+        self._send(grad, self.first + self.stage - 1)
 
     def receive_gradient(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return self._receive(shape, dtype, self.stage + 1)
+        return self._receive(shape, dtype, self.first + self.stage + 1)
 
     def finish(self) -> None:
         """Wait for every send (before the tensors are freed or the process group goes)."""

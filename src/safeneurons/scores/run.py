@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from safeneurons.data.readers import check_sources
+from safeneurons.models.blocks import load_source
 from safeneurons.models.loading import ModelSource
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir
@@ -28,7 +29,7 @@ def run_score(model: ModelSource, config: ScoreConfig, out: str | Path, save_sco
     model.check()
     check_shard_settings(config, model.shard == "layers")
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
-    loaded = model.load(context.device)
+    loaded = load_source(model, context.device)
     result = score_model(loaded.model, loaded.tokenizer, config, loaded.block)
     result.summary.update(model=model.name, dtype=model.dtype, deepspeed=model.deepspeed, shard=model.shard,
                           model_source=model.provenance())

@@ -1,8 +1,9 @@
 """wanda's and wandg's statistics on a layer-sharded model (`score --shard layers`, models.blocks).
 
-Every stage runs every sample through its own block of layers, the hidden states passed stage to stage (and for
-wandg the gradients back, in 1F1B order), and sums its own Linears' statistics locally: each rank already holds
-the complete sums of the layers it owns, so there is no reduce, and the passes are repeated only when a rank's own
+Every stage runs every sample of its replica through its own block of layers, the hidden states passed stage to
+stage (and for wandg the gradients back, in 1F1B order), and sums its own Linears' statistics locally: with one
+replica each rank already holds the complete sums of its layers, so there is no reduce; with more, a stage's
+replicas sum theirs once (exact sums: the same bits as one rank). The passes are repeated only when a rank's own
 sums exceed its memory budget. The per-sample terms are those of the unsharded passes, bit for bit.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from safeneurons.models.structure import layers_from
 from safeneurons.runtime import distributed
-from safeneurons.runtime.pipeline import StageLink, one_forward_one_backward
+from safeneurons.runtime.pipeline import StageLink, one_forward_one_backward, sum_over_replicas
 from safeneurons.scores.accumulators import accumulation_rounds, element_bytes, new_accumulator, score_memory_budget
 from safeneurons.scores.passes import (LinearCapture, add_sample_terms, equal_length_groups, micro_batch,
                                        per_sample_losses, scoring_mode)
@@ -30,14 +31,16 @@ log = logging.getLogger(__name__)
 
 def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Sequence[Sample],
                        config: ScoreConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Collective over the stages: per Linear of this rank's block, the sum over all samples of Σ x_j² (wanda)
-    or |∂L_s/∂W| (wandg)."""
-    batches = [micro_batch(group, device) for group in equal_length_groups(samples, config.batch_size)]
-    mine = [target for target in targets if target.mine]
+    """Collective: per Linear of this rank's block, the sum over all samples of Σ x_j² (wanda) or |∂L_s/∂W|
+    (wandg), on replica 0's rank of the stage (each replica runs its share of the samples; the stage's replicas
+    then sum onto it)."""
+    share = distributed.split_evenly(samples, block.replica, block.replicas)  # this replica's samples
+    batches = [micro_batch(group, device) for group in equal_length_groups(share, config.batch_size)]
+    local = [target for target in targets if block.split.stage_of(target.linear.layer) == block.stage]
     if config.method != "wandg":
-        return _run_passes(block, mine, batches, config, device, dtype, with_grads=False)
+        return _run_passes(block, local, batches, config, device, dtype, with_grads=False)
     size = element_bytes(config.accumulate_dtype, dtype.itemsize)
-    rounds = accumulation_rounds(mine, score_memory_budget(config, device), size) if mine else [[]]
+    rounds = accumulation_rounds(local, score_memory_budget(config, device), size) if local else [[]]
     count = max(distributed.all_gather(len(rounds)))  # every stage runs every round's passes
     log.info("wandg, layer-sharded: stage %d of %d holds layers %d-%d, its sums in %d round%s",
              block.stage, block.split.stages, block.layers.start, block.layers.stop - 1, len(rounds),
@@ -59,7 +62,7 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
     sums = {target.name: new_accumulator(config.accumulate_dtype, target.shape if with_grads else target.shape[1],
                                          device, dtype) for target in targets}
     term_dtype = dtype if config.accumulate_dtype == "model" else torch.float32
-    capture, link = LinearCapture(targets, with_grads), StageLink(block.stage, stages, device)
+    capture, link = LinearCapture(targets, with_grads), StageLink(block.stage, stages, device, block.first_rank)
     in_flight: dict[int, tuple] = {}
     try:
         with scoring_mode(block.model):
@@ -82,7 +85,8 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
     finally:
         capture.close()
         link.finish()
-    return {name: total.value(name) for name, total in sums.items()}
+    sum_over_replicas([tensor for total in sums.values() for tensor in total.tensors()], block.group, block.stage)
+    return {name: total.value(name) for name, total in sums.items() if block.replica == 0}
 
 
 def _forward(block: LayerBlock, batch: MicroBatch, link: StageLink, with_grads: bool,
