@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from helpers import make_tiny_llama, run_expecting_error, run_ranks, tiny_model
+from helpers import REPO, make_tiny_llama, run_expecting_error, run_ranks, tiny_model
 from safeneurons import cli
 from safeneurons.errors import SafeneuronsError
 from safeneurons.masks.io import load_masks
@@ -178,3 +181,37 @@ def test_plan_splits_a_model_as_score_does(tied_llama):
         report = plan_report(model_shape(str(folder)), Cluster(1, stages), Workload())["score_layer_sharded"]
         split = load_block(str(folder), 0, stages, torch.float32, torch.device("cpu")).split
         assert report["blocks"] == [[block.start, block.stop] for block in map(split.block, range(stages))]
+
+
+DYING_STAGE = """
+import os, sys
+from safeneurons import cli
+from safeneurons.runtime import pipeline
+
+receive = pipeline.StageLink.receive_activation
+
+
+def dying(self, *args, **kwargs):  # stage 1 dies as its first micro-batch arrives, stage 0 mid-pipeline
+    if self.stage == 1:
+        os._exit(7)
+    return receive(self, *args, **kwargs)
+
+
+pipeline.StageLink.receive_activation = dying
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_stage_that_dies_mid_pipeline_ends_the_job_and_publishes_nothing(tied_llama, tmp_path):
+    folder, _ = tied_llama
+    script = tmp_path / "dying_stage.py"
+    script.write_text(DYING_STAGE)
+    out = tmp_path / "masks"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), "score", "--model", str(folder), "--method", "wandg", *ARGS, "--shard",
+                           "layers", "--out", str(out)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "SAFENEURONS_TIMEOUT": "15"})
+    assert done.returncode != 0
+    assert not out.exists()
