@@ -179,7 +179,11 @@ def test_rerun_with_the_same_arguments_skips_finished_stages(single_run, caplog)
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pipeline_under_two_ranks(single_run, tmp_path):
-    result = run_ranks(["safeneurons.cli", *_pipeline_args(tmp_path, "--no-random-control", *ONE_RUN)], timeout=900)
+    """Every stage distributed; the scoring stages layer-sharded (`--score-shard layers`: each rank one block of
+    layers), whose masks must equal the 1-rank study's unsharded ones (data-parallel scoring's own 2-rank checks
+    are in tests/scores)."""
+    result = run_ranks(["safeneurons.cli", *_pipeline_args(tmp_path, "--no-random-control", "--score-shard", "layers",
+                                                            *ONE_RUN)], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = tmp_path / "results"
     summary = _check_summary(results, ["base", "plain", "safety_frozen", "setdiff_frozen"])
@@ -193,7 +197,8 @@ def test_pipeline_under_two_ranks(single_run, tmp_path):
     one_rank = torch.load(single_run / "results" / "original_safety_masks.pt", weights_only=True)
     two_ranks = torch.load(results / "original_safety_masks.pt", weights_only=True)
     assert one_rank.keys() == two_ranks.keys()
-    assert all(torch.equal(one_rank[name], two_ranks[name]) for name in one_rank)  # scoring is rank-invariant
+    assert all(torch.equal(one_rank[name], two_ranks[name]) for name in one_rank)  # sharded = unsharded, bit for bit
+    assert json.loads((results / "score" / "score_summary.json").read_text())["layer_split"]["stages"] == 2
     base_one_rank = json.loads((single_run / "results" / "analysis_summary.json").read_text())["arms"]["base"]
     base_two_ranks = summary["arms"]["base"]
     assert base_two_ranks["perplexity"] == pytest.approx(base_one_rank.pop("perplexity"), rel=1e-9)  # sum order

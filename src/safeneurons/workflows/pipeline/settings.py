@@ -10,7 +10,7 @@ import torch
 from safeneurons.data.readers import check_sources
 from safeneurons.errors import SafeneuronsError
 from safeneurons.finetune.constrained import PAPER_BETAS
-from safeneurons.models.loading import DEMO_NAME, load_config
+from safeneurons.models.loading import DEMO_NAME, SHARD_MODES, load_config
 from safeneurons.runtime.outputs import check_output_dir
 from safeneurons.runtime.tracking import TrackingConfig
 
@@ -107,6 +107,7 @@ class PipelineConfig:
     lisa_steps: str = "paper"  # the lisa arm's alignment and fine-tuning steps per cycle: paper or A,F
     attack_rates: str = "none"  # candidate learning rates; the attack's is chosen from plain alone (calibration.py)
     attack_halving_fraction: float = 0.25  # the rule: plain's refusal must not halve before this fraction of steps
+    score_shard: str = "none"  # the scoring stages' holding: none, or layers (one block of layers per rank)
     profile: str = "original"
 
     @property
@@ -212,6 +213,8 @@ SETTING_HELP = {
                     "alone before any other arm runs; none: --learning-rate",
     "attack_halving_fraction": "the rule: the largest candidate at which plain's refusal does not halve before "
                                "this fraction of the run's steps",
+    "score_shard": "the scoring stages (score, set difference, random, rescore): none, or layers: one block of "
+                   "decoder layers per rank, read from the safetensors, hidden states passed rank to rank",
     "report_to": "experiment tracking: tensorboard, wandb or none (RESULTS/runs: one run per fine-tune, one for the "
                  "study's results)",
 }
@@ -327,6 +330,8 @@ def validate_defence_settings(settings: PipelineConfig) -> None:
                                f"comma-separated, or none")
     if rates and settings.eval_every == 0:
         raise SafeneuronsError("--attack-rates chooses the rate from plain's refusal curve: --eval-every must be > 0")
+    if settings.score_shard not in SHARD_MODES:
+        raise SafeneuronsError(f"--score-shard {settings.score_shard!r} is not one of {', '.join(SHARD_MODES)}")
     if not 0 < settings.attack_halving_fraction <= 1:
         raise SafeneuronsError(f"--attack-halving-fraction={settings.attack_halving_fraction} must lie in (0, 1]")
 

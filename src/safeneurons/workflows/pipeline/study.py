@@ -71,12 +71,15 @@ class Study:
 
     def score(self, model_name: str, method: str, set_difference: bool = False) -> Callable[[Path], None]:
         def work(folder: Path) -> None:
-            from safeneurons.models.loading import load_for_inference
+            from safeneurons.models.blocks import load_source
+            from safeneurons.models.loading import ModelSource
             from safeneurons.scores.outputs import write_score_outputs
             from safeneurons.scores.schedules import score_model
 
-            loaded = load_for_inference(model_name, self.settings.dtype, None, self.settings.cache_dir, self.device)
-            result = score_model(loaded.model, loaded.tokenizer, self.score_config(method, set_difference))
+            s = self.settings
+            loaded = load_source(ModelSource(model_name, s.dtype, None, s.cache_dir, s.score_shard), self.device)
+            result = score_model(loaded.model, loaded.tokenizer, self.score_config(method, set_difference),
+                                 loaded.block)
             result.summary.update(model=model_name)
             write_score_outputs(result, folder, save_scores=False)
 
