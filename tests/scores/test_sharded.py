@@ -116,11 +116,13 @@ ARGS = ["--data", "demo-align", "--nsamples", "9", "--max-length", "48", "--spar
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_three_stages_give_the_masks_of_one_unsharded_rank(tied_llama, tmp_path):
-    """wandg's set difference, micro-batches of 2 (1F1B with two micro-batches in flight on the first stage), on
-    3 ranks each holding its block: the masks and counts of 1 rank holding the whole model, bit for bit."""
+    """wandg's set difference in the original's layer-by-layer schedule (each layer scored after the layers below
+    are pruned: a pipeline sweep per layer), micro-batches of 2 (1F1B with two micro-batches in flight on the
+    first stage), on 3 ranks each holding its block: the masks and counts of 1 rank holding the whole model, bit
+    for bit. (The all-layers schedule on 2 stages: tests/workflows/test_pipeline.py, under two ranks.)"""
     folder, _ = tied_llama
     command = ["score", "--model", str(folder), "--method", "wandg", *ARGS, "--utility-data", "demo-utility",
-               "--p", "0.1", "--q", "0.2", "--batch-size", "2"]
+               "--p", "0.1", "--q", "0.2", "--batch-size", "2", "--sequential"]
     assert cli.main([*command, "--out", str(tmp_path / "one")]) == 0
     launch = run_ranks(["safeneurons.cli", *command, "--shard", "layers", "--out", str(tmp_path / "three")],
                        nproc=3)
@@ -159,7 +161,6 @@ def test_bad_sharding_is_one_line_before_any_weight(tied_llama, tmp_path, capsys
              str(tmp_path / "out")]
     assert "give one or the other" in run_expecting_error(
         [*score, "--deepspeed", "ds_configs/zero3_inference.json"], tmp_path, capsys)
-    assert "--sequential" in run_expecting_error([*score, "--sequential"], tmp_path, capsys)
     assert "positive divisor of the 1 ranks" in run_expecting_error([*score, "--stages", "2"], tmp_path, capsys)
     assert "with --shard layers" in run_expecting_error([*score[:-4], "--stages", "2", *score[-2:]], tmp_path,
                                                         capsys)

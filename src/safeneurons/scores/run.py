@@ -10,7 +10,7 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir
 from safeneurons.scores.config import ScoreConfig, ScoreResult
 from safeneurons.scores.outputs import write_score_outputs
-from safeneurons.scores.schedules import check_shard_settings, score_model
+from safeneurons.scores.schedules import score_model
 
 
 def check_score_inputs(config: ScoreConfig, out: str | Path) -> None:
@@ -27,7 +27,6 @@ def run_score(model: ModelSource, config: ScoreConfig, out: str | Path, save_sco
     its own part of the result, rank 0 the complete summary."""
     check_score_inputs(config, out)
     model.check()
-    check_shard_settings(config, model.shard == "layers")
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
     loaded = load_source(model, context.device)
     result = score_model(loaded.model, loaded.tokenizer, config, loaded.block)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from safeneurons.data.samples import load_samples
-from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import decoder_layers, fused_parts, model_device
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import is_zero3_partitioned, stored_copies
@@ -44,19 +43,21 @@ def attention_heads(model: nn.Module) -> tuple[int, int]:
 
 
 def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
-                         config: ScoreConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                         config: ScoreConfig, block: LayerBlock | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The original schedule: layer i is scored on the model whose layers < i have their selected weights zeroed.
     The weights are restored afterwards. Each layer's passes start at that layer, from the hidden states that
     enter it (kept per micro-batch, advanced by one layer after each layer is pruned), so the layers below are not
     run again for every layer; under ZeRO-3, whose hooks follow the module order, every pass starts at the
-    embeddings."""
+    embeddings; on a layer-sharded `block` every layer's passes run the whole pipeline, and the ranks that hold a
+    layer (its stage in every replica) zero its selection."""
     from safeneurons.masks.apply import zero_masked
     from safeneurons.masks.source import MaskElements
 
     saved = [(stored, stored.clone()) for target in targets for stored in stored_copies(target.weight)]
     masks: dict[str, torch.Tensor] = {}
     safety_scores: dict[str, torch.Tensor] = {}
-    cached = config.method != "random" and not is_zero3_partitioned(targets[0].linear.module)
+    cached = config.method != "random" and not is_zero3_partitioned(targets[0].linear.module) and block is None
     batches = {source: rank_batches(samples, config.batch_size, model_device(model))
                for source, samples in sources.items() if samples is not None} if cached else {}
     entries: dict[str, list[Entry] | None] = {source: None for source in batches}
@@ -64,10 +65,12 @@ def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: M
         for layer in sorted({target.linear.layer for target in targets}):
             layer_targets = [target for target in targets if target.linear.layer == layer]
             starts = {source: found for source, found in entries.items() if found is not None}
-            layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config, starts)
+            layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config, starts, block)
             for target in layer_targets:
-                mask = mask_on_every_rank(layer_masks.get(target.name), target, model_device(model))
-                zero_masked(target.name, target.weight, MaskElements({target.name: mask}))
+                mask = mask_on_every_rank(layer_masks.get(target.name), target,
+                                          model_device(model) if block is None else block.device)
+                if target.weight.device.type != "meta":  # a layer-sharded rank zeroes only the layers it holds
+                    zero_masked(target.name, target.weight, MaskElements({target.name: mask}))
             masks.update(layer_masks)
             safety_scores.update(layer_scores)
             if layer + 1 < len(decoder_layers(model)):
@@ -80,12 +83,6 @@ def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: M
 
 
 # ---------------------------------------------------------------- the API
-
-def check_shard_settings(config: ScoreConfig, sharded: bool) -> None:
-    if sharded and config.sequential:
-        raise SafeneuronsError("--shard layers runs the all-layers schedule; --sequential (each layer scored after "
-                               "the layers below are pruned) is not layer-sharded yet: run it unsharded or under "
-                               "--deepspeed")
 
 def load_sources(tokenizer: Any, config: ScoreConfig) -> dict[str, list[Sample] | None]:
     """The safety samples (and utility samples for the set difference); random needs none."""
@@ -107,11 +104,10 @@ def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig, block: La
     DeepSpeed's engine hooks (`engine.module`, see `models.load_for_inference`); layer-sharded, this rank's
     `block` (models.blocks) and its model."""
     config.validate()
-    check_shard_settings(config, block is not None)
     targets = targets_of(model, block)
     sources = load_sources(tokenizer, config)
     if config.sequential:
-        masks, scores = score_layer_by_layer(model, targets, sources, config)
+        masks, scores = score_layer_by_layer(model, targets, sources, config, block)
     else:
         masks, scores = score_all_layers(model, targets, sources, config, block=block)
     summary = build_summary(targets, masks, sources, config)

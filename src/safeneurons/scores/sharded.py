@@ -40,7 +40,8 @@ def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Se
     if config.method != "wandg":
         return _run_passes(block, local, batches, config, device, dtype, with_grads=False)
     size = element_bytes(config.accumulate_dtype, dtype.itemsize)
-    rounds = accumulation_rounds(local, score_memory_budget(config, device), size) if local else [[]]
+    budget = score_memory_budget(config, device)  # collective: on every rank, whether it holds targets or not
+    rounds = accumulation_rounds(local, budget, size) if local else [[]]
     count = max(distributed.all_gather(len(rounds)))  # every stage runs every round's passes
     log.info("wandg, layer-sharded: stage %d of %d holds layers %d-%d, its sums in %d round%s",
              block.stage, block.split.stages, block.layers.start, block.layers.stop - 1, len(rounds),
