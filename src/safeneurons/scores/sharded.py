@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Sequence[Sample],
-                       config: ScoreConfig, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                       config: ScoreConfig) -> dict[str, torch.Tensor]:
     """Collective: per Linear of this rank's block, the sum over all samples of Σ x_j² (wanda) or |∂L_s/∂W|
     (wandg), on replica 0's rank of the stage (each replica runs its share of the samples; the stage's replicas
     then sum onto it)."""
+    device, dtype = block.device, block.dtype
     share = distributed.split_evenly(samples, block.replica, block.replicas)  # this replica's samples
     batches = [micro_batch(group, device) for group in equal_length_groups(share, config.batch_size)]
     local = [target for target in targets if block.split.stage_of(target.linear.layer) == block.stage]

@@ -40,7 +40,7 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
     passes again (its backward stops at the round's lowest Linear). On a layer-sharded `block` every rank runs
     every sample through its own layers instead (scores.sharded)."""
     if block is not None:
-        return sharded_statistics(block, targets, samples, config, block.device, block.dtype)
+        return sharded_statistics(block, targets, samples, config)
     device = model_device(model)
     batches = rank_batches(samples, config.batch_size, device)
     if config.method != "wandg":
