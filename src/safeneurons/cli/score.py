@@ -70,8 +70,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = run_score(ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir, args.shard, args.stages), config,
-                       args.out, args.save_scores)
+    source = ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir, args.shard, args.stages)
+    result = run_score(source, config, args.out, args.save_scores)
     if distributed.is_main():
         summary = result.summary
         print(f"{config.method}: selected {summary['total_selected']} of {summary['total_scored']} weights "

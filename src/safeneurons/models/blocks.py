@@ -7,6 +7,7 @@ block's tensors loaded into it: the other layers never take memory.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +93,7 @@ def split_from_headers(metadata: dict[str, tuple[tuple[int, ...], str]], num_lay
     layer_params = [0] * num_layers
     first = last = 0
     for name, (shape, _dtype) in metadata.items():
-        count = 1
-        for size in shape:
-            count *= size
+        count = math.prod(shape)
         found = LAYER_KEY.match(name)
         if found:
             layer_params[int(found.group(1))] += count

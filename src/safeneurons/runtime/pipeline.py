@@ -64,13 +64,11 @@ class StageLink:
     def __init__(self, stage: int, stages: int, device: torch.device, first: int = 0) -> None:
         self.stage, self.stages, self.device, self.first = stage, stages, device, first
         self.pending: list[Any] = []  # (work, tensor): a tensor stays alive until its send completes
-        self.sent_bytes = 0
 
     def _send(self, tensor: torch.Tensor, peer: int) -> None:
         tensor = tensor.detach().contiguous()
         self.pending = [(work, kept) for work, kept in self.pending if not work.is_completed()]
         self.pending.append((dist.isend(tensor, peer), tensor))
-        self.sent_bytes += tensor.numel() * tensor.element_size()
 
     def _receive(self, shape: tuple[int, ...], dtype: torch.dtype, peer: int) -> torch.Tensor:
         tensor = torch.empty(shape, dtype=dtype, device=self.device)

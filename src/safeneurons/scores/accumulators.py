@@ -146,6 +146,15 @@ def score_memory_budget(config: Any, device: torch.device) -> int:
     return min(distributed.all_gather(budget))
 
 
+def statistic_accumulators(targets: Sequence[Any], accumulate_dtype: str, with_grads: bool, device: torch.device,
+                           model_dtype: torch.dtype) -> tuple[dict[str, Accumulator], torch.dtype]:
+    """Per target (scores.config.Target) the accumulator of its statistic — wandg's weight-sized |∂L/∂W| sums
+    (`with_grads`), or wanda's per-column Σ x² —, and the dtype each per-sample term is taken in."""
+    sums = {target.name: new_accumulator(accumulate_dtype, target.shape if with_grads else target.shape[1], device,
+                                         model_dtype) for target in targets}
+    return sums, model_dtype if accumulate_dtype == "model" else torch.float32
+
+
 def reduce_accumulators_to_owners(accumulators: Sequence[tuple[Accumulator, int]]) -> None:
     """Each accumulator summed over the ranks onto its owner (integer words add exactly, in any order)."""
     reduce_each_to_owner([(tensor, owner) for accumulator, owner in accumulators for tensor in accumulator.tensors()])

@@ -16,7 +16,8 @@ import torch
 from safeneurons.models.structure import layers_from
 from safeneurons.runtime import distributed
 from safeneurons.runtime.pipeline import StageLink, one_forward_one_backward, sum_over_replicas
-from safeneurons.scores.accumulators import accumulation_rounds, element_bytes, new_accumulator, score_memory_budget
+from safeneurons.scores.accumulators import (accumulation_rounds, element_bytes, score_memory_budget,
+                                             statistic_accumulators)
 from safeneurons.scores.passes import (LinearCapture, add_sample_terms, equal_length_groups, micro_batch,
                                        per_sample_losses, scoring_mode)
 
@@ -61,9 +62,7 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
     stages = block.split.stages
     order = one_forward_one_backward(block.stage, stages, len(batches)) if with_grads else [
         ("F", index) for index in range(len(batches))]
-    sums = {target.name: new_accumulator(config.accumulate_dtype, target.shape if with_grads else target.shape[1],
-                                         device, dtype) for target in targets}
-    term_dtype = dtype if config.accumulate_dtype == "model" else torch.float32
+    sums, term_dtype = statistic_accumulators(targets, config.accumulate_dtype, with_grads, device, dtype)
     capture, link = LinearCapture(targets, with_grads), StageLink(block.stage, stages, device, block.first_rank)
     in_flight: dict[int, tuple] = {}
     try:

@@ -13,8 +13,9 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import model_device, model_dtype
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import weight_on_owner
-from safeneurons.scores.accumulators import (accumulation_rounds, accumulator_bytes, element_bytes, new_accumulator,
-                                             reduce_accumulators_to_owners, score_memory_budget)
+from safeneurons.scores.accumulators import (accumulation_rounds, accumulator_bytes, element_bytes,
+                                             reduce_accumulators_to_owners, score_memory_budget,
+                                             statistic_accumulators)
 from safeneurons.scores.passes import LinearCapture, add_sample_terms, rank_batches, run_batch, scoring_mode
 from safeneurons.scores.sharded import sharded_statistics
 
@@ -64,9 +65,7 @@ def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[M
     of each accumulator to its owner: the owners get the sums."""
     device, dtype = model_device(model), model_dtype(model)
     capture = LinearCapture(targets, with_grads)
-    sums = {target.name: new_accumulator(config.accumulate_dtype, target.shape if with_grads else target.shape[1],
-                                         device, dtype) for target in targets}
-    term_dtype = dtype if config.accumulate_dtype == "model" else torch.float32
+    sums, term_dtype = statistic_accumulators(targets, config.accumulate_dtype, with_grads, device, dtype)
     try:
         with scoring_mode(model):
             for index, batch in enumerate(distributed.progress(batches, desc="wandg passes" if with_grads
@@ -74,8 +73,8 @@ def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[M
                 capture.clear()
                 run_batch(model, batch, with_grads, None if entries is None else entries[index])
                 for target in targets:
-                    add_sample_terms(sums[target.name], capture.inputs, capture.output_grads, target.name, batch, with_grads,
-                                     term_dtype)
+                    add_sample_terms(sums[target.name], capture.inputs, capture.output_grads, target.name, batch,
+                                     with_grads, term_dtype)
     finally:
         capture.close()
     reduce_accumulators_to_owners([(sums[target.name], target.owner) for target in targets])

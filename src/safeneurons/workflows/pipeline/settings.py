@@ -275,6 +275,8 @@ def validate(settings: PipelineConfig) -> None:
     for name in ("rescore_every", "lora_r"):
         if getattr(settings, name) < 1:
             raise SafeneuronsError(f"--{name.replace('_', '-')}={getattr(settings, name)} must be a positive integer")
+    if settings.score_shard not in SHARD_MODES:
+        raise SafeneuronsError(f"--score-shard {settings.score_shard!r} is not one of {', '.join(SHARD_MODES)}")
     from safeneurons.evaluation.evaluate import EvalConfig
 
     EvalConfig(judges=tuple(name.strip() for name in settings.judge.split(",") if name.strip()),
@@ -330,8 +332,6 @@ def validate_defence_settings(settings: PipelineConfig) -> None:
                                f"comma-separated, or none")
     if rates and settings.eval_every == 0:
         raise SafeneuronsError("--attack-rates chooses the rate from plain's refusal curve: --eval-every must be > 0")
-    if settings.score_shard not in SHARD_MODES:
-        raise SafeneuronsError(f"--score-shard {settings.score_shard!r} is not one of {', '.join(SHARD_MODES)}")
     if not 0 < settings.attack_halving_fraction <= 1:
         raise SafeneuronsError(f"--attack-halving-fraction={settings.attack_halving_fraction} must lie in (0, 1]")
 
