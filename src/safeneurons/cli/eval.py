@@ -13,9 +13,10 @@ log = logging.getLogger(__name__)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from safeneurons.cli.options import add_model_arguments, add_run_arguments
+    from safeneurons.cli.options import add_model_arguments, add_run_arguments, add_shard_argument
 
     add_model_arguments(parser)  # --deepspeed ZeRO-3 config: the model partitioned, generation in lock-step
+    add_shard_argument(parser)  # --shard layers: generation and perplexity pipelined through the ranks' blocks
     add_run_arguments(parser)
     parser.add_argument("--harmful-data", "--prompts", dest="prompts", default="advbench",
                         help="harmful prompts: a data set name or file (default %(default)s)")
@@ -105,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
-    result = run_eval(ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir), config, args.out)
+    result = run_eval(ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir, args.shard, args.stages),
+                      config, args.out)
     if result is not None:
         print(result.summary_line(config.n_samples))

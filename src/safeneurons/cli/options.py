@@ -49,7 +49,7 @@ def add_shard_argument(parser: argparse.ArgumentParser) -> None:
                              "(for models that do not fit one rank; not with --deepspeed) (default %(default)s)")
     parser.add_argument("--stages", type=int, default=None,
                         help="with --shard layers: ranks per pipeline (default: the ranks of a node); the world is "
-                             "stages × replicas, each replica scoring its share of the samples")
+                             "stages × replicas, each replica running its share of the samples or prompts")
 
 
 def add_data_column_arguments(parser: argparse.ArgumentParser) -> None:

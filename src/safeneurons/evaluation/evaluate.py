@@ -19,6 +19,7 @@ from safeneurons.evaluation.metrics import (DEFAULT_HARMFUL_LIMIT, DEFAULT_MAX_N
                                             fraction, is_attack_success, is_refusal, rate_interval, refusal_rate,
                                             wilson_interval)
 from safeneurons.evaluation.perplexity import perplexity, text_samples
+from safeneurons.models.blocks import load_source
 from safeneurons.models.loading import ModelSource, load_config, load_tokenizer
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir, write_json
@@ -351,14 +352,28 @@ def evaluate_model(model: nn.Module, tokenizer: Any, config: EvalConfig, model_n
 def check_eval_inputs(model: ModelSource, config: EvalConfig, out: str | Path) -> None:
     """Everything that can fail before the model loads: the output, the prompt and text sets, a chat template
     that drops the system prompt, a judge model that is not there."""
+    model.check()
     check_output_dir(out)
     config.check_inputs()
+    if model.shard == "layers":
+        check_shardable_eval(config)
     if config.system is not None:
         format_prompt(load_tokenizer(model.name, model.cache_dir), "Hello", config.system)
     for name in config.judge_model_names().values():
         load_config(name, model.cache_dir)
     if config.patch_neurons_from:
         neuron_sets_to_patch(model, config)
+
+
+def check_shardable_eval(config: EvalConfig) -> None:
+    """What a layer-sharded model cannot run: lm-eval's harness and neuron patching need the whole model on a
+    rank."""
+    if config.lm_eval_tasks:
+        raise SafeneuronsError("--lm-eval-tasks runs lm-eval's harness on a whole model; with --shard layers run "
+                               "the utility tasks in a separate unsharded eval")
+    if config.patch_neurons_from:
+        raise SafeneuronsError("--patch-neurons-from hooks the whole model on every rank; it does not run with "
+                               "--shard layers")
 
 
 def neuron_sets_to_patch(model: ModelSource, config: EvalConfig) -> Any:
@@ -394,8 +409,8 @@ def neuron_patching(model: ModelSource, config: EvalConfig, loaded: Any, device:
 def run_eval(model: ModelSource, config: EvalConfig, out: str | Path) -> EvalResult | None:
     """Collective: evaluate `model` and write eval.json to `out`; the result on rank 0, None elsewhere."""
     check_eval_inputs(model, config, out)
-    context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
-    loaded = model.load(context.device)
+    context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
+    loaded = load_source(model, context.device)
     judges = load_judges(config, model.dtype, model.deepspeed, model.cache_dir, context.device)
     with neuron_patching(model, config, loaded, context.device) as patched:
         result = evaluate_model(loaded.model, loaded.tokenizer, config, model.name, judges)

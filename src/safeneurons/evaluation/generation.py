@@ -1,41 +1,13 @@
 """Greedy (or sampled) generation in batches, split across ranks and lock-step under ZeRO-3."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from safeneurons.errors import SafeneuronsError
-from safeneurons.evaluation.metrics import DEFAULT_MAX_NEW_TOKENS
+from safeneurons.evaluation.decoding import Decoding
 from safeneurons.runtime import distributed
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Greedy (`temperature` 0, one generation per prompt) or sampled: `n_samples` generations per prompt at
-    `temperature`, reproducible with `seed` for the same prompts, batch size and rank count."""
-
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    n_samples: int = 1
-    temperature: float = 0.0
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise SafeneuronsError(f"--max-new-tokens {self.max_new_tokens} must be a positive integer")
-        if self.n_samples < 1:
-            raise SafeneuronsError(f"--n-samples {self.n_samples} must be a positive integer")
-        if not self.temperature >= 0:
-            raise SafeneuronsError(f"--temperature {self.temperature} must be >= 0 (0 = greedy)")
-        if self.n_samples > 1 and self.temperature == 0:
-            raise SafeneuronsError(f"--n-samples {self.n_samples} needs --temperature > 0: greedy decoding gives the "
-                                   f"same generation every time")
-
-    @property
-    def sampled(self) -> bool:
-        return self.temperature > 0
 
 
 def batch_starts(n_items: int, batch_size: int, lockstep: bool) -> list[int | None]:
@@ -87,13 +59,18 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding:
 def generate_distributed(model: nn.Module, tokenizer: Any, prompts: Sequence[str], decoding: Decoding = Decoding(),
                          batch_size: int = 16, desc: str = "generating") -> list[list[str]] | None:
     """The one generation entry point of evaluation and judging: `generate` with the prompts split round-robin
-    across the ranks (each rank holding the whole model, or its ZeRO-3 partition); all generations, in prompt
-    order, on rank 0 (None elsewhere). Another engine (vLLM) would plug in here."""
-    mine = distributed.assign_round_robin(len(prompts))
-    texts = generate(model, tokenizer, [prompts[index] for index in mine], decoding, batch_size,
-                     first_index=distributed.rank() * len(prompts), desc=desc)
-    parts = distributed.gather_to_main(list(zip(mine, texts)))
-    if parts is None:
-        return None
-    ordered = dict(pair for part in parts for pair in part)
-    return [ordered[index] for index in range(len(prompts))]
+    across the ranks (each rank holding the whole model, or its ZeRO-3 partition), or pipelined through the
+    stages of a layer-sharded model; all generations, in prompt order, on rank 0 (None elsewhere). Another engine
+    (vLLM) would plug in here."""
+    from safeneurons.evaluation.pipelined_generation import pipelined_generate
+    from safeneurons.models.blocks import block_of
+
+    block = block_of(model)
+    if block is not None:
+        texts = pipelined_generate(block, tokenizer, prompts, decoding, batch_size, desc)
+    else:
+        mine = distributed.assign_round_robin(len(prompts))
+        texts = dict(zip(mine, generate(model, tokenizer, [prompts[index] for index in mine], decoding, batch_size,
+                                        first_index=distributed.rank() * len(prompts), desc=desc)))
+    merged = distributed.merge_dicts_to_main(texts)
+    return None if merged is None else [merged[index] for index in range(len(prompts))]

@@ -12,10 +12,13 @@ from safeneurons.data.examples import IGNORE_INDEX, Sample
 from safeneurons.data.samples import build_samples, pad_batch
 from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.generation import batch_starts
+from safeneurons.models.blocks import block_of
 from safeneurons.runtime import distributed
+from safeneurons.runtime.pipeline import StageLink
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Example
+    from safeneurons.models.blocks import LayerBlock
 
 
 def text_samples(examples: Sequence[Example], tokenizer: Any, max_length: int, add_eos: bool = False) -> list[Sample]:
@@ -48,23 +51,61 @@ def negative_log_likelihood(model: nn.Module, samples: Sequence[Sample], pad_tok
         if start is None:  # serve the other ranks' gathers
             model(input_ids=torch.tensor([[pad_token_id]], device=device), use_cache=False)
             continue
-        padded = pad_batch(samples[start:start + batch_size], pad_token_id)
-        batch = {key: value.to(device) for key, value in padded.items()}
+        batch = _padded(samples[start:start + batch_size], pad_token_id, device)
         # no KV cache: a scoring pass has no use for it, and it would hold 2 × layers × kv_dim values per token
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       use_cache=False).logits.float()
-        targets = batch["labels"][:, 1:]
-        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((targets != IGNORE_INDEX).sum())
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss, tokens = _summed_loss(logits, batch["labels"])
+        total, count = total + loss, count + tokens
     return total, count
 
 
+@torch.no_grad()
+def pipelined_negative_log_likelihood(block: LayerBlock, samples: Sequence[Sample], pad_token_id: int,
+                                      batch_size: int = 8) -> tuple[float, int]:
+    """`negative_log_likelihood` on a layer-sharded model: the batches flow through the stages, the last sums
+    the losses (0 and 0 on the other stages)."""
+    link = StageLink(block.stage, block.split.stages, block.device, block.first_rank)
+    total, count = 0.0, 0
+    try:
+        for start in distributed.progress(range(0, len(samples), batch_size), desc="perplexity", unit="batch",
+                                          leave=False):
+            batch = _padded(samples[start:start + batch_size], pad_token_id, block.device)
+            received = None if block.first else link.receive_activation(
+                (*batch["input_ids"].shape, block.model.config.hidden_size), block.dtype)
+            output = block.run(batch["input_ids"], received, attention_mask=batch["attention_mask"], use_cache=False)
+            if not block.last:
+                link.send_activation(output)
+                continue
+            loss, tokens = _summed_loss(output, batch["labels"])
+            total, count = total + loss, count + tokens
+    finally:
+        link.finish()
+    return total, count
+
+
+def _padded(samples: Sequence[Sample], pad_token_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in pad_batch(samples, pad_token_id).items()}
+
+
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """The summed next-token loss over the labelled tokens, and their count."""
+    logits, targets = logits.float(), labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum").item()
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
 def perplexity(model: nn.Module, tokenizer: Any, samples: Sequence[Sample], batch_size: int = 8) -> float:
-    """exp(mean next-token loss over all labelled tokens), with the samples split across the ranks; the same
-    value on every rank."""
-    mine = distributed.split_evenly(list(samples))
-    totals = distributed.all_gather(negative_log_likelihood(model, mine, tokenizer.pad_token_id, batch_size))
+    """exp(mean next-token loss over all labelled tokens), with the samples split across the ranks (on a
+    layer-sharded model: across its replicas, each pipelining its share); the same value on every rank."""
+    block = block_of(model)
+    if block is None:
+        part = negative_log_likelihood(model, distributed.split_evenly(list(samples)), tokenizer.pad_token_id,
+                                       batch_size)
+    else:
+        part = pipelined_negative_log_likelihood(block, distributed.split_evenly(list(samples), block.replica,
+                                                 block.replicas), tokenizer.pad_token_id, batch_size)
+    totals = distributed.all_gather(part)
     nll, tokens = sum(part[0] for part in totals), sum(part[1] for part in totals)
     if tokens == 0:
         raise SafeneuronsError("the perplexity text set has no tokens to score")

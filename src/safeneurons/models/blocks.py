@@ -7,6 +7,8 @@ block's tensors loaded into it: the other layers never take memory.
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from torch import nn
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.loading import (LoadedModel, ModelSource, load_config, load_tokenizer, local_model_folder,
                                         model_skeleton, parse_dtype)
+from safeneurons.models.structure import layers_from
 from safeneurons.runtime.checkpoints import CheckpointFiles
 from safeneurons.runtime.pipeline import pipeline_layout, replica_group
 
@@ -28,6 +31,7 @@ LAST_PREFIXES = ("model.norm.", "lm_head.")
 # Architectures whose forward rescales `inputs_embeds` (Gemma's √hidden): the hidden states a block receives would
 # be scaled a second time, so they are not sharded.
 SCALED_EMBEDDINGS = ("gemma", "gemma2", "gemma3_text")
+BLOCK_ATTRIBUTE = "safeneurons_layer_block"  # on a block's model: the LayerBlock (see block_of)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,36 @@ class LayerBlock:
     def last(self) -> bool:
         return self.stage == self.split.stages - 1
 
+    def new_cache(self) -> Any:
+        """An empty KV cache for this block's layers alone (their attention modules count from 0, see
+        `load_block`), so that its length and masks are those of the block's first layer."""
+        from transformers import DynamicCache
+
+        config = copy.deepcopy(self.model.config)
+        config.num_hidden_layers = len(self.layers)
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[self.layers.start:self.layers.stop]
+        return DynamicCache(config=config)
+
+    def run(self, tokens: torch.Tensor, received: torch.Tensor | None, head: bool = True,
+            **kwargs: Any) -> torch.Tensor:
+        """This block's layers on the tokens (first stage) or the hidden states received from the stage below:
+        the logits on the last stage (its final hidden states without the `head`), the hidden states to pass on
+        elsewhere. `kwargs` go to the model's forward (attention mask, positions, `cache`: a `new_cache()`)."""
+        inputs = {"input_ids": tokens} if received is None else {"inputs_embeds": received}
+        if "cache" in kwargs and "cache" not in inspect.signature(self.model.model.forward).parameters:
+            kwargs["past_key_values"] = kwargs.pop("cache")  # the argument's name before transformers 5
+        with layers_from(self.model, self.layers.start, self.layers.stop):
+            if self.last and head:
+                return self.model(**inputs, **kwargs).logits
+            kwargs.pop("logits_to_keep", None)
+            return self.model.model(**inputs, **kwargs).last_hidden_state
+
+
+def block_of(model: nn.Module) -> LayerBlock | None:
+    """The layer block `model` is one rank's part of (None: a whole or ZeRO-3-partitioned model)."""
+    return getattr(model, BLOCK_ATTRIBUTE, None)
+
 
 def check_shardable(config: Any, name: str) -> None:
     if getattr(config, "model_type", None) in SCALED_EMBEDDINGS:
@@ -164,6 +198,9 @@ def load_block(name: str, stage: int, stages: int, dtype: torch.dtype, device: t
     inner.rotary_emb = type(inner.rotary_emb)(config=model.config).to(device)  # its buffers are not in the files
     if not block.last:
         inner.norm = nn.Identity()  # the block's output is the next block's input, not normalised
+    for local, layer in enumerate(block.layers):  # the block's own KV cache holds its layers from index 0
+        inner.layers[layer].self_attn.layer_idx = local
+    setattr(model, BLOCK_ATTRIBUTE, block)
     model.eval()
     return block
 

@@ -6,8 +6,8 @@ its micro-batches along; the ranks of one stage in every replica sum their stati
 
 Every stage knows each micro-batch's shape (the samples are the same on every rank), so a transfer is the tensor
 alone. Sends are asynchronous, receives block: a stage runs ahead by as many micro-batches as its schedule lets
-it. Activations flow to stage + 1 and gradients to stage − 1; within each direction the messages between two
-stages keep their order, so no tags are needed.
+it. Activations flow to stage + 1, gradients to stage − 1, and generation's next tokens from the last stage to
+every other; within each direction the messages between two stages keep their order, so no tags are needed.
 """
 from __future__ import annotations
 
@@ -86,6 +86,14 @@ class StageLink:
 
     def receive_gradient(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self._receive(shape, dtype, self.first + self.stage + 1)
+
+    def send_to_every_stage(self, tensor: torch.Tensor) -> None:
+        """From the last stage to each of the others (generation's next tokens)."""
+        for stage in range(self.stages - 1):
+            self._send(tensor, self.first + stage)
+
+    def receive_from_last_stage(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self._receive(shape, dtype, self.first + self.stages - 1)
 
     def finish(self) -> None:
         """Wait for every send (before the tensors are freed or the process group goes)."""

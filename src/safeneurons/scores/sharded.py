@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from safeneurons.models.structure import layers_from
 from safeneurons.runtime import distributed
 from safeneurons.runtime.pipeline import StageLink, one_forward_one_backward, sum_over_replicas
 from safeneurons.scores.accumulators import (accumulation_rounds, element_bytes, score_memory_budget,
@@ -98,12 +97,10 @@ def _forward(block: LayerBlock, batch: MicroBatch, link: StageLink, with_grads: 
     if not block.first:
         received = link.receive_activation((*batch.input_ids.shape, block.model.config.hidden_size), dtype)
         received.requires_grad_(with_grads)
-    inputs = {"input_ids": batch.input_ids} if received is None else {"inputs_embeds": received}
-    with torch.set_grad_enabled(with_grads), layers_from(block.model, block.layers.start, block.layers.stop):
-        if block.last and with_grads:
-            logits = block.model(**inputs, use_cache=False).logits
-            return received, (per_sample_losses(logits, batch.labels) * batch.real).sum()
-        output = block.model.model(**inputs, use_cache=False).last_hidden_state
+    with torch.set_grad_enabled(with_grads):
+        output = block.run(batch.input_ids, received, head=with_grads, use_cache=False)
+    if block.last and with_grads:
+        return received, (per_sample_losses(output, batch.labels) * batch.real).sum()
     if not block.last:
         link.send_activation(output)
     return received, output
