@@ -33,13 +33,14 @@ ZERO3 = str(REPO / "ds_configs" / "zero3_inference.json")
 CONFIGS = (("1 rank", 1, False, "default", ()), ("2 ranks", 2, False, "default", ()),
            ("2 ranks ZeRO-3", 2, True, "default", ()), ("ZeRO-3 large batch", 2, True, "large", ()),
            ("2 stages", 2, False, "default", ("--shard", "layers")))
-SHARDED = ("wanda", "wandg")
+SHARDED = ("wanda", "wandg", "eval", "lowrank")
 # The functions whose time is a stage's loop (its passes, matchings or generations), wrapped in the worker
 # (named where the stage looks them up, so that the wrapper is what it calls)
 LOOPS = {"wanda": ("scores.statistics.collect_statistics",), "wandg": ("scores.statistics.collect_statistics",),
          "patch": ("interp.patching.patcher.ActivationPatcher.patch",),
          "trace": ("interp.tracing.trace.collect_shared", "interp.tracing.trace.match_layer"),
-         "eval": ("evaluation.evaluate.generate_distributed",), "lowrank": ("interventions.lowrank._modify",)}
+         "eval": ("evaluation.evaluate.generate_distributed",), "lowrank": ("interventions.lowrank._modify",
+                                                                    "interventions.lowrank.sharded_low_rank")}
 COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "gather", "scatter", "send",
                "isend", "all_to_all_single")

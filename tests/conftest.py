@@ -1,4 +1,5 @@
-"""Shared fixtures: the demo model and tokenizer, a saved tiny random Llama, the reference data, a 2-rank launcher."""
+"""Shared fixtures: the demo model and tokenizer, saved tiny random Llamas (one with a tied head, for
+layer sharding), the reference data, a 2-rank launcher."""
 from __future__ import annotations
 
 import os
@@ -47,6 +48,21 @@ def tiny_llama_dir(tmp_path: Path, demo_tokenizer) -> Path:
     model.save_pretrained(path)
     demo_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tied_llama(tmp_path_factory):
+    """A 5-layer Llama whose head is tied to its embeddings (as SmolLM2's), saved as safetensors."""
+    from safeneurons.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer("demo")
+    model = make_tiny_llama(tokenizer, layers=5)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    folder = tmp_path_factory.mktemp("tied") / "model"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model
 
 
 @pytest.fixture

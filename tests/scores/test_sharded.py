@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, make_tiny_llama, run_expecting_error, run_ranks, tiny_model
+from helpers import REPO, run_expecting_error, run_ranks, tiny_model
 from safeneurons import cli
 from safeneurons.errors import SafeneuronsError
 from safeneurons.masks.io import load_masks
@@ -77,19 +77,6 @@ def test_the_1f1b_order_runs_every_pass_once_without_deadlock():
                     position[stage] += 1
                     moved = True
             assert moved, f"deadlock: {stages} stages, {count} micro-batches"
-
-
-@pytest.fixture(scope="module")
-def tied_llama(tmp_path_factory):
-    """A 5-layer Llama whose head is tied to its embeddings (as SmolLM2's), saved as safetensors."""
-    tokenizer = load_tokenizer("demo")
-    model = make_tiny_llama(tokenizer, layers=5)
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    folder = tmp_path_factory.mktemp("tied") / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, model
 
 
 def test_a_block_holds_its_layers_from_the_checkpoint_and_nothing_else(tied_llama):

@@ -9,9 +9,10 @@ from safeneurons.runtime import distributed
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from safeneurons.cli.options import add_eos_argument, add_model_arguments, add_run_arguments
+    from safeneurons.cli.options import add_eos_argument, add_model_arguments, add_run_arguments, add_shard_argument
 
     add_model_arguments(parser, "--model")
+    add_shard_argument(parser)  # --shard layers: each stage the Grams and new weights of its own layers
     add_run_arguments(parser)
     parser.add_argument("--data", required=True, help="safety data (its ranks are removed)")
     parser.add_argument("--utility-data", default=None,
@@ -41,8 +42,8 @@ def config_from_args(args: argparse.Namespace) -> LowRankConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = run_lowrank(ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir), config_from_args(args),
-                          args.out)
+    source = ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir, args.shard, args.stages)
+    summary = run_lowrank(source, config_from_args(args), args.out)
     if distributed.is_main():
         print(f"{summary['variant']}: removed up to {summary['removed_rank_bound']} of {summary['total_rank']} ranks "
               f"({summary['removed_fraction_bound']:.2%}) -> {args.out}")

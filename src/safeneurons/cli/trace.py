@@ -13,9 +13,10 @@ if TYPE_CHECKING:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from safeneurons.cli.options import add_model_arguments, add_run_arguments
+    from safeneurons.cli.options import add_model_arguments, add_run_arguments, add_shard_argument
 
     add_model_arguments(parser, ("--model", "--base"))
+    add_shard_argument(parser)  # --shard layers: both models, each stage recording and matching its own layers
     parser.add_argument("--other", required=True, help="the model tested against --model (folder, HF id, alias, demo)")
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="comma-separated data set names or files whose texts give the tokens (default %(default)s)")
@@ -39,8 +40,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TraceConfig:
-    return TraceConfig(base=ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir),
-                       other=ModelSource(args.other, args.dtype, args.deepspeed, args.cache_dir),
+    sources = [ModelSource(name, args.dtype, args.deepspeed, args.cache_dir, args.shard, args.stages)
+               for name in (args.model, args.other)]
+    return TraceConfig(base=sources[0], other=sources[1],
                        data=args.data, random_tokens=args.random_tokens, n_tokens=args.n_tokens,
                        max_length=args.max_length, batch_size=args.batch_size, all_layers=args.all_layers,
                        alpha=args.alpha, solver=args.solver, memory_limit_gib=args.memory_limit,

@@ -13,8 +13,14 @@ of the Gram). `--sequential` treats one layer at a time on the model whose earli
 as the original code; the default takes every layer's statistics from the same passes.
 
 Distributed: samples are split across the ranks and each Gram reduced (once) to the rank that owns the Linears
-reading that input (such groups round-robin); the owners gather their weights (ZeRO-3 partitions), compute W' side by side and send each to every
-rank, which writes its own part back.
+reading that input (such groups round-robin); the owners gather their weights (ZeRO-3 partitions), compute W'
+side by side and send each to every rank, which writes its own part back.
+
+Layer-sharded (`--shard layers`, models.blocks): every stage runs its replica's samples through its own block of
+layers (the hidden states passed stage to stage) and accumulates its own Linears' Grams, in the order one rank
+would (with one replica, the same float64 sums bit for bit); the stage's replicas sum theirs onto replica 0's
+rank, which computes the block's new weights and sends them to the stage's other replicas. No weight leaves its
+stage: the model is written block by block. `--sequential` runs one pipeline sweep per layer.
 """
 from __future__ import annotations
 
@@ -30,18 +36,22 @@ from torch import nn
 from safeneurons.data.readers import check_sources
 from safeneurons.data.samples import load_samples
 from safeneurons.errors import SafeneuronsError
+from safeneurons.models.blocks import load_source, save_blocks
 from safeneurons.models.hooks import Hooks
 from safeneurons.models.loading import ModelSource, model_skeleton, save_hf_folder
 from safeneurons.models.structure import model_device, scored_linears
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import broadcast_from_owner, reduce_to_owner
+from safeneurons.runtime.pipeline import broadcast_over_replicas, sum_over_replicas
 from safeneurons.runtime.outputs import check_output_dir
 from safeneurons.runtime.zero3 import is_persistent, local_layout, local_weights, weight_on_owner
 from safeneurons.scores.config import targets_of
 from safeneurons.scores.passes import rank_batches, run_batch, scoring_mode
+from safeneurons.scores.sharded import forward_sweep, replica_batches
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
+    from safeneurons.models.blocks import LayerBlock
     from safeneurons.scores.config import Target
 
 log = logging.getLogger(__name__)
@@ -225,18 +235,8 @@ def _modify(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, l
         weight = weight_on_owner(target.weight, target.owner)
         if weight is not None:
             weights[target.name] = weight.cpu()
-    new = {}
-    for target in targets:
-        if target.name not in weights:
-            continue
-        d_out, d_inputs = target.shape
-        r_s, r_u = config.ranks(d_out, d_inputs)
-        new[target.name] = modified_weight(weights.pop(target.name), grams["safety"].pop(target.name),
-                                           grams["utility"].pop(target.name) if "utility" in grams else None,
-                                           r_s, r_u, config.niter)
-        bound = r_s if r_u is None else min(r_s, d_out - r_u)
-        result.per_linear[target.name] = {"shape": [d_out, d_inputs], "total_rank": min(d_out, d_inputs),
-                                          "rank_safety": r_s, "rank_utility": r_u, "removed_rank_bound": bound}
+    new = {target.name: new_weight(weights.pop(target.name), target, grams, config, result) for target in targets
+           if target.name in weights}
     device = model_device(model)
     for target in targets:
         value = new.pop(target.name).to(device) if target.name in new else \
@@ -257,19 +257,42 @@ def group_owner(target: Target, world: int) -> int:
     return (target.linear.layer + INPUT_GROUPS[target.linear.name]) % world
 
 
-def low_rank_model(model: nn.Module, tokenizer: Any, config: LowRankConfig) -> LowRankResult:
-    """Modify `model` in place (collective); the per-Linear ranks on rank 0 (the owners' parts merged)."""
-    targets = [replace(target, owner=group_owner(target, distributed.world_size())) for target in targets_of(model)]
-    config.validate([target.shape for target in targets])
+def lowrank_sources(tokenizer: Any, config: LowRankConfig) -> dict[str, list[Sample]]:
+    """The safety samples and, for the variant with utility, the utility samples."""
     sources = {"safety": load_samples(config.data, tokenizer, config.nsamples, config.seed, config.max_length,
                                       config.data_dir, config.add_eos)}
     if config.with_utility:
         sources["utility"] = load_samples(config.utility_data, tokenizer, config.nsamples, config.seed,
                                           config.max_length, config.data_dir, config.add_eos)
+    return sources
+
+
+def sweep_groups(targets: Sequence[Target], sequential: bool) -> list[list[Target]]:
+    """The targets of each round of passes: all at once, or (`--sequential`) one layer at a time."""
+    if not sequential:
+        return [list(targets)]
+    return [[t for t in targets if t.linear.layer == layer] for layer in sorted({t.linear.layer for t in targets})]
+
+
+def new_weight(weight: torch.Tensor, target: Target, grams: Mapping[str, dict[str, torch.Tensor]],
+               config: LowRankConfig, result: LowRankResult) -> torch.Tensor:
+    """W' of one Linear from its Grams (popped), its ranks recorded in `result`."""
+    d_out, d_inputs = target.shape
+    r_s, r_u = config.ranks(d_out, d_inputs)
+    bound = r_s if r_u is None else min(r_s, d_out - r_u)
+    result.per_linear[target.name] = {"shape": [d_out, d_inputs], "total_rank": min(d_out, d_inputs),
+                                      "rank_safety": r_s, "rank_utility": r_u, "removed_rank_bound": bound}
+    return modified_weight(weight, grams["safety"].pop(target.name),
+                           grams["utility"].pop(target.name) if "utility" in grams else None, r_s, r_u, config.niter)
+
+
+def low_rank_model(model: nn.Module, tokenizer: Any, config: LowRankConfig) -> LowRankResult:
+    """Modify `model` in place (collective); the per-Linear ranks on rank 0 (the owners' parts merged)."""
+    targets = [replace(target, owner=group_owner(target, distributed.world_size())) for target in targets_of(model)]
+    config.validate([target.shape for target in targets])
+    sources = lowrank_sources(tokenizer, config)
     result = LowRankResult()
-    groups = [[t for t in targets if t.linear.layer == layer] for layer in sorted({t.linear.layer for t in targets})] \
-        if config.sequential else [list(targets)]
-    for group in groups:
+    for group in sweep_groups(targets, config.sequential):
         _modify(model, group, sources, config, result)
     merged = distributed.merge_dicts_to_main(result.per_linear)
     if merged is not None:
@@ -277,17 +300,70 @@ def low_rank_model(model: nn.Module, tokenizer: Any, config: LowRankConfig) -> L
     return result
 
 
+# ---------------------------------------------------------------- layer-sharded (`--shard layers`)
+
+def sharded_low_rank(block: LayerBlock, tokenizer: Any, config: LowRankConfig) -> LowRankResult:
+    """Modify this rank's block in place (collective); the per-Linear ranks of every stage on rank 0."""
+    targets = targets_of(block.model, block)
+    config.validate([target.shape for target in targets])
+    sources = lowrank_sources(tokenizer, config)
+    result = LowRankResult()
+    for group in sweep_groups(targets, config.sequential):  # every stage runs every sweep, holding its layers or not
+        local = [target for target in group if target.owner == block.stage]
+        grams = {source: _block_grams(block, local, samples, config.batch_size) for source, samples in
+                 sources.items()}
+        for target in local:
+            weight = target.weight.detach()
+            value = new_weight(weight.cpu(), target, grams, config, result).to(weight) if block.replica == 0 \
+                else torch.empty_like(weight)
+            broadcast_over_replicas(value, block.group, block.stage)
+            with torch.no_grad():
+                target.weight.copy_(value)
+    merged = distributed.merge_dicts_to_main(result.per_linear)
+    if merged is not None:
+        result.per_linear = {target.name: merged[target.name] for target in targets}
+    return result
+
+
+def _block_grams(block: LayerBlock, targets: Sequence[Target], samples: Sequence[Sample],
+                 batch_size: int) -> dict[str, torch.Tensor]:
+    """Σ XᵀX of each of this stage's targets over all samples, on replica 0's rank of the stage."""
+    recorder = GramRecorder(targets)
+    try:
+        forward_sweep(block, replica_batches(block, samples, batch_size),
+                      lambda batch: recorder.start_pass(batch.response_rows))
+    finally:
+        recorder.close()
+    grams, unique = {}, {}
+    for target in targets:  # a shared Gram is one tensor under each name that reads the same input
+        key = recorder.shared.get(target.name, target.name)
+        if key not in unique:
+            width = target.shape[1]  # zeros where no response token reached it
+            unique[key] = recorder.grams.get(key, torch.zeros(width, width, dtype=torch.float64, device=block.device))
+        grams[target.name] = unique[key]
+    sum_over_replicas(list(unique.values()), block.group, block.stage)  # in the targets' order on every replica
+    return {name: gram.cpu() for name, gram in grams.items()}
+
+
 def run_lowrank(model: ModelSource, config: LowRankConfig, out: str | Path) -> dict[str, Any]:
     """Collective: the model with its safety-only ranks removed, as an HF folder at `out` with its summary; bad
     ranks fail on the model's skeleton, before any weight is read."""
+    model.check()
     check_output_dir(out)
     check_sources(config.data, config.utility_data, directory=config.data_dir)
     skeleton = model_skeleton(model.name, model.cache_dir)
     config.validate([tuple(linear.module.weight.shape) for linear in scored_linears(skeleton)])
-    context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
-    loaded = model.load(context.device)
+    context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
+    loaded = load_source(model, context.device)
     started = time.perf_counter()
-    result = low_rank_model(loaded.model, loaded.tokenizer, config)
-    summary = {**result.summary(config), "model": model.name, "seconds": time.perf_counter() - started}
-    save_hf_folder(loaded.model, loaded.tokenizer, out, {SUMMARY_FILE: summary})
+    if loaded.block is None:
+        result = low_rank_model(loaded.model, loaded.tokenizer, config)
+    else:
+        result = sharded_low_rank(loaded.block, loaded.tokenizer, config)
+    summary = {**result.summary(config), "model": model.name, "shard": model.shard,
+               "seconds": time.perf_counter() - started}
+    if loaded.block is None:
+        save_hf_folder(loaded.model, loaded.tokenizer, out, {SUMMARY_FILE: summary})
+    else:
+        save_blocks(loaded.block, loaded.tokenizer, out, {SUMMARY_FILE: summary})
     return summary

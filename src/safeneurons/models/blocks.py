@@ -176,14 +176,20 @@ def check_shardable(config: Any, name: str) -> None:
                                f"states a block receives; run it unsharded (or under --deepspeed)")
 
 
-def load_block(name: str, stage: int, stages: int, dtype: torch.dtype, device: torch.device,
-               cache_dir: str | None = None) -> LayerBlock:
-    """Stage `stage` of `stages`: the model skeleton with only its block's tensors read from the safetensors."""
+def checkpoint_split(name: str, stages: int, cache_dir: str | None = None) -> tuple[Any, CheckpointFiles, LayerSplit]:
+    """The model's config, its safetensors files and their balanced split over `stages`, from the headers."""
     config = load_config(name, cache_dir)
     check_shardable(config, name)
     files = CheckpointFiles(Path(local_model_folder(name, cache_dir)))
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    split = split_from_headers(files.metadata(), config.num_hidden_layers, tied, stages)
+    return config, files, split_from_headers(files.metadata(), config.num_hidden_layers, tied, stages)
+
+
+def load_block(name: str, stage: int, stages: int, dtype: torch.dtype, device: torch.device,
+               cache_dir: str | None = None) -> LayerBlock:
+    """Stage `stage` of `stages`: the model skeleton with only its block's tensors read from the safetensors."""
+    config, files, split = checkpoint_split(name, stages, cache_dir)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     model = model_skeleton(name, cache_dir)
     block = LayerBlock(model, split, stage, device, dtype)
     wanted = [key for key in model.state_dict() if _belongs(key, block)]
@@ -223,3 +229,48 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
     block.replica, block.replicas = replica, replicas
     block.group = replica_group(stages, replicas)
     return LoadedModel(block.model, load_tokenizer(source.name, source.cache_dir), block=block)
+
+
+def save_blocks(block: LayerBlock, tokenizer: Any, out: str | Path, json_files: dict[str, Any] | None = None) -> None:
+    """Collective: a layer-sharded model as an HF folder that `from_pretrained` loads — each stage's block one
+    safetensors shard (written by the stage's rank in replica 0), rank 0 the config, tokenizer, index and
+    `json_files` (name -> payload) — staged and then moved into place."""
+    from safetensors.torch import save_file
+
+    from safeneurons.runtime import distributed
+    from safeneurons.runtime.outputs import discard_staging, publish_dir, staging_dir, write_json
+
+    final = Path(out)
+    if distributed.is_main():
+        discard_staging(final)
+    distributed.barrier()
+    staging = staging_dir(final)
+    shard = f"model-{block.stage + 1:05d}-of-{block.split.stages:05d}.safetensors"
+    tensors = {} if block.replica else _held_tensors(block)
+    problem = ""
+    try:
+        if tensors:
+            save_file(tensors, str(staging / shard), metadata={"format": "pt"})
+        if distributed.is_main():
+            block.model.config.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            for name, payload in (json_files or {}).items():
+                write_json(staging / name, payload)
+    except OSError as error:
+        problem = f"cannot write the model to {out}: {error}"
+    distributed.all_ranks_ok(not problem, problem)
+    parts = distributed.gather_to_main({name: (shard, tensor.nbytes) for name, tensor in tensors.items()})
+    if parts is not None:
+        held = {name: entry for part in parts for name, entry in part.items()}
+        write_json(staging / "model.safetensors.index.json", {
+            "metadata": {"total_size": sum(size for _, size in held.values())},
+            "weight_map": {name: file for name, (file, _) in sorted(held.items())}})
+        publish_dir(final)
+    distributed.barrier()
+
+
+def _held_tensors(block: LayerBlock) -> dict[str, torch.Tensor]:
+    """The block's own tensors (a tied head is the embeddings' copy, which the first block writes)."""
+    tied = bool(getattr(block.model.config, "tie_word_embeddings", False))
+    return {name: tensor.detach().contiguous().cpu() for name, tensor in block.model.state_dict().items()
+            if tensor.device.type != "meta" and not (tied and name == "lm_head.weight")}

@@ -48,6 +48,12 @@ def sum_over_replicas(tensors: Sequence[torch.Tensor], group: Any, stage: int) -
         work.wait()
 
 
+def broadcast_over_replicas(tensor: torch.Tensor, group: Any, stage: int) -> None:
+    """Replica 0's `tensor` (on rank `stage`) on every replica's rank of the stage, in place."""
+    if group is not None:
+        dist.broadcast(tensor, src=stage, group=group)
+
+
 def one_forward_one_backward(stage: int, stages: int, count: int) -> list[tuple[str, int]]:
     """1F1B: a stage first runs `stages − stage − 1` forwards (the micro-batches in flight below it), then
     alternates one forward with one backward, then the remaining backwards. ("F", i) and ("B", i) in order."""

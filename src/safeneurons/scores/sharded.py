@@ -9,7 +9,7 @@ sums exceed its memory budget. The per-sample terms are those of the unsharded p
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -35,8 +35,7 @@ def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Se
     (wandg), on replica 0's rank of the stage (each replica runs its share of the samples; the stage's replicas
     then sum onto it)."""
     device, dtype = block.device, block.dtype
-    share = distributed.split_evenly(samples, block.replica, block.replicas)  # this replica's samples
-    batches = [micro_batch(group, device) for group in equal_length_groups(share, config.batch_size)]
+    batches = replica_batches(block, samples, config.batch_size)
     local = [target for target in targets if block.split.stage_of(target.linear.layer) == block.stage]
     if config.method != "wandg":
         return _run_passes(block, local, batches, config, device, dtype, with_grads=False)
@@ -52,6 +51,25 @@ def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Se
         group = rounds[index] if index < len(rounds) else []
         owned.update(_run_passes(block, group, batches, config, device, dtype, with_grads=True))
     return owned
+
+
+def forward_sweep(block: LayerBlock, batches: Sequence[MicroBatch], before: Callable[[MicroBatch], None]) -> None:
+    """Collective over this replica's stages: every micro-batch forward through the pipeline without gradients,
+    `before(batch)` called on this stage ahead of each (the hooks' bookkeeping, say ActSVD's response rows)."""
+    link = StageLink(block.stage, block.split.stages, block.device, block.first_rank)
+    try:
+        with scoring_mode(block.model):
+            for batch in distributed.progress(batches, desc="pipelined passes", leave=False):
+                before(batch)
+                _forward(block, batch, link, False, block.dtype)
+    finally:
+        link.finish()
+
+
+def replica_batches(block: LayerBlock, samples: Sequence[Sample], batch_size: int) -> list[MicroBatch]:
+    """This replica's share of the samples, in the micro-batches of one token count that every stage runs."""
+    share = distributed.split_evenly(samples, block.replica, block.replicas)
+    return [micro_batch(group, block.device) for group in equal_length_groups(share, batch_size)]
 
 
 def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[MicroBatch], config: ScoreConfig,

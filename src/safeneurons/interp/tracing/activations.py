@@ -93,7 +93,7 @@ class ActivationRecorder(Hooks):
         return record
 
 
-def _allocate(shapes: Mapping[SiteKey, tuple[int, int]], memory_limit: float | None,
+def allocate_arrays(shapes: Mapping[SiteKey, tuple[int, int]], memory_limit: float | None,
               spill_dir: str | Path | None) -> tuple[dict[SiteKey, np.ndarray], tempfile.TemporaryDirectory | None]:
     total = sum(4 * rows * cols for rows, cols in shapes.values())
     if memory_limit is None or total <= memory_limit:
@@ -119,7 +119,7 @@ def collect_mlp_activations(model: nn.Module, inputs: TokenInputs, layers: Itera
     batches = as_batches(inputs)
     n_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     points = {(layer, kind): site_point(model, layer, kind) for layer in layers for kind in kinds}
-    arrays, spill = _allocate({key: (n_tokens, output_width(point)) for key, point in points.items()},
+    arrays, spill = allocate_arrays({key: (n_tokens, output_width(point)) for key, point in points.items()},
                               memory_limit, spill_dir)
     if points or is_zero3_partitioned(model):  # ZeRO-3 forwards are collective: every rank takes part
         _run_and_record(model, batches, points, arrays)
@@ -163,15 +163,25 @@ def collect_shared(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
         _run_and_record(model, [batches[0]] * (len(chunks[0]) - len(chunks[rank])), {}, {})
     counts = [sum(int(batches[index]["attention_mask"].sum()) for index in chunk) for chunk in chunks]
     widths = {key: output_width(site_point(model, *key)) for key in needed}
+    return gather_in_token_order(local, needed, widths, counts, rank, collective_device(model_device(model)),
+                                 memory_limit, spill_dir)
+
+
+def gather_in_token_order(local: MlpActivations | None, needed: Mapping[SiteKey, set[int]],
+                          widths: Mapping[SiteKey, int], counts: Sequence[int], member: int, device: torch.device,
+                          memory_limit: float | None, spill_dir: str | Path | None,
+                          group: Any = None) -> MlpActivations:
+    """Collective over `group` (default all ranks), whose `member`-th rank recorded `local` over its chunk of
+    `counts[member]` tokens: each site's chunks concatenated in member order on the ranks `needed` names."""
+    rank = distributed.rank()
     mine = {key: (sum(counts), width) for key, width in widths.items() if rank in needed[key]}
-    arrays, spill = _allocate(mine, memory_limit, spill_dir)
-    device = collective_device(model_device(model))
+    arrays, spill = allocate_arrays(mine, memory_limit, spill_dir)
     for key in sorted(needed):
         sent = torch.zeros(max(counts), widths[key], device=device)
         if local is not None:
-            sent[:counts[rank]] = torch.from_numpy(np.ascontiguousarray(local.get(key[1], key[0]))).to(device)
+            sent[:counts[member]] = torch.from_numpy(np.ascontiguousarray(local.get(key[1], key[0]))).to(device)
         for owner in sorted(needed[key]):
-            parts = gather_to_owner(sent, owner)
+            parts = gather_to_owner(sent, owner, group)
             if rank == owner:
                 arrays[key][:] = torch.cat([part[:count] for part, count in zip(parts, counts)]).cpu().numpy()
     return MlpActivations.from_arrays(arrays, sum(counts), spill)

@@ -18,6 +18,7 @@ from safeneurons.interp.tracing.activations import MlpActivations, collect_share
 from safeneurons.interp.tracing.assignment import DEFAULT_ALPHA, DEFAULT_BATCH_SIZE, DEFAULT_DATA, KINDS, resolve_solver
 from safeneurons.interp.tracing.lineage import TraceResult, layer_pairs, match_layer, summarize
 from safeneurons.interp.tracing.report import plot_trace, summary_line
+from safeneurons.interp.tracing.sharded import check_sharded_trace, sharded_activations
 from safeneurons.interp.tracing.tokens import pack_tokens, random_token_ids, text_token_ids
 from safeneurons.models.hooks import SiteKey
 from safeneurons.models.loading import ModelSource, load_config, load_tokenizer
@@ -105,21 +106,29 @@ def run_trace(config: TraceConfig, out: str | Path) -> TraceResult | None:
     trace.png); the result on rank 0, None elsewhere."""
     config.check_inputs(out)
     base, other = config.base, config.other
-    context = distributed.init_distributed(require_process_group=bool(base.deepspeed))
+    base.check()
+    sharded = base.shard == "layers"
+    context = distributed.init_distributed(require_process_group=bool(base.deepspeed) or sharded)
+    if sharded:
+        check_sharded_trace(config)
     solver = resolve_solver(config.solver)
     tokenizer = load_tokenizer(base.name, base.cache_dir)
     check_same_tokenizer(tokenizer, load_tokenizer(other.name, other.cache_dir), base.name, other.name)
     configs = [load_config(source.name, source.cache_dir) for source in (base, other)]
     pairs = layer_pairs(configs[0].num_hidden_layers, configs[1].num_hidden_layers, config.all_layers)
-    mine = [pairs[index] for index in distributed.assign_round_robin(len(pairs))]
     max_positions = min(getattr(model_config, "max_position_embeddings", config.max_length)
                         for model_config in configs)
     batches = _token_batches(config, tokenizer, max_positions)
     memory_limit = config.memory_limit_gib * GIB
-    needs = _needs(pairs)
-    activations_base = _collect_model(base, context.device, needs[0], batches, memory_limit, config.spill_dir)
-    activations_other = _collect_model(other, context.device, needs[1], batches,
-                                       max(memory_limit - activations_base.nbytes, 0), config.spill_dir)
+    if sharded:
+        activations_base, activations_other, mine = sharded_activations(config, pairs, batches, context.device,
+                                                                        memory_limit)
+    else:
+        mine = [pairs[index] for index in distributed.assign_round_robin(len(pairs))]
+        needs = _needs(pairs)
+        activations_base = _collect_model(base, context.device, needs[0], batches, memory_limit, config.spill_dir)
+        activations_other = _collect_model(other, context.device, needs[1], batches,
+                                           max(memory_limit - activations_base.nbytes, 0), config.spill_dir)
     try:
         matches = {(i, j): match_layer(activations_base, activations_other, i, j, solver, context.device)
                    for i, j in distributed.progress(mine, desc="matching layers")}
