@@ -28,17 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 ZERO3 = str(REPO / "ds_configs" / "zero3_inference.json")
 # (label, ranks, ZeRO-3, micro-batch, more options): "large" gives each rank all its items in one pass (scoring,
 # lowrank, eval, trace) or 128 sites per pass (patch), amortising ZeRO-3's parameter gathers; "2 stages" holds one
-# block of layers per rank (`--shard layers`, the stages in SHARDED)
+# block of layers per rank (`--shard layers`)
 # (labels have no commas: --configs is a comma-separated list of them)
 CONFIGS = (("1 rank", 1, False, "default", ()), ("2 ranks", 2, False, "default", ()),
            ("2 ranks ZeRO-3", 2, True, "default", ()), ("ZeRO-3 large batch", 2, True, "large", ()),
            ("2 stages", 2, False, "default", ("--shard", "layers")))
-SHARDED = ("wanda", "wandg", "eval", "lowrank")
 # The functions whose time is a stage's loop (its passes, matchings or generations), wrapped in the worker
 # (named where the stage looks them up, so that the wrapper is what it calls)
 LOOPS = {"wanda": ("scores.statistics.collect_statistics",), "wandg": ("scores.statistics.collect_statistics",),
          "patch": ("interp.patching.patcher.ActivationPatcher.patch",),
-         "trace": ("interp.tracing.trace.collect_shared", "interp.tracing.trace.match_layer"),
+         "trace": ("interp.tracing.trace.collect_shared", "interp.tracing.trace.sharded_activations",
+                   "interp.tracing.trace.match_layer"),
          "eval": ("evaluation.evaluate.generate_distributed",), "lowrank": ("interventions.lowrank._modify",
                                                                     "interventions.lowrank.sharded_low_rank")}
 COLLECTIVES = ("all_reduce", "reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
@@ -150,13 +150,16 @@ def run_worker(args: argparse.Namespace) -> None:
         command += ["--deepspeed", ZERO3]
     distributed.barrier()
     counter[0] = 0
+    with open("/proc/self/statm") as statm:  # resident pages before the command: imports and process group
+        baseline = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     started = time.perf_counter()
     code = cli.main([*command, "--out", args.result + ".out"])
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
     # one file per rank: some stages end their process group themselves
     Path(f"{args.result}.{rank}").write_text(json.dumps({"seconds": seconds, "loop": loop[0], "code": code,
-                                                          "bytes": counter[0], "peak": peak}))
+                                                          "bytes": counter[0], "peak": peak,
+                                                          "baseline": baseline}))
     distributed.shutdown()
 
 
@@ -201,7 +204,7 @@ def launch(stage: str, command: list[str], ranks: int, zero3: bool, result: Path
                          f"{done.stderr[-3000:]}")
     return {"seconds": reports[0]["seconds"], "loop": max(report["loop"] for report in reports),
             "bytes": max(report["bytes"] for report in reports), "wall": wall,
-            "peak": max(report["peak"] for report in reports)}
+            "peak": max(report["peak"] for report in reports), "ranks": reports}
 
 
 def patch_sites(out: Path) -> int:
@@ -240,7 +243,7 @@ def main() -> int:
             items = commands["default"][stage][1]
             runs = {}
             for index, (label, ranks, zero3, size, options) in enumerate(CONFIGS):
-                if label not in args.configs.split(",") or (options and stage not in SHARDED):
+                if label not in args.configs.split(","):
                     continue
                 result = Path(scratch) / f"{stage}-{index}.json"
                 runs[label] = launch(stage, [*commands[size][stage][0], *options], ranks, zero3, result)

@@ -203,3 +203,23 @@ def test_a_stage_that_dies_mid_pipeline_ends_the_job_and_publishes_nothing(tied_
                           env={**os.environ, "OMP_NUM_THREADS": "1", "SAFENEURONS_TIMEOUT": "15"})
     assert done.returncode != 0
     assert not out.exists()
+
+
+def test_auto_sharding_holds_a_model_by_layers_only_when_it_does_not_fit(tied_llama, tmp_path, monkeypatch):
+    """`--shard auto`'s rule: layer-sharded when the weights (from the headers) take more than half of a rank's
+    free memory, and never for a model that cannot be sharded."""
+    from safeneurons.models.blocks import needs_layer_sharding
+    from safeneurons.runtime import distributed
+
+    folder, model = tied_llama
+    weights = sum(tensor.numel() * 4 for name, tensor in model.state_dict().items() if name != "lm_head.weight")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed, "available_memory", lambda device: 2 * weights)
+    assert needs_layer_sharding(str(folder), "float32", cpu) == ""  # exactly half: it fits
+    monkeypatch.setattr(distributed, "available_memory", lambda device: 2 * weights - 8)
+    assert "more than half of a rank's" in needs_layer_sharding(str(folder), "float32", cpu)
+    gemma = tmp_path / "gemma2"
+    tiny_model("gemma2", load_tokenizer("demo")).save_pretrained(gemma)
+    load_tokenizer("demo").save_pretrained(gemma)
+    monkeypatch.setattr(distributed, "available_memory", lambda device: 1)
+    assert needs_layer_sharding(str(gemma), "float32", cpu) == ""  # refused by --shard layers: stays whole

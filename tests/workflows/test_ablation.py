@@ -27,6 +27,8 @@ def test_random_controls_have_the_reference_count_in_every_matrix():
     assert all(int(first[name].sum()) == int(mask.sum()) for name, mask in reference.items())
     assert all(torch.equal(first[name], again[name]) for name in reference)
     assert any(not torch.equal(first[name], other[name]) for name in reference)
+    part = random_like_counts({"m2": reference["m2"]}, 0, names=list(reference))  # a layer-sharded rank's share
+    assert torch.equal(part["m2"], first["m2"])
 
 
 ARGS = ["ablate", "--model", "demo", "--data", "demo-align", "--utility-data", "demo-utility", "--nsamples", "4",
@@ -84,13 +86,16 @@ def test_ablation_bad_input_exits_2_before_the_model_loads(tmp_path, capsys, ext
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ablation_on_two_ranks_equals_one_rank(tmp_path):
+@pytest.mark.parametrize("holding", [[], ["--shard", "layers"]], ids=["data-parallel", "layer-sharded"])
+def test_ablation_on_two_ranks_equals_one_rank(tmp_path, holding):
+    """Data parallel (every rank the whole model) or layer-sharded (each rank scores, prunes and restores its own
+    block; evaluation pipelined): the points of 1 rank."""
     from helpers import run_ranks
 
     args = [*ARGS, "--sparsities", "0.1", "--seeds", "0", "--limit", "6", "--max-new-tokens", "6"]
     assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
-    result = run_ranks(["safeneurons.cli", *args, "--out", str(tmp_path / "two")])
+    result = run_ranks(["safeneurons.cli", *args, *holding, "--out", str(tmp_path / "two")])
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (json.loads((tmp_path / run / "ablation.json").read_text())["points"] for run in ("one", "two"))
-    keys = ("point", "removed", "asr", "refusal_rate")
+    keys = ("point", "removed", "fraction_removed", "asr", "refusal_rate")
     assert [[p[k] for k in keys] for p in one] == [[p[k] for k in keys] for p in two]

@@ -179,10 +179,10 @@ def test_rerun_with_the_same_arguments_skips_finished_stages(single_run, caplog)
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_pipeline_under_two_ranks(single_run, tmp_path):
-    """Every stage distributed; the scoring stages layer-sharded (`--score-shard layers`: each rank one block of
-    layers), whose masks must equal the 1-rank study's unsharded ones (data-parallel scoring's own 2-rank checks
-    are in tests/scores)."""
-    result = run_ranks(["safeneurons.cli", *_pipeline_args(tmp_path, "--no-random-control", "--score-shard", "layers",
+    """Every stage distributed; the inference stages layer-sharded (`--shard layers`: each rank one block of
+    layers), whose masks and greedy generations must equal the 1-rank study's unsharded ones (data-parallel
+    scoring's own 2-rank checks are in tests/scores)."""
+    result = run_ranks(["safeneurons.cli", *_pipeline_args(tmp_path, "--no-random-control", "--shard", "layers",
                                                             *ONE_RUN)], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     results = tmp_path / "results"

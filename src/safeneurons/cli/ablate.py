@@ -10,9 +10,10 @@ from safeneurons.workflows.ablation import METHODS, AblationConfig, report_secti
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from safeneurons.cli.options import add_eos_argument, add_model_arguments, add_run_arguments
+    from safeneurons.cli.options import add_eos_argument, add_model_arguments, add_run_arguments, add_shard_argument
 
     add_model_arguments(parser, "--model", deepspeed=False)  # every rank holds the whole model
+    add_shard_argument(parser)  # or its block: each stage prunes its own layers, evaluation pipelined
     add_run_arguments(parser)
     parser.add_argument("--data", default="align", help="safety data for the scores (default %(default)s)")
     parser.add_argument("--utility-data", default="alpaca_cleaned_no_safety",
@@ -56,8 +57,8 @@ def config_from_args(args: argparse.Namespace) -> AblationConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    records = run_ablation(ModelSource(args.model, args.dtype, cache_dir=args.cache_dir), config_from_args(args),
-                           args.out)
+    source = ModelSource(args.model, args.dtype, cache_dir=args.cache_dir, shard=args.shard, stages=args.stages)
+    records = run_ablation(source, config_from_args(args), args.out)
     if records is not None:
         print(report_section(summarize(records), records[0]) + f"-> {args.out}/ablation.json, ablation.png, report.md")
     return 0

@@ -15,9 +15,11 @@ if TYPE_CHECKING:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from safeneurons.cli.options import add_model_arguments, add_neuron_arguments, add_run_arguments
+    from safeneurons.cli.options import (add_model_arguments, add_neuron_arguments, add_run_arguments,
+                                         add_shard_argument)
 
     add_model_arguments(parser, "--model")
+    add_shard_argument(parser)  # --shard layers: each stage patches the sites of its own layers
     add_run_arguments(parser)
     prompts = parser.add_argument_group("prompts (chat-formatted unless already in chat format or --raw)")
     prompts.add_argument("--clean", "--base", default=None, metavar="TEXT",
@@ -130,7 +132,7 @@ def config_from_args(args: argparse.Namespace) -> PatchConfig | DirectionConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    model = ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir)
+    model = ModelSource(args.model, args.dtype, args.deepspeed, args.cache_dir, args.shard, args.stages)
     if isinstance(config, DirectionConfig):
         run_direction(model, config, args.out)
     else:

@@ -2,7 +2,7 @@
 reference's counts (the controls)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,11 +27,15 @@ def zero_masked(name: str, param: nn.Parameter, source: MaskElements, lowest: bo
     return int(mask.sum())
 
 
-def random_like_counts(reference: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Uniformly random masks with exactly the reference's count in every matrix."""
+def random_like_counts(reference: Mapping[str, torch.Tensor], seed: int,
+                       names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Uniformly random masks with exactly the reference's count in every matrix. Each matrix draws from its own
+    seed, numbered by its place among `names` sorted (default the reference's own: a layer-sharded rank that
+    holds some of a model's matrices passes all their names and draws what a whole-model rank would)."""
+    number = {name: index for index, name in enumerate(sorted(reference if names is None else names))}
     masks = {}
-    for index, (name, mask) in enumerate(sorted(reference.items())):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    for name, mask in sorted(reference.items()):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + number[name])
         chosen = torch.zeros(mask.numel(), dtype=torch.bool)
         chosen[torch.randperm(mask.numel(), generator=generator)[:int(mask.sum())]] = True
         masks[name] = chosen.view(mask.shape)

@@ -31,6 +31,8 @@ LAST_PREFIXES = ("model.norm.", "lm_head.")
 # Architectures whose forward rescales `inputs_embeds` (Gemma's √hidden): the hidden states a block receives would
 # be scaled a second time, so they are not sharded.
 SCALED_EMBEDDINGS = ("gemma", "gemma2", "gemma3_text")
+# `--shard auto`: a whole model must leave half of a rank's free memory to activations, KV caches and statistics
+AUTO_WEIGHT_FRACTION = 0.5
 BLOCK_ATTRIBUTE = "safeneurons_layer_block"  # on a block's model: the LayerBlock (see block_of)
 
 
@@ -150,15 +152,16 @@ class LayerBlock:
             config.layer_types = config.layer_types[self.layers.start:self.layers.stop]
         return DynamicCache(config=config)
 
-    def run(self, tokens: torch.Tensor, received: torch.Tensor | None, head: bool = True,
+    def run(self, tokens: torch.Tensor, received: torch.Tensor | None, head: bool = True, start: int | None = None,
             **kwargs: Any) -> torch.Tensor:
-        """This block's layers on the tokens (first stage) or the hidden states received from the stage below:
-        the logits on the last stage (its final hidden states without the `head`), the hidden states to pass on
-        elsewhere. `kwargs` go to the model's forward (attention mask, positions, `cache`: a `new_cache()`)."""
+        """This block's layers (from layer `start` of it) on the tokens (first stage) or the hidden states
+        received (entering the first layer run): the logits on the last stage (its final hidden states without
+        the `head`), the hidden states to pass on elsewhere. `kwargs` go to the model's forward (attention mask,
+        positions, `cache`: a `new_cache()`)."""
         inputs = {"input_ids": tokens} if received is None else {"inputs_embeds": received}
         if "cache" in kwargs and "cache" not in inspect.signature(self.model.model.forward).parameters:
             kwargs["past_key_values"] = kwargs.pop("cache")  # the argument's name before transformers 5
-        with layers_from(self.model, self.layers.start, self.layers.stop):
+        with layers_from(self.model, self.layers.start if start is None else start, self.layers.stop):
             if self.last and head:
                 return self.model(**inputs, **kwargs).logits
             kwargs.pop("logits_to_keep", None)
@@ -216,6 +219,24 @@ def _belongs(key: str, block: LayerBlock) -> bool:
     if found:
         return int(found.group(1)) in block.layers
     return (block.first and key.startswith(FIRST_PREFIXES)) or (block.last and key.startswith(LAST_PREFIXES))
+
+
+def needs_layer_sharding(name: str, dtype: str, device: torch.device, cache_dir: str | None = None) -> str:
+    """Collective: why `--shard auto` holds the model layer-sharded (its weights, from the file headers, above
+    AUTO_WEIGHT_FRACTION of some rank's free memory), or "" when a whole model fits every rank or the model
+    cannot be sharded (no safetensors, an architecture `check_shardable` refuses)."""
+    from safeneurons.runtime import distributed
+
+    try:
+        check_shardable(load_config(name, cache_dir), name)
+        files = CheckpointFiles(Path(local_model_folder(name, cache_dir)))
+        weights = sum(math.prod(shape) for shape, _ in files.metadata().values()) * parse_dtype(dtype).itemsize
+    except SafeneuronsError:
+        weights = 0
+    free = min(distributed.all_gather(distributed.available_memory(device)))
+    if weights <= AUTO_WEIGHT_FRACTION * free:
+        return ""
+    return f"its weights take {weights / 2 ** 30:.1f} GiB, more than half of a rank's {free / 2 ** 30:.1f} GiB free"
 
 
 def load_source(source: ModelSource, device: torch.device | None = None) -> LoadedModel:

@@ -104,7 +104,12 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
         capture.close()
         link.finish()
     sum_over_replicas([tensor for total in sums.values() for tensor in total.tensors()], block.group, block.stage)
-    return {name: total.value(name) for name, total in sums.items() if block.replica == 0}
+    owned = {}
+    for name in list(sums):  # each accumulator freed as its fp32 value is taken: never both for every Linear
+        total = sums.pop(name)
+        if block.replica == 0:
+            owned[name] = total.value(name)
+    return owned
 
 
 def _forward(block: LayerBlock, batch: MicroBatch, link: StageLink, with_grads: bool,

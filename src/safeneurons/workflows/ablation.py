@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,14 +30,20 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.evaluate import EvalConfig, evaluate_model
 from safeneurons.evaluation.metrics import wilson_interval
 from safeneurons.masks.apply import random_like_counts
+from safeneurons.models.blocks import load_source
 from safeneurons.models.loading import ModelSource
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import atomic_file, check_output_dir, write_json
+from safeneurons.runtime.pipeline import broadcast_over_replicas
 from safeneurons.runtime.resume import matches, read_marker, write_marker
 from safeneurons.scores.config import ScoreConfig, targets_of
 from safeneurons.scores.schedules import load_sources
 from safeneurons.scores.selection import select_weights, set_difference_mask
 from safeneurons.scores.statistics import score_targets
+
+if TYPE_CHECKING:
+    from safeneurons.models.blocks import LayerBlock
+    from safeneurons.scores.config import Target
 
 log = logging.getLogger(__name__)
 METHODS = ("top", "setdiff", "random")
@@ -107,13 +114,15 @@ def study_points(config: AblationConfig) -> list[Point]:
 
 # ---------------------------------------------------------------- masks
 
-def point_masks(point: Point, scores: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def point_masks(point: Point, scores: Mapping[str, Mapping[str, torch.Tensor]],
+                names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The point's masks of the scored matrices this rank holds (`names`: all the model's, for the random seeds)."""
     safety, utility = scores["safety"], scores["utility"]
     if point.method == "top":
         return {name: select_weights(score, point.sparsity, "weight") for name, score in safety.items()}
     difference = {name: set_difference_mask(score, utility[name], point.sparsity, point.sparsity, "weight")
                   for name, score in safety.items()}
-    return difference if point.method == "setdiff" else random_like_counts(difference, point.seed)
+    return difference if point.method == "setdiff" else random_like_counts(difference, point.seed, names)
 
 
 @contextlib.contextmanager
@@ -134,44 +143,63 @@ def zeroed(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[None
 
 # ---------------------------------------------------------------- scores (computed once)
 
-def study_scores(model: nn.Module, tokenizer: Any, config: AblationConfig, folder: Path) -> dict[str, dict]:
-    """Safety and utility scores of every scored Linear, on every rank; cached in `folder` (with the settings)."""
+def study_scores(model: nn.Module, tokenizer: Any, config: AblationConfig, folder: Path,
+                 block: LayerBlock | None = None) -> dict[str, dict]:
+    """Safety and utility scores of every scored Linear this rank holds (all of them, or on a layer-sharded
+    model its block's); cached in `folder` (a folder per stage when sharded) with the settings."""
     settings = {key: value for key, value in config.settings().items() if key != "evaluation"}
+    if block is not None:
+        folder = folder / f"stage-{block.stage + 1}-of-{block.split.stages}"
     marker = folder / "DONE"
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return {source: load_file(str(folder / f"{source}.safetensors")) for source in ("safety", "utility")}
     score_config = config.score_config()
-    targets = targets_of(model)
+    targets = targets_of(model, block)
     sources = load_sources(tokenizer, score_config)
-    scores = {}
-    for stream, (source, samples) in enumerate(sources.items()):
-        owned = score_targets(model, targets, samples, score_config, stream)
-        merged: dict[str, torch.Tensor] = {}
-        for part in distributed.all_gather(owned):  # every rank prunes the whole model it holds
-            merged.update(part)
-        scores[source] = {target.name: merged[target.name].contiguous() for target in targets}
-    if distributed.is_main():
+    scores = {source: _held_scores(targets, score_targets(model, targets, samples, score_config, stream, block=block),
+                                   block) for stream, (source, samples) in enumerate(sources.items())}
+    if distributed.is_main() if block is None else block.replica == 0:
         for source, tensors in scores.items():
             with atomic_file(folder / f"{source}.safetensors") as tmp:
                 save_file(tensors, str(tmp))
         write_json(marker, settings)
+    distributed.barrier()  # the stage's files are there before any rank reads them
     return scores
+
+
+def _held_scores(targets: Sequence[Target], owned: Mapping[str, torch.Tensor],
+                 block: LayerBlock | None) -> dict[str, torch.Tensor]:
+    """Every target's scores on every rank (each rank prunes the whole model it holds), or on a layer-sharded
+    model its block's on each replica of the stage."""
+    if block is None:
+        merged: dict[str, torch.Tensor] = {}
+        for part in distributed.all_gather(owned):
+            merged.update(part)
+        return {target.name: merged[target.name].contiguous() for target in targets}
+    held = {}
+    for target in (target for target in targets if target.owner == block.stage):
+        tensor = owned[target.name].contiguous() if block.replica == 0 else torch.empty(target.shape)
+        broadcast_over_replicas(tensor, block.group, block.stage)
+        held[target.name] = tensor
+    return held
 
 
 # ---------------------------------------------------------------- points
 
 def run_point(model: nn.Module, tokenizer: Any, point: Point, scores: Mapping[str, Mapping[str, torch.Tensor]],
-              config: AblationConfig, total_scored: int) -> dict[str, Any] | None:
+              config: AblationConfig, targets: Sequence[Target], block: LayerBlock | None) -> dict[str, Any] | None:
     """Prune (in place, restored after), evaluate; the point's record on rank 0."""
-    masks = {} if point.method == "base" else point_masks(point, scores)
+    masks = {} if point.method == "base" else point_masks(point, scores, [target.name for target in targets])
     removed = sum(int(mask.sum()) for mask in masks.values())
+    if block is not None:  # each stage's part, counted once (on replica 0)
+        removed = sum(distributed.all_gather(removed if block.replica == 0 else 0))
     with zeroed(model, masks):
         report = evaluate_model(model, tokenizer, config.evaluation, point.name)
     if report is None:
         return None
     successes = sum(item["attack_success"] for item in report.results)
     return {"point": point.name, "method": point.method, "sparsity": point.sparsity, "seed": point.seed,
-            "removed": removed, "fraction_removed": removed / total_scored,
+            "removed": removed, "fraction_removed": removed / sum(math.prod(target.shape) for target in targets),
             "asr": report.asr, "asr_interval": wilson_interval(successes, report.n_prompts),
             "refusal_rate": report.refusal_rate, "harmless_refusal_rate": report.harmless_refusal_rate,
             "perplexity": report.perplexity, "n_prompts": report.n_prompts, "settings": config.settings()}
@@ -183,16 +211,17 @@ def finished(folder: Path, config: AblationConfig) -> dict[str, Any] | None:
     return record if record is not None and matches(record.get("settings"), config.settings()) else None
 
 
-def run_study(model: nn.Module, tokenizer: Any, config: AblationConfig, out: Path) -> list[dict[str, Any]]:
+def run_study(model: nn.Module, tokenizer: Any, config: AblationConfig, out: Path,
+              block: LayerBlock | None = None) -> list[dict[str, Any]]:
     """Every point of the study not already finished (collective); all records on rank 0."""
-    scores = study_scores(model, tokenizer, config, out / "scores")
-    total_scored = sum(score.numel() for score in scores["safety"].values())
+    scores = study_scores(model, tokenizer, config, out / "scores", block)
+    targets = targets_of(model, block)
     records = []
     for point in distributed.progress(study_points(config), desc="ablation points"):
         folder = out / "points" / point.name
         record = distributed.broadcast_from_main(finished(folder, config) if distributed.is_main() else None)
         if record is None:
-            record = run_point(model, tokenizer, point, scores, config, total_scored)
+            record = run_point(model, tokenizer, point, scores, config, targets, block)
             if distributed.is_main():
                 write_marker(folder / POINT_FILE, record)
         records.append(record)
@@ -294,9 +323,10 @@ def run_ablation(model: ModelSource, config: AblationConfig, out: str | Path) ->
     evaluation = config.evaluation
     check_sources(config.data, config.utility_data, evaluation.prompts, evaluation.harmless,
                   evaluation.perplexity_data, directory=config.data_dir)
-    context = distributed.init_distributed()
-    loaded = model.load(context.device)
-    records = run_study(loaded.model, loaded.tokenizer, config, Path(out))
+    model.check()
+    context = distributed.init_distributed(require_process_group=model.shard != "none")
+    loaded = load_source(model, context.device)
+    records = run_study(loaded.model, loaded.tokenizer, config, Path(out), loaded.block)
     if not distributed.is_main():
         return None
     write_outputs(records, config, Path(out), model.name)

@@ -16,9 +16,11 @@ from safeneurons.interp.patching.metrics import direction_metric, metric_from_fn
 from safeneurons.interp.patching.report import format_report
 from safeneurons.interp.patching.sites import (DEFAULT_SIGNIFICANCE, METHODS, MODES, ActivationPatchingResult,
                                                PatchingEffect, build_sites, normalised_effect)
+from safeneurons.interp.patching.sharded import sharded_patch_values
+from safeneurons.models.blocks import block_of
 from safeneurons.models.hooks import site_point
 from safeneurons.models.structure import check_same_structure, decoder_layers, model_device
-from safeneurons.runtime.distributed import map_over_ranks
+from safeneurons.runtime.distributed import all_gather, map_over_ranks
 from safeneurons.runtime.zero3 import is_zero3_partitioned
 
 if TYPE_CHECKING:
@@ -96,7 +98,8 @@ class ActivationPatcher:
         if method not in METHODS:
             raise SafeneuronsError(f"method {method!r} is not one of {', '.join(METHODS)}")
         metric = self.resolve_metric(model, refusal_direction)
-        device = model_device(model)
+        block = block_of(model)
+        device = model_device(model) if block is None else block.device
         clean = as_input_ids(clean_input_ids, device, "clean")
         corrupted = as_input_ids(corrupted_input_ids, device, "corrupted")
         n_layers = len(decoder_layers(model))
@@ -106,19 +109,13 @@ class ActivationPatcher:
         base, source = (corrupted, clean) if mode == "denoising" else (clean, corrupted)
         if source_model is not None:
             check_same_structure(model, source_model)
-        patches, source_metric = _patches(model, metric, sites, base.shape[1], source, source_model or model)
-        if method == "exact":
-            base_metric = cache_run(model, base, [], metric)[1]
-            batch_size = self.batch_size or auto_batch_size(model, base.shape[1])
-            # under ZeRO-3 every pass runs the whole module order (its parameter hooks follow it)
-            entries = None if is_zero3_partitioned(model) else layer_inputs(model, base)
-            # a batch starts at its lowest layer: batches of one layer's sites recompute nothing below it
-            patched = map_over_ranks(
-                len(patches), batch_size,
-                lambda batch: _patched_batch(model, base, metric, [patches[i] for i in batch], entries),
-                desc="patching", groups=None if entries is None else [patch.site.layer for patch in patches])
+        if block is not None:
+            base_metric, source_metric, patched = sharded_patch_values(
+                block, metric, sites, base, source, block_of(source_model or model), method,
+                self.batch_size or min(all_gather(auto_batch_size(model, base.shape[1]))))  # one size on every stage
         else:
-            base_metric, patched = attribution_batch(model, base, metric, patches)
+            base_metric, source_metric, patched = self._values(model, metric, sites, base, source,
+                                                               source_model or model, method)
         clean_metric, corrupted_metric = ((source_metric, base_metric) if mode == "denoising"
                                           else (base_metric, source_metric))
         effects = [self._effect(site, value, mode, clean_metric, corrupted_metric)
@@ -129,6 +126,25 @@ class ActivationPatcher:
                         clean_metric, corrupted_metric)
         return ActivationPatchingResult(mode, method, metric.name, clean_metric, corrupted_metric, effects,
                                         clean.shape[1], corrupted.shape[1], n_layers, self.significance_threshold)
+
+    def _values(self, model: nn.Module, metric: Metric, sites: Sequence[PatchingSite], base: torch.Tensor,
+                source: torch.Tensor, source_model: nn.Module, method: str) -> tuple[float, float, list[float]]:
+        """The base and source runs' metrics and every site's patched metric, on a model that every rank holds
+        (whole or ZeRO-3-partitioned)."""
+        patches, source_metric = _patches(model, metric, sites, base.shape[1], source, source_model)
+        if method != "exact":
+            base_metric, estimates = attribution_batch(model, base, metric, patches)
+            return base_metric, source_metric, estimates
+        base_metric = cache_run(model, base, [], metric)[1]
+        batch_size = self.batch_size or auto_batch_size(model, base.shape[1])
+        # under ZeRO-3 every pass runs the whole module order (its parameter hooks follow it)
+        entries = None if is_zero3_partitioned(model) else layer_inputs(model, base)
+        # a batch starts at its lowest layer: batches of one layer's sites recompute nothing below it
+        patched = map_over_ranks(
+            len(patches), batch_size,
+            lambda batch: _patched_batch(model, base, metric, [patches[i] for i in batch], entries),
+            desc="patching", groups=None if entries is None else [patch.site.layer for patch in patches])
+        return base_metric, source_metric, patched
 
     def patch(self, clean_input_ids: Any, corrupted_input_ids: Any, sites: Sequence[PatchingSite] | None = None,
               mode: str = "noising", method: str = "exact",

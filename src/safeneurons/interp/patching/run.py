@@ -20,6 +20,7 @@ from safeneurons.interp.patching.report import attribution_check, format_attribu
 from safeneurons.interp.patching.sites import (COMPONENTS, DEFAULT_SIGNIFICANCE, DIRECTION_FILE, METHODS, METRICS,
                                                MODES, REFUSAL_STARTS, ActivationPatchingResult, Position)
 from safeneurons.masks.neurons import NeuronSets, resolve_neurons
+from safeneurons.models.blocks import load_source
 from safeneurons.models.loading import ModelSource, load_config
 from safeneurons.models.structure import check_same_config, check_same_tokenizer
 from safeneurons.runtime import distributed
@@ -144,15 +145,16 @@ def run_patch(model: ModelSource, config: PatchConfig, out: str | Path) -> Activ
     check_output_dir(out)
     check_layers(config.layers, model_config.num_hidden_layers)
     neurons = config.neuron_sets(model_config)
+    model.check()
     source = None if config.source_model is None else ModelSource(config.source_model, model.dtype, model.deepspeed,
-                                                                  model.cache_dir)
+                                                                  model.cache_dir, model.shard, model.stages)
     if source is not None:
         check_same_config(model_config, load_config(source.name, source.cache_dir),
                           (f"--model {model.name}", f"--source-model {source.name}"))
-    context = distributed.init_distributed(require_process_group=model.deepspeed is not None)
-    loaded = model.load(context.device)
+    context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
+    loaded = load_source(model, context.device)
     tokenizer = loaded.tokenizer
-    source_loaded = None if source is None else source.load(context.device)
+    source_loaded = None if source is None else load_source(source, context.device)
     if source_loaded is not None:
         check_same_tokenizer(tokenizer, source_loaded.tokenizer, model.name, source.name)
     clean = tokenizer(config.prompt("clean", tokenizer), return_tensors="pt")["input_ids"]

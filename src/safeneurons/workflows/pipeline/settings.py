@@ -107,7 +107,7 @@ class PipelineConfig:
     lisa_steps: str = "paper"  # the lisa arm's alignment and fine-tuning steps per cycle: paper or A,F
     attack_rates: str = "none"  # candidate learning rates; the attack's is chosen from plain alone (calibration.py)
     attack_halving_fraction: float = 0.25  # the rule: plain's refusal must not halve before this fraction of steps
-    score_shard: str = "none"  # the scoring stages' holding: none, or layers (one block of layers per rank)
+    shard: str = "auto"  # the inference stages' holding: none, layers (one block of layers per rank) or auto
     profile: str = "original"
 
     @property
@@ -213,8 +213,9 @@ SETTING_HELP = {
                     "alone before any other arm runs; none: --learning-rate",
     "attack_halving_fraction": "the rule: the largest candidate at which plain's refusal does not halve before "
                                "this fraction of the run's steps",
-    "score_shard": "the scoring stages (score, set difference, random, rescore): none, or layers: one block of "
-                   "decoder layers per rank, read from the safetensors, hidden states passed rank to rank",
+    "shard": "the inference stages (score, set difference, random, rescore, eval): none; layers: one block of "
+             "decoder layers per rank, read from the safetensors, hidden states passed rank to rank; auto: layers "
+             "when there are several ranks and the model's weights take more than half a rank's free memory",
     "report_to": "experiment tracking: tensorboard, wandb or none (RESULTS/runs: one run per fine-tune, one for the "
                  "study's results)",
 }
@@ -275,8 +276,8 @@ def validate(settings: PipelineConfig) -> None:
     for name in ("rescore_every", "lora_r"):
         if getattr(settings, name) < 1:
             raise SafeneuronsError(f"--{name.replace('_', '-')}={getattr(settings, name)} must be a positive integer")
-    if settings.score_shard not in SHARD_MODES:
-        raise SafeneuronsError(f"--score-shard {settings.score_shard!r} is not one of {', '.join(SHARD_MODES)}")
+    if settings.shard not in (*SHARD_MODES, "auto"):
+        raise SafeneuronsError(f"--shard {settings.shard!r} is not one of {', '.join(SHARD_MODES)}, auto")
     from safeneurons.evaluation.evaluate import EvalConfig
 
     EvalConfig(judges=tuple(name.strip() for name in settings.judge.split(",") if name.strip()),

@@ -46,6 +46,8 @@ class Study:
         # each attack's learning rate: --learning-rate, or the one `calibrate` chooses from plain alone
         self.rates = {attack: settings.learning_rate for attack in settings.attack_list}
         self.calibration: dict[str, AttackStrengthResult] = {}
+        self.shard = inference_shard(settings, device)  # collective
+
 
     def masks_of(self, stage: str) -> Path:
         return self.results / stage  # a folder: masks.safetensors, or shards and their index under N ranks
@@ -77,7 +79,7 @@ class Study:
             from safeneurons.scores.schedules import score_model
 
             s = self.settings
-            loaded = load_source(ModelSource(model_name, s.dtype, None, s.cache_dir, s.score_shard), self.device)
+            loaded = load_source(ModelSource(model_name, s.dtype, None, s.cache_dir, self.shard), self.device)
             result = score_model(loaded.model, loaded.tokenizer, self.score_config(method, set_difference),
                                  loaded.block)
             result.summary.update(model=model_name)
@@ -162,12 +164,15 @@ class Study:
     def evaluate(self, run: Run | None) -> Callable[[Path], None]:
         def work(folder: Path) -> None:
             from safeneurons.evaluation.evaluate import evaluate_model, load_judges
-            from safeneurons.models.loading import load_for_inference
+            from safeneurons.models.blocks import load_source
+            from safeneurons.models.loading import ModelSource
             from safeneurons.runtime.outputs import write_json
 
             s, config = self.settings, self.eval_config()
             zero3 = self.zero3_config()
-            loaded = load_for_inference(self.model_of(run), s.dtype, zero3, s.cache_dir, self.device)
+            held = ModelSource(self.model_of(run), s.dtype, None, s.cache_dir, "layers") if self.shard == "layers" \
+                else ModelSource(self.model_of(run), s.dtype, zero3, s.cache_dir)
+            loaded = load_source(held, self.device)
             judges = load_judges(config, s.dtype, zero3, s.cache_dir, self.device)
             report = evaluate_model(loaded.model, loaded.tokenizer, config, self.model_of(run), judges)
             if report is not None:
@@ -291,6 +296,22 @@ def run_metadata(settings: PipelineConfig) -> dict:
     return {"prune_method": settings.prune_method, "prune_data": settings.prune_data,
             "sparsity_ratio": settings.sparsity_ratio, "training_data": settings.training_data,
             "num_epochs": settings.num_epochs, "learning_rate": settings.learning_rate}
+
+
+def inference_shard(settings: PipelineConfig, device: torch.device) -> str:
+    """Collective: how the inference stages hold the model — `--shard`, or for auto layer-sharded when there
+    are several ranks and the model does not fit one (models.blocks.needs_layer_sharding)."""
+    from safeneurons.models.blocks import needs_layer_sharding
+
+    if settings.shard != "auto":
+        return settings.shard
+    if distributed.world_size() == 1:
+        return "none"
+    reason = needs_layer_sharding(settings.model, settings.dtype, device, settings.cache_dir)
+    if reason:
+        log.info("--shard auto: the inference stages hold one block of layers per rank: %s %s", settings.model,
+                 reason)
+    return "layers" if reason else "none"
 
 
 def choose_device(settings: PipelineConfig, context: distributed.DistContext) -> torch.device:
