@@ -346,3 +346,20 @@ def test_plans_eval_figures_are_the_measured_peaks_on_the_real_model():
 
     assert generation[1] - generation[0] == pytest.approx(planned(large) - planned(small), rel=0.15)
     assert scoring == pytest.approx(perplexity_batch * length * PERPLEXITY_LOGIT_BYTES * shape.vocab, rel=0.15)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_stages_generate_what_one_rank_generates_on_the_real_model(tmp_path):
+    """smollm2-safe (tied head, grouped-query attention, ChatML) layer-sharded over 2 stages, each with its own KV
+    cache: the greedy generations of 1 rank holding the whole model, token for token, and its perplexity bit for
+    bit (one replica sums in 1 rank's order). One thread per rank in both (see `scored`)."""
+    command = ["eval", "--model", SAFE, "--prompts", ADVBENCH, "--eval-limit", "6", "--max-new-tokens", "24",
+               "--eval-batch-size", "3", "--perplexity-data", UTILITY, "--perplexity-samples", "4"]
+    for ranks, holding, name in ((1, [], "one"), (2, ["--shard", "layers"], "two")):
+        result = run_ranks(["safeneurons.cli", *command, *holding, "--out", str(tmp_path / name)], nproc=ranks,
+                           timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
+    assert [r["generation"] for r in one["results"]] == [r["generation"] for r in two["results"]]
+    assert len({r["generation"] for r in one["results"]}) > 1 and one["perplexity"] == two["perplexity"]

@@ -172,6 +172,11 @@ def test_layer_sharded_scoring_partitions_llama2_70b_over_its_gpus() -> None:
     assert sum(stage.sums for stage in stages) == 16 * shape.scored_params
     report = plan_report(shape, cluster, Workload())
     assert report["score_layer_sharded"]["passes"] < report["score_sums"]["rounds"] / 10
+    # sharded eval: the same blocks; its caches and working set grow with the prompts per batch, linearly
+    evaluation = [plan_report(shape, cluster, Workload(eval_batch_size=batch))["eval_layer_sharded"]["largest_gib"]
+                  for batch in (8, 16)]
+    assert evaluation[0]["weights"] in {stage.weights / GIB for stage in stages}
+    assert evaluation[1]["caches_and_activations"] == pytest.approx(2 * evaluation[0]["caches_and_activations"])
 
 
 def test_fit_verdicts_for_llama2_70b() -> None:

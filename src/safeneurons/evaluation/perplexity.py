@@ -1,6 +1,7 @@
 """Perplexity of a model on held-out text, response tokens only."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -53,8 +54,8 @@ def negative_log_likelihood(model: nn.Module, samples: Sequence[Sample], pad_tok
             continue
         batch = _padded(samples[start:start + batch_size], pad_token_id, device)
         # no KV cache: a scoring pass has no use for it, and it would hold 2 × layers × kv_dim values per token
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        loss, tokens = _summed_loss(logits, batch["labels"])
+        loss, tokens = _summed_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          use_cache=False).logits, batch["labels"])
         total, count = total + loss, count + tokens
     return total, count
 
@@ -72,11 +73,12 @@ def pipelined_negative_log_likelihood(block: LayerBlock, samples: Sequence[Sampl
             batch = _padded(samples[start:start + batch_size], pad_token_id, block.device)
             received = None if block.first else link.receive_activation(
                 (*batch["input_ids"].shape, block.model.config.hidden_size), block.dtype)
-            output = block.run(batch["input_ids"], received, attention_mask=batch["attention_mask"], use_cache=False)
+            run = functools.partial(block.run, batch["input_ids"], received, attention_mask=batch["attention_mask"],
+                                    use_cache=False)
             if not block.last:
-                link.send_activation(output)
+                link.send_activation(run())
                 continue
-            loss, tokens = _summed_loss(output, batch["labels"])
+            loss, tokens = _summed_loss(run(), batch["labels"])  # the logits held by the loss alone: freed early
             total, count = total + loss, count + tokens
     finally:
         link.finish()
@@ -88,7 +90,8 @@ def _padded(samples: Sequence[Sample], pad_token_id: int, device: torch.device) 
 
 
 def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """The summed next-token loss over the labelled tokens, and their count."""
+    """The summed next-token loss over the labelled tokens, and their count. The caller passes the logits without
+    keeping them: their fp32 copy replaces them here."""
     logits, targets = logits.float(), labels[:, 1:]
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum").item()

@@ -20,7 +20,8 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import GIB
 from safeneurons.runtime.outputs import check_output_dir, write_json
 from safeneurons.scores.accumulators import AUTO_MEMORY_FRACTION, element_bytes, owned_bytes
-from safeneurons.workflows.plan_layers import ShardedScoreInputs, sharded_score_line, sharded_score_report
+from safeneurons.workflows.plan_layers import (ShardedScoreInputs, sharded_eval_line, sharded_eval_report,
+                                               sharded_score_line, sharded_score_report)
 
 # CUDA context, NCCL buffers, the allocator's fragmentation: the share of a GPU a plan may not count on.
 RESERVED_FRACTION = 0.10
@@ -407,14 +408,22 @@ def sharded_score_inputs(shape: ModelShape, cluster: Cluster, workload: Workload
         cluster.world, BF16_BYTES, element_bytes(workload.accumulate_dtype, BF16_BYTES),
         int((1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB), workload.score_memory,
         lambda layers: score_pass_activations(replace(shape, layers=layers, counted=None),
-                                              workload.score_batch_size, workload.max_length))
+                                              workload.score_batch_size, workload.max_length),
+        lambda layers, last: eval_block_bytes(shape, cluster.world, layers, last, workload))
+
+
+def eval_block_bytes(shape: ModelShape, stages: int, layers: int, last: bool, workload: Workload) -> int:
+    """A sharded eval stage: its layers' caches for a wave of batches, and eval_stage's working set."""
+    batch, length = workload.eval_batch_size, workload.max_length
+    cache = stages * kv_cache_bytes(replace(shape, layers=layers), batch, length + workload.max_new_tokens - 1)
+    forward = sequence_forward_bytes(shape, length)
+    return cache + batch * max(forward, length * PERPLEXITY_LOGIT_BYTES * shape.vocab if last else 0)
 
 
 def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict:
     stages = plan_stages(shape, cluster, workload)
     sums = score_stage(shape, cluster, workload)[1]
-    sharded = sharded_score_report(sharded_score_inputs(shape, cluster, workload)) if (
-        cluster.world <= shape.layers) else None
+    inputs = sharded_score_inputs(shape, cluster, workload) if cluster.world <= shape.layers else None
     return {
         "model": asdict(shape), "total_params": shape.total_params, "scored_params": shape.scored_params,
         "cluster": {**asdict(cluster), "world_size": cluster.world},
@@ -424,7 +433,8 @@ def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict
         "remedies": remedies(shape, cluster, workload),
         "score_sums": {"budget_gib": sums.budget / GIB, "round_gib": sums.round_bytes / GIB, "rounds": sums.rounds,
                        "all_gib": shape.scored_params * element_bytes(workload.accumulate_dtype, BF16_BYTES) / GIB},
-        "score_layer_sharded": sharded,
+        "score_layer_sharded": inputs and sharded_score_report(inputs),
+        "eval_layer_sharded": inputs and sharded_eval_report(inputs),
     }
 
 
@@ -448,7 +458,8 @@ def format_table(report: dict) -> str:
                  f"{sums['budget_gib']:.1f} GiB{', --score-memory' if report['workload']['score_memory'] else ', auto'})"
                  f"; each round runs the passes once")
     if report["score_layer_sharded"] is not None:
-        lines.append(sharded_score_line(report["score_layer_sharded"], report["workload"]["accumulate_dtype"]))
+        lines += [sharded_score_line(report["score_layer_sharded"], report["workload"]["accumulate_dtype"]),
+                  sharded_eval_line(report["eval_layer_sharded"])]
     lines.append(f"(GiB per GPU; total = states + the larger of activ. and the optimizer step + masks + scores; fits = "
                  f"total within {report['usable_gib_per_gpu']:.1f} GiB, {RESERVED_FRACTION:.0%} kept for CUDA/NCCL)")
     for stage, options in report["remedies"].items():

@@ -1,9 +1,11 @@
-"""`plan`'s layer-sharded score stage (`score --shard layers`, models.blocks): one block of decoder layers per GPU,
-the split `score` uses (balanced by parameters, the embeddings on the first block, the head on the last).
+"""`plan`'s layer-sharded score and eval stages (`--shard layers`, models.blocks): one block of decoder layers per
+GPU, the split `score` uses (balanced by parameters, the embeddings on the first block, the head on the last).
 
-Per stage: its block's bf16 weights; the activations of its layers for the micro-batches in flight (1F1B: stage s
-holds up to `stages − s` of them); its own Linears' wandg sums, in rounds only when they exceed the budget. No GPU
-holds another block's weights or sums, so the question is whether the largest stage fits in one pass.
+Score, per stage: its block's bf16 weights; the activations of its layers for the micro-batches in flight (1F1B:
+stage s holds up to `stages − s` of them); its own Linears' wandg sums, in rounds only when they exceed the
+budget. No GPU holds another block's weights or sums, so the question is whether the largest stage fits in one
+pass. Eval, per stage: the weights; the KV caches of its layers for the wave's batches in flight (one per stage),
+grown to the last new token; one batch's forward (and on the last stage a perplexity batch's logits).
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class ShardedScoreInputs:
     usable: int  # bytes of a GPU a plan may count on
     budget: int | None  # --score-memory, or None for score's auto budget
     block_activations: Callable[[int], int]  # one micro-batch's activations for a block of n layers
+    block_generation: Callable[[int, bool], int]  # eval's caches and working set for n layers (on the last stage)
 
 
 def sharded_score_stages(inputs: ShardedScoreInputs) -> list[ShardedStage]:
@@ -71,6 +74,24 @@ def sharded_score_report(inputs: ShardedScoreInputs) -> dict:
             "largest_gib": {"weights": largest.weights / GIB, "activations": largest.activations / GIB,
                             "sums": largest.sums / GIB, "total": largest.total / GIB},
             "passes": max(stage.rounds for stage in stages), "fits": largest.total <= inputs.usable}
+
+
+def sharded_eval_report(inputs: ShardedScoreInputs) -> dict:
+    """The largest stage of layer-sharded evaluation and whether it fits its GPU."""
+    split = balanced_split(inputs.layer_params, inputs.first_params, inputs.last_params, inputs.stages)
+    totals = [(inputs.weight_bytes * split.params[stage], inputs.block_generation(len(split.block(stage)),
+                                                                                   stage == split.stages - 1))
+              for stage in range(split.stages)]
+    weights, working = max(totals, key=sum)
+    return {"largest_gib": {"weights": weights / GIB, "caches_and_activations": working / GIB,
+                            "total": (weights + working) / GIB}, "fits": weights + working <= inputs.usable}
+
+
+def sharded_eval_line(report: dict) -> str:
+    largest = report["largest_gib"]
+    return (f"eval --shard layers: largest stage {largest['total']:.1f} GiB = weights {largest['weights']:.1f} + KV "
+            f"caches of the batches in flight and a batch's forward {largest['caches_and_activations']:.1f} GiB"
+            f"{'' if report['fits'] else ' (does NOT fit)'}")
 
 
 def sharded_score_line(report: dict, accumulate_dtype: str) -> str:
