@@ -414,10 +414,9 @@ def sharded_score_inputs(shape: ModelShape, cluster: Cluster, workload: Workload
 
 def eval_block_bytes(shape: ModelShape, stages: int, layers: int, last: bool, workload: Workload) -> int:
     """A sharded eval stage: its layers' caches for a wave of batches, and eval_stage's working set."""
-    batch, length = workload.eval_batch_size, workload.max_length
+    batch, length, logits = workload.eval_batch_size, workload.max_length, PERPLEXITY_LOGIT_BYTES * shape.vocab * last
     cache = stages * kv_cache_bytes(replace(shape, layers=layers), batch, length + workload.max_new_tokens - 1)
-    forward = sequence_forward_bytes(shape, length)
-    return cache + batch * max(forward, length * PERPLEXITY_LOGIT_BYTES * shape.vocab if last else 0)
+    return cache + batch * max(sequence_forward_bytes(shape, length), length * logits)  # logits: last stage only
 
 
 def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict:
