@@ -26,11 +26,11 @@ def to_bfloat16(folder: str) -> None:
 
 
 def plan_stages(folder: str, stages: int, args: argparse.Namespace) -> list:
-    from safeneurons.workflows.plan import Cluster, Workload, model_shape, sharded_score_inputs
+    from safeneurons.workflows.plan import Cluster, Workload, model_shape, sharded_inputs
     from safeneurons.workflows.plan_layers import sharded_score_stages
 
     workload = Workload(score_batch_size=args.batch_size, max_length=args.max_length)
-    return sharded_score_stages(sharded_score_inputs(model_shape(folder), Cluster(1, stages), workload))
+    return sharded_score_stages(sharded_inputs(model_shape(folder), Cluster(1, stages), workload))
 
 
 def main() -> int:

@@ -162,11 +162,11 @@ def test_plan_rounds_are_the_rounds_scoring_runs(demo_tokenizer) -> None:
 def test_layer_sharded_scoring_partitions_llama2_70b_over_its_gpus() -> None:
     """Every parameter and every wandg sum on exactly one of the 8 GPUs (the untied head on the last), every
     stage within 2 layers of the others, and far fewer passes than data-parallel scoring's rounds."""
-    from safeneurons.workflows.plan import BF16_BYTES, sharded_score_inputs
+    from safeneurons.workflows.plan import BF16_BYTES, sharded_inputs
     from safeneurons.workflows.plan_layers import sharded_score_stages
 
     shape, cluster = PRESETS["llama2-70b"], Cluster(1, 8)
-    stages = sharded_score_stages(sharded_score_inputs(shape, cluster, Workload()))
+    stages = sharded_score_stages(sharded_inputs(shape, cluster, Workload()))
     assert [stage.layers.start for stage in stages] + [stages[-1].layers.stop] == list(range(0, 81, 10))
     assert sum(stage.weights for stage in stages) == BF16_BYTES * shape.total_params
     assert sum(stage.sums for stage in stages) == 16 * shape.scored_params

@@ -37,7 +37,6 @@ UNSUPPORTED_SETTINGS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "m
 class BatchInFlight:
     """One generation batch on this stage: what its next forward takes, and on the last stage what it made."""
 
-    start: int  # the batch's first prompt in this replica's share
     tokens: torch.Tensor  # the first stage's next input: the prompts, then each step's new tokens
     mask: torch.Tensor
     positions: torch.Tensor
@@ -88,7 +87,7 @@ def _open_batch(block: LayerBlock, tokenizer: Any, texts: Sequence[str], start: 
     ids = encoded["input_ids"].repeat_interleave(decoding.n_samples, dim=0)  # as generate's num_return_sequences
     mask = encoded["attention_mask"].repeat_interleave(decoding.n_samples, dim=0)
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # left padding: generate's positions
-    batch = BatchInFlight(start, ids, mask, positions, block.new_cache())
+    batch = BatchInFlight(ids, mask, positions, block.new_cache())
     if block.last:
         batch.unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=block.device)
         if decoding.sampled:  # the seed `generate` draws this batch from

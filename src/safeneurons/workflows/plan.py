@@ -20,7 +20,7 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import GIB
 from safeneurons.runtime.outputs import check_output_dir, write_json
 from safeneurons.scores.accumulators import AUTO_MEMORY_FRACTION, element_bytes, owned_bytes
-from safeneurons.workflows.plan_layers import (ShardedScoreInputs, sharded_eval_line, sharded_eval_report,
+from safeneurons.workflows.plan_layers import (ShardedInputs, sharded_eval_line, sharded_eval_report,
                                                sharded_score_line, sharded_score_report)
 
 # CUDA context, NCCL buffers, the allocator's fragmentation: the share of a GPU a plan may not count on.
@@ -398,12 +398,12 @@ def remedies(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict[st
     return found
 
 
-def sharded_score_inputs(shape: ModelShape, cluster: Cluster, workload: Workload) -> ShardedScoreInputs:
-    """`score --shard layers` with every GPU one stage: equal decoder layers, the embeddings on the first and the
-    final norm with the head (a tied head's copy) on the last."""
+def sharded_inputs(shape: ModelShape, cluster: Cluster, workload: Workload) -> ShardedInputs:
+    """`--shard layers` with every GPU one stage: equal decoder layers, the embeddings on the first and the final
+    norm with the head (a tied head's copy) on the last."""
     embeddings = shape.vocab * shape.hidden
     per_layer = (shape.total_params - embeddings * (1 if shape.tied_embeddings else 2) - shape.hidden) // shape.layers
-    return ShardedScoreInputs(
+    return ShardedInputs(
         [per_layer] * shape.layers, embeddings, embeddings + shape.hidden, shape.scored_params_per_layer,
         cluster.world, BF16_BYTES, element_bytes(workload.accumulate_dtype, BF16_BYTES),
         int((1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB), workload.score_memory,
@@ -422,7 +422,7 @@ def eval_block_bytes(shape: ModelShape, stages: int, layers: int, last: bool, wo
 def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict:
     stages = plan_stages(shape, cluster, workload)
     sums = score_stage(shape, cluster, workload)[1]
-    inputs = sharded_score_inputs(shape, cluster, workload) if cluster.world <= shape.layers else None
+    inputs = sharded_inputs(shape, cluster, workload) if cluster.world <= shape.layers else None
     return {
         "model": asdict(shape), "total_params": shape.total_params, "scored_params": shape.scored_params,
         "cluster": {**asdict(cluster), "world_size": cluster.world},

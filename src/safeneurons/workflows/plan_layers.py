@@ -35,7 +35,7 @@ class ShardedStage:
 
 
 @dataclass(frozen=True)
-class ShardedScoreInputs:
+class ShardedInputs:
     """What plan knows of the model and the GPUs (workflows.plan fills it from its shapes and formulas)."""
 
     layer_params: list[int]
@@ -51,7 +51,7 @@ class ShardedScoreInputs:
     block_generation: Callable[[int, bool], int]  # eval's caches and working set for n layers (on the last stage)
 
 
-def sharded_score_stages(inputs: ShardedScoreInputs) -> list[ShardedStage]:
+def sharded_score_stages(inputs: ShardedInputs) -> list[ShardedStage]:
     split = balanced_split(inputs.layer_params, inputs.first_params, inputs.last_params, inputs.stages)
     found = []
     for stage in range(split.stages):
@@ -66,7 +66,7 @@ def sharded_score_stages(inputs: ShardedScoreInputs) -> list[ShardedStage]:
     return found
 
 
-def sharded_score_report(inputs: ShardedScoreInputs) -> dict:
+def sharded_score_report(inputs: ShardedInputs) -> dict:
     """The blocks, the largest stage, the passes every stage runs and whether the largest fits its GPU."""
     stages = sharded_score_stages(inputs)
     largest = max(stages, key=lambda stage: stage.total)
@@ -76,7 +76,7 @@ def sharded_score_report(inputs: ShardedScoreInputs) -> dict:
             "passes": max(stage.rounds for stage in stages), "fits": largest.total <= inputs.usable}
 
 
-def sharded_eval_report(inputs: ShardedScoreInputs) -> dict:
+def sharded_eval_report(inputs: ShardedInputs) -> dict:
     """The largest stage of layer-sharded evaluation and whether it fits its GPU."""
     split = balanced_split(inputs.layer_params, inputs.first_params, inputs.last_params, inputs.stages)
     totals = [(inputs.weight_bytes * split.params[stage], inputs.block_generation(len(split.block(stage)),
