@@ -172,7 +172,7 @@ def study_quotes(study: dict[str, Any]) -> list[str]:
     mean = max(e["mean"] for e in finals)
     assert mean == min(e["mean"] for e in finals), "the page says every arm ends at one refusal rate"
     return [f"refuses {study['base_refusal']} of the held-out harmful prompts",
-            f"by step {study['refusal_gone_by_step']}, the first measurement",
+            f"has lost all of it by step {study['refusal_gone_by_step']}",
             f"Final refusal {mean} (95% interval over the seeds {low}–{high})",
             f"safety-frozen ({study['frozen']['safety_frozen']:,} weights",
             f"set-difference frozen ({study['frozen']['setdiff_frozen']:,})",
