@@ -15,7 +15,6 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.generation import batch_starts
 from safeneurons.models.blocks import block_of
 from safeneurons.runtime import distributed
-from safeneurons.runtime.pipeline import StageLink
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Example
@@ -65,14 +64,13 @@ def pipelined_negative_log_likelihood(block: LayerBlock, samples: Sequence[Sampl
                                       batch_size: int = 8) -> tuple[float, int]:
     """`negative_log_likelihood` on a layer-sharded model: the batches flow through the stages, the last sums
     the losses (0 and 0 on the other stages)."""
-    link = StageLink(block.stage, block.split.stages, block.device, block.first_rank)
+    link = block.link()
     total, count = 0.0, 0
     try:
         for start in distributed.progress(range(0, len(samples), batch_size), desc="perplexity", unit="batch",
                                           leave=False):
             batch = _padded(samples[start:start + batch_size], pad_token_id, block.device)
-            received = None if block.first else link.receive_activation(
-                (*batch["input_ids"].shape, block.model.config.hidden_size), block.dtype)
+            received = block.receive(link, batch["input_ids"].shape)
             run = functools.partial(block.run, batch["input_ids"], received, attention_mask=batch["attention_mask"],
                                     use_cache=False)
             if not block.last:

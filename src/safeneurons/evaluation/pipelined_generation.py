@@ -63,7 +63,7 @@ def pipelined_generate(block: LayerBlock, tokenizer: Any, prompts: Sequence[str]
     check_decoding_settings(block.model)
     mine = distributed.assign_round_robin(len(prompts), block.replica, block.replicas)
     texts = [prompts[index] for index in mine]
-    link = StageLink(block.stage, block.split.stages, block.device, block.first_rank)
+    link = block.link()
     starts = list(range(0, len(texts), batch_size))
     waves = [starts[index:index + block.split.stages] for index in range(0, len(starts), block.split.stages)]
     original_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -98,13 +98,11 @@ def _open_batch(block: LayerBlock, tokenizer: Any, texts: Sequence[str], start: 
 def _run_wave(block: LayerBlock, link: StageLink, batches: Sequence[BatchInFlight], decoding: Decoding,
               tokenizer: Any) -> None:
     """Every step of every batch of the wave, in the same order on every stage."""
-    hidden_size = block.model.config.hidden_size
     for step in range(decoding.max_new_tokens):
         for batch in (batch for batch in batches if not batch.done):
             if step > 0 and not _take_verdict(block, link, batch):
                 continue
-            received = None if block.first else link.receive_activation(
-                (batch.mask.shape[0], batch.positions.shape[1], hidden_size), block.dtype)
+            received = block.receive(link, (batch.mask.shape[0], batch.positions.shape[1]))
             output = block.run(batch.tokens, received, attention_mask=batch.mask, position_ids=batch.positions,
                                cache=batch.cache, use_cache=True, logits_to_keep=1)
             if block.last:

@@ -36,7 +36,7 @@ from torch import nn
 from safeneurons.data.readers import check_sources
 from safeneurons.data.samples import load_samples
 from safeneurons.errors import SafeneuronsError
-from safeneurons.models.blocks import load_source, save_blocks
+from safeneurons.models.blocks import block_of, load_source, save_blocks
 from safeneurons.models.hooks import Hooks
 from safeneurons.models.loading import ModelSource, model_skeleton, save_hf_folder
 from safeneurons.models.structure import model_device, scored_linears
@@ -217,6 +217,13 @@ def write_weight(param: nn.Parameter, value: torch.Tensor) -> None:
 class LowRankResult:
     per_linear: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def gathered(self, targets: Sequence[Target]) -> LowRankResult:
+        """Collective: every rank's per-Linear entries on rank 0, in the targets' order."""
+        merged = distributed.merge_dicts_to_main(self.per_linear)
+        if merged is not None:
+            self.per_linear = {target.name: merged[target.name] for target in targets}
+        return self
+
     def summary(self, config: LowRankConfig) -> dict[str, Any]:
         total = sum(item["total_rank"] for item in self.per_linear.values())
         removed = sum(item["removed_rank_bound"] for item in self.per_linear.values())
@@ -294,17 +301,14 @@ def low_rank_model(model: nn.Module, tokenizer: Any, config: LowRankConfig) -> L
     result = LowRankResult()
     for group in sweep_groups(targets, config.sequential):
         _modify(model, group, sources, config, result)
-    merged = distributed.merge_dicts_to_main(result.per_linear)
-    if merged is not None:
-        result.per_linear = {target.name: merged[target.name] for target in targets}
-    return result
+    return result.gathered(targets)
 
 
 # ---------------------------------------------------------------- layer-sharded (`--shard layers`)
 
 def sharded_low_rank(block: LayerBlock, tokenizer: Any, config: LowRankConfig) -> LowRankResult:
     """Modify this rank's block in place (collective); the per-Linear ranks of every stage on rank 0."""
-    targets = targets_of(block.model, block)
+    targets = targets_of(block.model)
     config.validate([target.shape for target in targets])
     sources = lowrank_sources(tokenizer, config)
     result = LowRankResult()
@@ -319,10 +323,7 @@ def sharded_low_rank(block: LayerBlock, tokenizer: Any, config: LowRankConfig) -
             broadcast_over_replicas(value, block.group, block.stage)
             with torch.no_grad():
                 target.weight.copy_(value)
-    merged = distributed.merge_dicts_to_main(result.per_linear)
-    if merged is not None:
-        result.per_linear = {target.name: merged[target.name] for target in targets}
-    return result
+    return result.gathered(targets)
 
 
 def _block_grams(block: LayerBlock, targets: Sequence[Target], samples: Sequence[Sample],
@@ -356,14 +357,15 @@ def run_lowrank(model: ModelSource, config: LowRankConfig, out: str | Path) -> d
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
     loaded = load_source(model, context.device)
     started = time.perf_counter()
-    if loaded.block is None:
+    block = block_of(loaded.model)
+    if block is None:
         result = low_rank_model(loaded.model, loaded.tokenizer, config)
     else:
-        result = sharded_low_rank(loaded.block, loaded.tokenizer, config)
+        result = sharded_low_rank(block, loaded.tokenizer, config)
     summary = {**result.summary(config), "model": model.name, "shard": model.shard,
                "seconds": time.perf_counter() - started}
-    if loaded.block is None:
+    if block is None:
         save_hf_folder(loaded.model, loaded.tokenizer, out, {SUMMARY_FILE: summary})
     else:
-        save_blocks(loaded.block, loaded.tokenizer, out, {SUMMARY_FILE: summary})
+        save_blocks(block, loaded.tokenizer, out, {SUMMARY_FILE: summary})
     return summary

@@ -8,6 +8,7 @@ block's tensors loaded into it: the other layers never take memory.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import re
@@ -23,7 +24,7 @@ from safeneurons.models.loading import (LoadedModel, ModelSource, load_config, l
                                         model_skeleton, parse_dtype)
 from safeneurons.models.structure import layers_from
 from safeneurons.runtime.checkpoints import CheckpointFiles
-from safeneurons.runtime.pipeline import pipeline_layout, replica_group
+from safeneurons.runtime.pipeline import StageLink, pipeline_layout, replica_group
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 FIRST_PREFIXES = ("model.embed_tokens.",)
@@ -141,6 +142,22 @@ class LayerBlock:
     def last(self) -> bool:
         return self.stage == self.split.stages - 1
 
+    def link(self) -> StageLink:
+        """This rank's sends and receives within its replica's pipeline."""
+        return StageLink(self.stage, self.split.stages, self.device, self.first_rank)
+
+    def receive(self, link: StageLink, tokens_shape: Sequence[int]) -> torch.Tensor | None:
+        """The hidden states entering this block for tokens of `tokens_shape`, from the stage below (None on the
+        first stage, which embeds the tokens itself)."""
+        if self.first:
+            return None
+        return link.receive_activation((*tokens_shape, self.model.config.hidden_size), self.dtype)
+
+    @functools.cached_property
+    def cache_argument(self) -> str:
+        """The forward's KV-cache argument: `cache` from transformers 5, `past_key_values` before."""
+        return "cache" if "cache" in inspect.signature(self.model.model.forward).parameters else "past_key_values"
+
     def new_cache(self) -> Any:
         """An empty KV cache for this block's layers alone (their attention modules count from 0, see
         `load_block`), so that its length and masks are those of the block's first layer."""
@@ -159,8 +176,8 @@ class LayerBlock:
         the `head`), the hidden states to pass on elsewhere. `kwargs` go to the model's forward (attention mask,
         positions, `cache`: a `new_cache()`)."""
         inputs = {"input_ids": tokens} if received is None else {"inputs_embeds": received}
-        if "cache" in kwargs and "cache" not in inspect.signature(self.model.model.forward).parameters:
-            kwargs["past_key_values"] = kwargs.pop("cache")  # the argument's name before transformers 5
+        if "cache" in kwargs:
+            kwargs[self.cache_argument] = kwargs.pop("cache")
         with layers_from(self.model, self.layers.start if start is None else start, self.layers.stop):
             if self.last and head:
                 return self.model(**inputs, **kwargs).logits
@@ -179,11 +196,16 @@ def check_shardable(config: Any, name: str) -> None:
                                f"states a block receives; run it unsharded (or under --deepspeed)")
 
 
-def checkpoint_split(name: str, stages: int, cache_dir: str | None = None) -> tuple[Any, CheckpointFiles, LayerSplit]:
-    """The model's config, its safetensors files and their balanced split over `stages`, from the headers."""
+def shardable_checkpoint(name: str, cache_dir: str | None = None) -> tuple[Any, CheckpointFiles]:
+    """The model's config and its safetensors files, refused when the model cannot be layer-sharded."""
     config = load_config(name, cache_dir)
     check_shardable(config, name)
-    files = CheckpointFiles(Path(local_model_folder(name, cache_dir)))
+    return config, CheckpointFiles(Path(local_model_folder(name, cache_dir)))
+
+
+def checkpoint_split(name: str, stages: int, cache_dir: str | None = None) -> tuple[Any, CheckpointFiles, LayerSplit]:
+    """The model's config, its safetensors files and their balanced split over `stages`, from the headers."""
+    config, files = shardable_checkpoint(name, cache_dir)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     return config, files, split_from_headers(files.metadata(), config.num_hidden_layers, tied, stages)
 
@@ -228,8 +250,7 @@ def needs_layer_sharding(name: str, dtype: str, device: torch.device, cache_dir:
     from safeneurons.runtime import distributed
 
     try:
-        check_shardable(load_config(name, cache_dir), name)
-        files = CheckpointFiles(Path(local_model_folder(name, cache_dir)))
+        _, files = shardable_checkpoint(name, cache_dir)
         weights = sum(math.prod(shape) for shape, _ in files.metadata().values()) * parse_dtype(dtype).itemsize
     except SafeneuronsError:
         weights = 0
@@ -241,7 +262,7 @@ def needs_layer_sharding(name: str, dtype: str, device: torch.device, cache_dir:
 
 def load_source(source: ModelSource, device: torch.device | None = None) -> LoadedModel:
     """Collective: the model as `source` holds it — this rank's block of a layer-sharded model (its place in the
-    stages × replicas from `source.stages`), or `source.load` whole or partitioned."""
+    stages × replicas from `source.stages`; `block_of(model)` gives it), or `source.load` whole or partitioned."""
     if source.shard != "layers":
         return source.load(device)
     stage, stages, replica, replicas = pipeline_layout(source.stages)
@@ -249,7 +270,7 @@ def load_source(source: ModelSource, device: torch.device | None = None) -> Load
                        source.cache_dir)
     block.replica, block.replicas = replica, replicas
     block.group = replica_group(stages, replicas)
-    return LoadedModel(block.model, load_tokenizer(source.name, source.cache_dir), block=block)
+    return LoadedModel(block.model, load_tokenizer(source.name, source.cache_dir))
 
 
 def save_blocks(block: LayerBlock, tokenizer: Any, out: str | Path, json_files: dict[str, Any] | None = None) -> None:

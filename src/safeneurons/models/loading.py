@@ -241,7 +241,6 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     engine: Any = None  # the DeepSpeed engine whose hooks gather the ZeRO-3 weights (kept alive with the model)
-    block: Any = None  # models.blocks.LayerBlock: this rank's part of a layer-sharded model (models.blocks)
 
 
 def load_for_inference(name: str, dtype: str | torch.dtype = "float32", deepspeed_config: str | dict | None = None,

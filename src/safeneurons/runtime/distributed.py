@@ -340,20 +340,25 @@ def reduce_over_ranks(value: float, op: str = "sum") -> float:
     return float(tensor.item())
 
 
+def grouped_batches(indices: Sequence[int], batch_size: int, groups: Sequence[Any] | None = None) -> list[list[int]]:
+    """The items in batches of at most `batch_size`; with `groups` (one key per item) sorted by group, a batch
+    never mixing two."""
+    ordered = sorted(indices, key=lambda index: groups[index]) if groups is not None else list(indices)
+    batches: list[list[int]] = []
+    for index in ordered:
+        if batches and (groups is None or groups[batches[-1][-1]] == groups[index]) and len(batches[-1]) < batch_size:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 def map_over_ranks(n_items: int, batch_size: int, run_batch: Callable[[list[int]], list[Any]],
                    desc: str, groups: Sequence[int] | None = None) -> list[Any]:
     """`run_batch` over the items, split across ranks in batches and gathered on every rank in item order; with
     `groups` (one key per item) a batch never mixes groups. Every rank runs the same number of batches (an empty
     one when it has none left), as ZeRO-3 requires."""
-    indices = assign_round_robin(n_items)
-    if groups is not None:
-        indices.sort(key=lambda index: groups[index])
-    batches: list[list[int]] = []
-    for index in indices:
-        if batches and (groups is None or groups[batches[-1][-1]] == groups[index]) and len(batches[-1]) < batch_size:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
+    batches = grouped_batches(assign_round_robin(n_items), batch_size, groups)
     n_steps = max(all_gather(len(batches)))
     local: dict[int, Any] = {}
     for step in progress(range(n_steps), desc=desc):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.models.blocks import block_of
 from safeneurons.models.structure import scored_linears
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import broadcast_from_owner
@@ -19,7 +20,6 @@ from safeneurons.runtime.zero3 import full_shape
 from safeneurons.scores.accumulators import ACCUMULATE_DTYPES
 
 if TYPE_CHECKING:
-    from safeneurons.models.blocks import LayerBlock
     from safeneurons.models.structure import ScoredLinear
 
 log = logging.getLogger(__name__)
@@ -147,9 +147,10 @@ class Target:
         return self.owner == distributed.rank()
 
 
-def targets_of(model: nn.Module, block: LayerBlock | None = None) -> list[Target]:
+def targets_of(model: nn.Module) -> list[Target]:
     """The scored Linears, each owned by the rank of its layer: round robin, or on a layer-sharded model the
     stage that holds the layer."""
+    block = block_of(model)
     owner = distributed.owner_of if block is None else block.split.stage_of
     return [Target(index, linear, owner(linear.layer)) for index, linear in enumerate(scored_linears(model))]
 

@@ -29,7 +29,7 @@ def run_score(model: ModelSource, config: ScoreConfig, out: str | Path, save_sco
     model.check()
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
     loaded = load_source(model, context.device)
-    result = score_model(loaded.model, loaded.tokenizer, config, loaded.block)
+    result = score_model(loaded.model, loaded.tokenizer, config)
     result.summary.update(model=model.name, dtype=model.dtype, deepspeed=model.deepspeed, shard=model.shard,
                           model_source=model.provenance())
     write_score_outputs(result, out, save_scores)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from safeneurons.data.samples import load_samples
+from safeneurons.models.blocks import block_of
 from safeneurons.models.structure import decoder_layers, fused_parts, model_device
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import is_zero3_partitioned, stored_copies
@@ -21,17 +22,16 @@ from safeneurons.scores.statistics import score_targets
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
-    from safeneurons.models.blocks import LayerBlock
     from safeneurons.scores.config import ScoreConfig, Target
     from safeneurons.scores.passes import Entry
 
 
 def score_all_layers(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
-                     config: ScoreConfig, entries: Mapping[str, Sequence[Entry]] | None = None,
-                     block: LayerBlock | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                     config: ScoreConfig, entries: Mapping[str, Sequence[Entry]] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every layer from the same passes (one backward per sample), nothing pruned in between; `entries` per
-    source start the passes at the lowest scored layer; on a layer-sharded `block` the passes are pipelined."""
-    scores = {source: score_targets(model, targets, samples, config, stream, (entries or {}).get(source), block)
+    source start the passes at the lowest scored layer; on a layer-sharded model the passes are pipelined."""
+    scores = {source: score_targets(model, targets, samples, config, stream, (entries or {}).get(source))
               for stream, (source, samples) in enumerate(sources.items())}
     return select_masks(targets, scores, config, attention_heads(model), model.config), scores["safety"]
 
@@ -43,17 +43,17 @@ def attention_heads(model: nn.Module) -> tuple[int, int]:
 
 
 def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
-                         config: ScoreConfig, block: LayerBlock | None = None
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                         config: ScoreConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The original schedule: layer i is scored on the model whose layers < i have their selected weights zeroed.
     The weights are restored afterwards. Each layer's passes start at that layer, from the hidden states that
     enter it (kept per micro-batch, advanced by one layer after each layer is pruned), so the layers below are not
     run again for every layer; under ZeRO-3, whose hooks follow the module order, every pass starts at the
-    embeddings; on a layer-sharded `block` every layer's passes run the whole pipeline, and the ranks that hold a
+    embeddings; on a layer-sharded model every layer's passes run the whole pipeline, and the ranks that hold a
     layer (its stage in every replica) zero its selection."""
     from safeneurons.masks.apply import zero_masked
     from safeneurons.masks.source import MaskElements
 
+    block = block_of(model)
     saved = [(stored, stored.clone()) for target in targets for stored in stored_copies(target.weight)]
     masks: dict[str, torch.Tensor] = {}
     safety_scores: dict[str, torch.Tensor] = {}
@@ -65,7 +65,7 @@ def score_layer_by_layer(model: nn.Module, targets: Sequence[Target], sources: M
         for layer in sorted({target.linear.layer for target in targets}):
             layer_targets = [target for target in targets if target.linear.layer == layer]
             starts = {source: found for source, found in entries.items() if found is not None}
-            layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config, starts, block)
+            layer_masks, layer_scores = score_all_layers(model, layer_targets, sources, config, starts)
             for target in layer_targets:
                 mask = mask_on_every_rank(layer_masks.get(target.name), target,
                                           model_device(model) if block is None else block.device)
@@ -98,19 +98,17 @@ def load_sources(tokenizer: Any, config: ScoreConfig) -> dict[str, list[Sample] 
     return sources
 
 
-def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig, block: LayerBlock | None = None
-                ) -> ScoreResult:
+def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig) -> ScoreResult:
     """Score and select. Collective under N ranks (every rank calls it); under ZeRO-3 pass the module that
     DeepSpeed's engine hooks (`engine.module`, see `models.load_for_inference`); layer-sharded, this rank's
-    `block` (models.blocks) and its model."""
+    block's model (`models.blocks.load_source`)."""
     config.validate()
-    targets = targets_of(model, block)
+    targets = targets_of(model)
     sources = load_sources(tokenizer, config)
-    if config.sequential:
-        masks, scores = score_layer_by_layer(model, targets, sources, config, block)
-    else:
-        masks, scores = score_all_layers(model, targets, sources, config, block=block)
+    schedule = score_layer_by_layer if config.sequential else score_all_layers
+    masks, scores = schedule(model, targets, sources, config)
     summary = build_summary(targets, masks, sources, config)
+    block = block_of(model)
     if block is not None:
         summary["layer_split"] = block.split.to_json()
     return ScoreResult(masks, scores if config.keep_scores else None, summary)

@@ -34,13 +34,12 @@ def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Se
     """Collective: per Linear of this rank's block, the sum over all samples of Σ x_j² (wanda) or |∂L_s/∂W|
     (wandg), on replica 0's rank of the stage (each replica runs its share of the samples; the stage's replicas
     then sum onto it)."""
-    device, dtype = block.device, block.dtype
     batches = replica_batches(block, samples, config.batch_size)
     local = [target for target in targets if block.split.stage_of(target.linear.layer) == block.stage]
     if config.method != "wandg":
-        return _run_passes(block, local, batches, config, device, dtype, with_grads=False)
-    size = element_bytes(config.accumulate_dtype, dtype.itemsize)
-    budget = score_memory_budget(config, device)  # collective: on every rank, whether it holds targets or not
+        return _run_passes(block, local, batches, config, with_grads=False)
+    size = element_bytes(config.accumulate_dtype, block.dtype.itemsize)
+    budget = score_memory_budget(config, block.device)  # collective: on every rank, whether it holds targets or not
     rounds = accumulation_rounds(local, budget, size) if local else [[]]
     count = max(distributed.all_gather(len(rounds)))  # every stage runs every round's passes
     log.info("wandg, layer-sharded: stage %d of %d holds layers %d-%d, its sums in %d round%s",
@@ -49,19 +48,19 @@ def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Se
     owned: dict[str, torch.Tensor] = {}
     for index in range(count):
         group = rounds[index] if index < len(rounds) else []
-        owned.update(_run_passes(block, group, batches, config, device, dtype, with_grads=True))
+        owned.update(_run_passes(block, group, batches, config, with_grads=True))
     return owned
 
 
 def forward_sweep(block: LayerBlock, batches: Sequence[MicroBatch], before: Callable[[MicroBatch], None]) -> None:
     """Collective over this replica's stages: every micro-batch forward through the pipeline without gradients,
     `before(batch)` called on this stage ahead of each (the hooks' bookkeeping, say ActSVD's response rows)."""
-    link = StageLink(block.stage, block.split.stages, block.device, block.first_rank)
+    link = block.link()
     try:
         with scoring_mode(block.model):
             for batch in distributed.progress(batches, desc="pipelined passes", leave=False):
                 before(batch)
-                _forward(block, batch, link, False, block.dtype)
+                _forward(block, batch, link, False)
     finally:
         link.finish()
 
@@ -73,14 +72,13 @@ def replica_batches(block: LayerBlock, samples: Sequence[Sample], batch_size: in
 
 
 def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[MicroBatch], config: ScoreConfig,
-                device: torch.device, dtype: torch.dtype, with_grads: bool) -> dict[str, torch.Tensor]:
+                with_grads: bool) -> dict[str, torch.Tensor]:
     """One pipelined sweep over the micro-batches (forward only, or 1F1B forward and backward), each real
     sample's terms added to this stage's accumulators."""
-    stages = block.split.stages
-    order = one_forward_one_backward(block.stage, stages, len(batches)) if with_grads else [
+    order = one_forward_one_backward(block.stage, block.split.stages, len(batches)) if with_grads else [
         ("F", index) for index in range(len(batches))]
-    sums, term_dtype = statistic_accumulators(targets, config.accumulate_dtype, with_grads, device, dtype)
-    capture, link = LinearCapture(targets, with_grads), StageLink(block.stage, stages, device, block.first_rank)
+    sums, term_dtype = statistic_accumulators(targets, config.accumulate_dtype, with_grads, block.device, block.dtype)
+    capture, link = LinearCapture(targets, with_grads), block.link()
     in_flight: dict[int, tuple] = {}
     try:
         with scoring_mode(block.model):
@@ -88,7 +86,7 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
                 batch = batches[index]
                 if kind == "F":
                     capture.clear()
-                    received, output = _forward(block, batch, link, with_grads, dtype)
+                    received, output = _forward(block, batch, link, with_grads)
                     in_flight[index] = (received, output, dict(capture.inputs))
                     if with_grads:
                         continue
@@ -112,13 +110,12 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
     return owned
 
 
-def _forward(block: LayerBlock, batch: MicroBatch, link: StageLink, with_grads: bool,
-             dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _forward(block: LayerBlock, batch: MicroBatch, link: StageLink,
+             with_grads: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
     """This stage's layers on one micro-batch: from the tokens (first stage) or the hidden states received; the
     output is sent on, or on the last stage is the loss (wandg) or the final hidden states (wanda)."""
-    received = None
-    if not block.first:
-        received = link.receive_activation((*batch.input_ids.shape, block.model.config.hidden_size), dtype)
+    received = block.receive(link, batch.input_ids.shape)
+    if received is not None:
         received.requires_grad_(with_grads)
     with torch.set_grad_enabled(with_grads):
         output = block.run(batch.input_ids, received, head=with_grads, use_cache=False)

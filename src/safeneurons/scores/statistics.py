@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.models.blocks import block_of
 from safeneurons.models.structure import model_device, model_dtype
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import weight_on_owner
@@ -21,7 +22,6 @@ from safeneurons.scores.sharded import sharded_statistics
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
-    from safeneurons.models.blocks import LayerBlock
     from safeneurons.scores.config import ScoreConfig, Target
     from safeneurons.scores.passes import Entry, MicroBatch
 
@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample],
-                       config: ScoreConfig, entries: Sequence[Entry] | None = None,
-                       block: LayerBlock | None = None) -> dict[str, torch.Tensor]:
+                       config: ScoreConfig, entries: Sequence[Entry] | None = None) -> dict[str, torch.Tensor]:
     """Per target, the sum over all samples of Σ x_j² (wanda) or of |∂L_s/∂W| (wandg), on the owner only;
     with `entries` (one per micro-batch) the passes start at their layer.
 
@@ -38,8 +37,9 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
     data-parallel training reduces gradients: the traffic is one copy of the statistics per rank, whatever the
     number of samples. wandg's accumulators are weight-sized; when all of them do not fit the memory budget
     (`score_memory`), the targets are taken in rounds of consecutive Linears that fit, each round running the
-    passes again (its backward stops at the round's lowest Linear). On a layer-sharded `block` every rank runs
-    every sample through its own layers instead (scores.sharded)."""
+    passes again (its backward stops at the round's lowest Linear). On a layer-sharded model every rank runs
+    every sample through its own block of layers instead (scores.sharded)."""
+    block = block_of(model)
     if block is not None:
         return sharded_statistics(block, targets, samples, config)
     device = model_device(model)
@@ -93,12 +93,12 @@ def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
 
 
 def score_targets(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample] | None,
-                  config: ScoreConfig, stream: int = 0, entries: Sequence[Entry] | None = None,
-                  block: LayerBlock | None = None) -> dict[str, torch.Tensor]:
+                  config: ScoreConfig, stream: int = 0, entries: Sequence[Entry] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """float32 scores of the targets this rank owns; NaN/inf is an error that names the parameter."""
     if config.method == "random":
         return {target.name: random_scores(target, config.seed, stream) for target in targets if target.mine}
-    statistics = collect_statistics(model, targets, samples, config, entries, block)
+    statistics = collect_statistics(model, targets, samples, config, entries)
     scores: dict[str, torch.Tensor] = {}
     problems: list[tuple[int, str]] = []
     for target in targets:

@@ -30,7 +30,7 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.evaluate import EvalConfig, evaluate_model
 from safeneurons.evaluation.metrics import wilson_interval
 from safeneurons.masks.apply import random_like_counts
-from safeneurons.models.blocks import load_source
+from safeneurons.models.blocks import block_of, load_source
 from safeneurons.models.loading import ModelSource
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import atomic_file, check_output_dir, write_json
@@ -143,21 +143,21 @@ def zeroed(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> Iterator[None
 
 # ---------------------------------------------------------------- scores (computed once)
 
-def study_scores(model: nn.Module, tokenizer: Any, config: AblationConfig, folder: Path,
-                 block: LayerBlock | None = None) -> dict[str, dict]:
+def study_scores(model: nn.Module, tokenizer: Any, config: AblationConfig, folder: Path) -> dict[str, dict]:
     """Safety and utility scores of every scored Linear this rank holds (all of them, or on a layer-sharded
     model its block's); cached in `folder` (a folder per stage when sharded) with the settings."""
     settings = {key: value for key, value in config.settings().items() if key != "evaluation"}
+    block = block_of(model)
     if block is not None:
         folder = folder / f"stage-{block.stage + 1}-of-{block.split.stages}"
     marker = folder / "DONE"
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return {source: load_file(str(folder / f"{source}.safetensors")) for source in ("safety", "utility")}
     score_config = config.score_config()
-    targets = targets_of(model, block)
+    targets = targets_of(model)
     sources = load_sources(tokenizer, score_config)
-    scores = {source: _held_scores(targets, score_targets(model, targets, samples, score_config, stream, block=block),
-                                   block) for stream, (source, samples) in enumerate(sources.items())}
+    scores = {source: _held_scores(targets, score_targets(model, targets, samples, score_config, stream), block)
+              for stream, (source, samples) in enumerate(sources.items())}
     if distributed.is_main() if block is None else block.replica == 0:
         for source, tensors in scores.items():
             with atomic_file(folder / f"{source}.safetensors") as tmp:
@@ -187,10 +187,11 @@ def _held_scores(targets: Sequence[Target], owned: Mapping[str, torch.Tensor],
 # ---------------------------------------------------------------- points
 
 def run_point(model: nn.Module, tokenizer: Any, point: Point, scores: Mapping[str, Mapping[str, torch.Tensor]],
-              config: AblationConfig, targets: Sequence[Target], block: LayerBlock | None) -> dict[str, Any] | None:
+              config: AblationConfig, targets: Sequence[Target]) -> dict[str, Any] | None:
     """Prune (in place, restored after), evaluate; the point's record on rank 0."""
     masks = {} if point.method == "base" else point_masks(point, scores, [target.name for target in targets])
     removed = sum(int(mask.sum()) for mask in masks.values())
+    block = block_of(model)
     if block is not None:  # each stage's part, counted once (on replica 0)
         removed = sum(distributed.all_gather(removed if block.replica == 0 else 0))
     with zeroed(model, masks):
@@ -211,17 +212,16 @@ def finished(folder: Path, config: AblationConfig) -> dict[str, Any] | None:
     return record if record is not None and matches(record.get("settings"), config.settings()) else None
 
 
-def run_study(model: nn.Module, tokenizer: Any, config: AblationConfig, out: Path,
-              block: LayerBlock | None = None) -> list[dict[str, Any]]:
+def run_study(model: nn.Module, tokenizer: Any, config: AblationConfig, out: Path) -> list[dict[str, Any]]:
     """Every point of the study not already finished (collective); all records on rank 0."""
-    scores = study_scores(model, tokenizer, config, out / "scores", block)
-    targets = targets_of(model, block)
+    scores = study_scores(model, tokenizer, config, out / "scores")
+    targets = targets_of(model)
     records = []
     for point in distributed.progress(study_points(config), desc="ablation points"):
         folder = out / "points" / point.name
         record = distributed.broadcast_from_main(finished(folder, config) if distributed.is_main() else None)
         if record is None:
-            record = run_point(model, tokenizer, point, scores, config, targets, block)
+            record = run_point(model, tokenizer, point, scores, config, targets)
             if distributed.is_main():
                 write_marker(folder / POINT_FILE, record)
         records.append(record)
@@ -326,7 +326,7 @@ def run_ablation(model: ModelSource, config: AblationConfig, out: str | Path) ->
     model.check()
     context = distributed.init_distributed(require_process_group=model.shard != "none")
     loaded = load_source(model, context.device)
-    records = run_study(loaded.model, loaded.tokenizer, config, Path(out), loaded.block)
+    records = run_study(loaded.model, loaded.tokenizer, config, Path(out))
     if not distributed.is_main():
         return None
     write_outputs(records, config, Path(out), model.name)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from safeneurons.models.blocks import balanced_split
+from safeneurons.models.blocks import LayerSplit, balanced_split
 from safeneurons.runtime.memory import GIB
 from safeneurons.scores.accumulators import AUTO_MEMORY_FRACTION
 
@@ -50,9 +50,13 @@ class ShardedInputs:
     block_activations: Callable[[int], int]  # one micro-batch's activations for a block of n layers
     block_generation: Callable[[int, bool], int]  # eval's caches and working set for n layers (on the last stage)
 
+    def split(self) -> LayerSplit:
+        """The blocks `--shard layers` loads (models.blocks.balanced_split)."""
+        return balanced_split(self.layer_params, self.first_params, self.last_params, self.stages)
+
 
 def sharded_score_stages(inputs: ShardedInputs) -> list[ShardedStage]:
-    split = balanced_split(inputs.layer_params, inputs.first_params, inputs.last_params, inputs.stages)
+    split = inputs.split()
     found = []
     for stage in range(split.stages):
         layers = split.block(stage)
@@ -78,7 +82,7 @@ def sharded_score_report(inputs: ShardedInputs) -> dict:
 
 def sharded_eval_report(inputs: ShardedInputs) -> dict:
     """The largest stage of layer-sharded evaluation and whether it fits its GPU."""
-    split = balanced_split(inputs.layer_params, inputs.first_params, inputs.last_params, inputs.stages)
+    split = inputs.split()
     totals = [(inputs.weight_bytes * split.params[stage], inputs.block_generation(len(split.block(stage)),
                                                                                    stage == split.stages - 1))
               for stage in range(split.stages)]

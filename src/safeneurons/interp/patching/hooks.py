@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -53,13 +53,11 @@ def patched_forward(model: nn.Module, edits: dict[SiteKey, Edit], input_ids: tor
     """The model's last-position logits and final residual with `edits` applied. With `start` > 0,
     `inputs_embeds` are the hidden states entering decoder layer `start` and only layers from there run."""
     final: dict[str, torch.Tensor] = {}
-    keep_final = keeper(final, "residual", lambda activation: activation[:, -1])
     position_ids = None
     if attention_mask is not None:  # left padding: positions count real tokens only
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hooks = site_edits(model, edits)
-    # The final-norm pre-hook sees the residual after every patch of the last layer.
-    hooks.on_input(model.model.norm, lambda _m, args: _replace_first(args, keep_final))
+    keep_final_residual(model, hooks, final)
     with hooks, layers_from(model, start):  # hooks attach to the modules before the cut
         out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                     position_ids=position_ids, use_cache=False, logits_to_keep=1)
@@ -70,8 +68,20 @@ def layer_inputs(model: nn.Module, input_ids: torch.Tensor) -> dict[int, torch.T
     """The hidden states entering every decoder layer in one run of `input_ids` (batch 1)."""
     entries: dict[int, torch.Tensor] = {}
     with Hooks() as hooks, torch.no_grad():
-        for index, layer in enumerate(decoder_layers(model)):
-            hooks.on_input(layer, lambda _module, args, kwargs, index=index: entries.__setitem__(
-                index, (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+        record_layer_inputs(hooks, dict(enumerate(decoder_layers(model))), entries)
         model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     return entries
+
+
+def record_layer_inputs(hooks: Hooks, layers: Mapping[int, nn.Module], entries: dict[int, torch.Tensor]) -> None:
+    """Hooks that keep in `entries[index]` the hidden states entering each decoder layer of `layers`."""
+    for index, layer in layers.items():
+        hooks.on_input(layer, lambda _module, args, kwargs, index=index: entries.__setitem__(
+            index, (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+
+
+def keep_final_residual(model: nn.Module, hooks: Hooks, final: dict[str, torch.Tensor]) -> None:
+    """A hook that keeps in `final["residual"]` the last position's input to the final norm: the residual after
+    every patch of the last layer."""
+    keep = keeper(final, "residual", lambda activation: activation[:, -1])
+    hooks.on_input(model.model.norm, lambda _m, args: _replace_first(args, keep))

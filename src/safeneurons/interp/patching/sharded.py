@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from safeneurons.interp.patching.batches import _Patch, _write_rows, site_columns, token_slices
-from safeneurons.interp.patching.hooks import RunOutput, _replace_first, keeper, site_edits
-from safeneurons.models.hooks import Hooks, site_point
+from safeneurons.interp.patching.hooks import (RunOutput, keep_final_residual, keeper, record_layer_inputs,
+                                               site_edits)
+from safeneurons.models.hooks import site_point
 from safeneurons.runtime import distributed
 from safeneurons.runtime.pipeline import StageLink
 
@@ -37,7 +38,7 @@ def sharded_patch_values(block: LayerBlock, metric: Metric, sites: Sequence[Patc
     keys = sorted({sites[index].cache_key for index in held})
     for key in keys:
         site_point(block.model, *key)
-    link = StageLink(block.stage, block.split.stages, block.device, block.first_rank)
+    link = block.link()
     try:
         cache: dict[SiteKey, torch.Tensor] = {}
         source = _stage_pass(source_block, link, {key: keeper(cache, key, lambda a: a[0].detach()) for key in keys},
@@ -72,14 +73,13 @@ def _stage_pass(block: LayerBlock, link: StageLink, edits: dict[SiteKey, Edit], 
     start, received = None, None
     if block.stage == owner and start_layer > 0:
         start, received = start_layer, entry
-    elif not block.first:
-        received = link.receive_activation((*tokens.shape, block.model.config.hidden_size), block.dtype)
+    else:
+        received = block.receive(link, tokens.shape)
     hooks, final = site_edits(block.model, edits), {}
-    if block.last:  # the final-norm pre-hook sees the residual after every patch of the last layer
-        keep_final = keeper(final, "residual", lambda activation: activation[:, -1])
-        hooks.on_input(block.model.model.norm, lambda _m, args: _replace_first(args, keep_final))
+    if block.last:
+        keep_final_residual(block.model, hooks, final)
     if entries is not None:
-        _record_layer_inputs(block, hooks, entries)
+        record_layer_inputs(hooks, {layer: block.model.model.layers[layer] for layer in block.layers}, entries)
     with hooks, torch.no_grad():
         output = block.run(tokens, received, start=start, use_cache=False, logits_to_keep=1)
     if not block.last:
@@ -88,22 +88,11 @@ def _stage_pass(block: LayerBlock, link: StageLink, edits: dict[SiteKey, Edit], 
     return RunOutput(output[:, -1], final["residual"])
 
 
-def _record_layer_inputs(block: LayerBlock, hooks: Hooks, entries: dict[int, torch.Tensor]) -> None:
-    for layer in block.layers:
-        hooks.on_input(block.model.model.layers[layer], lambda _module, args, kwargs, layer=layer: entries.__setitem__(
-            layer, (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
-
-
 def patch_batches(sites: Sequence[PatchingSite], replica: int, replicas: int, batch_size: int) -> list[list[int]]:
     """This replica's batches: its share of the sites (round robin), by layer, at most `batch_size` of one layer
-    per batch — the batches one rank of a data-parallel run makes."""
-    batches: list[list[int]] = []
-    for index in sorted(distributed.assign_round_robin(len(sites), replica, replicas), key=lambda i: sites[i].layer):
-        if batches and sites[batches[-1][-1]].layer == sites[index].layer and len(batches[-1]) < batch_size:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
+    per batch — the batches one rank of a data-parallel run makes (`map_over_ranks`)."""
+    return distributed.grouped_batches(distributed.assign_round_robin(len(sites), replica, replicas), batch_size,
+                                       [site.layer for site in sites])
 
 
 def _exact(block: LayerBlock, link: StageLink, metric: Metric, sites: Sequence[PatchingSite],
@@ -134,14 +123,12 @@ def _attribution(block: LayerBlock, link: StageLink, metric: Metric, patches: di
     kept: dict[SiteKey, torch.Tensor] = {}
     hooks, final = site_edits(block.model, {key: keeper(kept, key, lambda a: a) for key in keys}), {}
     if block.last:
-        hooks.on_input(block.model.model.norm, lambda _m, args: _replace_first(
-            args, keeper(final, "residual", lambda activation: activation[:, -1])))
+        keep_final_residual(block.model, hooks, final)
     with torch.enable_grad():
         if block.first:  # a leaf at the embeddings makes every activation differentiable, weights frozen or not
             received = block.model.get_input_embeddings()(base_ids).detach().requires_grad_(True)
         else:
-            received = link.receive_activation((*base_ids.shape, block.model.config.hidden_size), block.dtype)
-            received.requires_grad_(True)
+            received = block.receive(link, base_ids.shape).requires_grad_(True)
         with hooks:
             output = block.run(base_ids, received, use_cache=False, logits_to_keep=1)
         base_metric, problem = None, ""

@@ -17,11 +17,11 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.interp.tracing.activations import (ActivationRecorder, MlpActivations, allocate_arrays,
                                                     gather_in_token_order, token_chunk)
 from safeneurons.interp.tracing.assignment import KINDS
-from safeneurons.models.blocks import checkpoint_split, load_source
+from safeneurons.models.blocks import block_of, checkpoint_split, load_source
 from safeneurons.models.hooks import output_width, site_point
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import collective_device
-from safeneurons.runtime.pipeline import StageLink, pipeline_layout
+from safeneurons.runtime.pipeline import pipeline_layout
 
 if TYPE_CHECKING:
     from safeneurons.interp.tracing.trace import TraceConfig
@@ -57,7 +57,7 @@ def _model_activations(source: Any, device: torch.device, pairs: Sequence[Pair],
                        batches: Sequence[dict[str, torch.Tensor]], memory_limit: float,
                        spill_dir: str | None) -> tuple[MlpActivations, list[Pair]]:
     loaded = load_source(source, device)
-    block = loaded.block
+    block = block_of(loaded.model)
     try:
         chunks = [token_chunk(len(batches), replica, block.replicas) for replica in range(block.replicas)]
         counts = [sum(int(batches[index]["attention_mask"].sum()) for index in chunk) for chunk in chunks]
@@ -84,14 +84,13 @@ def _record_block(block: LayerBlock, batches: Sequence[dict[str, torch.Tensor]],
     n_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     arrays, spill = allocate_arrays({key: (n_tokens, output_width(point)) for key, point in points.items()},
                               memory_limit, spill_dir)
-    link = StageLink(block.stage, block.split.stages, block.device, block.first_rank)
+    link = block.link()
     try:
         with ActivationRecorder(points, arrays) as recorder:
             for batch in distributed.progress(batches, desc="tracing forwards", unit="batch", leave=False):
                 ids, mask = batch["input_ids"].to(block.device), batch["attention_mask"].to(block.device)
                 recorder.keep = mask.reshape(-1).bool()
-                received = None if block.first else link.receive_activation(
-                    (*ids.shape, block.model.config.hidden_size), block.dtype)
+                received = block.receive(link, ids.shape)
                 output = block.run(ids, received, head=False, attention_mask=mask, use_cache=False)
                 if not block.last:
                     link.send_activation(output)

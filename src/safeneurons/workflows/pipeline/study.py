@@ -80,8 +80,7 @@ class Study:
 
             s = self.settings
             loaded = load_source(ModelSource(model_name, s.dtype, None, s.cache_dir, self.shard), self.device)
-            result = score_model(loaded.model, loaded.tokenizer, self.score_config(method, set_difference),
-                                 loaded.block)
+            result = score_model(loaded.model, loaded.tokenizer, self.score_config(method, set_difference))
             result.summary.update(model=model_name)
             write_score_outputs(result, folder, save_scores=False)
 
@@ -170,8 +169,8 @@ class Study:
 
             s, config = self.settings, self.eval_config()
             zero3 = self.zero3_config()
-            held = ModelSource(self.model_of(run), s.dtype, None, s.cache_dir, "layers") if self.shard == "layers" \
-                else ModelSource(self.model_of(run), s.dtype, zero3, s.cache_dir)
+            held = ModelSource(self.model_of(run), s.dtype, None if self.shard == "layers" else zero3, s.cache_dir,
+                               self.shard)
             loaded = load_source(held, self.device)
             judges = load_judges(config, s.dtype, zero3, s.cache_dir, self.device)
             report = evaluate_model(loaded.model, loaded.tokenizer, config, self.model_of(run), judges)
