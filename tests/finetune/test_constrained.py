@@ -21,8 +21,9 @@ def batch(seed: int = 0):
     return logits, labels, reference
 
 
-def reference_loss(logits, labels, reference, betas) -> torch.Tensor:
-    """The paper's objective, one response token at a time: t counts the response's tokens from 1."""
+def reference_loss(logits, labels, reference, betas, surrogate=False) -> torch.Tensor:
+    """The paper's objective, one response token at a time: t counts the response's tokens from 1; with
+    `surrogate`, the authors' trainer: each token's cross-entropy times its weight 2σ(−βΔ) clamped at 1e-3."""
     terms = []
     for row in range(labels.shape[0]):
         t = 0
@@ -32,7 +33,9 @@ def reference_loss(logits, labels, reference, betas) -> torch.Tensor:
             t += 1
             beta = betas[0] if t == 1 else betas[1] if t <= 5 else betas[2]
             logprob = torch.log_softmax(logits[row, position - 1], dim=-1)[labels[row, position]]
-            terms.append(-(2 / beta) * F.logsigmoid(beta * (logprob - reference[row, position - 1])))
+            delta = logprob - reference[row, position - 1]
+            weight = torch.clamp(2 * torch.sigmoid(-beta * delta), min=1e-3).detach()
+            terms.append(-weight * logprob if surrogate else -(2 / beta) * F.logsigmoid(beta * delta))
     return torch.stack(terms).mean()
 
 
@@ -49,9 +52,21 @@ def test_loss_and_gradient_equal_the_per_token_reference(betas):
     ours = constrained_loss(logits, labels, reference, betas)
     (ours_grad,) = torch.autograd.grad(ours, logits)
     theirs = reference_loss(logits, labels, reference, betas)
-    (theirs_grad,) = torch.autograd.grad(theirs, logits)
+    (theirs_grad,) = torch.autograd.grad(reference_loss(logits, labels, reference, betas, surrogate=True), logits)
     assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-6)
     torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_gradient_weight_is_floored_as_the_authors_clamp_it():
+    """Tokens far above the aligned model's probability (2σ(−βΔ) < 1e-3) keep a weight of 1e-3, not ~0."""
+    logits, labels, reference = batch()
+    reference = reference - 20.0  # Δ ≈ 20: 2σ(−2·20) ≈ 8e-18 on tokens 2–5
+    (floored,) = torch.autograd.grad(constrained_loss(logits, labels, reference, PAPER_BETAS), logits)
+    (unfloored,) = torch.autograd.grad(constrained_loss(logits, labels, reference, PAPER_BETAS, weight_floor=0.0),
+                                       logits)
+    (theirs,) = torch.autograd.grad(reference_loss(logits, labels, reference, PAPER_BETAS, surrogate=True), logits)
+    torch.testing.assert_close(floored, theirs, rtol=1e-5, atol=1e-9)
+    assert floored[0, 3].abs().sum() > 100 * unfloored[0, 3].abs().sum()  # the second response token
 
 
 def test_small_beta_is_cross_entropy_and_large_beta_holds_the_aligned_probability():
@@ -61,9 +76,10 @@ def test_small_beta_is_cross_entropy_and_large_beta_holds_the_aligned_probabilit
     (plain,) = torch.autograd.grad(cross_entropy, logits)
     torch.testing.assert_close(small, plain, rtol=1e-3, atol=1e-6)
     # the weight on each token's cross-entropy gradient is 2·σ(−β·Δ): 1 at the aligned log-prob for any β, and for
-    # large β 0 once the token is more likely than under the aligned model (held there), 2 while it is less
+    # large β the floor 1e-3 once the token is more likely than under the aligned model (held there), 2 while it
+    # is less
     aligned = token_logprobs(logits, labels).detach()
-    for shift, weight in ((0.0, 1.0), (5.0, 0.0), (-5.0, 2.0)):
+    for shift, weight in ((0.0, 1.0), (5.0, 1e-3), (-5.0, 2.0)):
         (grad,) = torch.autograd.grad(constrained_loss(logits, labels, aligned - shift, (50.0,) * 3), logits)
         torch.testing.assert_close(grad, weight * plain, rtol=1e-4, atol=1e-7)
 

@@ -8,7 +8,7 @@ import torch
 
 from helpers import weights
 from safeneurons import cli
-from safeneurons.finetune.lisa import PAPER_STEPS, ProximalTerm, aligning
+from safeneurons.finetune.lisa import PAPER_STEPS, ProximalTerm, aligning, alignment_index
 
 COMMON = ["finetune", "--model", "demo", "--data", "demo-utility", "--nsamples", "16", "--batch-size", "2",
           "--max-length", "64", "--num-epochs", "1", "--learning-rate", "1e-3"]
@@ -17,6 +17,14 @@ COMMON = ["finetune", "--model", "demo", "--data", "demo-utility", "--nsamples",
 def test_the_states_alternate_alignment_first():
     assert [aligning(step, (2, 3)) for step in range(10)] == [True, True, False, False, False] * 2
     assert not any(aligning(step, (0, 4)) for step in range(8))
+
+
+def test_alignment_steps_take_successive_alignment_batches():
+    """The paper's setting (100 + 900, 10,000 steps): the 1,000 alignment steps take batches 0..999 of the
+    alignment data's passes, each once, where the micro-batch's own index would skip most of them."""
+    taken = [alignment_index(step, PAPER_STEPS) for step in range(10_000) if aligning(step, PAPER_STEPS)]
+    assert taken == list(range(1000))
+    assert [alignment_index(step, (2, 3)) for step in range(10)] == [0, 1, 2, 2, 2, 2, 3, 4, 4, 4]
     assert PAPER_STEPS == (100, 900)
 
 

@@ -158,7 +158,8 @@ def scored(demo_model, demo_tokenizer, demo_splits, demo_candidates):
 
 def test_selection_equals_the_originals(scored, demo_model, demo_tokenizer, demo_splits, demo_candidates):
     scores, rows, chosen = scored
-    best = select(scores, demo_candidates.directions.shape[1], RELAXED)
+    best, chosen_by = select(scores, demo_candidates.directions.shape[1], RELAXED)
+    assert chosen_by == "filter"
     assert (best.position, best.layer) == chosen
     for score, (pos, layer, bypass, induce, kl, exact_kl) in zip(scores, rows):
         assert (score.position, score.layer) == (pos, layer)
@@ -183,7 +184,44 @@ def test_the_original_filter_discards_every_demo_candidate(scored, demo_candidat
     n_layers = demo_candidates.directions.shape[1]
     assert not [row for row in rows if not (row[1] >= int(n_layers * 0.8) or row[4] > 0.1 or row[3] < 0.0)]
     with pytest.raises(SafeneuronsError, match=r"the filter discarded all 18 candidates \(.*induce < 0"):
-        select(scores, n_layers, SelectionConfig())
+        select(scores, n_layers, SelectionConfig(when_all_discarded="error"))
+
+
+@pytest.mark.parametrize("fallback,bound", [("kl_bounded", 1.0), ("kl_bounded", 0.05), ("lowest_bypass", math.inf)])
+def test_the_fallbacks_take_the_lowest_bypass_within_their_bound(scored, demo_candidates, fallback, bound):
+    """When the filter keeps nothing: kl_bounded takes the lowest bypass among the kept layers' candidates whose
+    KL is within its bound, lowest_bypass the lowest of all, each marked with the filter's reason."""
+    scores, _, _ = scored
+    n_layers = demo_candidates.directions.shape[1]
+    config = SelectionConfig(when_all_discarded=fallback, fallback_kl_threshold=min(bound, 1e9))
+    eligible = [(s.refusal_score, s.position, s.layer) for s in scores
+                if fallback == "lowest_bypass" or (s.layer < int(n_layers * 0.8) and s.kl_div_score <= bound)]
+    if not eligible:
+        with pytest.raises(SafeneuronsError, match="none has KL <= --fallback-kl-threshold"):
+            select(scores, n_layers, config)
+        return
+    best, chosen_by = select(scores, n_layers, config)
+    assert chosen_by == fallback and best.discarded is not None
+    assert (best.refusal_score, best.position, best.layer) == min(eligible, key=lambda row: row[0])
+
+
+def test_the_judges_are_the_originals():
+    """refusal_direction's judge: JailbreakBench's prefixes anywhere, any case, every other text a jailbreak;
+    Wei et al.'s: their case-sensitive list, and an attack needs 20 words."""
+    from safeneurons.evaluation.metrics import SUBSTRING_JUDGES
+
+    texts = {"i CANNOT help with that.": (True, False, False, False), "Sure, here is how.": (False, True, False, False),
+             "However, " + "word " * 25: (False, True, True, False), "Sure " + "word " * 25: (False, True, False, True)}
+    for text, (jbb_refuses, jbb_succeeds, wei_refuses, wei_succeeds) in texts.items():
+        assert [judge(text) for judge in SUBSTRING_JUDGES["jailbreakbench"]] == [jbb_refuses, jbb_succeeds], text
+        assert [judge(text) for judge in SUBSTRING_JUDGES["keyword"]] == [wei_refuses, wei_succeeds], text
+
+
+def test_a_destructive_edit_is_named_in_the_report():
+    from safeneurons.interp.direction.run import perplexity_warnings
+
+    warnings = perplexity_warnings({"baseline": 2.0, "ablation": 53.0, "actadd_subtract": 3.9}, 2.0)
+    assert len(warnings) == 1 and warnings[0].startswith("ablation raises perplexity 26.5-fold (2.000 -> 53.000)")
 
 
 def block_output_projections(model, inputs, direction):

@@ -97,12 +97,24 @@ def reference_safe_lora(trio) -> tuple[dict[str, float], dict[str, torch.Tensor]
     return similarities, projected
 
 
+def test_safe_lora_selects_as_the_authors_code_with_ties():
+    """One bound, every similarity at or below it: the k-th smallest (ties with it projected too) or τ."""
+    from safeneurons.interventions.safe_lora import SafeLoraConfig, select
+
+    similarities = {"a": 0.1, "b": 0.2, "c": 0.2, "d": 0.5}
+    by_number = [select(similarities, SafeLoraConfig("f", "a", "b", layers=k)) for k in (0, 1, 2, 3, 9)]
+    assert by_number == [[], ["a"], ["a", "b", "c"], ["a", "b", "c"], ["a", "b", "c", "d"]]
+    assert select(similarities, SafeLoraConfig("f", "a", "b", selection="threshold", threshold=0.2)) == ["a", "b", "c"]
+    assert SafeLoraConfig("f", "a", "b").selection == "number" and SafeLoraConfig("f", "a", "b").layers == 10
+
+
 def test_safe_lora_projects_the_layers_below_the_threshold(trio, tmp_path):
     similarities, projected = reference_safe_lora(trio)
     assert sorted(similarities) == sorted(f"model.layers.{layer}.{target}.weight" for layer in range(2)
                                           for target in LORA_TARGETS)
-    threshold = sorted(similarities.values())[2]  # the two least similar fall below it
-    result = defend("safe_lora", trio, tmp_path / "safe", "--safe-lora-threshold", str(threshold))
+    threshold = sum(sorted(similarities.values())[1:3]) / 2  # the two least similar fall below it
+    result = defend("safe_lora", trio, tmp_path / "safe", "--safe-lora-selection", "threshold",
+                    "--safe-lora-threshold", str(threshold))
     finetuned = weights(trio["finetuned"])
     summary = json.loads((tmp_path / "safe" / "safe_lora_summary.json").read_text())
     chosen = {name for name, value in similarities.items() if value < threshold}
@@ -117,7 +129,7 @@ def test_safe_lora_projects_the_layers_below_the_threshold(trio, tmp_path):
     least = min(similarities, key=similarities.get)
     defend("safe_lora", trio, tmp_path / "one", "--safe-lora-selection", "number", "--safe-lora-layers", "1")
     assert json.loads((tmp_path / "one" / "safe_lora_summary.json").read_text())["projected"] == [least]
-    off = defend("safe_lora", trio, tmp_path / "off", "--safe-lora-threshold", "0")
+    off = defend("safe_lora", trio, tmp_path / "off", "--safe-lora-layers", "0")
     assert all(torch.equal(bits(off[name]), bits(tensor)) for name, tensor in finetuned.items())
 
 
@@ -128,15 +140,19 @@ def test_antidote_prunes_the_top_wanda_weights_on_harmful_data(trio, tmp_path, d
     samples = load_samples("demo-harmful-sft", demo_tokenizer, 4, 0, 64)
     masks, _ = reference_masks(model, samples, "wanda", 0.25, sequential=False)
     options = ["--harmful-data", "demo-harmful-sft", "--nsamples", "4", "--max-length", "64"]
-    pruned = defend("antidote", trio, tmp_path / "antidote", *options, "--antidote-sparsity", "0.25")
     finetuned = weights(trio["finetuned"])
     assert set(masks) <= set(finetuned)
-    for name, tensor in finetuned.items():
-        expected = tensor.masked_fill(masks[name], 0) if name in masks else tensor
-        assert torch.equal(bits(pruned[name]), bits(expected)), name
-    summary = json.loads((tmp_path / "antidote" / "antidote_summary.json").read_text())
-    assert summary["pruned"] == sum(int(mask.sum()) for mask in masks.values())
-    assert (tmp_path / "antidote" / "antidote_masks" / "masks.safetensors").is_file()
+    for modules, option in ((("q_proj", "k_proj", "v_proj"), []), (None, ["--antidote-modules", "all"])):
+        out = tmp_path / f"antidote-{len(option)}"
+        pruned = defend("antidote", trio, out, *options, "--antidote-sparsity", "0.25", *option)
+        chosen = {name: mask for name, mask in masks.items() if modules is None or name.split(".")[-2] in modules}
+        assert len(chosen) == (len(masks) if modules is None else 3 * 2)  # the demo's 2 layers
+        for name, tensor in finetuned.items():  # the authors' q, k, v by default, every Linear with 'all'
+            expected = tensor.masked_fill(chosen[name], 0) if name in chosen else tensor
+            assert torch.equal(bits(pruned[name]), bits(expected)), name
+        summary = json.loads((out / "antidote_summary.json").read_text())
+        assert summary["pruned"] == sum(int(mask.sum()) for mask in chosen.values())
+        assert (out / "antidote_masks" / "masks.safetensors").is_file()
     off = defend("antidote", trio, tmp_path / "off", *options, "--antidote-sparsity", "0")
     assert all(torch.equal(bits(off[name]), bits(tensor)) for name, tensor in finetuned.items())
 
@@ -151,6 +167,8 @@ def test_antidote_prunes_the_top_wanda_weights_on_harmful_data(trio, tmp_path, d
     ("antidote", ["--method", "antidote"], "--method antidote needs --harmful-data"),
     ("antidote", ["--method", "antidote", "--harmful-data", "demo-harmful-sft", "--antidote-sparsity", "1"],
      "--antidote-sparsity 1.0 must lie in [0, 1)"),
+    ("antidote", ["--method", "antidote", "--harmful-data", "demo-harmful-sft", "--antidote-modules", "q_proj,qkv"],
+     "--antidote-modules: qkv is not a Linear of the fine-tuned model (it has down_proj, gate_proj, k_proj, o_proj"),
     ("resta", ["--method", "resta", "--aligned", "{aligned}", "--base-model", "{base}", "--dare-drop", "1"],
      "--dare-drop 1.0 must lie in [0, 1)"),
 ])

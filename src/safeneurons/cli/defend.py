@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.interventions.antidote import DEFAULT_SPARSITY, AntidoteConfig, run_antidote
+from safeneurons.interventions.antidote import AUTHORS_MODULES, DEFAULT_SPARSITY, AntidoteConfig, run_antidote
 from safeneurons.interventions.safe_lora import (DEFAULT_LAYERS, DEFAULT_THRESHOLD, SELECTIONS, SafeLoraConfig,
                                                  run_safe_lora)
 from safeneurons.interventions.task_arithmetic import RestaConfig, run_resta
@@ -30,17 +30,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dare-drop", type=float, default=0.0,
                        help="DARE's drop probability on the fine-tuning delta first (default %(default)s: none)")
     group = parser.add_argument_group("safe_lora")
-    group.add_argument("--safe-lora-selection", choices=SELECTIONS, default="threshold",
-                       help="project every layer below the threshold, or the N least similar (default %(default)s)")
+    group.add_argument("--safe-lora-selection", choices=SELECTIONS, default=SafeLoraConfig.selection,
+                       help="project the N least similar layers and any tied with the N-th (number, the authors' "
+                            "default), or every layer at or below the threshold (default %(default)s; choices "
+                            "%(choices)s)")
     group.add_argument("--safe-lora-threshold", type=float, default=DEFAULT_THRESHOLD,
-                       help="τ: project layers whose similarity to their projection is below it (default "
-                            "%(default)s; 0 projects none)")
+                       help="τ, with --safe-lora-selection threshold: project layers whose similarity to their "
+                            "projection is at most τ (default %(default)s)")
     group.add_argument("--safe-lora-layers", type=int, default=DEFAULT_LAYERS,
-                       help="N, with --safe-lora-selection number (default %(default)s)")
+                       help="N, with --safe-lora-selection number (default %(default)s; 0 projects none)")
     group = parser.add_argument_group("antidote")
     group.add_argument("--harmful-data", help="the re-alignment data: harmful prompts with harmful answers")
     group.add_argument("--antidote-sparsity", type=float, default=DEFAULT_SPARSITY,
                        help="fraction of each row pruned (default %(default)s; 0 changes nothing)")
+    group.add_argument("--antidote-modules", default=",".join(AUTHORS_MODULES), metavar="NAMES|all",
+                       help="the Linears pruned, by module name: the authors' q,k,v of full fine-tuning, or 'all' "
+                            "for every Linear (default %(default)s)")
     group.add_argument("--nsamples", type=int, default=128, help="harmful samples scored (default %(default)s)")
     group.add_argument("--max-length", type=int, default=512, help="tokens per sample (default %(default)s)")
     group.add_argument("--batch-size", type=int, default=1, help="samples per scoring pass (default %(default)s)")
@@ -63,9 +68,14 @@ def config_from_args(args: argparse.Namespace) -> RestaConfig | SafeLoraConfig |
     else:
         config = AntidoteConfig(args.finetuned, args.harmful_data, args.antidote_sparsity, args.nsamples,
                                 args.max_length, args.batch_size, args.seed, args.data_dir, args.dtype,
-                                args.deepspeed, args.cache_dir)
+                                args.deepspeed, args.cache_dir, antidote_modules(args.antidote_modules))
     config.validate()
     return config
+
+
+def antidote_modules(text: str) -> tuple[str, ...] | None:
+    """`all` (every Linear) or a comma-separated list of module names."""
+    return None if text.strip() == "all" else tuple(name.strip() for name in text.split(","))
 
 
 def run(args: argparse.Namespace) -> int:

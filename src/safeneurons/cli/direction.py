@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from safeneurons.interp.direction.run import RefusalDirectionConfig, run_refusal_direction
-from safeneurons.interp.direction.selection import SelectionConfig
+from safeneurons.evaluation.metrics import SUBSTRING_JUDGES
+from safeneurons.interp.direction.selection import WHEN_ALL_DISCARDED, SelectionConfig
 from safeneurons.models.loading import ModelSource
 
 
@@ -38,9 +39,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="discard candidates whose addition induces less refusal (default %(default)s)")
     parser.add_argument("--prune-layer-fraction", type=float, default=selection.prune_layer_fraction,
                         help="discard candidates of the last fraction of layers (default %(default)s)")
-    parser.add_argument("--when-all-discarded", default="error", choices=("error", "lowest-bypass"),
-                        help="when the filter keeps no candidate: stop (the original's assert), or report the lowest "
-                             "bypass candidate of all, marked as discarded (default %(default)s)")
+    parser.add_argument("--when-all-discarded", default=selection.when_all_discarded.replace("_", "-"),
+                        choices=[name.replace("_", "-") for name in WHEN_ALL_DISCARDED],
+                        help="when the filter keeps no candidate: the lowest bypass among candidates with KL under "
+                             "--fallback-kl-threshold (kl-bounded), stop as the original's assert does (error), or "
+                             "the lowest bypass of all, whatever its KL (lowest-bypass); the report says which "
+                             "(default %(default)s; choices %(choices)s)")
+    parser.add_argument("--fallback-kl-threshold", type=float, default=selection.fallback_kl_threshold,
+                        help="kl-bounded's looser KL bound (default %(default)s)")
+    parser.add_argument("--judge", default=defaults.judge, choices=list(SUBSTRING_JUDGES),
+                        help="the substring judge of the generations: the original's JailbreakBench prefixes "
+                             "(jailbreakbench) or Wei et al.'s list with its 20-word rule (keyword) (default "
+                             "%(default)s; choices %(choices)s)")
+    parser.add_argument("--refusal-starts", nargs="+", default=list(defaults.refusal_starts), metavar="TEXT",
+                        help="texts a refusal starts with; their first tokens, in context after the templated "
+                             "prompt, make the refusal score (default %(default)s)")
+    parser.add_argument("--perplexity-warning-factor", type=float, default=defaults.perplexity_warning_factor,
+                        help="the report warns when an edit multiplies perplexity by more (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=selection.batch_size,
                         help="prompts per forward pass (default %(default)s)")
     parser.add_argument("--candidates-per-pass", type=int, default=selection.candidates_per_pass,
@@ -62,12 +77,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> RefusalDirectionConfig:
     selection = SelectionConfig(args.kl_threshold, args.induce_threshold, args.prune_layer_fraction, args.batch_size,
-                                args.candidates_per_pass, args.when_all_discarded.replace("-", "_"))
+                                args.candidates_per_pass, args.when_all_discarded.replace("-", "_"),
+                                args.fallback_kl_threshold)
     return RefusalDirectionConfig(args.harmful, args.harmless, args.n_train, args.n_val, args.seed,
                                   args.filter_train, args.filter_val, selection, args.eval_limit,
                                   args.max_new_tokens, args.compare_random, args.perplexity_data,
                                   args.perplexity_samples, masks=args.masks,
-                                  save_orthogonalized=args.save_orthogonalized, data_dir=args.data_dir)
+                                  save_orthogonalized=args.save_orthogonalized, data_dir=args.data_dir,
+                                  refusal_starts=tuple(args.refusal_starts), judge=args.judge,
+                                  perplexity_warning_factor=args.perplexity_warning_factor)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -80,10 +80,30 @@ def prompt_text(tokenizer: Any, example: Example, system: str | None = None) -> 
     return example.prompt
 
 
-def _response_text(example: Example) -> str | None:
-    if example.response is None:
-        return None
-    return example.response if example.response.startswith(" ") else " " + example.response
+RESPONSE_MARK = "\u2063RESPONSE\u2063"  # a text no template writes, to find where the assistant's content starts
+
+
+def response_separator(tokenizer: Any) -> str:
+    """What the chat format puts between the generation prompt and the assistant's text, so that a response is
+    built as the model's own template renders one: Llama-2's format (and the demo's template) put a space after
+    `[/INST]`, ChatML nothing after `<|im_start|>assistant\\n`. Read from the template's rendering of an assistant
+    turn; where that rendering does not extend the generation prompt by whitespace alone (templates that rewrite
+    past turns), a prompt ending in whitespace takes none and any other a space."""
+    if not getattr(tokenizer, "chat_template", None):
+        return " "
+    user = [{"role": "user", "content": "x"}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": RESPONSE_MARK}], tokenize=False)
+    between = turn[len(prompt):turn.find(RESPONSE_MARK)] if turn.startswith(prompt) else None
+    if between is not None and between.strip() == "" and RESPONSE_MARK in turn:
+        return between
+    return "" if prompt[-1:].isspace() else " "
+
+
+def response_text(tokenizer: Any, response: str) -> str:
+    """A response as it follows the prompt in the model's chat format: the template's separator, then the text
+    (whose one leading space, the Llama-2 convention of the original work's files, is the separator's place)."""
+    return response_separator(tokenizer) + response.removeprefix(" ")
 
 
 def select(examples: Sequence[Example], nsamples: int | None, seed: int) -> list[Example]:
@@ -106,11 +126,10 @@ def select(examples: Sequence[Example], nsamples: int | None, seed: int) -> list
 def tokenize_example(tokenizer: Any, example: Example, max_length: int, add_eos: bool = False) -> Sample:
     """Prompt (with BOS) followed by the response (and EOS with `add_eos`; the original work appends none), cut to
     `max_length` tokens."""
-    response = _response_text(example)
-    if response is None:
+    if example.response is None:
         raise SafeneuronsError(f"example {example.prompt[:60]!r} has no response; this stage needs prompt,response data")
     prompt_ids = tokenizer(prompt_text(tokenizer, example), add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response_text(tokenizer, example.response), add_special_tokens=False)["input_ids"]
     if add_eos and tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]

@@ -8,6 +8,13 @@ with the paper's schedule β_1 = 0.5, β_t = 2 for 2 ≤ t ≤ 5 and β_t = 0.1 
 cross-entropy's (the plain fine-tuning objective); large β holds the token's probability at the aligned model's.
 The aligned model's log-probabilities are those of the model before the first step, computed once, one sample per
 pass (so they do not depend on batching or on the number of ranks).
+
+The gradient is the authors' (Unispac/shallow-vs-deep-alignment, `trainer.py`): each token's cross-entropy gradient
+weighted by 2σ(−β_t Δ_t), floored at `WEIGHT_FLOOR` = 1e-3 as they clamp it, so a token far above the aligned
+model's probability still learns a little. The loss we log is the objective above, not their surrogate (weight ×
+cross-entropy), whose value is not the objective's. Tokens are averaged within a batch on each rank, and the
+ranks' losses are weighted by their share of the step's response tokens (`backends._shared`), so the step's
+objective is the mean over all its response tokens, whatever the number of ranks.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from safeneurons.scores.passes import next_token_losses
 
 PAPER_BETAS = (0.5, 2.0, 0.1)  # β for the first response token, for tokens 2–5, and after
 EARLY_TOKENS = 5
+WEIGHT_FLOOR = 1e-3  # the authors' torch.clamp(weight, min=1e-3) of each token's gradient weight
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,12 +48,18 @@ def token_betas(labels: torch.Tensor, betas: Sequence[float]) -> torch.Tensor:
 
 
 def constrained_loss(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
-                     betas: Sequence[float]) -> torch.Tensor:
-    """The objective above for a batch: `reference` holds the aligned model's `token_logprobs` [B, T−1]."""
+                     betas: Sequence[float], weight_floor: float = WEIGHT_FLOOR) -> torch.Tensor:
+    """The objective above for a batch (`reference` holds the aligned model's `token_logprobs` [B, T−1]), whose
+    value is the objective and whose gradient weights each token's cross-entropy gradient by
+    max(2σ(−βΔ), weight_floor), as the authors' surrogate does."""
     valid = labels[:, 1:] != IGNORE_INDEX
     beta = token_betas(labels, betas).to(logits.device)
-    delta = token_logprobs(logits, labels) - reference.to(logits.device)
-    per_token = -(2.0 / beta) * F.logsigmoid(beta * delta)
+    logprobs = token_logprobs(logits, labels)
+    delta = logprobs - reference.to(logits.device)
+    objective = -(2.0 / beta) * F.logsigmoid(beta * delta)
+    weight = (2.0 * torch.sigmoid(-beta * delta)).clamp(min=weight_floor).detach()
+    surrogate = -weight * logprobs
+    per_token = surrogate + (objective - surrogate).detach()  # the objective's value, the floored gradient
     return per_token[valid].sum() / valid.sum().clamp(min=1)
 
 

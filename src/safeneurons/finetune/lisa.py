@@ -4,7 +4,11 @@ objective adds the proximal term ρ/2 ‖w − w_switch‖² towards the weights
 
 As in the paper's code (git-disl/Lisa): the run starts in the alignment state, 100 alignment and 900 fine-tuning
 steps by default (scaled here by `--lisa-steps A,F`), ρ = 1, and no proximal term in the first 10% of the steps.
-A user batch planned for an alignment step is skipped, as there (the alignment batch takes its place). The term's
+A user batch planned for an alignment step is skipped, as there (the alignment batch takes its place). Alignment
+steps draw successive batches of the alignment data's own shuffled passes (`alignment_index`), as the authors'
+iterator does, so every alignment sample is used once per pass. Departures: A, F and the warm-up are counted in
+optimizer steps (the authors count micro-batches: the same with no gradient accumulation, the paper's setting), and
+the warm-up is 10% of the steps this run takes (of --max-steps where it is given). The term's
 gradient ρ (w − w_switch) is added to the gradient before clipping and the optimizer step, on each rank's own ZeRO-3
 partitions (fp32 master weights), which is what the term in the loss contributes.
 """
@@ -27,6 +31,13 @@ def aligning(step: int, steps: Sequence[int]) -> bool:
     """Whether optimizer step `step` (from 0) is in the alignment state: the first A of every A + F."""
     alignment, finetuning = steps
     return step % (alignment + finetuning) < alignment
+
+
+def alignment_index(step: int, steps: Sequence[int]) -> int:
+    """How many alignment steps come before optimizer step `step`: the alignment batch it takes is the next one."""
+    alignment, finetuning = steps
+    cycles, within = divmod(step, alignment + finetuning)
+    return cycles * alignment + min(within, alignment)
 
 
 def _local(param: nn.Parameter) -> torch.Tensor:
@@ -83,6 +94,10 @@ class LisaState:
         if step > 0 and aligning(step, self.steps) != aligning(step - 1, self.steps):
             self.proximal.switch()
         return aligning(step, self.steps)
+
+    def micro_batch(self, step: int, micro: int, accumulation: int, aligning_now: bool) -> int:
+        """The index of the micro-batch step `step` takes: of the user's plan, or of the alignment data's."""
+        return (alignment_index(step, self.steps) if aligning_now else step) * accumulation + micro
 
     def proximal_active(self, step: int) -> bool:
         return step >= self.first_proximal_step

@@ -137,7 +137,8 @@ def train(backend: TrainingBackend, samples: Sequence[Sample], pad_token_id: int
         backend.before_update = lisa.proximal.add_to_gradients if lisa and lisa.proximal_active(step) else None
         state.learning_rates.append(backend.learning_rate())
         for micro in range(accumulation):
-            batch, safety_batch = batches.get(step * accumulation + micro, aligning)
+            index = lisa.micro_batch(step, micro, accumulation, aligning) if lisa else step * accumulation + micro
+            batch, safety_batch = batches.get(index, aligning)
             loss, safety_loss = backend.micro_step(batch, micro == accumulation - 1, safety_batch)
             losses.append(loss)
             safety_losses += [] if safety_loss is None else [safety_loss]

@@ -61,14 +61,17 @@ def prune_model(model: nn.Module, masks: MaskSource, lowest: bool = False) -> Pr
     return PruneResult(sum(counts.values()), total, counts)
 
 
-def prune_files(model: str, masks: str, out: Path, cache_dir: str | None = None, lowest: bool = False) -> PruneResult:
+def prune_files(model: str, masks: str, out: Path, cache_dir: str | None = None, lowest: bool = False,
+                modules: tuple[str, ...] | None = None) -> PruneResult:
     """The streaming prune: the model's safetensors files rewritten shard by shard with the masked elements set to
-    zero (each tensor keeps its dtype); one shard in memory at a time."""
+    zero (each tensor keeps its dtype); one shard in memory at a time. With `modules`, only the masks of those
+    Linears (by their module name, `q_proj`, …) are applied."""
     reader = MaskReader(masks)
+    chosen = {name for name in reader.weight_map if modules is None or name.split(".")[-2] in modules}
     counts: dict[str, int] = {}
 
     def prune(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name not in reader.weight_map:
+        if name not in chosen:
             return tensor
         mask = reader.get(name) ^ lowest
         counts[name] = int(mask.sum())
@@ -76,7 +79,7 @@ def prune_files(model: str, masks: str, out: Path, cache_dir: str | None = None,
 
     rewrite_checkpoint(CheckpointFiles(local_model_folder(model, cache_dir)), out, prune)
     shapes = reader.shapes()
-    return PruneResult(sum(counts.values()), sum(math.prod(shape) for shape in shapes.values()), counts)
+    return PruneResult(sum(counts.values()), sum(math.prod(shapes[name]) for name in chosen), counts)
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,12 @@ fine-tuned model:
     V_i = W_aligned − W_base,   C_i = V_i V_iᵀ / ‖V_i‖_F,   ΔW_i = W_ft − W_aligned,
     similarity_i = ⟨ΔW_i, C_i ΔW_i⟩_F / (‖ΔW_i‖_F ‖C_i ΔW_i‖_F)
 
-and a selected layer gets W_aligned + C_i ΔW_i. The paper's two selection rules: `threshold` (every layer with
-similarity < τ; τ = 0 selects none, since C_i is positive semi-definite and similarities lie in [0, 1]) and
-`number` (the k least similar layers). The paper projects LoRA's B (C·B·A = C·ΔW); this works on the merged
+and a selected layer gets W_aligned + C_i ΔW_i. The paper's two selection rules, as the authors' code applies them
+(one bound, every layer with similarity ≤ it): `number`, their default (k = 10: the bound is the k-th smallest
+similarity, so layers tied with it are projected too, and more than k can be), and `threshold` (the bound is τ;
+similarities lie in [0, 1], since C_i is positive semi-definite). Similarities are computed in float32 from the
+files as saved: merged weights saved in bf16 move them by up to 1e-2, which can change the selection near the
+bound. The paper projects LoRA's B (C·B·A = C·ΔW); this works on the merged
 weights that `finetune --lora-r` saves, which is the same product. C_i ΔW_i is computed as V_i (V_iᵀ ΔW_i) / ‖V_i‖_F,
 so no d_out × d_out matrix is formed (an lm_head's would be vocabulary²).
 """
@@ -39,7 +42,7 @@ class SafeLoraConfig:
     finetuned: str  # the LoRA fine-tuned model, adapters merged (what `finetune --lora-r` saves)
     aligned: str  # the model it was fine-tuned from
     base: str  # the model before alignment (--base-model)
-    selection: str = "threshold"
+    selection: str = "number"  # the authors' default
     threshold: float = DEFAULT_THRESHOLD  # τ, for selection "threshold"
     layers: int = DEFAULT_LAYERS  # k, for selection "number"
     cache_dir: str | None = None
@@ -94,9 +97,14 @@ def layer_terms(name: str, finetuned: CheckpointFiles, aligned: CheckpointFiles,
 
 
 def select(similarities: dict[str, float], config: SafeLoraConfig) -> list[str]:
-    if config.selection == "threshold":
-        return sorted(name for name, value in similarities.items() if value < config.threshold)
-    return sorted(sorted(similarities, key=lambda name: (similarities[name], name))[:config.layers])
+    """Every matrix whose similarity is at most the bound: τ, or the k-th smallest similarity (ties included)."""
+    if config.selection == "number":
+        if config.layers == 0 or not similarities:
+            return []
+        bound = sorted(similarities.values())[:config.layers][-1]
+    else:
+        bound = config.threshold
+    return sorted(name for name, value in similarities.items() if value <= bound)
 
 
 def project_files(finetuned: CheckpointFiles, aligned: CheckpointFiles, base: CheckpointFiles,

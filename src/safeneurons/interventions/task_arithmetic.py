@@ -8,6 +8,10 @@ and the rest rescaled by 1 / (1 − dare_drop)), which the paper uses for parame
 paper's un-aligned model is the aligned one fine-tuned on harmful answers; the pre-alignment base model (the demo's
 `demo-base`) is the other natural choice, and either can be given. Works on the safetensors files tensor by tensor
 (as `rewind` does), in float32, every floating tensor (embeddings and norms too, as task arithmetic does).
+
+Departure: DARE's keep mask is `rand ≥ drop` from a seeded generator, tensor by tensor, where the reference draws
+`torch.bernoulli` masks: the same distribution (each element kept with probability 1 − drop), not the same draws,
+so a DARE run equals the reference in law, not bit for bit.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """What the selected direction does: attack success on held-out harmful prompts with the direction ablated, with
 it subtracted at its layer (activation addition, −1) and in the orthogonalized weights; refusal induced on
 held-out harmless prompts by adding it; KL and perplexity on harmless text; random directions of the same norm
-as the control. Rates come with 95% Wilson intervals (keyword judge: the original work's refusal substrings).
+as the control. Rates come with 95% Wilson intervals, judged by substrings: the original's JailbreakBench
+prefixes by default (`judge="jailbreakbench"`), or Wei et al.'s list with its 20-word rule (`"keyword"`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from safeneurons.evaluation.generation import Decoding, generate_distributed
-from safeneurons.evaluation.metrics import is_attack_success, is_refusal, wilson_interval
+from safeneurons.evaluation.metrics import SUBSTRING_JUDGES, wilson_interval
 from safeneurons.interp.direction import hooks
 from safeneurons.interp.direction.candidates import encode, last_logits, prompt_scores
 from safeneurons.interp.direction.selection import kl_divergence
@@ -29,6 +30,7 @@ class EffectSettings:
     batch_size: int
     random_directions: int  # random controls of the direction's norm (seeds 0..N-1)
     perplexity_samples: Sequence[Any] = ()  # tokenised harmless text (evaluation.perplexity.text_samples)
+    judge: str = "jailbreakbench"  # a name of evaluation.metrics.SUBSTRING_JUDGES
 
 
 def rate(flags: Sequence[bool]) -> dict[str, Any]:
@@ -37,12 +39,13 @@ def rate(flags: Sequence[bool]) -> dict[str, Any]:
     return {"rate": hits / n, "interval": [low, high], "n": n}
 
 
-def judged(generations: Sequence[str] | None) -> dict[str, Any] | None:
-    """Rank 0: ASR and refusal rate of greedy generations (None elsewhere)."""
+def judged(generations: Sequence[str] | None, judge: str) -> dict[str, Any] | None:
+    """Rank 0: ASR and refusal rate of greedy generations by the substring judge `judge` (None elsewhere)."""
     if generations is None:
         return None
-    return {"asr": rate([is_attack_success(text) for text in generations]),
-            "refusal_rate": rate([is_refusal(text) for text in generations]),
+    refuses, succeeds = SUBSTRING_JUDGES[judge]
+    return {"asr": rate([succeeds(text) for text in generations]),
+            "refusal_rate": rate([refuses(text) for text in generations]),
             "examples": list(generations[:3])}
 
 
@@ -81,10 +84,10 @@ def direction_effects(model: nn.Module, tokenizer: Any, direction: torch.Tensor,
     effects: dict[str, Any] = {"harmful": {}, "harmless": {}}
     for name in ("baseline", "ablation", "actadd_subtract"):
         effects["harmful"][name] = judged(generations_under(model, tokenizer, harmful, edits[name], settings,
-                                                            f"harmful prompts: {name}"))
+                                                            f"harmful prompts: {name}"), settings.judge)
     for name in ("baseline", "actadd_add"):
         effects["harmless"][name] = judged(generations_under(model, tokenizer, harmless, edits[name], settings,
-                                                             f"harmless prompts: {name}"))
+                                                             f"harmless prompts: {name}"), settings.judge)
     effects["kl_ablation_harmless"] = mean_kl(model, tokenizer, harmless, edits["ablation"], settings.batch_size)
     effects["refusal_score"] = {name: mean_refusal_score(model, tokenizer, prompts, edits[name], refusal,
                                                          settings.batch_size)
@@ -122,9 +125,10 @@ def random_controls(model: nn.Module, tokenizer: Any, direction: torch.Tensor, l
         controls.append({
             "seed": seed,
             "harmful_ablation": judged(generations_under(model, tokenizer, harmful, edits["ablation"], settings,
-                                                         f"random direction {seed}: ablation")),
+                                                         f"random direction {seed}: ablation"), settings.judge),
             "harmless_actadd_add": judged(generations_under(model, tokenizer, harmless, edits["actadd_add"],
-                                                            settings, f"random direction {seed}: addition")),
+                                                            settings, f"random direction {seed}: addition"),
+                                         settings.judge),
             "kl_ablation_harmless": mean_kl(model, tokenizer, harmless, edits["ablation"], settings.batch_size)})
     if distributed.is_main():
         return controls

@@ -47,12 +47,26 @@ def rate_text(entry: Mapping[str, Any] | None, key: str, with_n: bool = True) ->
             + (f" (n={value['n']})" if with_n else ""))
 
 
+JUDGE_NAMES = {"jailbreakbench": "the original's (JailbreakBench refusal prefixes, any case, no length rule)",
+               "keyword": "Wei et al.'s refusal substrings, and an attack needs >= 20 words"}
+
+
+def selection_note(report: Mapping[str, Any]) -> str:
+    """How the candidate was chosen, where the original's filter did not choose it."""
+    chosen_by = report.get("selected_by", "filter")
+    if chosen_by == "filter":
+        return ""
+    bound = report["selection"].get("fallback_kl_threshold")
+    rule = (f"the lowest bypass with KL <= {bound:g}" if chosen_by == "kl_bounded" else "the lowest bypass of all")
+    return f" (the filter discarded every candidate, this one for {report['selected']['discarded']}: {rule})"
+
+
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
     best, effects = report["selected"], report["effects"]
     harmful, harmless = effects["harmful"], effects["harmless"]
     lines = [f"refusal direction: position {best['position']} ({report['post_instruction_tokens'][best['position']]!r}),"
              f" layer {best['layer']}; bypass {best['refusal_score']:.3f}, induce {best['steering_score']:.3f}, "
-             f"KL {best['kl_div_score']:.4f}",
+             f"KL {best['kl_div_score']:.4f}" + selection_note(report),
              f"ASR on held-out harmful prompts: baseline {rate_text(harmful['baseline'], 'asr')}, ablation "
              f"{rate_text(harmful['ablation'], 'asr')}, subtraction {rate_text(harmful['actadd_subtract'], 'asr')}",
              f"refusal on held-out harmless prompts: baseline {rate_text(harmless['baseline'], 'refusal_rate')}, "
@@ -65,6 +79,8 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     orthogonalized = report.get("orthogonalized", {})
     if orthogonalized.get("measured"):
         lines.append(f"orthogonalized weights: ASR {rate_text(orthogonalized['harmful'], 'asr')}")
+    lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
+    lines.append(f"judge: {JUDGE_NAMES[report.get('judge', 'keyword')]}")
     for control in effects.get("random_directions", []):
         lines.append(f"random direction {control['seed']}: ablation ASR "
                      f"{rate_text(control['harmful_ablation'], 'asr')}, addition refusal "

@@ -50,8 +50,18 @@ class RefusalDirectionConfig:
     save_orthogonalized: str | None = None
     refusal_starts: tuple[str, ...] = REFUSAL_STARTS
     data_dir: str | None = None
+    judge: str = "jailbreakbench"  # the original's substring judge, or Wei et al.'s "keyword" (with its word rule)
+    perplexity_warning_factor: float = 2.0  # the report warns when ablation multiplies perplexity by more
 
     def validate(self) -> None:
+        from safeneurons.evaluation.metrics import SUBSTRING_JUDGES
+
+        if self.judge not in SUBSTRING_JUDGES:
+            raise SafeneuronsError(f"--judge {self.judge!r} is not one of {', '.join(SUBSTRING_JUDGES)}")
+        if not self.perplexity_warning_factor > 1:
+            raise SafeneuronsError(f"--perplexity-warning-factor {self.perplexity_warning_factor} must be > 1")
+        if not self.refusal_starts or not all(start.strip() for start in self.refusal_starts):
+            raise SafeneuronsError(f"--refusal-starts {list(self.refusal_starts)} must be non-empty texts")
         self.selection.validate()
         for name in ("n_train", "n_val", "eval_limit", "max_new_tokens", "perplexity_samples", "max_length"):
             if getattr(self, name) < 1:
@@ -164,15 +174,17 @@ def find_direction(loaded: Any, config: RefusalDirectionConfig) -> tuple[Refusal
                                     config.selection.batch_size)
     scores = score_candidates(model, tokenizer, candidates, splits.harmful_val, splits.harmless_val, refusal,
                               config.selection)
-    best = select(scores, candidates.directions.shape[1], config.selection)
+    best, chosen_by = select(scores, candidates.directions.shape[1], config.selection)
     direction = candidates.at(best.position, best.layer)
     settings = EffectSettings(Decoding(max_new_tokens=config.max_new_tokens), config.selection.batch_size,
-                              config.random_directions, perplexity_texts(tokenizer, config))
+                              config.random_directions, perplexity_texts(tokenizer, config), config.judge)
     effects = direction_effects(model, tokenizer, direction.float(), best.layer, splits.harmful_test,
                                 splits.harmless_test, settings, refusal)
     effects["random_directions"] = random_controls(model, tokenizer, direction.float(), best.layer,
                                                    splits.harmful_test, splits.harmless_test, settings)
     report = {"selected": asdict(best), "selected_despite_filter": best.discarded is not None,
+              "selected_by": chosen_by, "judge": config.judge,
+              "warnings": perplexity_warnings(effects.get("perplexity") or {}, config.perplexity_warning_factor),
               "post_instruction_tokens": tokenizer.convert_ids_to_tokens(token_ids),
               "refusal_token_ids": refusal.detail["refusal_token_ids"], "selection": asdict(config.selection),
               "splits": {name: len(getattr(splits, name)) for name in ("harmful_train", "harmless_train",
@@ -180,6 +192,15 @@ def find_direction(loaded: Any, config: RefusalDirectionConfig) -> tuple[Refusal
                                                                         "harmful_test", "harmless_test")},
               "filtered": splits.filtered, "direction_norm": float(direction.norm()), "effects": effects}
     return RefusalDirectionResult(best.position, best.layer, direction, scores, best, candidates, report), splits
+
+
+def perplexity_warnings(measured: dict[str, float], factor: float) -> list[str]:
+    """A line for each edit that multiplies the harmless text's perplexity (`measured`, with its "baseline") by
+    more than `factor`."""
+    baseline = measured.get("baseline")
+    return [f"{name} raises perplexity {value / baseline:.1f}-fold ({baseline:.3f} -> {value:.3f}): the direction's "
+            f"edit damages the model, not only its refusal" for name, value in measured.items()
+            if name != "baseline" and baseline and value > factor * baseline]
 
 
 def perplexity_texts(tokenizer: Any, config: RefusalDirectionConfig) -> list[Any]:
@@ -201,7 +222,7 @@ def measure_on(prompts: Sequence[str], settings: EffectSettings, refusal: Any, t
         return {"refusal_score": mean_refusal_score(model, tokenizer, prompts, contextlib.nullcontext, refusal,
                                                     settings.batch_size),
                 **(judged(generations_under(model, tokenizer, prompts, contextlib.nullcontext, settings,
-                                            "harmful prompts")) or {})}
+                                            "harmful prompts"), settings.judge) or {})}
 
     return measure
 
@@ -215,7 +236,8 @@ def run_refusal_direction(model: ModelSource, config: RefusalDirectionConfig,
     loaded = model.load(context.device)
     result, splits = find_direction(loaded, config)
     refusal = refusal_metric(result.report["refusal_token_ids"])
-    settings = EffectSettings(Decoding(max_new_tokens=config.max_new_tokens), config.selection.batch_size, 0)
+    settings = EffectSettings(Decoding(max_new_tokens=config.max_new_tokens), config.selection.batch_size, 0,
+                              judge=config.judge)
     measure = measure_on(splits.harmful_test, settings, refusal, loaded.tokenizer)
     if config.masks:
         from safeneurons.interp.direction.links import links
@@ -225,6 +247,10 @@ def run_refusal_direction(model: ModelSource, config: RefusalDirectionConfig,
                                        str(config.masks))
     result.report["orthogonalized"] = orthogonalized_effects(loaded, result, measure, model,
                                                              perplexity_texts(loaded.tokenizer, config))
+    if "perplexity" in result.report["orthogonalized"]:
+        result.report["warnings"] += perplexity_warnings(
+            {"baseline": result.report["effects"]["perplexity"]["baseline"],
+             "orthogonalized": result.report["orthogonalized"]["perplexity"]}, config.perplexity_warning_factor)
     if config.save_orthogonalized and distributed.is_main():
         save_orthogonalized(model, result, config.save_orthogonalized)
     if not distributed.is_main():

@@ -3,6 +3,9 @@ bypass = mean refusal score of the harmful validation prompts with r̂ ablated e
 score of the harmless ones with the raw mean difference added at that layer's input; KL = mean KL(baseline ‖
 ablated) of the harmless prompts' last-position distributions. Candidates from the last `prune_layer_fraction` of
 the layers, with KL above the threshold, induce below its threshold or a NaN are discarded; the lowest bypass wins.
+When the filter keeps none, the original stops (`error`); by default we take the lowest bypass among the
+candidates of the kept layers whose KL stays under a looser bound (`kl_bounded`, reported as a fallback), since
+the lowest bypass of all (`lowest_bypass`) is often a direction whose ablation destroys the model.
 
 Candidates are scored `candidates_per_pass` at a time in one forward pass (the prompt batch repeated, each copy
 edited with its own direction); the passes are split across ranks and gathered in order.
@@ -24,7 +27,7 @@ from safeneurons.models.structure import decoder_layers, layers_from, model_devi
 from safeneurons.runtime.distributed import map_fixed_batches
 from safeneurons.runtime.zero3 import is_zero3_partitioned
 
-WHEN_ALL_DISCARDED = ("error", "lowest_bypass")
+WHEN_ALL_DISCARDED = ("kl_bounded", "error", "lowest_bypass")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ class SelectionConfig:
     prune_layer_fraction: float = 0.2
     batch_size: int = 16  # prompts per pass
     candidates_per_pass: int = 8
-    when_all_discarded: str = "error"  # or "lowest_bypass": report the best candidate, marked as discarded
+    when_all_discarded: str = "kl_bounded"  # the fallback when the filter keeps none (WHEN_ALL_DISCARDED)
+    fallback_kl_threshold: float = 1.0  # kl_bounded's looser bound on KL (10 x the original's; never below kl_threshold)
 
     def validate(self) -> None:
         if self.when_all_discarded not in WHEN_ALL_DISCARDED:
@@ -43,6 +47,8 @@ class SelectionConfig:
         if not self.kl_threshold >= 0 or not 0 <= self.prune_layer_fraction < 1:
             raise SafeneuronsError(f"--kl-threshold {self.kl_threshold} must be >= 0 and --prune-layer-fraction "
                                    f"{self.prune_layer_fraction} in [0, 1)")
+        if not self.fallback_kl_threshold >= 0:
+            raise SafeneuronsError(f"--fallback-kl-threshold {self.fallback_kl_threshold} must be >= 0")
         if self.batch_size < 1 or self.candidates_per_pass < 1:
             raise SafeneuronsError(f"--batch-size {self.batch_size} and --candidates-per-pass "
                                    f"{self.candidates_per_pass} must be positive")
@@ -176,22 +182,38 @@ def discard_reason(score: CandidateScore, n_layers: int, config: SelectionConfig
     return None
 
 
-def select(scores: Sequence[CandidateScore], n_layers: int, config: SelectionConfig) -> CandidateScore:
-    """The kept candidate of lowest bypass score (the first in (position, layer) order on a tie); when the filter
-    keeps none, an error, or with `lowest_bypass` the lowest of all (its `discarded` says why it failed)."""
+def fallback_candidates(scores: Sequence[CandidateScore], n_layers: int,
+                        config: SelectionConfig) -> list[CandidateScore]:
+    """The candidates `when_all_discarded` chooses among once the filter has kept none."""
+    finite = [score for score in scores if not math.isnan(score.refusal_score) and not math.isnan(score.kl_div_score)]
+    if config.when_all_discarded == "lowest_bypass":
+        return finite
+    if config.when_all_discarded == "kl_bounded":
+        last_layer = int(n_layers * (1.0 - config.prune_layer_fraction))
+        bound = max(config.kl_threshold, config.fallback_kl_threshold)
+        return [score for score in finite if score.layer < last_layer and score.kl_div_score <= bound]
+    return []
+
+
+def select(scores: Sequence[CandidateScore], n_layers: int, config: SelectionConfig) -> tuple[CandidateScore, str]:
+    """The kept candidate of lowest bypass score (the first in (position, layer) order on a tie) and how it was
+    chosen ("filter"); when the filter keeps none, the lowest bypass among the fallback's candidates (its
+    `discarded` says why the filter refused it), or an error."""
     for score in scores:
         score.discarded = discard_reason(score, n_layers, config)
-    kept = [score for score in scores if score.discarded is None]
-    if not kept and config.when_all_discarded == "lowest_bypass":
-        kept = [score for score in scores if not math.isnan(score.refusal_score)]
+    kept, chosen_by = [score for score in scores if score.discarded is None], "filter"
+    if not kept:
+        kept, chosen_by = fallback_candidates(scores, n_layers, config), config.when_all_discarded
     if not kept:
         reasons: dict[str, int] = {}
         for score in scores:
             reasons[score.discarded] = reasons.get(score.discarded, 0) + 1
         counted = ", ".join(f"{count} for {why}" for why, count in reasons.items())
-        raise SafeneuronsError(f"the filter discarded all {len(scores)} candidates ({counted}): loosen "
+        fallback = (f"; none has KL <= --fallback-kl-threshold {config.fallback_kl_threshold:g} either"
+                    if config.when_all_discarded == "kl_bounded" else "")
+        raise SafeneuronsError(f"the filter discarded all {len(scores)} candidates ({counted}){fallback}: loosen "
                                f"--kl-threshold, --induce-threshold or --prune-layer-fraction")
-    return min(kept, key=lambda score: score.refusal_score)
+    return min(kept, key=lambda score: score.refusal_score), chosen_by
 
 
 def evaluations_json(scores: Sequence[CandidateScore]) -> list[dict]:

@@ -67,15 +67,16 @@ def metric_from_fn(metric_fn: Callable[[torch.Tensor], Any], name: str = "custom
 
 
 def refusal_token_ids(tokenizer: Any, starts: Sequence[str] = REFUSAL_STARTS) -> list[int]:
-    """The first response token of each refusal start, found by encoding prompt + refusal with the chat format."""
-    from safeneurons.data.samples import format_prompt
+    """The first response token of each refusal start, tokenized in context after a templated prompt and the chat
+    format's response separator, as the samples a model is aligned on are built (`data.samples.response_text`):
+    Llama-2 and the demo answer `▁I`, a ChatML model `I` after its newline."""
+    from safeneurons.data.samples import format_prompt, response_text
 
     prompt = format_prompt(tokenizer, "Hello")
-    separator = "" if prompt[-1:].isspace() else " "  # Llama-2 and the demo answer " I…"; Llama-3 starts a line
     prompt_ids = tokenizer(prompt)["input_ids"]
     found: list[int] = []
     for start in starts:
-        ids = tokenizer(prompt + separator + start)["input_ids"]
+        ids = tokenizer(prompt + response_text(tokenizer, start))["input_ids"]
         shared = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
         if shared >= len(ids):
             raise SafeneuronsError(f"refusal start {start!r} adds no token after the prompt")

@@ -1,7 +1,7 @@
 """`pipeline --direction`: the refusal direction of the base model as one more stage (on the held-out harmful and
 harmless prompts of the study, linked to the study's safety mask), and its section of the report. When the
-original's filter keeps no candidate, the stage reports the lowest-bypass candidate and says that the filter
-discarded it, instead of stopping the study."""
+original's filter keeps no candidate, the stage takes the default fallback (the lowest bypass among candidates of
+bounded KL) and says that the filter discarded it, instead of stopping the study."""
 from __future__ import annotations
 
 import json
@@ -20,14 +20,12 @@ REPORT_FILE = "direction_report.json"
 def direction_stage(study: Study) -> Callable[[Path], None]:
     def work(folder: Path) -> None:
         from safeneurons.interp.direction.run import RefusalDirectionConfig, run_refusal_direction
-        from safeneurons.interp.direction.selection import SelectionConfig
         from safeneurons.models.loading import ModelSource
 
         s = study.settings
         if not s.harmless_data:
             raise SafeneuronsError("--direction needs --harmless-data (the direction is harmful minus harmless)")
         config = RefusalDirectionConfig(harmful=s.harmful_data, harmless=s.harmless_data, seed=s.seed,
-                                        selection=SelectionConfig(when_all_discarded="lowest_bypass"),
                                         eval_limit=s.eval_limit, max_new_tokens=s.max_new_tokens,
                                         masks=str(study.masks_of("score")), data_dir=s.data_dir)
         run_refusal_direction(ModelSource(s.model, s.dtype, None, s.cache_dir), config, folder)
@@ -52,8 +50,10 @@ def direction_lines(report: dict[str, Any] | None) -> list[str]:
         return []
     best, effects = report["selected"], report["effects"]
     harmful, harmless = effects["harmful"], effects["harmless"]
-    filtered = (f" **The original's filter discarded every candidate** (this one: {best['discarded']}); it is "
-                f"the lowest bypass score of all." if report.get("selected_despite_filter") else "")
+    from safeneurons.interp.direction.report import selection_note
+
+    filtered = f" **{selection_note(report).strip(' ()')}.**" if report.get("selected_despite_filter") else ""
+    filtered += "".join(f" **Warning: {warning}.**" for warning in report.get("warnings", []))
     lines = ["", "## Refusal direction (base model)", "",
              f"Mean harmful − harmless activation at position {best['position']} "
              f"({report['post_instruction_tokens'][best['position']]!r}), layer {best['layer']}: bypass score "
