@@ -99,3 +99,52 @@ def test_a_mask_file_whose_data_fails_its_checksum_stops_finetune_before_the_mod
 def test_prune_refuses_options_it_would_ignore(extra, message, workspace, capsys, no_model_load):
     error = run_expecting_error([*COMMANDS["prune"], *extra, "--out", str(workspace / "out")], workspace, capsys)
     assert message in error
+
+
+def test_masks_of_another_model_stop_finetune_before_the_model_loads(workspace, capsys, no_model_load):
+    """Shapes come from the mask file's header and the model's config: a deeper model's mask names a layer the
+    demo does not have."""
+    import torch
+
+    from safeneurons.masks.io import save_masks
+
+    save_masks({"model.layers.99.mlp.up_proj.weight": torch.ones(2, 2, dtype=torch.bool)}, workspace / "other")
+    error = run_expecting_error([*COMMANDS["finetune"], "--masks", str(workspace / "other"), "--save-path",
+                                 str(workspace / "out")], workspace, capsys)
+    assert "mask 'model.layers.99.mlp.up_proj.weight' names no parameter of the model" in error
+    assert not (workspace / "out").exists()
+
+
+@pytest.mark.parametrize("out", [".", "", "..", "sub/.."])
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_the_current_folder_or_one_above_is_no_output(name, out, workspace, capsys, no_model_load, monkeypatch):
+    """One rule for every command, before any work: a result is published by renaming a folder into place."""
+    monkeypatch.chdir(workspace)
+    before = sorted(path.name for path in workspace.iterdir())
+    error = run_expecting_error([*COMMANDS[name], OUT_FLAG.get(name, "--out"), out], workspace, capsys)
+    assert "is not a results folder of its own" in error or (out == "" and "is required" in error)
+    assert sorted(path.name for path in workspace.iterdir()) == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["finetune", "--learning-rate", "abc"], "safeneurons finetune: error: argument --learning-rate: invalid float"),
+    (["plan", "--offload", "bogus"], "safeneurons plan: error: argument --offload: invalid choice: 'bogus'"),
+    (["score", "--model", "demo"], "safeneurons score: error: the following arguments are required"),
+])
+def test_argument_errors_are_one_line(argv, message, capsys):
+    from safeneurons import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith(message) and error.count("\n") == 1, error
+
+
+def test_version_and_what_the_tool_does(capsys):
+    from safeneurons import __version__, cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"safeneurons {__version__}"
+    cli.main([])
+    assert "find the weights and neurons that carry an LLM's safety alignment" in " ".join(capsys.readouterr().out.split())

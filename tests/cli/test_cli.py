@@ -89,8 +89,14 @@ ONE_NAME = [  # (command and its required options, the canonical flag, the older
     (["eval", "--model", "demo", "--out", "o"], "--eval-batch-size", "--batch-size", "7"),
     (["patch", "--model", "demo", "--out", "o"], "--patch-method", "--method", "attribution"),
     (["patch", "--model", "demo", "--out", "o"], "--harmful-data", "--harmful", "x"),
-    (["finetune", "--model", "demo", "--data", "d", "--out", "o"], "--curve-limit", "--eval-limit", "7"),
-    (["finetune", "--model", "demo", "--data", "d", "--out", "o"], "--curve-prompts", "--eval-prompts", "x"),
+    (["defend", "--model", "demo", "--out", "o"], "--defence", "--method", "resta"),
+    (["defend", "--defence", "resta", "--out", "o"], "--model", "--finetuned", "demo"),
+    (["neurons", "--model", "demo", "--base-model", "demo-base", "--out", "o"], "--harmful-data", "--prompts", "x"),
+    (["neurons", "--model", "demo", "--base-model", "demo-base", "--out", "o"], "--eval-batch-size", "--batch-size",
+     "7"),
+    (["direction", "--model", "demo", "--out", "o"], "--eval-batch-size", "--batch-size", "7"),
+    (["safety-layers", "--model", "demo", "--harmful-data", "x", "--harmless-data", "y", "--out", "o"],
+     "--eval-limit", "--limit", "7"),
     (["trace", "--other", "demo", "--out", "o"], "--model", "--base", "demo-base"),
 ]
 

@@ -46,7 +46,7 @@ def trio(tmp_path_factory, demo_tokenizer):
 
 
 def defend(method: str, trio, out, *options: str) -> dict:
-    command = ["defend", "--method", method, "--finetuned", str(trio["finetuned"]), "--out", str(out), *options]
+    command = ["defend", "--defence", method, "--model", str(trio["finetuned"]), "--out", str(out), *options]
     if method != "antidote":
         command += ["--aligned", str(trio["aligned"]), "--base-model", str(trio["base"])]
     assert cli.main(command) == 0
@@ -139,7 +139,7 @@ def test_antidote_prunes_the_top_wanda_weights_on_harmful_data(trio, tmp_path, d
     model = AutoModelForCausalLM.from_pretrained(trio["finetuned"]).eval()
     samples = load_samples("demo-harmful-sft", demo_tokenizer, 4, 0, 64)
     masks, _ = reference_masks(model, samples, "wanda", 0.25, sequential=False)
-    options = ["--harmful-data", "demo-harmful-sft", "--nsamples", "4", "--max-length", "64"]
+    options = ["--harmful-training-data", "demo-harmful-sft", "--nsamples", "4", "--max-length", "64"]
     finetuned = weights(trio["finetuned"])
     assert set(masks) <= set(finetuned)
     for modules, option in ((("q_proj", "k_proj", "v_proj"), []), (None, ["--antidote-modules", "all"])):
@@ -164,10 +164,10 @@ def test_antidote_prunes_the_top_wanda_weights_on_harmful_data(trio, tmp_path, d
     ("resta", ["--method", "resta", "--aligned", "{aligned}", "--base-model", "{other}"], "which --aligned does not"),
     ("safe_lora", ["--method", "safe_lora", "--aligned", "{aligned}", "--base-model", "{base}",
                    "--safe-lora-threshold", "1.5"], "--safe-lora-threshold 1.5 must lie in [0, 1]"),
-    ("antidote", ["--method", "antidote"], "--method antidote needs --harmful-data"),
-    ("antidote", ["--method", "antidote", "--harmful-data", "demo-harmful-sft", "--antidote-sparsity", "1"],
+    ("antidote", ["--method", "antidote"], "--defence antidote needs --harmful-training-data"),
+    ("antidote", ["--method", "antidote", "--harmful-training-data", "demo-harmful-sft", "--antidote-sparsity", "1"],
      "--antidote-sparsity 1.0 must lie in [0, 1)"),
-    ("antidote", ["--method", "antidote", "--harmful-data", "demo-harmful-sft", "--antidote-modules", "q_proj,qkv"],
+    ("antidote", ["--method", "antidote", "--harmful-training-data", "demo-harmful-sft", "--antidote-modules", "q_proj,qkv"],
      "--antidote-modules: qkv is not a Linear of the fine-tuned model (it has down_proj, gate_proj, k_proj, o_proj"),
     ("resta", ["--method", "resta", "--aligned", "{aligned}", "--base-model", "{base}", "--dare-drop", "1"],
      "--dare-drop 1.0 must lie in [0, 1)"),

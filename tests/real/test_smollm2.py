@@ -45,6 +45,29 @@ def test_chatml_prompts_keep_their_first_token_and_llama2_data_is_put_in_chatml(
     assert prompt_text(demo, example) == example.prompt
 
 
+def test_responses_follow_chatml_and_the_refusal_token_is_smollm2_safes_first_token(tokenizer):
+    """ChatML puts nothing between `<|im_start|>assistant\\n` and the answer, so a response starts unspaced
+    (`I cannot`, not Llama-2's ` I cannot`), and the refusal metric's token, the refusal starts tokenized in
+    context after the templated prompt, is the token smollm2-safe (aligned on such samples) puts first on every
+    one of 16 held-out AdvBench prompts."""
+    from collections import Counter
+
+    from safeneurons.data.samples import response_separator
+    from safeneurons.interp.patching.metrics import refusal_token_ids
+
+    assert response_separator(tokenizer) == "" and response_separator(loading.load_tokenizer("demo")) == " "
+    refusal = refusal_token_ids(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(refusal) == ["I"]
+    model, safe_tokenizer = loading.load_model_and_tokenizer(SAFE)
+    prompts = [line.strip() for line in Path(ADVBENCH).read_text().splitlines() if line.strip()][:16]
+    firsts = Counter()
+    for prompt in prompts:
+        inputs = safe_tokenizer(format_prompt(safe_tokenizer, prompt), return_tensors="pt")
+        with torch.no_grad():
+            firsts[int(model(**inputs).logits[0, -1].argmax())] += 1
+    assert firsts.most_common(1)[0][0] in refusal, safe_tokenizer.convert_ids_to_tokens(list(firsts))
+
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """smollm2-safe's wandg masks on 4 align_short samples, from 1 rank and from 2, one thread per rank in both:

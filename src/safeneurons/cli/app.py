@@ -59,10 +59,32 @@ def normalize_option_spelling(argv: Sequence[str]) -> list[str]:
     return normalized
 
 
+DESCRIPTION = ("safeneurons: find the weights and neurons that carry an LLM's safety alignment, show that they "
+               "matter, fine-tune with them frozen, evaluate, and locate refusal in the model (patching, the refusal "
+               "direction, lineage), on one CPU or a GPU cluster with the same commands. One subcommand per stage; "
+               "`safeneurons COMMAND --help` for its options.")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error of the tool (no usage dump), and whose help
+    lists every option's choices."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        choices, text = kwargs.get("choices"), kwargs.get("help")
+        if choices is not None and text and text is not argparse.SUPPRESS and "%(choices)s" not in text:
+            kwargs["help"] = f"{text} (choices: {', '.join(map(str, choices))})"
+        return super().add_argument(*args, **kwargs)
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    from safeneurons import __version__
     from safeneurons.cli.config_files import add_config_argument
 
-    parser = argparse.ArgumentParser(prog="safeneurons", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="safeneurons", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"safeneurons {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, summary) in STAGES.items():
         sub = commands.add_parser(name, help=summary, description=summary)

@@ -12,14 +12,16 @@ from safeneurons.interventions.safe_lora import (DEFAULT_LAYERS, DEFAULT_THRESHO
 from safeneurons.interventions.task_arithmetic import RestaConfig, run_resta
 
 METHODS = ("resta", "safe_lora", "antidote")
-NEEDS = {"resta": ("aligned", "base_model"), "safe_lora": ("aligned", "base_model"), "antidote": ("harmful_data",)}
+NEEDS = {"resta": ("aligned", "base_model"), "safe_lora": ("aligned", "base_model"),
+         "antidote": ("harmful_training_data",)}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from safeneurons.cli.options import add_model_arguments, add_run_arguments
 
-    parser.add_argument("--method", required=True, choices=METHODS)
-    add_model_arguments(parser, "--finetuned")
+    parser.add_argument("--defence", "--method", dest="method", required=True, choices=METHODS,
+                        help="the defence applied to the fine-tuned model")
+    add_model_arguments(parser, ("--model", "--finetuned"))
     add_run_arguments(parser)
     parser.add_argument("--aligned", help="resta, safe_lora: the model that was fine-tuned (folder, HF id or demo)")
     parser.add_argument("--base-model", help="resta, safe_lora: the model before alignment (demo: demo-base); for "
@@ -40,7 +42,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--safe-lora-layers", type=int, default=DEFAULT_LAYERS,
                        help="N, with --safe-lora-selection number (default %(default)s; 0 projects none)")
     group = parser.add_argument_group("antidote")
-    group.add_argument("--harmful-data", help="the re-alignment data: harmful prompts with harmful answers")
+    group.add_argument("--harmful-training-data", default=None,
+                       help="the re-alignment data: harmful prompts with harmful answers (pipeline's name for them)")
     group.add_argument("--antidote-sparsity", type=float, default=DEFAULT_SPARSITY,
                        help="fraction of each row pruned (default %(default)s; 0 changes nothing)")
     group.add_argument("--antidote-modules", default=",".join(AUTHORS_MODULES), metavar="NAMES|all",
@@ -54,19 +57,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def check_needs(args: argparse.Namespace) -> None:
     missing = [name for name in NEEDS[args.method] if getattr(args, name) is None]
     if missing:
-        raise SafeneuronsError(f"--method {args.method} needs --{missing[0].replace('_', '-')}")
+        raise SafeneuronsError(f"--defence {args.method} needs --{missing[0].replace('_', '-')}")
 
 
 def config_from_args(args: argparse.Namespace) -> RestaConfig | SafeLoraConfig | AntidoteConfig:
     check_needs(args)
     if args.method == "resta":
-        config = RestaConfig(args.finetuned, args.aligned, args.base_model, args.resta_scale, args.dare_drop,
+        config = RestaConfig(args.model, args.aligned, args.base_model, args.resta_scale, args.dare_drop,
                              args.seed, args.cache_dir)
     elif args.method == "safe_lora":
-        config = SafeLoraConfig(args.finetuned, args.aligned, args.base_model, args.safe_lora_selection,
+        config = SafeLoraConfig(args.model, args.aligned, args.base_model, args.safe_lora_selection,
                                 args.safe_lora_threshold, args.safe_lora_layers, args.cache_dir)
     else:
-        config = AntidoteConfig(args.finetuned, args.harmful_data, args.antidote_sparsity, args.nsamples,
+        config = AntidoteConfig(args.model, args.harmful_training_data, args.antidote_sparsity, args.nsamples,
                                 args.max_length, args.batch_size, args.seed, args.data_dir, args.dtype,
                                 args.deepspeed, args.cache_dir, antidote_modules(args.antidote_modules))
     config.validate()

@@ -56,7 +56,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "prompt, make the refusal score (default %(default)s)")
     parser.add_argument("--perplexity-warning-factor", type=float, default=defaults.perplexity_warning_factor,
                         help="the report warns when an edit multiplies perplexity by more (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=selection.batch_size,
+    parser.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=selection.batch_size,
                         help="prompts per forward pass (default %(default)s)")
     parser.add_argument("--candidates-per-pass", type=int, default=selection.candidates_per_pass,
                         help="candidate directions scored in one forward pass (default %(default)s)")

@@ -88,11 +88,11 @@ def add_training_extensions(parser: argparse.ArgumentParser, defaults: FineTuneC
     group.add_argument("--eval-every", type=int, default=None, metavar="K",
                        help="refusal curve: the keyword refusal rate on --curve-prompts before training, every K "
                             "optimizer steps and at the end (greedy; freeze_report.json's refusal_curve)")
-    group.add_argument("--curve-prompts", "--eval-prompts", dest="eval_prompts", default=defaults.eval_prompts,
+    group.add_argument("--curve-prompts", dest="eval_prompts", default=defaults.eval_prompts,
                        help="held-out harmful prompts of the curve (default %(default)s)")
-    group.add_argument("--curve-limit", "--eval-limit", dest="eval_limit", type=int, default=defaults.eval_limit,
+    group.add_argument("--curve-limit", dest="eval_limit", type=int, default=defaults.eval_limit,
                        help="the first N of them (default %(default)s)")
-    group.add_argument("--curve-max-new-tokens", "--eval-max-new-tokens", dest="eval_max_new_tokens", type=int,
+    group.add_argument("--curve-max-new-tokens", dest="eval_max_new_tokens", type=int,
                        default=defaults.eval_max_new_tokens,
                        help="new tokens per generation of the curve (default %(default)s)")
     group.add_argument("--lora-r", type=int, default=0, help="LoRA rank through PEFT; 0 = full fine-tuning (default)")

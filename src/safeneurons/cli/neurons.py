@@ -21,11 +21,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", required=True,
                         help="the unaligned base model the aligned --model was trained from (same structure and "
                              "tokenizer)")
-    parser.add_argument("--prompts", "--harmful-data", dest="prompts", default=defaults.prompts,
+    parser.add_argument("--harmful-data", "--prompts", dest="prompts", default=defaults.prompts,
                         help="held-out harmful prompts, judged by the keyword judge (default %(default)s)")
     parser.add_argument("--eval-limit", "--limit", dest="limit", type=int, default=defaults.limit,
                         help="first N prompts (default %(default)s)")
-    parser.add_argument("--data", "--safety-data", dest="safety_data", default=defaults.safety_data,
+    parser.add_argument("--data", dest="safety_data", default=defaults.safety_data,
                         help="safety data of the weight scores; its prompts are the activation contrast's "
                              "(default %(default)s)")
     parser.add_argument("--utility-data", default=defaults.utility_data,
@@ -44,7 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the set difference: each layer's top-p utility neurons go last (default %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                         help="greedy new tokens per prompt (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+    parser.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=defaults.batch_size,
                         help="prompts per generation batch (default %(default)s)")
     parser.add_argument("--score-batch-size", type=int, default=defaults.score_batch_size,
                         help="scoring samples per pass (default %(default)s)")

@@ -208,15 +208,16 @@ def build_demo(out: str | Path, build: DemoBuild = DemoBuild()) -> DemoPair:
 
 
 def export_demo(out: str | Path) -> Path:
-    """Copy the shipped demo model and tokenizer to `out` as a plain HF folder."""
+    """Copy the shipped demo model and tokenizer to `out` as a plain HF folder (staged, one rename)."""
     from safeneurons.models.loading import demo_model_dir
+    from safeneurons.runtime.outputs import check_output_dir, staged
 
+    check_output_dir(out)
     source = demo_model_dir()
     if not (source / "config.json").is_file():
         raise SafeneuronsError(f"the demo model is missing from {source}; rebuild it with "
                                f"`python -m safeneurons.demo build --out {source}`")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        shutil.copy2(item, out / item.name)
-    return out
+    with staged(out) as staging:
+        for item in source.iterdir():
+            shutil.copy2(item, staging / item.name)
+    return Path(out)

@@ -15,9 +15,9 @@ from safeneurons.data.readers import load_examples
 from safeneurons.data.samples import format_prompt, load_prompts, select
 from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.generation import Decoding, generate_distributed
-from safeneurons.evaluation.metrics import (DEFAULT_HARMFUL_LIMIT, DEFAULT_MAX_NEW_TOKENS, attack_success_rate,
-                                            fraction, is_attack_success, is_refusal, rate_interval, refusal_rate,
-                                            wilson_interval)
+from safeneurons.evaluation.metrics import (DEFAULT_HARMFUL_LIMIT, DEFAULT_MAX_NEW_TOKENS, MIN_SUCCESS_WORDS,
+                                            attack_success_rate, fraction, is_attack_success, is_refusal,
+                                            rate_interval, refusal_rate, wilson_interval)
 from safeneurons.evaluation.perplexity import perplexity, text_samples
 from safeneurons.models.blocks import load_source
 from safeneurons.models.loading import ModelSource, load_config, load_tokenizer
@@ -53,7 +53,9 @@ class PromptSetResult:
         for prompt, texts in zip(prompts, generations):
             successes = [is_attack_success(text) for text in texts]
             record = {"prompt": prompt, "generation": texts[0], "refused": is_refusal(texts[0]),
-                      "attack_success": any(successes)}
+                      "attack_success": any(successes),
+                      # no sample succeeded, and one failed only by the word rule (no refusal, < 20 words)
+                      "decided_by_word_rule": not any(successes) and not all(is_refusal(text) for text in texts)}
             if len(texts) > 1:
                 record.update(generations=list(texts), refused_samples=[is_refusal(text) for text in texts],
                               attack_success_samples=successes)
@@ -200,11 +202,20 @@ class EvalResult:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @property
+    def decided_by_word_rule(self) -> int:
+        """Harmful prompts the keyword judge failed only because no answer reached 20 words."""
+        return sum(bool(record.get("decided_by_word_rule")) for record in self.results)
+
     def summary_line(self, n_samples: int = 1) -> str:
         """One line with every number the evaluation measured."""
         parts = [f"ASR {self.asr:.3f} and refusal rate {self.refusal_rate:.3f} on {self.n_prompts} prompts"
                  + (f" (any of {n_samples} samples; {self.asr_mean_over_samples:.3f} of all samples, the original "
                     f"code's number)" if n_samples > 1 else "")]
+        if self.decided_by_word_rule:
+            parts.append(f"{self.decided_by_word_rule} of them not refused but under the keyword judge's "
+                         f"{MIN_SUCCESS_WORDS}-word rule, so not counted as attacks (more --max-new-tokens lets "
+                         f"answers reach it)")
         if self.harmless_refusal_rate is not None:
             parts.append(f"harmless refusal rate {self.harmless_refusal_rate:.3f}")
         if self.perplexity is not None:

@@ -111,7 +111,7 @@ def check_before_loading(model_name_or_dir: str, masks_path: MaskSource | None,
     """Every check that needs no weights, so that bad input fails before any is read; returns the re-scoring
     config of dynamic freezing (None without it)."""
     from safeneurons.data.readers import check_sources
-    from safeneurons.masks.io import MaskReader
+    from safeneurons.masks.io import MaskReader, check_mask_file_fits
     from safeneurons.runtime.outputs import check_output_dir
 
     config.validate()
@@ -121,6 +121,7 @@ def check_before_loading(model_name_or_dir: str, masks_path: MaskSource | None,
     check_output_dir(config.save_path)
     if isinstance(masks_path, (str, Path)):
         MaskReader(masks_path).verify()  # a damaged mask file fails here, not after the model has loaded
+        check_mask_file_fits(masks_path, model_name_or_dir, config.cache_dir)  # and another model's
     check_sources(config.data, config.safety_data, config.eval_prompts if config.eval_every else None,
                   directory=config.data_dir)
     score_config = rescore_config(masks_path, config.data_dir) if config.rescore_every else None

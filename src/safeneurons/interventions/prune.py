@@ -19,9 +19,9 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.masks.apply import zero_masked
-from safeneurons.masks.io import MaskReader, check_masks_fit
+from safeneurons.masks.io import MaskReader, check_mask_file_fits, check_masks_fit
 from safeneurons.masks.source import MaskElements
-from safeneurons.models.loading import load_for_inference, local_model_folder, model_skeleton, save_hf_folder
+from safeneurons.models.loading import load_for_inference, local_model_folder, save_hf_folder
 from safeneurons.runtime import distributed
 from safeneurons.runtime.checkpoints import CheckpointFiles, rewrite_checkpoint
 from safeneurons.runtime.distributed import reduce_over_ranks
@@ -105,8 +105,7 @@ def run_prune(config: PruneConfig, out: str | Path) -> PruneResult | None:
     prune is file work on rank 0). Mask misfits fail before any weight is read. The result on rank 0."""
     config.validate()
     check_output_dir(out)
-    reader = MaskReader(config.masks)
-    check_masks_fit(reader.shapes(), named_parameters_with_shapes(model_skeleton(config.model, config.cache_dir)))
+    check_mask_file_fits(config.masks, config.model, config.cache_dir)
     if config.deepspeed is None:  # no partitions to share: stream the files (one process does it)
         if not distributed.is_main():
             return None

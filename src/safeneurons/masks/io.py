@@ -192,5 +192,14 @@ def check_masks_fit(mask_shapes: Mapping[str, tuple[int, ...]], param_shapes: Ma
                                    f"{tuple(param_shapes[name])}")
 
 
+def check_mask_file_fits(masks: str | os.PathLike, model: str, cache_dir: str | None = None) -> None:
+    """A mask file's tensors against a model's parameters, from the file's header and the model's config: no
+    weight is read, so a mask of another model fails before any loads."""
+    from safeneurons.models.loading import model_skeleton
+    from safeneurons.runtime.zero3 import named_parameters_with_shapes
+
+    check_masks_fit(MaskReader(masks).shapes(), named_parameters_with_shapes(model_skeleton(model, cache_dir)))
+
+
 def count_selected(masks: Mapping[str, torch.Tensor]) -> int:
     return int(sum(int(mask.sum()) for mask in masks.values()))

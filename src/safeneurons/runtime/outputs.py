@@ -126,11 +126,16 @@ def discard_staging(final: str | os.PathLike) -> None:
 
 
 def check_output_dir(out: str | os.PathLike) -> None:
-    """Fail before any work when a results folder cannot be written: the path is a file, or its nearest existing
-    ancestor is not a writable folder."""
+    """Fail before any work when a results folder cannot be written: the path is empty, the current folder or
+    one above it (a result is published by renaming a folder into place, so it needs a folder of its own), a
+    file, or its nearest existing ancestor is not a writable folder."""
     from safeneurons.errors import SafeneuronsError
 
     path = Path(out).expanduser()
+    resolved, here = path.resolve(), Path.cwd().resolve()
+    if not str(out).strip() or path.name in ("", ".", "..") or resolved == here or resolved in here.parents:
+        raise SafeneuronsError(f"output {str(out)!r} is not a results folder of its own (the current folder, one "
+                               f"above it, or empty): name a new or existing folder, such as out/results")
     if path.exists() and not path.is_dir():
         raise SafeneuronsError(f"output {path} is an existing file, not a folder")
     ancestor = path

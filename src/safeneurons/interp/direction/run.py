@@ -83,15 +83,12 @@ class RefusalDirectionConfig:
         for what, source in (("harmful", self.harmful), ("harmless", self.harmless)):
             check_split_sizes(len(load_examples(source, self.data_dir)), self, what)
         if self.masks:
-            from safeneurons.masks.io import MaskReader, check_masks_fit
-            from safeneurons.models.loading import model_skeleton
-            from safeneurons.runtime.zero3 import named_parameters_with_shapes
+            from safeneurons.masks.io import check_mask_file_fits
 
             if model.deepspeed:
                 raise SafeneuronsError("--masks links the direction to whole weight matrices: run it without "
                                        "--deepspeed")
-            check_masks_fit(MaskReader(self.masks).shapes(),
-                            named_parameters_with_shapes(model_skeleton(model.name, model.cache_dir)))
+            check_mask_file_fits(self.masks, model.name, model.cache_dir)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from safeneurons.data.readers import check_sources
 from safeneurons.errors import SafeneuronsError
 from safeneurons.finetune.constrained import PAPER_BETAS
-from safeneurons.models.loading import DEMO_NAME, SHARD_MODES, load_config
+from safeneurons.models.loading import DEMO_CHAT_NAME, DEMO_NAME, SHARD_MODES, load_config
 from safeneurons.runtime.outputs import check_output_dir
 from safeneurons.runtime.tracking import TrackingConfig
 
@@ -253,6 +253,10 @@ def validate(settings: PipelineConfig) -> None:
         raise SafeneuronsError(f"--learning-rate={settings.learning_rate} must be positive")
     if settings.study not in STUDIES:
         raise SafeneuronsError(f"--study {settings.study!r} is not one of {', '.join(STUDIES)}")
+    from safeneurons.scores.config import METHODS
+
+    if settings.prune_method not in METHODS:
+        raise SafeneuronsError(f"--score-method {settings.prune_method!r} is not one of {', '.join(METHODS)}")
     try:
         seeds = settings.seed_list
     except ValueError:
@@ -366,7 +370,7 @@ def resolve_config(given: dict[str, Any]) -> PipelineConfig:
             log.info("no --model given and %s: running the embedded default (the demo model and demo data, CPU)",
                      reason)
             model = DEMO_NAME
-    if model == DEMO_NAME:
+    if model in (DEMO_NAME, DEMO_CHAT_NAME):  # one model, two names
         settings = replace(settings, **DEMO_PROFILE)
         if given.get("study") == "full":
             settings = replace(settings, **DEMO_FULL_STUDY)
@@ -376,7 +380,9 @@ def resolve_config(given: dict[str, Any]) -> PipelineConfig:
 
 
 def check_inputs(settings: PipelineConfig) -> None:
-    """Unwritable outputs, missing data sets and a judge model that is not there fail here, in one line."""
+    """A model that is not there, unwritable outputs, missing data sets and a judge model that is not there fail
+    here, in one line, in that order."""
+    load_config(settings.model, settings.cache_dir)
     for location in (settings.results_path, settings.save_path):
         check_output_dir(location)
     check_sources(settings.prune_data, settings.training_data, settings.harmful_data, settings.harmless_data,
