@@ -325,7 +325,7 @@ def test_defences_join_a_finished_study(single_run):
     assert run_settings("lisa")["lisa_steps"] == [1, 9] and run_settings("constrained_sft")["constrained_betas"] == [
         0.5, 2.0, 0.1]
     costs = summary["costs"]["benign"]
-    assert costs["plain"]["relative_to_plain"] == 1.0 and all(cost["seconds"] > 0 for cost in costs.values())
+    assert costs["plain"]["relative_to_plain"] == 1.0 and all(cost["seconds"] > 0 for cost in costs.values())  # CPU s
     assert costs["sppft"]["preparation_seconds"] > 0 and costs["resta"]["preparation_seconds"] is None
     report = (results / "report.md").read_text()
     assert "## Cost of each arm" in report and "| benign | RESTA |" in report and "## Attack strength" in report

@@ -111,17 +111,19 @@ def _stage_module(module_name: str):
         raise
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(uses_torch: bool = True) -> None:
     """Keep library noise out of the user's log: on a machine without CUDA, name DeepSpeed's accelerator so that
     it does not warn "Setting accelerator to CPU" on every command (on stdout, which `plan --json` needs clean);
-    a warning that a library repeats at every step is shown once."""
+    a warning that a library repeats at every step is shown once. A command of arithmetic only (`uses_torch`
+    False) does not import torch for the first."""
     import os
     import warnings
 
-    import torch
+    if uses_torch and "DS_ACCELERATOR" not in os.environ:
+        import torch
 
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
     if getattr(warnings.showwarning, "shows_once", False):
         return
     shown: set[tuple[type, str]] = set()
@@ -160,11 +162,13 @@ def parse_command_line(argv: Sequence[str]) -> tuple[argparse.ArgumentParser, ar
 def write_run_config(parser: argparse.ArgumentParser, args: argparse.Namespace, module: Any) -> None:
     """Rank 0 records the options of a finished run as config.yaml in its results folder (when it has one)."""
     from safeneurons.cli.config_files import resolved_options, result_folder, write_resolved_config
-    from safeneurons.runtime import distributed
+    from safeneurons.runtime.launch import discover_launch
 
+    distributed = sys.modules.get("safeneurons.runtime.distributed")  # its rank is torch's, once a group exists
+    main_rank = distributed.is_main() if distributed is not None else discover_launch().rank == 0
     resolved = module.resolved_args(args) if hasattr(module, "resolved_args") else args
     folder = result_folder(resolved)
-    if distributed.is_main() and folder is not None and folder.is_dir():
+    if main_rank and folder is not None and folder.is_dir():
         write_resolved_config(folder, args.command, resolved_options(command_parser(parser, args.command), resolved))
 
 
@@ -182,10 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if module is None or not hasattr(module, "run"):
         print(f"safeneurons: error: `{args.command}` is not available yet in this version", file=sys.stderr)
         return 2
-    from safeneurons.runtime import distributed
+    from safeneurons.runtime.launch import discover_launch, setup_logging
 
-    quiet_libraries()
-    distributed.setup_logging(distributed.discover_launch().rank)
+    launch = discover_launch()
+    quiet_libraries(uses_torch=getattr(module, "USES_TORCH", True))
+    setup_logging(launch.rank)
     finished = False
     try:
         code = int(module.run(args) or 0)
@@ -196,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SafeneuronsError as error:
         from safeneurons.cli.config_files import named_in_file, read_config_file
 
-        prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
+        prefix = f"[rank {launch.rank}] " if launch.world_size > 1 else ""
         message = named_in_file(str(error), read_config_file(args.config), args.config) if args.config else str(error)
         print(f"{prefix}safeneurons: error: {message}", file=sys.stderr)
         return 2
@@ -204,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("safeneurons").warning("interrupted")
         return 130
     finally:
-        distributed.shutdown(synchronize=finished)
+        distributed = sys.modules.get("safeneurons.runtime.distributed")  # loaded by every command that runs a model
+        if distributed is not None:
+            distributed.shutdown(synchronize=finished)
 
 
 def check_command(argv: Sequence[str]) -> Any:

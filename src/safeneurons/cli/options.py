@@ -68,12 +68,14 @@ DATA_OPTIONS = ("data", "utility_data", "safety_data", "eval_prompts", "prune_da
 
 def apply_data_columns(args: argparse.Namespace) -> None:
     """--prompt-column/--response-column written into each `datasets` source of the command line."""
+    prompt, response = getattr(args, "prompt_column", None), getattr(args, "response_column", None)
+    if not (prompt or response):
+        return
     from safeneurons.data.hub import split_source_list, with_columns
 
-    prompt, response = getattr(args, "prompt_column", None), getattr(args, "response_column", None)
     for name in DATA_OPTIONS:
         value = getattr(args, name, None)
-        if isinstance(value, str) and (prompt or response):  # trace --data takes a comma-separated list
+        if isinstance(value, str):  # trace --data takes a comma-separated list
             setattr(args, name, ",".join(with_columns(source, prompt, response) for source in split_source_list(value)))
 
 

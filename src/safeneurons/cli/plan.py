@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from safeneurons.runtime import distributed
+USES_TORCH = False  # arithmetic only: `plan` starts without importing torch (cli.app)
+
+from safeneurons.runtime.launch import discover_launch
 from safeneurons.runtime.memory import parse_memory_size
-from safeneurons.scores.accumulators import ACCUMULATE_DTYPES
+from safeneurons.scores.sizes import ACCUMULATE_DTYPES
 from safeneurons.workflows.plan import OFFLOAD_CHOICES, PRESETS, Cluster, PlanConfig, Workload, format_table, run_plan
 
 
@@ -59,6 +61,6 @@ def config_from_args(args: argparse.Namespace) -> PlanConfig:
 
 def run(args: argparse.Namespace) -> int:
     report = run_plan(config_from_args(args), args.out)
-    if distributed.init_distributed().is_main:
+    if discover_launch().rank == 0:
         print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0 if all(stage["fits"] for stage in report["stages"]) else 1

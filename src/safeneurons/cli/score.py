@@ -6,7 +6,7 @@ import argparse
 from safeneurons.models.loading import ModelSource
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import parse_memory_size
-from safeneurons.scores.accumulators import ACCUMULATE_DTYPES
+from safeneurons.scores.sizes import ACCUMULATE_DTYPES
 from safeneurons.scores.config import DEFAULT_SPARSITY, DEFAULT_UTILITY_DATA, METHODS, SETDIFF_SCOPES, ScoreConfig
 from safeneurons.scores.run import run_score
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -16,13 +15,20 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.refusal_curve import make_probe
 from safeneurons.finetune.backends import DeepSpeedBackend, TorchBackend
 from safeneurons.finetune.config import FineTuneConfig
-from safeneurons.finetune.loop import RunState, build_report, run_fine_tuning, save_model, snapshot
+from safeneurons.finetune.loop import (
+    RunState,
+    build_report,
+    run_fine_tuning,
+    save_model,
+    snapshot,
+)
 from safeneurons.finetune.resume import check_resume, run_settings
 from safeneurons.finetune.schedule import planned_steps
 from safeneurons.interventions.dynamic import DynamicFreezing, rescore_config
 from safeneurons.interventions.freezing import FROZEN_ATTRIBUTE, FrozenWeights, freeze
 from safeneurons.runtime import distributed
 from safeneurons.runtime.dsconfig import zero_stage
+from safeneurons.runtime.timing import Stopwatch
 from safeneurons.runtime.tracking import Tracker, open_tracker
 
 if TYPE_CHECKING:
@@ -180,7 +186,7 @@ def fine_tune_lora(model: nn.Module, masks: MaskSource | None, samples: Sequence
     into the base weights; the report measures the merged model against the original (masked elements: 0)."""
     from safeneurons.finetune.lora import add_adapters, merge_adapters
 
-    started = time.perf_counter()
+    started = Stopwatch()
     protected = freeze(model, masks) if masks is not None else None  # never attached: it measures
     start = snapshot(model)
     adapted = add_adapters(model, config.lora_r, config.lora_alpha, config.lora_targets, masks)

@@ -185,6 +185,8 @@ class FineTuneResult:
     mask_value_bytes_per_rank: list[int]
     seconds: float
     refusal_curve_seconds: float = 0.0  # of `seconds`, spent measuring the refusal curve (--eval-every)
+    cpu_seconds: float = 0.0  # rank 0's process CPU time over the same span (runtime.timing: load barely moves it)
+    refusal_curve_cpu_seconds: float = 0.0
     config: dict = field(default_factory=dict)
     run_settings: dict = field(default_factory=dict)  # what the run used (RUN_KEYS, mask source, world size)
     resumed_settings: dict = field(default_factory=dict)  # settings --resume-override changed: their values before

@@ -24,6 +24,7 @@ from safeneurons.models.loading import save_hf_folder
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import mean_over_ranks, reduce_over_ranks
 from safeneurons.runtime.resume import write_marker
+from safeneurons.runtime.timing import Stopwatch
 from safeneurons.runtime.tracking import Tracker
 from safeneurons.runtime.zero3 import local_layout, local_weights
 
@@ -71,6 +72,7 @@ class RunState:
     safety_loss_curve: list[float] = field(default_factory=list)
     refusal_curve: list[dict] = field(default_factory=list)
     refusal_curve_seconds: float = 0.0  # of this process's measurements: the cost of the curve, not of training
+    refusal_curve_cpu_seconds: float = 0.0
 
 
 def _to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -167,9 +169,10 @@ def _track_step(tracker: Tracker, backend: TrainingBackend, state: RunState, sam
 def _record_refusal(backend: TrainingBackend, probe: RefusalProbe, state: RunState, tracker: Tracker) -> None:
     """A point of the refusal curve. Under ZeRO-3 generation leaves parameters that the engine prefetched for its
     own (training) module order in flight: they are released before training goes on."""
-    started = time.perf_counter()
+    started = Stopwatch()
     state.refusal_curve.append({"step": state.step, "refusal_rate": probe.measure(backend.module)})
-    state.refusal_curve_seconds += time.perf_counter() - started
+    state.refusal_curve_seconds += started.seconds()
+    state.refusal_curve_cpu_seconds += started.cpu_seconds()
     tracker.log({"eval/refusal_rate": state.refusal_curve[-1]["refusal_rate"]}, state.step)
     engine = getattr(backend, "engine", None)
     if engine is not None and getattr(backend, "zero_stage", None) == 3:
@@ -216,7 +219,7 @@ def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samp
     """Attach the frozen weights, (resume,) train and measure; collective under several ranks. `settings` are
     the run settings the checkpoints record (`run_settings`); `safety` the samples of --safety-data; `dynamic`
     (which holds `frozen`) re-scores the frozen set."""
-    started = time.perf_counter()
+    started = Stopwatch()
     settings = dict(settings or run_settings(config, frozen))
     resumed_with = check_resume(Path(config.checkpoint_dir), settings, config.resume_override) if config.resume \
         else None
@@ -240,7 +243,7 @@ def run_fine_tuning(backend: TrainingBackend, frozen: FrozenWeights | None, samp
 
 def build_report(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: FrozenWeights | None, partitioned: bool,
                  state: RunState, zero_stage: int | None, config: FineTuneConfig, settings: Mapping[str, Any],
-                 started: float, resumed_from: int = 0, resumed_settings: Mapping[str, Any] | None = None
+                 started: Stopwatch, resumed_from: int = 0, resumed_settings: Mapping[str, Any] | None = None
                  ) -> FineTuneResult:
     """Measure the change since `start` and report the run; collective under several ranks."""
     change = measure_change(model, start, frozen, partitioned)
@@ -255,8 +258,9 @@ def build_report(model: nn.Module, start: Mapping[str, torch.Tensor], frozen: Fr
         safety_loss_curve=state.safety_loss_curve, refusal_curve=state.refusal_curve, steps=state.step,
         resumed_from_step=resumed_from,
         world_size=distributed.world_size(), zero_stage=zero_stage, mask_bytes_per_rank=mask_bytes,
-        mask_value_bytes_per_rank=value_bytes, seconds=round(time.perf_counter() - started, 3),
-        refusal_curve_seconds=round(state.refusal_curve_seconds, 3),
+        mask_value_bytes_per_rank=value_bytes, seconds=round(started.seconds(), 3),
+        cpu_seconds=round(started.cpu_seconds(), 3), refusal_curve_seconds=round(state.refusal_curve_seconds, 3),
+        refusal_curve_cpu_seconds=round(state.refusal_curve_cpu_seconds, 3),
         config=dataclasses.asdict(config), run_settings=dict(settings), resumed_settings=dict(resumed_settings or {}))
 
 

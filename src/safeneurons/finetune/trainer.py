@@ -5,7 +5,6 @@ order, schedule and DeepSpeed integration) with the same report and saved folder
 from __future__ import annotations
 
 import functools
-import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -19,6 +18,7 @@ from safeneurons.finetune.loop import RunState, build_report, snapshot
 from safeneurons.finetune.schedule import scheduler_name
 from safeneurons.interventions.freezing import freeze
 from safeneurons.runtime import distributed
+from safeneurons.runtime.timing import Stopwatch
 from safeneurons.runtime.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def train_with_trainer(model: nn.Module, frozen: FrozenWeights | None, samples: 
                        config: FineTuneConfig, ds_config: Mapping[str, Any] | None, settings: Mapping[str, Any],
                        zero_stage: int | None, tracker: Tracker | None = None) -> FineTuneResult:
     """Train `model` (built under the DeepSpeed config when there is one) with `MaskedTrainer`; collective."""
-    started = time.perf_counter()
+    started = Stopwatch()
     partitioned = frozen.partitioned if frozen is not None else zero_stage == 3
     start = snapshot(model)
     rates = _LearningRates()

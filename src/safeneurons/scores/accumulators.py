@@ -18,9 +18,8 @@ import torch
 from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import reduce_each_to_owner
+from safeneurons.scores.sizes import AUTO_MEMORY_FRACTION, owned_bytes
 
-ACCUMULATE_DTYPES = ("exact", "float32", "model")
-AUTO_MEMORY_FRACTION = 0.5  # of what a rank can still allocate, for wandg's accumulators by default
 # Fixed point: the high word counts units of 2^-20 and the low word units of 2^-72. A term below 2^-72 (2e-22)
 # adds nothing; the high word holds sums up to 2^43 (8.8e12), the low word 2^11 terms between carries.
 HIGH_UNIT_BITS = 20
@@ -29,17 +28,6 @@ LOW_WORD_BITS = LOW_UNIT_BITS - HIGH_UNIT_BITS
 LARGEST_TERM = 2.0 ** 43
 CHUNK_ELEMENTS = 2 ** 18  # rows added together, so that the temporaries of a chunk stay in cache
 CARRY_EVERY = 2 ** 10  # terms between carries, so that the low word (< 2^52 per term) never overflows int64
-
-
-def element_bytes(accumulate_dtype: str, weight_bytes: int) -> int:
-    """Bytes one accumulated element takes (wandg's sums are weight-sized), for weights of `weight_bytes`."""
-    return {"exact": 16, "float32": 4}.get(accumulate_dtype, weight_bytes)
-
-
-def owned_bytes(element_size: int) -> int:
-    """Bytes per element of a finished sum (an fp32 value, or the model's dtype under `model`), which the owner
-    keeps after its round while the accumulators are freed."""
-    return min(4, element_size)
 
 
 class ExactSum:

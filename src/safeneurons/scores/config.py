@@ -17,7 +17,7 @@ from safeneurons.models.structure import scored_linears
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import broadcast_from_owner
 from safeneurons.runtime.zero3 import full_shape
-from safeneurons.scores.accumulators import ACCUMULATE_DTYPES
+from safeneurons.scores.sizes import ACCUMULATE_DTYPES
 
 if TYPE_CHECKING:
     from safeneurons.models.structure import ScoredLinear

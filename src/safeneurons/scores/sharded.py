@@ -15,8 +15,8 @@ import torch
 
 from safeneurons.runtime import distributed
 from safeneurons.runtime.pipeline import StageLink, one_forward_one_backward, sum_over_replicas
-from safeneurons.scores.accumulators import (accumulation_rounds, element_bytes, score_memory_budget,
-                                             statistic_accumulators)
+from safeneurons.scores.accumulators import accumulation_rounds, score_memory_budget, statistic_accumulators
+from safeneurons.scores.sizes import element_bytes
 from safeneurons.scores.passes import (LinearCapture, add_sample_terms, equal_length_groups, micro_batch,
                                        per_sample_losses, scoring_mode)
 

@@ -14,9 +14,9 @@ from safeneurons.models.blocks import block_of
 from safeneurons.models.structure import model_device, model_dtype
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import weight_on_owner
-from safeneurons.scores.accumulators import (accumulation_rounds, accumulator_bytes, element_bytes,
-                                             reduce_accumulators_to_owners, score_memory_budget,
-                                             statistic_accumulators)
+from safeneurons.scores.accumulators import (accumulation_rounds, accumulator_bytes, reduce_accumulators_to_owners,
+                                             score_memory_budget, statistic_accumulators)
+from safeneurons.scores.sizes import element_bytes
 from safeneurons.scores.passes import LinearCapture, add_sample_terms, rank_batches, run_batch, scoring_mode
 from safeneurons.scores.sharded import sharded_statistics
 

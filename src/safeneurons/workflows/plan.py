@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.runtime import distributed
+from safeneurons.runtime.launch import discover_launch
 from safeneurons.runtime.memory import GIB
 from safeneurons.runtime.outputs import check_output_dir, write_json
-from safeneurons.scores.accumulators import AUTO_MEMORY_FRACTION, element_bytes, owned_bytes
+from safeneurons.scores.sizes import AUTO_MEMORY_FRACTION, element_bytes, owned_bytes
 from safeneurons.workflows.plan_layers import (ShardedInputs, sharded_eval_line, sharded_eval_report,
                                                sharded_score_line, sharded_score_report)
 
@@ -495,6 +495,6 @@ def run_plan(config: PlanConfig, out: str | Path | None = None) -> dict:
     if out is not None:
         check_output_dir(out)
     report = plan_report(model_shape(config.model), config.cluster, config.workload)
-    if out is not None and distributed.init_distributed().is_main:
+    if out is not None and discover_launch().rank == 0:
         write_json(Path(out) / "plan.json", report)
     return report

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from safeneurons.models.blocks import LayerSplit, balanced_split
+from safeneurons.models.layer_split import LayerSplit, balanced_split
 from safeneurons.runtime.memory import GIB
-from safeneurons.scores.accumulators import AUTO_MEMORY_FRACTION
+from safeneurons.scores.sizes import AUTO_MEMORY_FRACTION
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,11 @@ def sharded_eval_line(report: dict) -> str:
 def sharded_score_line(report: dict, accumulate_dtype: str) -> str:
     largest, passes = report["largest_gib"], report["passes"]
     blocks = ", ".join(f"{start}-{stop - 1}" for start, stop in report["blocks"])
+    held = largest["total"] - largest["weights"] - largest["activations"]  # the sums of one round
+    sums = (f"wandg {accumulate_dtype} sums {held:.1f} GiB" if passes == 1 else
+            f"one round's wandg {accumulate_dtype} sums {held:.1f} GiB (of {largest['sums']:.1f} GiB in all, in "
+            f"{passes} rounds)")
     return (f"score --shard layers: {report['stages']} stages (layers {blocks}); largest stage {largest['total']:.1f} "
-            f"GiB = weights {largest['weights']:.1f} + activations {largest['activations']:.1f} + wandg "
-            f"{accumulate_dtype} sums {largest['sums']:.1f} GiB{' in rounds' if passes > 1 else ''}: "
+            f"GiB = weights {largest['weights']:.1f} + activations {largest['activations']:.1f} + {sums}: "
             f"{'one pass' if passes == 1 else f'{passes} passes'} over the data"
             f"{'' if report['fits'] else ' (does NOT fit)'}")

@@ -182,7 +182,7 @@ def find_direction(loaded: Any, config: RefusalDirectionConfig) -> tuple[Refusal
     report = {"selected": asdict(best), "selected_despite_filter": best.discarded is not None,
               "selected_by": chosen_by, "judge": config.judge,
               "warnings": perplexity_warnings(effects.get("perplexity") or {}, config.perplexity_warning_factor),
-              "post_instruction_tokens": tokenizer.convert_ids_to_tokens(token_ids),
+              "post_instruction_tokens": [tokenizer.decode([token]) for token in token_ids],  # text, not Ġ-pieces
               "refusal_token_ids": refusal.detail["refusal_token_ids"], "selection": asdict(config.selection),
               "splits": {name: len(getattr(splits, name)) for name in ("harmful_train", "harmless_train",
                                                                         "harmful_val", "harmless_val",

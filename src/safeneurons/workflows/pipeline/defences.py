@@ -13,13 +13,17 @@ post-hoc arm its repair, as a ratio to plain's; the one-time preparation (scorin
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime import distributed
-from safeneurons.workflows.pipeline.settings import ARM_MASK_STAGE, NEEDS_BASE_MODEL, POST_HOC_SOURCE
+from safeneurons.runtime.timing import Stopwatch
+from safeneurons.workflows.pipeline.settings import (
+    ARM_MASK_STAGE,
+    NEEDS_BASE_MODEL,
+    POST_HOC_SOURCE,
+)
 from safeneurons.workflows.pipeline.stages import Run, stage_seconds
 
 if TYPE_CHECKING:
@@ -105,26 +109,27 @@ def defend_stage(study: Study, run: Run) -> Callable[[Path], None]:
         from safeneurons.runtime.outputs import write_json
 
         config = repair_config(study, run)
-        started = time.perf_counter()
+        started = Stopwatch()
         result = {"resta": run_resta, "safe_lora": run_safe_lora, "antidote": run_antidote}[run.arm](
             config, study.model_of(run))
         if distributed.is_main():
             write_json(folder / DEFENCE_FILE, {"method": run.arm, "source": study.model_of(source_run(run)),
-                                               "seconds": round(time.perf_counter() - started, 3),
+                                               "seconds": round(started.seconds(), 3),
+                                               "cpu_seconds": round(started.cpu_seconds(), 3),
                                                "summary": result.to_json(config)})
 
     return work
 
 
 def training_seconds(results: Path, run: Run) -> float | None:
-    """A fine-tuning's seconds without its refusal curve's measurements."""
+    """A fine-tuning's CPU seconds (rank 0) without its refusal curve's measurements."""
     from safeneurons.finetune.config import REPORT_FILE
 
     path = results / f"finetune_{run.key}" / REPORT_FILE
     if not path.is_file():
         return None
     report = json.loads(path.read_text())
-    return report["seconds"] - report.get("refusal_curve_seconds", 0.0)
+    return report["cpu_seconds"] - report.get("refusal_curve_cpu_seconds", 0.0)
 
 
 def run_seconds(study: Study, run: Run) -> float | None:
@@ -132,7 +137,7 @@ def run_seconds(study: Study, run: Run) -> float | None:
     if run.arm not in POST_HOC_SOURCE:
         return training_seconds(study.results, run)
     source = training_seconds(study.results, source_run(run))
-    repair = json.loads((study.results / f"defend_{run.key}" / DEFENCE_FILE).read_text())["seconds"]
+    repair = json.loads((study.results / f"defend_{run.key}" / DEFENCE_FILE).read_text())["cpu_seconds"]
     return None if source is None else source + repair
 
 
@@ -164,10 +169,12 @@ def cost_lines(costs: dict[str, dict[str, dict]], labels: dict[str, str]) -> lis
         return "–" if value is None else f"{value:.{digits}f}"
 
     lines = ["", "## Cost of each arm", "",
-             "Seconds per run (mean over the seeds): fine-tuning without the refusal curve's measurements, plus the "
-             "repair for a post-hoc defence (whose fine-tuning is its source arm's); the ratio to plain fine-tuning; "
-             "the one-time preparation shared by the seeds and attacks (scoring a mask, locating the safety layers).",
-             "", "| attack | arm | seconds per run | × plain | one-time preparation (s) |",
+             "CPU seconds per run (rank 0's process CPU time, mean over the seeds; other load on the machine "
+             "stretches wall-clock time but barely moves CPU time): fine-tuning without the refusal curve's "
+             "measurements, plus the repair for a post-hoc defence (whose fine-tuning is its source arm's); the ratio "
+             "to plain fine-tuning; the one-time preparation shared by the seeds and attacks (scoring a mask, "
+             "locating the safety layers).",
+             "", "| attack | arm | CPU seconds per run | × plain | one-time preparation (CPU s) |",
              "| --- | --- | --- | --- | --- |"]
     for attack, arms in costs.items():
         lines += [f"| {attack} | {labels.get(arm, arm)} | {number(cost['seconds'])} | "

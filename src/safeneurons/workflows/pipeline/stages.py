@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import write_json
 from safeneurons.runtime.resume import matches, read_marker, write_marker
+from safeneurons.runtime.timing import Stopwatch
 from safeneurons.workflows.pipeline.settings import DONE_FILE
 
 log = logging.getLogger(__name__)
@@ -70,22 +71,22 @@ def run_stage(stage: Stage, results: Path, force: bool, title: str) -> bool:
         (folder / DONE_FILE).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    started = time.perf_counter()
+    started = Stopwatch()
     log.info("%s: running", title)
     stage.work(folder)
     distributed.barrier()
-    seconds = time.perf_counter() - started
+    seconds = started.seconds()
     if distributed.is_main():
-        write_json(folder / SECONDS_FILE, {"seconds": round(seconds, 3)})
+        write_json(folder / SECONDS_FILE, {"seconds": round(seconds, 3), "cpu_seconds": round(started.cpu_seconds(), 3)})
         write_marker(folder / DONE_FILE, stage.fingerprint)
     log.info("%s: done in %.1f s", title, seconds)
     return True
 
 
 def stage_seconds(folder: Path) -> float | None:
-    """How long a finished stage's work took (None for a stage finished before this was recorded)."""
+    """The CPU time a finished stage's work took on rank 0 (None for a stage finished before this was recorded)."""
     record = read_marker(folder / SECONDS_FILE)
-    return None if record is None else record["seconds"]
+    return None if record is None else record.get("cpu_seconds")
 
 
 @dataclass(frozen=True)
