@@ -31,7 +31,7 @@ def test_refusal_curve_is_recorded_at_the_requested_steps_and_ends_at_the_final_
     point is the refusal rate of the saved model's greedy generations on the same prompts."""
     args = ["finetune", "--model", "demo", "--data", "demo-harmful-sft", "--nsamples", "40", "--batch-size", "8",
             "--max-length", "64", "--learning-rate", "1e-3", "--max-steps", "5", "--eval-every", "2",
-            "--eval-prompts", "demo-harmful", "--eval-limit", "12", "--eval-max-new-tokens", "10",
+            "--curve-prompts", "demo-harmful", "--curve-limit", "12", "--curve-max-new-tokens", "10",
             "--save-path", str(tmp_path / "out")]
     assert cli.main(args) == 0
     curve = json.loads((tmp_path / "out" / "freeze_report.json").read_text())["refusal_curve"]

@@ -158,7 +158,7 @@ def test_antidote_prunes_the_top_wanda_weights_on_harmful_data(trio, tmp_path, d
 
 
 @pytest.mark.parametrize("case, options, message", [
-    ("resta", ["--method", "resta", "--aligned", "{aligned}"], "--method resta needs --base-model"),
+    ("resta", ["--method", "resta", "--aligned", "{aligned}"], "--defence resta needs --base-model"),
     ("safe_lora", ["--method", "safe_lora", "--aligned", "{aligned}", "--base-model", "{other}"],
      "which --aligned does not"),
     ("resta", ["--method", "resta", "--aligned", "{aligned}", "--base-model", "{other}"], "which --aligned does not"),

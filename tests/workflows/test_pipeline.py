@@ -312,7 +312,8 @@ def test_defences_join_a_finished_study(single_run):
     for name in linears:
         zeroed = (antidote[name] == 0) & (plain[name] != 0)
         assert torch.equal(antidote[name][~zeroed], plain[name][~zeroed]), name
-        assert zeroed.sum(dim=1).tolist() == [int(plain[name].shape[1] * 0.1)] * plain[name].shape[0], name
+        pruned = int(plain[name].shape[1] * 0.1) if name.split(".")[-2] in ("q_proj", "k_proj", "v_proj") else 0
+        assert zeroed.sum(dim=1).tolist() == [pruned] * plain[name].shape[0], name  # the authors' q, k, v only
     lora, safe_lora = model("lora_plain"), model("safe_lora")
     repair = json.loads((results / "defend_benign_safe_lora_s0" / "defence.json").read_text())
     assert repair["source"] == str(models / "benign_lora_plain_s0")

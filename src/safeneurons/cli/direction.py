@@ -32,6 +32,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "and harmless ones < 0)")
     parser.add_argument("--no-filter-val", dest="filter_val", action="store_false",
                         help="keep every validation prompt")
+    add_selection_arguments(parser)
+    parser.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=selection.batch_size,
+                        help="prompts per forward pass (default %(default)s)")
+    parser.add_argument("--candidates-per-pass", type=int, default=selection.candidates_per_pass,
+                        help="candidate directions scored in one forward pass (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                        help="greedy new tokens of the evaluation's generations (default %(default)s)")
+    parser.add_argument("--compare-random", type=int, default=0, metavar="N",
+                        help="also evaluate N random directions of the same norm, the control (default %(default)s)")
+    parser.add_argument("--perplexity-data", default=None,
+                        help="harmless text for perplexity at baseline, under ablation, subtraction and with the "
+                             "orthogonalized weights (default: none)")
+    parser.add_argument("--perplexity-samples", type=int, default=defaults.perplexity_samples,
+                        help="texts of --perplexity-data (default %(default)s)")
+    parser.add_argument("--masks", default=None,
+                        help="a mask (score's masks.safetensors or folder): how the direction lies in its weights")
+    parser.add_argument("--save-orthogonalized", default=None, metavar="DIR",
+                        help="write the weight-orthogonalized model as an HF folder (streamed tensor by tensor)")
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The original's filter, what happens when it keeps no candidate, and how refusal is measured and judged."""
+    defaults, selection = RefusalDirectionConfig(), SelectionConfig()
     parser.add_argument("--kl-threshold", type=float, default=selection.kl_threshold,
                         help="discard candidates whose ablation moves the harmless distribution more (default "
                              "%(default)s)")
@@ -56,23 +79,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "prompt, make the refusal score (default %(default)s)")
     parser.add_argument("--perplexity-warning-factor", type=float, default=defaults.perplexity_warning_factor,
                         help="the report warns when an edit multiplies perplexity by more (default %(default)s)")
-    parser.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=selection.batch_size,
-                        help="prompts per forward pass (default %(default)s)")
-    parser.add_argument("--candidates-per-pass", type=int, default=selection.candidates_per_pass,
-                        help="candidate directions scored in one forward pass (default %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
-                        help="greedy new tokens of the evaluation's generations (default %(default)s)")
-    parser.add_argument("--compare-random", type=int, default=0, metavar="N",
-                        help="also evaluate N random directions of the same norm, the control (default %(default)s)")
-    parser.add_argument("--perplexity-data", default=None,
-                        help="harmless text for perplexity at baseline, under ablation, subtraction and with the "
-                             "orthogonalized weights (default: none)")
-    parser.add_argument("--perplexity-samples", type=int, default=defaults.perplexity_samples,
-                        help="texts of --perplexity-data (default %(default)s)")
-    parser.add_argument("--masks", default=None,
-                        help="a mask (score's masks.safetensors or folder): how the direction lies in its weights")
-    parser.add_argument("--save-orthogonalized", default=None, metavar="DIR",
-                        help="write the weight-orthogonalized model as an HF folder (streamed tensor by tensor)")
 
 
 def config_from_args(args: argparse.Namespace) -> RefusalDirectionConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safeneurons.workflows.pipeline.report import print_summary
 from safeneurons.workflows.pipeline.settings import DEMO_PROFILE, SETTING_HELP, PipelineConfig, resolve_config
-from safeneurons.workflows.pipeline.study import run_pipeline
+from safeneurons.workflows.pipeline.run import run_pipeline
 
 log = logging.getLogger(__name__)
 # One name per concept across the commands (score --score-method, eval --eval-limit); the seed's flags stay aliases

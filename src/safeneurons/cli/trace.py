@@ -5,7 +5,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 from safeneurons.interp.tracing.assignment import DEFAULT_ALPHA, DEFAULT_BATCH_SIZE, DEFAULT_DATA, SOLVERS
-from safeneurons.interp.tracing.trace import TraceConfig, run_trace
+from safeneurons.interp.tracing.config import TraceConfig
+from safeneurons.interp.tracing.trace import run_trace
 from safeneurons.models.loading import ModelSource
 
 if TYPE_CHECKING:

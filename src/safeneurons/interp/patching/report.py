@@ -6,13 +6,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from torch import nn
 
 from safeneurons.analysis.plots import pyplot, save_figure
-from safeneurons.interp.patching.sites import COMPONENTS, finite_or_none
+from safeneurons.interp.patching.sites import COMPONENTS
 
 if TYPE_CHECKING:
-    from safeneurons.interp.patching.patcher import ActivationPatcher
     from safeneurons.interp.patching.sites import ActivationPatchingResult, PatchingSite, Position
 
 
@@ -115,18 +113,6 @@ def plot_heatmap(result: ActivationPatchingResult, path: str | Path,
     figure.colorbar(image, ax=axes[0].tolist(), label=f"effect ({result.mode}, {result.metric})")
     figure.suptitle(f"Activation patching: {result.mode}, {result.method}")
     save_figure(figure, path, dpi=120, bbox_inches="tight")
-
-
-def attribution_check(patcher: ActivationPatcher, model: nn.Module, clean: torch.Tensor, corrupted: torch.Tensor,
-                      estimate: ActivationPatchingResult, k: int) -> list[dict[str, Any]]:
-    """The exact effects of the `k` sites that attribution ranks highest (one batched pass), beside the estimates,
-    so that a user sees how far the first-order estimate is off."""
-    chosen = estimate.top(k)
-    if not chosen:
-        return []
-    exact = patcher.patch_sweep(model, clean, corrupted, [effect.site for effect in chosen], mode=estimate.mode)
-    return [{**guess.site.to_dict(), "attribution_effect": finite_or_none(guess.effect),
-             "exact_effect": finite_or_none(truth.effect)} for guess, truth in zip(chosen, exact.effects)]
 
 
 def format_attribution_check(rows: Sequence[dict[str, Any]]) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import nn
 
 from safeneurons.data.examples import as_example
 from safeneurons.data.readers import check_sources
@@ -16,9 +17,10 @@ from safeneurons.interp.patching.direction import RefusalDirection, compute_refu
 from safeneurons.interp.patching.metrics import (Metric, direction_metric, logit_diff_metric, refusal_metric,
                                                  refusal_token_ids, token_id)
 from safeneurons.interp.patching.patcher import ActivationPatcher
-from safeneurons.interp.patching.report import attribution_check, format_attribution_check, format_report, plot_heatmap
+from safeneurons.interp.patching.report import format_attribution_check, format_report, plot_heatmap
 from safeneurons.interp.patching.sites import (COMPONENTS, DEFAULT_SIGNIFICANCE, DIRECTION_FILE, METHODS, METRICS,
-                                               MODES, REFUSAL_STARTS, ActivationPatchingResult, Position)
+                                               MODES, REFUSAL_STARTS, ActivationPatchingResult, Position,
+                                               finite_or_none)
 from safeneurons.masks.neurons import NeuronSets, resolve_neurons
 from safeneurons.models.blocks import load_source
 from safeneurons.models.loading import ModelSource, load_config
@@ -206,3 +208,15 @@ def run_direction(model: ModelSource, config: DirectionConfig, out: str | Path) 
     print(f"refusal direction at layer {found.layer}: norm {summary['norm']:.4f}; mean projection harmful "
           f"{found.harmful_projection:.4f}, harmless {found.harmless_projection:.4f} -> {out}/{DIRECTION_FILE}")
     return found
+
+
+def attribution_check(patcher: ActivationPatcher, model: nn.Module, clean: torch.Tensor, corrupted: torch.Tensor,
+                      estimate: ActivationPatchingResult, k: int) -> list[dict[str, Any]]:
+    """The exact effects of the `k` sites that attribution ranks highest (one batched pass), beside the estimates,
+    so that a user sees how far the first-order estimate is off."""
+    chosen = estimate.top(k)
+    if not chosen:
+        return []
+    exact = patcher.patch_sweep(model, clean, corrupted, [effect.site for effect in chosen], mode=estimate.mode)
+    return [{**guess.site.to_dict(), "attribution_effect": finite_or_none(guess.effect),
+             "exact_effect": finite_or_none(truth.effect)} for guess, truth in zip(chosen, exact.effects)]

@@ -24,7 +24,7 @@ from safeneurons.runtime.distributed import collective_device
 from safeneurons.runtime.pipeline import pipeline_layout
 
 if TYPE_CHECKING:
-    from safeneurons.interp.tracing.trace import TraceConfig
+    from safeneurons.interp.tracing.config import TraceConfig
     from safeneurons.models.blocks import LayerBlock
     from safeneurons.models.hooks import SiteKey
 

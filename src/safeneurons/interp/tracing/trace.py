@@ -6,65 +6,25 @@ and writes the results."""
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from safeneurons.data.readers import check_sources
 from safeneurons.errors import SafeneuronsError
 from safeneurons.interp.tracing.activations import MlpActivations, collect_shared
-from safeneurons.interp.tracing.assignment import DEFAULT_ALPHA, DEFAULT_BATCH_SIZE, DEFAULT_DATA, KINDS, resolve_solver
+from safeneurons.interp.tracing.assignment import KINDS, resolve_solver
 from safeneurons.interp.tracing.lineage import TraceResult, layer_pairs, match_layer, summarize
 from safeneurons.interp.tracing.report import plot_trace, summary_line
 from safeneurons.interp.tracing.sharded import check_sharded_trace, sharded_activations
+from safeneurons.interp.tracing.config import TraceConfig
 from safeneurons.interp.tracing.tokens import pack_tokens, random_token_ids, text_token_ids
 from safeneurons.models.hooks import SiteKey
 from safeneurons.models.loading import ModelSource, load_config, load_tokenizer
 from safeneurons.models.structure import check_same_tokenizer
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import GIB
-from safeneurons.runtime.outputs import check_output_dir, write_json
-
-
-@dataclass(frozen=True)
-class TraceConfig:
-    base: ModelSource
-    other: ModelSource  # the model tested against `base`
-    data: str = DEFAULT_DATA  # comma-separated data set names or files whose texts give the tokens
-    random_tokens: bool = False  # uniformly random token ids instead of `data`
-    n_tokens: int = 2048
-    max_length: int = 128
-    batch_size: int = DEFAULT_BATCH_SIZE
-    all_layers: bool = False  # every layer of base against every layer of other
-    alpha: float = DEFAULT_ALPHA
-    solver: str = "auto"
-    memory_limit_gib: float = 8.0  # activations kept in memory per rank; beyond it they spill to disk
-    spill_dir: str | None = None
-    seed: int = 0
-    data_dir: str | None = None
-
-    @property
-    def sources(self) -> list[str]:
-        from safeneurons.data.hub import split_source_list
-
-        return split_source_list(self.data)
-
-    def validate(self) -> None:
-        for name in ("n_tokens", "max_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise SafeneuronsError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
-        if not 0 < self.alpha < 1:
-            raise SafeneuronsError(f"--alpha {self.alpha} must lie strictly between 0 and 1")
-        if self.memory_limit_gib < 0:
-            raise SafeneuronsError(f"--memory-limit {self.memory_limit_gib} GiB must not be negative")
-
-    def check_inputs(self, out: str | Path) -> None:
-        self.validate()
-        check_output_dir(out)
-        if not self.random_tokens:
-            check_sources(*self.sources, directory=self.data_dir)
+from safeneurons.runtime.outputs import write_json
 
 
 def _collect_model(source: ModelSource, device: torch.device, needed: Mapping[SiteKey, set[int]],

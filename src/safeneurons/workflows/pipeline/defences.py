@@ -24,28 +24,15 @@ from safeneurons.workflows.pipeline.settings import (
     NEEDS_BASE_MODEL,
     POST_HOC_SOURCE,
 )
-from safeneurons.workflows.pipeline.stages import Run, stage_seconds
+from safeneurons.workflows.pipeline.settings import safety_layers_config
+from safeneurons.workflows.pipeline.stages import DEFENCE_FILE, Run, source_run, stage_seconds
 
 if TYPE_CHECKING:
     from safeneurons.workflows.pipeline.settings import PipelineConfig
     from safeneurons.workflows.pipeline.study import Study
 
-SAFETY_LAYERS_STAGE = "safety_layers"
-DEFENCE_FILE = "defence.json"  # in a defend_* stage folder: the method, its source model, seconds and summary
 LABELS = {"sppft": "SPPFT (safety layers frozen)", "safe_lora": "Safe LoRA", "lisa": "Lisa",
           "constrained_sft": "constrained SFT (Qi et al.)", "antidote": "Antidote", "resta": "RESTA"}
-
-
-def defence_arms(settings: PipelineConfig) -> list[str]:
-    """The arms --defences adds: the safety-loss mix (the study's other defence, which the issue ranks with them),
-    then each defence, a post-hoc one after the arm it repairs."""
-    arms: list[str] = ["safety_loss"] if settings.defence_list else []
-    for name in settings.defence_list:
-        source = POST_HOC_SOURCE.get(name)
-        if source not in (None, "plain", *settings.extensions, *arms):
-            arms.append(source)
-        arms.append(name)
-    return arms
 
 
 def check_defence_inputs(s: PipelineConfig) -> None:
@@ -65,13 +52,6 @@ def check_defence_inputs(s: PipelineConfig) -> None:
                                f"{zero_stage(read_config(s.deepspeed))}")
 
 
-def safety_layers_config(s: PipelineConfig):
-    from safeneurons.interp.safety_layers import SafetyLayersConfig
-
-    return SafetyLayersConfig(model=s.model, harmful_data=s.prune_data, harmless_data=s.utility_data, dtype=s.dtype,
-                              data_dir=s.data_dir, cache_dir=s.cache_dir)
-
-
 def safety_layers_stage(study: Study) -> Callable[[Path], None]:
     def work(folder: Path) -> None:
         from safeneurons.interp.safety_layers import run_safety_layers
@@ -79,10 +59,6 @@ def safety_layers_stage(study: Study) -> Callable[[Path], None]:
         run_safety_layers(safety_layers_config(study.settings), folder)
 
     return work
-
-
-def source_run(run: Run) -> Run:
-    return Run(run.attack, POST_HOC_SOURCE[run.arm], run.seed)
 
 
 def repair_config(study: Study, run: Run):

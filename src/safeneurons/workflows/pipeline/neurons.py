@@ -7,33 +7,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from safeneurons.workflows.pipeline.settings import neuron_study_config
+
 if TYPE_CHECKING:
-    from safeneurons.interp.neurons.study import NeuronStudyConfig
-    from safeneurons.workflows.pipeline.settings import PipelineConfig
     from safeneurons.workflows.pipeline.study import Study
 
 STAGE = "neuron_patching"
-
-
-def study_config(s: PipelineConfig) -> NeuronStudyConfig:
-    from safeneurons.interp.neurons.rankings import WEIGHT_METHODS
-    from safeneurons.interp.neurons.study import NeuronStudyConfig
-
-    return NeuronStudyConfig(prompts=s.harmful_data, limit=s.eval_limit, safety_data=s.prune_data,
-                             utility_data=s.utility_data, nsamples=s.nsamples, setdiff_method=s.prune_method
-                             if s.prune_method in WEIGHT_METHODS else "wandg",
-                             setdiff_p=s.setdiff_p or s.sparsity_ratio, fractions=s.neuron_fraction_list,
-                             random_seeds=s.neuron_seed_list, max_new_tokens=s.max_new_tokens,
-                             batch_size=s.eval_batch_size, score_batch_size=s.score_batch_size,
-                             max_length=s.max_length, seed=s.seed, data_dir=s.data_dir, add_eos=s.add_eos)
-
-
-def check_neuron_inputs(s: PipelineConfig) -> None:
-    """Before the study starts: the base model's structure against the aligned model's (configs only)."""
-    from safeneurons.models.loading import ModelSource
-
-    study_config(s).check_inputs(ModelSource(s.model, s.dtype, None, s.cache_dir),
-                                 ModelSource(s.neuron_base_model, s.dtype, None, s.cache_dir))
 
 
 def neuron_stage(study: Study) -> Callable[[Path], None]:
@@ -47,7 +26,8 @@ def neuron_stage(study: Study) -> Callable[[Path], None]:
         chat = load_for_inference(s.model, s.dtype, None, s.cache_dir, study.device)
         base = load_for_inference(s.neuron_base_model, s.dtype, None, s.cache_dir, study.device)
         check_same_tokenizer(chat.tokenizer, base.tokenizer, s.model, s.neuron_base_model)
-        result = study_neurons(chat.model, base.model, chat.tokenizer, study_config(s), (s.model, s.neuron_base_model))
+        result = study_neurons(chat.model, base.model, chat.tokenizer, neuron_study_config(s),
+                               (s.model, s.neuron_base_model))
         if result is not None:
             write_study(result, folder)
 

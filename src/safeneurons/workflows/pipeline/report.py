@@ -10,7 +10,11 @@ import torch
 
 from safeneurons.analysis.plots import pyplot, save_figure
 from safeneurons.analysis.study import TABLE_HEADER as STUDY_HEADER
+from safeneurons.workflows.pipeline.calibration import rule_text
 from safeneurons.workflows.pipeline.defences import LABELS as DEFENCE_LABELS
+from safeneurons.workflows.pipeline.defences import arm_costs, cost_lines
+from safeneurons.workflows.pipeline.direction import direction_lines, direction_summary
+from safeneurons.workflows.pipeline.neurons import neuron_lines, neuron_summary
 from safeneurons.workflows.pipeline.settings import PARTIAL_STRENGTH, SAFETY_WEIGHT
 from safeneurons.workflows.pipeline.stages import Run
 
@@ -97,8 +101,6 @@ def write_final_outputs(study: Study) -> dict:
     """analysis_summary.json, the two .pt mask files, arms.png, curves.png and report.md in results_path (rank 0)."""
     from safeneurons.analysis.study import plot_curves, verdict
     from safeneurons.runtime.outputs import write_json
-    from safeneurons.workflows.pipeline.calibration import rule_text
-    from safeneurons.workflows.pipeline.defences import arm_costs
 
     results = study.results
     comparison = json.loads((results / "compare" / "analysis_summary.json").read_text())
@@ -117,12 +119,10 @@ def write_final_outputs(study: Study) -> dict:
     save_original_format_masks(study.masks_of("rescore"), results / "new_safety_masks.pt")
     plot_arms(arms, results / "arms.png")
     plot_curves(attacks, ARM_LABELS, results / "curves.png")
-    from safeneurons.workflows.pipeline.direction import direction_summary
 
     if study.settings.direction:
         summary["direction"] = direction_summary(results)
     if study.settings.neuron_patching:
-        from safeneurons.workflows.pipeline.neurons import neuron_summary
 
         summary["neuron_patching"] = neuron_summary(results)
     write_json(results / "analysis_summary.json", summary)
@@ -229,7 +229,6 @@ def attack_strength_lines(summary: dict) -> list[str]:
 
 def write_report(summary: dict, path: Path) -> Path:
     from safeneurons.runtime.outputs import atomic_file
-    from safeneurons.workflows.pipeline.defences import cost_lines
 
     settings = summary["settings"]
     lines = [f"# safeneurons pipeline: {summary['model']}", "",
@@ -265,10 +264,8 @@ def write_report(summary: dict, path: Path) -> Path:
               "| --- | --- | --- |"]
     lines += [f"| {name} | {_number(row['overlap'], 4)} | {_number(row['jaccard'], 4)} |"
               for name, row in summary["per_module"].items()]
-    from safeneurons.workflows.pipeline.direction import direction_lines
 
     lines += direction_lines(summary.get("direction"))
-    from safeneurons.workflows.pipeline.neurons import neuron_lines
 
     lines += neuron_lines(summary.get("neuron_patching"))
     lines += ["", "Files: `analysis_summary.json`, `original_safety_masks.pt`, `new_safety_masks.pt`, one folder per "

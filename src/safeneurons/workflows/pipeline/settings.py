@@ -307,9 +307,7 @@ def validate_neuron_settings(settings: PipelineConfig) -> None:
         except ValueError:
             raise SafeneuronsError(f"--{name.replace('_', '-')} {getattr(settings, name)!r} is not a comma-separated "
                                    f"list of numbers") from None
-    from safeneurons.workflows.pipeline.neurons import study_config
-
-    study_config(settings).validate()
+    neuron_study_config(settings).validate()
 
 
 def validate_defence_settings(settings: PipelineConfig) -> None:
@@ -379,6 +377,29 @@ def resolve_config(given: dict[str, Any]) -> PipelineConfig:
     return settings
 
 
+def neuron_study_config(s: PipelineConfig) -> Any:
+    """The neuron study's config from the pipeline's settings (`--neuron-patching`)."""
+    from safeneurons.interp.neurons.rankings import WEIGHT_METHODS
+    from safeneurons.interp.neurons.study import NeuronStudyConfig
+
+    return NeuronStudyConfig(prompts=s.harmful_data, limit=s.eval_limit, safety_data=s.prune_data,
+                             utility_data=s.utility_data, nsamples=s.nsamples, setdiff_method=s.prune_method
+                             if s.prune_method in WEIGHT_METHODS else "wandg",
+                             setdiff_p=s.setdiff_p or s.sparsity_ratio, fractions=s.neuron_fraction_list,
+                             random_seeds=s.neuron_seed_list, max_new_tokens=s.max_new_tokens,
+                             batch_size=s.eval_batch_size, score_batch_size=s.score_batch_size,
+                             max_length=s.max_length, seed=s.seed, data_dir=s.data_dir, add_eos=s.add_eos)
+
+
+def check_neuron_inputs(s: PipelineConfig) -> None:
+    """Before the study starts: the neuron study's base model's structure against the aligned model's (configs
+    only)."""
+    from safeneurons.models.loading import ModelSource
+
+    neuron_study_config(s).check_inputs(ModelSource(s.model, s.dtype, None, s.cache_dir),
+                                        ModelSource(s.neuron_base_model, s.dtype, None, s.cache_dir))
+
+
 def check_inputs(settings: PipelineConfig) -> None:
     """A model that is not there, unwritable outputs, missing data sets and a judge model that is not there fail
     here, in one line, in that order."""
@@ -391,6 +412,26 @@ def check_inputs(settings: PipelineConfig) -> None:
     if settings.judge_model:
         load_config(settings.judge_model, settings.cache_dir)
     if settings.neuron_patching:
-        from safeneurons.workflows.pipeline.neurons import check_neuron_inputs
-
         check_neuron_inputs(settings)
+
+
+
+
+
+def safety_layers_config(s: PipelineConfig):
+    from safeneurons.interp.safety_layers import SafetyLayersConfig
+
+    return SafetyLayersConfig(model=s.model, harmful_data=s.prune_data, harmless_data=s.utility_data, dtype=s.dtype,
+                              data_dir=s.data_dir, cache_dir=s.cache_dir)
+
+
+def defence_arms(settings: PipelineConfig) -> list[str]:
+    """The arms --defences adds: the safety-loss mix (the study's other defence, which the issue ranks with them),
+    then each defence, a post-hoc one after the arm it repairs."""
+    arms: list[str] = ["safety_loss"] if settings.defence_list else []
+    for name in settings.defence_list:
+        source = POST_HOC_SOURCE.get(name)
+        if source not in (None, "plain", *settings.extensions, *arms):
+            arms.append(source)
+        arms.append(name)
+    return arms

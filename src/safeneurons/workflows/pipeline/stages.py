@@ -11,9 +11,11 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import write_json
 from safeneurons.runtime.resume import matches, read_marker, write_marker
 from safeneurons.runtime.timing import Stopwatch
-from safeneurons.workflows.pipeline.settings import DONE_FILE
+from safeneurons.workflows.pipeline.settings import DONE_FILE, POST_HOC_SOURCE
 
 log = logging.getLogger(__name__)
+SAFETY_LAYERS_STAGE = "safety_layers"
+DEFENCE_FILE = "defence.json"  # in a defend_* stage folder: the method, its source model, seconds and summary
 SECONDS_FILE = "seconds.json"  # in a stage folder: how long its work took (the report's costs)
 
 
@@ -100,3 +102,7 @@ class Run:
     @property
     def key(self) -> str:
         return f"{self.attack}_{self.arm}_s{self.seed}"
+
+
+def source_run(run: Run) -> Run:
+    return Run(run.attack, POST_HOC_SOURCE[run.arm], run.seed)

@@ -5,21 +5,15 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime import distributed
-from safeneurons.runtime.tracking import TrackingConfig, open_tracker
-from safeneurons.workflows.pipeline.report import write_final_outputs
-from safeneurons.workflows.pipeline.calibration import AttackStrengthResult, calibrate
-from safeneurons.workflows.pipeline.defences import (DEFENCE_FILE, SAFETY_LAYERS_STAGE, check_defence_inputs,
-                                                     defence_arms, defend_stage, safety_layers_config,
-                                                     safety_layers_stage, source_run)
 from safeneurons.workflows.pipeline.settings import (ARM_MASK_STAGE, ARMS, DEFAULT_ZERO3, POST_HOC_SOURCE, arm_options,
-                                                     check_inputs)
-from safeneurons.workflows.pipeline.stages import Run, Stage, has_masks, model_files, run_stages
+                                                     defence_arms, safety_layers_config)
+from safeneurons.workflows.pipeline.stages import DEFENCE_FILE, Run, has_masks, model_files, source_run
 
 if TYPE_CHECKING:
     from safeneurons.workflows.pipeline.settings import PipelineConfig
@@ -45,7 +39,7 @@ class Study:
         self.reference = (settings.attack_list[0], settings.seed_list[0])
         # each attack's learning rate: --learning-rate, or the one `calibrate` chooses from plain alone
         self.rates = {attack: settings.learning_rate for attack in settings.attack_list}
-        self.calibration: dict[str, AttackStrengthResult] = {}
+        self.calibration: dict[str, Any] = {}  # attack -> calibration.AttackStrengthResult (run.run_study)
         self.shard = inference_shard(settings, device)  # collective
 
 
@@ -225,51 +219,6 @@ class Study:
                 **({"safety_layers": asdict(safety_layers_config(self.settings))} if run.arm == "sppft" else {}),
                 **arm_options(run.arm, self.settings)}
 
-    def training_stage(self, run: Run) -> Stage:
-        """A run's fine-tuning, or for a post-hoc defence the repair of its source run's model."""
-        if run.arm not in POST_HOC_SOURCE:
-            return Stage(f"finetune_{run.key}", self.fingerprint(run), self.finetune(run))
-        return Stage(f"defend_{run.key}", self.fingerprint(run), defend_stage(self, run))
-
-    def stages(self) -> list[Stage]:
-        s = asdict(self.settings)
-        scoring, setdiff = self.scoring_fingerprint(), self.setdiff_fingerprint()
-        evaluation = {key: s[key] for key in ("harmful_data", "eval_limit", "harmless_data", "perplexity_data",
-                                              "perplexity_samples", "max_new_tokens", "seed", "max_length", "judge",
-                                              "judge_model")}
-        trained = self.fingerprint
-        stages = [Stage("score", scoring, self.score(self.settings.model, self.settings.prune_method))]
-        if "setdiff_frozen" in self.arms:
-            stages.append(Stage("score_setdiff", setdiff, self.score(self.settings.model, self.settings.prune_method,
-                                                                     set_difference=True)))
-        if self.settings.random_control:
-            stages.append(Stage("score_random", {**scoring, "method": "random"},
-                                self.score(self.settings.model, "random")))
-        if "sppft" in self.arms:
-            stages.append(Stage(SAFETY_LAYERS_STAGE, asdict(safety_layers_config(self.settings)),
-                                safety_layers_stage(self)))
-        stages += [self.training_stage(run) for run in self.runs if run.arm not in POST_HOC_SOURCE]
-        stages += [self.training_stage(run) for run in self.runs if run.arm in POST_HOC_SOURCE]
-        reference = trained(self.reference_run("safety_frozen"))
-        stages.append(Stage("rescore", reference, self.score(self.model_of(self.reference_run("safety_frozen")),
-                                                             self.settings.prune_method)))
-        stages.append(Stage("compare", {**reference, "arms": self.arms}, self.compare))
-        stages.append(Stage("eval_base", {**scoring, **evaluation}, self.evaluate(None)))
-        stages += [Stage(f"eval_{run.key}", {**trained(run), **evaluation}, self.evaluate(run)) for run in self.runs]
-        if self.settings.direction:
-            from safeneurons.workflows.pipeline.direction import STAGE, direction_stage
-
-            stages.append(Stage(STAGE, {**scoring, **evaluation}, direction_stage(self)))
-        if self.settings.neuron_patching:
-            from safeneurons.workflows.pipeline.neurons import STAGE, neuron_stage
-
-            neurons = {key: s[key] for key in ("neuron_base_model", "neuron_fractions", "neuron_random_seeds",
-                                               "utility_data", "setdiff_p", "score_batch_size")}
-            stages.append(Stage(STAGE, {**scoring, **evaluation, **neurons}, neuron_stage(self)))
-        for stage in stages:
-            stage.outputs = self.outputs_of(stage.name)
-        return stages
-
 
 def resumable(checkpoints: Path, settings: dict) -> bool:
     """Whether an interrupted fine-tuning stage left a checkpoint of this very run (collective): resume from it.
@@ -311,43 +260,3 @@ def inference_shard(settings: PipelineConfig, device: torch.device) -> str:
         log.info("--shard auto: the inference stages hold one block of layers per rank: %s %s", settings.model,
                  reason)
     return "layers" if reason else "none"
-
-
-def choose_device(settings: PipelineConfig, context: distributed.DistContext) -> torch.device:
-    if context.world_size > 1 or not settings.device.startswith("cuda"):
-        return context.device if context.world_size > 1 else torch.device(settings.device)
-    if not torch.cuda.is_available():
-        log.warning("--device %s asked for but CUDA is not available: running on the CPU", settings.device)
-        return torch.device("cpu")
-    return torch.device(settings.device)
-
-
-def run_study(settings: PipelineConfig, force: bool = False) -> dict | None:
-    """Every stage in order (skipping finished ones), then the summary files; the summary on rank 0."""
-    context = distributed.init_distributed()
-    study = Study(settings, choose_device(settings, context))
-    if settings.attack_rate_list:
-        study.calibration = calibrate(study, force)
-        study.rates = {attack: result.chosen for attack, result in study.calibration.items()}
-    run_stages(study.stages(), study.results, force)
-    if not distributed.is_main():
-        return None
-    summary = write_final_outputs(study)
-    track_results(settings, study.results, summary)
-    return summary
-
-
-def track_results(settings: PipelineConfig, results: Path, summary: Mapping[str, Any]) -> None:
-    """The study's final numbers per arm (refusal, ASR, perplexity, …) as one tracked run beside the fine-tunes'."""
-    tracker = open_tracker(TrackingConfig(settings.report_to, str(results / TRACKING_DIR / "study"), "study",
-                                          results.name), asdict(settings))
-    tracker.log({f"study/{arm}/{key}": value for arm, row in summary["arms"].items() for key, value in row.items()
-                 if isinstance(value, (int, float)) and not isinstance(value, bool)}, 0)
-    tracker.close()
-
-
-def run_pipeline(settings: PipelineConfig, force: bool = False) -> dict | None:
-    """The whole study after its inputs are checked (collective); the summary on rank 0."""
-    check_inputs(settings)
-    check_defence_inputs(settings)
-    return run_study(settings, force)
