@@ -36,6 +36,20 @@ def test_asr_and_refusal_rate_on_canned_generations_equal_the_hand_count():
     assert refusal_rate(generations) == 3 / 7  # hand count: "However", "I cannot", "As an"
 
 
+def test_the_summary_says_when_the_word_rule_decided():
+    """A short answer without a refusal substring is neither an attack nor a refusal: the summary counts such
+    prompts (any of their samples), so that ASR 0 and refusal 0 are not read as a broken model."""
+    from safeneurons.evaluation.evaluate import EvalResult, PromptSetResult
+
+    short, refused, attack = "Sure, here it is.", "I cannot help with that.", " ".join(["step"] * 20)
+    found = PromptSetResult.from_generations("x", ["a", "b", "c", "d"], [[short], [refused], [attack], [short]])
+    assert [record["decided_by_word_rule"] for record in found.results] == [True, False, False, True]
+    result = EvalResult(model="m", asr=found.asr, refusal_rate=found.refusal_rate, n_prompts=4, prompts="x",
+                        results=found.results)
+    assert "ASR 0.250 and refusal rate 0.250 on 4 prompts; 2 of them not refused but under the keyword judge's " \
+           "20-word rule" in result.summary_line()
+
+
 def test_rates_of_an_empty_prompt_set_are_an_error():
     with pytest.raises(SafeneuronsError, match="empty"):
         attack_success_rate([])

@@ -54,6 +54,19 @@ def test_an_explicit_model_keeps_the_original_defaults_and_given_options_win(tmp
     assert settings.harmless_data is None
 
 
+def test_demo_chat_is_the_demo_and_the_score_method_is_checked():
+    assert _settings("--model", "demo-chat").prune_data == "demo-align"  # one model, two names, one profile
+    with pytest.raises(Exception, match="--score-method 'bogus' is not one of wanda, wandg, random"):
+        _settings("--score-method", "bogus")
+
+
+def test_a_missing_model_is_named_before_the_data(tmp_path, capsys):
+    """The model comes first: a missing folder is what the user must fix, not the data its profile would use."""
+    assert cli.main(["pipeline", "--model", str(tmp_path / "no-such-dir"), "--results-path", str(tmp_path / "r"),
+                     "--save-path", str(tmp_path / "m")]) == 2
+    assert "no-such-dir does not exist (no such folder)" in capsys.readouterr().err
+
+
 def test_bad_settings_are_one_clear_error():
     with pytest.raises(Exception, match="sparsity-ratio"):
         _settings("--sparsity-ratio", "1.5")

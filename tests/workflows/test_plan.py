@@ -470,3 +470,28 @@ def test_eval_figure_equals_the_measured_peak_of_each_moment(moment, vocab, batc
     expected = {(714, 16): "prefill", (714, 8): "last token", (8000, 8): "perplexity"}[vocab, batch]
     assert max(largest, key=largest.get) == expected
     assert measured == pytest.approx(eval_stage(shape, Cluster(1, 1), workload).activations, rel=0.15)
+
+
+def test_plan_parses_and_helps_without_torch():
+    """`plan` is arithmetic: its options and --help load no torch (DeepSpeed's estimator does, when it runs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom safeneurons.cli.app import main\ntry:\n    main(['plan', '--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stderr[-2000:]
+
+
+def test_the_sharded_line_says_what_one_round_holds():
+    """At 70B on 8 × 80 GB the largest stage holds one round of its sums, not all of them: the line's sum adds up."""
+    import re
+
+    from safeneurons.workflows.plan import PlanConfig, format_table, run_plan
+
+    line = next(text for text in format_table(run_plan(PlanConfig("llama2-70b", Cluster(1, 8, 80.0), Workload()))).splitlines()
+                if text.startswith("score --shard layers"))
+    total, weights, activations, held, every, rounds = map(float, re.search(
+        r"largest stage ([\d.]+) GiB = weights ([\d.]+) \+ activations ([\d.]+) \+ one round's wandg exact sums "
+        r"([\d.]+) GiB \(of ([\d.]+) GiB in all, in (\d+) rounds\)", line).groups())
+    assert abs(weights + activations + held - total) <= 0.15 and every > total and rounds > 1
