@@ -116,12 +116,12 @@ def test_masks_of_another_model_stop_finetune_before_the_model_loads(workspace, 
 
 
 @pytest.mark.parametrize("out", [".", "", "..", "sub/.."])
-@pytest.mark.parametrize("name", list(COMMANDS))
+@pytest.mark.parametrize("name", [*COMMANDS, "info"])
 def test_the_current_folder_or_one_above_is_no_output(name, out, workspace, capsys, no_model_load, monkeypatch):
     """One rule for every command, before any work: a result is published by renaming a folder into place."""
     monkeypatch.chdir(workspace)
     before = sorted(path.name for path in workspace.iterdir())
-    error = run_expecting_error([*COMMANDS[name], OUT_FLAG.get(name, "--out"), out], workspace, capsys)
+    error = run_expecting_error([*COMMANDS.get(name, [name]), OUT_FLAG.get(name, "--out"), out], workspace, capsys)
     assert "is not a results folder of its own" in error or (out == "" and "is required" in error)
     assert sorted(path.name for path in workspace.iterdir()) == before
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from safeneurons.runtime.distributed import describe_launch
-from safeneurons.runtime.outputs import write_json
+from safeneurons.runtime.outputs import check_output_dir, write_json
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -13,6 +13,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Every rank reports what it sees; rank 0 prints the table (a quick check of a cluster launch)."""
+    if args.out is not None:
+        check_output_dir(args.out)
     reports = describe_launch()
     if reports is None:
         return
