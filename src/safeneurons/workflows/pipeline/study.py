@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.interventions.antidote import AUTHORS_MODULES
 from safeneurons.runtime import distributed
 from safeneurons.workflows.pipeline.settings import (ARM_MASK_STAGE, ARMS, DEFAULT_ZERO3, POST_HOC_SOURCE, arm_options,
                                                      defence_arms, safety_layers_config)
@@ -207,8 +208,9 @@ class Study:
         """The settings that decide a run's model (fine-tuned at its attack's rate, or `rate`; or repaired)."""
         s = asdict(self.settings)
         if run.arm in POST_HOC_SOURCE:
-            repair = {"base_model": s["base_model"], **({key: s[key] for key in (
-                "harmful_training_data", "score_batch_size")} if run.arm == "antidote" else {})}
+            antidote = {"antidote_modules": list(AUTHORS_MODULES), **{key: s[key] for key in (
+                "harmful_training_data", "score_batch_size")}}
+            repair = {"base_model": s["base_model"], **(antidote if run.arm == "antidote" else {})}
             return {**self.fingerprint(source_run(run)), "defence": run.arm, **repair}
         training = {key: s[key] for key in ("num_epochs", "batch_size", "finetune_nsamples", "deepspeed",
                                             "save_path", "eval_every", "curve_limit", "curve_max_new_tokens",
