@@ -3,6 +3,7 @@ response's; calibration sets drawn as the original draws them; batches padded.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -89,8 +90,13 @@ def response_separator(tokenizer: Any) -> str:
     `[/INST]`, ChatML nothing after `<|im_start|>assistant\\n`. Read from the template's rendering of an assistant
     turn; where that rendering does not extend the generation prompt by whitespace alone (templates that rewrite
     past turns), a prompt ending in whitespace takes none and any other a space."""
-    if not getattr(tokenizer, "chat_template", None):
-        return " "
+    template = getattr(tokenizer, "chat_template", None)
+    return _template_separator(tokenizer, template) if template else " "
+
+
+@functools.lru_cache(maxsize=16)
+def _template_separator(tokenizer: Any, template: str) -> str:
+    """`response_separator` of a tokenizer with `template` (cached: it is asked for every sample)."""
     user = [{"role": "user", "content": "x"}]
     prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     turn = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": RESPONSE_MARK}], tokenize=False)
