@@ -54,6 +54,28 @@ def test_plain_instructions_get_the_chat_template(demo_tokenizer):
     assert ids[0] == demo_tokenizer.bos_token_id and ids.count(demo_tokenizer.bos_token_id) == 1
 
 
+LLAMA3_LIKE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}"
+               "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>"
+               "\n\n{% endif %}")
+# a template that rewrites the assistant's past turns (as thinking models do): its rendering is not the prompt + text
+REWRITING = ("{% for m in messages %}<{{ m['role'] }}>{% if m['role'] == 'assistant' %}<think></think>{% endif %}"
+             "{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.mark.parametrize("template,separator", [(None, " "), (LLAMA3_LIKE, ""), (REWRITING, " ")])
+def test_the_response_follows_the_templates_own_separator(demo_tokenizer, template, separator):
+    """The template decides what comes between the prompt and the response: none after a header that ends in a
+    newline, the demo's (Llama-2's) space without a template; a template that rewrites past turns falls back to
+    a space after a prompt that does not end in whitespace. The response's tokens are the ones that follow the
+    prompt in context, and a data file's leading space (the original's convention) is not doubled."""
+    tokenizer = copy.deepcopy(demo_tokenizer)
+    tokenizer.chat_template = template
+    assert data.response_separator(tokenizer) == separator
+    sample = data.tokenize_example(tokenizer, Example("Plant a tree", " I cannot."), max_length=512)
+    response = sample.input_ids[sample.labels != IGNORE_INDEX].tolist()
+    assert response == tokenizer(separator + "I cannot.", add_special_tokens=False)["input_ids"]
+
+
 def test_truncation_drops_samples_without_response(demo_tokenizer, caplog):
     examples = [Example("[INST] short [/INST]", " ok", True),
                 Example("[INST] " + "word " * 60 + "[/INST]", " cut away", True)]
