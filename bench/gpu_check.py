@@ -2,7 +2,7 @@
 `torch.cuda.max_memory_allocated`), and a check of its result. Run by `bench/gpu_check.sh`.
 
 On CUDA (the default) the stages run on smollm2-safe (its base SmolLM2-135M-Instruct for the neuron study) and a
-random Llama of about 0.4B parameters (hidden 1024, 24 layers, MLP 2816, the demo tokenizer), fine-tuning under
+random Llama of about 0.4B parameters (hidden 1024, 32 layers, MLP 2816, the demo tokenizer), fine-tuning under
 ZeRO-3 with one rank per GPU (2 where there are 2), and the demo pipeline. Checks: wandg's masks against the same
 command on the CPU (the share of equal mask bits: summation order differs between devices, so not bit for bit),
 frozen weights unchanged after ZeRO-3 fine-tuning, eval's rates, patching's site count, the direction's layer,
@@ -47,7 +47,7 @@ class Sizes:
 
 GPU = Sizes("smollm2-safe", "smollm2-135m-instruct", str(DATA / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"),
             str(SAFE_ASSETS / "benign_answers.csv"), str(DATA / "advbench.txt"), str(SAFE_ASSETS / "benign_requests.txt"),
-            nsamples=16, max_length=256, prompts=32, hidden=1024, layers=24, intermediate=2816)
+            nsamples=16, max_length=256, prompts=32, hidden=1024, layers=32, intermediate=2816)
 CPU = Sizes("demo", "demo-base", "demo-align", "demo-utility", "demo-harmful", "demo-harmless", nsamples=4,
             max_length=64, prompts=4, hidden=64, layers=2, intermediate=128)
 
