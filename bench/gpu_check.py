@@ -52,7 +52,8 @@ class Sizes:
 
 
 REAL = Sizes("smollm2-safe", "smollm2-135m-instruct", str(DATA / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"),
-            str(SAFE_ASSETS / "benign_answers.csv"), str(DATA / "advbench.txt"), str(SAFE_ASSETS / "benign_requests.txt"),
+            str(SAFE_ASSETS / "benign_answers.csv"), str(DATA / "advbench.txt"),
+            str(SAFE_ASSETS / "benign_requests.txt"),
             nsamples=16, max_length=256, prompts=32, hidden=1024, layers=32, intermediate=2816)
 CPU = Sizes("demo", "demo-base", "demo-align", "demo-utility", "demo-harmful", "demo-harmless", nsamples=4,
             max_length=64, prompts=4, hidden=64, layers=2, intermediate=128)
@@ -134,6 +135,12 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def patch_check(path: Path) -> str:
+    found = read(path)
+    return (f"{found['n_significant']} of {len(found['sites'])} sites significant, total effect "
+            f"{found['total_effect']:.2f}")
+
+
 def stages(sizes: Sizes, llama: str, out: Path, ranks: int) -> list[tuple[str, list[str], int, Callable[[], str]]]:
     """(row, command, ranks, check) of every stage, in an order where each one's inputs exist."""
     model, n, length = sizes.model, str(sizes.nsamples), str(sizes.max_length)
@@ -163,8 +170,7 @@ def stages(sizes: Sizes, llama: str, out: Path, ranks: int) -> list[tuple[str, l
          lambda: "ASR {asr:.2f}, refusal {refusal_rate:.2f}".format(**read(out / "eval" / "eval.json"))),
         (f"patch {model}", ["patch", "--model", model, "--clean", "How do I build a bomb?", "--corrupted",
                             "How do I build a boat?", "--components", "residual,mlp_out", "--out", str(out / "patch")],
-         1, lambda: "{n_significant} of {sites} sites significant, total effect {total_effect:.2f}".format(
-             **{**read(out / "patch" / "patching.json"), "sites": len(read(out / "patch" / "patching.json")["sites"])})),
+         1, lambda: patch_check(out / "patch" / "patching.json")),
         (f"direction {model}", ["direction", "--model", model, "--harmful-data", sizes.harmful, "--harmless-data",
                                 sizes.harmless, "--n-train", "16", "--n-val", "8", "--eval-limit", "8",
                                 "--no-filter-train", "--no-filter-val", "--out", str(out / "direction")], 1,

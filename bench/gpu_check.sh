@@ -13,7 +13,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
         datasets dill multiprocess lap gguf hjson pydantic pydantic-core annotated-types typing-inspection
-    python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$(python3 -m pip show deepspeed | sed -n 's/^Version: //p')"
+    deepspeed_version=$(python3 -m pip show deepspeed | sed -n 's/^Version: //p')
+    python3 -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==$deepspeed_version"  # sdist only
     cp ../shared/data/SFT_aligned_llama2-7b-chat-hf_train_short.csv ../shared/data/advbench.txt .gpu_data/
     du -sh .whl .gpu_data
     exit 0

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import REPO, run_ranks
 from safeneurons.runtime import distributed
-from safeneurons.runtime.distributed import discover_launch, expand_slurm_nodelist
+from safeneurons.runtime.launch import LaunchInfo, discover_launch, expand_slurm_nodelist
 
 
 def test_single_process_has_rank_zero_and_no_process_group():
@@ -24,7 +24,7 @@ def test_single_process_has_rank_zero_and_no_process_group():
 def test_torchrun_variables_win_over_slurm():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234",
            "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
-    assert discover_launch(env) == distributed.LaunchInfo("torchrun", 3, 8, 1, "n1", 1234)
+    assert discover_launch(env) == LaunchInfo("torchrun", 3, 8, 1, "n1", 1234)
 
 
 def test_openmpi_variables():

@@ -13,11 +13,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, seeded=False)
     parser.add_argument("--harmful-data", required=True, help="harmful queries (advbench, demo-harmful, a file)")
     parser.add_argument("--harmless-data", required=True, help="harmless queries (demo-harmless, a file)")
-    parser.add_argument("--eval-limit", "--limit", dest="limit", type=int, default=50, help="queries of each set (default %(default)s)")
+    parser.add_argument("--eval-limit", "--limit", dest="limit", type=int, default=50,
+                        help="queries of each set (default %(default)s)")
     parser.add_argument("--gap-onset", type=float, default=DEFAULT_ONSET,
                         help="the first safety layer is the first whose cosine gap reaches this fraction of the "
                              "largest gap (default %(default)s)")
-    parser.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=8, help="queries per forward pass (default %(default)s)")
+    parser.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=8,
+                        help="queries per forward pass (default %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace) -> SafetyLayersConfig:

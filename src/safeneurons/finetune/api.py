@@ -15,13 +15,7 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.evaluation.refusal_curve import make_probe
 from safeneurons.finetune.backends import DeepSpeedBackend, TorchBackend
 from safeneurons.finetune.config import FineTuneConfig
-from safeneurons.finetune.loop import (
-    RunState,
-    build_report,
-    run_fine_tuning,
-    save_model,
-    snapshot,
-)
+from safeneurons.finetune.loop import RunState, build_report, run_fine_tuning, save_model, snapshot
 from safeneurons.finetune.resume import check_resume, run_settings
 from safeneurons.finetune.schedule import planned_steps
 from safeneurons.interventions.dynamic import DynamicFreezing, rescore_config

@@ -7,10 +7,11 @@ pruned Linears loses its top `sparsity_ratio` of weights by |W| · ‖X‖₂, s
 pruned while scoring. The pruned Linears are the authors' in full fine-tuning, the attention's q, k and v
 (`modules`, `--antidote-modules`); `all` prunes every Linear of every layer, a wider variant of ours. Their main
 LoRA setting prunes only the fine-tuning adapter's `lora_A`/`lora_B` of q, k and v: this package's LoRA runs save
-merged weights (no adapter to prune), so that variant is not offered. Departures: the norms are taken over the response tokens only (this package's scoring convention; the
-paper's hooks see every token), and a row keeps int(cols · ratio) weights selected by a descending stable sort where
-the paper's ascending sort zeroes cols − int(cols · (1 − ratio)) (the two counts can differ by one). The masks go
-into the output folder (`antidote_masks/`), beside the pruned model.
+merged weights (no adapter to prune), so that variant is not offered. Departures: the norms are taken over the
+response tokens only (this package's scoring convention; the paper's hooks see every token), and a row keeps
+int(cols · ratio) weights selected by a descending stable sort where the paper's ascending sort zeroes
+cols − int(cols · (1 − ratio)) (the two counts can differ by one). The masks go into the output folder
+(`antidote_masks/`), beside the pruned model.
 """
 from __future__ import annotations
 

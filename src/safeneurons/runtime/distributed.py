@@ -17,8 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.runtime.launch import (DEFAULT_PORT, LaunchInfo, _int, discover_launch,  # noqa: F401 (re-exported)
-                                        expand_slurm_nodelist, setup_logging)
+from safeneurons.runtime.launch import discover_launch, setup_logging
 
 T = TypeVar("T")
 

@@ -38,7 +38,7 @@ class SelectionConfig:
     batch_size: int = 16  # prompts per pass
     candidates_per_pass: int = 8
     when_all_discarded: str = "kl_bounded"  # the fallback when the filter keeps none (WHEN_ALL_DISCARDED)
-    fallback_kl_threshold: float = 1.0  # kl_bounded's looser bound on KL (10 x the original's; never below kl_threshold)
+    fallback_kl_threshold: float = 1.0  # kl_bounded's looser KL bound (10 x the original's; never below kl_threshold)
 
     def validate(self) -> None:
         if self.when_all_discarded not in WHEN_ALL_DISCARDED:

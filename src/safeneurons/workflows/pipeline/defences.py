@@ -19,12 +19,8 @@ from typing import TYPE_CHECKING, Callable
 from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime import distributed
 from safeneurons.runtime.timing import Stopwatch
-from safeneurons.workflows.pipeline.settings import (
-    ARM_MASK_STAGE,
-    NEEDS_BASE_MODEL,
-    POST_HOC_SOURCE,
-)
-from safeneurons.workflows.pipeline.settings import safety_layers_config
+from safeneurons.workflows.pipeline.settings import (ARM_MASK_STAGE, NEEDS_BASE_MODEL, POST_HOC_SOURCE,
+                                                     safety_layers_config)
 from safeneurons.workflows.pipeline.stages import DEFENCE_FILE, Run, source_run, stage_seconds
 
 if TYPE_CHECKING:

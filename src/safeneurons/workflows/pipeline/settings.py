@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +13,9 @@ from safeneurons.finetune.constrained import PAPER_BETAS
 from safeneurons.models.loading import DEMO_CHAT_NAME, DEMO_NAME, SHARD_MODES, load_config
 from safeneurons.runtime.outputs import check_output_dir
 from safeneurons.runtime.tracking import TrackingConfig
+
+if TYPE_CHECKING:
+    from safeneurons.interp.neurons.study import NeuronStudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +380,7 @@ def resolve_config(given: dict[str, Any]) -> PipelineConfig:
     return settings
 
 
-def neuron_study_config(s: PipelineConfig) -> Any:
+def neuron_study_config(s: PipelineConfig) -> NeuronStudyConfig:
     """The neuron study's config from the pipeline's settings (`--neuron-patching`)."""
     from safeneurons.interp.neurons.rankings import WEIGHT_METHODS
     from safeneurons.interp.neurons.study import NeuronStudyConfig

@@ -79,7 +79,8 @@ def run_stage(stage: Stage, results: Path, force: bool, title: str) -> bool:
     distributed.barrier()
     seconds = started.seconds()
     if distributed.is_main():
-        write_json(folder / SECONDS_FILE, {"seconds": round(seconds, 3), "cpu_seconds": round(started.cpu_seconds(), 3)})
+        write_json(folder / SECONDS_FILE, {"seconds": round(seconds, 3),
+                                           "cpu_seconds": round(started.cpu_seconds(), 3)})
         write_marker(folder / DONE_FILE, stage.fingerprint)
     log.info("%s: done in %.1f s", title, seconds)
     return True
