@@ -156,6 +156,42 @@ def tiny_model(arch: str, tokenizer, seed: int = 0):
 
 
 
+# Tiny mixtures of experts of the families safety work studies in 2026, each with what sets it apart: Qwen2-MoE's
+# shared expert and its gate, Qwen3-MoE's dense first layer (mlp_only_layers), GPT-OSS's transposed, interleaved
+# experts with biases and its router's bias.
+MOE_COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=2,
+                  max_position_embeddings=256, tie_word_embeddings=False, num_experts_per_tok=2)
+MOE_FAMILIES = {
+    "mixtral": dict(intermediate_size=24, num_local_experts=4),
+    "qwen2_moe": dict(moe_intermediate_size=24, intermediate_size=40, shared_expert_intermediate_size=40,
+                      num_experts=4, norm_topk_prob=False),
+    "qwen3_moe": dict(moe_intermediate_size=24, intermediate_size=40, num_experts=4, head_dim=8, mlp_only_layers=[0]),
+    "olmoe": dict(intermediate_size=24, num_experts=4),
+    "gpt_oss": dict(intermediate_size=24, num_local_experts=4, head_dim=8,
+                    layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+}
+
+
+def tiny_moe(family: str, tokenizer, seed: int = 0, eager: bool = True):
+    """A random tiny MoE model of `family` over the demo tokenizer's vocabulary; with `eager` its experts run
+    transformers' eager loop (the reference our routed forward must equal bit for bit). Every weight is drawn from
+    N(0, 0.2) so that routers, biases and experts all differ from their zero or small initialisations."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                  **MOE_COMMON, **MOE_FAMILIES[family])
+    if eager:
+        config._experts_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.normal_(0, 0.2)
+    return model
+
+
 def _module(model, layer, component):
     block = model.model.layers[layer]
     return {"residual": block, "attn_out": block.self_attn, "mlp_out": block.mlp,

@@ -35,7 +35,7 @@ def test_plan_counts_what_the_model_has(arch, arch_dirs):
 
     shape, model = model_shape(str(arch_dirs[arch])), load_model(str(arch_dirs[arch]))
     assert shape.total_params == sum(param.numel() for param in model.parameters())
-    assert shape.scored_params == sum(linear.module.weight.numel() for linear in scored_linears(model))
+    assert shape.scored_params == sum(linear.weight.numel() for linear in scored_linears(model))
     assert shape.head_width == ARCHS[arch].get("head_dim", 64 // HEADS)
     # the attention the loaded model runs, for patch's batch: Gemma-2 materialises its scores (eager)
     assert shape.eager_attention == (model.config._attn_implementation == "eager")

@@ -54,7 +54,7 @@ def test_scored_linears_names_match_parameters(demo_model):
         f"model.layers.2.{name}.weight" for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                      "mlp.down_proj")]
-    assert all(params[linear.param_name] is linear.module.weight for linear in linears)
+    assert all(params[linear.param_name] is linear.weight for linear in linears)
 
 
 def test_local_folder_and_dtype(tiny_llama_dir):

@@ -56,7 +56,7 @@ class SafetyNeuronAnalyzer:
         """Copies of the scored weights of `model` (default: the analysed one), for `_extract_safety_masks`
         (single process: under ZeRO-3 a rank holds partitions only)."""
         model = self.model if model is None else model
-        self.original_weights = {linear.param_name: linear.module.weight.detach().clone()
+        self.original_weights = {linear.param_name: linear.weight.detach().clone()
                                  for linear in scored_linears(model)}
         return self.original_weights
 
@@ -65,7 +65,7 @@ class SafetyNeuronAnalyzer:
         not in the stored originals."""
         if self.original_weights is None:
             raise SafeneuronsError("call _store_original_weights before _extract_safety_masks")
-        current = {linear.param_name: linear.module.weight.detach() for linear in scored_linears(pruned_model)}
+        current = {linear.param_name: linear.weight.detach() for linear in scored_linears(pruned_model)}
         if current.keys() != self.original_weights.keys():
             raise SafeneuronsError("the pruned model's scored weights are not those of the stored model")
         return {name: (current[name] == 0) & (original != 0) for name, original in self.original_weights.items()}

@@ -353,7 +353,7 @@ def run_lowrank(model: ModelSource, config: LowRankConfig, out: str | Path) -> d
     check_output_dir(out)
     check_sources(config.data, config.utility_data, directory=config.data_dir)
     skeleton = model_skeleton(model.name, model.cache_dir)
-    config.validate([tuple(linear.module.weight.shape) for linear in scored_linears(skeleton)])
+    config.validate([tuple(linear.weight.shape) for linear in scored_linears(skeleton)])
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
     loaded = load_source(model, context.device)
     started = time.perf_counter()

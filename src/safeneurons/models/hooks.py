@@ -12,13 +12,17 @@ use the same key, as TransformerLens keys its cache by hook name. The components
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.structure import decoder_layers, fused_parts
+
+if TYPE_CHECKING:
+    from safeneurons.models.moe import ExpertBank, ExpertObserver
 
 SiteKey = tuple[int, str]  # (layer, component)
 COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "mlp_neuron", "gate", "up")
@@ -62,10 +66,11 @@ def output_width(point: SitePoint) -> int:
 
 class Hooks:
     """Forward hooks on modules, all removed together by `close()` or on leaving a `with` block: the base of every
-    recorder and editor (scoring's captures, ActSVD's Grams, tracing's recorder, patching's edits)."""
+    recorder and editor, and of the experts' replaced forwards (scoring's captures, ActSVD's Grams, tracing's recorder, patching's edits)."""
 
     def __init__(self) -> None:
         self.handles: list[Any] = []
+        self.replaced = contextlib.ExitStack()  # experts' forwards replaced by `ExpertBank.observed`
 
     def on_output(self, module: nn.Module, hook: Callable[..., Any]) -> None:
         """`hook(module, args, output)`; a value it returns replaces the output."""
@@ -79,10 +84,18 @@ class Hooks:
         """`hook(module, args, output)` on an output site, `hook(module, args)` on an input site."""
         (self.on_input if point.reads_input else self.on_output)(point.module, hook)
 
+    def on_experts(self, bank: ExpertBank, observe: ExpertObserver,
+                   group_rows: Callable[[], int | None] = lambda: None) -> None:
+        """`observe(expert, tokens, inputs, gate_up, inner, out)` on every expert the experts module runs (on each
+        sequence's tokens apart when `group_rows()` gives the tokens of a sequence); a value it returns replaces
+        that expert's output (before the routing weight)."""
+        self.replaced.enter_context(bank.observed(observe, group_rows))
+
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.replaced.close()
 
     def __enter__(self) -> "Hooks":
         return self

@@ -4,17 +4,20 @@ layers, their projections (separate or fused), head widths and the Linears that 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.models.moe import (EXPECTED_MOE_LAYOUT, EXPERT_MATRICES, SHARED_GATE_ATTRIBUTE, ExpertBank,
+                                   moe_block)
 
 # Support is decided by structure, not by model type: decoder layers at `model.layers`, each with an attention
 # block (separate q/k/v projections or one fused qkv_proj, and o_proj) and an MLP (gate and up projections or one
-# fused gate_up_proj, and down_proj). Llama, Mistral, Qwen2/3, Gemma-2/3 and Phi-3 have it.
+# fused gate_up_proj, and down_proj). Llama, Mistral, Qwen2/3, Gemma-2/3 and Phi-3 have it; mixtures of experts
+# (Mixtral, Qwen2/3-MoE, OLMoE, GPT-OSS) have an MoE block in place of the MLP in some or all layers (models.moe).
 ATTENTION_LAYOUTS = (("q_proj", "k_proj", "v_proj"), ("qkv_proj",))
 MLP_LAYOUTS = (("gate_proj", "up_proj"), ("gate_up_proj",))
 BLOCK_OUTPUTS = {"self_attn": "o_proj", "mlp": "down_proj"}
@@ -57,27 +60,54 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def layer_projections(layer: nn.Module) -> list[tuple[str, nn.Linear]] | None:
-    """The projections of one decoder layer in data order (inputs, then output, of attention then MLP), named
-    like "self_attn.q_proj"; None when the layer does not have the structure."""
-    found = []
-    for parent_name, layouts in (("self_attn", ATTENTION_LAYOUTS), ("mlp", MLP_LAYOUTS)):
-        parent = getattr(layer, parent_name, None)
-        names = next((layout for layout in layouts
-                      if all(isinstance(getattr(parent, name, None), nn.Linear) for name in layout)), None)
-        output = BLOCK_OUTPUTS[parent_name]
-        if names is None or not isinstance(getattr(parent, output, None), nn.Linear):
+def _projections(parent: nn.Module | None, prefix: str, layouts: tuple[tuple[str, ...], ...],
+                 output: str) -> list[tuple[str, nn.Linear]] | None:
+    """`parent`'s input projections (one of `layouts`) and its output projection, named `prefix`.name."""
+    names = next((layout for layout in layouts
+                  if all(isinstance(getattr(parent, name, None), nn.Linear) for name in layout)), None)
+    if names is None or not isinstance(getattr(parent, output, None), nn.Linear):
+        return None
+    return [(f"{prefix}.{name}", getattr(parent, name)) for name in (*names, output)]
+
+
+def layer_projections(layer: nn.Module, config: Any = None) -> list[ScoredLinear] | None:
+    """The scored matrices of one decoder layer in data order — attention's projections, then the dense MLP's or
+    the MoE block's (router, the routed experts' fused 3-D matrices, the shared experts' Linears and their gate) —
+    with layer index −1 and no parameter name yet; None when the layer does not have the structure."""
+    attention = _projections(getattr(layer, "self_attn", None), "self_attn", ATTENTION_LAYOUTS,
+                             BLOCK_OUTPUTS["self_attn"])
+    if attention is None:
+        return None
+    found = [ScoredLinear(-1, name, "", module, config) for name, module in attention]
+    mlp = getattr(layer, "mlp", None)
+    dense = _projections(mlp, "mlp", MLP_LAYOUTS, BLOCK_OUTPUTS["mlp"])
+    if dense is not None:
+        return found + [ScoredLinear(-1, name, "", module, config) for name, module in dense]
+    block = moe_block(layer, config)
+    if block is None:
+        return None
+    found.append(ScoredLinear(-1, block.router_name, "", block.router, config))
+    found += [ScoredLinear(-1, f"mlp.experts.{which}_proj", "", block.experts.module, config, f"{which}_proj",
+                           block.experts) for which in EXPERT_MATRICES]
+    if block.shared is not None:
+        shared = _projections(block.shared, block.shared_name, MLP_LAYOUTS, BLOCK_OUTPUTS["mlp"])
+        if shared is None:
             return None
-        found += [(f"{parent_name}.{name}", getattr(parent, name)) for name in (*names, output)]
+        found += [ScoredLinear(-1, name, "", module, config) for name, module in shared]
+    if block.shared_gate is not None:
+        found.append(ScoredLinear(-1, f"mlp.{SHARED_GATE_ATTRIBUTE}", "", block.shared_gate, config))
     return found
 
 
 def check_architecture(model: nn.Module, name: str = "") -> None:
-    """Every decoder layer must have the Linear projections we score, freeze and patch."""
+    """Every decoder layer must have the projections we score, freeze and patch (dense or MoE)."""
+    config = getattr(model, "config", None)
     for index, layer in enumerate(decoder_layers(model)):
-        if layer_projections(layer) is None:
-            raise SafeneuronsError(f"model {name or type(model).__name__}: layer {index} does not have the structure "
-                                   f"safeneurons works on; expected {EXPECTED_LAYOUT}")
+        if layer_projections(layer, config) is None:
+            family = getattr(config, "model_type", None)
+            raise SafeneuronsError(f"model {name or type(model).__name__} (family {family!r}): layer {index} does not "
+                                   f"have the structure safeneurons works on; expected {EXPECTED_LAYOUT}, or for "
+                                   f"a mixture of experts {EXPECTED_MOE_LAYOUT}")
 
 
 def head_dim(config: Any) -> int:
@@ -88,10 +118,10 @@ def head_dim(config: Any) -> int:
 def fused_parts(name: str, config: Any) -> dict[str, slice] | None:
     """The output rows of each part of a fused projection ("self_attn.qkv_proj": q, k, v; "mlp.gate_up_proj": gate,
     up), None for a projection that is not fused."""
-    if name.endswith("gate_up_proj"):
+    if name == "mlp.gate_up_proj":  # (the experts' fused matrices are models.moe's)
         width = int(config.intermediate_size)
         return {"gate": slice(0, width), "up": slice(width, 2 * width)}
-    if name.endswith("qkv_proj"):
+    if name == "self_attn.qkv_proj":
         heads = int(config.num_attention_heads)
         kv_width = int(getattr(config, "num_key_value_heads", None) or heads) * head_dim(config)
         q_width = heads * head_dim(config)
@@ -117,25 +147,39 @@ def split_fused(tensors: dict[str, torch.Tensor], config: Any) -> dict[str, torc
 
 @dataclass(frozen=True)
 class ScoredLinear:
-    """One Linear inside a decoder layer: the unit of scoring, masking and freezing."""
+    """One scored matrix inside a decoder layer, the unit of scoring, masking and freezing: a Linear's weight, a
+    router's weight (scored as a Linear), or one fused 3-D matrix of the routed experts (E Linears side by side)."""
 
     layer: int
-    name: str  # e.g. "self_attn.q_proj"
+    name: str  # e.g. "self_attn.q_proj", "mlp.gate", "mlp.experts.gate_up_proj"
     param_name: str  # full parameter name, e.g. "model.layers.3.self_attn.q_proj.weight"
-    module: nn.Linear
+    module: nn.Module  # the Linear, the router or the experts module
     config: Any = field(default=None, compare=False, repr=False)  # the model's config (sizes of fused parts)
+    attribute: str = "weight"  # the parameter's name on `module`
+    experts: ExpertBank | None = field(default=None, compare=False, repr=False)  # set for the experts' matrices
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.module, self.attribute)
+
+    @property
+    def expert_matrix(self) -> str | None:
+        """"gate_up" or "down" for a matrix of the routed experts, else None."""
+        return None if self.experts is None else self.attribute.removesuffix("_proj")
 
 
 def scored_linears(model: nn.Module, layer: int | None = None) -> list[ScoredLinear]:
-    """The Linears we score, in layer order (one layer if `layer` is given); never embeddings, norms, lm_head."""
+    """The matrices we score, in layer order (one layer if `layer` is given); never embeddings, norms, biases,
+    lm_head."""
     check_architecture(model)
     names = {id(module): name for name, module in model.named_modules()}
+    config = getattr(model, "config", None)
     found = []
     for index, block in enumerate(decoder_layers(model)):
         if layer is not None and index != layer:
             continue
-        found += [ScoredLinear(index, name, f"{names[id(module)]}.weight", module, getattr(model, "config", None))
-                  for name, module in layer_projections(block)]
+        found += [replace(item, layer=index, param_name=f"{names[id(item.module)]}.{item.attribute}")
+                  for item in layer_projections(block, config)]
     return found
 
 

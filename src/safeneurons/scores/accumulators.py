@@ -39,12 +39,14 @@ class ExactSum:
         self.flags = torch.zeros(2, dtype=torch.int64, device=device)  # terms not finite; terms too large
         self.pending = 0
 
-    def add(self, term: torch.Tensor) -> None:
+    def add(self, term: torch.Tensor, index: int | None = None) -> None:
+        """Add `term` to the whole sum, or to its slice `index` (one expert's of an experts' matrix)."""
         largest = term.max()  # NaN when a term is NaN
         self.flags[0] += ~torch.isfinite(largest)
         self.flags[1] += largest >= LARGEST_TERM
+        high_words, low_words = (self.high, self.low) if index is None else (self.high[index], self.low[index])
         rows = max(1, CHUNK_ELEMENTS // term.shape[-1]) if term.dim() == 2 else term.shape[0]
-        for high, low, part in zip(self.high.split(rows), self.low.split(rows), term.split(rows)):
+        for high, low, part in zip(high_words.split(rows), low_words.split(rows), term.split(rows)):
             # In fp32, exactly: scaling by a power of 2, the whole high units (truncation is the floor: terms are
             # not negative) and the fraction below one (the term has 24 significant bits); a NaN, inf or too large
             # term leaves words that `value` never reads.
@@ -84,8 +86,10 @@ class RunningSum:
     def __init__(self, shape: Sequence[int] | int, device: torch.device, dtype: torch.dtype) -> None:
         self.total = torch.zeros(shape, dtype=dtype, device=device)
 
-    def add(self, term: torch.Tensor) -> None:
-        self.total += term.to(self.total.dtype)
+    def add(self, term: torch.Tensor, index: int | None = None) -> None:
+        """Add `term` to the whole sum, or to its slice `index`."""
+        total = self.total if index is None else self.total[index]
+        total += term.to(total.dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.total]
@@ -138,8 +142,8 @@ def statistic_accumulators(targets: Sequence[Any], accumulate_dtype: str, with_g
                            model_dtype: torch.dtype) -> tuple[dict[str, Accumulator], torch.dtype]:
     """Per target (scores.config.Target) the accumulator of its statistic — wandg's weight-sized |∂L/∂W| sums
     (`with_grads`), or wanda's per-column Σ x² —, and the dtype each per-sample term is taken in."""
-    sums = {target.name: new_accumulator(accumulate_dtype, target.shape if with_grads else target.shape[1], device,
-                                         model_dtype) for target in targets}
+    sums = {target.name: new_accumulator(accumulate_dtype, target.statistic_shape(with_grads), device, model_dtype)
+            for target in targets}
     return sums, model_dtype if accumulate_dtype == "model" else torch.float32
 
 

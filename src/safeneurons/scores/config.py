@@ -13,7 +13,8 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.blocks import block_of
-from safeneurons.models.structure import scored_linears
+from safeneurons.models.moe import moe_blocks
+from safeneurons.models.structure import decoder_layers, scored_linears
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import broadcast_from_owner
 from safeneurons.runtime.zero3 import full_shape
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METHODS = ("wanda", "wandg", "random")
-GRANULARITIES = ("weight", "neuron", "head")
+GRANULARITIES = ("weight", "neuron", "head", "expert")
 SETDIFF_SCOPES = ("matrix", "row")
 DEFAULT_UTILITY_DATA = "alpaca_cleaned_no_safety"
 DEFAULT_SPARSITY = 0.1  # one default everywhere (score, pipeline, plan): the original extension's
@@ -90,9 +91,10 @@ class ScoreConfig:
         if self.setdiff_scope == "row" and self.granularity != "weight":
             raise SafeneuronsError("--setdiff-scope row ranks the weights of each row; with granularity "
                                    f"{self.granularity} the units are whole rows or heads: use the default, matrix")
-        if self.set_difference and self.granularity == "head":
-            raise SafeneuronsError("granularity head ranks whole heads by --sparsity-ratio; the set difference "
-                                   "(--p/--q/--utility-data) works per weight or per neuron")
+        if self.set_difference and self.granularity in ("head", "expert"):
+            raise SafeneuronsError(f"granularity {self.granularity} ranks whole {self.granularity}s by "
+                                   "--sparsity-ratio; the set difference (--p/--q/--utility-data) works per weight or "
+                                   "per neuron")
         if self.set_difference:
             for name, value in (("p", self.p), ("q", self.q)):
                 if value is None:
@@ -100,6 +102,20 @@ class ScoreConfig:
                                            f"--q; --{name} is missing")
                 if not 0 < value <= 1:
                     raise SafeneuronsError(f"--{name} {value!r} must lie in (0, 1]")
+
+
+def check_granularity(model: nn.Module, config: ScoreConfig, name: str = "") -> None:
+    """Granularity expert needs routed experts, and a ratio that selects at least one expert of a layer (checked on
+    the skeleton, before weights load)."""
+    if config.granularity != "expert":
+        return
+    counts = [block.num_experts for block in moe_blocks(decoder_layers(model), model.config).values()]
+    if not counts:
+        raise SafeneuronsError(f"--granularity expert ranks the routed experts of a mixture of experts; model "
+                               f"{name or type(model).__name__} (family {model.config.model_type!r}) has none")
+    if int(min(counts) * config.sparsity_ratio) < 1:
+        raise SafeneuronsError(f"--sparsity-ratio {config.sparsity_ratio} selects no expert of a layer of "
+                               f"{min(counts)} experts; expected at least {1 / min(counts):.4g}")
 
 
 def summary_beside(masks: str | os.PathLike) -> dict[str, Any] | None:
@@ -124,7 +140,8 @@ class ScoreResult:
 
 @dataclass(frozen=True)
 class Target:
-    """A scored Linear, its position in the global order and the rank that owns its layer."""
+    """A scored matrix (models.structure.ScoredLinear), its position in the global order and the rank that owns
+    its layer."""
 
     index: int
     linear: ScoredLinear
@@ -136,11 +153,21 @@ class Target:
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.linear.module.weight
+        return self.linear.weight
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return full_shape(self.weight)
+
+    def statistic_shape(self, with_grads: bool) -> tuple[int, ...]:
+        """wandg's statistic is shaped like the weight; wanda's has one value per input column (per expert for an
+        experts' matrix: [E, in])."""
+        if with_grads:
+            return self.shape
+        bank = self.linear.experts
+        if bank is None:
+            return (self.shape[1],)
+        return (bank.num_experts, self.shape[1] if bank.transposed else self.shape[2])
 
     @property
     def mine(self) -> bool:

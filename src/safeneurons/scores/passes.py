@@ -18,23 +18,63 @@ from safeneurons.runtime import distributed
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
+    from safeneurons.models.moe import ExpertBank, ExpertObserver
     from safeneurons.scores.accumulators import Accumulator
     from safeneurons.scores.config import Target
 
 
+ROUTED_TOKENS = ":routed_tokens"  # suffix of the key that holds how many response tokens each expert received
+
+
+def routed_tokens_key(name: str) -> str:
+    """The statistics' key of the response-token counts per expert of an experts' gate_up matrix `name`."""
+    return name + ROUTED_TOKENS
+
+
+@dataclass
+class RoutedRows:
+    """What one expert's slice of an experts' matrix saw of one sequence in a pass: the sequence's tokens routed to
+    the expert (flat indices over batch × length), the matrix's input on them and, after backward, the gradient of
+    its output."""
+
+    expert: int
+    tokens: torch.Tensor
+    inputs: torch.Tensor
+    output_grad: torch.Tensor | None = None
+
+
 class LinearCapture(Hooks):
-    """Hooks on the target Linears: each pass's inputs X and, when gradients are wanted, output gradients dY."""
+    """Hooks on the target matrices: each pass's inputs X and, when gradients are wanted, output gradients dY of a
+    Linear or a router (its logits); for an experts' matrix a list of `RoutedRows`, one per expert and sequence (the
+    experts run `ExpertBank.routed_forward` one sequence at a time); and the response tokens each expert received
+    (`routed_tokens`)."""
 
     def __init__(self, targets: Sequence[Target], with_grads: bool) -> None:
         super().__init__()
         self.with_grads = with_grads
-        self.inputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor | list[RoutedRows]] = {}
         self.output_grads: dict[str, torch.Tensor] = {}
+        self.routed_tokens: dict[str, torch.Tensor] = {}
+        self.responses = torch.zeros(0, dtype=torch.bool)
+        self.length = 0
+        banks: dict[int, tuple[ExpertBank, dict[str, str]]] = {}
         for target in targets:
-            self.on_output(target.linear.module, self._hook(target.name))
+            bank = target.linear.experts
+            if bank is None:
+                self.on_output(target.linear.module, self._hook(target.name))
+            else:
+                banks.setdefault(id(bank.module), (bank, {}))[1][target.linear.expert_matrix] = target.name
+        for bank, names in banks.values():
+            if with_grads:
+                self.on_input(bank.module, _input_requiring_grad)
+            if "gate_up" in names:
+                self.routed_tokens[names["gate_up"]] = torch.zeros(bank.num_experts, dtype=torch.int64,
+                                                                   device=bank.matrix("gate_up").device)
+            self.on_experts(bank, self._expert_hook(names), lambda: self.length)
 
     def _hook(self, name: str):
-        def keep(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def keep(_module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+            output = output[0] if isinstance(output, tuple) else output  # a router returns its logits first
             self.inputs[name] = args[0].detach()
             if self.with_grads:
                 if not output.requires_grad:  # a lowest scored Linear: its output is where backward stops
@@ -42,9 +82,36 @@ class LinearCapture(Hooks):
                 output.register_hook(lambda grad: self.output_grads.__setitem__(name, grad.detach()))
         return keep
 
-    def clear(self) -> None:
-        self.inputs.clear()
+    def _expert_hook(self, names: Mapping[str, str]) -> ExpertObserver:
+        def keep(expert: int, tokens: torch.Tensor, inputs: torch.Tensor, gate_up: torch.Tensor,
+                 inner: torch.Tensor, out: torch.Tensor) -> None:
+            counts = self.routed_tokens.get(names.get("gate_up", ""))
+            if counts is not None:
+                counts[expert] += int(self.responses[tokens.to(self.responses.device)].sum())
+            for which, x, y in (("gate_up", inputs, gate_up), ("down", inner, out)):
+                if which not in names:
+                    continue
+                rows = RoutedRows(expert, tokens, x.detach())
+                self.inputs.setdefault(names[which], []).append(rows)
+                if self.with_grads:
+                    y.register_hook(lambda grad, rows=rows: setattr(rows, "output_grad", grad.detach()))
+        return keep
+
+    def start(self, batch: MicroBatch) -> None:
+        """Before each forward pass: forget the last pass's tensors (new objects: a pipeline keeps those of passes
+        still in flight); count the routed tokens of `batch`'s real response rows."""
+        self.inputs = {}
         self.output_grads.clear()
+        self.responses = batch.response_rows.reshape(-1)
+        self.length = batch.input_ids.shape[1]
+
+
+def _input_requiring_grad(_module: nn.Module, args: tuple) -> tuple:
+    """The experts' input made a leaf that requires grad when nothing below it does (the lowest scored matrices),
+    so that every expert's intermediate tensors carry gradients."""
+    if args[0].requires_grad:
+        return args
+    return (args[0].detach().requires_grad_(True), *args[1:])
 
 
 def squared_input_sum(inputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -61,19 +128,44 @@ def abs_weight_gradient(inputs: torch.Tensor, output_grad: torch.Tensor,
     return (dy.T @ x).abs_()
 
 
-def add_sample_terms(total: Accumulator, inputs: Mapping[str, torch.Tensor], output_grads: Mapping[str, torch.Tensor],
-                     name: str, batch: MicroBatch, with_grads: bool, dtype: torch.dtype) -> None:
+def add_sample_terms(total: Accumulator, inputs: Mapping[str, torch.Tensor | list[RoutedRows]],
+                     output_grads: Mapping[str, torch.Tensor], target: Target, batch: MicroBatch, with_grads: bool,
+                     dtype: torch.dtype) -> None:
     """`total` += each real sample's |∂L_s/∂W| (wandg) or Σ x_j² over its response tokens (wanda), from one pass's
-    captured inputs and output gradients. The gradient is missing when the loss does not depend on the Linear."""
+    captured inputs and output gradients. The gradient is missing when the loss does not depend on the matrix."""
+    if target.linear.experts is not None:
+        _add_expert_terms(total, inputs, target, batch, with_grads, dtype)
+        return
+    name = target.name
     output_grad = output_grads.get(name)
     if with_grads and output_grad is None:
         return
+    shape = (*batch.input_ids.shape, -1)  # a router sees the tokens flattened
     rows = batch.response_rows
     for row in batch.real.nonzero().flatten().tolist():
         if with_grads:
-            total.add(abs_weight_gradient(inputs[name][row], output_grad[row], dtype))
+            total.add(abs_weight_gradient(inputs[name].reshape(shape)[row], output_grad.reshape(shape)[row], dtype))
         else:
-            total.add(squared_input_sum(inputs[name][row], rows[row]))
+            total.add(squared_input_sum(inputs[name].reshape(shape)[row], rows[row]))
+
+
+def _add_expert_terms(total: Accumulator, inputs: Mapping[str, torch.Tensor | list[RoutedRows]],
+                      target: Target, batch: MicroBatch, with_grads: bool, dtype: torch.dtype) -> None:
+    """The terms of each expert's slice of an experts' matrix from the tokens of a real sample routed to it: |dY^T X|
+    (wandg; stored back in the matrix's layout), or Σ x_j² over its response tokens among them (wanda)."""
+    bank = target.linear.experts
+    responses = batch.response_rows.reshape(-1)
+    for rows in inputs.get(target.name, []):
+        if not batch.real[rows.tokens[0] // batch.input_ids.shape[1]]:
+            continue
+        if with_grads:
+            if rows.output_grad is not None:
+                term = abs_weight_gradient(rows.inputs, rows.output_grad, dtype)
+                total.add(bank.canonical(term), rows.expert)  # canonical [out, in] back to the stored layout
+            continue
+        chosen = responses[rows.tokens]
+        if chosen.any():
+            total.add(rows.inputs[chosen].float().pow(2).sum(dim=0), rows.expert)
 
 
 @contextlib.contextmanager

@@ -5,10 +5,10 @@ from pathlib import Path
 
 from safeneurons.data.readers import check_sources
 from safeneurons.models.blocks import load_source
-from safeneurons.models.loading import ModelSource
+from safeneurons.models.loading import ModelSource, model_skeleton
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir
-from safeneurons.scores.config import ScoreConfig, ScoreResult
+from safeneurons.scores.config import ScoreConfig, ScoreResult, check_granularity
 from safeneurons.scores.outputs import write_score_outputs
 from safeneurons.scores.schedules import score_model
 
@@ -27,6 +27,8 @@ def run_score(model: ModelSource, config: ScoreConfig, out: str | Path, save_sco
     its own part of the result, rank 0 the complete summary."""
     check_score_inputs(config, out)
     model.check()
+    if config.granularity == "expert":  # the model's experts, from its config alone
+        check_granularity(model_skeleton(model.name, model.cache_dir), config, model.name)
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
     loaded = load_source(model, context.device)
     result = score_model(loaded.model, loaded.tokenizer, config)

@@ -3,6 +3,7 @@ earlier selections zeroed), `score_model` and the summary.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -15,8 +16,8 @@ from safeneurons.models.blocks import block_of
 from safeneurons.models.structure import decoder_layers, fused_parts, model_device
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import is_zero3_partitioned, stored_copies
-from safeneurons.scores.config import ScoreResult, mask_on_every_rank, targets_of
-from safeneurons.scores.passes import next_entries, rank_batches
+from safeneurons.scores.config import ScoreResult, check_granularity, mask_on_every_rank, targets_of
+from safeneurons.scores.passes import ROUTED_TOKENS, next_entries, rank_batches, routed_tokens_key
 from safeneurons.scores.selection import select_masks
 from safeneurons.scores.statistics import score_targets
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from safeneurons.scores.config import ScoreConfig, Target
     from safeneurons.scores.passes import Entry
 
+log = logging.getLogger(__name__)
 
 def score_all_layers(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample] | None],
                      config: ScoreConfig, entries: Mapping[str, Sequence[Entry]] | None = None
@@ -103,11 +105,13 @@ def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig) -> ScoreR
     DeepSpeed's engine hooks (`engine.module`, see `models.load_for_inference`); layer-sharded, this rank's
     block's model (`models.blocks.load_source`)."""
     config.validate()
+    check_granularity(model, config)
     targets = targets_of(model)
     sources = load_sources(tokenizer, config)
     schedule = score_layer_by_layer if config.sequential else score_all_layers
     masks, scores = schedule(model, targets, sources, config)
-    summary = build_summary(targets, masks, sources, config)
+    routed = {key: scores.pop(key) for key in [key for key in scores if key.endswith(ROUTED_TOKENS)]}
+    summary = build_summary(targets, masks, sources, config, routed)
     block = block_of(model)
     if block is not None:
         summary["layer_split"] = block.split.to_json()
@@ -115,8 +119,10 @@ def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig) -> ScoreR
 
 
 def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
-                  sources: Mapping[str, list[Sample] | None], config: ScoreConfig) -> dict[str, Any]:
-    """Counts per parameter and per layer, merged on rank 0 (the other ranks get the settings only)."""
+                  sources: Mapping[str, list[Sample] | None], config: ScoreConfig,
+                  routed: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Counts per parameter and per layer, and per expert of an MoE layer (selected weights, response tokens
+    received), merged on rank 0 (the other ranks get the settings only)."""
     settings = {key: value for key, value in asdict(config).items() if key not in ("keep_scores", "data_dir")}
     if not config.set_difference:
         settings["utility_data"] = None
@@ -125,16 +131,18 @@ def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
                                "nsamples_used": {name: None if samples is None else len(samples)
                                                  for name, samples in sources.items()}}
     local = {target.name: (target.linear.layer, int(masks[target.name].sum()), math.prod(target.shape),
-                           list(target.shape), _part_counts(target, masks[target.name], config_of(target)))
+                           list(target.shape), _part_counts(target, masks[target.name], config_of(target)),
+                           _expert_counts(target, masks[target.name], (routed or {}).get(routed_tokens_key(target.name))))
              for target in targets if target.mine}
     merged = distributed.merge_dicts_to_main(local)
     if merged is None:
         return summary
-    per_parameter = {target.name: dict(zip(("layer", "selected", "total", "shape", "parts"), merged[target.name]))
-                     for target in targets}
+    per_parameter = {target.name: dict(zip(("layer", "selected", "total", "shape", "parts", "experts"),
+                                           merged[target.name])) for target in targets}
     for counts in per_parameter.values():
-        if counts["parts"] is None:
-            del counts["parts"]
+        for optional in ("parts", "experts"):
+            if counts[optional] is None:
+                del counts[optional]
     per_layer: dict[str, dict[str, int]] = {}
     for counts in per_parameter.values():
         layer = per_layer.setdefault(str(counts["layer"]), {"selected": 0, "total": 0})
@@ -142,9 +150,41 @@ def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
         layer["total"] += counts["total"]
     total_selected = sum(counts["selected"] for counts in per_parameter.values())
     total_scored = sum(counts["total"] for counts in per_parameter.values())
+    experts = experts_summary(per_parameter)
     return {**summary, "total_selected": total_selected, "total_scored": total_scored,
             "selected_fraction": total_selected / total_scored, "per_layer": per_layer,
-            "per_parameter": per_parameter}
+            **({"experts": experts} if experts else {}), "per_parameter": per_parameter}
+
+
+def _expert_counts(target: Target, mask: torch.Tensor, tokens: torch.Tensor | None) -> dict[str, list[int]] | None:
+    """Per expert of an experts' matrix: its selected weights, and (gate_up, scored on data) the response tokens
+    routed to it."""
+    if target.linear.experts is None:
+        return None
+    counts = {"selected": mask.reshape(target.linear.experts.num_experts, -1).sum(dim=1).tolist()}
+    if tokens is not None:
+        counts["response_tokens"] = tokens.tolist()
+    return counts
+
+
+def experts_summary(per_parameter: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per MoE layer: the selected weights of each expert (both matrices), the response tokens each received, and
+    the experts that received none (their data statistics are zero: reported, not hidden)."""
+    layers: dict[str, dict[str, Any]] = {}
+    for counts in per_parameter.values():
+        if "experts" not in counts:
+            continue
+        layer = layers.setdefault(str(counts["layer"]), {"selected": [0] * len(counts["experts"]["selected"])})
+        layer["selected"] = [a + b for a, b in zip(layer["selected"], counts["experts"]["selected"])]
+        if "response_tokens" in counts["experts"]:
+            tokens = counts["experts"]["response_tokens"]
+            layer["response_tokens"] = tokens
+            layer["without_tokens"] = [expert for expert, count in enumerate(tokens) if count == 0]
+    for number, layer in layers.items():
+        if layer.get("without_tokens"):
+            log.warning("layer %s: experts %s received no response token of the safety data; their wanda/wandg "
+                        "statistics are zero", number, layer["without_tokens"])
+    return layers
 
 
 def config_of(target: Target) -> Any:

@@ -79,19 +79,64 @@ def select_masks(targets: Sequence[Target], scores: Mapping[str, Mapping[str, to
                  config: ScoreConfig, heads: tuple[int, int] = (1, 1), model_config: Any = None
                  ) -> dict[str, torch.Tensor]:
     """Masks of the targets this rank owns, from `scores["safety"]` (and `scores["utility"]`); `heads` = the
-    model's (query heads, key/value heads) for granularity head."""
+    model's (query heads, key/value heads) for granularity head. An experts' matrix is selected as the Linears
+    it stacks: rows are each expert's output rows (weight: the top of every row; neuron: rows across all experts
+    of the matrix); granularity expert ranks whole experts per layer."""
     if config.granularity == "head":
         return _select_head_masks(targets, scores["safety"], heads, config.sparsity_ratio, model_config)
+    if config.granularity == "expert":
+        return _select_expert_masks(targets, scores["safety"], config.sparsity_ratio)
     masks = {}
     for target in targets:
         if not target.mine:
             continue
-        safety = scores["safety"][target.name]
+        safety = as_rows(target, scores["safety"][target.name])
         if config.set_difference:
-            masks[target.name] = set_difference_mask(safety, scores["utility"][target.name], config.p, config.q,
-                                                     config.granularity, config.setdiff_scope)
+            mask = set_difference_mask(safety, as_rows(target, scores["utility"][target.name]), config.p, config.q,
+                                       config.granularity, config.setdiff_scope)
         else:
-            masks[target.name] = select_weights(safety, config.sparsity_ratio, config.granularity)
+            mask = select_weights(safety, config.sparsity_ratio, config.granularity)
+        masks[target.name] = from_rows(target, mask)
+    return masks
+
+
+def as_rows(target: Target, tensor: torch.Tensor) -> torch.Tensor:
+    """A Linear's tensor as it is; an experts' matrix's as its experts' canonical rows stacked, [E × out, in]."""
+    bank = target.linear.experts
+    if bank is None:
+        return tensor
+    canonical = bank.canonical(tensor)
+    return canonical.reshape(-1, canonical.shape[-1])
+
+
+def from_rows(target: Target, rows: torch.Tensor) -> torch.Tensor:
+    """The inverse of `as_rows`: back to the parameter's shape and layout."""
+    bank = target.linear.experts
+    if bank is None:
+        return rows
+    canonical = rows.reshape(bank.num_experts, -1, rows.shape[-1])
+    return bank.canonical(canonical).contiguous()
+
+
+def expert_scores(target: Target, scores: torch.Tensor) -> torch.Tensor:
+    """[E]: each expert's summed score in an experts' matrix."""
+    return scores.reshape(target.linear.experts.num_experts, -1).sum(dim=1)
+
+
+def _select_expert_masks(targets: Sequence[Target], safety: Mapping[str, torch.Tensor],
+                         ratio: float) -> dict[str, torch.Tensor]:
+    """Granularity expert: per MoE layer, the top int(E × ratio) experts by their summed score over both experts'
+    matrices, each chosen expert's slices wholly selected; every other matrix (attention, router, shared experts,
+    dense layers) selects nothing."""
+    masks = {target.name: torch.zeros(target.shape, dtype=torch.bool) for target in targets if target.mine}
+    for layer in sorted({target.linear.layer for target in targets if target.mine}):
+        experts = [target for target in targets if target.linear.layer == layer and target.linear.experts is not None]
+        if not experts:
+            continue
+        summed = sum(expert_scores(target, safety[target.name]) for target in experts)
+        chosen = summed.sort(descending=True, stable=True).indices[:int(summed.numel() * ratio)]
+        for target in experts:
+            masks[target.name][chosen] = True
     return masks
 
 

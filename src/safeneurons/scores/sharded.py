@@ -18,7 +18,7 @@ from safeneurons.runtime.pipeline import StageLink, one_forward_one_backward, su
 from safeneurons.scores.accumulators import accumulation_rounds, score_memory_budget, statistic_accumulators
 from safeneurons.scores.sizes import element_bytes
 from safeneurons.scores.passes import (LinearCapture, add_sample_terms, equal_length_groups, micro_batch,
-                                       per_sample_losses, scoring_mode)
+                                       per_sample_losses, routed_tokens_key, scoring_mode)
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
@@ -85,7 +85,7 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
             for kind, index in distributed.progress(order, desc="pipelined passes", leave=False):
                 batch = batches[index]
                 if kind == "F":
-                    capture.clear()
+                    capture.start(batch)
                     received, output = _forward(block, batch, link, with_grads)
                     in_flight[index] = (received, output, dict(capture.inputs))
                     if with_grads:
@@ -97,12 +97,14 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
                     _backward(block, received, output, link)
                     grads = capture.output_grads
                 for target in targets:
-                    add_sample_terms(sums[target.name], inputs, grads, target.name, batch, with_grads, term_dtype)
+                    add_sample_terms(sums[target.name], inputs, grads, target, batch, with_grads, term_dtype)
     finally:
         capture.close()
         link.finish()
-    sum_over_replicas([tensor for total in sums.values() for tensor in total.tensors()], block.group, block.stage)
-    owned = {}
+    sum_over_replicas([tensor for total in sums.values() for tensor in total.tensors()]
+                      + list(capture.routed_tokens.values()), block.group, block.stage)
+    owned = {routed_tokens_key(name): counts for name, counts in capture.routed_tokens.items()
+             if block.replica == 0}
     for name in list(sums):  # each accumulator freed as its fp32 value is taken: never both for every Linear
         total = sums.pop(name)
         if block.replica == 0:

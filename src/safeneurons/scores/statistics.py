@@ -17,7 +17,9 @@ from safeneurons.runtime.zero3 import weight_on_owner
 from safeneurons.scores.accumulators import (accumulation_rounds, accumulator_bytes, reduce_accumulators_to_owners,
                                              score_memory_budget, statistic_accumulators)
 from safeneurons.scores.sizes import element_bytes
-from safeneurons.scores.passes import LinearCapture, add_sample_terms, rank_batches, run_batch, scoring_mode
+from safeneurons.runtime.distributed import reduce_each_to_owner
+from safeneurons.scores.passes import (ROUTED_TOKENS, LinearCapture, add_sample_terms, rank_batches,
+                                       routed_tokens_key, run_batch, scoring_mode)
 from safeneurons.scores.sharded import sharded_statistics
 
 if TYPE_CHECKING:
@@ -70,15 +72,18 @@ def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[M
         with scoring_mode(model):
             for index, batch in enumerate(distributed.progress(batches, desc="wandg passes" if with_grads
                                                                else "wanda passes", leave=False)):
-                capture.clear()
+                capture.start(batch)
                 run_batch(model, batch, with_grads, None if entries is None else entries[index])
                 for target in targets:
-                    add_sample_terms(sums[target.name], capture.inputs, capture.output_grads, target.name, batch,
+                    add_sample_terms(sums[target.name], capture.inputs, capture.output_grads, target, batch,
                                      with_grads, term_dtype)
     finally:
         capture.close()
+    owners = {target.name: target.owner for target in targets}
     reduce_accumulators_to_owners([(sums[target.name], target.owner) for target in targets])
-    owned = {}
+    reduce_each_to_owner([(counts, owners[name]) for name, counts in capture.routed_tokens.items()])
+    owned = {routed_tokens_key(name): counts for name, counts in capture.routed_tokens.items()
+             if owners[name] == distributed.rank()}
     for target in targets:  # each accumulator is dropped as its value is taken: values never sit beside them all
         accumulator = sums.pop(target.name)
         if target.mine:
@@ -95,11 +100,12 @@ def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
 def score_targets(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample] | None,
                   config: ScoreConfig, stream: int = 0, entries: Sequence[Entry] | None = None
                   ) -> dict[str, torch.Tensor]:
-    """float32 scores of the targets this rank owns; NaN/inf is an error that names the parameter."""
+    """float32 scores of the targets this rank owns, and for each experts' gate_up matrix it owns the response
+    tokens each expert received (key `routed_tokens_key(name)`); NaN/inf is an error that names the parameter."""
     if config.method == "random":
         return {target.name: random_scores(target, config.seed, stream) for target in targets if target.mine}
     statistics = collect_statistics(model, targets, samples, config, entries)
-    scores: dict[str, torch.Tensor] = {}
+    scores: dict[str, torch.Tensor] = {key: counts for key, counts in statistics.items() if key.endswith(ROUTED_TOKENS)}
     problems: list[tuple[int, str]] = []
     for target in targets:
         weight = weight_on_owner(target.weight, target.owner)
@@ -109,7 +115,7 @@ def score_targets(model: nn.Module, targets: Sequence[Target], samples: Sequence
         # under --accumulate-dtype model the product too is taken in the model's dtype, as the original code does
         magnitude = weight.abs().to(statistic.dtype)
         if config.method == "wanda":
-            score = magnitude * torch.sqrt(statistic / len(samples)).reshape(1, -1)
+            score = magnitude * input_norms(target, torch.sqrt(statistic / len(samples)))
         else:
             score = (magnitude * statistic).float()
         if not torch.isfinite(magnitude).all():
@@ -120,6 +126,15 @@ def score_targets(model: nn.Module, targets: Sequence[Target], samples: Sequence
         scores[target.name] = score.cpu()
     raise_first_problem(problems)
     return scores
+
+
+def input_norms(target: Target, norms: torch.Tensor) -> torch.Tensor:
+    """wanda's per-column input norms shaped to multiply the weight: one row [1, in] for a Linear; for an experts'
+    matrix each expert's own norms, [E, 1, in], or [E, in, 1] where the matrices are stored transposed."""
+    bank = target.linear.experts
+    if bank is None:
+        return norms.reshape(1, -1)
+    return norms[:, :, None] if bank.transposed else norms[:, None, :]
 
 
 def raise_first_problem(problems: list[tuple[int, str]]) -> None:

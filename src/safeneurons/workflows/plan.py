@@ -128,7 +128,7 @@ def model_shape(name: str) -> ModelShape:
     skeleton = model_skeleton(name)  # checks the structure
     parameters = list(skeleton.parameters())
     counted = (sum(param.numel() for param in parameters),
-               sum(linear.module.weight.numel() for linear in scored_linears(skeleton)),
+               sum(linear.weight.numel() for linear in scored_linears(skeleton)),
                max(param.numel() for param in parameters))
     return ModelShape(name, *sizes, bool(getattr(skeleton.config, "tie_word_embeddings", False)),
                       config.get("head_dim"), counted, skeleton.config._attn_implementation == "eager")
