@@ -12,8 +12,10 @@ from safeneurons.demo.smollm2_attack import AttackBuild, build_smollm2_attack
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m safeneurons.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["build", "build-judge", "build-smollm2-safe", "build-smollm2-attack"],
-                        help="build: demo-base and demo-chat (DIR/base, DIR/chat); build-judge: the demo judge; "
+    parser.add_argument("action", choices=["build", "build-moe", "build-judge", "build-smollm2-safe",
+                                           "build-smollm2-attack"],
+                        help="build: demo-base and demo-chat (DIR/base, DIR/chat); build-moe: demo-moe-base and "
+                             "demo-moe-chat (DIR/base, DIR/chat); build-judge: the demo judge; "
                              "build-smollm2-safe: smollm2-safe's LoRA adapter (needs --align); "
                              "build-smollm2-attack: the real pair's harmful attack CSV (needs --advbench)")
     parser.add_argument("--align", default=None, help="build-smollm2-safe: the original work's align CSV")
@@ -43,6 +45,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.action == "build-judge":
         print(build_judge(args.out, JudgeBuild(steps=args.steps or JudgeBuild.steps)))
+        return
+    if args.action == "build-moe":
+        from safeneurons.demo.moe import MoeDemoBuild, build_demo_moe
+
+        pair = build_demo_moe(args.out, MoeDemoBuild(steps=args.steps or DemoBuild.steps, chat_steps=args.chat_steps))
+        print(f"demo-moe-chat: {pair.chat}\ndemo-moe-base: {pair.base}")
         return
     pair = build_demo(args.out, DemoBuild(steps=args.steps or DemoBuild.steps, chat_steps=args.chat_steps))
     print(f"demo-chat: {pair.chat}\ndemo-base: {pair.base}")

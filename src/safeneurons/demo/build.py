@@ -59,6 +59,9 @@ class DemoBuild:
     chat_steps: int = 100  # the safety-alignment fine-tune of demo-chat: a sixth of the pretraining
     chat_learning_rate: float = 1e-3
 
+    base_name = "demo-base"  # (class attributes: names, not settings of the build)
+    chat_name = "demo-chat"
+
 
 def train_tokenizer(build: DemoBuild) -> Any:
     """A byte-level BPE tokenizer trained on the demo texts (any text stays encodable through the bytes)."""
@@ -174,7 +177,12 @@ def save_build(model: Any, tokenizer: Any, out: str | Path, record_name: str, re
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    balancing = getattr(model.config, "output_router_logits", None)
+    if balancing:  # an MoE's load-balancing loss belongs to its build, not its use
+        model.config.output_router_logits = False
+    model.save_pretrained(tmp, save_original_format=False)  # (an MoE's experts fused, as the model names them)
+    if balancing:
+        model.config.output_router_logits = balancing
     tokenizer.save_pretrained(tmp)
     (tmp / record_name).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
@@ -188,21 +196,22 @@ class DemoPair:
     base: Path
 
 
-def build_demo(out: str | Path, build: DemoBuild = DemoBuild()) -> DemoPair:
-    """Train the demo tokenizer, demo-base and then demo-chat from it; save them as HF folders out/base and
-    out/chat (the same tokenizer in both)."""
+def build_demo(out: str | Path, build: DemoBuild = DemoBuild(),
+               make: Callable[[Any, Any], Any] = make_model) -> DemoPair:
+    """Train the demo tokenizer, demo-base (`make(build, tokenizer)`'s random model pretrained) and then demo-chat
+    from it; save them as HF folders out/base and out/chat (the same tokenizer in both)."""
     out = Path(out)
     with repeatable():
         started = time.time()
         tokenizer = train_tokenizer(build)
-        model = make_model(build, tokenizer)
+        model = make(build, tokenizer)
         base_losses = train(build, tokenizer, model)
         record = {"build": build.__dict__, "pretraining_final_loss": base_losses[-1]}
         base = save_build(model, tokenizer, out / "base", "demo_build.json",
-                          {**record, "model": "demo-base", "seconds": round(time.time() - started, 1)})
+                          {**record, "model": build.base_name, "seconds": round(time.time() - started, 1)})
         chat_losses = align(build, tokenizer, model)
         chat = save_build(model, tokenizer, out / "chat", "demo_build.json",
-                          {**record, "model": "demo-chat", "alignment_final_loss": chat_losses[-1],
+                          {**record, "model": build.chat_name, "alignment_final_loss": chat_losses[-1],
                            "seconds": round(time.time() - started, 1)})
     return DemoPair(chat, base)
 

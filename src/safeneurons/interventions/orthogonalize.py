@@ -1,6 +1,6 @@
 """Weight orthogonalization (Arditi et al. 2024): W ← W − r̂ r̂ᵀ W for every matrix that writes to the residual
-stream — the token embeddings (each row) and every `o_proj` / `down_proj` (each output column), with their biases
-where an architecture has them — so that the model can no longer write along r̂: the same model as directional
+stream — the token embeddings (each row) and every `o_proj` / `down_proj` (each output column), the shared experts'
+and every routed expert's `down_proj` of an MoE, with their biases where an architecture has them — so that the model can no longer write along r̂: the same model as directional
 ablation at every position, in its weights.
 
 Tied embeddings are untied first (the unembedding keeps the original matrix: only what writes to the residual
@@ -20,10 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
-from safeneurons.models.structure import decoder_layers
+from safeneurons.models.loading import model_skeleton
+from safeneurons.models.structure import decoder_layers, transposed_experts
 from safeneurons.runtime.checkpoints import INDEX_FILE, WEIGHTS_FILE, CheckpointFiles, rewrite_checkpoint
 
-WRITES = re.compile(r"(^|\.)(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$")
+# o_proj, the dense MLP's and the shared experts' down_proj (weight, bias), the routed experts' fused down_proj (and
+# GPT-OSS's down_proj_bias)
+WRITES = re.compile(r"(^|\.)((self_attn\.o_proj|mlp\.(shared_experts?\.)?down_proj)\.(weight|bias)"
+                    r"|mlp\.experts\.down_proj(_bias)?)$")
 EMBEDDING = re.compile(r"(^|\.)embed_tokens\.weight$")
 UNTIED_FILE = "model-lm_head.safetensors"
 
@@ -46,14 +50,19 @@ def check_orthogonalizable(config: Any) -> None:
                                f"directional ablation (the direction stage's hooks) for this model")
 
 
-def orthogonal_tensor(name: str, tensor: torch.Tensor, unit: torch.Tensor,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
+def orthogonal_tensor(name: str, tensor: torch.Tensor, unit: torch.Tensor, mask: torch.Tensor | None = None,
+                      transposed: bool = False) -> torch.Tensor:
     """The tensor with r̂ projected out of what it writes (computed in float64, stored in its dtype); with `mask`,
-    only the masked elements change."""
+    only the masked elements change. A routed experts' down_proj is E matrices: each expert's output rows, read
+    through `transposed` for experts stored [E, in, out] (models.moe)."""
     values = tensor.double()
     r = unit.double().to(values.device)
-    if EMBEDDING.search(name):
+    if EMBEDDING.search(name) or (tensor.dim() == 2 and name.endswith("experts.down_proj_bias")):
         projected = values - (values @ r)[:, None] * r[None, :]
+    elif tensor.dim() == 3:
+        canonical = values.transpose(1, 2) if transposed else values  # [E, hidden, intermediate]
+        canonical = canonical - r[None, :, None] * (r @ canonical)[:, None, :]
+        projected = canonical.transpose(1, 2) if transposed else canonical
     elif name.endswith(".weight"):
         projected = values - r[:, None] * (r @ values)[None, :]
     else:
@@ -80,11 +89,13 @@ def orthogonalize_model(model: nn.Module, direction: torch.Tensor,
         output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=output.weight.requires_grad)
         model.config.tie_word_embeddings, untied = False, True
     edited = []
+    transposed = transposed_experts(model)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if not is_write(name) or (masks is not None and name not in masks):
                 continue
-            parameter.copy_(orthogonal_tensor(name, parameter, unit, None if masks is None else masks[name]))
+            parameter.copy_(orthogonal_tensor(name, parameter, unit, None if masks is None else masks[name],
+                                              name in transposed))
             edited.append(name)
     return OrthogonalizeResult(edited, untied)
 
@@ -96,6 +107,7 @@ def orthogonalize_files(folder: Path, direction: torch.Tensor, out: Path) -> Ort
     check_orthogonalizable(config)
     unit = direction.detach().double().flatten() / direction.detach().double().norm()
     files = CheckpointFiles(folder)
+    transposed = transposed_experts(model_skeleton(str(folder)))
     edited: list[str] = []
     embedding: dict[str, torch.Tensor] = {}
 
@@ -105,7 +117,7 @@ def orthogonalize_files(folder: Path, direction: torch.Tensor, out: Path) -> Ort
         if not is_write(name):
             return tensor
         edited.append(name)
-        return orthogonal_tensor(name, tensor, unit)
+        return orthogonal_tensor(name, tensor, unit, transposed=name in transposed)
 
     rewrite_checkpoint(files, out, edit)
     tied = bool(config.get("tie_word_embeddings", False)) and "lm_head.weight" not in files.weight_map and embedding

@@ -18,15 +18,20 @@ from safeneurons.runtime.zero3 import gathered_state_dict, is_zero3_partitioned,
 
 
 def local_model_folder(name: str, cache_dir: str | None = None) -> Path:
-    """The local folder holding a model's files: a folder, `demo`, or an HF id found in the local cache."""
+    """The local folder holding a model's files, named as the model names its parameters: a folder, `demo`, or an
+    HF id found in the local cache (a checkpoint that stores its experts apart: its fused copy, models.fused)."""
+    from safeneurons.models.fused import fused_folder
+
     check_model_name(name)
     resolved = resolve_model_name(name, cache_dir)
     if Path(resolved).is_dir():
-        return Path(resolved)
+        return fused_folder(Path(resolved), cache_dir)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(resolved, cache_dir=cache_dir, local_files_only=True))
+        return fused_folder(Path(snapshot_download(resolved, cache_dir=cache_dir, local_files_only=True)), cache_dir)
+    except SafeneuronsError:
+        raise
     except Exception:  # huggingface_hub raises several types for "not in the cache"
         raise SafeneuronsError(f"model {name!r} is neither a local folder nor in the HF cache (its safetensors "
                                f"files are read directly): download it (`huggingface-cli download {resolved} "
@@ -53,15 +58,16 @@ DEMO_NAME = "demo"  # demo-chat
 DEMO_CHAT_NAME = "demo-chat"
 DEMO_BASE_NAME = "demo-base"  # the unaligned base model demo-chat was aligned from (demo.py)
 DEMO_JUDGE_NAME = "demo-judge"  # the demo's HarmBench-format classifier (demo_judge.py)
+DEMO_MOE_NAME = "demo-moe"  # demo-moe-chat, the mixture-of-experts demo pair's chat model (demo/moe.py)
+DEMO_MOE_CHAT_NAME = "demo-moe-chat"
+DEMO_MOE_BASE_NAME = "demo-moe-base"
+BUILT_IN_FOLDERS = {DEMO_NAME: "chat", DEMO_CHAT_NAME: "chat", DEMO_BASE_NAME: "base", DEMO_JUDGE_NAME: "judge",
+                    DEMO_MOE_NAME: "moe_chat", DEMO_MOE_CHAT_NAME: "moe_chat", DEMO_MOE_BASE_NAME: "moe_base"}
 
 
 def demo_model_dir(which: str = "chat") -> Path:
     """The built-in demo chat (or base) model's folder inside the installed package."""
     return DEMO_ASSETS / which
-
-
-def demo_judge_dir() -> Path:
-    return DEMO_ASSETS / "judge"
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -79,12 +85,8 @@ def resolve_model_name(name: str, cache_dir: str | None = None) -> str:
     from safeneurons.models.adapters import ADAPTER_ALIASES, check_adapter, merged_folder
     from safeneurons.models.gguf import dequantized_folder, gguf_file_of
 
-    if name in (DEMO_NAME, DEMO_CHAT_NAME):
-        return str(demo_model_dir())
-    if name == DEMO_BASE_NAME:
-        return str(demo_model_dir("base"))
-    if name == DEMO_JUDGE_NAME:
-        return str(demo_judge_dir())
+    if name in BUILT_IN_FOLDERS:
+        return str(DEMO_ASSETS / BUILT_IN_FOLDERS[name])
     if name in ADAPTER_ALIASES:
         check_adapter(name)  # before the base model is de-quantized
         base = Path(resolve_model_name(ADAPTER_ALIASES[name][0], cache_dir))
@@ -108,7 +110,7 @@ def check_model_name(name: str, what: str = "model") -> None:
     if not Path(resolved).is_dir() and looks_like_path(name):
         raise SafeneuronsError(f"{what} folder {name} does not exist (no such folder)")
     if not Path(resolved).is_dir() and resolved.count("/") != 1:
-        known = ", ".join([DEMO_NAME, DEMO_BASE_NAME, DEMO_JUDGE_NAME, *ALIASES, *GGUF_ALIASES, *ADAPTER_ALIASES])
+        known = ", ".join([*BUILT_IN_FOLDERS, *ALIASES, *GGUF_ALIASES, *ADAPTER_ALIASES])
         raise SafeneuronsError(f"{what} {name!r} is not a local folder, a built-in name or alias ({known}) nor an "
                                f"HF id (org/name)")
 
@@ -282,7 +284,8 @@ def save_hf_folder(model: nn.Module, tokenizer: Any, out: str | os.PathLike,
     if distributed.is_main():
         try:
             with staged(out) as staging:
-                model.save_pretrained(staging, state_dict=state)
+                # experts fused as in memory: file-level stages read parameters by their names (models.fused)
+                model.save_pretrained(staging, state_dict=state, save_original_format=False)
                 tokenizer.save_pretrained(staging)
                 for name, payload in (json_files or {}).items():
                     write_json(staging / name, payload)

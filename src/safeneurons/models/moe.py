@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.runtime.zero3 import full_shape
 
 ROUTER_ATTRIBUTES = ("gate", "router")
 SHARED_EXPERT_ATTRIBUTES = ("shared_expert", "shared_experts")
@@ -157,26 +158,27 @@ def _expert_bank(experts: nn.Module, config: Any, family: str) -> ExpertBank:
     """The experts' layout from the module (transformers records it there) and the shapes; an unknown layout is
     refused in one line naming the family."""
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
-            and down.dim() == 3 and hasattr(experts, "_apply_gate")):
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)
+            and len(full_shape(gate_up)) == len(full_shape(down)) == 3 and hasattr(experts, "_apply_gate")):
         raise SafeneuronsError(f"model family {family!r}: its experts module {type(experts).__name__} is not a layout "
                                f"safeneurons reads; expected {EXPECTED_MOE_LAYOUT}")
     if getattr(experts, "has_post_expert_norm", False) or not getattr(experts, "has_gate", True):
         raise SafeneuronsError(f"model family {family!r}: experts with a post-expert norm or without a gate are not "
                                f"supported; expected {EXPECTED_MOE_LAYOUT}")
     hidden = _dimension(config, "hidden_size")
-    count, _, _ = gate_up.shape
+    shape, down_shape = full_shape(gate_up), full_shape(down)  # (whole, under ZeRO-3 too)
+    count = shape[0]
     transposed = getattr(experts, "is_transposed", None)
     if transposed is None:  # not recorded: the shapes decide, when they can
-        if gate_up.shape[1] == gate_up.shape[2]:
+        if shape[1] == shape[2]:
             raise SafeneuronsError(f"model family {family!r}: cannot tell the orientation of the square experts "
-                                   f"matrices {tuple(gate_up.shape)}; expected {EXPECTED_MOE_LAYOUT}")
-        transposed = gate_up.shape[1] == hidden
-    width = gate_up.shape[2] if transposed else gate_up.shape[1]
+                                   f"matrices {shape}; expected {EXPECTED_MOE_LAYOUT}")
+        transposed = shape[1] == hidden
+    width = shape[2] if transposed else shape[1]
     expected_down = (count, width // 2, hidden) if transposed else (count, hidden, width // 2)
-    if tuple(down.shape) != expected_down or width % 2:
-        raise SafeneuronsError(f"model family {family!r}: experts down_proj {tuple(down.shape)} does not match "
-                               f"gate_up_proj {tuple(gate_up.shape)}; expected {EXPECTED_MOE_LAYOUT}")
+    if down_shape != expected_down or width % 2:
+        raise SafeneuronsError(f"model family {family!r}: experts down_proj {down_shape} does not match "
+                               f"gate_up_proj {shape}; expected {EXPECTED_MOE_LAYOUT}")
     return ExpertBank(experts, count, hidden or 0, width // 2, bool(transposed),
                       not getattr(experts, "is_concatenated", True))
 
@@ -195,8 +197,8 @@ def moe_block(layer: nn.Module, config: Any = None) -> MoeBlock | None:
                                f"expected {EXPECTED_MOE_LAYOUT}")
     bank = _expert_bank(experts, config, family)
     router = getattr(mlp, router_name)
-    if tuple(router.weight.shape) != (bank.num_experts, bank.hidden):
-        raise SafeneuronsError(f"model family {family!r}: router weight {tuple(router.weight.shape)} is not "
+    if full_shape(router.weight) != (bank.num_experts, bank.hidden):
+        raise SafeneuronsError(f"model family {family!r}: router weight {full_shape(router.weight)} is not "
                                f"[experts, hidden] = [{bank.num_experts}, {bank.hidden}]")
     shared_name = next((name for name in SHARED_EXPERT_ATTRIBUTES if getattr(mlp, name, None) is not None), None)
     shared_gate = getattr(mlp, SHARED_GATE_ATTRIBUTE, None)
@@ -209,3 +211,4 @@ def moe_blocks(layers: nn.ModuleList, config: Any = None) -> dict[int, MoeBlock]
     """The MoE blocks of a model's decoder layers, by layer index (dense layers absent)."""
     found = {index: moe_block(layer, config) for index, layer in enumerate(layers)}
     return {index: block for index, block in found.items() if block is not None}
+

@@ -12,7 +12,7 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.models.moe import (EXPECTED_MOE_LAYOUT, EXPERT_MATRICES, SHARED_GATE_ATTRIBUTE, ExpertBank,
-                                   moe_block)
+                                   moe_block, moe_blocks)
 
 # Support is decided by structure, not by model type: decoder layers at `model.layers`, each with an attention
 # block (separate q/k/v projections or one fused qkv_proj, and o_proj) and an MLP (gate and up projections or one
@@ -181,6 +181,15 @@ def scored_linears(model: nn.Module, layer: int | None = None) -> list[ScoredLin
         found += [replace(item, layer=index, param_name=f"{names[id(item.module)]}.{item.attribute}")
                   for item in layer_projections(block, config)]
     return found
+
+
+def transposed_experts(model: nn.Module) -> set[str]:
+    """The parameter names of the experts' matrices stored transposed, [E, in, out] (GPT-OSS): what an edit by name
+    needs to find each expert's output rows."""
+    config = getattr(model, "config", None)
+    names = {id(param): name for name, param in model.named_parameters()}
+    return {names[id(block.experts.matrix(which))] for block in moe_blocks(decoder_layers(model), config).values()
+            if block.experts.transposed for which in EXPERT_MATRICES}
 
 
 @contextlib.contextmanager

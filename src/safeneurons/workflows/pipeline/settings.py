@@ -10,7 +10,8 @@ import torch
 from safeneurons.data.readers import check_sources
 from safeneurons.errors import SafeneuronsError
 from safeneurons.finetune.constrained import PAPER_BETAS
-from safeneurons.models.loading import DEMO_CHAT_NAME, DEMO_NAME, SHARD_MODES, load_config
+from safeneurons.models.loading import (DEMO_CHAT_NAME, DEMO_MOE_BASE_NAME, DEMO_MOE_CHAT_NAME, DEMO_MOE_NAME,
+                                        DEMO_NAME, SHARD_MODES, load_config)
 from safeneurons.runtime.outputs import check_output_dir
 from safeneurons.runtime.tracking import TrackingConfig
 
@@ -171,6 +172,9 @@ DEMO_PROFILE = dict(model=DEMO_NAME, prune_data="demo-align", score_batch_size=1
                     save_every=16, rescore_every=8, judge="keyword", judge_model=None, eval_every=1,
                     curve_limit=24, curve_max_new_tokens=12, neuron_base_model="demo-base", base_model="demo-base",
                     lisa_steps="1,9", attack_rates="1e-3,3e-4,1e-4,3e-5,1e-5", profile="demo")
+# The mixture-of-experts demo pair: the same study on demo-moe, lineage and the neuron study against demo-moe-base
+DEMO_MOE_PROFILE = {**DEMO_PROFILE, "model": DEMO_MOE_NAME, "neuron_base_model": DEMO_MOE_BASE_NAME,
+                    "base_model": DEMO_MOE_BASE_NAME}
 # `--study full` with the demo: more seeds, data, prompts and tokens, both judges
 DEMO_FULL_STUDY = dict(seeds="0,1,2,3,4", num_epochs=2, finetune_nsamples=100, eval_limit=100, perplexity_samples=64,
                        max_new_tokens=64, eval_every=2, curve_limit=50, curve_max_new_tokens=16,
@@ -371,8 +375,10 @@ def resolve_config(given: dict[str, Any]) -> PipelineConfig:
             log.info("no --model given and %s: running the embedded default (the demo model and demo data, CPU)",
                      reason)
             model = DEMO_NAME
-    if model in (DEMO_NAME, DEMO_CHAT_NAME):  # one model, two names
-        settings = replace(settings, **DEMO_PROFILE)
+    profile = {DEMO_NAME: DEMO_PROFILE, DEMO_CHAT_NAME: DEMO_PROFILE, DEMO_MOE_NAME: DEMO_MOE_PROFILE,
+               DEMO_MOE_CHAT_NAME: DEMO_MOE_PROFILE}.get(model)  # one model, two names
+    if profile is not None:
+        settings = replace(settings, **profile)
         if given.get("study") == "full":
             settings = replace(settings, **DEMO_FULL_STUDY)
     settings = replace(settings, **given)
