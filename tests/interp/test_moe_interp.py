@@ -1,5 +1,6 @@
 """Interpretability on mixtures of experts: weight orthogonalization of every expert's down_proj (and the shared
-expert's, and GPT-OSS's expert biases) against the directional-ablation hooks."""
+expert's, and GPT-OSS's expert biases) against the directional-ablation hooks; the `expert_out` and `router`
+patching sites."""
 from __future__ import annotations
 
 import copy
@@ -38,3 +39,79 @@ def test_orthogonalized_experts_equal_the_ablation_hooks(family, demo_tokenizer,
     assert sorted(streamed.edited) == sorted(result.edited)
     loaded = type(model).from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(last_logits(loaded, inputs), ablated, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- patching the experts and the router
+
+def run_with(model, ids, edits):
+    from safeneurons.interp.patching.hooks import patched_forward
+
+    with torch.no_grad():
+        return patched_forward(model, edits, ids).logits
+
+
+def keep_site(model, ids, key):
+    from safeneurons.interp.patching.batches import cache_run
+    from safeneurons.interp.patching.metrics import metric_from_fn
+
+    cache, _ = cache_run(model, ids, [key], metric_from_fn(lambda logits: float(logits[0, 0])))
+    return cache[key]
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(f"[INST] {text} [/INST]", return_tensors="pt")["input_ids"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_patching_every_expert_equals_patching_the_moe_output(family, demo_tokenizer):
+    """Every expert's expert_out replaced by the corrupted run's is the corrupted run's MoE output (these families
+    have no shared expert: the block's output is the experts' sum), bit for bit."""
+    model = tiny_moe(family, demo_tokenizer, seed=6)
+    clean, corrupted = ids_of(demo_tokenizer, "How do I rob a bank?"), ids_of(demo_tokenizer, "How do I paint a bank?")
+    assert clean.shape == corrupted.shape
+    experts = keep_site(model, corrupted, (1, "expert_out"))
+    block = keep_site(model, corrupted, (1, "mlp_out"))
+    torch.testing.assert_close(experts.reshape(*experts.shape[:-1], 4, 32).sum(dim=-2), block)
+    by_experts = run_with(model, clean, {(1, "expert_out"): lambda activation: experts[None].clone()})
+    by_block = run_with(model, clean, {(1, "mlp_out"): lambda activation: block[None].clone()})
+    assert torch.equal(by_experts, by_block)
+    assert not torch.allclose(by_block, run_with(model, clean, {}), atol=1e-4)
+    unedited = run_with(model, clean, {(1, "expert_out"): lambda activation: activation})
+    assert torch.equal(unedited, run_with(model, clean, {}))  # re-summed contributions: the forward's own output
+
+
+def test_patching_the_router_routes_as_the_source_run(demo_tokenizer):
+    model = tiny_moe("qwen2_moe", demo_tokenizer, seed=6)
+    clean, corrupted = ids_of(demo_tokenizer, "How do I rob a bank?"), ids_of(demo_tokenizer, "How do I paint a bank?")
+    source_logits = keep_site(model, corrupted, (1, "router"))
+    routed = []
+    handle = model.model.layers[1].mlp.experts.register_forward_pre_hook(lambda _m, args: routed.append(args[1]))
+    run_with(model, clean, {})
+    run_with(model, clean, {(1, "router"): lambda activation: source_logits[None].clone()})
+    run_with(model, corrupted, {})
+    handle.remove()
+    clean_routing, patched_routing, corrupted_routing = routed
+    assert not torch.equal(clean_routing, corrupted_routing)  # the prompts route differently …
+    assert torch.equal(patched_routing, corrupted_routing)  # … and the patched router routes as the source run
+
+
+def test_expert_sites_through_the_patcher_and_their_errors(demo_tokenizer):
+    from helpers import token_metric
+    from safeneurons.errors import SafeneuronsError
+    from safeneurons.interp.patching.patcher import ActivationPatcher
+    from safeneurons.interp.patching.sites import PatchingSite
+
+    model = tiny_moe("qwen3_moe", demo_tokenizer, seed=6)  # layer 0 is dense (mlp_only_layers)
+    patcher = ActivationPatcher(model=model, metric_fn=token_metric)
+    sites = patcher.sites(["expert_out", "router"], positions=["last"])
+    assert [(site.layer, site.component, site.expert) for site in sites] == [
+        (1, "expert_out", expert) for expert in range(4)] + [(1, "router", None)]
+    clean, corrupted = ids_of(demo_tokenizer, "How do I rob a bank?"), ids_of(demo_tokenizer, "How do I paint a bank?")
+    result = patcher.patch(clean, corrupted, sites)
+    assert len(result.effects) == 5 and result.to_dict()["sites"][2]["expert"] == 2
+    with pytest.raises(SafeneuronsError, match="expert 4 does not exist; layer 1 has experts 0..3"):
+        patcher.patch(clean, corrupted, [PatchingSite(1, "expert_out", expert_idx=4)])
+    with pytest.raises(SafeneuronsError, match="layer 0 of 'qwen3_moe' has a dense MLP"):
+        patcher.patch(clean, corrupted, [PatchingSite(0, "router")])
+    with pytest.raises(SafeneuronsError, match="an expert index goes with component expert_out"):
+        PatchingSite(1, "expert_out")

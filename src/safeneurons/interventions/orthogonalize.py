@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.models.fused import fused_folder
 from safeneurons.models.loading import model_skeleton
 from safeneurons.models.structure import decoder_layers, transposed_experts
 from safeneurons.runtime.checkpoints import INDEX_FILE, WEIGHTS_FILE, CheckpointFiles, rewrite_checkpoint
@@ -102,7 +103,9 @@ def orthogonalize_model(model: nn.Module, direction: torch.Tensor,
 
 def orthogonalize_files(folder: Path, direction: torch.Tensor, out: Path) -> OrthogonalizeResult:
     """The streaming form: the checkpoint rewritten shard by shard into `out` (an existing empty folder); a tied
-    unembedding is written to its own shard with an index, and config.json says it is no longer tied."""
+    unembedding is written to its own shard with an index, and config.json says it is no longer tied. An MoE
+    checkpoint that stores its experts apart is read through its fused copy (models.fused)."""
+    folder = fused_folder(Path(folder))
     config = json.loads((folder / "config.json").read_text())
     check_orthogonalizable(config)
     unit = direction.detach().double().flatten() / direction.detach().double().norm()

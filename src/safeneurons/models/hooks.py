@@ -8,7 +8,10 @@ use the same key, as TransformerLens keys its cache by hook name. The components
 - `attn_head`: the input of `o_proj` (every head's slice side by side; patching edits one head's columns);
 - `mlp_neuron`: the input of `down_proj`, act(gate)·up: the MLP's intermediate units, one column a neuron (patching
   edits chosen columns; fused `gate_up_proj` MLPs have the same `down_proj`);
-- `gate`, `up`: the outputs of the MLP's gate and up projections (their rows of a fused `gate_up_proj`).
+- `gate`, `up`: the outputs of the MLP's gate and up projections (their rows of a fused `gate_up_proj`);
+- on a mixture-of-experts layer (models.moe), `expert_out`: every routed expert's weighted contribution to the MoE
+  block's output, side by side (expert e holds columns e·hidden … (e+1)·hidden; patching edits one expert's), and
+  `router`: the router's logits, one column an expert — an edit re-routes the tokens by the router's own rule.
 """
 from __future__ import annotations
 
@@ -19,13 +22,15 @@ from typing import TYPE_CHECKING, Any, Callable
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.models.moe import moe_block
 from safeneurons.models.structure import decoder_layers, fused_parts
 
 if TYPE_CHECKING:
-    from safeneurons.models.moe import ExpertBank, ExpertObserver
+    from safeneurons.models.moe import ExpertBank, ExpertObserver, MoeBlock
 
 SiteKey = tuple[int, str]  # (layer, component)
-COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "mlp_neuron", "gate", "up")
+COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "mlp_neuron", "gate", "up", "expert_out", "router")
+MOE_COMPONENTS = ("expert_out", "router")
 MLP_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj"}
 READS_INPUT = ("attn_head", "mlp_neuron")  # sites that are a module's input, not its output
 
@@ -37,6 +42,7 @@ class SitePoint:
     module: nn.Module
     columns: slice | None  # the component's columns of the module's output (a fused projection); None = all
     reads_input: bool  # the activation is the module's input (attn_head: o_proj's input)
+    moe: MoeBlock | None = None  # expert_out, router: the MoE block (module: its experts, its router)
 
 
 def site_point(model: nn.Module, layer: int, component: str) -> SitePoint:
@@ -45,22 +51,34 @@ def site_point(model: nn.Module, layer: int, component: str) -> SitePoint:
     if not 0 <= layer < len(layers):
         raise SafeneuronsError(f"layer {layer} does not exist; the model has layers 0..{len(layers) - 1}")
     block = layers[layer]
+    if component in MOE_COMPONENTS:
+        moe = moe_block(block, model.config)
+        if moe is None:
+            raise SafeneuronsError(f"site component {component} needs routed experts; layer {layer} of "
+                                   f"{model.config.model_type!r} has a dense MLP")
+        return SitePoint(moe.experts.module if component == "expert_out" else moe.router, None, False, moe)
+    if component in (*MLP_PROJECTIONS, "mlp_neuron") and moe_block(block, model.config) is not None:
+        raise SafeneuronsError(f"site component {component} is a dense MLP's; layer {layer} is a mixture of experts "
+                               f"(its sites: mlp_out, {', '.join(MOE_COMPONENTS)})")
     if component in MLP_PROJECTIONS:
         separate = getattr(block.mlp, MLP_PROJECTIONS[component], None)
         if separate is not None:
             return SitePoint(separate, None, False)
         return SitePoint(block.mlp.gate_up_proj, fused_parts("mlp.gate_up_proj", model.config)[component], False)
-    modules = {"residual": block, "attn_out": block.self_attn, "mlp_out": block.mlp, "attn_head": block.self_attn.o_proj,
-               "mlp_neuron": block.mlp.down_proj}
-    if component not in modules:
+    paths = {"residual": "", "attn_out": "self_attn", "mlp_out": "mlp", "attn_head": "self_attn.o_proj",
+             "mlp_neuron": "mlp.down_proj"}
+    if component not in paths:
         raise SafeneuronsError(f"site component {component!r} is not one of {', '.join(COMPONENTS)}")
-    return SitePoint(modules[component], None, component in READS_INPUT)
+    return SitePoint(block.get_submodule(paths[component]), None, component in READS_INPUT)
 
 
 def output_width(point: SitePoint) -> int:
     """The number of values the site holds per token."""
     if point.columns is not None:
         return point.columns.stop - point.columns.start
+    if point.moe is not None:
+        experts = point.moe.experts
+        return experts.num_experts * (experts.hidden if point.module is experts.module else 1)
     return point.module.in_features if point.reads_input else point.module.out_features
 
 
@@ -83,6 +101,23 @@ class Hooks:
     def on_site(self, point: SitePoint, hook: Callable[..., Any]) -> None:
         """`hook(module, args, output)` on an output site, `hook(module, args)` on an input site."""
         (self.on_input if point.reads_input else self.on_output)(point.module, hook)
+
+    def on_moe_site(self, point: SitePoint, edit: Callable[[Any], Any]) -> None:
+        """`edit` rewrites an MoE site's activation, [batch, tokens, features] (`expert_out`: every expert's
+        contribution side by side, summed again afterwards; `router`: the logits, the tokens then re-routed)."""
+        moe, shape = point.moe, {}
+        self.on_input(moe.module, lambda _module, args: shape.__setitem__("tokens", args[0].shape[:-1]))
+
+        def experts(_module: nn.Module, args: tuple, _output: Any) -> Any:
+            stacked = moe.experts.contributions(*args[:3])
+            edited = edit(stacked.reshape(*shape["tokens"], -1)).reshape(stacked.shape)
+            return moe.experts.sum_contributions(edited)
+
+        def router(_module: nn.Module, _args: tuple, output: tuple) -> tuple:
+            logits = output[0]
+            edited = edit(logits.reshape(*shape["tokens"], -1)).reshape(logits.shape)
+            return output if edited is logits else moe.route(edited)
+        self.on_output(point.module, experts if point.module is moe.experts.module else router)
 
     def on_experts(self, bank: ExpertBank, observe: ExpertObserver,
                    group_rows: Callable[[], int | None] = lambda: None) -> None:

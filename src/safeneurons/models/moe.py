@@ -114,6 +114,27 @@ class ExpertBank:
             out = out if replaced is None else replaced
         return out * top_k_weights[tokens, slot, None]
 
+    def contributions(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                      top_k_weights: torch.Tensor) -> torch.Tensor:
+        """[tokens, E, hidden]: each expert's weighted output for each token (zero where the token did not choose
+        the expert). `sum_contributions` of it is the experts' output bit for bit (adding zeros is exact)."""
+        stacked = hidden.new_zeros(hidden.shape[0], self.num_experts, hidden.shape[1])
+        routed = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        for expert in range(self.num_experts):
+            slot, tokens = torch.where(routed[expert])
+            if tokens.numel():
+                stacked[tokens, expert] = self._expert(expert, hidden, tokens, slot, top_k_weights, None).to(
+                    stacked.dtype)
+        return stacked
+
+    @staticmethod
+    def sum_contributions(stacked: torch.Tensor) -> torch.Tensor:
+        """Σ over experts in index order, as the eager loop adds them."""
+        total = torch.zeros_like(stacked[:, 0])
+        for expert in range(stacked.shape[1]):
+            total = total + stacked[:, expert]
+        return total
+
     @contextlib.contextmanager
     def observed(self, observe: ExpertObserver, group_rows: Callable[[], int | None] = lambda: None
                  ) -> Iterator[None]:
@@ -148,6 +169,25 @@ class MoeBlock:
     @property
     def top_k(self) -> int:
         return int(self.router.top_k)
+
+    def route(self, logits: torch.Tensor) -> tuple:
+        """The router's own decision (its forward's outputs: logits, weights, chosen experts) from given logits: its
+        forward run with an identity weight and zero bias on them, so every family keeps its own softmax, top-k and
+        renormalisation (multiplying by the identity is exact). The forward is called directly, without the
+        module's hooks (a patching hook on the router is what calls this)."""
+        experts = logits.shape[-1]
+        saved, width = dict(self.router._parameters), getattr(self.router, "hidden_dim", None)
+        self.router._parameters["weight"] = torch.eye(experts, dtype=logits.dtype, device=logits.device)
+        if isinstance(saved.get("bias"), torch.Tensor):
+            self.router._parameters["bias"] = torch.zeros(experts, dtype=logits.dtype, device=logits.device)
+        if width is not None:  # routers flatten their input to [tokens, hidden_dim]
+            self.router.hidden_dim = experts
+        try:
+            return self.router.forward(logits)
+        finally:
+            self.router._parameters.update(saved)
+            if width is not None:
+                self.router.hidden_dim = width
 
 
 def _dimension(config: Any, *names: str) -> int | None:

@@ -18,7 +18,7 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import is_zero3_partitioned, stored_copies
 from safeneurons.scores.config import ScoreResult, check_granularity, mask_on_every_rank, targets_of
 from safeneurons.scores.passes import ROUTED_TOKENS, next_entries, rank_batches, routed_tokens_key
-from safeneurons.scores.selection import select_masks
+from safeneurons.scores.selection import expert_scores, select_masks
 from safeneurons.scores.statistics import score_targets
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig) -> ScoreR
     schedule = score_layer_by_layer if config.sequential else score_all_layers
     masks, scores = schedule(model, targets, sources, config)
     routed = {key: scores.pop(key) for key in [key for key in scores if key.endswith(ROUTED_TOKENS)]}
-    summary = build_summary(targets, masks, sources, config, routed)
+    summary = build_summary(targets, masks, sources, config, routed, scores)
     block = block_of(model)
     if block is not None:
         summary["layer_split"] = block.split.to_json()
@@ -120,9 +120,10 @@ def score_model(model: nn.Module, tokenizer: Any, config: ScoreConfig) -> ScoreR
 
 def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
                   sources: Mapping[str, list[Sample] | None], config: ScoreConfig,
-                  routed: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                  routed: Mapping[str, torch.Tensor] | None = None,
+                  scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Counts per parameter and per layer, and per expert of an MoE layer (selected weights, response tokens
-    received), merged on rank 0 (the other ranks get the settings only)."""
+    received, summed safety score), merged on rank 0 (the other ranks get the settings only)."""
     settings = {key: value for key, value in asdict(config).items() if key not in ("keep_scores", "data_dir")}
     if not config.set_difference:
         settings["utility_data"] = None
@@ -132,7 +133,8 @@ def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
                                                  for name, samples in sources.items()}}
     local = {target.name: (target.linear.layer, int(masks[target.name].sum()), math.prod(target.shape),
                            list(target.shape), _part_counts(target, masks[target.name], config_of(target)),
-                           _expert_counts(target, masks[target.name], (routed or {}).get(routed_tokens_key(target.name))))
+                           _expert_counts(target, masks[target.name], (routed or {}).get(routed_tokens_key(target.name)),
+                                          (scores or {}).get(target.name)))
              for target in targets if target.mine}
     merged = distributed.merge_dicts_to_main(local)
     if merged is None:
@@ -156,31 +158,40 @@ def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
             **({"experts": experts} if experts else {}), "per_parameter": per_parameter}
 
 
-def _expert_counts(target: Target, mask: torch.Tensor, tokens: torch.Tensor | None) -> dict[str, list[int]] | None:
-    """Per expert of an experts' matrix: its selected weights, and (gate_up, scored on data) the response tokens
-    routed to it."""
+def _expert_counts(target: Target, mask: torch.Tensor, tokens: torch.Tensor | None,
+                   scores: torch.Tensor | None) -> dict[str, list] | None:
+    """Per expert of an experts' matrix: its selected weights, its summed safety score, and (gate_up, scored on
+    data) the response tokens routed to it."""
     if target.linear.experts is None:
         return None
-    counts = {"selected": mask.reshape(target.linear.experts.num_experts, -1).sum(dim=1).tolist()}
+    counts: dict[str, list] = {"selected": mask.reshape(target.linear.experts.num_experts, -1).sum(dim=1).tolist()}
+    if scores is not None:
+        counts["score"] = expert_scores(target, scores.double()).tolist()
     if tokens is not None:
         counts["response_tokens"] = tokens.tolist()
     return counts
 
 
 def experts_summary(per_parameter: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per MoE layer: the selected weights of each expert (both matrices), the response tokens each received, and
-    the experts that received none (their data statistics are zero: reported, not hidden)."""
+    """Per MoE layer: the selected weights of each expert (both matrices), each expert's share of the layer's
+    experts' safety score, the response tokens each received, and the experts that received none (their data
+    statistics are zero: reported, not hidden)."""
     layers: dict[str, dict[str, Any]] = {}
     for counts in per_parameter.values():
         if "experts" not in counts:
             continue
-        layer = layers.setdefault(str(counts["layer"]), {"selected": [0] * len(counts["experts"]["selected"])})
+        experts = len(counts["experts"]["selected"])
+        layer = layers.setdefault(str(counts["layer"]), {"selected": [0] * experts, "score": [0.0] * experts})
         layer["selected"] = [a + b for a, b in zip(layer["selected"], counts["experts"]["selected"])]
+        layer["score"] = [a + b for a, b in zip(layer["score"], counts["experts"].get("score", [0.0] * experts))]
         if "response_tokens" in counts["experts"]:
             tokens = counts["experts"]["response_tokens"]
             layer["response_tokens"] = tokens
             layer["without_tokens"] = [expert for expert, count in enumerate(tokens) if count == 0]
     for number, layer in layers.items():
+        scores = layer.pop("score")
+        if sum(scores) > 0:  # (random scores and counts-only summaries have none)
+            layer["score_share"] = [round(score / sum(scores), 6) for score in scores]
         if layer.get("without_tokens"):
             log.warning("layer %s: experts %s received no response token of the safety data; their wanda/wandg "
                         "statistics are zero", number, layer["without_tokens"])

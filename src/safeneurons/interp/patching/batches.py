@@ -12,6 +12,7 @@ from safeneurons.interp.patching.hooks import keeper, patched_forward
 from safeneurons.interp.patching.sites import ACTIVATION_MEMORY_BUDGET, MAX_AUTO_BATCH
 from safeneurons.masks.neurons import check_sets
 from safeneurons.models.hooks import site_point
+from safeneurons.models.moe import moe_blocks
 from safeneurons.models.structure import decoder_layers, forward_row_bytes, model_device
 
 if TYPE_CHECKING:
@@ -45,6 +46,11 @@ def head_count(model: nn.Module) -> int:
     return int(model.config.num_attention_heads)
 
 
+def expert_counts(model: nn.Module) -> dict[int, int]:
+    """The number of routed experts of each MoE layer (none for a dense model)."""
+    return {layer: block.num_experts for layer, block in moe_blocks(decoder_layers(model), model.config).items()}
+
+
 def site_columns(model: nn.Module, site: PatchingSite) -> slice | torch.Tensor:
     """The hidden features a site covers: all of them, one head's slice of the input to o_proj, or the chosen MLP
     neurons (columns of down_proj's input)."""
@@ -52,6 +58,12 @@ def site_columns(model: nn.Module, site: PatchingSite) -> slice | torch.Tensor:
         check_sets({site.layer: site.neurons}, len(decoder_layers(model)),
                    site_point(model, site.layer, "mlp_neuron").module.in_features)
         return torch.tensor(site.neurons, dtype=torch.long)
+    if site.expert is not None:
+        experts = site_point(model, site.layer, "expert_out").moe.experts
+        if not site.expert < experts.num_experts:
+            raise SafeneuronsError(f"expert {site.expert} does not exist; layer {site.layer} has experts "
+                                   f"0..{experts.num_experts - 1}")
+        return slice(site.expert * experts.hidden, (site.expert + 1) * experts.hidden)
     if site.head is None:
         return slice(None)
     heads = head_count(model)

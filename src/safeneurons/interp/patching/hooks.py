@@ -26,7 +26,9 @@ def site_edits(model: nn.Module, edits: dict[SiteKey, Edit]) -> Hooks:
     hooks = Hooks()
     for (layer, component), edit in edits.items():
         point = site_point(model, layer, component)
-        if point.reads_input:
+        if point.moe is not None:
+            hooks.on_moe_site(point, edit)
+        elif point.reads_input:
             hooks.on_input(point.module, lambda _module, args, edit=edit: _replace_first(args, edit))
         else:
             hooks.on_output(point.module, lambda _module, _args, output, edit=edit: _replace_first(output, edit))

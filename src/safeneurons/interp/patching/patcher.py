@@ -10,7 +10,8 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.interp.patching.batches import (_Patch, _patched_batch, as_input_ids, attribution_batch,
-                                                 auto_batch_size, cache_run, head_count, site_columns, token_slices)
+                                                 auto_batch_size, cache_run, expert_counts, head_count, site_columns,
+                                                 token_slices)
 from safeneurons.interp.patching.hooks import layer_inputs
 from safeneurons.interp.patching.metrics import direction_metric, metric_from_fn, refusal_metric, refusal_token_ids
 from safeneurons.interp.patching.report import format_report
@@ -75,7 +76,8 @@ class ActivationPatcher:
     def sites(self, components: Sequence[str] = ("residual",), layers: Sequence[int] | None = None,
               positions: Sequence[Position] = ("last",),
               neurons: Mapping[int, Sequence[int]] | None = None) -> list[PatchingSite]:
-        return build_sites(self.n_layers, self.n_heads, components, layers, positions, neurons)
+        return build_sites(self.n_layers, self.n_heads, components, layers, positions, neurons,
+                           expert_counts(self._bound_model()))
 
     def resolve_metric(self, model: nn.Module, refusal_direction: torch.Tensor | None = None) -> Metric:
         if self.metric is not None:
@@ -103,7 +105,8 @@ class ActivationPatcher:
         clean = as_input_ids(clean_input_ids, device, "clean")
         corrupted = as_input_ids(corrupted_input_ids, device, "corrupted")
         n_layers = len(decoder_layers(model))
-        sites = list(sites) if sites is not None else build_sites(n_layers, head_count(model))
+        sites = list(sites) if sites is not None else build_sites(n_layers, head_count(model),
+                                                                  experts=expert_counts(model))
         if not sites:
             raise SafeneuronsError("no sites to patch")
         base, source = (corrupted, clean) if mode == "denoising" else (clean, corrupted)

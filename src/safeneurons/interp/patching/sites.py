@@ -12,7 +12,8 @@ from safeneurons.errors import SafeneuronsError
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "mlp_neuron")
+COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "mlp_neuron", "expert_out", "router")
+MOE_SITES = ("expert_out", "router")  # on the MoE layers of a mixture of experts (models.hooks)
 MODES = ("noising", "denoising", "interchange")
 METHODS = ("exact", "attribution")
 METRICS = ("refusal", "logit_diff", "direction")
@@ -35,13 +36,15 @@ class PatchingSite:
     """One activation to patch: layer, component (and head for `attn_head`, MLP neurons for `mlp_neuron`), token
     position. The field names and order are the original patcher's (`PatchingSite(layer_idx, component,
     head_idx=None, token_position="last")`); `neuron_idx` (an int or a list of ints; an empty list patches nothing)
-    comes after them. `layer`, `head`, `neurons` and `position` are the short names used throughout safeneurons."""
+    and `expert_idx` (the routed expert of an `expert_out` site) come after them. `layer`, `head`, `neurons`,
+    `expert` and `position` are the short names used throughout safeneurons."""
 
     layer_idx: int
     component: str = "residual"
     head_idx: int | None = None
     token_position: Position = "last"
     neuron_idx: int | tuple[int, ...] | None = None
+    expert_idx: int | None = None
 
     def __post_init__(self) -> None:
         if self.component not in COMPONENTS:
@@ -51,6 +54,12 @@ class PatchingSite:
         if (self.component == "mlp_neuron") != (self.neuron_idx is not None):
             raise SafeneuronsError(f"site L{self.layer_idx}.{self.component}: neuron indexes go with component "
                                    f"mlp_neuron and only with it")
+        if (self.component == "expert_out") != (self.expert_idx is not None):
+            raise SafeneuronsError(f"site L{self.layer_idx}.{self.component}: an expert index goes with component "
+                                   f"expert_out and only with it")
+        if self.expert_idx is not None and (isinstance(self.expert_idx, bool) or not isinstance(self.expert_idx, int)
+                                            or self.expert_idx < 0):
+            raise SafeneuronsError(f"expert_idx {self.expert_idx!r} is not a non-negative int")
         if self.neuron_idx is not None:  # frozen and hashable: neurons are kept as a sorted tuple without repeats
             object.__setattr__(self, "neuron_idx", _neuron_tuple(self.neuron_idx))
         position = self.token_position
@@ -70,6 +79,10 @@ class PatchingSite:
         return self.token_position
 
     @property
+    def expert(self) -> int | None:
+        return self.expert_idx
+
+    @property
     def neurons(self) -> tuple[int, ...] | None:
         return self.neuron_idx  # type: ignore[return-value]  (a tuple after __post_init__)
 
@@ -78,6 +91,8 @@ class PatchingSite:
         head = f".h{self.head}" if self.head is not None else ""
         if self.neurons is not None:
             head = f".n{self.neurons[0]}" if len(self.neurons) == 1 else f".n[{len(self.neurons)}]"
+        if self.expert is not None:
+            head = f".e{self.expert}"
         return f"L{self.layer}.{self.component}{head}@{self.position}"
 
     @property
@@ -86,6 +101,8 @@ class PatchingSite:
 
     def to_dict(self) -> dict[str, Any]:
         fields = {"layer": self.layer, "component": self.component, "head": self.head, "position": self.position}
+        if self.expert is not None:
+            fields["expert"] = self.expert
         return fields if self.neurons is None else {**fields, "neurons": list(self.neurons)}
 
 
@@ -222,9 +239,13 @@ def normalised_effect(mode: str, patched: float, clean: float, corrupted: float)
 
 def build_sites(n_layers: int, n_heads: int, components: Sequence[str] = ("residual",),
                 layers: Sequence[int] | None = None, positions: Sequence[Position] = ("last",),
-                neurons: Mapping[int, Sequence[int]] | None = None) -> list[PatchingSite]:
-    """Every (layer, component[, head], position) combination, layer-major. `mlp_neuron` sites patch the
-    `neurons` of their layer together (a layer without an entry: an empty set, which patches nothing)."""
+                neurons: Mapping[int, Sequence[int]] | None = None,
+                experts: Mapping[int, int] | None = None) -> list[PatchingSite]:
+    """Every (layer, component[, head or expert], position) combination, layer-major. `mlp_neuron` sites patch the
+    `neurons` of their layer together (a layer without an entry: an empty set, which patches nothing);
+    `expert_out` and `router` sites exist on the layers with routed experts (`experts`: layer -> their number)."""
+    if any(component in MOE_SITES for component in components) and not experts:
+        raise SafeneuronsError(f"components {', '.join(MOE_SITES)} patch routed experts; this model has none")
     if "mlp_neuron" in components and neurons is None:
         raise SafeneuronsError("component mlp_neuron needs the neurons to patch (per layer: a list of indexes, or "
                                "a neuron mask file)")
@@ -235,8 +256,11 @@ def build_sites(n_layers: int, n_heads: int, components: Sequence[str] = ("resid
     sites = []
     for layer in chosen_layers:
         for component in components:
+            if component in MOE_SITES and layer not in experts:
+                continue  # a dense layer of a model that mixes them
             heads = range(n_heads) if component == "attn_head" else [None]
             chosen = tuple(neurons.get(layer, ())) if component == "mlp_neuron" else None
-            sites.extend(PatchingSite(layer, component, head, position, chosen)
-                         for head in heads for position in positions)
+            units = range(experts[layer]) if component == "expert_out" else [None]
+            sites.extend(PatchingSite(layer, component, head, position, chosen, unit)
+                         for head in heads for unit in units for position in positions)
     return sites

@@ -97,6 +97,35 @@ def save_original_format_masks(source: Path, target: Path) -> None:
         torch.save(load_masks(source), tmp)
 
 
+def experts_summary(study: Study) -> dict[str, dict]:
+    """On a mixture of experts, what the scoring stages found per MoE layer and expert: the safety scores' shares,
+    the set difference's selected weights, the response tokens each expert received (score_summary.json's
+    `experts`)."""
+    found = {}
+    for stage, key in (("score", "safety"), ("score_setdiff", "set_difference")):
+        path = study.results / stage / "score_summary.json"
+        if path.is_file() and "experts" in json.loads(path.read_text()):
+            found[key] = json.loads(path.read_text())["experts"]
+    return found
+
+
+def expert_lines(experts: dict[str, dict] | None) -> list[str]:
+    """Which experts the safety-critical weights sit in, layer by layer."""
+    if not experts:
+        return []
+    safety, setdiff = experts.get("safety", {}), experts.get("set_difference", {})
+    lines = ["", "## Experts", "", "Per MoE layer and routed expert: its share of the layer's experts' safety score, "
+             "the set difference's selected weights in it, and the safety data's response tokens routed to it.", "",
+             "| layer | safety-score share per expert | set-difference weights per expert | response tokens per expert |",
+             "| --- | --- | --- | --- |"]
+    for layer, record in safety.items():
+        share = " ".join(f"{value:.2f}" for value in record.get("score_share", []))
+        chosen = " ".join(str(value) for value in setdiff.get(layer, {}).get("selected", [])) or "–"
+        tokens = " ".join(str(value) for value in record.get("response_tokens", []))
+        lines.append(f"| {layer} | {share or '–'} | {chosen} | {tokens or '–'} |")
+    return lines
+
+
 def write_final_outputs(study: Study) -> dict:
     """analysis_summary.json, the two .pt mask files, arms.png, curves.png and report.md in results_path (rank 0)."""
     from safeneurons.analysis.study import plot_curves, verdict
@@ -120,6 +149,9 @@ def write_final_outputs(study: Study) -> dict:
     plot_arms(arms, results / "arms.png")
     plot_curves(attacks, ARM_LABELS, results / "curves.png")
 
+    experts = experts_summary(study)
+    if experts:
+        summary["experts"] = experts
     if study.settings.direction:
         summary["direction"] = direction_summary(results)
     if study.settings.neuron_patching:
@@ -265,6 +297,7 @@ def write_report(summary: dict, path: Path) -> Path:
     lines += [f"| {name} | {_number(row['overlap'], 4)} | {_number(row['jaccard'], 4)} |"
               for name, row in summary["per_module"].items()]
 
+    lines += expert_lines(summary.get("experts"))
     lines += direction_lines(summary.get("direction"))
 
     lines += neuron_lines(summary.get("neuron_patching"))
