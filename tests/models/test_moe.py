@@ -76,3 +76,22 @@ def test_multi_head_latent_attention_is_refused_in_one_line(demo_tokenizer):
         check_architecture_config(config, "tiny-deepseek")
     message = str(error.value)
     assert "\n" not in message and "'deepseek_v2'" in message and "self_attn.{q,k,v}_proj" in message
+
+
+def test_demo_moe_build_is_deterministic_and_ships_as_named(tmp_path):
+    from safetensors import safe_open
+
+    from safeneurons.demo.moe import MoeDemoBuild, build_demo_moe
+    from safeneurons.models.loading import load_config, resolve_model_name
+
+    build = MoeDemoBuild(steps=3, chat_steps=2, batch_size=4)
+    first, second = build_demo_moe(tmp_path / "a", build), build_demo_moe(tmp_path / "b", build)
+    for kind in ("chat", "base"):
+        weights = [getattr(pair, kind) / "model.safetensors" for pair in (first, second)]
+        assert weights[0].read_bytes() == weights[1].read_bytes(), kind
+    with safe_open(str(first.chat / "model.safetensors"), "pt") as handle:  # experts fused, as the model names them
+        assert "model.layers.0.mlp.experts.gate_up_proj" in handle.keys()
+    shipped = load_config("demo-moe")
+    assert (shipped.model_type, shipped.num_local_experts, shipped.num_experts_per_tok) == ("mixtral", 4, 2)
+    assert shipped.output_router_logits is False  # generation on padded batches fails with it on
+    assert resolve_model_name("demo-moe") == resolve_model_name("demo-moe-chat") != resolve_model_name("demo-moe-base")

@@ -98,8 +98,11 @@ def check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
     missing = [target for target in targets if not any(name == target or name.endswith("." + target) for name in names)]
     if missing:
         examples = sorted({name.rsplit(".", 1)[-1] for name in names})
+        experts = any(name.endswith(".experts") for name, _ in model.named_modules())
         raise SafeneuronsError(f"--lora-targets {','.join(missing)} match no Linear module of the model; it has "
-                               f"{', '.join(examples)}")
+                               f"{', '.join(examples)}" + ("; the routed experts' fused 3-D matrices are not Linears "
+                                                          "and are not adapted (freeze them, without LoRA)"
+                                                          if experts else ""))
 
 
 def _register_adapter_parameters(module: nn.Module) -> None:

@@ -39,7 +39,10 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.models.blocks import block_of, load_source, save_blocks
 from safeneurons.models.hooks import Hooks
 from safeneurons.models.loading import ModelSource, model_skeleton, save_hf_folder
+from safeneurons.models.moe import refuse_experts
 from safeneurons.models.structure import model_device, scored_linears
+
+ACTSVD_ON_EXPERTS = "each expert's ranks would come from the tokens routed to it, which its Gram capture does not split"
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import broadcast_from_owner, reduce_to_owner
 from safeneurons.runtime.pipeline import broadcast_over_replicas, sum_over_replicas
@@ -295,6 +298,7 @@ def new_weight(weight: torch.Tensor, target: Target, grams: Mapping[str, dict[st
 
 def low_rank_model(model: nn.Module, tokenizer: Any, config: LowRankConfig) -> LowRankResult:
     """Modify `model` in place (collective); the per-Linear ranks on rank 0 (the owners' parts merged)."""
+    refuse_experts(model, "ActSVD (lowrank)", ACTSVD_ON_EXPERTS)
     targets = [replace(target, owner=group_owner(target, distributed.world_size())) for target in targets_of(model)]
     config.validate([target.shape for target in targets])
     sources = lowrank_sources(tokenizer, config)
@@ -353,6 +357,7 @@ def run_lowrank(model: ModelSource, config: LowRankConfig, out: str | Path) -> d
     check_output_dir(out)
     check_sources(config.data, config.utility_data, directory=config.data_dir)
     skeleton = model_skeleton(model.name, model.cache_dir)
+    refuse_experts(skeleton, "ActSVD (lowrank)", ACTSVD_ON_EXPERTS)
     config.validate([tuple(linear.weight.shape) for linear in scored_linears(skeleton)])
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
     loaded = load_source(model, context.device)

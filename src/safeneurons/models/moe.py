@@ -252,3 +252,12 @@ def moe_blocks(layers: nn.ModuleList, config: Any = None) -> dict[int, MoeBlock]
     found = {index: moe_block(layer, config) for index, layer in enumerate(layers)}
     return {index: block for index, block in found.items() if block is not None}
 
+
+
+def refuse_experts(model: nn.Module, stage: str, why: str) -> None:
+    """One line, before any weight is read (call it on the skeleton), for a stage that does not read mixtures of
+    experts yet."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is not None and moe_blocks(layers, model.config):
+        raise SafeneuronsError(f"{stage} does not work on mixtures of experts yet ({why}); model family "
+                               f"{model.config.model_type!r} has routed experts")
