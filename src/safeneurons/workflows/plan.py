@@ -14,6 +14,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.runtime.launch import discover_launch
@@ -42,6 +43,16 @@ LOSS_BACKWARD_LOGIT_BYTES = 10
 
 
 @dataclass(frozen=True)
+class MoeShape:
+    """What `plan` needs of a mixture of experts, counted on its skeleton (models.moe)."""
+
+    num_experts: int  # routed experts per MoE layer
+    top_k: int  # chosen per token
+    routed_params: int  # all routed experts' parameters (every MoE layer)
+    largest_matrix: int  # elements of the largest fused experts' matrix: the smallest round of wandg's sums
+
+
+@dataclass(frozen=True)
 class ModelShape:
     name: str
     hidden: int
@@ -54,6 +65,15 @@ class ModelShape:
     head_dim: int | None = None  # the config's head_dim when it sets one (Gemma, Qwen3, Mistral-NeMo), else hidden/heads
     counted: tuple[int, int, int] | None = None  # (total, scored, largest) counted on the model's meta skeleton
     eager_attention: bool = False  # the model's attention materialises its scores (Gemma-2's default), not SDPA
+    experts: MoeShape | None = None  # a mixture of experts (then `intermediate` is the active MLP width per token)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token runs through: all but the routed experts it does not choose."""
+        if self.experts is None:
+            return self.total_params
+        moe = self.experts
+        return self.total_params - moe.routed_params * (moe.num_experts - moe.top_k) // moe.num_experts
 
     @property
     def head_width(self) -> int:
@@ -130,8 +150,42 @@ def model_shape(name: str) -> ModelShape:
     counted = (sum(param.numel() for param in parameters),
                sum(linear.weight.numel() for linear in scored_linears(skeleton)),
                max(param.numel() for param in parameters))
+    experts = moe_shape(skeleton)
+    if experts is not None:  # the activations of one token: its chosen experts' and the shared experts' units
+        sizes = (*sizes[:2], active_mlp_width(skeleton), *sizes[3:])
     return ModelShape(name, *sizes, bool(getattr(skeleton.config, "tie_word_embeddings", False)),
-                      config.get("head_dim"), counted, skeleton.config._attn_implementation == "eager")
+                      config.get("head_dim"), counted, skeleton.config._attn_implementation == "eager", experts)
+
+
+def moe_shape(skeleton: Any) -> MoeShape | None:
+    from safeneurons.models.moe import moe_blocks
+    from safeneurons.models.structure import decoder_layers
+
+    blocks = list(moe_blocks(decoder_layers(skeleton), skeleton.config).values())
+    if not blocks:
+        return None
+    matrices = [block.experts.matrix(which) for block in blocks for which in ("gate_up", "down")]
+    biases = [bias for block in blocks for which in ("gate_up", "down")
+              if (bias := block.experts.bias(which)) is not None]
+    return MoeShape(blocks[0].num_experts, blocks[0].top_k, sum(param.numel() for param in matrices + biases),
+                    max(param.numel() for param in matrices))
+
+
+def active_mlp_width(skeleton: Any) -> int:
+    """The MLP units one token runs through in the widest layer: top-k experts' plus the shared experts', or a dense
+    layer's."""
+    from safeneurons.models.moe import moe_block
+    from safeneurons.models.structure import decoder_layers
+
+    widths = []
+    for layer in decoder_layers(skeleton):
+        block = moe_block(layer, skeleton.config)
+        if block is None:
+            widths.append(layer.mlp.down_proj.in_features)
+            continue
+        shared = block.shared.down_proj.in_features if block.shared is not None else 0
+        widths.append(block.top_k * block.experts.intermediate + shared)
+    return max(widths)
 
 
 @dataclass(frozen=True)
@@ -269,7 +323,8 @@ def score_sums(shape: ModelShape, cluster: Cluster, budget: int, element_size: i
     if everything <= budget:
         return ScoreSums(budget, everything, 1, everything)
     owned = shape.scored_params * owned_bytes(element_size) // cluster.world
-    largest_linear = element_size * shape.hidden * max(shape.intermediate, shape.heads * shape.head_width)
+    largest_linear = element_size * max(shape.hidden * max(shape.intermediate, shape.heads * shape.head_width),
+                                        shape.experts.largest_matrix if shape.experts else 0)
     round_bytes = min(everything, max(budget - owned, largest_linear))
     return ScoreSums(budget, round_bytes, math.ceil(everything / round_bytes), round_bytes + owned)
 
@@ -425,6 +480,7 @@ def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict
     inputs = sharded_inputs(shape, cluster, workload) if cluster.world <= shape.layers else None
     return {
         "model": asdict(shape), "total_params": shape.total_params, "scored_params": shape.scored_params,
+        "active_params": shape.active_params,
         "cluster": {**asdict(cluster), "world_size": cluster.world},
         "workload": asdict(workload), "usable_gib_per_gpu": (1 - RESERVED_FRACTION) * cluster.gpu_memory_gib,
         "stages": [{**asdict(stage), "total": stage.total, "total_gib": stage.total / GIB,
@@ -439,7 +495,9 @@ def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict
 
 def format_table(report: dict) -> str:
     cluster, shape = report["cluster"], report["model"]
-    lines = [f"{shape['name']}: {report['total_params'] / 1e9:.2f}B parameters on {cluster['nodes']} x "
+    active = (f" ({report['active_params'] / 1e9:.2f}B active: {shape['experts']['top_k']} of "
+              f"{shape['experts']['num_experts']} experts)" if shape.get("experts") else "")
+    lines = [f"{shape['name']}: {report['total_params'] / 1e9:.2f}B parameters{active} on {cluster['nodes']} x "
              f"{cluster['gpus_per_node']} GPUs of {cluster['gpu_memory_gib']:g} GiB (offload: {cluster['offload']}; "
              f"batch {report['workload']['batch_size']} x {report['workload']['max_length']} tokens per GPU"
              f"{', activation checkpointing' if report['workload']['gradient_checkpointing'] else ''})",
