@@ -95,3 +95,21 @@ def test_demo_moe_build_is_deterministic_and_ships_as_named(tmp_path):
     assert (shipped.model_type, shipped.num_local_experts, shipped.num_experts_per_tok) == ("mixtral", 4, 2)
     assert shipped.output_router_logits is False  # generation on padded batches fails with it on
     assert resolve_model_name("demo-moe") == resolve_model_name("demo-moe-chat") != resolve_model_name("demo-moe-base")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_plan_counts_total_and_active_parameters(family, demo_tokenizer, tmp_path):
+    from safeneurons.workflows.plan import Cluster, Workload, format_table, model_shape, plan_report
+
+    model = tiny_moe(family, demo_tokenizer)
+    model.save_pretrained(tmp_path, save_original_format=False)
+    shape = model_shape(str(tmp_path))
+    routed = sum(param.numel() for name, param in model.named_parameters() if ".mlp.experts." in name)
+    total = sum(param.numel() for param in model.parameters())
+    assert shape.total_params == total
+    assert shape.active_params == total - routed // 2  # top-2 of 4 experts: half of the routed experts unused
+    # a token's MLP units: 2 experts of 24, plus Qwen2-MoE's shared expert of 40
+    assert shape.intermediate == 2 * 24 + (40 if family == "qwen2_moe" else 0)
+    assert shape.experts.largest_matrix == 4 * 48 * 32
+    text = format_table(plan_report(shape, Cluster(1, 8), Workload()))
+    assert f"({shape.active_params / 1e9:.2f}B active: 2 of 4 experts)" in text.splitlines()[0]

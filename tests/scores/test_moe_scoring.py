@@ -178,3 +178,16 @@ def test_expert_granularity_errors(tmp_path, demo_tokenizer, capsys):
                                  "--out", str(tmp_path / "b")], tmp_path, capsys)
     assert "selects no expert" in error and "0.25" in error
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_masks_of_a_dense_model_on_an_moe_are_refused_before_loading(tmp_path, demo_tokenizer, capsys, no_model_load):
+    from safeneurons.masks.io import save_masks
+
+    dense = make_tiny_llama(demo_tokenizer)
+    save_masks({name: torch.ones(param.shape, dtype=torch.bool) for name, param in dense.named_parameters()
+                if name.endswith("mlp.down_proj.weight")}, tmp_path / "dense")
+    for command in (["finetune", "--model", "demo-moe", "--masks", str(tmp_path / "dense" / "masks.safetensors"),
+                     "--data", "demo-utility", "--save-path", str(tmp_path / "out")],
+                    ["prune", "--model", "demo-moe", "--masks", str(tmp_path / "dense"), "--out", str(tmp_path / "p")]):
+        error = run_expecting_error(command, tmp_path, capsys)
+        assert "model.layers.0.mlp.down_proj.weight" in error and "mlp.experts.down_proj" in error

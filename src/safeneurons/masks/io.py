@@ -186,7 +186,10 @@ def check_masks_fit(mask_shapes: Mapping[str, tuple[int, ...]], param_shapes: Ma
     """Every mask must name a parameter of the model and have its shape; the error names the first misfit."""
     for name, shape in mask_shapes.items():
         if name not in param_shapes:
-            raise SafeneuronsError(f"mask {name!r} names no parameter of the model")
+            prefix = name.rsplit(".", 2)[0] + "."  # the mask's module's parent, e.g. model.layers.0.mlp.
+            near = sorted(param for param in param_shapes if param.startswith(prefix))
+            hint = f"; the model has {', '.join(near[:3])}{', …' if len(near) > 3 else ''} there" if near else ""
+            raise SafeneuronsError(f"mask {name!r} names no parameter of the model (masks of another model?){hint}")
         if tuple(shape) != tuple(param_shapes[name]):
             raise SafeneuronsError(f"mask {name!r} has shape {tuple(shape)} but the parameter has "
                                    f"{tuple(param_shapes[name])}")
