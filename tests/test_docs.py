@@ -15,8 +15,8 @@ from safeneurons.cli.app import check_command
 
 PAGES = [REPO / "README.md", *(REPO / "docs" / name for name in (
     "scoring.md", "causal.md", "finetuning.md", "defences.md", "evaluation.md", "pipeline.md", "patching.md",
-    "lineage.md", "cluster.md", "models.md", "data.md", "api.md", "direction.md"))]
-DEMO_MODELS = {"demo", "demo-chat", "demo-base"}
+    "lineage.md", "cluster.md", "models.md", "data.md", "api.md", "direction.md", "moe.md"))]
+DEMO_MODELS = {"demo", "demo-chat", "demo-base", "demo-moe", "demo-moe-chat", "demo-moe-base"}
 OUTPUT_OPTIONS = {"--out", "--results-path", "--save-path", "--checkpoint-dir"}
 MODEL_OPTIONS = {"--model", "--base", "--other", "--original", "--finetuned", "--model-before", "--model-after"}
 # The no-argument demo study is the README's first command; its stages run in tests/workflows/test_pipeline.py

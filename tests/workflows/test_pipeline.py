@@ -413,3 +413,28 @@ def test_bad_defence_settings_are_one_line_before_any_model_loads(options, messa
                                                             for option in options])
     assert message in run_expecting_error(command, tmp_path, capsys)
     assert not (tmp_path / "results").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_on_the_mixture_of_experts_demo(tmp_path):
+    """`--model demo-moe`: the whole study on a Mixtral, frozen expert slices bit-identical, and the report says
+    which experts the safety-critical weights sit in."""
+    from safeneurons.masks.io import load_masks
+    from safeneurons.models.loading import resolve_model_name
+
+    assert cli.main([*_pipeline_args(tmp_path, *ONE_RUN), "--model", "demo-moe"]) == 0
+    results = tmp_path / "results"
+    summary = json.loads((results / "analysis_summary.json").read_text())
+    assert summary["model"] == "demo-moe" and summary["arms"]["base"]["refusal_rate"] >= 0.8
+    experts = summary["experts"]
+    assert set(experts) == {"safety", "set_difference"} and len(experts["safety"]) == 6  # every layer is MoE
+    for record in experts["safety"].values():
+        assert sum(record["score_share"]) == pytest.approx(1.0, abs=1e-4) and len(record["response_tokens"]) == 4
+    assert "## Experts" in (results / "report.md").read_text()
+    base = load_file(Path(resolve_model_name("demo-moe")) / "model.safetensors")
+    tuned = load_file(tmp_path / "models" / "benign_safety_frozen_s0" / "model.safetensors")
+    masks = load_masks(results / "score")
+    name = "model.layers.2.mlp.experts.gate_up_proj"
+    assert masks[name].dim() == 3 and masks[name].any()
+    assert all(torch.equal(base[key][mask], tuned[key][mask]) for key, mask in masks.items())
+    assert not torch.equal(base[name], tuned[name])  # the free expert weights trained
