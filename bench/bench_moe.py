@@ -81,7 +81,8 @@ def random_mixtral(tokenizer, hidden: int, experts: int, layers: int):
 def plan_figures() -> list[str]:
     from transformers import AutoConfig
 
-    from safeneurons.workflows.plan import Cluster, Workload, format_table, model_shape, plan_report
+    from safeneurons.workflows.plan import Cluster, Workload, format_table, plan_report
+    from safeneurons.workflows.plan_model import model_shape
 
     lines = []
     with tempfile.TemporaryDirectory() as root:

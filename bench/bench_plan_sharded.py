@@ -26,7 +26,8 @@ def to_bfloat16(folder: str) -> None:
 
 
 def plan_stages(folder: str, stages: int, args: argparse.Namespace) -> list:
-    from safeneurons.workflows.plan import Cluster, Workload, model_shape, sharded_inputs
+    from safeneurons.workflows.plan import Cluster, Workload, sharded_inputs
+    from safeneurons.workflows.plan_model import model_shape
     from safeneurons.workflows.plan_layers import sharded_score_stages
 
     workload = Workload(score_batch_size=args.batch_size, max_length=args.max_length)

@@ -31,7 +31,7 @@ def arch_dirs(tmp_path_factory, demo_tokenizer) -> dict[str, Path]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_plan_counts_what_the_model_has(arch, arch_dirs):
-    from safeneurons.workflows.plan import model_shape
+    from safeneurons.workflows.plan_model import model_shape
 
     shape, model = model_shape(str(arch_dirs[arch])), load_model(str(arch_dirs[arch]))
     assert shape.total_params == sum(param.numel() for param in model.parameters())

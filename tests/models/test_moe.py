@@ -99,7 +99,8 @@ def test_demo_moe_build_is_deterministic_and_ships_as_named(tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
 def test_plan_counts_total_and_active_parameters(family, demo_tokenizer, tmp_path):
-    from safeneurons.workflows.plan import Cluster, Workload, format_table, model_shape, plan_report
+    from safeneurons.workflows.plan import Cluster, Workload, format_table, plan_report
+    from safeneurons.workflows.plan_model import model_shape
 
     model = tiny_moe(family, demo_tokenizer)
     model.save_pretrained(tmp_path, save_original_format=False)

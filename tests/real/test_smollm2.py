@@ -314,7 +314,8 @@ def test_plans_score_figure_is_the_measured_peak_on_the_real_model():
     resident memory above what it held before is plan's sums plus pass activations for this model's shape (tied
     embeddings, GQA 9/3, 49,152-entry vocabulary) within 15%. Before the loss backward's logit gradients were
     counted, plan was 10% low here."""
-    from safeneurons.workflows.plan import Cluster, Workload, model_shape, score_stage
+    from safeneurons.workflows.plan import Cluster, Workload, score_stage
+    from safeneurons.workflows.plan_model import model_shape
 
     measured, = measure_peak(MEASURE_SCORE_PASS, 128, "float32", timeout=600)
     stage, _ = score_stage(model_shape(SAFE), Cluster(1, 1), Workload(max_length=128, score_memory=2 ** 40,
@@ -353,7 +354,8 @@ def test_plans_eval_figures_are_the_measured_peaks_on_the_real_model():
     more of a 4-prompt batch, which one batch alone therefore missed by 16–33% on three runs. A perplexity batch of
     4 peaks at plan's logits figure, within 15%."""
     from safeneurons.workflows.plan import (PERPLEXITY_LOGIT_BYTES, Cluster, Workload, eval_stage, kv_cache_bytes,
-                                            model_shape, sequence_forward_bytes)
+                                            sequence_forward_bytes)
+    from safeneurons.workflows.plan_model import model_shape
 
     small, large, perplexity_batch, length, new_tokens = 2, 8, 4, 128, 4
     *generation, scoring = measure_peak(MEASURE_EVAL, small, large, perplexity_batch, length, new_tokens,

@@ -162,7 +162,8 @@ def test_bad_sharding_is_one_line_before_any_weight(tied_llama, tmp_path, capsys
 
 def test_plan_splits_a_model_as_score_does(tied_llama):
     """`plan`'s layer-sharded blocks for a model folder are the blocks `score --shard layers` loads."""
-    from safeneurons.workflows.plan import Cluster, Workload, model_shape, plan_report
+    from safeneurons.workflows.plan import Cluster, Workload, plan_report
+    from safeneurons.workflows.plan_model import model_shape
 
     folder, _ = tied_llama
     for stages in (2, 3):

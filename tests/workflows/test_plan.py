@@ -11,9 +11,10 @@ import torch
 from helpers import PEAK_ENV, PEAK_OF, REPO, make_tiny_llama, measure_peak, run_ranks
 from safeneurons import cli
 from safeneurons.models.structure import scored_linears
-from safeneurons.workflows.plan import (GIB, PRESETS, Cluster, ModelShape, Workload, activation_bytes_per_token,
-                                        kv_cache_bytes as kv_cache_bytes_of, model_shape, plan_report, plan_stages,
+from safeneurons.workflows.plan import (GIB, Cluster, Workload, activation_bytes_per_token,
+                                        kv_cache_bytes as kv_cache_bytes_of, plan_report, plan_stages,
                                         sequence_forward_bytes, training_activations)
+from safeneurons.workflows.plan_model import PRESETS, ModelShape, model_shape
 
 
 def _llama(shape: ModelShape, dtype: torch.dtype = torch.float32, device: str = "cpu", attention: str = "sdpa"):

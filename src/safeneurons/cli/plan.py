@@ -9,7 +9,8 @@ USES_TORCH = False  # arithmetic only: `plan` starts without importing torch (cl
 from safeneurons.runtime.launch import discover_launch
 from safeneurons.runtime.memory import parse_memory_size
 from safeneurons.scores.sizes import ACCUMULATE_DTYPES
-from safeneurons.workflows.plan import OFFLOAD_CHOICES, PRESETS, Cluster, PlanConfig, Workload, format_table, run_plan
+from safeneurons.workflows.plan import OFFLOAD_CHOICES, Cluster, PlanConfig, Workload, format_table, run_plan
+from safeneurons.workflows.plan_model import PRESETS
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
