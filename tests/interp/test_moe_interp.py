@@ -115,3 +115,49 @@ def test_expert_sites_through_the_patcher_and_their_errors(demo_tokenizer):
         patcher.patch(clean, corrupted, [PatchingSite(0, "router")])
     with pytest.raises(SafeneuronsError, match="an expert index goes with component expert_out"):
         PatchingSite(1, "expert_out")
+
+
+# ---------------------------------------------------------------- lineage over every expert's units
+
+def permute_experts(model, seed: int) -> dict[int, torch.Tensor]:
+    """Reorder the routed experts (their slices and the router's rows) and each expert's units: the same function.
+    Returns per layer where each of the original layer's units (expert-major) went."""
+    generator = torch.Generator().manual_seed(seed)
+    moved = {}
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):
+            experts, router = layer.mlp.experts, layer.mlp.gate
+            count, width = experts.down_proj.shape[0], experts.down_proj.shape[2]
+            order = torch.randperm(count, generator=generator)
+            units = [torch.randperm(width, generator=generator) for _ in range(count)]
+            gate_up, down = experts.gate_up_proj.clone(), experts.down_proj.clone()
+            for new, old in enumerate(order.tolist()):
+                rows = torch.cat([units[new], units[new] + width])  # gate rows, then the same units' up rows
+                experts.gate_up_proj[new] = gate_up[old][rows]
+                experts.down_proj[new] = down[old][:, units[new]]
+            router.weight.copy_(router.weight[order])
+            # unit u of old expert order[new] now sits at new * width + position of u in units[new]
+            position = torch.empty(count * width, dtype=torch.long)
+            for new, old in enumerate(order.tolist()):
+                position[old * width + units[new]] = new * width + torch.arange(width)
+            moved[index] = position
+    return moved
+
+
+def test_lineage_matches_every_expert_unit_across_permuted_experts(demo_tokenizer):
+    from safeneurons.interp import tracing
+
+    model = tiny_moe("mixtral", demo_tokenizer, seed=8)
+    inputs = tracing.pack_tokens(tracing.text_token_ids(demo_tokenizer, ["demo-harmless", "demo-utility"], 1024,
+                                                        seed=0), 128, 8)
+    permuted = copy.deepcopy(model)
+    moved = permute_experts(permuted, seed=3)
+    ids = inputs[0]["input_ids"][:2]
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    for layer in (0, 1):  # every unit of every expert found again, wherever its expert went
+        assert tracing.mlp_matching_gate(model, permuted, inputs, i=layer).tolist() == moved[layer].tolist()
+    related = tracing.trace_models(model, permuted, inputs)
+    assert related.verdict == "dependent" and all(match.n_matched == 4 * 24 for match in related.layers)
+    unrelated = tracing.trace_models(model, tiny_moe("mixtral", demo_tokenizer, seed=9), inputs)
+    assert unrelated.verdict == "independent"

@@ -8,7 +8,9 @@ use the same key, as TransformerLens keys its cache by hook name. The components
 - `attn_head`: the input of `o_proj` (every head's slice side by side; patching edits one head's columns);
 - `mlp_neuron`: the input of `down_proj`, act(gate)·up: the MLP's intermediate units, one column a neuron (patching
   edits chosen columns; fused `gate_up_proj` MLPs have the same `down_proj`);
-- `gate`, `up`: the outputs of the MLP's gate and up projections (their rows of a fused `gate_up_proj`);
+- `gate`, `up`: the outputs of the MLP's gate and up projections (their rows of a fused `gate_up_proj`); on a
+  mixture-of-experts layer, every routed expert's, each expert applied to every token (routed to it or not) and
+  the experts side by side (read only: lineage compares these units);
 - on a mixture-of-experts layer (models.moe), `expert_out`: every routed expert's weighted contribution to the MoE
   block's output, side by side (expert e holds columns e·hidden … (e+1)·hidden; patching edits one expert's), and
   `router`: the router's logits, one column an expert — an edit re-routes the tokens by the router's own rule.
@@ -42,7 +44,8 @@ class SitePoint:
     module: nn.Module
     columns: slice | None  # the component's columns of the module's output (a fused projection); None = all
     reads_input: bool  # the activation is the module's input (attn_head: o_proj's input)
-    moe: MoeBlock | None = None  # expert_out, router: the MoE block (module: its experts, its router)
+    moe: MoeBlock | None = None  # expert_out, router, an MoE layer's gate/up: the MoE block (module: its experts,
+    part: str | None = None  # its router); "gate" or "up" of every expert
 
 
 def site_point(model: nn.Module, layer: int, component: str) -> SitePoint:
@@ -57,7 +60,10 @@ def site_point(model: nn.Module, layer: int, component: str) -> SitePoint:
             raise SafeneuronsError(f"site component {component} needs routed experts; layer {layer} of "
                                    f"{model.config.model_type!r} has a dense MLP")
         return SitePoint(moe.experts.module if component == "expert_out" else moe.router, None, False, moe)
-    if component in (*MLP_PROJECTIONS, "mlp_neuron") and moe_block(block, model.config) is not None:
+    moe = moe_block(block, model.config)
+    if component in MLP_PROJECTIONS and moe is not None:  # every expert's units, each expert applied to every token
+        return SitePoint(moe.experts.module, None, False, moe, component)
+    if component == "mlp_neuron" and moe is not None:
         raise SafeneuronsError(f"site component {component} is a dense MLP's; layer {layer} is a mixture of experts "
                                f"(its sites: mlp_out, {', '.join(MOE_COMPONENTS)})")
     if component in MLP_PROJECTIONS:
@@ -78,6 +84,8 @@ def output_width(point: SitePoint) -> int:
         return point.columns.stop - point.columns.start
     if point.moe is not None:
         experts = point.moe.experts
+        if point.part is not None:
+            return experts.num_experts * experts.intermediate
         return experts.num_experts * (experts.hidden if point.module is experts.module else 1)
     return point.module.in_features if point.reads_input else point.module.out_features
 

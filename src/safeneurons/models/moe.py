@@ -80,6 +80,13 @@ class ExpertBank:
             return out if bias is None else out + bias[expert]
         return F.linear(inputs, weight, None if bias is None else bias[expert])
 
+    def every_expert(self, hidden: torch.Tensor, part: str) -> torch.Tensor:
+        """[tokens, E × intermediate]: `part` ("gate" or "up") of every expert's gate_up output on every token, the
+        experts side by side (what lineage compares: all the units of the layer on the same tokens)."""
+        rows = self.gate_up_rows(part)
+        return torch.cat([self.project("gate_up", hidden, expert)[:, rows] for expert in range(self.num_experts)],
+                         dim=-1)
+
     def routed_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                        observe: ExpertObserver | None = None, group_rows: int | None = None) -> torch.Tensor:
         """Σ over each token's chosen experts of routing weight × expert output, expert by expert in index order (as

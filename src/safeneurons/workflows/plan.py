@@ -224,12 +224,14 @@ def trace_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> Stag
     `batch_size` × `max_length` tokens and records every layer's gate and up outputs to host memory (fp32, both
     models: the CPU column); then the matching builds the I × I neuron cost matrix in float64 on the device with
     about three such temporaries (measured 3.1 × I² × 8 bytes, after the model is freed). The phases do not
-    overlap: the peak is the larger of the two."""
+    overlap: the peak is the larger of the two. On a mixture of experts I is every routed expert's units (they are
+    matched all together, across experts)."""
     cpu, states = inference_model_states(shape, cluster)
     tokens = workload.batch_size * workload.max_length
     forward = workload.batch_size * sequence_forward_bytes(shape, workload.max_length)
-    cost_matrix = int(COST_MATRIX_COPIES * shape.intermediate ** 2 * 8)
-    recorded = 2 * 2 * shape.layers * tokens * shape.intermediate * FP32_BYTES // cluster.nodes
+    units = shape.experts.units if shape.experts else shape.intermediate
+    cost_matrix = int(COST_MATRIX_COPIES * units ** 2 * 8)
+    recorded = 2 * 2 * shape.layers * tokens * units * FP32_BYTES // cluster.nodes
     return StageMemory("trace", states, max(forward, cost_matrix - states), 0, 0, cpu + recorded)
 
 

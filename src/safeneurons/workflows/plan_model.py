@@ -18,6 +18,7 @@ class MoeShape:
     top_k: int  # chosen per token
     routed_params: int  # all routed experts' parameters (every MoE layer)
     largest_matrix: int  # elements of the largest fused experts' matrix: the smallest round of wandg's sums
+    units: int  # every routed expert's intermediate units in a layer (what lineage matches together)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,8 @@ def moe_shape(skeleton: Any) -> MoeShape | None:
     biases = [bias for block in blocks for which in ("gate_up", "down")
               if (bias := block.experts.bias(which)) is not None]
     return MoeShape(blocks[0].num_experts, blocks[0].top_k, sum(param.numel() for param in matrices + biases),
-                    max(param.numel() for param in matrices))
+                    max(param.numel() for param in matrices),
+                    max(block.num_experts * block.experts.intermediate for block in blocks))
 
 
 def active_mlp_width(skeleton: Any) -> int:

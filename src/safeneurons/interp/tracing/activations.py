@@ -83,14 +83,26 @@ class ActivationRecorder(Hooks):
         self.offset = 0
         self.keep: torch.Tensor | None = None
         for key, point in points.items():
-            self.on_output(point.module, self._record(arrays[key], point.columns or slice(None)))
+            if point.part is not None:  # an MoE layer's units: every expert on every token, from the experts' input
+                self.on_input(point.module, self._record_experts(arrays[key], point))
+            else:
+                self.on_output(point.module, self._record(arrays[key], point.columns or slice(None)))
 
     def _record(self, array: np.ndarray, columns: slice):
         def record(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
-            rows = output.detach().reshape(-1, output.shape[-1])[self.keep][:, columns]
-            array[self.offset:self.offset + rows.shape[0]] = rows.float().cpu().numpy()
+            self._write(array, output.detach().reshape(-1, output.shape[-1])[:, columns])
 
         return record
+
+    def _record_experts(self, array: np.ndarray, point: SitePoint):
+        def record(_module: nn.Module, args: tuple) -> None:
+            self._write(array, point.moe.experts.every_expert(args[0].detach(), point.part))
+
+        return record
+
+    def _write(self, array: np.ndarray, values: torch.Tensor) -> None:
+        rows = values[self.keep]
+        array[self.offset:self.offset + rows.shape[0]] = rows.float().cpu().numpy()
 
 
 def allocate_arrays(shapes: Mapping[SiteKey, tuple[int, int]], memory_limit: float | None,

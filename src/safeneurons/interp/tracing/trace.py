@@ -20,8 +20,7 @@ from safeneurons.interp.tracing.sharded import check_sharded_trace, sharded_acti
 from safeneurons.interp.tracing.config import TraceConfig
 from safeneurons.interp.tracing.tokens import pack_tokens, random_token_ids, text_token_ids
 from safeneurons.models.hooks import SiteKey
-from safeneurons.models.loading import ModelSource, load_config, load_tokenizer, model_skeleton
-from safeneurons.models.moe import refuse_experts
+from safeneurons.models.loading import ModelSource, load_config, load_tokenizer
 from safeneurons.models.structure import check_same_tokenizer
 from safeneurons.runtime import distributed
 from safeneurons.runtime.memory import GIB
@@ -76,10 +75,6 @@ def run_trace(config: TraceConfig, out: str | Path) -> TraceResult | None:
     tokenizer = load_tokenizer(base.name, base.cache_dir)
     check_same_tokenizer(tokenizer, load_tokenizer(other.name, other.cache_dir), base.name, other.name)
     configs = [load_config(source.name, source.cache_dir) for source in (base, other)]
-    for source in (base, other):
-        refuse_experts(model_skeleton(source.name, source.cache_dir), "trace (lineage)",
-                       "Zhu et al.'s test matches a dense MLP's gate and up neurons; matching each expert's is left "
-                       "for later")
     pairs = layer_pairs(configs[0].num_hidden_layers, configs[1].num_hidden_layers, config.all_layers)
     max_positions = min(getattr(model_config, "max_position_embeddings", config.max_length)
                         for model_config in configs)
