@@ -116,8 +116,8 @@ class Hooks:
         moe, shape = point.moe, {}
         self.on_input(moe.module, lambda _module, args: shape.__setitem__("tokens", args[0].shape[:-1]))
 
-        def experts(_module: nn.Module, args: tuple, _output: Any) -> Any:
-            stacked = moe.experts.contributions(*args[:3])
+        def experts(hidden: Any, top_k_index: Any, top_k_weights: Any) -> Any:
+            stacked = moe.experts.contributions(hidden, top_k_index, top_k_weights)
             edited = edit(stacked.reshape(*shape["tokens"], -1)).reshape(stacked.shape)
             return moe.experts.sum_contributions(edited)
 
@@ -125,7 +125,10 @@ class Hooks:
             logits = output[0]
             edited = edit(logits.reshape(*shape["tokens"], -1)).reshape(logits.shape)
             return output if edited is logits else moe.route(edited)
-        self.on_output(point.module, experts if point.module is moe.experts.module else router)
+        if point.module is moe.experts.module:  # in place of the forward: the weights are there (ZeRO-3)
+            self.replaced.enter_context(moe.experts.replaced(experts))
+        else:
+            self.on_output(point.module, router)
 
     def on_experts(self, bank: ExpertBank, observe: ExpertObserver,
                    group_rows: Callable[[], int | None] = lambda: None) -> None:

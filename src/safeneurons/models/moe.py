@@ -145,11 +145,18 @@ class ExpertBank:
     @contextlib.contextmanager
     def observed(self, observe: ExpertObserver, group_rows: Callable[[], int | None] = lambda: None
                  ) -> Iterator[None]:
-        """While active, the experts module runs `routed_forward` with `observe` (and `group_rows()` at each call;
-        its hooks, ZeRO-3's gathering included, still run around it)."""
+        """While active, the experts module runs `routed_forward` with `observe` (and `group_rows()` at each call)."""
         def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
             return self.routed_forward(hidden, top_k_index, top_k_weights, observe, group_rows())
 
+        with self.replaced(forward):
+            yield
+
+    @contextlib.contextmanager
+    def replaced(self, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+                 ) -> Iterator[None]:
+        """While active, the experts module's forward is `forward(hidden, top_k_index, top_k_weights)`: inside the
+        module's call, so its hooks (ZeRO-3 gathering the weights) still run around it."""
         self.module.forward = forward
         try:
             yield
