@@ -191,3 +191,56 @@ def test_masks_of_a_dense_model_on_an_moe_are_refused_before_loading(tmp_path, d
                     ["prune", "--model", "demo-moe", "--masks", str(tmp_path / "dense"), "--out", str(tmp_path / "p")]):
         error = run_expecting_error(command, tmp_path, capsys)
         assert "model.layers.0.mlp.down_proj.weight" in error and "mlp.experts.down_proj" in error
+
+
+# ---------------------------------------------------------------- ActSVD, expert by expert
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_actsvd_removes_each_experts_own_safety_ranks(family, demo_tokenizer, samples):
+    """The plain variant W_e' = W_e − V Vᵀ W_e, V the top right singular vectors of A = X_e W_eᵀ over the response
+    tokens routed to expert e (X_e: the layer's hidden state for gate_up, the family's act(gate)·up for down); the
+    routers keep their weights."""
+    import copy
+
+    from safeneurons.interventions.lowrank import LowRankConfig, low_rank_model
+
+    model = tiny_moe(family, demo_tokenizer, seed=5)
+    reference, rank = copy.deepcopy(model), 3
+    seen: dict[int, list] = {}
+    handles = [layer.mlp.experts.register_forward_pre_hook(
+        lambda module, args, index=index: seen.setdefault(index, []).append(args[:2]))
+        for index, layer in enumerate(reference.model.layers)]
+    for sample in samples:
+        with torch.no_grad():
+            reference(sample.input_ids[None])
+    for handle in handles:
+        handle.remove()
+    result = low_rank_model(model, demo_tokenizer, LowRankConfig(data=TINY_SAMPLES["data"], rank_safety=rank,
+                                                                 nsamples=TINY_SAMPLES["nsamples"],
+                                                                 max_length=TINY_SAMPLES["max_length"]))
+    for layer, calls in seen.items():
+        experts = reference.model.layers[layer].mlp.experts
+        inputs = {"gate_up": [[] for _ in range(4)], "down": [[] for _ in range(4)]}
+        for sample, (hidden, chosen) in zip(samples, calls):
+            responses = sample.labels != -100
+            for expert in range(4):
+                x = hidden[(chosen == expert).any(dim=-1) & responses]
+                stored = experts.gate_up_proj[expert]
+                gate_up = x @ stored + experts.gate_up_proj_bias[expert] if family == "gpt_oss" else F.linear(x, stored)
+                inputs["gate_up"][expert].append(x)
+                inputs["down"][expert].append(experts._apply_gate(gate_up))
+        for which in ("gate_up", "down"):
+            edited = getattr(model.model.layers[layer].mlp.experts, f"{which}_proj").detach()
+            original = getattr(experts, f"{which}_proj").detach()
+            for expert in range(4):
+                w = original[expert].double()
+                w = w.T if family == "gpt_oss" else w  # [out, in]
+                a = torch.cat(inputs[which][expert]).double() @ w.T
+                top = torch.linalg.svd(a, full_matrices=False).Vh[:rank].T
+                expected = (w - top @ (top.T @ w)).float()
+                got = edited[expert].T if family == "gpt_oss" else edited[expert]
+                torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4, msg=f"{layer} {which} {expert}")
+        router = "router" if family == "gpt_oss" else "gate"
+        assert torch.equal(getattr(model.model.layers[layer].mlp, router).weight,
+                           getattr(reference.model.layers[layer].mlp, router).weight)
+    assert result.per_linear["model.layers.0.mlp.experts.down_proj"]["removed_rank_bound"] == 4 * rank

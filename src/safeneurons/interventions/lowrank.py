@@ -16,6 +16,11 @@ Distributed: samples are split across the ranks and each Gram reduced (once) to 
 reading that input (such groups round-robin); the owners gather their weights (ZeRO-3 partitions), compute W'
 side by side and send each to every rank, which writes its own part back.
 
+Mixtures of experts (models.moe): each routed expert is a Linear of its own, its Grams taken over the response
+tokens routed to it (for `down_proj`, over its own act(gate)·up), and its safety-only ranks removed from its slice
+of the fused parameter. Routers and the shared experts' gates keep their weights: they decide how much of each
+expert a token gets, and removing ranks from an [experts × hidden] decision is not what ActSVD measures.
+
 Layer-sharded (`--shard layers`, models.blocks): every stage runs its replica's samples through its own block of
 layers (the hidden states passed stage to stage) and accumulates its own Linears' Grams, in the order one rank
 would (with one replica, the same float64 sums bit for bit); the stage's replicas sum theirs onto replica 0's
@@ -39,10 +44,7 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.models.blocks import block_of, load_source, save_blocks
 from safeneurons.models.hooks import Hooks
 from safeneurons.models.loading import ModelSource, model_skeleton, save_hf_folder
-from safeneurons.models.moe import refuse_experts
 from safeneurons.models.structure import model_device, scored_linears
-
-ACTSVD_ON_EXPERTS = "each expert's ranks would come from the tokens routed to it, which its Gram capture does not split"
 from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import broadcast_from_owner, reduce_to_owner
 from safeneurons.runtime.pipeline import broadcast_over_replicas, sum_over_replicas
@@ -150,7 +152,8 @@ def modified_weight(weight: torch.Tensor, safety_gram: torch.Tensor, utility_gra
 
 class GramRecorder(Hooks):
     """Forward hooks that add XᵀX of each target's input (response tokens only) to float64 Grams; Linears that
-    read the same tensor (q/k/v, gate/up) share one Gram."""
+    read the same tensor (q/k/v, gate/up) share one Gram. An experts' matrix has one Gram per expert, [E, in, in],
+    over the tokens routed to each expert (the experts run `ExpertBank.routed_forward`)."""
 
     def __init__(self, targets: Sequence[Target]) -> None:
         super().__init__()
@@ -159,8 +162,15 @@ class GramRecorder(Hooks):
         self.shared: dict[str, str] = {}  # target -> the target whose Gram it shares
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # the current layer's inputs (held: ids stay unique)
         self._layer: int | None = None
+        banks: dict[int, tuple[Any, dict[str, Target]]] = {}
         for target in targets:
-            self.on_output(target.linear.module, self._hook(target.name, target.linear.layer))
+            if target.linear.experts is None:
+                self.on_output(target.linear.module, self._hook(target.name, target.linear.layer))
+            else:
+                banks.setdefault(id(target.linear.module), (target.linear.experts, {}))[1][
+                    target.linear.expert_matrix] = target
+        for bank, matrices in banks.values():
+            self.on_experts(bank, self._expert_hook(matrices))
 
     def _hook(self, name: str, layer: int):
         def record(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
@@ -176,12 +186,32 @@ class GramRecorder(Hooks):
             self.grams[name] = self.grams[name].add_(gram) if name in self.grams else gram
         return record
 
+    def _expert_hook(self, matrices: Mapping[str, Target]):
+        def record(expert: int, tokens: torch.Tensor, inputs: torch.Tensor, _gate_up: torch.Tensor,
+                   inner: torch.Tensor, _out: torch.Tensor) -> None:
+            responses = self.rows.reshape(-1).to(tokens.device)[tokens]
+            for which, x in (("gate_up", inputs), ("down", inner)):
+                if which in matrices:
+                    target = matrices[which]
+                    picked = x[responses].detach().double()
+                    if target.name not in self.grams:
+                        self.grams[target.name] = picked.new_zeros(gram_shape(target))
+                    self.grams[target.name][expert] += picked.T @ picked
+        return record
+
     def start_pass(self, rows: torch.Tensor) -> None:
         self.rows, self._seen, self._layer = rows, {}, None
 
 
-def collect_grams(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample], batch_size: int,
-                  d_in: Mapping[str, int]) -> dict[str, torch.Tensor]:
+def gram_shape(target: Target) -> tuple[int, ...]:
+    """d_in × d_in, or one such per expert."""
+    d_in = target.linear.linear_shape[1]
+    bank = target.linear.experts
+    return (d_in, d_in) if bank is None else (bank.num_experts, d_in, d_in)
+
+
+def collect_grams(model: nn.Module, targets: Sequence[Target], samples: Sequence[Sample],
+                  batch_size: int) -> dict[str, torch.Tensor]:
     """Σ over all samples (all ranks) of XᵀX for each target, on the rank that owns the target only."""
     recorder = GramRecorder(targets)
     try:
@@ -197,9 +227,8 @@ def collect_grams(model: nn.Module, targets: Sequence[Target], samples: Sequence
         key = recorder.shared.get(target.name, target.name)
         if key not in reduced:
             local = recorder.grams.get(key)
-            if local is None:  # the loss does not reach this Linear's input on this rank
-                local = torch.zeros(d_in[target.name], d_in[target.name], dtype=torch.float64,
-                                    device=model_device(model))
+            if local is None:  # no response token reached this Linear's input on this rank
+                local = torch.zeros(gram_shape(target), dtype=torch.float64, device=model_device(model))
             reduced[key] = reduce_to_owner(local, target.owner)
         if reduced[key] is not None:
             owned[target.name] = reduced[key].cpu()
@@ -237,9 +266,7 @@ class LowRankResult:
 
 def _modify(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, list[Sample]],
             config: LowRankConfig, result: LowRankResult) -> None:
-    d_in = {target.name: target.shape[1] for target in targets}
-    grams = {source: collect_grams(model, targets, samples, config.batch_size, d_in)
-             for source, samples in sources.items()}
+    grams = {source: collect_grams(model, targets, samples, config.batch_size) for source, samples in sources.items()}
     weights = {}  # collective gathers first, so that the owners then compute side by side
     for target in targets:
         weight = weight_on_owner(target.weight, target.owner)
@@ -255,16 +282,17 @@ def _modify(model: nn.Module, targets: Sequence[Target], sources: Mapping[str, l
             write_weight(target.weight, broadcast_from_owner(value, target.owner))
 
 
-# Linears that read the same input share its Gram, so they share an owner: q/k/v, o, gate/up, down
-INPUT_GROUPS = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.qkv_proj": 0,
-                "self_attn.o_proj": 1, "mlp.gate_proj": 2, "mlp.up_proj": 2, "mlp.gate_up_proj": 2, "mlp.down_proj": 3}
+# Linears that read the same input share its Gram, so they share an owner: q/k/v, o, gate/up, down (of the MLP, the
+# shared experts and the routed experts alike)
+INPUT_GROUPS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "qkv_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2,
+                "gate_up_proj": 2, "down_proj": 3}
 
 
 def group_owner(target: Target, world: int) -> int:
     """The rank that computes the group of Linears reading the same input as `target`: groups (not layers) are
     dealt to the ranks, shifted by one each layer (so q/k/v and gate/up, the costly groups, alternate), so that
     a layer's projections are computed side by side."""
-    return (target.linear.layer + INPUT_GROUPS[target.linear.name]) % world
+    return (target.linear.layer + INPUT_GROUPS[target.linear.name.rsplit(".", 1)[-1]]) % world
 
 
 def lowrank_sources(tokenizer: Any, config: LowRankConfig) -> dict[str, list[Sample]]:
@@ -286,21 +314,34 @@ def sweep_groups(targets: Sequence[Target], sequential: bool) -> list[list[Targe
 
 def new_weight(weight: torch.Tensor, target: Target, grams: Mapping[str, dict[str, torch.Tensor]],
                config: LowRankConfig, result: LowRankResult) -> torch.Tensor:
-    """W' of one Linear from its Grams (popped), its ranks recorded in `result`."""
-    d_out, d_inputs = target.shape
+    """W' of one Linear (or of each expert of an experts' matrix) from its Grams (popped), its ranks recorded in
+    `result`."""
+    d_out, d_inputs = target.linear.linear_shape
     r_s, r_u = config.ranks(d_out, d_inputs)
     bound = r_s if r_u is None else min(r_s, d_out - r_u)
-    result.per_linear[target.name] = {"shape": [d_out, d_inputs], "total_rank": min(d_out, d_inputs),
-                                      "rank_safety": r_s, "rank_utility": r_u, "removed_rank_bound": bound}
-    return modified_weight(weight, grams["safety"].pop(target.name),
-                           grams["utility"].pop(target.name) if "utility" in grams else None, r_s, r_u, config.niter)
+    bank = target.linear.experts
+    count = 1 if bank is None else bank.num_experts
+    result.per_linear[target.name] = {"shape": list(target.shape), "total_rank": count * min(d_out, d_inputs),
+                                      "rank_safety": r_s, "rank_utility": r_u, "removed_rank_bound": count * bound}
+    safety, utility = grams["safety"].pop(target.name), grams["utility"].pop(target.name) if "utility" in grams else None
+    if bank is None:
+        return modified_weight(weight, safety, utility, r_s, r_u, config.niter)
+    canonical = bank.canonical(weight)  # [E, out, in]
+    experts = [modified_weight(canonical[expert], safety[expert], None if utility is None else utility[expert], r_s,
+                               r_u, config.niter) for expert in range(count)]
+    return bank.canonical(torch.stack(experts)).contiguous()
+
+
+def actsvd_targets(targets: Sequence[Target]) -> list[Target]:
+    """The matrices ActSVD modifies: every scored one but the routers and the shared experts' gates."""
+    return [target for target in targets if not target.linear.routes]
 
 
 def low_rank_model(model: nn.Module, tokenizer: Any, config: LowRankConfig) -> LowRankResult:
     """Modify `model` in place (collective); the per-Linear ranks on rank 0 (the owners' parts merged)."""
-    refuse_experts(model, "ActSVD (lowrank)", ACTSVD_ON_EXPERTS)
-    targets = [replace(target, owner=group_owner(target, distributed.world_size())) for target in targets_of(model)]
-    config.validate([target.shape for target in targets])
+    targets = [replace(target, owner=group_owner(target, distributed.world_size()))
+               for target in actsvd_targets(targets_of(model))]
+    config.validate([target.linear.linear_shape for target in targets])
     sources = lowrank_sources(tokenizer, config)
     result = LowRankResult()
     for group in sweep_groups(targets, config.sequential):
@@ -312,8 +353,8 @@ def low_rank_model(model: nn.Module, tokenizer: Any, config: LowRankConfig) -> L
 
 def sharded_low_rank(block: LayerBlock, tokenizer: Any, config: LowRankConfig) -> LowRankResult:
     """Modify this rank's block in place (collective); the per-Linear ranks of every stage on rank 0."""
-    targets = targets_of(block.model)
-    config.validate([target.shape for target in targets])
+    targets = actsvd_targets(targets_of(block.model))
+    config.validate([target.linear.linear_shape for target in targets])
     sources = lowrank_sources(tokenizer, config)
     result = LowRankResult()
     for group in sweep_groups(targets, config.sequential):  # every stage runs every sweep, holding its layers or not
@@ -342,9 +383,9 @@ def _block_grams(block: LayerBlock, targets: Sequence[Target], samples: Sequence
     grams, unique = {}, {}
     for target in targets:  # a shared Gram is one tensor under each name that reads the same input
         key = recorder.shared.get(target.name, target.name)
-        if key not in unique:
-            width = target.shape[1]  # zeros where no response token reached it
-            unique[key] = recorder.grams.get(key, torch.zeros(width, width, dtype=torch.float64, device=block.device))
+        if key not in unique:  # (zeros where no response token reached it)
+            unique[key] = recorder.grams.get(key, torch.zeros(gram_shape(target), dtype=torch.float64,
+                                                              device=block.device))
         grams[target.name] = unique[key]
     sum_over_replicas(list(unique.values()), block.group, block.stage)  # in the targets' order on every replica
     return {name: gram.cpu() for name, gram in grams.items()}
@@ -357,8 +398,7 @@ def run_lowrank(model: ModelSource, config: LowRankConfig, out: str | Path) -> d
     check_output_dir(out)
     check_sources(config.data, config.utility_data, directory=config.data_dir)
     skeleton = model_skeleton(model.name, model.cache_dir)
-    refuse_experts(skeleton, "ActSVD (lowrank)", ACTSVD_ON_EXPERTS)
-    config.validate([tuple(linear.weight.shape) for linear in scored_linears(skeleton)])
+    config.validate([linear.linear_shape for linear in scored_linears(skeleton) if not linear.routes])
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
     loaded = load_source(model, context.device)
     started = time.perf_counter()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.runtime.zero3 import full_shape
 from safeneurons.models.moe import (EXPECTED_MOE_LAYOUT, EXPERT_MATRICES, SHARED_GATE_ATTRIBUTE, ExpertBank,
                                    moe_block, moe_blocks)
 
@@ -86,7 +87,7 @@ def layer_projections(layer: nn.Module, config: Any = None) -> list[ScoredLinear
     block = moe_block(layer, config)
     if block is None:
         return None
-    found.append(ScoredLinear(-1, block.router_name, "", block.router, config))
+    found.append(ScoredLinear(-1, block.router_name, "", block.router, config, routes=True))
     found += [ScoredLinear(-1, f"mlp.experts.{which}_proj", "", block.experts.module, config, f"{which}_proj",
                            block.experts) for which in EXPERT_MATRICES]
     if block.shared is not None:
@@ -95,7 +96,7 @@ def layer_projections(layer: nn.Module, config: Any = None) -> list[ScoredLinear
             return None
         found += [ScoredLinear(-1, name, "", module, config) for name, module in shared]
     if block.shared_gate is not None:
-        found.append(ScoredLinear(-1, f"mlp.{SHARED_GATE_ATTRIBUTE}", "", block.shared_gate, config))
+        found.append(ScoredLinear(-1, f"mlp.{SHARED_GATE_ATTRIBUTE}", "", block.shared_gate, config, routes=True))
     return found
 
 
@@ -157,6 +158,15 @@ class ScoredLinear:
     config: Any = field(default=None, compare=False, repr=False)  # the model's config (sizes of fused parts)
     attribute: str = "weight"  # the parameter's name on `module`
     experts: ExpertBank | None = field(default=None, compare=False, repr=False)  # set for the experts' matrices
+    routes: bool = False  # a router or a shared expert's gate: it decides how much of an expert a token gets
+
+    @property
+    def linear_shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the Linear it is, or of each expert's."""
+        shape = full_shape(self.weight)
+        if self.experts is None:
+            return shape
+        return (shape[2], shape[1]) if self.experts.transposed else (shape[1], shape[2])
 
     @property
     def weight(self) -> nn.Parameter:
