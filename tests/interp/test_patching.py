@@ -15,7 +15,7 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.interp.patching.direction import prompt_metrics
 from safeneurons.interp.patching.metrics import refusal_metric, refusal_token_ids
 from safeneurons.interp.patching.patcher import ActivationPatcher, patch_sweep
-from safeneurons.interp.patching.sites import COMPONENTS, MODES, PatchingSite
+from safeneurons.interp.patching.sites import COMPONENTS, MODES, MOE_SITES, PatchingSite
 
 # ------------------------------------------------------------------------- the straightforward reference
 
@@ -45,11 +45,12 @@ def prompts(demo_tokenizer):
 
 
 NEURONS = (1, 5, 30)  # the mlp_neuron sites' neurons
+DENSE_COMPONENTS = tuple(component for component in COMPONENTS if component not in MOE_SITES)  # (MoE: test_moe_interp)
 
 
 def all_sites(positions):
     return [PatchingSite(layer, component, head, position, NEURONS if component == "mlp_neuron" else None)
-            for layer in range(2) for component in COMPONENTS
+            for layer in range(2) for component in DENSE_COMPONENTS
             for head in (range(HEADS) if component == "attn_head" else [None]) for position in positions]
 
 
@@ -133,7 +134,7 @@ def test_direction_metric_projects_final_residual_and_attribution_is_exact_where
     last = 1
     # Downstream of the last layer's sites the final residual is linear in them, so the first-order estimate is
     # exact for a metric linear in the final residual.
-    sites = [PatchingSite(last, c, h, p, NEURONS if c == "mlp_neuron" else None) for c in COMPONENTS for h in (range(HEADS) if c == "attn_head" else [None])
+    sites = [PatchingSite(last, c, h, p, NEURONS if c == "mlp_neuron" else None) for c in DENSE_COMPONENTS for h in (range(HEADS) if c == "attn_head" else [None])
              for p in ("last", "all", 4)]
     exact = patch_sweep(tiny, clean, corrupted, sites, direction, "noising")
     estimate = patch_sweep(tiny, clean, corrupted, sites, direction, "noising", method="attribution")

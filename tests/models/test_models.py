@@ -147,5 +147,6 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(monkeypatch, tmp_path):
 @pytest.mark.parametrize("name", ["smollm2-1.7b-instruct", "llama-2-7b"])
 def test_a_name_that_is_no_folder_alias_or_hub_id_is_refused_before_any_download(name, no_model_load):
     with pytest.raises(SafeneuronsError, match=f"model '{name}' is not a local folder, a built-in name or alias "
-                                               r"\(demo, demo-base, demo-judge, llama2-7b-chat-hf.*smollm2-135m-instruct, smollm2-safe\) nor an HF id"):
+                                               r"\(demo, demo-chat, demo-base, demo-judge, demo-moe, demo-moe-chat, demo-moe-base, llama2-7b-chat-hf.*"
+                                               r"smollm2-135m-instruct, smollm2-safe\) nor an HF id"):
         models.load_config(name)
