@@ -161,3 +161,32 @@ def test_lineage_matches_every_expert_unit_across_permuted_experts(demo_tokenize
     assert related.verdict == "dependent" and all(match.n_matched == 4 * 24 for match in related.layers)
     unrelated = tracing.trace_models(model, tiny_moe("mixtral", demo_tokenizer, seed=9), inputs)
     assert unrelated.verdict == "independent"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_units_inside_experts_patch_like_their_down_proj_column(family, demo_tokenizer):
+    """mlp_neuron on an MoE layer: unit e·I + j is expert e's unit j. Zeroing it everywhere equals zeroing column j
+    of expert e's down_proj (a weight edit, the reference); with an expert_out edit on the same layer in the same
+    pass, both apply; unedited, the forward is the model's own bit for bit."""
+    model = tiny_moe(family, demo_tokenizer, seed=6)
+    clean = ids_of(demo_tokenizer, "How do I rob a bank?")
+    expert, unit, width = 2, 5, 24
+
+    def zero_unit(activation):
+        edited = activation.clone()
+        edited[..., expert * width + unit] = 0
+        return edited
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        down = reference.model.layers[1].mlp.experts.down_proj
+        if family == "gpt_oss":
+            down[expert, unit, :] = 0  # stored [in, out]
+        else:
+            down[expert, :, unit] = 0
+    expected = run_with(reference, clean, {})
+    assert not torch.allclose(expected, run_with(model, clean, {}), atol=1e-6)
+    torch.testing.assert_close(run_with(model, clean, {(1, "mlp_neuron"): zero_unit}), expected, atol=1e-6, rtol=1e-5)
+    both = run_with(model, clean, {(1, "mlp_neuron"): zero_unit, (1, "expert_out"): lambda activation: activation})
+    torch.testing.assert_close(both, expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(run_with(model, clean, {(1, "mlp_neuron"): lambda activation: activation}),
+                       run_with(model, clean, {}))

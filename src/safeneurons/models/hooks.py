@@ -7,7 +7,8 @@ use the same key, as TransformerLens keys its cache by hook name. The components
 - `attn_out`, `mlp_out`: the attention block's and the MLP block's outputs;
 - `attn_head`: the input of `o_proj` (every head's slice side by side; patching edits one head's columns);
 - `mlp_neuron`: the input of `down_proj`, act(gate)·up: the MLP's intermediate units, one column a neuron (patching
-  edits chosen columns; fused `gate_up_proj` MLPs have the same `down_proj`);
+  edits chosen columns; fused `gate_up_proj` MLPs have the same `down_proj`); on a mixture-of-experts layer every
+  expert's units side by side (unit e·intermediate + j is expert e's unit j), each on the tokens routed to it;
 - `gate`, `up`: the outputs of the MLP's gate and up projections (their rows of a fused `gate_up_proj`); on a
   mixture-of-experts layer, every routed expert's, each expert applied to every token (routed to it or not) and
   the experts side by side (read only: lineage compares these units);
@@ -63,9 +64,8 @@ def site_point(model: nn.Module, layer: int, component: str) -> SitePoint:
     moe = moe_block(block, model.config)
     if component in MLP_PROJECTIONS and moe is not None:  # every expert's units, each expert applied to every token
         return SitePoint(moe.experts.module, None, False, moe, component)
-    if component == "mlp_neuron" and moe is not None:
-        raise SafeneuronsError(f"site component {component} is a dense MLP's; layer {layer} is a mixture of experts "
-                               f"(its sites: mlp_out, {', '.join(MOE_COMPONENTS)})")
+    if component == "mlp_neuron" and moe is not None:  # every expert's units, on the tokens routed to it
+        return SitePoint(moe.experts.module, None, False, moe, "units")
     if component in MLP_PROJECTIONS:
         separate = getattr(block.mlp, MLP_PROJECTIONS[component], None)
         if separate is not None:
@@ -84,7 +84,7 @@ def output_width(point: SitePoint) -> int:
         return point.columns.stop - point.columns.start
     if point.moe is not None:
         experts = point.moe.experts
-        if point.part is not None:
+        if point.part is not None:  # gate, up, units
             return experts.num_experts * experts.intermediate
         return experts.num_experts * (experts.hidden if point.module is experts.module else 1)
     return point.module.in_features if point.reads_input else point.module.out_features
@@ -96,7 +96,8 @@ class Hooks:
 
     def __init__(self) -> None:
         self.handles: list[Any] = []
-        self.replaced = contextlib.ExitStack()  # experts' forwards replaced by `ExpertBank.observed`
+        self.replaced = contextlib.ExitStack()  # experts' forwards replaced by `ExpertBank.observed`, `.replaced`
+        self.experts_edits: dict[int, dict[str, Callable[[Any], Any]]] = {}  # per experts module: its site edits
 
     def on_output(self, module: nn.Module, hook: Callable[..., Any]) -> None:
         """`hook(module, args, output)`; a value it returns replaces the output."""
@@ -111,24 +112,28 @@ class Hooks:
         (self.on_input if point.reads_input else self.on_output)(point.module, hook)
 
     def on_moe_site(self, point: SitePoint, edit: Callable[[Any], Any]) -> None:
-        """`edit` rewrites an MoE site's activation, [batch, tokens, features] (`expert_out`: every expert's
-        contribution side by side, summed again afterwards; `router`: the logits, the tokens then re-routed)."""
+        """`edit` rewrites an MoE site's activation, [batch, tokens, features]: `expert_out`, every expert's
+        weighted contribution side by side (summed again afterwards); `mlp_neuron`, every expert's units on the
+        tokens routed to it (ExpertBank.edited_forward); `router`, the logits (the tokens then re-routed). The
+        experts' edits of one layer run in one replaced forward."""
         moe, shape = point.moe, {}
         self.on_input(moe.module, lambda _module, args: shape.__setitem__("tokens", args[0].shape[:-1]))
 
-        def experts(hidden: Any, top_k_index: Any, top_k_weights: Any) -> Any:
-            stacked = moe.experts.contributions(hidden, top_k_index, top_k_weights)
-            edited = edit(stacked.reshape(*shape["tokens"], -1)).reshape(stacked.shape)
-            return moe.experts.sum_contributions(edited)
-
-        def router(_module: nn.Module, _args: tuple, output: tuple) -> tuple:
-            logits = output[0]
-            edited = edit(logits.reshape(*shape["tokens"], -1)).reshape(logits.shape)
-            return output if edited is logits else moe.route(edited)
-        if point.module is moe.experts.module:  # in place of the forward: the weights are there (ZeRO-3)
-            self.replaced.enter_context(moe.experts.replaced(experts))
-        else:
+        def on_tokens(activation: Any) -> Any:  # the edit sees [batch, tokens, features]
+            return edit(activation.reshape(*shape["tokens"], -1)).reshape(activation.shape)
+        if point.module is moe.router:
+            def router(_module: nn.Module, _args: tuple, output: tuple) -> tuple:
+                edited = on_tokens(output[0])
+                return output if edited is output[0] else moe.route(edited)
             self.on_output(point.module, router)
+            return
+        edits = self.experts_edits.get(id(moe.experts.module))
+        if edits is None:  # in place of the forward: the weights are there (ZeRO-3)
+            edits = self.experts_edits[id(moe.experts.module)] = {}
+            self.replaced.enter_context(moe.experts.replaced(
+                lambda hidden, index, weights: moe.experts.edited_forward(hidden, index, weights, edits.get("units"),
+                                                                          edits.get("contributions"))))
+        edits["units" if point.part == "units" else "contributions"] = on_tokens
 
     def on_experts(self, bank: ExpertBank, observe: ExpertObserver,
                    group_rows: Callable[[], int | None] = lambda: None) -> None:
@@ -142,6 +147,7 @@ class Hooks:
             handle.remove()
         self.handles.clear()
         self.replaced.close()
+        self.experts_edits.clear()
 
     def __enter__(self) -> "Hooks":
         return self

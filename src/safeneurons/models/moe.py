@@ -121,24 +121,40 @@ class ExpertBank:
             out = out if replaced is None else replaced
         return out * top_k_weights[tokens, slot, None]
 
-    def contributions(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                      top_k_weights: torch.Tensor) -> torch.Tensor:
-        """[tokens, E, hidden]: each expert's weighted output for each token (zero where the token did not choose
-        the expert). `sum_contributions` of it is the experts' output bit for bit (adding zeros is exact)."""
-        stacked = hidden.new_zeros(hidden.shape[0], self.num_experts, hidden.shape[1])
-        routed = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-        for expert in range(self.num_experts):
-            slot, tokens = torch.where(routed[expert])
-            if tokens.numel():
-                stacked[tokens, expert] = self._expert(expert, hidden, tokens, slot, top_k_weights, None).to(
-                    stacked.dtype)
-        return stacked
+    def edited_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       edit_units: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       edit_contributions: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The experts' output with their units or contributions edited; unedited, the eager forward bit for bit.
 
-    @staticmethod
-    def sum_contributions(stacked: torch.Tensor) -> torch.Tensor:
-        """Σ over experts in index order, as the eager loop adds them."""
-        total = torch.zeros_like(stacked[:, 0])
-        for expert in range(stacked.shape[1]):
+        `edit_units` rewrites [tokens, E × intermediate]: each expert's act(gate)·up on the tokens routed to it
+        (zero elsewhere; an edit reaches an expert only on its own tokens). `edit_contributions` rewrites
+        [tokens, E × hidden]: each expert's weighted output (zero where the token did not choose it), which is
+        then summed over experts in index order (adding zeros is exact)."""
+        routed = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        chosen = {expert: torch.where(routed[expert]) for expert in range(self.num_experts)}
+        chosen = {expert: found for expert, found in chosen.items() if found[1].numel()}
+        width = self.intermediate
+        units = {expert: self.module._apply_gate(self.project("gate_up", hidden[tokens], expert))
+                 for expert, (_, tokens) in chosen.items()}
+        if edit_units is not None:
+            every = hidden.new_zeros(hidden.shape[0], self.num_experts * width)
+            for expert, (_, tokens) in chosen.items():
+                every[tokens, expert * width:(expert + 1) * width] = units[expert].to(every.dtype)
+            every = edit_units(every)
+            units = {expert: every[tokens, expert * width:(expert + 1) * width] for expert, (_, tokens) in chosen.items()}
+        outputs = {expert: self.project("down", units[expert], expert) * top_k_weights[tokens, slot, None]
+                   for expert, (slot, tokens) in chosen.items()}
+        if edit_contributions is None:
+            final = torch.zeros_like(hidden)
+            for expert, (_, tokens) in chosen.items():
+                final.index_add_(0, tokens, outputs[expert].to(final.dtype))
+            return final
+        stacked = hidden.new_zeros(hidden.shape[0], self.num_experts, hidden.shape[1])
+        for expert, (_, tokens) in chosen.items():
+            stacked[tokens, expert] = outputs[expert].to(stacked.dtype)
+        stacked = edit_contributions(stacked.reshape(hidden.shape[0], -1)).reshape(stacked.shape)
+        total = torch.zeros_like(hidden)
+        for expert in range(self.num_experts):
             total = total + stacked[:, expert]
         return total
 

@@ -11,7 +11,7 @@ from safeneurons.errors import SafeneuronsError
 from safeneurons.interp.patching.hooks import keeper, patched_forward
 from safeneurons.interp.patching.sites import ACTIVATION_MEMORY_BUDGET, MAX_AUTO_BATCH
 from safeneurons.masks.neurons import check_sets
-from safeneurons.models.hooks import site_point
+from safeneurons.models.hooks import output_width, site_point
 from safeneurons.models.moe import moe_blocks
 from safeneurons.models.structure import decoder_layers, forward_row_bytes, model_device
 
@@ -56,7 +56,7 @@ def site_columns(model: nn.Module, site: PatchingSite) -> slice | torch.Tensor:
     neurons (columns of down_proj's input)."""
     if site.neurons is not None:
         check_sets({site.layer: site.neurons}, len(decoder_layers(model)),
-                   site_point(model, site.layer, "mlp_neuron").module.in_features)
+                   output_width(site_point(model, site.layer, "mlp_neuron")))
         return torch.tensor(site.neurons, dtype=torch.long)
     if site.expert is not None:
         experts = site_point(model, site.layer, "expert_out").moe.experts
