@@ -190,3 +190,28 @@ def test_units_inside_experts_patch_like_their_down_proj_column(family, demo_tok
     torch.testing.assert_close(both, expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(run_with(model, clean, {(1, "mlp_neuron"): lambda activation: activation}),
                        run_with(model, clean, {}))
+
+
+def test_neuron_study_pieces_on_experts(demo_tokenizer):
+    """The neuron study on an MoE layer: its neurons are every expert's units (e·I + j). Weight rankings sum each
+    unit's gate and up rows of the fused matrix; dynamic patching from the model itself changes nothing, and from
+    another model it moves the logits."""
+    from safeneurons.interp.neurons.rankings import weight_ranking
+    from safeneurons.interventions.neuron_patching import patched_neurons
+    from safeneurons.scores.config import ScoreConfig
+    from safeneurons.scores.schedules import score_model
+
+    model = tiny_moe("gpt_oss", demo_tokenizer, seed=6)
+    config = ScoreConfig(method="wandg", data="demo-align", sparsity_ratio=0.1, nsamples=4, max_length=48)
+    ranking = weight_ranking(model, demo_tokenizer, config)
+    scores = score_model(model, demo_tokenizer, ScoreConfig(**{**config.__dict__, "keep_scores": True})).scores
+    stored = scores["model.layers.1.mlp.experts.gate_up_proj"]  # GPT-OSS: [E, in, out], gate and up interleaved
+    expected = (stored[:, :, 0::2].sum(dim=1) + stored[:, :, 1::2].sum(dim=1)).reshape(-1)
+    torch.testing.assert_close(ranking[1], expected)
+    clean = ids_of(demo_tokenizer, "How do I rob a bank?")
+    units = {1: [2 * 24 + 5, 3 * 24 + 1]}
+    plain = run_with(model, clean, {})
+    with patched_neurons(model, model, units):
+        assert torch.equal(run_with(model, clean, {}), plain)
+    with patched_neurons(model, tiny_moe("gpt_oss", demo_tokenizer, seed=7), units):
+        assert not torch.allclose(run_with(model, clean, {}), plain, atol=1e-6)

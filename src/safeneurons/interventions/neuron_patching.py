@@ -12,15 +12,19 @@ from torch import nn
 
 from safeneurons.errors import SafeneuronsError
 from safeneurons.masks.neurons import check_sets
-from safeneurons.models.hooks import Hooks, site_point
+from safeneurons.models.hooks import Hooks, output_width, site_point
 from safeneurons.models.structure import check_same_structure, decoder_layers
 
-NeuronSet = Mapping[int, Sequence[int]]  # layer -> neuron indexes (the input columns of its down_proj)
+# layer -> neuron indexes (the input columns of its down_proj; on an MoE layer expert e's unit j is e·intermediate + j)
+NeuronSet = Mapping[int, Sequence[int]]
 
 
 def neuron_index(model: nn.Module, neurons: NeuronSet) -> dict[int, torch.Tensor]:
     """The non-empty layers of `neurons` as index tensors; an error names a layer or neuron that does not exist."""
-    check_sets(neurons, len(decoder_layers(model)), site_point(model, 0, "mlp_neuron").module.in_features)
+    n_layers = len(decoder_layers(model))
+    check_sets({layer: () for layer in neurons}, n_layers, 0)  # the layers exist
+    for layer, indexes in neurons.items():  # each layer's own width: an MoE layer has every expert's units
+        check_sets({layer: indexes}, n_layers, output_width(site_point(model, layer, "mlp_neuron")))
     return {layer: torch.as_tensor(sorted(set(int(i) for i in indexes)), dtype=torch.long)
             for layer, indexes in sorted(neurons.items()) if len(indexes)}
 
@@ -40,8 +44,7 @@ class _SourceRun:
         self.cache_argument = _cache_argument(source)
         self.hooks = Hooks()
         for layer in layers:
-            point = site_point(source, layer, "mlp_neuron")
-            self.hooks.on_input(point.module, lambda _m, args, layer=layer: self.values.__setitem__(layer, args[0]))
+            self.hooks.on_units(source, layer, lambda values, layer=layer: self.values.__setitem__(layer, values))
 
     def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         from transformers import DynamicCache
@@ -79,10 +82,10 @@ def patched_neurons(model: nn.Module, source: nn.Module, neurons: NeuronSet) -> 
     run = _SourceRun(source, list(chosen))
 
     def writer(layer: int, columns: torch.Tensor):
-        def write(_module: nn.Module, args: tuple) -> tuple:
-            activation = args[0].clone()
+        def write(activation: torch.Tensor) -> torch.Tensor:
+            activation = activation.clone()
             activation[..., columns] = run.values[layer][..., columns].to(activation.dtype)
-            return (activation, *args[1:])
+            return activation
         return write
 
     hooks = Hooks()
@@ -90,6 +93,6 @@ def patched_neurons(model: nn.Module, source: nn.Module, neurons: NeuronSet) -> 
         if chosen:  # an empty set patches nothing and runs no source model
             hooks.on_input(model, run, with_kwargs=True)
         for layer, columns in chosen.items():
-            hooks.on_input(site_point(model, layer, "mlp_neuron").module, writer(layer, columns.to(
+            hooks.on_edit(site_point(model, layer, "mlp_neuron"), writer(layer, columns.to(
                 next(model.parameters()).device)))
         yield

@@ -113,10 +113,12 @@ def top_fraction(scores: Mapping[int, torch.Tensor], fraction: float) -> NeuronS
     return sets
 
 
-def random_like(sets: Mapping[int, Sequence[int]], width: int, seed: int) -> NeuronSets:
-    """As many neurons per layer as `sets` has, drawn uniformly (reproducible from `seed`)."""
+def random_like(sets: Mapping[int, Sequence[int]], width: int | Mapping[int, int], seed: int) -> NeuronSets:
+    """As many neurons per layer as `sets` has, drawn uniformly among the layer's `width` (one for every layer, or
+    per layer: an MoE layer has every expert's units) (reproducible from `seed`)."""
     generator = torch.Generator().manual_seed(seed)
-    return {layer: sorted(torch.randperm(width, generator=generator)[:len(indexes)].tolist())
+    widths = width if isinstance(width, Mapping) else {layer: width for layer in sets}
+    return {layer: sorted(torch.randperm(widths[layer], generator=generator)[:len(indexes)].tolist())
             for layer, indexes in sorted(sets.items())}
 
 

@@ -90,6 +90,14 @@ def output_width(point: SitePoint) -> int:
     return point.module.in_features if point.reads_input else point.module.out_features
 
 
+def replace_first(value: Any, edit: Callable[[Any], Any]) -> Any:
+    """Modules take and return a tensor or a tuple whose first element is the activation (attention, GPT-OSS's
+    MoE block): `edit` applied to it."""
+    if isinstance(value, tuple):
+        return (edit(value[0]), *value[1:])
+    return edit(value)
+
+
 class Hooks:
     """Forward hooks on modules, all removed together by `close()` or on leaving a `with` block: the base of every
     recorder and editor, and of the experts' replaced forwards (scoring's captures, ActSVD's Grams, tracing's recorder, patching's edits)."""
@@ -110,6 +118,28 @@ class Hooks:
     def on_site(self, point: SitePoint, hook: Callable[..., Any]) -> None:
         """`hook(module, args, output)` on an output site, `hook(module, args)` on an input site."""
         (self.on_input if point.reads_input else self.on_output)(point.module, hook)
+
+    def on_edit(self, point: SitePoint, edit: Callable[[Any], Any]) -> None:
+        """`edit(activation)` rewrites the site's activation in every forward."""
+        if point.moe is not None:
+            self.on_moe_site(point, edit)
+        elif point.reads_input:
+            self.on_input(point.module, lambda _module, args: replace_first(args, edit))
+        else:
+            self.on_output(point.module, lambda _module, _args, output: replace_first(output, edit))
+
+    def on_units(self, model: nn.Module, layer: int, record: Callable[[Any], None]) -> None:
+        """`record(units)` in every forward with the MLP units of decoder layer `layer`, [batch, tokens, units]: a
+        dense MLP's down_proj input; on an MoE layer every expert's units on every token, routed to it or not
+        (expert e's unit j at column e·intermediate + j, as `mlp_neuron` edits them)."""
+        point = site_point(model, layer, "mlp_neuron")
+        if point.moe is None:
+            self.on_input(point.module, lambda _module, args: record(args[0]))
+            return
+        shape = {}
+        self.on_input(point.moe.module, lambda _module, args: shape.__setitem__("tokens", args[0].shape[:-1]))
+        self.on_input(point.module, lambda _module, args: record(
+            point.moe.experts.every_unit(args[0], args[1]).reshape(*shape["tokens"], -1)))
 
     def on_moe_site(self, point: SitePoint, edit: Callable[[Any], Any]) -> None:
         """`edit` rewrites an MoE site's activation, [batch, tokens, features]: `expert_out`, every expert's

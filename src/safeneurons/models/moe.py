@@ -87,6 +87,23 @@ class ExpertBank:
         return torch.cat([self.project("gate_up", hidden, expert)[:, rows] for expert in range(self.num_experts)],
                          dim=-1)
 
+    def every_unit(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        """[tokens, E × intermediate]: every expert's units, act(gate)·up, on every token. Each expert runs the
+        tokens routed to it as the forward does (the same rows together: the same values bit for bit) and the
+        others apart."""
+        routed = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        width = self.intermediate
+        units = hidden.new_empty(hidden.shape[0], self.num_experts * width)
+        for expert in range(self.num_experts):
+            tokens = torch.where(routed[expert])[1]
+            others = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+            others[tokens] = False
+            for rows in (tokens, others.nonzero().flatten()):
+                if rows.numel():
+                    units[rows, expert * width:(expert + 1) * width] = self.module._apply_gate(
+                        self.project("gate_up", hidden[rows], expert)).to(units.dtype)
+        return units
+
     def routed_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                        observe: ExpertObserver | None = None, group_rows: int | None = None) -> torch.Tensor:
         """Σ over each token's chosen experts of routing weight × expert output, expert by expert in index order (as
@@ -283,11 +300,3 @@ def moe_blocks(layers: nn.ModuleList, config: Any = None) -> dict[int, MoeBlock]
     return {index: block for index, block in found.items() if block is not None}
 
 
-
-def refuse_experts(model: nn.Module, stage: str, why: str) -> None:
-    """One line, before any weight is read (call it on the skeleton), for a stage that does not read mixtures of
-    experts yet."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is not None and moe_blocks(layers, model.config):
-        raise SafeneuronsError(f"{stage} does not work on mixtures of experts yet ({why}); model family "
-                               f"{model.config.model_type!r} has routed experts")

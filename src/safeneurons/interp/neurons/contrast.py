@@ -9,24 +9,24 @@ import torch
 from torch import nn
 
 from safeneurons.evaluation.generation import Decoding, generate
-from safeneurons.models.hooks import Hooks, site_point
+from safeneurons.models.hooks import Hooks, output_width, site_point
 from safeneurons.models.structure import check_same_structure, decoder_layers, model_device
 from safeneurons.runtime import distributed
 
 
 def neuron_activations(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Every layer's MLP neuron activations [tokens, neurons] in one run of `ids` [1, tokens]."""
+    """Every layer's MLP neuron activations [tokens, neurons] in one run of `ids` [1, tokens] (an MoE layer's: every
+    expert's units on every token)."""
     kept: dict[int, torch.Tensor] = {}
     with Hooks() as hooks, torch.no_grad():
         for layer in range(len(decoder_layers(model))):
-            hooks.on_input(site_point(model, layer, "mlp_neuron").module,
-                           lambda _m, args, layer=layer: kept.__setitem__(layer, args[0][0].float()))
+            hooks.on_units(model, layer, lambda values, layer=layer: kept.__setitem__(layer, values[0].float()))
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
     return [kept[layer] for layer in range(len(kept))]
 
 
 def _contrast_sums(chat: nn.Module, base: nn.Module, tokenizer: Any, prompts: Sequence[str],
-                   answers: Sequence[str]) -> tuple[torch.Tensor, int]:
+                   answers: Sequence[str]) -> tuple[list[torch.Tensor] | None, int]:
     """Σ over answer tokens of |a_chat − a_base| per [layer, neuron], and the number of answer tokens."""
     device = model_device(chat)
     total, tokens = None, 0
@@ -35,9 +35,9 @@ def _contrast_sums(chat: nn.Module, base: nn.Module, tokenizer: Any, prompts: Se
         ids = tokenizer(prompt + answer, return_tensors="pt")["input_ids"].to(device)
         if ids.shape[1] <= prompt_length:
             continue  # an empty answer has no token to contrast
-        difference = torch.stack([(a - b)[prompt_length:].abs().sum(0) for a, b in
-                                  zip(neuron_activations(chat, ids), neuron_activations(base, ids))])
-        total = difference if total is None else total + difference
+        difference = [(a - b)[prompt_length:].abs().sum(0) for a, b in
+                      zip(neuron_activations(chat, ids), neuron_activations(base, ids))]  # (layers may differ in width)
+        total = difference if total is None else [sum_ + part for sum_, part in zip(total, difference)]
         tokens += ids.shape[1] - prompt_length
     return total, tokens
 
@@ -54,7 +54,7 @@ def activation_contrast(chat: nn.Module, base: nn.Module, tokenizer: Any, prompt
     sums = [total for total, _ in parts if total is not None]
     tokens = sum(count for _, count in parts)
     if not sums:
-        n_layers, width = len(decoder_layers(chat)), site_point(chat, 0, "mlp_neuron").module.in_features
-        return {layer: torch.zeros(width) for layer in range(n_layers)}
-    mean = torch.stack(sums).sum(0) / tokens
-    return {layer: mean[layer] for layer in range(mean.shape[0])}
+        return {layer: torch.zeros(output_width(site_point(chat, layer, "mlp_neuron")))
+                for layer in range(len(decoder_layers(chat)))}
+    layers = len(sums[0])
+    return {layer: sum(part[layer] for part in sums) / tokens for layer in range(layers)}

@@ -6,8 +6,7 @@ from pathlib import Path
 
 from safeneurons.interp.neurons.report import write_study
 from safeneurons.interp.neurons.study import NeuronStudyConfig, NeuronStudyResult, study_neurons
-from safeneurons.models.loading import ModelSource, model_skeleton
-from safeneurons.models.moe import refuse_experts
+from safeneurons.models.loading import ModelSource
 from safeneurons.models.structure import check_same_tokenizer
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir
@@ -18,8 +17,6 @@ def run_neuron_study(chat: ModelSource, base: ModelSource, config: NeuronStudyCo
     """Collective: the whole study written to `out` (neuron_patching.json and .png), its verdict printed; the
     result on rank 0, None elsewhere."""
     config.check_inputs(chat, base)
-    refuse_experts(model_skeleton(chat.name, chat.cache_dir), "the safety-neuron study",
-                   "it patches a dense MLP's neurons; an expert's neurons see only the tokens routed to it")
     check_output_dir(out)
     context = distributed.init_distributed()
     loaded_chat, loaded_base = chat.load(context.device), base.load(context.device)

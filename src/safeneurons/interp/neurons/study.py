@@ -188,7 +188,7 @@ def rankings_of(chat: Any, base: Any, tokenizer: Any, config: NeuronStudyConfig)
 
 
 def neuron_sets(rankings: Mapping[str, Mapping[int, torch.Tensor]], config: NeuronStudyConfig,
-                width: int) -> dict[tuple[str, int | None, float], dict[int, list[int]]]:
+                width: int | Mapping[int, int]) -> dict[tuple[str, int | None, float], dict[int, list[int]]]:
     """(ranking, random seed or None, k) -> the neurons patched: each layer's top k of a ranking, or as many random
     neurons per layer (seeded by the seed and k's position)."""
     from safeneurons.masks.neurons import random_like, top_fraction
@@ -293,12 +293,14 @@ def study_neurons(chat: Any, base: Any, tokenizer: Any, config: NeuronStudyConfi
     """Collective, on loaded models (the aligned `chat` and its `base`): rankings, sets, both directions of
     patching at every k, the random control; the result on rank 0."""
     from safeneurons.data.samples import load_prompts
-    from safeneurons.models.hooks import site_point
+    from safeneurons.models.hooks import output_width, site_point
+    from safeneurons.models.structure import decoder_layers
     from safeneurons.runtime import distributed
 
     config.validate()
     rankings = rankings_of(chat, base, tokenizer, config)
-    sets = neuron_sets(rankings, config, site_point(chat, 0, "mlp_neuron").module.in_features)
+    sets = neuron_sets(rankings, config, {layer: output_width(site_point(chat, layer, "mlp_neuron"))
+                                          for layer in range(len(decoder_layers(chat)))})
     prompts = load_prompts(config.prompts, tokenizer, config.limit, config.data_dir)
     sweep = _Sweep({"chat": chat, "base": base}, tokenizer, prompts, config)
     plain = {name: sweep.rates(None, plain_model=name, desc=f"plain {name}") for name in ("chat", "base")}

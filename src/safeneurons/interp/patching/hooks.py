@@ -7,31 +7,18 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from torch import nn
 
-from safeneurons.models.hooks import Hooks, SiteKey, site_point
+from safeneurons.models.hooks import Hooks, SiteKey, replace_first, site_point
 from safeneurons.models.structure import decoder_layers, layers_from
 
 if TYPE_CHECKING:
     from safeneurons.interp.patching.sites import Edit
 
 
-def _replace_first(value: Any, edit: Edit) -> Any:
-    """Modules return a tensor or a tuple whose first element is the activation (attention)."""
-    if isinstance(value, tuple):
-        return (edit(value[0]), *value[1:])
-    return edit(value)
-
-
 def site_edits(model: nn.Module, edits: dict[SiteKey, Edit]) -> Hooks:
     """Hooks in which `edit` rewrites each (layer, component) activation; heads edit the input of o_proj."""
     hooks = Hooks()
     for (layer, component), edit in edits.items():
-        point = site_point(model, layer, component)
-        if point.moe is not None:
-            hooks.on_moe_site(point, edit)
-        elif point.reads_input:
-            hooks.on_input(point.module, lambda _module, args, edit=edit: _replace_first(args, edit))
-        else:
-            hooks.on_output(point.module, lambda _module, _args, output, edit=edit: _replace_first(output, edit))
+        hooks.on_edit(site_point(model, layer, component), edit)
     return hooks
 
 
@@ -86,4 +73,4 @@ def keep_final_residual(model: nn.Module, hooks: Hooks, final: dict[str, torch.T
     """A hook that keeps in `final["residual"]` the last position's input to the final norm: the residual after
     every patch of the last layer."""
     keep = keeper(final, "residual", lambda activation: activation[:, -1])
-    hooks.on_input(model.model.norm, lambda _m, args: _replace_first(args, keep))
+    hooks.on_input(model.model.norm, lambda _m, args: replace_first(args, keep))
