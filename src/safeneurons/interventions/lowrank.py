@@ -323,7 +323,8 @@ def new_weight(weight: torch.Tensor, target: Target, grams: Mapping[str, dict[st
     count = 1 if bank is None else bank.num_experts
     result.per_linear[target.name] = {"shape": list(target.shape), "total_rank": count * min(d_out, d_inputs),
                                       "rank_safety": r_s, "rank_utility": r_u, "removed_rank_bound": count * bound}
-    safety, utility = grams["safety"].pop(target.name), grams["utility"].pop(target.name) if "utility" in grams else None
+    safety = grams["safety"].pop(target.name)
+    utility = grams["utility"].pop(target.name) if "utility" in grams else None
     if bank is None:
         return modified_weight(weight, safety, utility, r_s, r_u, config.niter)
     canonical = bank.canonical(weight)  # [E, out, in]

@@ -1,7 +1,7 @@
 """Weight orthogonalization (Arditi et al. 2024): W ← W − r̂ r̂ᵀ W for every matrix that writes to the residual
 stream — the token embeddings (each row) and every `o_proj` / `down_proj` (each output column), the shared experts'
-and every routed expert's `down_proj` of an MoE, with their biases where an architecture has them — so that the model can no longer write along r̂: the same model as directional
-ablation at every position, in its weights.
+and every routed expert's `down_proj` of an MoE, with their biases where an architecture has them — so that the
+model can no longer write along r̂: the same model as directional ablation at every position, in its weights.
 
 Tied embeddings are untied first (the unembedding keeps the original matrix: only what writes to the residual
 changes). Architectures that normalise each block's output before adding it (Gemma-2/3's post-norms scale every

@@ -100,7 +100,8 @@ def replace_first(value: Any, edit: Callable[[Any], Any]) -> Any:
 
 class Hooks:
     """Forward hooks on modules, all removed together by `close()` or on leaving a `with` block: the base of every
-    recorder and editor, and of the experts' replaced forwards (scoring's captures, ActSVD's Grams, tracing's recorder, patching's edits)."""
+    recorder and editor, and of the experts' replaced forwards (scoring's captures, ActSVD's Grams, tracing's
+    recorder, patching's edits)."""
 
     def __init__(self) -> None:
         self.handles: list[Any] = []

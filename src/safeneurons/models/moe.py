@@ -158,7 +158,8 @@ class ExpertBank:
             for expert, (_, tokens) in chosen.items():
                 every[tokens, expert * width:(expert + 1) * width] = units[expert].to(every.dtype)
             every = edit_units(every)
-            units = {expert: every[tokens, expert * width:(expert + 1) * width] for expert, (_, tokens) in chosen.items()}
+            units = {expert: every[tokens, expert * width:(expert + 1) * width]
+                     for expert, (_, tokens) in chosen.items()}
         outputs = {expert: self.project("down", units[expert], expert) * top_k_weights[tokens, slot, None]
                    for expert, (slot, tokens) in chosen.items()}
         if edit_contributions is None:

@@ -131,10 +131,11 @@ def build_summary(targets: Sequence[Target], masks: Mapping[str, torch.Tensor],
                                "zero3_partitioned": is_zero3_partitioned(targets[0].linear.module),
                                "nsamples_used": {name: None if samples is None else len(samples)
                                                  for name, samples in sources.items()}}
+    routed, scores = routed or {}, scores or {}
     local = {target.name: (target.linear.layer, int(masks[target.name].sum()), math.prod(target.shape),
                            list(target.shape), _part_counts(target, masks[target.name], config_of(target)),
-                           _expert_counts(target, masks[target.name], (routed or {}).get(routed_tokens_key(target.name)),
-                                          (scores or {}).get(target.name)))
+                           _expert_counts(target, masks[target.name], routed.get(routed_tokens_key(target.name)),
+                                          scores.get(target.name)))
              for target in targets if target.mine}
     merged = distributed.merge_dicts_to_main(local)
     if merged is None:

@@ -116,7 +116,8 @@ def expert_lines(experts: dict[str, dict] | None) -> list[str]:
     safety, setdiff = experts.get("safety", {}), experts.get("set_difference", {})
     lines = ["", "## Experts", "", "Per MoE layer and routed expert: its share of the layer's experts' safety score, "
              "the set difference's selected weights in it, and the safety data's response tokens routed to it.", "",
-             "| layer | safety-score share per expert | set-difference weights per expert | response tokens per expert |",
+             "| layer | safety-score share per expert | set-difference weights per expert "
+             "| response tokens per expert |",
              "| --- | --- | --- | --- |"]
     for layer, record in safety.items():
         share = " ".join(f"{value:.2f}" for value in record.get("score_share", []))
