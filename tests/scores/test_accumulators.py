@@ -107,3 +107,30 @@ def test_accumulate_in_the_model_dtype_equals_the_original_bf16_gradient_sums(de
 def test_accumulate_in_the_model_dtype_is_for_wandg_only(method):
     with pytest.raises(SafeneuronsError, match=f"--accumulate-dtype model .* not {method}"):
         ScoreConfig(method=method, data="demo-align", sparsity_ratio=0.1, accumulate_dtype="model").validate()
+
+
+def test_the_fused_add_writes_the_eager_steps_words():
+    """The compiled one-pass add and the eager steps give the same fixed-point words bit for bit, on whole sums and
+    on one expert's slice, for terms across the whole range (tiny, fractional, whole, near the largest allowed)."""
+    from safeneurons.scores import accumulators
+
+    generator = torch.Generator().manual_seed(0)
+    terms = [torch.rand(6, 33, generator=generator) * 10.0 ** exponent for exponent in (-20, -3, 0, 4, 12)]
+    ExactSum(3, torch.device("cpu")).add(torch.ones(3))
+    if accumulators._fused_add[0] is None:
+        pytest.skip("torch.compile cannot build the fused kernel here (no C++ compiler): only the eager steps run")
+    words = []
+    for fused in (True, False):
+        saved = list(accumulators._fused_add)
+        if not fused:
+            accumulators._fused_add[:] = [None]
+        try:
+            whole, sliced = ExactSum((6, 33), torch.device("cpu")), ExactSum((3, 6, 33), torch.device("cpu"))
+            for term in terms:
+                whole.add(term)
+                sliced.add(term, index=1)
+            words.append([tensor.clone() for tensor in (*whole.tensors(), *sliced.tensors())])
+        finally:
+            accumulators._fused_add[:] = saved
+    assert all(torch.equal(a, b) for a, b in zip(*words))
+    assert not words[0][3][0].any() and words[0][3][1].any()  # the slice alone received the terms
