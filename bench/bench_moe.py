@@ -58,13 +58,15 @@ def reference_wandg(model, samples) -> dict[str, torch.Tensor]:
     return {name: scored[name].detach().abs() * total for name, total in sums.items()}
 
 
-def wandg_side(model, tokenizer, nsamples: int, accumulate_dtype: str = "exact"):
-    from safeneurons.scores.config import ScoreConfig
-    from safeneurons.scores.schedules import score_model
+def wandg_side(model, samples, accumulate_dtype: str = "exact"):
+    """Our wandg scores of every scored matrix on `samples` (the statistics and |W| · Σ; the selection that follows
+    is the same whichever way the scores were computed, so neither side runs it)."""
+    from safeneurons.scores.config import ScoreConfig, targets_of
+    from safeneurons.scores.statistics import score_targets
 
-    config = ScoreConfig(method="wandg", data="demo-align", sparsity_ratio=0.1, nsamples=nsamples, max_length=128,
-                         keep_scores=True, accumulate_dtype=accumulate_dtype)
-    return lambda: score_model(model, tokenizer, config).scores
+    config = ScoreConfig(method="wandg", data="demo-align", sparsity_ratio=0.1, nsamples=len(samples),
+                         max_length=128, accumulate_dtype=accumulate_dtype)
+    return lambda: score_targets(model, targets_of(model), samples, config)
 
 
 def random_mixtral(tokenizer, hidden: int, experts: int, layers: int):
@@ -108,13 +110,12 @@ def main() -> int:
     tokenizer = load_tokenizer("demo-moe")
     moe, dense = load_model("demo-moe").eval(), load_model("demo").eval()
     samples = load_samples("demo-align", tokenizer, args.nsamples, 0, 128)
-    timings = interleaved({"ours": wandg_side(moe, tokenizer, args.nsamples),
-                           "ours_float32_sums": wandg_side(moe, tokenizer, args.nsamples, "float32"),
+    timings = interleaved({"ours": wandg_side(moe, samples), "ours_float32_sums": wandg_side(moe, samples, "float32"),
                            "reference": lambda: reference_wandg(moe, samples),
-                           "dense": wandg_side(dense, tokenizer, args.nsamples)}, args.repeats)
+                           "dense": wandg_side(dense, samples)}, args.repeats)
     larger = random_mixtral(tokenizer, args.hidden, args.experts, args.layers)
-    larger_timings = interleaved({"ours": wandg_side(larger, tokenizer, args.nsamples),
-                                  "ours_float32_sums": wandg_side(larger, tokenizer, args.nsamples, "float32"),
+    larger_timings = interleaved({"ours": wandg_side(larger, samples),
+                                  "ours_float32_sums": wandg_side(larger, samples, "float32"),
                                   "reference": lambda: reference_wandg(larger, samples)}, args.repeats)
     ours, reference = timings["ours"].value, timings["reference"].value
     worst = max(float(((ours[name] - score).abs() / score.abs().clamp(min=1e-12)).max())
