@@ -1,5 +1,5 @@
 """Mixture-of-experts layers, recognised by structure as dense ones are: the one description of an MoE block that
-every stage reads (scoring, masks, patching, the direction, lineage, plan).
+every stage reads (scoring, masks and freezing, ActSVD, the direction, patching, lineage, the neuron study, plan).
 
 An MoE block sits where a dense layer has its MLP (`mlp`) and has
 - a router: `mlp.gate` or `mlp.router`, a module with `weight` [E, hidden] (and maybe `bias`) that returns the router
@@ -13,9 +13,10 @@ An MoE block sits where a dense layer has its MLP (`mlp`) and has
 Dense MLP layers may sit between MoE layers (Qwen3-MoE's `mlp_only_layers`, DeepSeek's first layers).
 
 `ExpertBank.routed_forward` is the experts' eager forward written once for every family (the same operations in the
-same order, so it equals the family's own eager forward bit for bit), with a hook per expert: the stages that read or
-edit what one expert computes (scoring's inputs and gradients, patching's `expert_out`) run it in place of the
-module's forward.
+same order, so it equals the family's own eager forward bit for bit), with a hook per expert: the stages that read
+what one expert computes (scoring's inputs and gradients, ActSVD's Grams) run it in place of the module's forward;
+`ExpertBank.edited_forward` is the same forward with every expert's units or weighted contributions editable
+(patching's `mlp_neuron` and `expert_out`), and `MoeBlock.route` re-routes given logits by the router's own rule.
 """
 from __future__ import annotations
 
