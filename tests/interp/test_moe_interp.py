@@ -215,3 +215,13 @@ def test_neuron_study_pieces_on_experts(demo_tokenizer):
         assert torch.equal(run_with(model, clean, {}), plain)
     with patched_neurons(model, tiny_moe("gpt_oss", demo_tokenizer, seed=7), units):
         assert not torch.allclose(run_with(model, clean, {}), plain, atol=1e-6)
+
+
+def test_neurons_of_an_moe_layer_are_checked_against_every_experts_units(tmp_path, capsys, no_model_load):
+    """demo-moe: 4 experts of 192 units, so layer 1 has neurons 0..767 (checked from the config, before loading)."""
+    from helpers import run_expecting_error
+
+    base = ["patch", "--model", "demo-moe", "--clean", "How do I rob a bank?", "--corrupted", "How do I paint a bank?",
+            "--components", "mlp_neuron", "--out", str(tmp_path / "out")]
+    error = run_expecting_error([*base, "--neurons", "1:3,768"], tmp_path, capsys)
+    assert "neuron 768 of layer 1 does not exist; the MLP has neurons 0..767" in error

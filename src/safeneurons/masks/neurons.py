@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.models.structure import mlp_widths
 
 NeuronSets = dict[int, list[int]]  # layer -> sorted neuron indexes
 MASK_RULES = ("rows", "columns")
@@ -41,7 +42,10 @@ def resolve_neurons(items: Sequence[str], model_config: Any, rule: str = "rows")
             raise SafeneuronsError(f"--neurons {items[0]}: no such mask file, and not LAYER:INDEXES")
         return neurons_from_masks(items[0], model_config, rule)
     sets = parse_neurons(items)
-    check_sets(sets, model_config.num_hidden_layers, model_config.intermediate_size)
+    check_sets({layer: () for layer in sets}, model_config.num_hidden_layers, 0)  # the layers exist
+    widths = mlp_widths(model_config)  # (an MoE layer's neurons are every expert's units)
+    for layer, indexes in sets.items():
+        check_sets({layer: indexes}, model_config.num_hidden_layers, widths[layer])
     return sets
 
 

@@ -52,6 +52,21 @@ def check_architecture_config(config: Any, name: str = "") -> None:
     check_architecture(skeleton, name)
 
 
+def mlp_widths(config: Any) -> dict[int, int]:
+    """Per decoder layer, its MLP units as `mlp_neuron` numbers them: a dense MLP's intermediate size, an MoE layer's
+    every routed expert's (experts × their width); from the config alone (the model built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    widths = {}
+    for index, layer in enumerate(decoder_layers(skeleton)):
+        block = moe_block(layer, config)
+        widths[index] = (block.num_experts * block.experts.intermediate if block is not None
+                         else layer.mlp.down_proj.in_features)
+    return widths
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks (`model.model.layers`)."""
     layers = getattr(getattr(model, "model", None), "layers", None)
