@@ -21,10 +21,9 @@ NeuronSet = Mapping[int, Sequence[int]]
 
 def neuron_index(model: nn.Module, neurons: NeuronSet) -> dict[int, torch.Tensor]:
     """The non-empty layers of `neurons` as index tensors; an error names a layer or neuron that does not exist."""
-    n_layers = len(decoder_layers(model))
-    check_sets({layer: () for layer in neurons}, n_layers, 0)  # the layers exist
-    for layer, indexes in neurons.items():  # each layer's own width: an MoE layer has every expert's units
-        check_sets({layer: indexes}, n_layers, output_width(site_point(model, layer, "mlp_neuron")))
+    layers = decoder_layers(model)
+    check_sets(neurons, len(layers), {layer: output_width(site_point(model, layer, "mlp_neuron"))
+                                      for layer in range(len(layers))})
     return {layer: torch.as_tensor(sorted(set(int(i) for i in indexes)), dtype=torch.long)
             for layer, indexes in sorted(neurons.items()) if len(indexes)}
 

@@ -42,22 +42,21 @@ def resolve_neurons(items: Sequence[str], model_config: Any, rule: str = "rows")
             raise SafeneuronsError(f"--neurons {items[0]}: no such mask file, and not LAYER:INDEXES")
         return neurons_from_masks(items[0], model_config, rule)
     sets = parse_neurons(items)
-    check_sets({layer: () for layer in sets}, model_config.num_hidden_layers, 0)  # the layers exist
-    widths = mlp_widths(model_config)  # (an MoE layer's neurons are every expert's units)
-    for layer, indexes in sets.items():
-        check_sets({layer: indexes}, model_config.num_hidden_layers, widths[layer])
+    check_sets(sets, model_config.num_hidden_layers, mlp_widths(model_config))
     return sets
 
 
-def check_sets(sets: Mapping[int, Sequence[int]], n_layers: int, width: int) -> None:
-    """Every layer and neuron exists in a model of `n_layers` layers and `width` MLP neurons (from its config)."""
+def check_sets(sets: Mapping[int, Sequence[int]], n_layers: int, width: int | Mapping[int, int]) -> None:
+    """Every layer and neuron exists in a model of `n_layers` layers and `width` MLP neurons (from its config), one
+    width for every layer or per layer (an MoE layer's neurons are every expert's units)."""
     for layer, indexes in sets.items():
         if not 0 <= layer < n_layers:
             raise SafeneuronsError(f"layer {layer} does not exist; the model has layers 0..{n_layers - 1}")
-        bad = [index for index in indexes if not 0 <= index < width]
+        layer_width = width[layer] if isinstance(width, Mapping) else width
+        bad = [index for index in indexes if not 0 <= index < layer_width]
         if bad:
             raise SafeneuronsError(f"neuron {bad[0]} of layer {layer} does not exist; the MLP has neurons "
-                                   f"0..{width - 1}")
+                                   f"0..{layer_width - 1}")
 
 
 def _mask_of(reader: Any, name: str, expected: tuple[int, int], source: str) -> torch.Tensor | None:

@@ -137,18 +137,23 @@ class Hooks:
         if point.moe is None:
             self.on_input(point.module, lambda _module, args: record(args[0]))
             return
-        shape = {}
-        self.on_input(point.moe.module, lambda _module, args: shape.__setitem__("tokens", args[0].shape[:-1]))
+        shape = self._token_shape(point.moe)
         self.on_input(point.module, lambda _module, args: record(
             point.moe.experts.every_unit(args[0], args[1]).reshape(*shape["tokens"], -1)))
+
+    def _token_shape(self, moe: MoeBlock) -> dict[str, Any]:
+        """Kept up to date in every forward: `["tokens"]`, the [batch, tokens] shape of the MoE block's input (its
+        router and experts see the tokens flattened)."""
+        shape: dict[str, Any] = {}
+        self.on_input(moe.module, lambda _module, args: shape.__setitem__("tokens", args[0].shape[:-1]))
+        return shape
 
     def on_moe_site(self, point: SitePoint, edit: Callable[[Any], Any]) -> None:
         """`edit` rewrites an MoE site's activation, [batch, tokens, features]: `expert_out`, every expert's
         weighted contribution side by side (summed again afterwards); `mlp_neuron`, every expert's units on the
         tokens routed to it (ExpertBank.edited_forward); `router`, the logits (the tokens then re-routed). The
         experts' edits of one layer run in one replaced forward."""
-        moe, shape = point.moe, {}
-        self.on_input(moe.module, lambda _module, args: shape.__setitem__("tokens", args[0].shape[:-1]))
+        moe, shape = point.moe, self._token_shape(point.moe)
 
         def on_tokens(activation: Any) -> Any:  # the edit sees [batch, tokens, features]
             return edit(activation.reshape(*shape["tokens"], -1)).reshape(activation.shape)

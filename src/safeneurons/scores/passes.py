@@ -87,7 +87,7 @@ class LinearCapture(Hooks):
                  inner: torch.Tensor, out: torch.Tensor) -> None:
             counts = self.routed_tokens.get(names.get("gate_up", ""))
             if counts is not None:
-                counts[expert] += int(self.responses[tokens.to(self.responses.device)].sum())
+                counts[expert] += self.responses[tokens.to(self.responses.device)].sum().to(counts.device)
             for which, x, y in (("gate_up", inputs, gate_up), ("down", inner, out)):
                 if which not in names:
                     continue

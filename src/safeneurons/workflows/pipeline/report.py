@@ -97,7 +97,7 @@ def save_original_format_masks(source: Path, target: Path) -> None:
         torch.save(load_masks(source), tmp)
 
 
-def experts_summary(study: Study) -> dict[str, dict]:
+def scored_experts(study: Study) -> dict[str, dict]:
     """On a mixture of experts, what the scoring stages found per MoE layer and expert: the safety scores' shares,
     the set difference's selected weights, the response tokens each expert received (score_summary.json's
     `experts`)."""
@@ -150,7 +150,7 @@ def write_final_outputs(study: Study) -> dict:
     plot_arms(arms, results / "arms.png")
     plot_curves(attacks, ARM_LABELS, results / "curves.png")
 
-    experts = experts_summary(study)
+    experts = scored_experts(study)
     if experts:
         summary["experts"] = experts
     if study.settings.direction:
