@@ -21,6 +21,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "compare": ("safeneurons.cli.compare", "compare masks and weights before and after fine-tuning"),
     "pipeline": ("safeneurons.cli.pipeline", "the whole study: score, fine-tune, re-score, compare, evaluate"),
     "patch": ("safeneurons.cli.patch", "activation patching of refusal circuits"),
+    "circuit": ("safeneurons.cli.circuit", "refusal circuits as edges: EAP and EAP-IG scores, exact edge patching, "
+                                           "faithfulness against random circuits"),
     "direction": ("safeneurons.cli.direction", "the refusal direction: candidates, selection, ablation, addition, "
                                                "orthogonalization"),
     "neurons": ("safeneurons.cli.neurons", "safety neurons: each ranking's top MLP neurons patched between an aligned "

@@ -14,7 +14,10 @@ use the same key, as TransformerLens keys its cache by hook name. The components
   the experts side by side (read only: lineage compares these units);
 - on a mixture-of-experts layer (models.moe), `expert_out`: every routed expert's weighted contribution to the MoE
   block's output, side by side (expert e holds columns e·hidden … (e+1)·hidden; patching edits one expert's), and
-  `router`: the router's logits, one column an expert — an edit re-routes the tokens by the router's own rule.
+  `router`: the router's logits, one column an expert — an edit re-routes the tokens by the router's own rule;
+- the inputs an edge-level circuit (interp.circuits) patches: `attn_in`, the residual entering the attention block
+  (its norm's input; layer 0's is the input embeddings); `q`, `k`, `v`, the outputs of q_proj, k_proj and v_proj
+  (one head's, or one key/value head's, columns each); `mlp_in`, the residual entering the MLP (its norm's input).
 """
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ if TYPE_CHECKING:
     from safeneurons.models.moe import ExpertBank, ExpertObserver, MoeBlock
 
 SiteKey = tuple[int, str]  # (layer, component)
-COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "mlp_neuron", "gate", "up", "expert_out", "router")
+COMPONENTS = ("residual", "attn_out", "mlp_out", "attn_head", "mlp_neuron", "gate", "up", "expert_out", "router",
+              "attn_in", "q", "k", "v", "mlp_in")
 MOE_COMPONENTS = ("expert_out", "router")
 MLP_PROJECTIONS = {"gate": "gate_proj", "up": "up_proj"}
-READS_INPUT = ("attn_head", "mlp_neuron")  # sites that are a module's input, not its output
+READS_INPUT = ("attn_head", "mlp_neuron", "attn_in", "mlp_in")  # sites that are a module's input, not its output
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,16 @@ def site_point(model: nn.Module, layer: int, component: str) -> SitePoint:
             return SitePoint(separate, None, False)
         return SitePoint(block.mlp.gate_up_proj, fused_parts("mlp.gate_up_proj", model.config)[component], False)
     paths = {"residual": "", "attn_out": "self_attn", "mlp_out": "mlp", "attn_head": "self_attn.o_proj",
-             "mlp_neuron": "mlp.down_proj"}
+             "mlp_neuron": "mlp.down_proj", "attn_in": "input_layernorm", "mlp_in": "post_attention_layernorm",
+             "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}
     if component not in paths:
         raise SafeneuronsError(f"site component {component!r} is not one of {', '.join(COMPONENTS)}")
-    return SitePoint(block.get_submodule(paths[component]), None, component in READS_INPUT)
+    try:
+        module = block.get_submodule(paths[component])
+    except AttributeError:
+        raise SafeneuronsError(f"site component {component!r}: layer {layer} of {model.config.model_type!r} has no "
+                               f"{paths[component]}") from None
+    return SitePoint(module, None, component in READS_INPUT)
 
 
 def output_width(point: SitePoint) -> int:

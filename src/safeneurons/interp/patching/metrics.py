@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.interp.patching.direction import load_direction
 from safeneurons.interp.patching.sites import FINAL_RESIDUAL, REFUSAL_STARTS
 
 
@@ -83,6 +84,17 @@ def refusal_token_ids(tokenizer: Any, starts: Sequence[str] = REFUSAL_STARTS) ->
         if ids[shared] not in found:
             found.append(ids[shared])
     return found
+
+
+def metric_named(name: str, tokenizer: Any, tokens: Sequence[str] | None = None, direction: str | None = None,
+                 refusal_starts: Sequence[str] = REFUSAL_STARTS) -> Metric:
+    """The metric `--metric NAME` asks for: logit_diff of two one-token texts, the projection on a refusal
+    direction file, or the refusal log-odds of the refusal starts' first tokens."""
+    if name == "logit_diff":
+        return logit_diff_metric(token_id(tokenizer, tokens[0]), token_id(tokenizer, tokens[1]))
+    if name == "direction":
+        return direction_metric(load_direction(direction))
+    return refusal_metric(refusal_token_ids(tokenizer, refusal_starts))
 
 
 def token_id(tokenizer: Any, text: str) -> int:

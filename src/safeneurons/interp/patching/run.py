@@ -14,8 +14,7 @@ from safeneurons.data.readers import check_sources
 from safeneurons.data.samples import load_prompts, prompt_text
 from safeneurons.errors import SafeneuronsError
 from safeneurons.interp.patching.direction import RefusalDirection, compute_refusal_direction, load_direction
-from safeneurons.interp.patching.metrics import (Metric, direction_metric, logit_diff_metric, refusal_metric,
-                                                 refusal_token_ids, token_id)
+from safeneurons.interp.patching.metrics import Metric, metric_named
 from safeneurons.interp.patching.patcher import ActivationPatcher
 from safeneurons.interp.patching.report import format_attribution_check, format_report, plot_heatmap
 from safeneurons.interp.patching.sites import (COMPONENTS, DEFAULT_SIGNIFICANCE, DIRECTION_FILE, METHODS, METRICS,
@@ -100,11 +99,7 @@ class PatchConfig:
         return text if self.raw else prompt_text(tokenizer, as_example(text))
 
     def metric_for(self, tokenizer: Any) -> Metric:
-        if self.metric == "logit_diff":
-            return logit_diff_metric(token_id(tokenizer, self.tokens[0]), token_id(tokenizer, self.tokens[1]))
-        if self.metric == "direction":
-            return direction_metric(load_direction(self.direction))
-        return refusal_metric(refusal_token_ids(tokenizer, self.refusal_starts))
+        return metric_named(self.metric, tokenizer, self.tokens, self.direction, self.refusal_starts)
 
     def site_positions(self, length: int) -> list[Position]:
         return [expanded for position in self.positions

@@ -1,0 +1,108 @@
+"""Edge scores of one clean/corrupted pair: EAP, EAP-IG and exact edge patching, and the metric of circuits.
+
+EAP (Syed et al. 2023): score(u → v) = Σ_tokens (a_u(corrupted) − a_u(clean)) · ∂metric/∂(input of v), the
+gradient on the clean run: one clean forward and backward and one corrupted forward. EAP-IG (Hanna et al. 2024):
+the gradient averaged over `steps` runs whose input embeddings go from the corrupted prompt's towards the clean
+one's (k/steps of the way, k = 1 … steps; one step is EAP), all in one batch. Exact: the metric with edge u → v
+alone patched (only v's input sees u's corrupted output), minus the clean metric. Each is an estimate or the value
+of m(patched) − m(clean); scores are [receivers, nodes], zero where there is no edge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from safeneurons.interp.circuits.forward import EdgePatch, NodeOutputs, node_differences, record_nodes
+from safeneurons.interp.circuits.pairs import PairAlignment, align_pair
+from safeneurons.interp.patching.hooks import patched_forward
+
+if TYPE_CHECKING:
+    from safeneurons.interp.circuits.graph import CircuitGraph
+    from safeneurons.interp.patching.metrics import Metric
+
+
+@dataclass
+class PreparedPair:
+    """A pair's clean run and its corrupted run's node outputs at the clean positions."""
+
+    index: int
+    clean_ids: torch.Tensor  # [1, T]
+    alignment: PairAlignment
+    clean: NodeOutputs
+    corrupted: NodeOutputs  # aligned to the clean positions
+    corrupted_embeddings: torch.Tensor  # [1, T, D] the corrupted input embeddings at the clean positions
+    clean_metric: float
+    corrupted_metric: float  # the corrupted prompt's own run (its own length)
+
+
+def prepare_pair(model: nn.Module, metric: Metric, index: int, clean_ids: torch.Tensor,
+                 corrupted_ids: torch.Tensor, alignment: str) -> PreparedPair:
+    aligned = align_pair(clean_ids[0].tolist(), corrupted_ids[0].tolist(), alignment, index)
+    clean, clean_out = record_nodes(model, clean_ids)
+    corrupted, corrupted_out = record_nodes(model, corrupted_ids)
+    matrix = aligned.matrix()
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings()(corrupted_ids)[0]
+    return PreparedPair(index, clean_ids, aligned, clean, corrupted.aligned(matrix),
+                        (matrix @ embeddings.double()).to(embeddings.dtype)[None],
+                        float(metric.compute(clean_out.logits, clean_out.residual)[0]),
+                        float(metric.compute(corrupted_out.logits, corrupted_out.residual)[0]))
+
+
+def receiver_gradients(model: nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
+                       steps: int) -> torch.Tensor:
+    """[receivers, T, D] ∂metric/∂(receiver input): on the clean run (steps 0), or averaged over `steps` runs
+    interpolating the input embeddings from the corrupted prompt's to the clean one's."""
+    with torch.no_grad():
+        clean = model.get_input_embeddings()(pair.clean_ids)
+    rows = clean
+    if steps:
+        fractions = torch.arange(1, steps + 1, dtype=clean.dtype, device=clean.device)[:, None, None] / steps
+        rows = pair.corrupted_embeddings + fractions * (clean - pair.corrupted_embeddings)
+    with torch.enable_grad(), EdgePatch(model, graph, probing=True) as hooks:
+        out = patched_forward(model, {}, inputs_embeds=rows)
+        value = metric.compute(out.logits, out.residual).sum()
+        gradients = torch.autograd.grad(value, hooks.gradients(), allow_unused=True)
+    blocks = [torch.zeros_like(probe) if grad is None else grad for probe, grad in zip(hooks.gradients(), gradients)]
+    return torch.cat(blocks).detach() / rows.shape[0]
+
+
+def attribution_scores(model: nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
+                       steps: int) -> torch.Tensor:
+    """[receivers, nodes] EAP (steps 0) or EAP-IG scores of every edge, float32."""
+    gradients = receiver_gradients(model, graph, metric, pair, steps).float().flatten(1)
+    with torch.no_grad():
+        differences = node_differences(model, graph, pair.clean, pair.corrupted).float().flatten(1)
+    return (gradients @ differences.T) * graph.adjacency()
+
+
+def circuit_metrics(model: nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
+                    circuits: Sequence[torch.Tensor], batch_size: int, scale: float = 1.0) -> list[float]:
+    """The metric of each circuit ([receivers, nodes] bool, the edges kept): every edge outside it reads its node's
+    corrupted output (scaled: clean + scale · (corrupted − clean)). Rows of a batch are circuits."""
+    corrupted = pair.clean.toward(pair.corrupted, scale)
+    adjacency = graph.adjacency()
+    values: list[float] = []
+    for start in range(0, len(circuits), batch_size):
+        kept = torch.stack(list(circuits[start:start + batch_size]))
+        excluded = (adjacency & ~kept).to(pair.clean_ids.device)
+        with torch.no_grad(), EdgePatch(model, graph, corrupted, excluded):
+            out = patched_forward(model, {}, pair.clean_ids.expand(kept.shape[0], -1))
+            values += metric.compute(out.logits, out.residual).tolist()
+    return values
+
+
+def exact_edge_effects(model: nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
+                       edges: Sequence[tuple[int, int]], batch_size: int, scale: float = 1.0) -> list[float]:
+    """m(edge u → v alone patched) − m(clean) of each (receiver, node) edge."""
+    adjacency = graph.adjacency()
+
+    def without(receiver: int, node: int) -> torch.Tensor:
+        kept = adjacency.clone()
+        kept[receiver, node] = False
+        return kept
+    patched = circuit_metrics(model, graph, metric, pair, [without(*edge) for edge in edges], batch_size, scale)
+    return [value - pair.clean_metric for value in patched]
