@@ -25,7 +25,7 @@ from safeneurons.interp.circuits.scores import (PreparedPair, attribution_scores
 from safeneurons.interp.patching.metrics import Metric, metric_named
 from safeneurons.interp.patching.sites import METRICS, REFUSAL_STARTS
 from safeneurons.masks.io import check_mask_file_fits, load_masks
-from safeneurons.models.loading import ModelSource, model_skeleton
+from safeneurons.models.loading import ModelSource, load_tokenizer, model_skeleton
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir
 
@@ -198,11 +198,11 @@ def run_circuit(model: ModelSource, config: CircuitConfig, out: str | Path) -> C
     graph = check_model(model, config)
     if config.masks is not None:
         check_mask_file_fits(config.masks, model.name, model.cache_dir)
-    context = distributed.init_distributed()
-    loaded = model.load(context.device)
-    torch_model, tokenizer = loaded.model, loaded.tokenizer
-    pairs, alignments = tokenized_pairs(tokenizer, config)
+    tokenizer = load_tokenizer(model.name, model.cache_dir)
+    pairs, alignments = tokenized_pairs(tokenizer, config)  # a pair that does not align fails before the model loads
     metric = metric_named(config.metric, tokenizer, config.tokens, config.direction, config.refusal_starts)
+    context = distributed.init_distributed()
+    torch_model = model.load(context.device).model
     device = next(torch_model.parameters()).device
     prepared: dict[int, PreparedPair] = {}
 
