@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from helpers import make_tiny_llama, run_expecting_error, run_ranks, tiny_model
+from helpers import MOE_FAMILIES, make_tiny_llama, run_expecting_error, run_ranks, tiny_model, tiny_moe
 from safeneurons import cli
 from safeneurons.data.samples import format_prompt
 from safeneurons.errors import SafeneuronsError
@@ -178,6 +178,26 @@ def test_template_alignment_pairs_the_shared_ends_and_groups_the_instructions(de
         align_pair([1, 2, 3], [1, 4, 5], "template")
 
 
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_an_moe_block_is_one_node_and_the_identities_hold(family, demo_tokenizer):
+    """Each family's MoE block (shared expert, GPT-OSS's tuple output and attention sinks included) is the MLP node:
+    no edge patched is the clean run, every edge the corrupted run, and its edges sum to its node attribution."""
+    model = tiny_moe(family, demo_tokenizer, seed=1).double()
+    generator = torch.Generator().manual_seed(1)
+    clean, corrupted = (torch.randint(3, model.config.vocab_size, (1, 7), generator=generator) for _ in range(2))
+    pair = prepare_pair(model, LOGIT_DIFF, 0, clean, corrupted, "equal")
+    graph = CircuitGraph.of(model)
+    every, none = circuit_metrics(model, graph, LOGIT_DIFF, pair,
+                                  [graph.adjacency(), torch.zeros_like(graph.adjacency())], batch_size=2)
+    assert every == pair.clean_metric and none == pytest.approx(pair.corrupted_metric, abs=1e-6)
+    sums = attribution_scores(model, graph, LOGIT_DIFF, pair, 0).sum(0)
+    result = ActivationPatcher(metric=LOGIT_DIFF).patch_sweep(model, clean, corrupted,
+                                                              [PatchingSite(1, "mlp_out", None, "all")],
+                                                              method="attribution")
+    effect = result.effects[0]
+    assert float(sums[graph.mlp_node(1)]) == pytest.approx(effect.patched_metric - effect.clean_metric, rel=1e-5)
+
+
 def test_layouts_whose_outputs_are_normed_or_fused_are_refused(demo_tokenizer):
     for arch in ("gemma2", "phi3"):
         with pytest.raises(SafeneuronsError, match="edge circuits need"):
@@ -202,7 +222,7 @@ def test_circuit_command_writes_the_graph_scores_curves_and_figures(one_rank):
     assert {"circuit.json", "circuit.png", "faithfulness.png", "report.txt"} <= {path.name for path in out.iterdir()}
     assert result["graph"]["edges"] == len(result["edges"]["names"]) == len(result["edges"]["eap_ig"])
     assert len(result["edges"]["exact"]) == 30 and result["agreement"]["edges_exact"] == 30
-    assert result["curves"]["eap-ig"]["faithfulness"][-1] == pytest.approx(1.0)
+    assert result["curves"]["eap-ig"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)  # float32, batched
     assert len(result["random"]["curves"]) == 2
     assert result["circuit"]["size"] == len(result["circuit"]["edges"]) > 0
     assert result["metrics"]["empty"] == pytest.approx(result["metrics"]["corrupted"], abs=1e-3) or \

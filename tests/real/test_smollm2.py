@@ -388,3 +388,26 @@ def test_two_stages_generate_what_one_rank_generates_on_the_real_model(tmp_path)
     one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
     assert [r["generation"] for r in one["results"]] == [r["generation"] for r in two["results"]]
     assert len({r["generation"] for r in one["results"]}) > 1 and one["perplexity"] == two["perplexity"]
+
+
+def test_refusal_circuit_of_the_real_model_aligns_chatml_pairs_and_is_faithful_in_full(scored, tmp_path, tokenizer):
+    """smollm2-safe (9 query heads sharing 3 key/value heads): an AdvBench request and a held-out benign one of
+    another length align on what ChatML makes them share (the post-instruction tokens close the shared tail); the
+    graph has the grouped-query edge count; the aligned model's refusal metric is higher on the harmful prompt; the
+    circuit of every edge keeps it whole, and the circuit's nodes are compared with the wandg mask."""
+    from safeneurons.interp.direction.positions import post_instruction_tokens
+
+    out = tmp_path / "circuit"
+    benign = str(REPO / "src" / "safeneurons" / "demo" / "assets" / "smollm2_safe" / "benign_heldout.txt")
+    assert cli.main(["circuit", "--model", SAFE, "--harmful", ADVBENCH, "--harmless", benign, "--n-pairs", "1",
+                     "--ig-steps", "2", "--exact", "top", "--top-k", "4", "--fractions", "0.01,0.1,1",
+                     "--random-seeds", "1", "--masks", str(scored / "one"), "--out", str(out)]) == 0
+    result = json.loads((out / "circuit.json").read_text())
+    assert result["graph"] == {"nodes": 1 + 30 * 10, "receivers": 30 * (9 + 2 * 3 + 1) + 1, "edges": 70651,
+                               "layers": 30, "heads": 9, "kv_heads": 3}
+    alignment = result["alignments"][0]
+    assert alignment["clean_tokens"] != alignment["corrupted_tokens"]
+    assert alignment["shared_end"] >= len(post_instruction_tokens(tokenizer))
+    assert result["metrics"]["clean"] > result["metrics"]["corrupted"]
+    assert result["curves"]["eap-ig"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)  # float32, batched
+    assert 0 <= result["mask_overlap"]["mask_share"] <= 1 and result["mask_overlap"]["selected_weights"] > 0
