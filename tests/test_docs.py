@@ -15,7 +15,7 @@ from safeneurons.cli.app import check_command
 
 PAGES = [REPO / "README.md", *(REPO / "docs" / name for name in (
     "scoring.md", "causal.md", "finetuning.md", "defences.md", "evaluation.md", "pipeline.md", "patching.md",
-    "lineage.md", "cluster.md", "models.md", "data.md", "api.md", "direction.md", "moe.md"))]
+    "lineage.md", "cluster.md", "models.md", "data.md", "api.md", "direction.md", "moe.md", "circuits.md"))]
 DEMO_MODELS = {"demo", "demo-chat", "demo-base", "demo-moe", "demo-moe-chat", "demo-moe-base"}
 OUTPUT_OPTIONS = {"--out", "--results-path", "--save-path", "--checkpoint-dir"}
 MODEL_OPTIONS = {"--model", "--base", "--other", "--original", "--finetuned", "--model-before", "--model-after"}

@@ -8,13 +8,35 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from safeneurons.interp.circuits.faithfulness import KEEP, FaithfulnessCurve, faithfulness, random_band
+from safeneurons.interp.circuits.faithfulness import KEEP, FaithfulnessCurve, circuit_sizes, faithfulness, random_band
 from safeneurons.interp.circuits.overlap import mask_share
 
 if TYPE_CHECKING:
     from safeneurons.interp.circuits.graph import CircuitGraph
     from safeneurons.interp.circuits.pairs import PairAlignment
-    from safeneurons.interp.circuits.run import CircuitConfig, PairValues
+    from safeneurons.interp.circuits.run import CircuitConfig
+
+
+@dataclass
+class PairValues:
+    """What one pair's scoring gives: [receivers, nodes] EAP and EAP-IG scores, the clean metric, the corrupted
+    prompt's own and the metric with every edge corrupted."""
+
+    eap: torch.Tensor
+    eap_ig: torch.Tensor
+    clean: float
+    corrupted: float
+    empty: float
+
+
+def pair_mean(values: Sequence[torch.Tensor | float | list[float]]) -> Any:
+    """The mean over pairs, summed in pair order (the same bits on any number of ranks)."""
+    if isinstance(values[0], list):
+        return [pair_mean([value[index] for value in values]) for index in range(len(values[0]))]
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total / len(values)
 
 
 @dataclass
@@ -82,9 +104,6 @@ def summarize(graph: CircuitGraph, config: CircuitConfig, pairs: Sequence[PairVa
               eap_ig: torch.Tensor, circuits: Mapping[str, torch.Tensor], measured: Sequence[float],
               edges: Sequence[tuple[int, int]], exact: Sequence[float], alignments: Sequence[PairAlignment],
               model: str, masks: Mapping[str, torch.Tensor] | None = None) -> CircuitResult:
-    from safeneurons.interp.circuits.faithfulness import circuit_sizes
-    from safeneurons.interp.circuits.run import pair_mean
-
     clean = pair_mean([pair.clean for pair in pairs])
     empty = pair_mean([pair.empty for pair in pairs])
     sizes = circuit_sizes(graph.n_edges, config.fractions)

@@ -7,7 +7,7 @@ in pair order, so 2 ranks give the 1-rank result bit for bit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,7 +16,7 @@ import torch
 from safeneurons.data.readers import check_sources
 from safeneurons.data.samples import load_prompts
 from safeneurons.errors import SafeneuronsError
-from safeneurons.interp.circuits.analysis import CircuitResult, summarize
+from safeneurons.interp.circuits.analysis import CircuitResult, PairValues, pair_mean, summarize
 from safeneurons.interp.circuits.faithfulness import FRACTIONS, circuit_sizes, random_circuit, top_circuit
 from safeneurons.interp.circuits.graph import CircuitGraph, check_layout
 from safeneurons.interp.circuits.pairs import ALIGNMENTS, PairAlignment, align_pair
@@ -75,30 +75,23 @@ class CircuitConfig:
             raise SafeneuronsError(f"--fractions {list(self.fractions)}: expected increasing fractions in (0, 1]")
         if self.metric == "logit_diff" and not self.tokens:
             raise SafeneuronsError("--metric logit_diff needs --tokens A B (two one-token texts)")
-        if self.metric == "direction" and not (self.direction and Path(self.direction).is_file()):
-            raise SafeneuronsError(f"--metric direction needs --direction FILE (a refusal direction file); got "
-                                   f"{self.direction!r}")
+        if self.metric == "direction" and not self.direction:
+            raise SafeneuronsError("--metric direction needs --direction FILE (a refusal direction file)")
+
+    def check_inputs(self) -> None:
+        """The files the study reads exist (before any model loads)."""
+        if self.metric == "direction" and not Path(self.direction).is_file():
+            raise SafeneuronsError(f"--direction {self.direction} does not exist (a refusal direction file from "
+                                   f"`safeneurons direction`)")
         if self.masks is not None and not Path(self.masks).exists():
             raise SafeneuronsError(f"--masks {self.masks} does not exist (a mask file or folder from `score`)")
+        check_sources(self.harmful, self.harmless, directory=self.data_dir)
 
     def check_graph(self, graph: CircuitGraph) -> None:
         if self.circuit_size is not None:
             graph.check_size(self.circuit_size, "--circuit-size")
         if self.exact == "top":
             graph.check_size(self.top_k, "--top-k")
-
-
-@dataclass
-class PairValues:
-    """What one pair contributes: scores, metrics, exact effects and circuit metrics (phase 2)."""
-
-    eap: torch.Tensor
-    eap_ig: torch.Tensor
-    clean: float
-    corrupted: float
-    empty: float
-    exact: list[float] = field(default_factory=list)
-    circuits: list[float] = field(default_factory=list)
 
 
 def check_model(model: ModelSource, config: CircuitConfig) -> CircuitGraph:
@@ -136,16 +129,6 @@ def over_pairs(n_pairs: int, compute: Callable[[int], Any]) -> list[Any]:
     for part in distributed.all_gather(local):
         merged.update(part)
     return [merged[index] for index in range(n_pairs)]
-
-
-def pair_mean(values: Sequence[torch.Tensor | float | list[float]]) -> Any:
-    """The mean over pairs, summed in pair order (the same bits on any number of ranks)."""
-    if isinstance(values[0], list):
-        return [pair_mean([value[index] for value in values]) for index in range(len(values[0]))]
-    total = values[0]
-    for value in values[1:]:
-        total = total + value
-    return total / len(values)
 
 
 def chosen_circuits(graph: CircuitGraph, scores: torch.Tensor, config: CircuitConfig,
@@ -192,8 +175,8 @@ def exact_edges(graph: CircuitGraph, config: CircuitConfig, ranking: torch.Tenso
 def run_circuit(model: ModelSource, config: CircuitConfig, out: str | Path) -> CircuitResult | None:
     """Collective: the circuit study, written to `out` by rank 0; its result on rank 0, None elsewhere."""
     config.validate()
+    config.check_inputs()
     check_output_dir(out)
-    check_sources(config.harmful, config.harmless, directory=config.data_dir)
     model.check()
     graph = check_model(model, config)
     if config.masks is not None:
