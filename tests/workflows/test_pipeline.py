@@ -365,6 +365,22 @@ def test_the_direction_joins_a_finished_study(single_run):
 
 
 @pytest.mark.slow
+def test_the_circuit_joins_a_finished_study(single_run):
+    """`--circuit` on a finished run: only its stage runs (and compare); the summary and the report gain its section,
+    with the circuit's nodes compared with the study's own safety mask."""
+    results = single_run / "results"
+    before = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert cli.main(_pipeline_args(single_run, "--circuit")) == 0
+    after = {stage: (results / stage / DONE_FILE).stat().st_mtime_ns for stage in STAGES}
+    assert {stage for stage in STAGES if after[stage] != before[stage]} <= {"compare"}
+    summary = json.loads((results / "analysis_summary.json").read_text())["circuit"]
+    assert summary["graph"]["edges"] == 1108 and summary["mask_overlap"]["selected_weights"] > 0
+    assert set(summary["curves"]) == {"eap-ig", "eap", "nodes"} and summary["circuit"]["size"] > 0
+    report = (results / "report.md").read_text()
+    assert "## Refusal circuit (edges)" in report and "(circuit/faithfulness.png)" in report
+
+
+@pytest.mark.slow
 def test_neuron_patching_joins_a_finished_study(single_run):
     """`--neuron-patching` on a finished run: only its stage runs (and compare); the report gains the study's
     section with a verdict per ranking and direction, its table and its figure."""

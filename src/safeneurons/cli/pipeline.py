@@ -37,6 +37,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--direction", dest="direction", action="store_true", default=None,
                         help="add the base model's refusal direction (candidates, selection, ablation, "
                              "orthogonalization, its link to the safety mask) as a stage and a report section")
+    parser.add_argument("--circuit", dest="circuit", action="store_true", default=None,
+                        help="add the aligned model's refusal circuit as edges (EAP, EAP-IG, exact edge patching, "
+                             "faithfulness against random circuits, its nodes against the safety mask) as a stage "
+                             "and a report section")
     parser.add_argument("--neuron-patching", dest="neuron_patching", action="store_true", default=None,
                         help="add the safety-neuron study (rankings' top k%% of MLP neurons patched between --model "
                              "and --neuron-base-model during generation, against random neurons) as a stage and a "

@@ -13,6 +13,7 @@ from safeneurons.analysis.study import TABLE_HEADER as STUDY_HEADER
 from safeneurons.workflows.pipeline.calibration import rule_text
 from safeneurons.workflows.pipeline.defences import LABELS as DEFENCE_LABELS
 from safeneurons.workflows.pipeline.defences import arm_costs, cost_lines
+from safeneurons.workflows.pipeline.circuit import circuit_lines, circuit_summary
 from safeneurons.workflows.pipeline.direction import direction_lines, direction_summary
 from safeneurons.workflows.pipeline.neurons import neuron_lines, neuron_summary
 from safeneurons.workflows.pipeline.settings import PARTIAL_STRENGTH, SAFETY_WEIGHT
@@ -155,8 +156,9 @@ def write_final_outputs(study: Study) -> dict:
         summary["experts"] = experts
     if study.settings.direction:
         summary["direction"] = direction_summary(results)
+    if study.settings.circuit:
+        summary["circuit"] = circuit_summary(results)
     if study.settings.neuron_patching:
-
         summary["neuron_patching"] = neuron_summary(results)
     write_json(results / "analysis_summary.json", summary)
     write_report(summary, results / "report.md")
@@ -300,6 +302,7 @@ def write_report(summary: dict, path: Path) -> Path:
 
     lines += expert_lines(summary.get("experts"))
     lines += direction_lines(summary.get("direction"))
+    lines += circuit_lines(summary.get("circuit"))
 
     lines += neuron_lines(summary.get("neuron_patching"))
     lines += ["", "Files: `analysis_summary.json`, `original_safety_masks.pt`, `new_safety_masks.pt`, one folder per "

@@ -1,6 +1,6 @@
 """The study from start to end: its stages in order (the Study's own and those of the stage modules: calibration,
 the defences, the direction, the neuron study), then the report. The rooms' one-way order: settings → stages →
-study → calibration, defences, direction, neurons → report → run."""
+study → calibration, defences, direction, circuit, neurons → report → run."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -11,7 +11,7 @@ import torch
 
 from safeneurons.runtime import distributed
 from safeneurons.runtime.tracking import TrackingConfig, open_tracker
-from safeneurons.workflows.pipeline import direction, neurons
+from safeneurons.workflows.pipeline import circuit, direction, neurons
 from safeneurons.workflows.pipeline.calibration import calibrate
 from safeneurons.workflows.pipeline.defences import check_defence_inputs, defend_stage, safety_layers_stage
 from safeneurons.workflows.pipeline.report import write_final_outputs
@@ -55,6 +55,8 @@ def study_stages(study: Study) -> list[Stage]:
     stages += [Stage(f"eval_{run.key}", {**trained(run), **evaluation}, study.evaluate(run)) for run in study.runs]
     if study.settings.direction:
         stages.append(Stage(direction.STAGE, {**scoring, **evaluation}, direction.direction_stage(study)))
+    if study.settings.circuit:
+        stages.append(Stage(circuit.STAGE, {**scoring, **evaluation}, circuit.circuit_stage(study)))
     if study.settings.neuron_patching:
         options = {key: s[key] for key in ("neuron_base_model", "neuron_fractions", "neuron_random_seeds",
                                            "utility_data", "setdiff_p", "score_batch_size")}

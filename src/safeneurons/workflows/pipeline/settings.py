@@ -102,6 +102,7 @@ class PipelineConfig:
     study: str = "quick"
     report_to: str = "none"  # tracking of every fine-tune and of the study's results (runtime/tracking.py)
     direction: bool = False  # add the base model's refusal direction (workflows/pipeline/direction.py)
+    circuit: bool = False  # add the aligned model's refusal circuit as edges (workflows/pipeline/circuit.py)
     neuron_patching: bool = False  # add the neuron study (workflows/pipeline/neurons.py)
     neuron_base_model: str | None = None  # its unaligned base of --model (demo: demo-base)
     neuron_fractions: str = "0.005,0.01,0.02,0.05,0.1,0.2"  # its k: fractions of each layer's MLP neurons

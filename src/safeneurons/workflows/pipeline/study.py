@@ -136,6 +136,8 @@ class Study:
             return lambda folder: [folder / "analysis_summary.json"]
         if stage == "direction":
             return lambda folder: [folder / "direction_report.json"]
+        if stage == "circuit":
+            return lambda folder: [folder / "circuit.json"]
         if stage == "neuron_patching":
             return lambda folder: [folder / "neuron_patching.json"]
         return lambda folder: [has_masks(folder)]
