@@ -1,4 +1,4 @@
-"""`safeneurons plan`: memory per GPU of each stage (score, finetune, patch, trace, eval) for a model and a cluster.
+"""`safeneurons plan`: memory per GPU of each stage (score, finetune, patch, circuit, trace, eval) for a model and a cluster.
 
 Model states come from DeepSpeed's own ZeRO-3 estimator, plus the optimizer step's transient; activations from a
 formula for Hugging Face's Llama in bf16 with SDPA attention (see `activation_bytes_per_token`), and for patching
@@ -27,7 +27,7 @@ from safeneurons.workflows.plan_layers import (ShardedInputs, sharded_eval_line,
 RESERVED_FRACTION = 0.10
 BF16_BYTES = 2
 FP32_BYTES = 4
-STAGES = ("score", "finetune", "patch", "trace", "eval")
+STAGES = ("score", "finetune", "patch", "circuit", "trace", "eval")
 COST_MATRIX_COPIES = 3.1  # trace's float64 I × I distance matrix and its temporaries, measured at I = 4096 and 8192
 OFFLOAD_CHOICES = ("none", "optimizer", "param")
 # Bytes per trained parameter that the optimizer step adds on the GPU, beside the states: DeepSpeed's fp32
@@ -271,13 +271,30 @@ def patch_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> Stag
     return StageMemory("patch", states, layer_inputs + source + batch * row, 0, 0, cpu)
 
 
+def circuit_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> StageMemory:
+    """`circuit` on one pair of `patch_length` tokens: the whole model in bf16 on every rank (pairs are split across
+    ranks, the model is not partitioned); the larger of EAP-IG's forward and backward of its `ig_steps` sequences
+    with the receivers' fp32 gradients and the nodes' differences, and a batch of patched rows, each with every
+    node's fp32 difference (interp.circuits)."""
+    from safeneurons.interp.circuits.run import CircuitConfig
+
+    defaults = CircuitConfig()
+    tokens, per_token = workload.patch_length, shape.hidden * FP32_BYTES
+    nodes = 1 + shape.layers * (shape.heads + 1)
+    receivers = shape.layers * (shape.heads + 2 * shape.kv_heads + 1) + 1
+    scoring = training_activations(shape, defaults.ig_steps, tokens) + (receivers + nodes) * tokens * per_token
+    rows = defaults.batch_size * (nodes * tokens * per_token + sequence_forward_bytes(shape, tokens))
+    return StageMemory("circuit", BF16_BYTES * shape.total_params, max(scoring, rows), 0, 0, 0)
+
+
 def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list[StageMemory]:
     score, _ = score_stage(shape, cluster, workload)
     finetune = finetune_stage(shape, cluster, workload)
     patch = patch_stage(shape, cluster, workload)
+    circuit = circuit_stage(shape, cluster, workload)
     trace = trace_stage(shape, cluster, workload)
     evaluation = eval_stage(shape, cluster, workload)
-    return [score, finetune, patch, trace, evaluation]
+    return [score, finetune, patch, circuit, trace, evaluation]
 
 
 def fits(stage: StageMemory, cluster: Cluster) -> bool:
