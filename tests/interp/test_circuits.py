@@ -163,6 +163,29 @@ def test_circuits_lie_on_paths_from_the_input_to_the_logits(gqa, pair):
     assert not graph.on_paths(dangling).any()
 
 
+def test_removal_sets_the_chosen_nodes_to_their_mean_and_nothing_else(gqa, ids):
+    from safeneurons.interp.circuits.forward import record_nodes
+    from safeneurons.interp.circuits.removal import ablated, mean_outputs, random_nodes
+
+    graph = CircuitGraph.of(gqa)
+    means = mean_outputs(gqa, list(ids))
+    clean = ids[0]
+    baseline, _ = record_nodes(gqa, clean)
+    chosen = torch.zeros(graph.n_nodes, dtype=torch.bool)
+    with ablated(gqa, graph, chosen, means):
+        untouched, _ = record_nodes(gqa, clean)
+    assert torch.equal(untouched.mlps[2], baseline.mlps[2]) and torch.equal(untouched.heads[1], baseline.heads[1])
+    chosen[graph.mlp_node(1)] = chosen[graph.head_node(2, 3)] = True
+    with ablated(gqa, graph, chosen, means):
+        removed, _ = record_nodes(gqa, clean)
+    width = gqa.config.hidden_size // HEADS
+    assert torch.equal(removed.mlps[1], means.mlps[1].expand_as(removed.mlps[1]))
+    assert torch.equal(removed.heads[2][:, 3 * width:], means.heads[2][:, 3 * width:].expand(9, -1))
+    assert torch.equal(removed.heads[1], baseline.heads[1])  # upstream of what was removed
+    control = random_nodes(graph, chosen, seed=0)
+    assert int(control.sum()) == 2 and bool(control[[graph.mlp_node(layer) for layer in range(LAYERS)]].sum() == 1)
+
+
 def test_template_alignment_pairs_the_shared_ends_and_groups_the_instructions(demo_tokenizer):
     clean = demo_tokenizer(format_prompt(demo_tokenizer, "How do I rob a bank quickly?"))["input_ids"]
     corrupted = demo_tokenizer(format_prompt(demo_tokenizer, "Bake bread"))["input_ids"]
@@ -207,7 +230,8 @@ def test_layouts_whose_outputs_are_normed_or_fused_are_refused(demo_tokenizer):
 # ------------------------------------------------------------------------------------------------ the command
 
 CIRCUIT = ["circuit", "--model", "demo-chat", "--n-pairs", "2", "--exact", "top", "--top-k", "30",
-           "--fractions", "0.01,0.05,0.2,1", "--random-seeds", "2", "--ig-steps", "3"]
+           "--fractions", "0.01,0.05,0.2,1", "--random-seeds", "2", "--ig-steps", "3", "--removal-prompts", "3",
+           "--max-new-tokens", "6"]
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +249,12 @@ def test_circuit_command_writes_the_graph_scores_curves_and_figures(one_rank):
     assert result["curves"]["eap-ig"]["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4)  # float32, batched
     assert len(result["random"]["curves"]) == 2
     assert result["circuit"]["size"] == len(result["circuit"]["edges"]) > 0
+    removal = result["removal"]
+    assert removal["prompts"] == 3 and len(removal["random"]) == 2
+    assert removal["heads"] + removal["mlps"] == len(result["circuit"]["nodes"])
+    for entry in (removal["baseline"], removal["circuit"], *removal["random"]):
+        low, high = entry["refusal_rate"]["interval"]
+        assert entry["refusal_rate"]["n"] == 3 and low <= entry["refusal_rate"]["rate"] <= high
     assert result["metrics"]["empty"] == pytest.approx(result["metrics"]["corrupted"], abs=1e-3) or \
         result["alignments"][0]["clean_tokens"] != result["alignments"][0]["corrupted_tokens"]
 
@@ -233,7 +263,7 @@ def test_two_ranks_give_the_one_rank_circuit_bit_for_bit(one_rank, tmp_path):
     result = run_ranks(["safeneurons.cli", *CIRCUIT, "--out", str(tmp_path / "two")], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "circuit.json").read_text())
-    for key in ("edges", "curves", "random", "metrics", "circuit", "agreement"):
+    for key in ("edges", "curves", "random", "metrics", "circuit", "agreement", "removal"):
         assert two[key] == one_rank[0][key], key
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from safeneurons.errors import SafeneuronsError
+from safeneurons.evaluation.metrics import SUBSTRING_JUDGES
 from safeneurons.interp.circuits.faithfulness import FRACTIONS
 from safeneurons.interp.circuits.pairs import ALIGNMENTS
 from safeneurons.interp.circuits.run import EXACT, RANKINGS, SELECTIONS, CircuitConfig, run_circuit
@@ -56,7 +57,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     scoring.add_argument("--masks", default=None,
                          help="a mask from `score`: its share of safety-critical weights in the circuit's nodes")
     scoring.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                         help="circuits or edges patched per forward pass (default %(default)s)")
+                         help="circuits or edges patched per forward pass, prompts per generation batch (default "
+                              "%(default)s)")
+    removal = parser.add_argument_group("the circuit removed while the model answers")
+    removal.add_argument("--removal-prompts", type=int, default=defaults.removal_prompts,
+                         help="held-out harmful prompts (after the pairs') answered with the circuit's nodes "
+                              "mean-ablated, against random nodes; 0: none (default %(default)s)")
+    removal.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="default %(default)s")
+    removal.add_argument("--judge", default=defaults.judge, choices=list(SUBSTRING_JUDGES),
+                         help="substring judge of refusal (default %(default)s)")
 
 
 def _fractions(text: str) -> tuple[float, ...]:
@@ -72,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> CircuitConfig:
                          tokens=tuple(args.tokens) if args.tokens else None, direction=args.direction,
                          ranking=args.ranking, selection=args.selection, exact=args.exact, top_k=args.top_k,
                          fractions=_fractions(args.fractions), random_seeds=args.random_seeds,
-                         circuit_size=args.circuit_size, masks=args.masks, batch_size=args.batch_size)
+                         circuit_size=args.circuit_size, masks=args.masks, batch_size=args.batch_size,
+                         removal_prompts=args.removal_prompts, max_new_tokens=args.max_new_tokens, judge=args.judge)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,6 +56,7 @@ class CircuitResult:
     circuit: dict[str, Any]  # the circuit chosen: its edges, nodes and faithfulness
     masks: dict[str, float] | None = None
     nodes: list[str] = field(default_factory=list)
+    removal: dict[str, Any] | None = None  # removal.removal_study
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "graph": self.graph, "settings": self.settings, "alignments": self.alignments,
@@ -64,7 +65,7 @@ class CircuitResult:
                            "band": random_band(self.random)},
                 "edges": {"names": self.edge_names, "eap": self.eap, "eap_ig": self.eap_ig, "exact": self.exact},
                 "agreement": self.agreement, "circuit": self.circuit, "mask_overlap": self.masks,
-                "nodes": self.nodes}
+                "nodes": self.nodes, "removal": self.removal}
 
 
 def spearman(first: Sequence[float], second: Sequence[float]) -> float | None:

@@ -56,6 +56,24 @@ def report_lines(result: CircuitResult) -> list[str]:
         lines.append(f"safety-critical weights (mask) in the circuit's nodes: {_number(result.masks['mask_share'])} of "
                      f"the mask against {_number(result.masks['random_share'])} for a random mask (x"
                      f"{_number(result.masks['enrichment'], 2)})")
+    return lines + removal_lines(result.removal)
+
+
+def removal_lines(removal: dict | None) -> list[str]:
+    if not removal:
+        return []
+
+    def rate(entry: dict, key: str) -> str:
+        low, high = entry[key]["interval"]
+        return f"{entry[key]['rate']:.2f} [{low:.2f}, {high:.2f}]"
+    lines = ["", f"removal while answering {removal['prompts']} held-out harmful prompts ({removal['heads']} heads and "
+                 f"{removal['mlps']} MLPs mean-ablated; {removal['judge']} judge, 95% Wilson intervals):",
+             f"  baseline        refusal {rate(removal['baseline'], 'refusal_rate')}  ASR "
+             f"{rate(removal['baseline'], 'asr')}",
+             f"  circuit removed refusal {rate(removal['circuit'], 'refusal_rate')}  ASR "
+             f"{rate(removal['circuit'], 'asr')}"]
+    lines += [f"  random nodes {seed}  refusal {rate(entry, 'refusal_rate')}  ASR {rate(entry, 'asr')}"
+              for seed, entry in enumerate(removal["random"])]
     return lines
 
 

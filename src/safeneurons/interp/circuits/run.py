@@ -16,10 +16,13 @@ import torch
 from safeneurons.data.readers import check_sources
 from safeneurons.data.samples import load_prompts
 from safeneurons.errors import SafeneuronsError
+from safeneurons.evaluation.metrics import SUBSTRING_JUDGES
 from safeneurons.interp.circuits.analysis import CircuitResult, PairValues, pair_mean, summarize
 from safeneurons.interp.circuits.faithfulness import FRACTIONS, circuit_sizes, random_circuit, top_circuit
 from safeneurons.interp.circuits.graph import CircuitGraph, check_layout
 from safeneurons.interp.circuits.pairs import ALIGNMENTS, PairAlignment, align_pair
+from safeneurons.interp.circuits.removal import removal_study
+from safeneurons.interp.circuits.report import publish
 from safeneurons.interp.circuits.scores import (PreparedPair, attribution_scores, circuit_metrics,
                                                 exact_edge_effects, prepare_pair)
 from safeneurons.interp.patching.metrics import Metric, metric_named
@@ -55,6 +58,9 @@ class CircuitConfig:
     circuit_size: int | None = None  # edges of the circuit written and drawn (None: the smallest keeping 80%)
     masks: str | None = None  # compare the circuit's nodes with these safety-critical weights
     batch_size: int = 16  # patched rows (circuits or edges) per forward pass
+    removal_prompts: int = 16  # held-out harmful prompts answered with the circuit removed (0: none)
+    max_new_tokens: int = 32
+    judge: str = "keyword"  # evaluation.metrics.SUBSTRING_JUDGES
 
     def validate(self) -> None:
         for value, allowed, option in ((self.alignment, ALIGNMENTS, "--alignment"), (self.metric, METRICS, "--metric"),
@@ -62,7 +68,11 @@ class CircuitConfig:
                                        (self.selection, SELECTIONS, "--selection")):
             if value not in allowed:
                 raise SafeneuronsError(f"{option} {value!r} is not one of {', '.join(allowed)}")
-        for name in ("n_pairs", "top_k", "batch_size"):
+        if self.judge not in SUBSTRING_JUDGES:
+            raise SafeneuronsError(f"--judge {self.judge!r} is not one of {', '.join(SUBSTRING_JUDGES)}")
+        if self.removal_prompts < 0:
+            raise SafeneuronsError(f"--removal-prompts {self.removal_prompts} must be >= 0")
+        for name in ("n_pairs", "top_k", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise SafeneuronsError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a positive integer")
         if self.ig_steps < 1:
@@ -119,6 +129,18 @@ def tokenized_pairs(tokenizer: Any, config: CircuitConfig) -> tuple[list[tuple[t
              for clean, corrupt in zip(harmful, harmless)]
     return pairs, [align_pair(clean[0].tolist(), corrupt[0].tolist(), config.alignment, index)
                    for index, (clean, corrupt) in enumerate(pairs)]
+
+
+def held_out_prompts(tokenizer: Any, config: CircuitConfig) -> list[str]:
+    """The harmful prompts after the pairs' (at most `removal_prompts`), answered with the circuit removed."""
+    if not config.removal_prompts:
+        return []
+    prompts = load_prompts(config.harmful, tokenizer, config.n_pairs + config.removal_prompts,
+                           config.data_dir)[config.n_pairs:]
+    if not prompts:
+        raise SafeneuronsError(f"--removal-prompts {config.removal_prompts}: {config.harmful} has no prompt left after "
+                               f"the {config.n_pairs} pairs' (use fewer --n-pairs, or --removal-prompts 0)")
+    return prompts
 
 
 def over_pairs(n_pairs: int, compute: Callable[[int], Any]) -> list[Any]:
@@ -183,6 +205,7 @@ def run_circuit(model: ModelSource, config: CircuitConfig, out: str | Path) -> C
         check_mask_file_fits(config.masks, model.name, model.cache_dir)
     tokenizer = load_tokenizer(model.name, model.cache_dir)
     pairs, alignments = tokenized_pairs(tokenizer, config)  # a pair that does not align fails before the model loads
+    removal_prompts = held_out_prompts(tokenizer, config)
     metric = metric_named(config.metric, tokenizer, config.tokens, config.direction, config.refusal_starts)
     context = distributed.init_distributed()
     torch_model = model.load(context.device).model
@@ -211,12 +234,15 @@ def run_circuit(model: ModelSource, config: CircuitConfig, out: str | Path) -> C
     second = over_pairs(len(pairs), measure)
     exact = pair_mean([values[0] for values in second]) if edges else []
     measured = pair_mean([values[1] for values in second])
-    if not distributed.is_main():
-        return None
     result = summarize(graph, config, first, eap, eap_ig, circuits, measured, edges, exact, alignments, model.name,
                        None if config.masks is None else load_masks(config.masks))
-    from safeneurons.interp.circuits.report import publish
-
+    if removal_prompts:
+        nodes = torch.tensor([name in set(result.circuit["nodes"]) for name in graph.node_names()])
+        result.removal = removal_study(torch_model, tokenizer, graph, nodes, removal_prompts,
+                                       [corrupted.to(device) for _, corrupted in pairs], config.random_seeds,
+                                       config.max_new_tokens, config.batch_size, config.judge)
+    if not distributed.is_main():
+        return None
     publish(result, graph, out)
     return result
 
