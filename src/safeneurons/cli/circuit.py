@@ -59,6 +59,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     scoring.add_argument("--batch-size", type=int, default=defaults.batch_size,
                          help="circuits or edges patched per forward pass, prompts per generation batch (default "
                               "%(default)s)")
+    _add_removal_arguments(parser, defaults)
+
+
+def _add_removal_arguments(parser: argparse.ArgumentParser, defaults: CircuitConfig) -> None:
     removal = parser.add_argument_group("the circuit removed while the model answers")
     removal.add_argument("--removal-prompts", type=int, default=defaults.removal_prompts,
                          help="held-out harmful prompts (after the pairs') answered with the circuit's nodes "

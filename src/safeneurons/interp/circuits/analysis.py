@@ -13,7 +13,6 @@ from safeneurons.interp.circuits.overlap import mask_share
 
 if TYPE_CHECKING:
     from safeneurons.interp.circuits.graph import CircuitGraph
-    from safeneurons.interp.circuits.pairs import PairAlignment
     from safeneurons.interp.circuits.run import CircuitConfig
 
 
@@ -44,7 +43,7 @@ class CircuitResult:
     model: str
     graph: dict[str, int]
     settings: dict[str, Any]
-    alignments: list[dict[str, int]]
+    alignments: list[dict[str, int]]  # each pair's (pairs.PairAlignment.to_dict)
     metrics: dict[str, float]  # mean clean, corrupted (its own run) and empty-circuit metric over the pairs
     curves: dict[str, FaithfulnessCurve]
     random: list[FaithfulnessCurve]
@@ -103,8 +102,8 @@ def curve(name: str, masks: torch.Tensor, metrics: Sequence[float], fractions: S
 
 def summarize(graph: CircuitGraph, config: CircuitConfig, pairs: Sequence[PairValues], eap: torch.Tensor,
               eap_ig: torch.Tensor, circuits: Mapping[str, torch.Tensor], measured: Sequence[float],
-              edges: Sequence[tuple[int, int]], exact: Sequence[float], alignments: Sequence[PairAlignment],
-              model: str, masks: Mapping[str, torch.Tensor] | None = None) -> CircuitResult:
+              edges: Sequence[tuple[int, int]], exact: Sequence[float], model: str,
+              masks: Mapping[str, torch.Tensor] | None = None) -> CircuitResult:
     clean = pair_mean([pair.clean for pair in pairs])
     empty = pair_mean([pair.empty for pair in pairs])
     sizes = circuit_sizes(graph.n_edges, config.fractions)
@@ -134,7 +133,7 @@ def summarize(graph: CircuitGraph, config: CircuitConfig, pairs: Sequence[PairVa
     return CircuitResult(
         model, {"nodes": graph.n_nodes, "receivers": graph.n_receivers, "edges": graph.n_edges,
                 "layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.n_kv_heads},
-        {key: value for key, value in vars(config).items()}, [alignment.to_dict() for alignment in alignments],
+        {key: value for key, value in vars(config).items()}, [],
         {"clean": clean, "corrupted": pair_mean([pair.corrupted for pair in pairs]), "empty": empty},
         curves, randoms, names, eap[adjacency].tolist(), eap_ig[adjacency].tolist(), exact_by_name,
         agreement([float(eap[edge]) for edge in edges], [float(eap_ig[edge]) for edge in edges], list(exact)),

@@ -205,46 +205,53 @@ def run_circuit(model: ModelSource, config: CircuitConfig, out: str | Path) -> C
         check_mask_file_fits(config.masks, model.name, model.cache_dir)
     tokenizer = load_tokenizer(model.name, model.cache_dir)
     pairs, alignments = tokenized_pairs(tokenizer, config)  # a pair that does not align fails before the model loads
-    removal_prompts = held_out_prompts(tokenizer, config)
+    held_out = held_out_prompts(tokenizer, config)
     metric = metric_named(config.metric, tokenizer, config.tokens, config.direction, config.refusal_starts)
     context = distributed.init_distributed()
-    torch_model = model.load(context.device).model
-    device = next(torch_model.parameters()).device
-    prepared: dict[int, PreparedPair] = {}
-
-    def prepare(index: int) -> PreparedPair:
-        if index not in prepared:
-            clean, corrupted = (ids.to(device) for ids in pairs[index])
-            prepared[index] = prepare_pair(torch_model, metric, index, clean, corrupted, config.alignment)
-        return prepared[index]
-
+    loaded = model.load(context.device)
     print_main(f"circuit graph: {graph.n_nodes} nodes, {graph.n_receivers} receivers, {graph.n_edges} edges; "
                f"{len(pairs)} pairs")
-    first = over_pairs(len(pairs), lambda index: score_pair(torch_model, graph, metric, prepare(index), config))
-    eap, eap_ig = pair_mean([values.eap for values in first]), pair_mean([values.eap_ig for values in first])
-    ranking = eap_ig if config.ranking == "eap-ig" else eap
-    circuits = circuit_masks(graph, config, eap, eap_ig)
-    stacked = [mask for masks in circuits.values() for mask in masks]
-    edges = exact_edges(graph, config, ranking)
-
-    def measure(index: int) -> tuple[list[float], list[float]]:
-        pair = prepare(index)
-        return (exact_edge_effects(torch_model, graph, metric, pair, edges, config.batch_size),
-                circuit_metrics(torch_model, graph, metric, pair, stacked, config.batch_size))
-    second = over_pairs(len(pairs), measure)
-    exact = pair_mean([values[0] for values in second]) if edges else []
-    measured = pair_mean([values[1] for values in second])
-    result = summarize(graph, config, first, eap, eap_ig, circuits, measured, edges, exact, alignments, model.name,
-                       None if config.masks is None else load_masks(config.masks))
-    if removal_prompts:
+    result = study_circuit(loaded.model, graph, metric, pairs, config, model.name)
+    result.alignments = [alignment.to_dict() for alignment in alignments]
+    if held_out:
         nodes = torch.tensor([name in set(result.circuit["nodes"]) for name in graph.node_names()])
-        result.removal = removal_study(torch_model, tokenizer, graph, nodes, removal_prompts,
+        device = next(loaded.model.parameters()).device
+        result.removal = removal_study(loaded.model, tokenizer, graph, nodes, held_out,
                                        [corrupted.to(device) for _, corrupted in pairs], config.random_seeds,
                                        config.max_new_tokens, config.batch_size, config.judge)
     if not distributed.is_main():
         return None
     publish(result, graph, out)
     return result
+
+
+def study_circuit(model: torch.nn.Module, graph: CircuitGraph, metric: Metric,
+                  pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], config: CircuitConfig,
+                  name: str) -> CircuitResult:
+    """Collective: every pair's edge scores (split across ranks), the circuits and exact edges they choose, every
+    pair's metrics of those, and the result (on every rank)."""
+    device = next(model.parameters()).device
+    prepared: dict[int, PreparedPair] = {}
+
+    def prepare(index: int) -> PreparedPair:
+        if index not in prepared:
+            clean, corrupted = (ids.to(device) for ids in pairs[index])
+            prepared[index] = prepare_pair(model, metric, index, clean, corrupted, config.alignment)
+        return prepared[index]
+    first = over_pairs(len(pairs), lambda index: score_pair(model, graph, metric, prepare(index), config))
+    eap, eap_ig = pair_mean([values.eap for values in first]), pair_mean([values.eap_ig for values in first])
+    circuits = circuit_masks(graph, config, eap, eap_ig)
+    stacked = [mask for masks in circuits.values() for mask in masks]
+    edges = exact_edges(graph, config, eap_ig if config.ranking == "eap-ig" else eap)
+
+    def measure(index: int) -> tuple[list[float], list[float]]:
+        pair = prepare(index)
+        return (exact_edge_effects(model, graph, metric, pair, edges, config.batch_size),
+                circuit_metrics(model, graph, metric, pair, stacked, config.batch_size))
+    second = over_pairs(len(pairs), measure)
+    exact = pair_mean([values[0] for values in second]) if edges else []
+    return summarize(graph, config, first, eap, eap_ig, circuits, pair_mean([values[1] for values in second]),
+                     edges, exact, name, None if config.masks is None else load_masks(config.masks))
 
 
 def score_pair(model: torch.nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
