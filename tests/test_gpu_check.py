@@ -13,7 +13,8 @@ def test_the_gpu_check_runs_every_stage_on_the_cpu():
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[-1].strip(" |")
             for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line}
-    assert len(rows) == 16  # the header and the 15 stages
+    assert len(rows) == 17  # the header and the 16 stages
+    assert rows["circuit demo"].startswith("1108 edges, EAP-IG CPR ")
     assert rows["finetune ZeRO-3 demo, 1 rank(s)"] == "max |change| frozen 0"
     assert rows["finetune ZeRO-3 demo-moe, 1 rank(s)"] == "max |change| frozen 0"
     assert rows["score wandg demo-moe, granularity expert"].startswith("experts chosen per layer: ")
