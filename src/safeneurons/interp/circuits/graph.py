@@ -22,7 +22,8 @@ LOGITS = "logits"
 INPUT = "input"
 # Layers whose residual stream is a plain sum of what attention and the MLP write: their outputs pass no norm
 LAYOUT = ("decoder layers with input_layernorm → separate q_proj, k_proj, v_proj, o_proj → residual, and "
-          "post_attention_layernorm → mlp → residual (Llama, Mistral, Qwen2/3, SmolLM2, Mixtral, Qwen-MoE, OLMoE, GPT-OSS)")
+          "post_attention_layernorm → mlp → residual (Llama, Mistral, Qwen2/3, SmolLM2, Mixtral, Qwen-MoE, OLMoE, "
+          "GPT-OSS)")
 OUTPUT_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma-2/3: outputs are normed
 
 
