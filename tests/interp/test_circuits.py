@@ -48,7 +48,8 @@ def reference_edges(layers: int, heads: int, kv_heads: int) -> list[str]:
     """Every edge by the definition: a node writes before a receiver reads (attention reads the layers before it,
     the MLP its own layer's heads too, the logits everything)."""
     nodes = [("input", -1)] + [(f"L{layer}.attn_head.h{h}", 2 * layer) for layer in range(layers)
-                               for h in range(heads)] + [(f"L{layer}.mlp_out", 2 * layer + 1) for layer in range(layers)]
+                               for h in range(heads)]
+    nodes += [(f"L{layer}.mlp_out", 2 * layer + 1) for layer in range(layers)]
     receivers = [(f"L{layer}.{part}.{'h' if part == 'q' else 'g'}{i}", 2 * layer) for layer in range(layers)
                  for part, count in (("q", heads), ("k", kv_heads), ("v", kv_heads)) for i in range(count)]
     receivers += [(f"L{layer}.mlp_in", 2 * layer + 1) for layer in range(layers)] + [("logits", 2 * layers)]

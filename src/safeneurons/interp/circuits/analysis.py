@@ -80,8 +80,9 @@ def top_overlap(estimate: Sequence[float], exact: Sequence[float], k: int) -> fl
     """|top-k by |estimate| ∩ top-k by |exact|| / k."""
     if not exact:
         return None
-    order = lambda values: set(torch.argsort(torch.tensor(values).abs(), descending=True, stable=True)[:k].tolist())  # noqa: E731
-    return len(order(estimate) & order(exact)) / k
+    def top(values: Sequence[float]) -> set[int]:
+        return set(torch.argsort(torch.tensor(values).abs(), descending=True, stable=True)[:k].tolist())
+    return len(top(estimate) & top(exact)) / k
 
 
 def agreement(eap: Sequence[float], eap_ig: Sequence[float], exact: Sequence[float]) -> dict[str, float | None]:

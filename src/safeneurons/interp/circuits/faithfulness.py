@@ -4,8 +4,8 @@ A circuit of n edges is the n edges of highest |score| (or the greedy search's n
 from the input to the logits (the others change nothing). Its faithfulness is (m_circuit − m_empty) / (m_clean −
 m_empty): every edge outside it reads its node's corrupted output; m_empty is the circuit of no edge (its logits
 read the corrupted run's final residual, so it is the corrupted run's metric up to rounding) and m_clean the
-circuit of every edge. Metrics are averaged over the pairs before the ratio. The curve runs over circuit sizes from 0.1% to
-100% of the edges; CPR is its area and CMD the area of |1 − faithfulness| (trapezoids over the fraction of edges,
+circuit of every edge. Metrics are averaged over the pairs before the ratio. The curve runs over circuit sizes from 0.1%
+to 100% of the edges; CPR is its area and CMD the area of |1 − faithfulness| (trapezoids over the fraction of edges,
 MIB's two scores: CPR high and CMD low is faithful). Random circuits of the same sizes are the control band.
 """
 from __future__ import annotations

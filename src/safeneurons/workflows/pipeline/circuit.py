@@ -51,7 +51,8 @@ def circuit_lines(summary: dict[str, Any] | None) -> list[str]:
     lines = ["", "## Refusal circuit (edges)", "",
              f"{graph['edges']} edges between {graph['nodes']} nodes and {graph['receivers']} receivers; the circuit "
              f"chosen has {circuit['size']} edges and {len(circuit['nodes'])} nodes, faithfulness "
-             f"{circuit['faithfulness']:.3f}.", "", "| ranking | CPR | CMD | edges for 80% |", "| --- | --- | --- | --- |"]
+             f"{circuit['faithfulness']:.3f}.", "", "| ranking | CPR | CMD | edges for 80% |",
+             "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {curve['cpr']:.3f} | {curve['cmd']:.3f} | {curve['edges_for_80pct'] or 'none'} |"
               for name, curve in summary["curves"].items()]
     lines.append(f"| random ({len(randoms)} seeds) | {sum(randoms) / len(randoms):.3f} | – | – |")
