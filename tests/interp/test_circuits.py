@@ -5,6 +5,7 @@ alignment of prompts of different lengths, and the command on 1 and 2 ranks."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,8 +261,11 @@ def test_circuit_command_writes_the_graph_scores_curves_and_figures(one_rank):
         result["alignments"][0]["clean_tokens"] != result["alignments"][0]["corrupted_tokens"]
 
 
-def test_two_ranks_give_the_one_rank_circuit_bit_for_bit(one_rank, tmp_path):
-    result = run_ranks(["safeneurons.cli", *CIRCUIT, "--out", str(tmp_path / "two")], nproc=2)
+@pytest.mark.parametrize("sharding", [[], ["--shard", "layers"]], ids=["two-ranks", "two-stages"])
+def test_two_ranks_and_two_stages_give_the_one_rank_circuit_bit_for_bit(one_rank, tmp_path, sharding):
+    """Pairs split over 2 ranks, or the layers over 2 stages (each stage scoring its own receivers, the nodes'
+    differences and the hidden states passed up, their gradients down): every score, curve and rate as 1 rank."""
+    result = run_ranks(["safeneurons.cli", *CIRCUIT, *sharding, "--out", str(tmp_path / "two")], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "circuit.json").read_text())
     for key in ("edges", "curves", "random", "metrics", "circuit", "agreement", "removal"):
@@ -272,6 +276,8 @@ def test_two_ranks_give_the_one_rank_circuit_bit_for_bit(one_rank, tmp_path):
     (["--circuit-size", "999999"], "--circuit-size 999999 is beyond the graph: it has 1108 edges"),
     (["--alignment", "equal"], "--alignment equal needs prompts of the same length"),
     (["--fractions", "0.5,0.1"], "expected increasing fractions"),
+    (["--deepspeed", str(Path(__file__).parents[2] / "ds_configs" / "zero3_inference.json")],
+     "--deepspeed (ZeRO-3) is not supported by this command"),
 ])
 def test_bad_input_fails_in_one_line(extra, expected, workspace, capsys, no_model_load):
     error = run_expecting_error([*CIRCUIT, *extra, "--out", str(workspace / "new")], workspace, capsys)

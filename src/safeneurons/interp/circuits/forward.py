@@ -38,14 +38,14 @@ class NodeOutputs:
     """What a run's nodes write, one row a token: the input embeddings [T, D]; per layer the input of o_proj
     [T, heads · head_dim] (a head's output is its slice through o_proj) and the MLP's output [T, D]."""
 
-    embeddings: torch.Tensor
-    heads: list[torch.Tensor]
-    mlps: list[torch.Tensor]
+    embeddings: torch.Tensor | None  # None, and the layers' entries, where a layer-sharded stage holds none
+    heads: list[torch.Tensor | None]
+    mlps: list[torch.Tensor | None]
 
     def aligned(self, matrix: torch.Tensor) -> "NodeOutputs":
         """The values at another prompt's positions (`matrix` from pairs.PairAlignment)."""
-        def align(tensor: torch.Tensor) -> torch.Tensor:
-            return (matrix.to(tensor.device) @ tensor.double()).to(tensor.dtype)
+        def align(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else (matrix.to(tensor.device) @ tensor.double()).to(tensor.dtype)
         return NodeOutputs(align(self.embeddings), [align(t) for t in self.heads], [align(t) for t in self.mlps])
 
     def toward(self, other: "NodeOutputs", scale: float) -> "NodeOutputs":
@@ -53,10 +53,23 @@ class NodeOutputs:
         if scale == 1.0:
             return other
 
-        def mix(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
-            return mine + scale * (theirs - mine)
+        def mix(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> torch.Tensor | None:
+            return None if mine is None else mine + scale * (theirs - mine)
         return NodeOutputs(mix(self.embeddings, other.embeddings), [mix(*p) for p in zip(self.heads, other.heads)],
                            [mix(*p) for p in zip(self.mlps, other.mlps)])
+
+
+def node_keepers(cache: dict[tuple[int, str], torch.Tensor], layers: range) -> dict[tuple[int, str], Any]:
+    """Edits that keep every node output of `layers` (one prompt) in `cache`, and the input embeddings with
+    layer 0."""
+    keys = [(0, "attn_in")] if 0 in layers else []
+    keys += [(layer, part) for layer in layers for part in ("attn_head", "mlp_out")]
+    return {key: keeper(cache, key, lambda a: a[0].detach()) for key in keys}
+
+
+def node_outputs(cache: dict[tuple[int, str], torch.Tensor], n_layers: int) -> NodeOutputs:
+    return NodeOutputs(cache.get((0, "attn_in")), [cache.get((layer, "attn_head")) for layer in range(n_layers)],
+                       [cache.get((layer, "mlp_out")) for layer in range(n_layers)])
 
 
 def record_nodes(model: nn.Module, input_ids: torch.Tensor | None = None,
@@ -64,50 +77,65 @@ def record_nodes(model: nn.Module, input_ids: torch.Tensor | None = None,
     """One plain forward pass of one prompt: its nodes' outputs and its last-position logits and residual."""
     n_layers = len(model.model.layers)
     cache: dict[tuple[int, str], torch.Tensor] = {}
-    keys = [(0, "attn_in")] + [(layer, part) for layer in range(n_layers) for part in ("attn_head", "mlp_out")]
     with torch.no_grad():
-        out = patched_forward(model, {key: keeper(cache, key, lambda a: a[0].detach()) for key in keys},
-                              input_ids, inputs_embeds)
-    return NodeOutputs(cache[0, "attn_in"], [cache[layer, "attn_head"] for layer in range(n_layers)],
-                       [cache[layer, "mlp_out"] for layer in range(n_layers)]), out
+        out = patched_forward(model, node_keepers(cache, range(n_layers)), input_ids, inputs_embeds)
+    return node_outputs(cache, n_layers), out
 
 
-def head_outputs(model: nn.Module, layer: int, inputs: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[..., heads, T, D] each head's output (its slice of o_proj's input [..., T, heads · head_dim] through o_proj)."""
-    weight = site_point(model, layer, "attn_head").module.weight
+def head_outputs(weight: torch.Tensor, inputs: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[..., heads, T, D] each head's output: its slice of o_proj's input [..., T, heads · head_dim] through o_proj
+    (`weight`)."""
     per_head = inputs.reshape(*inputs.shape[:-1], n_heads, -1)
     return torch.einsum("...the,dhe->...htd", per_head, weight.reshape(weight.shape[0], n_heads, -1))
 
 
-def node_differences(model: nn.Module, graph: CircuitGraph, clean: NodeOutputs,
-                     corrupted: NodeOutputs) -> torch.Tensor:
-    """[nodes, T, D] a_u(corrupted) − a_u(clean) for every node, in the graph's node order."""
-    rows = [(corrupted.embeddings - clean.embeddings)[None]]
-    for layer in range(graph.n_layers):
-        rows.append(head_outputs(model, layer, corrupted.heads[layer] - clean.heads[layer], graph.n_heads))
+def node_differences(model: nn.Module, graph: CircuitGraph, clean: NodeOutputs, corrupted: NodeOutputs,
+                     layers: range | None = None) -> torch.Tensor:
+    """[nodes, T, D] a_u(corrupted) − a_u(clean) for every node (of `layers`, with the input on layer 0's stage),
+    in the graph's node order."""
+    layers = range(graph.n_layers) if layers is None else layers
+    rows = [(corrupted.embeddings - clean.embeddings)[None]] if 0 in layers else []
+    for layer in layers:
+        weight = site_point(model, layer, "attn_head").module.weight
+        rows.append(head_outputs(weight, corrupted.heads[layer] - clean.heads[layer], graph.n_heads))
         rows.append((corrupted.mlps[layer] - clean.mlps[layer])[None])
     return torch.cat(rows)
+
+
+def node_groups(graph: CircuitGraph) -> list[tuple[int, int]]:
+    """(first node, count) of the nodes written together: the input, each layer's heads, each layer's MLP."""
+    groups = [(0, 1)]
+    for layer in range(graph.n_layers):
+        groups += [(graph.head_node(layer, 0), graph.n_heads), (graph.mlp_node(layer), 1)]
+    return groups
 
 
 class EdgePatch(Hooks):
     """Hooks under which every receiver reads the residual stream plus its own offset (the module docstring)."""
 
     def __init__(self, model: nn.Module, graph: CircuitGraph, corrupted: NodeOutputs | None = None,
-                 excluded: torch.Tensor | None = None, probing: bool = False) -> None:
+                 excluded: torch.Tensor | None = None, probing: bool = False, layers: range | None = None,
+                 logits: bool = True, upstream: torch.Tensor | None = None) -> None:
+        """`layers` and `logits`: a layer-sharded stage's own (its receivers and nodes); `upstream` [B, nodes,
+        T, D]: the differences of the nodes of the stages below, as the stage below sends them."""
         super().__init__()
         self.model, self.graph, self.corrupted, self.probing = model, graph, corrupted, probing
         self.excluded = excluded
         self.probes: dict[int, torch.Tensor] = {}  # first receiver -> [receivers, T, D] zeros, requires grad
         self.differences: list[tuple[int, torch.Tensor]] = []  # (first node, [B, nodes, T, D]) of this pass
         self.normed: dict[int, torch.Tensor] = {}  # layer -> [B, attention receivers, T, D]
-        for layer in range(graph.n_layers):
+        for first, count in node_groups(graph):
+            if upstream is not None and first + count <= upstream.shape[1]:
+                self._difference(first, upstream[:, first:first + count], 0)
+        for layer in range(graph.n_layers) if layers is None else layers:
             self.on_input(site_point(model, layer, "attn_in").module, partial(self._attention_input, layer))
             for part in PARTS:
                 self.on_output(site_point(model, layer, part).module, partial(self._projection, layer, part))
             self.on_input(site_point(model, layer, "attn_head").module, partial(self._heads, layer))
             self.on_input(site_point(model, layer, "mlp_in").module, partial(self._mlp_input, layer))
             self.on_output(site_point(model, layer, "mlp_out").module, partial(self._mlp_output, layer))
-        self.on_input(model.model.norm, self._final_input)
+        if logits:
+            self.on_input(model.model.norm, self._final_input)
 
     # --------------------------------------------------------------------------------------------- offsets
     def _excluding(self, first: int, count: int, nodes: slice) -> bool:
@@ -130,11 +158,19 @@ class EdgePatch(Hooks):
             offset = -correction if offset is None else offset - correction
         return offset
 
-    def _difference(self, first: int, value: torch.Tensor, corrupted: torch.Tensor) -> None:
+    def _difference(self, first: int, value: torch.Tensor, corrupted: torch.Tensor | int) -> None:
         """Keep value − corrupted [B, nodes, T, D] of nodes first … when a later receiver excludes one of them."""
-        if self.corrupted is not None and self._excluding(0, self.graph.n_receivers,
-                                                          slice(first, first + value.shape[1])):
+        if self._excluding(0, self.graph.n_receivers, slice(first, first + value.shape[1])):
             self.differences.append((first, value - corrupted))
+
+    def stacked(self, nodes: int, like: torch.Tensor) -> torch.Tensor:
+        """[B, nodes, T, D] the differences of the first `nodes` nodes (zeros where none was kept): what a stage
+        sends to the next."""
+        stack = like.new_zeros(like.shape[0], nodes, *like.shape[1:])
+        for first, difference in self.differences:
+            if first < nodes:
+                stack[:, first:first + difference.shape[1]] = difference
+        return stack
 
     # --------------------------------------------------------------------------------------------- hooks
     def _attention_input(self, layer: int, module: nn.Module, args: tuple) -> None:
@@ -160,12 +196,12 @@ class EdgePatch(Hooks):
         projected = torch.einsum("bntd,ned->btne", normed[:, receivers], weight).reshape(output.shape)
         return projected if module.bias is None else projected + module.bias
 
-    def _heads(self, layer: int, _module: nn.Module, args: tuple) -> None:
+    def _heads(self, layer: int, module: nn.Module, args: tuple) -> None:
         if self.corrupted is None or not self._excluding(0, self.graph.n_receivers,
                                                          slice(self.graph.head_node(layer, 0),
                                                                self.graph.mlp_node(layer))):
             return
-        difference = head_outputs(self.model, layer, args[0] - self.corrupted.heads[layer], self.graph.n_heads)
+        difference = head_outputs(module.weight, args[0] - self.corrupted.heads[layer], self.graph.n_heads)
         self.differences.append((self.graph.head_node(layer, 0), difference))
 
     def _mlp_input(self, layer: int, _module: nn.Module, args: tuple) -> Any:
@@ -180,6 +216,10 @@ class EdgePatch(Hooks):
     def _final_input(self, _module: nn.Module, args: tuple) -> Any:
         offset = self._offset(self.graph.logits_receiver, 1, self.graph.n_nodes, args[0])
         return None if offset is None else replace_first(args, lambda x: x + offset[:, 0])
+
+    def receivers(self) -> list[int]:
+        """The receivers probed (in order), each block's first one repeated for each of its receivers."""
+        return [first + index for first in sorted(self.probes) for index in range(self.probes[first].shape[0])]
 
     def gradients(self) -> list[torch.Tensor]:
         """The probes in receiver order (to differentiate against)."""

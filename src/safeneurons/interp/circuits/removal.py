@@ -9,7 +9,7 @@ substrings, with 95% Wilson intervals.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,12 +25,16 @@ if TYPE_CHECKING:
     from safeneurons.interp.circuits.graph import CircuitGraph
 
 
-def mean_outputs(model: nn.Module, prompts: Sequence[torch.Tensor]) -> NodeOutputs:
-    """Every node's output averaged over all tokens of `prompts` (each [1, T]), as one token [1, …]."""
-    runs = [record_nodes(model, ids)[0] for ids in prompts]
+def mean_outputs(model: nn.Module, prompts: Sequence[torch.Tensor],
+                 record: Callable[[torch.Tensor], NodeOutputs] | None = None) -> NodeOutputs:
+    """Every node's output averaged over all tokens of `prompts` (each [1, T]), as one token [1, …]; `record`
+    gives a prompt's node outputs (a layer-sharded stage's own; default: `record_nodes` on the whole model)."""
+    runs = [(record or (lambda ids: record_nodes(model, ids)[0]))(ids) for ids in prompts]
     first = runs[0]
 
-    def mean(pick: Any) -> torch.Tensor:
+    def mean(pick: Any) -> torch.Tensor | None:
+        if pick(first) is None:
+            return None
         return torch.cat([pick(run) for run in runs]).double().mean(0, keepdim=True).to(pick(first).dtype)
     return type(first)(mean(lambda run: run.embeddings),
                        [mean(lambda run, layer=layer: run.heads[layer]) for layer in range(len(first.heads))],
@@ -41,8 +45,8 @@ def mean_outputs(model: nn.Module, prompts: Sequence[torch.Tensor]) -> NodeOutpu
 def ablated(model: nn.Module, graph: CircuitGraph, nodes: torch.Tensor, means: NodeOutputs) -> Iterator[None]:
     """The chosen heads' slices of o_proj's input and the chosen MLPs' outputs set to their means."""
     hooks = Hooks()
-    width = means.heads[0].shape[-1] // graph.n_heads
     for layer in range(graph.n_layers):
+        width = site_point(model, layer, "attn_head").module.in_features // graph.n_heads
         heads = [head for head in range(graph.n_heads) if bool(nodes[graph.head_node(layer, head)])]
         if heads:
             columns = torch.cat([torch.arange(head * width, (head + 1) * width) for head in heads])
@@ -74,10 +78,11 @@ def random_nodes(graph: CircuitGraph, nodes: torch.Tensor, seed: int) -> torch.T
 
 def removal_study(model: nn.Module, tokenizer: Any, graph: CircuitGraph, nodes: torch.Tensor,
                   harmful: Sequence[str], harmless: Sequence[torch.Tensor], seeds: int, max_new_tokens: int,
-                  batch_size: int, judge: str = "keyword") -> dict[str, Any] | None:
+                  batch_size: int, judge: str = "keyword",
+                  record: Callable[[torch.Tensor], NodeOutputs] | None = None) -> dict[str, Any] | None:
     """Collective: refusal and ASR on `harmful` at baseline, with the circuit's nodes removed, and with random node
     sets of the same size; on rank 0, None elsewhere."""
-    means = mean_outputs(model, harmless)
+    means = mean_outputs(model, harmless, record)
     decoding = Decoding(max_new_tokens=max_new_tokens)
 
     def under(chosen: torch.Tensor | None, desc: str) -> dict[str, Any] | None:

@@ -23,11 +23,13 @@ from safeneurons.interp.circuits.graph import CircuitGraph, check_layout
 from safeneurons.interp.circuits.pairs import ALIGNMENTS, PairAlignment, align_pair
 from safeneurons.interp.circuits.removal import removal_study
 from safeneurons.interp.circuits.report import publish
+from safeneurons.interp.circuits.sharded import ShardedPairs, stage_recorder
 from safeneurons.interp.circuits.scores import (PreparedPair, attribution_scores, circuit_metrics,
                                                 exact_edge_effects, prepare_pair)
 from safeneurons.interp.patching.metrics import Metric, metric_named
 from safeneurons.interp.patching.sites import METRICS, REFUSAL_STARTS
 from safeneurons.masks.io import check_mask_file_fits, load_masks
+from safeneurons.models.blocks import block_of, load_source
 from safeneurons.models.loading import ModelSource, load_tokenizer, model_skeleton
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir
@@ -106,9 +108,9 @@ class CircuitConfig:
 
 def check_model(model: ModelSource, config: CircuitConfig) -> CircuitGraph:
     """The model's layout and the graph's sizes, from its config alone (before any weight is read)."""
-    if model.shard != "none" or model.deepspeed is not None:
-        raise SafeneuronsError("circuit runs on a whole model per rank (pairs split across ranks); --shard and "
-                               "--deepspeed are not supported by this command yet")
+    if model.deepspeed is not None:
+        raise SafeneuronsError("circuit runs on whole models split across ranks by pairs, or layer-sharded "
+                               "(--shard layers); --deepspeed (ZeRO-3) is not supported by this command")
     skeleton = model_skeleton(model.name, model.cache_dir)
     check_layout(skeleton, model.name)
     graph = CircuitGraph.of(skeleton)
@@ -143,14 +145,56 @@ def held_out_prompts(tokenizer: Any, config: CircuitConfig) -> list[str]:
     return prompts
 
 
-def over_pairs(n_pairs: int, compute: Callable[[int], Any]) -> list[Any]:
-    """`compute(pair)` for this rank's pairs, every pair's value on every rank, in pair order."""
-    local = {index: compute(index) for index in distributed.progress(distributed.assign_round_robin(n_pairs),
-                                                                      desc="pairs")}
-    merged: dict[int, Any] = {}
+def over_pairs(pairs: Sequence[int], compute: Callable[[int], Any]) -> dict[int, list[Any]]:
+    """`compute(pair)` for this rank's `pairs`; every rank's values of every pair (one per rank that computed it:
+    one, or each stage of a layer-sharded pipeline), on every rank."""
+    local = {index: compute(index) for index in distributed.progress(pairs, desc="pairs")}
+    merged: dict[int, list[Any]] = {}
     for part in distributed.all_gather(local):
-        merged.update(part)
-    return [merged[index] for index in range(n_pairs)]
+        for index, value in part.items():
+            merged.setdefault(index, []).append(value)
+    return merged
+
+
+class WholePairs:
+    """The pairs' computations on a model every rank holds whole: ranks split the pairs."""
+
+    def __init__(self, model: torch.nn.Module, graph: CircuitGraph, metric: Metric,
+                 pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], config: CircuitConfig) -> None:
+        self.model, self.graph, self.metric, self.pairs, self.config = model, graph, metric, pairs, config
+        self.device = next(model.parameters()).device
+        self.prepared: dict[int, PreparedPair] = {}
+
+    def mine(self) -> list[int]:
+        return distributed.assign_round_robin(len(self.pairs))
+
+    def prepare(self, index: int) -> PreparedPair:
+        if index not in self.prepared:
+            clean, corrupted = (ids.to(self.device) for ids in self.pairs[index])
+            self.prepared[index] = prepare_pair(self.model, self.metric, index, clean, corrupted,
+                                                self.config.alignment)
+        return self.prepared[index]
+
+    def score(self, index: int) -> PairValues:
+        model, graph, metric, pair = self.model, self.graph, self.metric, self.prepare(index)
+        empty = torch.zeros_like(graph.adjacency())
+        return PairValues(attribution_scores(model, graph, metric, pair, 0),
+                          attribution_scores(model, graph, metric, pair, self.config.ig_steps), pair.clean_metric,
+                          pair.corrupted_metric, circuit_metrics(model, graph, metric, pair, [empty], 1)[0])
+
+    def measure(self, index: int, edges: Sequence[tuple[int, int]],
+                circuits: Sequence[torch.Tensor]) -> tuple[list[float], list[float]]:
+        pair, size = self.prepare(index), self.config.batch_size
+        return (exact_edge_effects(self.model, self.graph, self.metric, pair, edges, size),
+                circuit_metrics(self.model, self.graph, self.metric, pair, circuits, size))
+
+    @staticmethod
+    def combine_scores(parts: Sequence[PairValues]) -> PairValues:
+        return parts[0]
+
+    @staticmethod
+    def combine_measures(parts: Sequence[tuple[list[float], list[float]]]) -> tuple[list[float], list[float]]:
+        return parts[0]
 
 
 def chosen_circuits(graph: CircuitGraph, scores: torch.Tensor, config: CircuitConfig,
@@ -207,8 +251,8 @@ def run_circuit(model: ModelSource, config: CircuitConfig, out: str | Path) -> C
     pairs, alignments = tokenized_pairs(tokenizer, config)  # a pair that does not align fails before the model loads
     held_out = held_out_prompts(tokenizer, config)
     metric = metric_named(config.metric, tokenizer, config.tokens, config.direction, config.refusal_starts)
-    context = distributed.init_distributed()
-    loaded = model.load(context.device)
+    context = distributed.init_distributed(require_process_group=model.shard != "none")
+    loaded = load_source(model, context.device)
     print_main(f"circuit graph: {graph.n_nodes} nodes, {graph.n_receivers} receivers, {graph.n_edges} edges; "
                f"{len(pairs)} pairs")
     result = study_circuit(loaded.model, graph, metric, pairs, config, model.name)
@@ -218,7 +262,8 @@ def run_circuit(model: ModelSource, config: CircuitConfig, out: str | Path) -> C
         device = next(loaded.model.parameters()).device
         result.removal = removal_study(loaded.model, tokenizer, graph, nodes, held_out,
                                        [corrupted.to(device) for _, corrupted in pairs], config.random_seeds,
-                                       config.max_new_tokens, config.batch_size, config.judge)
+                                       config.max_new_tokens, config.batch_size, config.judge,
+                                       stage_recorder(loaded.model, graph, metric))
     if not distributed.is_main():
         return None
     publish(result, graph, out)
@@ -230,36 +275,19 @@ def study_circuit(model: torch.nn.Module, graph: CircuitGraph, metric: Metric,
                   name: str) -> CircuitResult:
     """Collective: every pair's edge scores (split across ranks), the circuits and exact edges they choose, every
     pair's metrics of those, and the result (on every rank)."""
-    device = next(model.parameters()).device
-    prepared: dict[int, PreparedPair] = {}
-
-    def prepare(index: int) -> PreparedPair:
-        if index not in prepared:
-            clean, corrupted = (ids.to(device) for ids in pairs[index])
-            prepared[index] = prepare_pair(model, metric, index, clean, corrupted, config.alignment)
-        return prepared[index]
-    first = over_pairs(len(pairs), lambda index: score_pair(model, graph, metric, prepare(index), config))
+    block = block_of(model)
+    runner = (WholePairs if block is None else ShardedPairs)(model, graph, metric, pairs, config)
+    scored = over_pairs(runner.mine(), runner.score)
+    first = [runner.combine_scores(scored[index]) for index in range(len(pairs))]
     eap, eap_ig = pair_mean([values.eap for values in first]), pair_mean([values.eap_ig for values in first])
     circuits = circuit_masks(graph, config, eap, eap_ig)
     stacked = [mask for masks in circuits.values() for mask in masks]
     edges = exact_edges(graph, config, eap_ig if config.ranking == "eap-ig" else eap)
-
-    def measure(index: int) -> tuple[list[float], list[float]]:
-        pair = prepare(index)
-        return (exact_edge_effects(model, graph, metric, pair, edges, config.batch_size),
-                circuit_metrics(model, graph, metric, pair, stacked, config.batch_size))
-    second = over_pairs(len(pairs), measure)
+    measured = over_pairs(runner.mine(), lambda index: runner.measure(index, edges, stacked))
+    second = [runner.combine_measures(measured[index]) for index in range(len(pairs))]
     exact = pair_mean([values[0] for values in second]) if edges else []
     return summarize(graph, config, first, eap, eap_ig, circuits, pair_mean([values[1] for values in second]),
                      edges, exact, name, None if config.masks is None else load_masks(config.masks))
-
-
-def score_pair(model: torch.nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
-               config: CircuitConfig) -> PairValues:
-    empty = torch.zeros_like(graph.adjacency())
-    return PairValues(attribution_scores(model, graph, metric, pair, 0),
-                      attribution_scores(model, graph, metric, pair, config.ig_steps), pair.clean_metric,
-                      pair.corrupted_metric, circuit_metrics(model, graph, metric, pair, [empty], 1)[0])
 
 
 def print_main(text: str) -> None:

@@ -70,13 +70,45 @@ def receiver_gradients(model: nn.Module, graph: CircuitGraph, metric: Metric, pa
     return torch.cat(blocks).detach() / rows.shape[0]
 
 
+def receiver_blocks(graph: CircuitGraph, layers: range | None = None,
+                    logits: bool = True) -> list[tuple[int, int, int]]:
+    """(first receiver, count, nodes read) of each block of receivers that read the same nodes: a layer's
+    attention receivers, its MLP, the logits."""
+    blocks = []
+    for layer in range(graph.n_layers) if layers is None else layers:
+        blocks += [(graph.attention_receiver(layer), graph.attention_receivers, graph.nodes_before_attention(layer)),
+                   (graph.mlp_receiver(layer), 1, graph.nodes_before_mlp(layer))]
+    return blocks + ([(graph.logits_receiver, 1, graph.n_nodes)] if logits else [])
+
+
+def score_rows(gradients: torch.Tensor, differences: torch.Tensor,
+               blocks: Sequence[tuple[int, int, int]]) -> dict[int, torch.Tensor]:
+    """Receiver -> its row of scores over the nodes it reads, block by block (the same products whether the
+    receivers are all here or a stage's): `gradients` [the blocks' receivers, T, D], `differences` [nodes, T, D]."""
+    rows: dict[int, torch.Tensor] = {}
+    start = 0
+    for first, count, upstream in blocks:
+        block = gradients[start:start + count].float().flatten(1) @ differences[:upstream].float().flatten(1).T
+        rows.update({first + index: block[index] for index in range(count)})
+        start += count
+    return rows
+
+
 def attribution_scores(model: nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
                        steps: int) -> torch.Tensor:
     """[receivers, nodes] EAP (steps 0) or EAP-IG scores of every edge, float32."""
-    gradients = receiver_gradients(model, graph, metric, pair, steps).float().flatten(1)
+    gradients = receiver_gradients(model, graph, metric, pair, steps)
     with torch.no_grad():
-        differences = node_differences(model, graph, pair.clean, pair.corrupted).float().flatten(1)
-    return (gradients @ differences.T) * graph.adjacency()
+        differences = node_differences(model, graph, pair.clean, pair.corrupted)
+    return score_matrix(graph, score_rows(gradients, differences, receiver_blocks(graph)))
+
+
+def score_matrix(graph: CircuitGraph, rows: dict[int, torch.Tensor]) -> torch.Tensor:
+    """[receivers, nodes] from every receiver's row (zero where there is no edge)."""
+    scores = torch.zeros(graph.n_receivers, graph.n_nodes)
+    for receiver, row in rows.items():
+        scores[receiver, :row.numel()] = row
+    return scores
 
 
 def circuit_metrics(model: nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
