@@ -191,6 +191,12 @@ def test_fit_verdicts_for_llama2_70b() -> None:
     # holds the whole model on every rank (138 GB in bf16), so no number of nodes makes it fit
     assert fits(1) == {"score": True, "finetune": False, "patch": True, "circuit": False, "trace": True, "eval": True}
     assert not fits(8)["circuit"]
+    # layer-sharded, each stage holds its layers and a row carries every node's difference from below: one row
+    # per pass fits 8 GPUs, the default 16 do not
+    sharded = {batch: plan_report(shape, Cluster(1, 8), Workload(patch_batch_size=batch))["circuit_layer_sharded"]
+               for batch in (1, None)}
+    assert sharded[1]["fits"] and not sharded[None]["fits"]
+    assert sharded[None]["largest_gib"]["working"] > 10 * sharded[1]["largest_gib"]["working"]
     rounds = {(nodes, accumulate): plan_report(shape, Cluster(nodes, 8), Workload(accumulate_dtype=accumulate))[
         "score_sums"]["rounds"] for nodes in (1, 4) for accumulate in ("exact", "float32")}
     assert rounds[1, "exact"] == rounds[1, "float32"] > 200  # one Linear a round either way

@@ -20,8 +20,9 @@ from safeneurons.runtime.memory import GIB
 from safeneurons.runtime.outputs import check_output_dir, write_json
 from safeneurons.scores.sizes import AUTO_MEMORY_FRACTION, element_bytes, owned_bytes
 from safeneurons.workflows.plan_model import ModelShape, model_shape
-from safeneurons.workflows.plan_layers import (ShardedInputs, sharded_eval_line, sharded_eval_report,
-                                               sharded_score_line, sharded_score_report)
+from safeneurons.workflows.plan_layers import (ShardedInputs, sharded_circuit_line, sharded_circuit_report,
+                                               sharded_eval_line, sharded_eval_report, sharded_score_line,
+                                               sharded_score_report)
 
 # CUDA context, NCCL buffers, the allocator's fragmentation: the share of a GPU a plan may not count on.
 RESERVED_FRACTION = 0.10
@@ -271,20 +272,31 @@ def patch_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> Stag
     return StageMemory("patch", states, layer_inputs + source + batch * row, 0, 0, cpu)
 
 
-def circuit_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> StageMemory:
-    """`circuit` on one pair of `patch_length` tokens: the whole model in bf16 on every rank (pairs are split across
-    ranks, the model is not partitioned); the larger of EAP-IG's forward and backward of its `ig_steps` sequences
-    with the receivers' fp32 gradients and the nodes' differences, and a batch of patched rows, each with every
-    node's fp32 difference (interp.circuits)."""
+def circuit_bytes(shape: ModelShape, workload: Workload, layers: range, last: bool) -> int:
+    """`circuit`'s working set on one pair of `patch_length` tokens for decoder layers `layers` (all of them on one
+    rank, or a stage's): the larger of EAP-IG's forward and backward of its `ig_steps` sequences with the
+    receivers' fp32 gradients and the fp32 differences of every node up to the block's last, and a batch of
+    patched rows (`patch_batch_size`, else circuit's default), each holding those differences (on a stage that
+    passes them on, a second time: the stack it sends) and the block's forward (interp.circuits)."""
     from safeneurons.interp.circuits.run import CircuitConfig
 
     defaults = CircuitConfig()
     tokens, per_token = workload.patch_length, shape.hidden * FP32_BYTES
-    nodes = 1 + shape.layers * (shape.heads + 1)
-    receivers = shape.layers * (shape.heads + 2 * shape.kv_heads + 1) + 1
-    scoring = training_activations(shape, defaults.ig_steps, tokens) + (receivers + nodes) * tokens * per_token
-    rows = defaults.batch_size * (nodes * tokens * per_token + sequence_forward_bytes(shape, tokens))
-    return StageMemory("circuit", BF16_BYTES * shape.total_params, max(scoring, rows), 0, 0, 0)
+    nodes = 1 + layers.stop * (shape.heads + 1)
+    receivers = len(layers) * (shape.heads + 2 * shape.kv_heads + 1) + (1 if last else 0)
+    block = replace(shape, layers=len(layers), counted=None)
+    scoring = training_activations(block, defaults.ig_steps, tokens) + (receivers + nodes) * tokens * per_token
+    copies = 1 if last else 2
+    rows = (workload.patch_batch_size or defaults.batch_size) * (copies * nodes * tokens * per_token
+                                                                 + sequence_forward_bytes(block, tokens))
+    return max(scoring, rows)
+
+
+def circuit_stage(shape: ModelShape, cluster: Cluster, workload: Workload) -> StageMemory:
+    """`circuit` on the whole model, which every rank holds in bf16 (pairs are split across ranks; the model is not
+    partitioned): `circuit_bytes` of every layer. `--shard layers` is plan_layers' line."""
+    return StageMemory("circuit", BF16_BYTES * shape.total_params,
+                       circuit_bytes(shape, workload, range(shape.layers), True), 0, 0, 0)
 
 
 def plan_stages(shape: ModelShape, cluster: Cluster, workload: Workload) -> list[StageMemory]:
@@ -336,7 +348,8 @@ def sharded_inputs(shape: ModelShape, cluster: Cluster, workload: Workload) -> S
         int((1 - RESERVED_FRACTION) * cluster.gpu_memory_gib * GIB), workload.score_memory,
         lambda layers: score_pass_activations(replace(shape, layers=layers, counted=None),
                                               workload.score_batch_size, workload.max_length),
-        lambda layers, last: eval_block_bytes(shape, cluster.world, layers, last, workload))
+        lambda layers, last: eval_block_bytes(shape, cluster.world, layers, last, workload),
+        lambda layers, last: circuit_bytes(shape, workload, layers, last))
 
 
 def eval_block_bytes(shape: ModelShape, stages: int, layers: int, last: bool, workload: Workload) -> int:
@@ -362,6 +375,7 @@ def plan_report(shape: ModelShape, cluster: Cluster, workload: Workload) -> dict
                        "all_gib": shape.scored_params * element_bytes(workload.accumulate_dtype, BF16_BYTES) / GIB},
         "score_layer_sharded": inputs and sharded_score_report(inputs),
         "eval_layer_sharded": inputs and sharded_eval_report(inputs),
+        "circuit_layer_sharded": inputs and sharded_circuit_report(inputs),
     }
 
 
@@ -388,7 +402,8 @@ def format_table(report: dict) -> str:
                  f"; each round runs the passes once")
     if report["score_layer_sharded"] is not None:
         lines += [sharded_score_line(report["score_layer_sharded"], report["workload"]["accumulate_dtype"]),
-                  sharded_eval_line(report["eval_layer_sharded"])]
+                  sharded_eval_line(report["eval_layer_sharded"]),
+                  sharded_circuit_line(report["circuit_layer_sharded"])]
     lines.append(f"(GiB per GPU; total = states + the larger of activ. and the optimizer step + masks + scores; fits = "
                  f"total within {report['usable_gib_per_gpu']:.1f} GiB, {RESERVED_FRACTION:.0%} kept for CUDA/NCCL)")
     for stage, options in report["remedies"].items():

@@ -49,6 +49,7 @@ class ShardedInputs:
     budget: int | None  # --score-memory, or None for score's auto budget
     block_activations: Callable[[int], int]  # one micro-batch's activations for a block of n layers
     block_generation: Callable[[int, bool], int]  # eval's caches and working set for n layers (on the last stage)
+    block_circuit: Callable[[range, bool], int] = lambda layers, last: 0  # circuit's working set for these layers
 
     def split(self) -> LayerSplit:
         """The blocks `--shard layers` loads (models.blocks.balanced_split)."""
@@ -89,6 +90,24 @@ def sharded_eval_report(inputs: ShardedInputs) -> dict:
     weights, working = max(totals, key=sum)
     return {"largest_gib": {"weights": weights / GIB, "caches_and_activations": working / GIB,
                             "total": (weights + working) / GIB}, "fits": weights + working <= inputs.usable}
+
+
+def sharded_circuit_report(inputs: ShardedInputs) -> dict:
+    """The largest stage of the layer-sharded circuit study and whether it fits its GPU."""
+    split = inputs.split()
+    totals = [(inputs.weight_bytes * split.params[stage], inputs.block_circuit(split.block(stage),
+                                                                               stage == split.stages - 1))
+              for stage in range(split.stages)]
+    weights, working = max(totals, key=sum)
+    return {"largest_gib": {"weights": weights / GIB, "working": working / GIB, "total": (weights + working) / GIB},
+            "fits": weights + working <= inputs.usable}
+
+
+def sharded_circuit_line(report: dict) -> str:
+    largest = report["largest_gib"]
+    return (f"circuit --shard layers: largest stage {largest['total']:.1f} GiB = weights {largest['weights']:.1f} + "
+            f"a batch of patched rows with the nodes' differences from below, or EAP-IG's backward "
+            f"{largest['working']:.1f} GiB{'' if report['fits'] else ' (does NOT fit)'}")
 
 
 def sharded_eval_line(report: dict) -> str:

@@ -126,7 +126,7 @@ class EdgePatch(Hooks):
         self.normed: dict[int, torch.Tensor] = {}  # layer -> [B, attention receivers, T, D]
         for first, count in node_groups(graph):
             if upstream is not None and first + count <= upstream.shape[1]:
-                self._difference(first, upstream[:, first:first + count], 0)
+                self._difference(first, upstream[:, first:first + count], 0)  # a view: already a difference
         for layer in range(graph.n_layers) if layers is None else layers:
             self.on_input(site_point(model, layer, "attn_in").module, partial(self._attention_input, layer))
             for part in PARTS:
@@ -161,7 +161,7 @@ class EdgePatch(Hooks):
     def _difference(self, first: int, value: torch.Tensor, corrupted: torch.Tensor | int) -> None:
         """Keep value − corrupted [B, nodes, T, D] of nodes first … when a later receiver excludes one of them."""
         if self._excluding(0, self.graph.n_receivers, slice(first, first + value.shape[1])):
-            self.differences.append((first, value - corrupted))
+            self.differences.append((first, value if isinstance(corrupted, int) else value - corrupted))
 
     def stacked(self, nodes: int, like: torch.Tensor) -> torch.Tensor:
         """[B, nodes, T, D] the differences of the first `nodes` nodes (zeros where none was kept): what a stage
