@@ -3,7 +3,7 @@ patching, the circuit chosen, and its overlap with the safety-critical weights."
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
@@ -124,21 +124,21 @@ def summarize(graph: CircuitGraph, config: CircuitConfig, pairs: Sequence[PairVa
     index = {tuple(edge): position for position, edge in enumerate(adjacency.nonzero().tolist())}
     exact_by_name = {names[index[edge]]: value for edge, value in zip(edges, exact)}
     chosen_mask, chosen_value = chosen_circuit(curves[config.ranking], circuits, values, config)
-    nodes = chosen_nodes(chosen_mask)
-    ranking = eap_ig if config.ranking == "eap-ig" else eap
+    nodes, node_names = chosen_nodes(chosen_mask), graph.node_names()
+    ranking = config.ranked(eap, eap_ig)
     circuit = {"size": int(chosen_mask.sum()), "faithfulness": faithfulness(chosen_value, clean, empty),
                "selection": config.selection, "ranking": config.ranking,
                "edges": [{"edge": names[index[(r, u)]], "score": float(ranking[r, u])}
                          for r, u in chosen_mask.nonzero().tolist()],
-               "nodes": [graph.node_names()[node] for node in nodes.nonzero()[:, 0].tolist()]}
+               "nodes": [node_names[node] for node in nodes.nonzero()[:, 0].tolist()]}
     return CircuitResult(
         model, {"nodes": graph.n_nodes, "receivers": graph.n_receivers, "edges": graph.n_edges,
                 "layers": graph.n_layers, "heads": graph.n_heads, "kv_heads": graph.n_kv_heads},
-        {key: value for key, value in vars(config).items()}, [],
+        asdict(config), [],
         {"clean": clean, "corrupted": pair_mean([pair.corrupted for pair in pairs]), "empty": empty},
         curves, randoms, names, eap[adjacency].tolist(), eap_ig[adjacency].tolist(), exact_by_name,
         agreement([float(eap[edge]) for edge in edges], [float(eap_ig[edge]) for edge in edges], list(exact)),
-        circuit, None if masks is None else mask_share(masks, graph, nodes), graph.node_names())
+        circuit, None if masks is None else mask_share(masks, graph, nodes), node_names)
 
 
 def chosen_circuit(ranked: FaithfulnessCurve, circuits: Mapping[str, torch.Tensor],

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 PARTS = ("q", "k", "v")
 
 
+def align_rows(matrix: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s rows (one a token of another prompt) at the positions `matrix` (pairs.PairAlignment.matrix)
+    maps them to, computed in float64."""
+    return (matrix.to(tensor.device) @ tensor.double()).to(tensor.dtype)
+
+
 @dataclass
 class NodeOutputs:
     """What a run's nodes write, one row a token: the input embeddings [T, D]; per layer the input of o_proj
@@ -45,7 +51,7 @@ class NodeOutputs:
     def aligned(self, matrix: torch.Tensor) -> "NodeOutputs":
         """The values at another prompt's positions (`matrix` from pairs.PairAlignment)."""
         def align(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else (matrix.to(tensor.device) @ tensor.double()).to(tensor.dtype)
+            return None if tensor is None else align_rows(matrix, tensor)
         return NodeOutputs(align(self.embeddings), [align(t) for t in self.heads], [align(t) for t in self.mlps])
 
     def toward(self, other: "NodeOutputs", scale: float) -> "NodeOutputs":
@@ -125,8 +131,8 @@ class EdgePatch(Hooks):
         self.differences: list[tuple[int, torch.Tensor]] = []  # (first node, [B, nodes, T, D]) of this pass
         self.normed: dict[int, torch.Tensor] = {}  # layer -> [B, attention receivers, T, D]
         for first, count in node_groups(graph):
-            if upstream is not None and first + count <= upstream.shape[1]:
-                self._difference(first, upstream[:, first:first + count], 0)  # a view: already a difference
+            if upstream is not None and first + count <= upstream.shape[1] and self._read_excluded(first, count):
+                self.differences.append((first, upstream[:, first:first + count]))
         for layer in range(graph.n_layers) if layers is None else layers:
             self.on_input(site_point(model, layer, "attn_in").module, partial(self._attention_input, layer))
             for part in PARTS:
@@ -158,10 +164,10 @@ class EdgePatch(Hooks):
             offset = -correction if offset is None else offset - correction
         return offset
 
-    def _difference(self, first: int, value: torch.Tensor, corrupted: torch.Tensor | int) -> None:
-        """Keep value − corrupted [B, nodes, T, D] of nodes first … when a later receiver excludes one of them."""
-        if self._excluding(0, self.graph.n_receivers, slice(first, first + value.shape[1])):
-            self.differences.append((first, value if isinstance(corrupted, int) else value - corrupted))
+    def _read_excluded(self, first: int, count: int) -> bool:
+        """Whether some receiver excludes an edge from nodes first … first + count − 1 (then their differences
+        are kept)."""
+        return self.corrupted is not None and self._excluding(0, self.graph.n_receivers, slice(first, first + count))
 
     def stacked(self, nodes: int, like: torch.Tensor) -> torch.Tensor:
         """[B, nodes, T, D] the differences of the first `nodes` nodes (zeros where none was kept): what a stage
@@ -175,8 +181,8 @@ class EdgePatch(Hooks):
     # --------------------------------------------------------------------------------------------- hooks
     def _attention_input(self, layer: int, module: nn.Module, args: tuple) -> None:
         x = args[0]
-        if layer == 0 and self.corrupted is not None:
-            self._difference(0, x[:, None], self.corrupted.embeddings)
+        if layer == 0 and self._read_excluded(0, 1):
+            self.differences.append((0, x[:, None] - self.corrupted.embeddings))
         graph = self.graph
         offset = self._offset(graph.attention_receiver(layer), graph.attention_receivers,
                               graph.nodes_before_attention(layer), x)
@@ -197,9 +203,7 @@ class EdgePatch(Hooks):
         return projected if module.bias is None else projected + module.bias
 
     def _heads(self, layer: int, module: nn.Module, args: tuple) -> None:
-        if self.corrupted is None or not self._excluding(0, self.graph.n_receivers,
-                                                         slice(self.graph.head_node(layer, 0),
-                                                               self.graph.mlp_node(layer))):
+        if not self._read_excluded(self.graph.head_node(layer, 0), self.graph.n_heads):
             return
         difference = head_outputs(module.weight, args[0] - self.corrupted.heads[layer], self.graph.n_heads)
         self.differences.append((self.graph.head_node(layer, 0), difference))
@@ -209,18 +213,20 @@ class EdgePatch(Hooks):
         return None if offset is None else replace_first(args, lambda x: x + offset[:, 0])
 
     def _mlp_output(self, layer: int, _module: nn.Module, _args: tuple, output: Any) -> None:
-        if self.corrupted is not None:
+        if self._read_excluded(self.graph.mlp_node(layer), 1):
             value = output[0] if isinstance(output, tuple) else output
-            self._difference(self.graph.mlp_node(layer), value[:, None], self.corrupted.mlps[layer])
+            self.differences.append((self.graph.mlp_node(layer), value[:, None] - self.corrupted.mlps[layer]))
 
     def _final_input(self, _module: nn.Module, args: tuple) -> Any:
         offset = self._offset(self.graph.logits_receiver, 1, self.graph.n_nodes, args[0])
         return None if offset is None else replace_first(args, lambda x: x + offset[:, 0])
 
-    def receivers(self) -> list[int]:
-        """The receivers probed (in order), each block's first one repeated for each of its receivers."""
-        return [first + index for first in sorted(self.probes) for index in range(self.probes[first].shape[0])]
-
     def gradients(self) -> list[torch.Tensor]:
         """The probes in receiver order (to differentiate against)."""
         return [self.probes[first] for first in sorted(self.probes)]
+
+    def mean_gradients(self, grads: Sequence[torch.Tensor | None], rows: int) -> torch.Tensor:
+        """[probed receivers, T, D] the probes' gradients `grads` (None: no path to the metric, zero), averaged
+        over the `rows` they were summed over."""
+        blocks = [torch.zeros_like(probe) if grad is None else grad for probe, grad in zip(self.gradients(), grads)]
+        return torch.cat(blocks).detach() / rows

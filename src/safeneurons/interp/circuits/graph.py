@@ -74,6 +74,12 @@ class CircuitGraph:
     def mlp_node(self, layer: int) -> int:
         return 1 + layer * (self.n_heads + 1) + self.n_heads
 
+    def head_nodes(self) -> list[int]:
+        return [self.head_node(layer, head) for layer in range(self.n_layers) for head in range(self.n_heads)]
+
+    def mlp_nodes(self) -> list[int]:
+        return [self.mlp_node(layer) for layer in range(self.n_layers)]
+
     def attention_receiver(self, layer: int) -> int:
         """The first of layer `layer`'s attention receivers."""
         return layer * (self.attention_receivers + 1)

@@ -66,10 +66,8 @@ def ablated(model: nn.Module, graph: CircuitGraph, nodes: torch.Tensor, means: N
 def random_nodes(graph: CircuitGraph, nodes: torch.Tensor, seed: int) -> torch.Tensor:
     """As many heads and MLPs as `nodes` has, drawn uniformly (seeded)."""
     generator = torch.Generator().manual_seed(seed)
-    heads = [graph.head_node(layer, head) for layer in range(graph.n_layers) for head in range(graph.n_heads)]
-    mlps = [graph.mlp_node(layer) for layer in range(graph.n_layers)]
     chosen = torch.zeros_like(nodes)
-    for pool in (heads, mlps):
+    for pool in (graph.head_nodes(), graph.mlp_nodes()):
         count = int(nodes[pool].sum())
         picked = torch.randperm(len(pool), generator=generator)[:count]
         chosen[torch.tensor(pool)[picked]] = True
@@ -94,7 +92,5 @@ def removal_study(model: nn.Module, tokenizer: Any, graph: CircuitGraph, nodes: 
                "random": [under(random_nodes(graph, nodes, seed), f"random nodes {seed}") for seed in range(seeds)]}
     if results["baseline"] is None:
         return None
-    return {**results, "prompts": len(harmful), "heads": int(nodes.sum() - sum(bool(nodes[graph.mlp_node(layer)])
-                                                                             for layer in range(graph.n_layers))),
-            "mlps": sum(bool(nodes[graph.mlp_node(layer)]) for layer in range(graph.n_layers)),
-            "max_new_tokens": max_new_tokens, "judge": judge}
+    return {**results, "prompts": len(harmful), "heads": int(nodes[graph.head_nodes()].sum()),
+            "mlps": int(nodes[graph.mlp_nodes()].sum()), "max_new_tokens": max_new_tokens, "judge": judge}

@@ -99,6 +99,10 @@ class CircuitConfig:
             raise SafeneuronsError(f"--masks {self.masks} does not exist (a mask file or folder from `score`)")
         check_sources(self.harmful, self.harmless, directory=self.data_dir)
 
+    def ranked(self, eap: torch.Tensor, eap_ig: torch.Tensor) -> torch.Tensor:
+        """The scores `ranking` chooses the circuits by."""
+        return eap_ig if self.ranking == "eap-ig" else eap
+
     def check_graph(self, graph: CircuitGraph) -> None:
         if self.circuit_size is not None:
             graph.check_size(self.circuit_size, "--circuit-size")
@@ -214,7 +218,7 @@ def circuit_masks(graph: CircuitGraph, config: CircuitConfig, eap: torch.Tensor,
                 "eap": chosen_circuits(graph, eap, config, sizes),
                 "random": torch.stack([random_circuit(graph, size, seed) for seed in range(config.random_seeds)
                                        for size in sizes])}
-    node_scores = (eap_ig if config.ranking == "eap-ig" else eap).sum(0).abs()  # = node-level attribution
+    node_scores = config.ranked(eap, eap_ig).sum(0).abs()  # = node-level attribution
     node_scores[0] = -1.0  # the input is always in
     nodes = []
     for count in sorted({max(1, round(fraction * (graph.n_nodes - 1))) for fraction in config.fractions}):
@@ -223,8 +227,7 @@ def circuit_masks(graph: CircuitGraph, config: CircuitConfig, eap: torch.Tensor,
         nodes.append(graph.node_circuit(chosen))
     circuits["nodes"] = torch.stack(nodes)
     if config.circuit_size is not None:
-        circuits["chosen"] = chosen_circuits(graph, eap_ig if config.ranking == "eap-ig" else eap, config,
-                                             [config.circuit_size])
+        circuits["chosen"] = chosen_circuits(graph, config.ranked(eap, eap_ig), config, [config.circuit_size])
     return circuits
 
 
@@ -258,7 +261,8 @@ def run_circuit(model: ModelSource, config: CircuitConfig, out: str | Path) -> C
     result = study_circuit(loaded.model, graph, metric, pairs, config, model.name)
     result.alignments = [alignment.to_dict() for alignment in alignments]
     if held_out:
-        nodes = torch.tensor([name in set(result.circuit["nodes"]) for name in graph.node_names()])
+        chosen = set(result.circuit["nodes"])
+        nodes = torch.tensor([name in chosen for name in graph.node_names()])
         device = next(loaded.model.parameters()).device
         result.removal = removal_study(loaded.model, tokenizer, graph, nodes, held_out,
                                        [corrupted.to(device) for _, corrupted in pairs], config.random_seeds,
@@ -282,7 +286,7 @@ def study_circuit(model: torch.nn.Module, graph: CircuitGraph, metric: Metric,
     eap, eap_ig = pair_mean([values.eap for values in first]), pair_mean([values.eap_ig for values in first])
     circuits = circuit_masks(graph, config, eap, eap_ig)
     stacked = [mask for masks in circuits.values() for mask in masks]
-    edges = exact_edges(graph, config, eap_ig if config.ranking == "eap-ig" else eap)
+    edges = exact_edges(graph, config, config.ranked(eap, eap_ig))
     measured = over_pairs(runner.mine(), lambda index: runner.measure(index, edges, stacked))
     second = [runner.combine_measures(measured[index]) for index in range(len(pairs))]
     exact = pair_mean([values[0] for values in second]) if edges else []

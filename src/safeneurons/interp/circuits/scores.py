@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from safeneurons.interp.circuits.forward import EdgePatch, NodeOutputs, node_differences, record_nodes
+from safeneurons.interp.circuits.forward import EdgePatch, NodeOutputs, align_rows, node_differences, record_nodes
 from safeneurons.interp.circuits.pairs import PairAlignment, align_pair
 from safeneurons.interp.patching.hooks import patched_forward
 
@@ -33,9 +33,9 @@ class PreparedPair:
     alignment: PairAlignment
     clean: NodeOutputs
     corrupted: NodeOutputs  # aligned to the clean positions
-    corrupted_embeddings: torch.Tensor  # [1, T, D] the corrupted input embeddings at the clean positions
-    clean_metric: float
-    corrupted_metric: float  # the corrupted prompt's own run (its own length)
+    corrupted_embeddings: torch.Tensor | None  # [1, T, D] the corrupted input embeddings at the clean positions
+    clean_metric: float | None  # (on a layer-sharded model, the embeddings are the first stage's and the
+    corrupted_metric: float | None  # metrics the last stage's); the corrupted prompt's own run (its own length)
 
 
 def prepare_pair(model: nn.Module, metric: Metric, index: int, clean_ids: torch.Tensor,
@@ -43,13 +43,25 @@ def prepare_pair(model: nn.Module, metric: Metric, index: int, clean_ids: torch.
     aligned = align_pair(clean_ids[0].tolist(), corrupted_ids[0].tolist(), alignment, index)
     clean, clean_out = record_nodes(model, clean_ids)
     corrupted, corrupted_out = record_nodes(model, corrupted_ids)
-    matrix = aligned.matrix()
-    with torch.no_grad():
-        embeddings = model.get_input_embeddings()(corrupted_ids)[0]
-    return PreparedPair(index, clean_ids, aligned, clean, corrupted.aligned(matrix),
-                        (matrix @ embeddings.double()).to(embeddings.dtype)[None],
+    return PreparedPair(index, clean_ids, aligned, clean, corrupted.aligned(aligned.matrix()),
+                        aligned_embeddings(model, corrupted_ids, aligned),
                         float(metric.compute(clean_out.logits, clean_out.residual)[0]),
                         float(metric.compute(corrupted_out.logits, corrupted_out.residual)[0]))
+
+
+def aligned_embeddings(model: nn.Module, ids: torch.Tensor, alignment: PairAlignment) -> torch.Tensor:
+    """[1, T, D] the input embeddings of `ids` (the corrupted prompt) at the clean prompt's positions."""
+    with torch.no_grad():
+        return align_rows(alignment.matrix(), model.get_input_embeddings()(ids)[0])[None]
+
+
+def interpolated(clean: torch.Tensor, corrupted: torch.Tensor, steps: int) -> torch.Tensor:
+    """EAP-IG's inputs: [steps, T, D] k/steps of the way from the `corrupted` embeddings to the `clean` ones,
+    k = 1 … steps; the clean embeddings themselves when `steps` is 0 (EAP)."""
+    if not steps:
+        return clean
+    fractions = torch.arange(1, steps + 1, dtype=clean.dtype, device=clean.device)[:, None, None] / steps
+    return corrupted + fractions * (clean - corrupted)
 
 
 def receiver_gradients(model: nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
@@ -57,17 +69,12 @@ def receiver_gradients(model: nn.Module, graph: CircuitGraph, metric: Metric, pa
     """[receivers, T, D] ∂metric/∂(receiver input): on the clean run (steps 0), or averaged over `steps` runs
     interpolating the input embeddings from the corrupted prompt's to the clean one's."""
     with torch.no_grad():
-        clean = model.get_input_embeddings()(pair.clean_ids)
-    rows = clean
-    if steps:
-        fractions = torch.arange(1, steps + 1, dtype=clean.dtype, device=clean.device)[:, None, None] / steps
-        rows = pair.corrupted_embeddings + fractions * (clean - pair.corrupted_embeddings)
+        rows = interpolated(model.get_input_embeddings()(pair.clean_ids), pair.corrupted_embeddings, steps)
     with torch.enable_grad(), EdgePatch(model, graph, probing=True) as hooks:
         out = patched_forward(model, {}, inputs_embeds=rows)
         value = metric.compute(out.logits, out.residual).sum()
         gradients = torch.autograd.grad(value, hooks.gradients(), allow_unused=True)
-    blocks = [torch.zeros_like(probe) if grad is None else grad for probe, grad in zip(hooks.gradients(), gradients)]
-    return torch.cat(blocks).detach() / rows.shape[0]
+    return hooks.mean_gradients(gradients, rows.shape[0])
 
 
 def receiver_blocks(graph: CircuitGraph, layers: range | None = None,
@@ -130,11 +137,16 @@ def circuit_metrics(model: nn.Module, graph: CircuitGraph, metric: Metric, pair:
 def exact_edge_effects(model: nn.Module, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
                        edges: Sequence[tuple[int, int]], batch_size: int, scale: float = 1.0) -> list[float]:
     """m(edge u → v alone patched) − m(clean) of each (receiver, node) edge."""
-    adjacency = graph.adjacency()
+    patched = circuit_metrics(model, graph, metric, pair, all_but(graph, edges), batch_size, scale)
+    return [value - pair.clean_metric for value in patched]
 
-    def without(receiver: int, node: int) -> torch.Tensor:
+
+def all_but(graph: CircuitGraph, edges: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Per (receiver, node) edge, the circuit of every other edge: exact patching of that edge alone."""
+    adjacency = graph.adjacency()
+    circuits = []
+    for receiver, node in edges:
         kept = adjacency.clone()
         kept[receiver, node] = False
-        return kept
-    patched = circuit_metrics(model, graph, metric, pair, [without(*edge) for edge in edges], batch_size, scale)
-    return [value - pair.clean_metric for value in patched]
+        circuits.append(kept)
+    return circuits

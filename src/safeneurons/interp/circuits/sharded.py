@@ -18,7 +18,8 @@ from torch import nn
 from safeneurons.interp.circuits.analysis import PairValues
 from safeneurons.interp.circuits.forward import EdgePatch, node_differences, node_keepers, node_outputs
 from safeneurons.interp.circuits.pairs import align_pair
-from safeneurons.interp.circuits.scores import receiver_blocks, score_matrix, score_rows
+from safeneurons.interp.circuits.scores import (PreparedPair, aligned_embeddings, all_but, interpolated,
+                                                receiver_blocks, score_matrix, score_rows)
 from safeneurons.interp.patching.hooks import keep_final_residual
 from safeneurons.interp.patching.sharded import _stage_pass
 from safeneurons.models.blocks import block_of
@@ -59,33 +60,28 @@ def stage_recorder(model: nn.Module, graph: CircuitGraph,
 
 
 def stage_pair(block: LayerBlock, link: StageLink, graph: CircuitGraph, metric: Metric, clean: torch.Tensor,
-               corrupted: torch.Tensor, alignment: str, index: int) -> dict[str, Any]:
-    """A pair's clean run and its corrupted run's node outputs at the clean positions, this stage's part."""
-    matrix = align_pair(clean[0].tolist(), corrupted[0].tolist(), alignment, index).matrix()
+               corrupted: torch.Tensor, alignment: str, index: int) -> PreparedPair:
+    """A pair's clean run and its corrupted run's node outputs at the clean positions, this stage's part (the
+    embeddings on the first stage, the metrics on the last)."""
+    aligned = align_pair(clean[0].tolist(), corrupted[0].tolist(), alignment, index)
     clean_nodes, clean_metric = stage_nodes(block, link, graph, metric, clean)
     corrupted_nodes, corrupted_metric = stage_nodes(block, link, graph, metric, corrupted)
-    embeddings = None
-    if block.first:
-        with torch.no_grad():
-            embeddings = block.model.get_input_embeddings()(corrupted)[0]
-        embeddings = (matrix @ embeddings.double()).to(embeddings.dtype)[None]
-    return {"clean_ids": clean, "clean": clean_nodes, "corrupted": corrupted_nodes.aligned(matrix),
-            "embeddings": embeddings, "clean_metric": clean_metric, "corrupted_metric": corrupted_metric}
+    embeddings = aligned_embeddings(block.model, corrupted, aligned) if block.first else None
+    return PreparedPair(index, clean, aligned, clean_nodes, corrupted_nodes.aligned(aligned.matrix()), embeddings,
+                        clean_metric, corrupted_metric)
 
 
-def stage_scores(block: LayerBlock, link: StageLink, graph: CircuitGraph, metric: Metric, pair: dict[str, Any],
+def stage_scores(block: LayerBlock, link: StageLink, graph: CircuitGraph, metric: Metric, pair: PreparedPair,
                  steps: int) -> dict[int, torch.Tensor]:
     """This stage's receivers' rows of EAP (steps 0) or EAP-IG scores."""
-    clean_ids = pair["clean_ids"]
+    clean_ids = pair.clean_ids
     rows_count, length = max(steps, 1), clean_ids.shape[1]
     with torch.enable_grad(), EdgePatch(block.model, graph, probing=True, layers=block.layers,
                                         logits=block.last) as hooks:
         if block.first:
             with torch.no_grad():
-                received = block.model.get_input_embeddings()(clean_ids)
-            if steps:
-                fractions = torch.arange(1, steps + 1, dtype=received.dtype)[:, None, None] / steps
-                received = pair["embeddings"] + fractions * (received - pair["embeddings"])
+                received = interpolated(block.model.get_input_embeddings()(clean_ids), pair.corrupted_embeddings,
+                                        steps)
         else:
             received = block.receive(link, (rows_count, length)).requires_grad_(True)
         final: dict[str, torch.Tensor] = {}
@@ -102,10 +98,9 @@ def stage_scores(block: LayerBlock, link: StageLink, graph: CircuitGraph, metric
         grads = torch.autograd.grad(output, wanted, gradient, allow_unused=True)
     if not block.first:
         link.send_gradient(torch.zeros_like(received) if grads[-1] is None else grads[-1])
-    probes = [torch.zeros_like(probe) if grad is None else grad for probe, grad in zip(hooks.gradients(), grads)]
-    gradients = torch.cat(probes).detach() / rows_count
+    gradients = hooks.mean_gradients(grads, rows_count)
     with torch.no_grad():
-        own = node_differences(block.model, graph, pair["clean"], pair["corrupted"], block.layers)
+        own = node_differences(block.model, graph, pair.clean, pair.corrupted, block.layers)
     below = graph.nodes_before_attention(block.layers.start)
     upstream = own if block.first else torch.cat([link.receive_activation((below, *own.shape[1:]), own.dtype), own])
     if not block.last:
@@ -114,9 +109,9 @@ def stage_scores(block: LayerBlock, link: StageLink, graph: CircuitGraph, metric
 
 
 def stage_circuit_metrics(block: LayerBlock, link: StageLink, graph: CircuitGraph, metric: Metric,
-                          pair: dict[str, Any], circuits: Sequence[torch.Tensor], batch_size: int) -> list[float]:
+                          pair: PreparedPair, circuits: Sequence[torch.Tensor], batch_size: int) -> list[float]:
     """The metric of each circuit (the last stage's; an empty list elsewhere), batch by batch."""
-    adjacency, clean_ids = graph.adjacency(), pair["clean_ids"]
+    adjacency, clean_ids = graph.adjacency(), pair.clean_ids
     below = graph.nodes_before_attention(block.layers.start)
     after = graph.nodes_before_attention(block.layers.stop) if not block.last else graph.n_nodes
     values: list[float] = []
@@ -126,9 +121,9 @@ def stage_circuit_metrics(block: LayerBlock, link: StageLink, graph: CircuitGrap
         upstream, received = None, None
         if not block.first:
             received = block.receive(link, (rows, length))
-            upstream = link.receive_activation((rows, below, length, graph_hidden(block)), block.dtype)
+            upstream = link.receive_activation((rows, below, length, block.model.config.hidden_size), block.dtype)
         tokens = clean_ids.expand(rows, -1)
-        with torch.no_grad(), EdgePatch(block.model, graph, pair["corrupted"], adjacency & ~kept, layers=block.layers,
+        with torch.no_grad(), EdgePatch(block.model, graph, pair.corrupted, adjacency & ~kept, layers=block.layers,
                                         logits=block.last, upstream=upstream) as hooks:
             final: dict[str, torch.Tensor] = {}
             if block.last:
@@ -142,9 +137,6 @@ def stage_circuit_metrics(block: LayerBlock, link: StageLink, graph: CircuitGrap
     return values
 
 
-def graph_hidden(block: LayerBlock) -> int:
-    return int(block.model.config.hidden_size)
-
 
 class ShardedPairs:
     """The pairs' computations on a layer-sharded model (`WholePairs`'s methods): each pipeline (replica) takes
@@ -153,7 +145,7 @@ class ShardedPairs:
     def __init__(self, model: nn.Module, graph: CircuitGraph, metric: Metric,
                  pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], config: CircuitConfig) -> None:
         self.block, self.graph, self.metric, self.pairs, self.config = block_of(model), graph, metric, pairs, config
-        self.prepared: dict[int, dict[str, Any]] = {}
+        self.prepared: dict[int, PreparedPair] = {}
 
     def mine(self) -> list[int]:
         return distributed.assign_round_robin(len(self.pairs), self.block.replica, self.block.replicas)
@@ -165,7 +157,7 @@ class ShardedPairs:
         finally:
             link.finish()
 
-    def prepare(self, index: int) -> dict[str, Any]:
+    def prepare(self, index: int) -> PreparedPair:
         if index not in self.prepared:
             clean, corrupted = (ids.to(self.block.device) for ids in self.pairs[index])
             self.prepared[index] = self._run(lambda link: stage_pair(self.block, link, self.graph, self.metric, clean,
@@ -179,24 +171,19 @@ class ShardedPairs:
                                                      self.config.ig_steps))
         empty = self._run(lambda link: stage_circuit_metrics(self.block, link, graph, self.metric, pair,
                                                              [torch.zeros_like(graph.adjacency())], 1))
-        return {"eap": eap, "eap_ig": eap_ig, "clean": pair["clean_metric"], "corrupted": pair["corrupted_metric"],
+        return {"eap": eap, "eap_ig": eap_ig, "clean": pair.clean_metric, "corrupted": pair.corrupted_metric,
                 "empty": empty[0] if empty else None}
 
     def measure(self, index: int, edges: Sequence[tuple[int, int]],
                 circuits: Sequence[torch.Tensor]) -> tuple[list[float], list[float]] | None:
-        pair, adjacency, size = self.prepare(index), self.graph.adjacency(), self.config.batch_size
-
-        def without(receiver: int, node: int) -> torch.Tensor:
-            kept = adjacency.clone()
-            kept[receiver, node] = False
-            return kept
+        pair, size = self.prepare(index), self.config.batch_size
         exact = self._run(lambda link: stage_circuit_metrics(self.block, link, self.graph, self.metric, pair,
-                                                             [without(*edge) for edge in edges], size))
+                                                             all_but(self.graph, edges), size))
         values = self._run(lambda link: stage_circuit_metrics(self.block, link, self.graph, self.metric, pair,
                                                               circuits, size))
         if not self.block.last:
             return None
-        return [value - pair["clean_metric"] for value in exact], values
+        return [value - pair.clean_metric for value in exact], values
 
     def combine_scores(self, parts: Sequence[dict[str, Any]]) -> PairValues:
         rows = {name: {receiver: row for part in parts for receiver, row in part[name].items()}
