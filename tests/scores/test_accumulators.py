@@ -1,8 +1,9 @@
-"""Sums of per-sample statistics: exact sums are the same bit for bit in any order, grouping (ranks) and batch size;
-`--accumulate-dtype model` sums in the model's dtype as the original code does."""
+"""Sums of per-sample statistics: fixed-point and exact sums are the same bit for bit in any order, grouping
+(ranks) and batch size; `--accumulate-dtype model` sums in the model's dtype as the original code does."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -10,23 +11,33 @@ import torch
 from helpers import RATIO, TINY_SAMPLES, layer_linears, make_tiny_llama, reference_statistics
 from safeneurons import SafeneuronsError
 from safeneurons.data.samples import load_samples
-from safeneurons.scores.accumulators import ExactSum, RunningSum
+from safeneurons.scores.accumulators import HEADROOM_BITS, ExactSum, FixedPointSum, RunningSum, agree_on_units
 from safeneurons.scores.config import ScoreConfig
+from safeneurons.scores.passes import equal_length_groups
 from safeneurons.scores.schedules import score_model
 
 CPU = torch.device("cpu")
 
 
-def wide_range_terms(count: int, shape: tuple[int, ...], seed: int = 0) -> list[torch.Tensor]:
-    """Non-negative fp32 terms over 2^-30..2^20, where fp32 running sums lose bits in an order-dependent way."""
+def wide_range_terms(count: int, shape: tuple[int, ...], seed: int = 0, low: int = -30,
+                     high: int = 20) -> list[torch.Tensor]:
+    """Non-negative fp32 terms over 2^low..2^high, where fp32 running sums lose bits in an order-dependent way."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.rand(shape, generator=generator) * 2.0 ** torch.randint(-30, 20, shape, generator=generator)
+    return [torch.rand(shape, generator=generator) * 2.0 ** torch.randint(low, high, shape, generator=generator)
             for _ in range(count)]
 
 
-def grouped_exact_sum(terms: list[torch.Tensor], groups: int) -> torch.Tensor:
-    """The terms dealt round-robin to `groups` accumulators (as ranks), whose words are then added (as the reduce)."""
-    parts = [ExactSum(terms[0].shape, CPU) for _ in range(groups)]
+def fixed_sum(shape: tuple[int, ...], samples: int, first: torch.Tensor) -> FixedPointSum:
+    """A fixed-point sum whose units come from `first` (the first sample's term), as `agree_on_units` sets them."""
+    total = FixedPointSum(shape, CPU, samples)
+    agree_on_units({"w": total}, {"w": first.amax(dim=-1)}, lambda flat: None)
+    return total
+
+
+def grouped_sum(terms: list[torch.Tensor], groups: int, new) -> torch.Tensor:
+    """The terms dealt round-robin to `groups` accumulators `new()` (as ranks), whose words are then added (as the
+    reduce)."""
+    parts = [new() for _ in range(groups)]
     for index, term in enumerate(terms):
         parts[index % groups].add(term)
     total = parts[0]
@@ -36,13 +47,88 @@ def grouped_exact_sum(terms: list[torch.Tensor], groups: int) -> torch.Tensor:
     return total.value("w")
 
 
+def shuffled(terms: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
+    return [terms[i] for i in torch.randperm(len(terms), generator=torch.Generator().manual_seed(seed))]
+
+
+def float64_sums(terms: list[torch.Tensor]) -> torch.Tensor:
+    """Σ in float64, correctly rounded (math.fsum), element by element."""
+    stacked = torch.stack(terms).double().reshape(len(terms), -1)
+    return torch.tensor([math.fsum(stacked[:, k].tolist()) for k in range(stacked.shape[1])],
+                        dtype=torch.float64).reshape(terms[0].shape)
+
+
 def test_exact_sums_are_the_correctly_rounded_sum_in_any_order_and_grouping():
     terms = wide_range_terms(3000, (4, 5))  # > 2^11 terms: the low word is carried on the way
-    reference = torch.tensor([[math.fsum(float(term[i, j]) for term in terms) for j in range(5)] for i in range(4)],
-                             dtype=torch.float64).float()
-    shuffled = [terms[i] for i in torch.randperm(len(terms), generator=torch.Generator().manual_seed(1))]
-    for ordered, groups in ((terms, 1), (shuffled, 1), (terms, 2), (shuffled, 7)):
-        assert torch.equal(grouped_exact_sum(ordered, groups), reference), groups
+    reference = float64_sums(terms).float()
+    for ordered, groups in ((terms, 1), (shuffled(terms), 1), (terms, 2), (shuffled(terms), 7)):
+        assert torch.equal(grouped_sum(ordered, groups, lambda: ExactSum((4, 5), CPU)), reference), groups
+
+
+def test_fixed_point_sums_equal_the_float64_sum_rounded_to_fp32_in_any_order_and_on_1_2_4_ranks():
+    """Terms within 2^(⌈log2 N⌉ − 19) of their row's reference are added exactly: over 2^-12..2^1 (the sums
+    stay within float64's 53 bits, so fsum is their exact sum) the result is that sum rounded once to fp32."""
+    terms = wide_range_terms(1000, (6, 7), low=-12, high=1)
+    reference = float64_sums(terms).float()
+    for ordered, groups in ((terms, 1), (shuffled(terms), 1), (terms, 2), (shuffled(terms, 2), 4)):
+        assert torch.equal(grouped_sum(ordered, groups, lambda: fixed_sum((6, 7), len(terms), terms[0])),
+                           reference), groups
+    assert not torch.equal(grouped_sum(terms, 1, lambda: RunningSum((6, 7), CPU, torch.float32)), reference)
+
+
+def test_fixed_point_sums_of_wide_range_terms_are_within_n_units_below_the_exact_sum_on_any_split():
+    """Terms over 2^-30..2^20, tiny ones below the unit: the same bits in any order and on 1, 2 and 4 ranks, and
+    below the exact sum by less than N units of the row (plus fp32's rounding)."""
+    terms = wide_range_terms(500, (4, 5), seed=3)
+    terms[0] = 2.0 ** 10 * (1 + terms[0] / 2.0 ** 20)  # a first sample within the headroom of every later term
+    sums = [grouped_sum(ordered, groups, lambda: fixed_sum((4, 5), len(terms), terms[0]))
+            for ordered, groups in ((terms, 1), (shuffled(terms), 2), (shuffled(terms, 3), 4))]
+    assert all(torch.equal(sums[0], other) for other in sums[1:])
+    total = fixed_sum((4, 5), len(terms), terms[0])
+    exact = float64_sums(terms)
+    unit = 1.0 / total.scale.double()
+    assert (unit > 2.0 ** -30).all()  # tiny terms are truncated: the bound is what is tested
+    rounding = exact * 2.0 ** -23
+    assert ((exact - sums[0].double()) < len(terms) * unit + rounding).all()
+    assert ((sums[0].double() - exact) <= rounding).all()
+
+
+def test_fixed_point_value_is_the_integer_sum_rounded_once_to_nearest_even():
+    """int64 → fp32 rounds once (no detour through float64, which rounds twice): against the rounding done with
+    Python's integers."""
+    total = FixedPointSum(4, CPU, 1)
+    total.set_references(torch.tensor(0.5))  # 1 / unit = 2^(62 − 0 − 20 − 0)
+    words = [2 ** 61 + 2 ** 37 + 1, 2 ** 61 + 2 ** 37, 2 ** 61 + 3 * 2 ** 37, 2 ** 40 + 2 ** 16 + 2 ** 15]
+    total.words += torch.tensor(words)
+    unit = Fraction(1, 2 ** (62 - HEADROOM_BITS))
+    for word, value in zip(words, total.value("w").tolist()):
+        shift = max(word.bit_length() - 24, 0)
+        kept, rest = divmod(word, 2 ** shift)
+        half = 2 ** shift // 2
+        kept += shift > 0 and (rest > half or (rest == half and kept % 2 == 1))
+        assert Fraction(value) == kept * 2 ** shift * unit, word
+
+
+def test_fixed_point_units_come_from_each_rows_first_term_and_zero_rows_take_the_largest():
+    total = fixed_sum((3, 2), 8, torch.tensor([[1.0, 0.75], [0.0, 0.0], [3.0, 2.0 ** -40]]))
+    # ⌈log2 8⌉ = 3: a row whose reference lies in [2^(e−1), 2^e) counts units of 2^(e + 20 + 3 − 62)
+    assert (1.0 / total.scale).flatten().tolist() == [2.0 ** (1 - 39), 2.0 ** (2 - 39), 2.0 ** (2 - 39)]
+
+
+def test_non_finite_and_too_large_terms_are_named_in_one_line():
+    for new, too_large, remedy in ((lambda: ExactSum(3, CPU), 2.0 ** 44, "float32"),
+                                   (lambda: fixed_sum((3,), 4, torch.ones(3)), 2.0 ** (HEADROOM_BITS + 1), "exact")):
+        nan_sum = new()
+        nan_sum.add(torch.tensor([1.0, float("inf"), 2.0]))
+        assert torch.isnan(nan_sum.value("w")).all()  # the score's finiteness check then names the parameter
+        huge = new()
+        huge.add(torch.tensor([1.0, too_large, 0.5]))
+        with pytest.raises(SafeneuronsError, match=f"model.w.*--accumulate-dtype {remedy}$") as error:
+            huge.value("model.w")
+        assert "\n" not in str(error.value)
+    within = fixed_sum((3,), 4, torch.ones(3))  # reference 1 < 2^1: terms below 2^(1 + 20) are in range
+    within.add(torch.tensor([1.0, 2.0 ** (HEADROOM_BITS + 1) * 0.99, 0.5]))
+    assert within.value("w")[1] == 2.0 ** (HEADROOM_BITS + 1) * 0.99
 
 
 def test_running_float32_sums_depend_on_the_order():
@@ -57,14 +143,17 @@ def test_running_float32_sums_depend_on_the_order():
     assert not torch.equal(*sums)
 
 
-def test_a_non_finite_term_gives_nan_and_a_huge_term_an_error():
-    nan_sum = ExactSum(3, CPU)
-    nan_sum.add(torch.tensor([1.0, float("inf"), 2.0]))
-    assert torch.isnan(nan_sum.value("w")).all()  # the score's finiteness check then names the parameter
-    huge = ExactSum(2, CPU)
-    huge.add(torch.tensor([1.0, 2.0 ** 44]))
-    with pytest.raises(SafeneuronsError, match="model.w.*--accumulate-dtype float32"):
-        huge.value("model.w")
+def test_the_first_sample_leads_the_first_micro_batch():
+    """Chunks of one length in the order of their first samples: the first sample (whose terms set the units of
+    fixed-point sums) is row 0 of batch 0, and batches of 1 keep the samples' order."""
+    class Sample:
+        def __init__(self, length: int) -> None:
+            self.input_ids = [0] * length
+
+    samples = [Sample(length) for length in (5, 3, 3, 3, 5, 3, 3)]
+    chunks = equal_length_groups(samples, 3)
+    assert [[samples.index(sample) for sample, _ in chunk] for chunk in chunks] == [[0, 4], [1, 2, 3], [5, 6]]
+    assert [chunk[0][0] for chunk in equal_length_groups(samples, 1)] == samples
 
 
 @pytest.fixture(scope="module")
@@ -109,28 +198,33 @@ def test_accumulate_in_the_model_dtype_is_for_wandg_only(method):
         ScoreConfig(method=method, data="demo-align", sparsity_ratio=0.1, accumulate_dtype="model").validate()
 
 
-def test_the_fused_add_writes_the_eager_steps_words():
-    """The compiled one-pass add and the eager steps give the same fixed-point words bit for bit, on whole sums and
-    on one expert's slice, for terms across the whole range (tiny, fractional, whole, near the largest allowed)."""
+def test_the_fused_adds_write_the_eager_steps_words():
+    """The compiled one-pass adds and the eager steps give the same words bit for bit, on whole sums and on one
+    expert's slice, for terms across the whole range (tiny, fractional, whole, near the largest allowed)."""
     from safeneurons.scores import accumulators
 
     generator = torch.Generator().manual_seed(0)
     terms = [torch.rand(6, 33, generator=generator) * 10.0 ** exponent for exponent in (-20, -3, 0, 4, 12)]
-    ExactSum(3, torch.device("cpu")).add(torch.ones(3))
-    if accumulators._fused_add[0] is None:
-        pytest.skip("torch.compile cannot build the fused kernel here (no C++ compiler): only the eager steps run")
-    words = []
-    for fused in (True, False):
-        saved = list(accumulators._fused_add)
-        if not fused:
-            accumulators._fused_add[:] = [None]
-        try:
-            whole, sliced = ExactSum((6, 33), torch.device("cpu")), ExactSum((3, 6, 33), torch.device("cpu"))
-            for term in terms:
-                whole.add(term)
-                sliced.add(term, index=1)
-            words.append([tensor.clone() for tensor in (*whole.tensors(), *sliced.tensors())])
-        finally:
-            accumulators._fused_add[:] = saved
-    assert all(torch.equal(a, b) for a, b in zip(*words))
-    assert not words[0][3][0].any() and words[0][3][1].any()  # the slice alone received the terms
+    kinds = {"exact": (lambda shape: ExactSum(shape, CPU), accumulators._fixed_point_add),
+             "fixed": (lambda shape: fixed_sum(shape, 8, torch.full(shape, 1e12)), accumulators._scaled_add)}
+    for new, step in kinds.values():
+        new((2, 3)).add(torch.ones(2, 3))
+        if accumulators._compiled[step] is None:
+            pytest.skip("torch.compile cannot build the fused kernel here (no C++ compiler): only the eager steps run")
+    for kind, (new, step) in kinds.items():
+        words = []
+        for fused in (True, False):
+            saved = accumulators._compiled[step]
+            if not fused:
+                accumulators._compiled[step] = None
+            try:
+                whole, sliced = new((6, 33)), new((3, 6, 33))
+                for term in terms:
+                    whole.add(term)
+                    sliced.add(term, index=1)
+                words.append([tensor.clone() for tensor in (*whole.tensors(), *sliced.tensors())])
+            finally:
+                accumulators._compiled[step] = saved
+        assert all(torch.equal(a, b) for a, b in zip(*words)), kind
+        sliced_words = words[0][len(whole.tensors())]
+        assert not sliced_words[0].any() and sliced_words[1].any(), kind  # the slice alone received the terms

@@ -126,9 +126,9 @@ def test_masks_scores_and_activations_per_gpu() -> None:
 
 def test_score_sums_in_one_round_or_in_rounds_beside_the_owned_sums() -> None:
     """All sums of |gradient| on every rank when they fit --score-memory; else the owned eighth (fp32) stays and the
-    rest of the budget holds one round of accumulators (16 bytes a weight exact, 4 float32)."""
+    rest of the budget holds one round of accumulators (8 bytes a weight fixed, 16 exact, 4 float32)."""
     shape, cluster = PRESETS["llama2-70b"], Cluster(1, 8)
-    for accumulate, size in (("exact", 16), ("float32", 4)):
+    for accumulate, size in (("fixed", 8), ("exact", 16), ("float32", 4)):
         everything = size * shape.scored_params
         one = plan_stages(shape, cluster, Workload(score_memory=everything, accumulate_dtype=accumulate))[0]
         assert one.scores == everything
@@ -170,7 +170,7 @@ def test_layer_sharded_scoring_partitions_llama2_70b_over_its_gpus() -> None:
     stages = sharded_score_stages(sharded_inputs(shape, cluster, Workload()))
     assert [stage.layers.start for stage in stages] + [stages[-1].layers.stop] == list(range(0, 81, 10))
     assert sum(stage.weights for stage in stages) == BF16_BYTES * shape.total_params
-    assert sum(stage.sums for stage in stages) == 16 * shape.scored_params
+    assert sum(stage.sums for stage in stages) == 8 * shape.scored_params  # fixed-point sums: 8 bytes a weight
     report = plan_report(shape, cluster, Workload())
     assert report["score_layer_sharded"]["passes"] < report["score_sums"]["rounds"] / 10
     # sharded eval: the same blocks; its caches and working set grow with the prompts per batch, linearly
@@ -501,6 +501,6 @@ def test_the_sharded_line_says_what_one_round_holds():
     line = next(text for text in format_table(run_plan(PlanConfig("llama2-70b", Cluster(1, 8, 80.0), Workload()))).splitlines()
                 if text.startswith("score --shard layers"))
     total, weights, activations, held, every, rounds = map(float, re.search(
-        r"largest stage ([\d.]+) GiB = weights ([\d.]+) \+ activations ([\d.]+) \+ one round's wandg exact sums "
+        r"largest stage ([\d.]+) GiB = weights ([\d.]+) \+ activations ([\d.]+) \+ one round's wandg fixed sums "
         r"([\d.]+) GiB \(of ([\d.]+) GiB in all, in (\d+) rounds\)", line).groups())
     assert abs(weights + activations + held - total) <= 0.15 and every > total and rounds > 1

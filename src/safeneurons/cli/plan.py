@@ -43,7 +43,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="score --score-memory: memory per GPU for wandg's sums (default auto: half of what is "
                              "left free)")
     parser.add_argument("--accumulate-dtype", default=Workload.accumulate_dtype, choices=ACCUMULATE_DTYPES,
-                        help="score --accumulate-dtype: exact sums take 16 bytes a weight, float32 4, model 2 (bf16) "
+                        help="score --accumulate-dtype: fixed sums take 8 bytes a weight, exact 16, float32 4, model 2 "
+                             "(bf16) "
                              "(default %(default)s)")
     parser.add_argument("--patch-length", type=int, default=Workload.patch_length,
                         help="patch: tokens of the prompts (default %(default)s)")

@@ -46,12 +46,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="wandg: memory per rank for the local sums of |gradient| (e.g. 8GiB, 512MiB); "
                              "all Linears at once when they fit, else in rounds that fit, each running the passes "
                              "again (default auto: half of what the rank can still allocate)")
-    parser.add_argument("--accumulate-dtype", default="exact", choices=ACCUMULATE_DTYPES,
-                        help="how per-sample statistics are summed: exact (fixed point, rounded once to fp32: the "
-                             "same masks bit for bit at any rank count and batch size; wandg's sums take 16 bytes a "
-                             "weight), float32 (4 bytes; the last bits depend on the rank count) or model (wandg "
-                             "only: in the model's dtype, as the original code's gradient buffers under bf16) "
-                             "(default %(default)s)")
+    parser.add_argument("--accumulate-dtype", default=ScoreConfig.accumulate_dtype, choices=ACCUMULATE_DTYPES,
+                        help="how per-sample statistics are summed: fixed (one int64 word a weight, each term "
+                             "truncated to a unit per row set from the first sample, rounded once to fp32: the same "
+                             "masks bit for bit at any rank count and batch size), exact (the same, every term "
+                             "exact, 16 bytes a weight), float32 (4 bytes; the last bits depend on the rank count) "
+                             "or model (wandg only: in the model's dtype, as the original code's gradient buffers "
+                             "under bf16) (default %(default)s)")
     parser.add_argument("--sequential", action="store_true",
                         help="the original layer-by-layer schedule: later layers scored with earlier selections zeroed")
     parser.add_argument("--save-scores", action="store_true", help="also write the raw scores (float32)")

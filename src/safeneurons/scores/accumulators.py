@@ -1,10 +1,18 @@
-"""Sums of per-sample statistics over the calibration samples, in one of three arithmetics (`--accumulate-dtype`).
+"""Sums of per-sample statistics over the calibration samples, in one of four arithmetics (`--accumulate-dtype`).
 
-- `exact` (the default): every per-sample fp32 term is added exactly, in fixed point (two int64 words per element),
-  and the sum is rounded to fp32 once at the end. Integer addition is associative, so the sum — and so the mask —
-  is the same bit for bit whichever rank adds which sample, in whatever order, for any number of ranks.
-- `float32`: running fp32 sums (4 bytes per element instead of 16); the last bits depend on the order in which
-  samples are added, and so on the number of ranks.
+- `fixed` (the default): one int64 word per element. Each per-sample fp32 term is truncated to a unit fixed per row
+  before the first term is added, and added as an integer; the sum is rounded to fp32 once (to nearest, ties to
+  even). Integer addition is associative, so the sum — and so the mask — is the same bit for bit whichever rank
+  adds which sample, in whatever order, for any number of ranks and any batch size. A row's unit is
+  2^(e + HEADROOM_BITS + ⌈log2 N⌉ − 62) for N samples, where 2^e is the power of two just above the row's largest
+  term in the first calibration sample (the rank that holds that sample sends it to every rank: `agree_on_units`).
+  A term of at least 2^(⌈log2 N⌉ − 19) times that reference is added exactly; a smaller one loses what lies below
+  the unit, so a sum is less than N units below the exact sum (2^(2⌈log2 N⌉ − 42) of the reference). A term of
+  2^(e + HEADROOM_BITS) or more (over 2^20 times the reference) is an error that names the matrix and `exact`.
+- `exact`: every term added exactly, in two int64 words per element (16 bytes), whatever its size: no reference,
+  no loss; the price of `fixed` twice over in memory and traffic.
+- `float32`: running fp32 sums (4 bytes per element); the last bits depend on the order in which samples are
+  added, and so on the number of ranks.
 - `model`: running sums in the model's dtype, as the original code's gradient buffers (`zeros_like(weight)`) do
   under bf16.
 """
@@ -12,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -21,13 +29,19 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.distributed import reduce_each_to_owner
 from safeneurons.scores.sizes import AUTO_MEMORY_FRACTION, owned_bytes
 
-# Fixed point: the high word counts units of 2^-20 and the low word units of 2^-72. A term below 2^-72 (2e-22)
-# adds nothing; the high word holds sums up to 2^43 (8.8e12), the low word 2^11 terms between carries.
+# `exact`: the high word counts units of 2^-20 and the low word units of 2^-72. A term below 2^-72 (2e-22) adds
+# nothing; the high word holds sums up to 2^43 (8.8e12), the low word 2^11 terms between carries.
 HIGH_UNIT_BITS = 20
 LOW_UNIT_BITS = 72
 LOW_WORD_BITS = LOW_UNIT_BITS - HIGH_UNIT_BITS
 LARGEST_TERM = 2.0 ** 43
 CARRY_EVERY = 2 ** 10  # terms between carries, so that the low word (< 2^52 per term) never overflows int64
+# `fixed`: the N terms of a sum stay below 2^62 units together (no int64 overflow, whichever rank adds which);
+# a later term may reach 2^20 (a million) times the first sample's largest of its row (smollm2-safe's reach
+# 2^10 on 8 align_short samples).
+SUM_BITS = 62
+HEADROOM_BITS = 20
+LARGEST_SCALE_EXPONENT = 126  # fp32's powers of two stop at 2^127
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +58,81 @@ def _fixed_point_add(high: torch.Tensor, low: torch.Tensor, term: torch.Tensor) 
     return term.max()
 
 
-_fused_add: list = []  # the compiled `_fixed_point_add`, made on first use (None where compiling failed)
+def _scaled_add(words: torch.Tensor, scale: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """words += ⌊term · scale⌋ (scale: a power of two per row, so the product is exact); returns the largest
+    scaled term (NaN when a term is NaN, inf or huge when it is beyond the headroom)."""
+    scaled = term.float() * scale
+    words += scaled.to(torch.int64)
+    return scaled.max()
 
 
-def fixed_point_add(high: torch.Tensor, low: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-    """`_fixed_point_add` in one pass over memory: torch.compile fuses its steps into one kernel (on CPU and GPU),
+_compiled: dict[Callable, Callable | None] = {}  # each add step compiled on first use (None where compiling failed)
+
+
+def fused(step: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """`step(*tensors)` in one pass over memory: torch.compile fuses its steps into one kernel (on CPU and GPU),
     with no temporary the size of the term, about 15× faster on the CPU than the eager steps at 4M elements; where
     compiling is not possible (no C++ compiler, say) the eager steps run, with the same result bit for bit."""
-    if not _fused_add:
+    if step not in _compiled:
         try:
-            _fused_add.append(torch.compile(_fixed_point_add, dynamic=True))
+            _compiled[step] = torch.compile(step, dynamic=True)
         except Exception:  # torch.compile unavailable on this platform: the eager steps
-            _fused_add.append(None)
-    if _fused_add[0] is not None:
+            _compiled[step] = None
+    compiled = _compiled[step]
+    if compiled is not None:
         try:
-            return _fused_add[0](high, low, term)
+            return compiled(*tensors)
         except Exception as error:  # compiling failed at its first call (a missing compiler): eager from now on
-            log.warning("the fused exact-sum kernel could not be compiled (%s); the eager steps run instead",
+            log.warning("the fused sum kernel could not be compiled (%s); the eager steps run instead",
                         str(error).splitlines()[0] if str(error) else type(error).__name__)
-            _fused_add[0] = None
-    return _fixed_point_add(high, low, term)
+            _compiled[step] = None
+    return step(*tensors)
+
+
+class FixedPointSum:
+    """Σ of non-negative fp32 terms, each truncated to its row's unit, as one integer word per element."""
+
+    def __init__(self, shape: Sequence[int] | int, device: torch.device, samples: int) -> None:
+        self.words = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.flags = torch.zeros(2, dtype=torch.int64, device=device)  # terms not finite; terms too large
+        self.count_bits = max(samples - 1, 0).bit_length()  # ⌈log2 N⌉
+        self.scale: torch.Tensor | None = None  # 1 / unit per row (a power of two), set by `set_references`
+
+    @property
+    def reference_shape(self) -> tuple[int, ...]:
+        """One reference per row: every dimension but the last."""
+        return tuple(self.words.shape[:-1])
+
+    def set_references(self, largest: torch.Tensor) -> None:
+        """The units, from each row's largest term in the first sample (rows it left at 0 take the largest of all;
+        with none at all, 1)."""
+        everywhere = largest.max() if largest.numel() else largest.new_zeros(())
+        largest = torch.where(largest > 0, largest, torch.where(everywhere > 0, everywhere, 1.0)).float()
+        _, exponent = torch.frexp(largest)  # largest < 2^exponent
+        power = (SUM_BITS - self.count_bits - HEADROOM_BITS - exponent).clamp(max=LARGEST_SCALE_EXPONENT)
+        self.scale = torch.pow(2.0, power.float())[..., None].to(self.words.device)
+
+    def add(self, term: torch.Tensor, index: int | None = None) -> None:
+        """Add `term` to the whole sum, or to its slice `index` (one expert's of an experts' matrix)."""
+        if self.scale is None:
+            raise RuntimeError("FixedPointSum.add before set_references: the units are agreed first")
+        words, scale = (self.words, self.scale) if index is None else (self.words[index], self.scale[index])
+        largest = fused(_scaled_add, words, scale, term)
+        self.flags[0] += ~torch.isfinite(largest)
+        self.flags[1] += largest >= 2.0 ** (SUM_BITS - self.count_bits)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.words, self.flags]
+
+    def value(self, name: str) -> torch.Tensor:
+        """The fp32 sum, rounded once (NaN where a term was not finite, for the caller's finiteness check)."""
+        if int(self.flags[0]):
+            return torch.full(self.words.shape, float("nan"), device=self.words.device)
+        if int(self.flags[1]):
+            raise SafeneuronsError(f"a per-sample statistic of {name} exceeds 2^{HEADROOM_BITS} times the first "
+                                   "sample's largest in its row, beyond the fixed-point sums' range; use "
+                                   "--accumulate-dtype exact")
+        return self.words.float() / self.scale  # int64 → fp32 rounds once, to nearest; the division is exact
 
 
 class ExactSum:
@@ -78,7 +147,7 @@ class ExactSum:
     def add(self, term: torch.Tensor, index: int | None = None) -> None:
         """Add `term` to the whole sum, or to its slice `index` (one expert's of an experts' matrix)."""
         high, low = (self.high, self.low) if index is None else (self.high[index], self.low[index])
-        largest = fixed_point_add(high, low, term)  # NaN when a term is NaN
+        largest = fused(_fixed_point_add, high, low, term)  # NaN when a term is NaN
         self.flags[0] += ~torch.isfinite(largest)
         self.flags[1] += largest >= LARGEST_TERM
         self.pending += 1
@@ -126,14 +195,34 @@ class RunningSum:
         return self.total
 
 
-Accumulator = ExactSum | RunningSum
+Accumulator = FixedPointSum | ExactSum | RunningSum
 
 
 def new_accumulator(accumulate_dtype: str, shape: Sequence[int] | int, device: torch.device,
-                    model_dtype: torch.dtype) -> Accumulator:
+                    model_dtype: torch.dtype, samples: int) -> Accumulator:
+    if accumulate_dtype == "fixed":
+        return FixedPointSum(shape, device, samples)
     if accumulate_dtype == "exact":
         return ExactSum(shape, device)
     return RunningSum(shape, device, torch.float32 if accumulate_dtype == "float32" else model_dtype)
+
+
+def agree_on_units(sums: Mapping[str, Accumulator], largest: Mapping[str, torch.Tensor] | None,
+                   share: Callable[[torch.Tensor], Any]) -> None:
+    """Collective (through `share`, a broadcast from the rank that holds the first sample): every fixed-point sum
+    gets its units from `largest` (per name, each row's largest term of the first sample; given on that rank
+    only, None elsewhere). One message for all the sums."""
+    fixed = {name: total for name, total in sums.items() if isinstance(total, FixedPointSum)}
+    if not fixed:
+        return
+    device = next(iter(fixed.values())).words.device
+    sizes = [math.prod(total.reference_shape) for total in fixed.values()]
+    flat = (torch.cat([largest[name].float().reshape(-1) for name in fixed]) if largest is not None
+            else torch.zeros(sum(sizes)))
+    flat = flat.to(distributed.collective_device(device))
+    share(flat)
+    for (name, total), part in zip(fixed.items(), flat.split(sizes)):
+        total.set_references(part.reshape(total.reference_shape).to(device))
 
 
 def accumulator_bytes(targets: Sequence[Any], element_size: int) -> int:
@@ -167,14 +256,16 @@ def score_memory_budget(config: Any, device: torch.device) -> int:
 
 
 def statistic_accumulators(targets: Sequence[Any], accumulate_dtype: str, with_grads: bool, device: torch.device,
-                           model_dtype: torch.dtype) -> tuple[dict[str, Accumulator], torch.dtype]:
-    """Per target (scores.config.Target) the accumulator of its statistic — wandg's weight-sized |∂L/∂W| sums
-    (`with_grads`), or wanda's per-column Σ x² —, and the dtype each per-sample term is taken in."""
-    sums = {target.name: new_accumulator(accumulate_dtype, target.statistic_shape(with_grads), device, model_dtype)
-            for target in targets}
+                           model_dtype: torch.dtype, samples: int) -> tuple[dict[str, Accumulator], torch.dtype]:
+    """Per target (scores.config.Target) the accumulator of its statistic over `samples` samples — wandg's
+    weight-sized |∂L/∂W| sums (`with_grads`), or wanda's per-column Σ x² —, and the dtype each per-sample term is
+    taken in."""
+    sums = {target.name: new_accumulator(accumulate_dtype, target.statistic_shape(with_grads), device, model_dtype,
+                                         samples) for target in targets}
     return sums, model_dtype if accumulate_dtype == "model" else torch.float32
 
 
 def reduce_accumulators_to_owners(accumulators: Sequence[tuple[Accumulator, int]]) -> None:
-    """Each accumulator summed over the ranks onto its owner (integer words add exactly, in any order)."""
+    """Each accumulator summed over the ranks onto its owner (integer words add exactly, in any order; fixed-point
+    words share their units on every rank)."""
     reduce_each_to_owner([(tensor, owner) for accumulator, owner in accumulators for tensor in accumulator.tensors()])

@@ -53,7 +53,7 @@ class ScoreConfig:
     batch_size: int = 1  # samples per forward/backward pass (per-sample statistics either way)
     add_eos: bool = False  # append EOS to each response (the original work does not)
     score_memory: int | None = None  # bytes of wandg's sums per rank; None = half of what is free
-    accumulate_dtype: str = "exact"  # how per-sample statistics are summed (scores.accumulators)
+    accumulate_dtype: str = "fixed"  # how per-sample statistics are summed (scores.accumulators)
     setdiff_scope: str = "matrix"  # the set difference per flattened matrix (the original code) or per row (paper)
 
     @property

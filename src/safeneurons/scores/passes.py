@@ -15,6 +15,7 @@ from safeneurons.data.examples import IGNORE_INDEX
 from safeneurons.models.hooks import Hooks
 from safeneurons.models.structure import decoder_layers, layers_from
 from safeneurons.runtime import distributed
+from safeneurons.scores.accumulators import FixedPointSum
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
@@ -128,44 +129,79 @@ def abs_weight_gradient(inputs: torch.Tensor, output_grad: torch.Tensor,
     return (dy.T @ x).abs_()
 
 
-def add_sample_terms(total: Accumulator, inputs: Mapping[str, torch.Tensor | list[RoutedRows]],
-                     output_grads: Mapping[str, torch.Tensor], target: Target, batch: MicroBatch, with_grads: bool,
-                     dtype: torch.dtype) -> None:
-    """`total` += each real sample's |∂L_s/∂W| (wandg) or Σ x_j² over its response tokens (wanda), from one pass's
-    captured inputs and output gradients. The gradient is missing when the loss does not depend on the matrix."""
+def sample_terms(inputs: Mapping[str, torch.Tensor | list[RoutedRows]], output_grads: Mapping[str, torch.Tensor],
+                 target: Target, batch: MicroBatch, with_grads: bool, dtype: torch.dtype, only: int | None = None
+                 ) -> Iterator[tuple[torch.Tensor, int | None, int]]:
+    """Each real sample's |∂L_s/∂W| (wandg) or Σ x_j² over its response tokens (wanda), from one pass's captured
+    inputs and output gradients, as (term, expert or None, the sample's row in the batch); `only` one row's. The
+    gradient is missing when the loss does not depend on the matrix."""
     if target.linear.experts is not None:
-        _add_expert_terms(total, inputs, target, batch, with_grads, dtype)
+        yield from _expert_terms(inputs, target, batch, with_grads, dtype, only)
         return
     name = target.name
     output_grad = output_grads.get(name)
     if with_grads and output_grad is None:
         return
     shape = (*batch.input_ids.shape, -1)  # a router sees the tokens flattened
-    rows = batch.response_rows
     for row in batch.real.nonzero().flatten().tolist():
+        if only is not None and row != only:
+            continue
         if with_grads:
-            total.add(abs_weight_gradient(inputs[name].reshape(shape)[row], output_grad.reshape(shape)[row], dtype))
+            yield abs_weight_gradient(inputs[name].reshape(shape)[row], output_grad.reshape(shape)[row], dtype), None, row
         else:
-            total.add(squared_input_sum(inputs[name].reshape(shape)[row], rows[row]))
+            yield squared_input_sum(inputs[name].reshape(shape)[row], batch.response_rows[row]), None, row
 
 
-def _add_expert_terms(total: Accumulator, inputs: Mapping[str, torch.Tensor | list[RoutedRows]],
-                      target: Target, batch: MicroBatch, with_grads: bool, dtype: torch.dtype) -> None:
+def _expert_terms(inputs: Mapping[str, torch.Tensor | list[RoutedRows]], target: Target, batch: MicroBatch,
+                  with_grads: bool, dtype: torch.dtype, only: int | None
+                  ) -> Iterator[tuple[torch.Tensor, int | None, int]]:
     """The terms of each expert's slice of an experts' matrix from the tokens of a real sample routed to it: |dY^T X|
-    (wandg; stored back in the matrix's layout), or Σ x_j² over its response tokens among them (wanda)."""
+    (wandg; in the matrix's stored layout), or Σ x_j² over its response tokens among them (wanda)."""
     bank = target.linear.experts
     responses = batch.response_rows.reshape(-1)
     for rows in inputs.get(target.name, []):
-        if not batch.real[rows.tokens[0] // batch.input_ids.shape[1]]:
+        row = int(rows.tokens[0]) // batch.input_ids.shape[1]
+        if not batch.real[row] or (only is not None and row != only):
             continue
         if with_grads:
-            if rows.output_grad is not None:
-                term = abs_weight_gradient(rows.inputs, rows.output_grad, dtype)
-                total.add(bank.canonical(term), rows.expert)  # canonical [out, in] back to the stored layout
+            if rows.output_grad is not None:  # canonical [out, in] back to the stored layout
+                yield bank.canonical(abs_weight_gradient(rows.inputs, rows.output_grad, dtype)), rows.expert, row
             continue
         chosen = responses[rows.tokens]
         if chosen.any():
-            total.add(rows.inputs[chosen].float().pow(2).sum(dim=0), rows.expert)
+            yield rows.inputs[chosen].float().pow(2).sum(dim=0), rows.expert, row
+
+
+def add_sample_terms(total: Accumulator, inputs: Mapping[str, torch.Tensor | list[RoutedRows]],
+                     output_grads: Mapping[str, torch.Tensor], target: Target, batch: MicroBatch, with_grads: bool,
+                     dtype: torch.dtype) -> None:
+    """`total` += each real sample's term (`sample_terms`)."""
+    for term, expert, _ in sample_terms(inputs, output_grads, target, batch, with_grads, dtype):
+        total.add(term, expert)
+
+
+def first_sample_largest(shape: Sequence[int], inputs: Mapping[str, torch.Tensor | list[RoutedRows]],
+                         output_grads: Mapping[str, torch.Tensor], target: Target, batch: MicroBatch,
+                         with_grads: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Per row of the statistic (`shape`: its dimensions but the last) the largest term of the batch's first
+    sample, 0 where it has none: the reference of fixed-point sums (scores.accumulators)."""
+    largest = torch.zeros(tuple(shape), device=batch.input_ids.device)
+    for term, expert, _ in sample_terms(inputs, output_grads, target, batch, with_grads, dtype, only=0):
+        row_largest = term.float().amax(dim=-1).to(largest.device)
+        if expert is None:
+            largest = row_largest
+        else:
+            largest[expert] = row_largest
+    return largest
+
+
+def first_sample_references(sums: Mapping[str, Accumulator], inputs: Mapping[str, torch.Tensor | list[RoutedRows]],
+                            output_grads: Mapping[str, torch.Tensor], targets: Sequence[Target], batch: MicroBatch,
+                            with_grads: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`first_sample_largest` of every target whose sum is fixed-point, from one pass's captured tensors."""
+    return {target.name: first_sample_largest(sums[target.name].reference_shape, inputs, output_grads, target, batch,
+                                              with_grads, dtype)
+            for target in targets if isinstance(sums[target.name], FixedPointSum)}
 
 
 @contextlib.contextmanager
@@ -212,17 +248,18 @@ def rank_batches(samples: Sequence[Sample], batch_size: int, device: torch.devic
 
 
 def equal_length_groups(samples: Sequence[Sample], batch_size: int) -> list[list[tuple[Sample, bool]]]:
-    """The samples in chunks of at most `batch_size` samples of one token count, flagged real: a chunk is taken
-    when it fills (the rest at the end), so that batches of 1 keep the samples' order (running sums depend on
-    it)."""
-    filling: dict[int, list[tuple[Sample, bool]]] = {}
+    """The samples in chunks of at most `batch_size` samples of one token count, flagged real, in the order of
+    their first samples: batches of 1 keep the samples' order (running sums depend on it), and the first sample
+    always leads the first chunk (fixed-point sums take their units from it)."""
+    filling: dict[int, list[tuple[int, Sample]]] = {}
     chunks = []
-    for sample in samples:
+    for position, sample in enumerate(samples):
         chunk = filling.setdefault(len(sample.input_ids), [])
-        chunk.append((sample, True))
+        chunk.append((position, sample))
         if len(chunk) == batch_size:
             chunks.append(filling.pop(len(sample.input_ids)))
-    return chunks + list(filling.values())
+    ordered = sorted(chunks + list(filling.values()), key=lambda chunk: chunk[0][0])
+    return [[(sample, True) for _, sample in chunk] for chunk in ordered]
 
 
 def micro_batch(group: Sequence[tuple[Sample, bool]], device: torch.device) -> MicroBatch:

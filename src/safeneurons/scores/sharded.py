@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from safeneurons.runtime import distributed
-from safeneurons.runtime.pipeline import StageLink, one_forward_one_backward, sum_over_replicas
-from safeneurons.scores.accumulators import accumulation_rounds, score_memory_budget, statistic_accumulators
+from safeneurons.runtime.pipeline import (StageLink, broadcast_over_replicas, one_forward_one_backward,
+                                          sum_over_replicas)
+from safeneurons.scores.accumulators import (accumulation_rounds, agree_on_units, score_memory_budget,
+                                             statistic_accumulators)
 from safeneurons.scores.sizes import element_bytes
-from safeneurons.scores.passes import (LinearCapture, add_sample_terms, equal_length_groups, micro_batch,
-                                       per_sample_losses, routed_tokens_key, scoring_mode)
+from safeneurons.scores.passes import (LinearCapture, add_sample_terms, equal_length_groups, first_sample_references,
+                                       micro_batch, per_sample_losses, routed_tokens_key, scoring_mode)
 
 if TYPE_CHECKING:
     from safeneurons.data.examples import Sample
@@ -37,7 +39,7 @@ def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Se
     batches = replica_batches(block, samples, config.batch_size)
     local = [target for target in targets if block.split.stage_of(target.linear.layer) == block.stage]
     if config.method != "wandg":
-        return _run_passes(block, local, batches, config, with_grads=False)
+        return _run_passes(block, local, batches, config, len(samples), with_grads=False)
     size = element_bytes(config.accumulate_dtype, block.dtype.itemsize)
     budget = score_memory_budget(config, block.device)  # collective: on every rank, whether it holds targets or not
     rounds = accumulation_rounds(local, budget, size) if local else [[]]
@@ -48,7 +50,7 @@ def sharded_statistics(block: LayerBlock, targets: Sequence[Target], samples: Se
     owned: dict[str, torch.Tensor] = {}
     for index in range(count):
         group = rounds[index] if index < len(rounds) else []
-        owned.update(_run_passes(block, group, batches, config, with_grads=True))
+        owned.update(_run_passes(block, group, batches, config, len(samples), with_grads=True))
     return owned
 
 
@@ -72,12 +74,14 @@ def replica_batches(block: LayerBlock, samples: Sequence[Sample], batch_size: in
 
 
 def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[MicroBatch], config: ScoreConfig,
-                with_grads: bool) -> dict[str, torch.Tensor]:
-    """One pipelined sweep over the micro-batches (forward only, or 1F1B forward and backward), each real
-    sample's terms added to this stage's accumulators."""
+                samples: int, with_grads: bool) -> dict[str, torch.Tensor]:
+    """One pipelined sweep over the micro-batches of this replica's share of the `samples` samples (forward only,
+    or 1F1B forward and backward), each real sample's terms added to this stage's accumulators (fixed-point sums
+    first agree on their units, from replica 0's first sample: the first of all)."""
     order = one_forward_one_backward(block.stage, block.split.stages, len(batches)) if with_grads else [
         ("F", index) for index in range(len(batches))]
-    sums, term_dtype = statistic_accumulators(targets, config.accumulate_dtype, with_grads, block.device, block.dtype)
+    sums, term_dtype = statistic_accumulators(targets, config.accumulate_dtype, with_grads, block.device, block.dtype,
+                                              samples)
     capture, link = LinearCapture(targets, with_grads), block.link()
     in_flight: dict[int, tuple] = {}
     try:
@@ -96,6 +100,10 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
                     received, output, inputs = in_flight.pop(index)
                     _backward(block, received, output, link)
                     grads = capture.output_grads
+                if index == 0:
+                    agree_on_units(sums, first_sample_references(sums, inputs, grads, targets, batch, with_grads,
+                                                                 term_dtype) if block.replica == 0 else None,
+                                   lambda flat: broadcast_over_replicas(flat, block.group, block.stage))
                 for target in targets:
                     add_sample_terms(sums[target.name], inputs, grads, target, batch, with_grads, term_dtype)
     finally:

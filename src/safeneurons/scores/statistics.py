@@ -14,12 +14,13 @@ from safeneurons.models.blocks import block_of
 from safeneurons.models.structure import model_device, model_dtype
 from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import weight_on_owner
-from safeneurons.scores.accumulators import (accumulation_rounds, accumulator_bytes, reduce_accumulators_to_owners,
-                                             score_memory_budget, statistic_accumulators)
+from safeneurons.scores.accumulators import (accumulation_rounds, accumulator_bytes, agree_on_units,
+                                             reduce_accumulators_to_owners, score_memory_budget,
+                                             statistic_accumulators)
 from safeneurons.scores.sizes import element_bytes
-from safeneurons.runtime.distributed import reduce_each_to_owner
-from safeneurons.scores.passes import (ROUTED_TOKENS, LinearCapture, add_sample_terms, rank_batches,
-                                       routed_tokens_key, run_batch, scoring_mode)
+from safeneurons.runtime.distributed import broadcast_from_owner, reduce_each_to_owner
+from safeneurons.scores.passes import (ROUTED_TOKENS, LinearCapture, add_sample_terms, first_sample_references,
+                                       rank_batches, routed_tokens_key, run_batch, scoring_mode)
 from safeneurons.scores.sharded import sharded_statistics
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
     device = model_device(model)
     batches = rank_batches(samples, config.batch_size, device)
     if config.method != "wandg":
-        return _accumulate(model, targets, batches, entries, config, with_grads=False)
+        return _accumulate(model, targets, batches, entries, config, len(samples), with_grads=False)
     size = element_bytes(config.accumulate_dtype, model_dtype(model).itemsize)
     rounds = accumulation_rounds(targets, score_memory_budget(config, device), size)
     if distributed.is_main():
@@ -57,23 +58,29 @@ def collect_statistics(model: nn.Module, targets: Sequence[Target], samples: Seq
                  accumulator_bytes(targets, size) / 2**30, len(targets), config.accumulate_dtype)
     owned: dict[str, torch.Tensor] = {}
     for group in rounds:
-        owned.update(_accumulate(model, group, batches, entries, config, with_grads=True))
+        owned.update(_accumulate(model, group, batches, entries, config, len(samples), with_grads=True))
     return owned
 
 
 def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[MicroBatch],
-                entries: Sequence[Entry] | None, config: ScoreConfig, with_grads: bool) -> dict[str, torch.Tensor]:
-    """All of this rank's passes, each real sample's statistics added to `targets`' accumulators, then one reduce
-    of each accumulator to its owner: the owners get the sums."""
+                entries: Sequence[Entry] | None, config: ScoreConfig, samples: int,
+                with_grads: bool) -> dict[str, torch.Tensor]:
+    """All of this rank's passes over its share of the `samples` samples, each real sample's statistics added to
+    `targets`' accumulators (fixed-point sums first agree on their units, from rank 0's first sample: the first of
+    all), then one reduce of each accumulator to its owner: the owners get the sums."""
     device, dtype = model_device(model), model_dtype(model)
     capture = LinearCapture(targets, with_grads)
-    sums, term_dtype = statistic_accumulators(targets, config.accumulate_dtype, with_grads, device, dtype)
+    sums, term_dtype = statistic_accumulators(targets, config.accumulate_dtype, with_grads, device, dtype, samples)
     try:
         with scoring_mode(model):
             for index, batch in enumerate(distributed.progress(batches, desc="wandg passes" if with_grads
                                                                else "wanda passes", leave=False)):
                 capture.start(batch)
                 run_batch(model, batch, with_grads, None if entries is None else entries[index])
+                if index == 0:
+                    agree_on_units(sums, first_sample_references(
+                        sums, capture.inputs, capture.output_grads, targets, batch, with_grads, term_dtype)
+                        if distributed.rank() == 0 else None, lambda flat: broadcast_from_owner(flat, 0))
                 for target in targets:
                     add_sample_terms(sums[target.name], capture.inputs, capture.output_grads, target, batch,
                                      with_grads, term_dtype)

@@ -3,7 +3,7 @@
 Model states come from DeepSpeed's own ZeRO-3 estimator, plus the optimizer step's transient; activations from a
 formula for Hugging Face's Llama in bf16 with SDPA attention (see `activation_bytes_per_token`), and for patching
 from the formula `patch` sizes its batches with; masks are bit-packed and partitioned over all ranks; wandg's
-sums of |gradient| (16 bytes a weight when exact, the default) are held for every scored weight on every rank when they fit the score memory budget (else in
+sums of |gradient| (8 bytes a weight when fixed, the default) are held for every scored weight on every rank when they fit the score memory budget (else in
 rounds of the budget's size, plus the sums a rank owns). Each stage's figure is tested against the measured peak
 memory of the real code (tests/workflows/test_plan.py). Offline: the llama2 sizes are built in, other models are read from a
 local folder's config.json.
@@ -66,7 +66,7 @@ class Workload:
     score_memory: int | None = None  # score --score-memory in bytes; None = auto (half of what is left free)
     patch_length: int = 128  # tokens of a patching prompt
     patch_batch_size: int | None = None  # patch --batch-size; None = auto (a quarter of what is left free)
-    accumulate_dtype: str = "exact"  # score --accumulate-dtype
+    accumulate_dtype: str = "fixed"  # score --accumulate-dtype
 
 
 def activation_bytes_per_token(shape: ModelShape, length: int) -> tuple[int, int]:
