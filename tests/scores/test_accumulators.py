@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 
 import pytest
@@ -44,7 +45,7 @@ def grouped_sum(terms: list[torch.Tensor], groups: int, new) -> torch.Tensor:
     for part in parts[1:]:
         for mine, theirs in zip(total.tensors(), part.tensors()):
             mine += theirs
-    return total.value("w")
+    return total.value()
 
 
 def shuffled(terms: list[torch.Tensor], seed: int = 1) -> list[torch.Tensor]:
@@ -101,7 +102,7 @@ def test_fixed_point_value_is_the_integer_sum_rounded_once_to_nearest_even():
     words = [2 ** 61 + 2 ** 37 + 1, 2 ** 61 + 2 ** 37, 2 ** 61 + 3 * 2 ** 37, 2 ** 40 + 2 ** 16 + 2 ** 15]
     total.words += torch.tensor(words)
     unit = Fraction(1, 2 ** (62 - HEADROOM_BITS))
-    for word, value in zip(words, total.value("w").tolist()):
+    for word, value in zip(words, total.value().tolist()):
         shift = max(word.bit_length() - 24, 0)
         kept, rest = divmod(word, 2 ** shift)
         half = 2 ** shift // 2
@@ -120,15 +121,29 @@ def test_non_finite_and_too_large_terms_are_named_in_one_line():
                                    (lambda: fixed_sum((3,), 4, torch.ones(3)), 2.0 ** (HEADROOM_BITS + 1), "exact")):
         nan_sum = new()
         nan_sum.add(torch.tensor([1.0, float("inf"), 2.0]))
-        assert torch.isnan(nan_sum.value("w")).all()  # the score's finiteness check then names the parameter
+        assert torch.isnan(nan_sum.value()).all()  # the score's finiteness check then names the parameter
         huge = new()
         huge.add(torch.tensor([1.0, too_large, 0.5]))
-        with pytest.raises(SafeneuronsError, match=f"model.w.*--accumulate-dtype {remedy}$") as error:
-            huge.value("model.w")
-        assert "\n" not in str(error.value)
+        assert re.fullmatch(f"a per-sample statistic of model.w [^\n]*; use --accumulate-dtype {remedy}",
+                            huge.problem("model.w"))
     within = fixed_sum((3,), 4, torch.ones(3))  # reference 1 < 2^1: terms below 2^(1 + 20) are in range
     within.add(torch.tensor([1.0, 2.0 ** (HEADROOM_BITS + 1) * 0.99, 0.5]))
-    assert within.value("w")[1] == 2.0 ** (HEADROOM_BITS + 1) * 0.99
+    assert within.value()[1] == 2.0 ** (HEADROOM_BITS + 1) * 0.99
+
+
+def test_a_sum_beyond_the_fixed_point_range_is_one_line_naming_the_matrix(tmp_path, capsys, monkeypatch):
+    """A headroom below nothing (terms over 2^-8 of the first sample's are out of range): `score` stops with one
+    line (after the passes' progress bar) that names a matrix and the remedy, and writes nothing."""
+    from safeneurons import cli
+    from safeneurons.scores import accumulators
+
+    monkeypatch.setattr(accumulators, "HEADROOM_BITS", -8)
+    assert cli.main(["score", "--model", "demo", "--method", "wandg", "--data", "demo-align", "--nsamples", "3",
+                     "--max-length", "48", "--sparsity-ratio", "0.1", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip().split("\r")[-1].split("safeneurons: error: ")[-1]
+    assert re.fullmatch(r".*a per-sample statistic of model\.layers\.\d+\.\S+\.weight exceeds 2\^-8 times .*; use "
+                        r"--accumulate-dtype exact", error), error
+    assert not (tmp_path / "out").exists()
 
 
 def test_running_float32_sums_depend_on_the_order():
@@ -139,7 +154,7 @@ def test_running_float32_sums_depend_on_the_order():
         running = RunningSum((4, 5), CPU, torch.float32)
         for term in ordered:
             running.add(term)
-        sums.append(running.value("w"))
+        sums.append(running.value())
     assert not torch.equal(*sums)
 
 
@@ -198,33 +213,31 @@ def test_accumulate_in_the_model_dtype_is_for_wandg_only(method):
         ScoreConfig(method=method, data="demo-align", sparsity_ratio=0.1, accumulate_dtype="model").validate()
 
 
-def test_the_fused_adds_write_the_eager_steps_words():
-    """The compiled one-pass adds and the eager steps give the same words bit for bit, on whole sums and on one
-    expert's slice, for terms across the whole range (tiny, fractional, whole, near the largest allowed)."""
+def test_the_compiled_adds_write_the_chunked_eager_steps_words(monkeypatch):
+    """The compiled one-pass adds and the eager steps on chunks of rows (3 rows of 33 here, so the slices cross
+    chunks) give the same words bit for bit, on whole sums and on one expert's slice, for terms across the whole
+    range (tiny, fractional, whole, near the largest allowed)."""
     from safeneurons.scores import accumulators
 
     generator = torch.Generator().manual_seed(0)
     terms = [torch.rand(6, 33, generator=generator) * 10.0 ** exponent for exponent in (-20, -3, 0, 4, 12)]
     kinds = {"exact": (lambda shape: ExactSum(shape, CPU), accumulators._fixed_point_add),
              "fixed": (lambda shape: fixed_sum(shape, 8, torch.full(shape, 1e12)), accumulators._scaled_add)}
+    monkeypatch.setattr(accumulators, "CHUNK_ELEMENTS", 100)
+    monkeypatch.setattr(accumulators, "COMPILE_AFTER", -1)
     for new, step in kinds.values():
         new((2, 3)).add(torch.ones(2, 3))
         if accumulators._compiled[step] is None:
             pytest.skip("torch.compile cannot build the fused kernel here (no C++ compiler): only the eager steps run")
     for kind, (new, step) in kinds.items():
         words = []
-        for fused in (True, False):
-            saved = accumulators._compiled[step]
-            if not fused:
-                accumulators._compiled[step] = None
-            try:
-                whole, sliced = new((6, 33)), new((3, 6, 33))
-                for term in terms:
-                    whole.add(term)
-                    sliced.add(term, index=1)
-                words.append([tensor.clone() for tensor in (*whole.tensors(), *sliced.tensors())])
-            finally:
-                accumulators._compiled[step] = saved
+        for compile_after in (-1, 10 ** 18):
+            monkeypatch.setattr(accumulators, "COMPILE_AFTER", compile_after)
+            whole, sliced = new((6, 33)), new((3, 6, 33))
+            for term in terms:
+                whole.add(term)
+                sliced.add(term, index=1)
+            words.append([tensor.clone() for tensor in (*whole.tensors(), *sliced.tensors())])
         assert all(torch.equal(a, b) for a, b in zip(*words)), kind
         sliced_words = words[0][len(whole.tensors())]
         assert not sliced_words[0].any() and sliced_words[1].any(), kind  # the slice alone received the terms

@@ -17,7 +17,7 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.pipeline import (StageLink, broadcast_over_replicas, one_forward_one_backward,
                                           sum_over_replicas)
 from safeneurons.scores.accumulators import (accumulation_rounds, agree_on_units, score_memory_budget,
-                                             statistic_accumulators)
+                                             statistic_accumulators, take_values)
 from safeneurons.scores.sizes import element_bytes
 from safeneurons.scores.passes import (LinearCapture, add_sample_terms, equal_length_groups, first_sample_references,
                                        micro_batch, per_sample_losses, routed_tokens_key, scoring_mode)
@@ -113,11 +113,7 @@ def _run_passes(block: LayerBlock, targets: Sequence[Target], batches: Sequence[
                       + list(capture.routed_tokens.values()), block.group, block.stage)
     owned = {routed_tokens_key(name): counts for name, counts in capture.routed_tokens.items()
              if block.replica == 0}
-    for name in list(sums):  # each accumulator freed as its fp32 value is taken: never both for every Linear
-        total = sums.pop(name)
-        if block.replica == 0:
-            owned[name] = total.value(name)
-    return owned
+    return {**owned, **take_values(sums, lambda _: block.replica == 0)}
 
 
 def _forward(block: LayerBlock, batch: MicroBatch, link: StageLink,

@@ -16,7 +16,7 @@ from safeneurons.runtime import distributed
 from safeneurons.runtime.zero3 import weight_on_owner
 from safeneurons.scores.accumulators import (accumulation_rounds, accumulator_bytes, agree_on_units,
                                              reduce_accumulators_to_owners, score_memory_budget,
-                                             statistic_accumulators)
+                                             statistic_accumulators, take_values)
 from safeneurons.scores.sizes import element_bytes
 from safeneurons.runtime.distributed import broadcast_from_owner, reduce_each_to_owner
 from safeneurons.scores.passes import (ROUTED_TOKENS, LinearCapture, add_sample_terms, first_sample_references,
@@ -91,11 +91,8 @@ def _accumulate(model: nn.Module, targets: Sequence[Target], batches: Sequence[M
     reduce_each_to_owner([(counts, owners[name]) for name, counts in capture.routed_tokens.items()])
     owned = {routed_tokens_key(name): counts for name, counts in capture.routed_tokens.items()
              if owners[name] == distributed.rank()}
-    for target in targets:  # each accumulator is dropped as its value is taken: values never sit beside them all
-        accumulator = sums.pop(target.name)
-        if target.mine:
-            owned[target.name] = accumulator.value(target.name)
-    return owned
+    mine = {target.name for target in targets if target.mine}
+    return {**owned, **take_values(sums, mine.__contains__)}
 
 
 def random_scores(target: Target, seed: int, stream: int) -> torch.Tensor:
