@@ -224,20 +224,21 @@ def test_the_compiled_adds_write_the_chunked_eager_steps_words(monkeypatch):
     kinds = {"exact": (lambda shape: ExactSum(shape, CPU), accumulators._fixed_point_add),
              "fixed": (lambda shape: fixed_sum(shape, 8, torch.full(shape, 1e12)), accumulators._scaled_add)}
     monkeypatch.setattr(accumulators, "CHUNK_ELEMENTS", 100)
-    monkeypatch.setattr(accumulators, "COMPILE_AFTER", -1)
-    for new, step in kinds.values():
-        new((2, 3)).add(torch.ones(2, 3))
-        if accumulators._compiled[step] is None:
-            pytest.skip("torch.compile cannot build the fused kernel here (no C++ compiler): only the eager steps run")
+    monkeypatch.setattr(accumulators, "start_compiling", lambda step, device: None)  # nothing in the background
     for kind, (new, step) in kinds.items():
         words = []
-        for compile_after in (-1, 10 ** 18):
-            monkeypatch.setattr(accumulators, "COMPILE_AFTER", compile_after)
+        for compiled in (False, True):
+            monkeypatch.setattr(accumulators, "_compiled", {})
+            if compiled:
+                accumulators.compile_step(step, CPU)
+                if accumulators._compiled[step, "cpu"] is None:
+                    pytest.skip("torch.compile cannot build the fused kernel here (no C++ compiler)")
             whole, sliced = new((6, 33)), new((3, 6, 33))
             for term in terms:
                 whole.add(term)
                 sliced.add(term, index=1)
             words.append([tensor.clone() for tensor in (*whole.tensors(), *sliced.tensors())])
+        assert accumulators._compiled[step, "cpu"] is not None  # the second run's adds were the compiled step's
         assert all(torch.equal(a, b) for a, b in zip(*words)), kind
         sliced_words = words[0][len(whole.tensors())]
         assert not sliced_words[0].any() and sliced_words[1].any(), kind  # the slice alone received the terms
