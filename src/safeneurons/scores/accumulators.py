@@ -66,10 +66,12 @@ def _scaled_add(words: torch.Tensor, scale: torch.Tensor, term: torch.Tensor) ->
     return scaled.max()
 
 
-# The eager steps run on chunks of about this many elements (temporaries of a chunk's size) until the compiled step
-# is ready. Measured on the CPU (one thread): compiling costs 2.5-5 s in a fresh process (importing and tracing);
-# the compiled step adds 0.5 ns per element against 1.6 ns for the chunks (float32's running sum: 0.1-0.3 ns).
+# The eager steps run on chunks of about CHUNK_ELEMENTS elements (temporaries of a chunk's size); a run of at least
+# COMPILE_WORTH element-adds compiles the step in the background and switches to it when ready. Measured on the CPU
+# (one thread): compiling takes 2.5-5 s of CPU in a fresh process (importing and tracing), the compiled step adds
+# 0.5 ns per element against 1.3-1.6 ns for the chunks (float32's running sum: 0.1-0.3 ns).
 CHUNK_ELEMENTS = 2 ** 20
+COMPILE_WORTH = 5 * 10 ** 9
 _compiled: dict[tuple[Callable, str], Callable | None] = {}  # (step, device type): ready, or None where it failed
 _compiling: set[tuple[Callable, str]] = set()
 _compiling_lock = threading.Lock()
@@ -77,14 +79,13 @@ _compiling_lock = threading.Lock()
 
 def fused(step: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
     """`step(*tensors)` (the term last), its largest value returned: one compiled pass over memory (torch.compile
-    fuses the steps into one kernel, on CPU and GPU, about 3× faster than the eager chunks on the CPU) once the
-    compiled step is ready, the eager steps over chunks of rows until then — it compiles in the background, so
-    the passes never wait for it. Every step is exact, so both give the same words bit for bit (tested); where
-    compiling is not possible (no C++ compiler, say) the chunks go on."""
+    fuses the steps into one kernel, on CPU and GPU, about 3× faster than the eager chunks on the CPU) once
+    `start_compiling` has it ready, the eager steps over chunks of rows until then (the passes never wait for the
+    compiler). Every step is exact, so both give the same words bit for bit (tested); where compiling is not
+    possible (no C++ compiler, say) the chunks go on."""
     key = (step, tensors[-1].device.type)
     compiled = _compiled.get(key)
     if compiled is None:
-        start_compiling(step, tensors[-1].device)
         return in_chunks(step, tensors)
     try:
         return compiled(*tensors)
@@ -119,11 +120,11 @@ def compile_step(step: Callable[..., torch.Tensor], device: torch.device) -> Non
     _compiled[(step, device.type)] = compiled
 
 
-def compile_in_background(accumulate_dtype: str, device: torch.device) -> None:
-    """Start compiling the add step of `accumulate_dtype`'s sums (fixed or exact) for `device`, while the model
-    loads."""
+def compile_if_worth(accumulate_dtype: str, element_adds: int, device: torch.device) -> None:
+    """Start compiling the add step of `accumulate_dtype`'s sums (fixed or exact) for `device` when a run of
+    `element_adds` (samples × elements) pays for the compiler."""
     step = {"fixed": _scaled_add, "exact": _fixed_point_add}.get(accumulate_dtype)
-    if step is not None:
+    if step is not None and element_adds >= COMPILE_WORTH:
         start_compiling(step, device)
 
 
@@ -326,6 +327,8 @@ def statistic_accumulators(targets: Sequence[Any], accumulate_dtype: str, with_g
     taken in."""
     sums = {target.name: new_accumulator(accumulate_dtype, target.statistic_shape(with_grads), device, model_dtype,
                                          samples) for target in targets}
+    compile_if_worth(accumulate_dtype, samples * sum(math.prod(target.statistic_shape(with_grads))
+                                                     for target in targets), device)
     return sums, model_dtype if accumulate_dtype == "model" else torch.float32
 
 

@@ -8,7 +8,6 @@ from safeneurons.models.blocks import load_source
 from safeneurons.models.loading import ModelSource, model_skeleton
 from safeneurons.runtime import distributed
 from safeneurons.runtime.outputs import check_output_dir
-from safeneurons.scores.accumulators import compile_in_background
 from safeneurons.scores.config import ScoreConfig, ScoreResult, check_granularity
 from safeneurons.scores.outputs import write_score_outputs
 from safeneurons.scores.schedules import score_model
@@ -31,8 +30,6 @@ def run_score(model: ModelSource, config: ScoreConfig, out: str | Path, save_sco
     if config.granularity == "expert":  # the model's experts, from its config alone
         check_granularity(model_skeleton(model.name, model.cache_dir), config, model.name)
     context = distributed.init_distributed(require_process_group=model.deepspeed is not None or model.shard != "none")
-    if config.method != "random":
-        compile_in_background(config.accumulate_dtype, context.device)  # ready by the time the sums start
     loaded = load_source(model, context.device)
     result = score_model(loaded.model, loaded.tokenizer, config)
     result.summary.update(model=model.name, dtype=model.dtype, deepspeed=model.deepspeed, shard=model.shard,
