@@ -7,7 +7,9 @@
 Each run is the real `safeneurons score` in a fresh process, one thread per rank (bench_distributed's worker):
 wandg's loop time per sample (the passes and the sums; loading and selection left out), the whole command's
 time, the peak RSS of the largest rank, and on 2 data-parallel ranks the loop's speed-up and the bytes each rank
-hands to the collectives. The sides take turns, round after round, and each keeps its fastest round.
+hands to the collectives. The sides take turns, round after round, and each keeps its fastest round. Then, in
+this process and warm (the one-time compile left out, as on a long run), the loop per sample of `fixed` with its
+compiled add and with the eager chunks against `float32`, taking turns in the same way.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench_distributed import build_models, launch
+from timing import interleaved
 
 REPO = Path(__file__).resolve().parents[1]
 ALIGN = REPO.parent / "shared" / "data" / "SFT_aligned_llama2-7b-chat-hf_train_short.csv"
@@ -54,6 +57,42 @@ def print_table(model: str, workloads: dict[str, tuple[list[str], int]], best: d
               f"{one['loop'] / two['loop']:>15.2f} {two['bytes'] / 1e6:>15.1f}", flush=True)
 
 
+def steady_loops(model_name: str, data: str, nsamples: int, length: int, rounds: int) -> None:
+    """wandg's loop (collect_statistics) per sample in this process, one thread: fixed sums with the compiled add
+    (compiled beforehand) and with the eager chunks, and float32, taking turns."""
+    import torch
+
+    from safeneurons.data.samples import load_samples
+    from safeneurons.models.loading import load_model, load_tokenizer
+    from safeneurons.models.structure import model_device
+    from safeneurons.scores import accumulators
+    from safeneurons.scores.config import ScoreConfig, targets_of
+    from safeneurons.scores.statistics import collect_statistics
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(model_name), load_tokenizer(model_name)
+    config = ScoreConfig(method="wandg", data=data, nsamples=nsamples, max_length=length, sparsity_ratio=0.01)
+    samples = load_samples(data, tokenizer, nsamples, config.seed, length)
+    targets = targets_of(model)
+    key = (accumulators._scaled_add, model_device(model).type)
+    accumulators.COMPILE_WORTH = 10 ** 30  # nothing compiles in the background: the sides choose
+    accumulators.compile_step(accumulators._scaled_add, model_device(model))
+    compiled = accumulators._compiled[key]
+
+    def loop(accumulate: str, add=None):
+        accumulators._compiled[key] = add
+        return collect_statistics(model, targets, samples, ScoreConfig(**{**vars(config),
+                                                                           "accumulate_dtype": accumulate}))
+
+    loop("fixed", compiled)  # the compiled add's other shapes, traced once
+    timings = interleaved({"fixed, compiled add": lambda: loop("fixed", compiled),
+                           "fixed, eager chunks": lambda: loop("fixed"), "float32": lambda: loop("float32")}, rounds)
+    base = timings["float32"].wall
+    print(f"\n{model_name}: wandg's loop in one warm process, best of {rounds} rounds")
+    for label, timing in timings.items():
+        print(f"{label:>20} {timing.wall / nsamples:>8.3f} s/sample {timing.wall / base:>6.2f}x float32", flush=True)
+
+
 def plan_lines() -> None:
     from safeneurons.workflows.plan import Cluster, PlanConfig, Workload, format_table, run_plan
 
@@ -84,6 +123,7 @@ def main() -> int:
             workloads = {f"{model} {accumulate}": (score_command(*shape, accumulate), shape[2])
                          for accumulate in DTYPES}
             print_table(model, workloads, best_runs(workloads, args.rounds, Path(scratch)))
+            steady_loops(shape[0], *shape[1:], args.rounds)
     plan_lines()
     return 0
 

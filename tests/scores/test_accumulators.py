@@ -213,6 +213,19 @@ def test_accumulate_in_the_model_dtype_is_for_wandg_only(method):
         ScoreConfig(method=method, data="demo-align", sparsity_ratio=0.1, accumulate_dtype="model").validate()
 
 
+def test_only_runs_that_pay_for_the_compiler_compile_the_add_step(monkeypatch):
+    from safeneurons.scores import accumulators
+
+    started = []
+    monkeypatch.setattr(accumulators, "start_compiling", lambda step, device: started.append(step))
+    accumulators.compile_if_worth("fixed", accumulators.COMPILE_WORTH - 1, CPU)
+    accumulators.compile_if_worth("float32", 10 * accumulators.COMPILE_WORTH, CPU)
+    assert not started
+    accumulators.compile_if_worth("fixed", accumulators.COMPILE_WORTH, CPU)
+    accumulators.compile_if_worth("exact", accumulators.COMPILE_WORTH, CPU)
+    assert started == [accumulators._scaled_add, accumulators._fixed_point_add]
+
+
 def test_the_compiled_adds_write_the_chunked_eager_steps_words(monkeypatch):
     """The compiled one-pass adds and the eager steps on chunks of rows (3 rows of 33 here, so the slices cross
     chunks) give the same words bit for bit, on whole sums and on one expert's slice, for terms across the whole
