@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -155,7 +154,10 @@ def run_worker(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     code = cli.main([*command, "--out", args.result + ".out"])
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    # this process's own high-water mark: ru_maxrss would keep the launching process's RSS at fork, which exec
+    # carries into the child's (a bench that loaded a model before launching read that model in every run)
+    with open("/proc/self/status") as status:
+        peak = int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
     # one file per rank: some stages end their process group themselves
     Path(f"{args.result}.{rank}").write_text(json.dumps({"seconds": seconds, "loop": loop[0], "code": code,
                                                           "bytes": counter[0], "peak": peak,
