@@ -57,7 +57,7 @@ def print_table(model: str, workloads: dict[str, tuple[list[str], int]], best: d
               f"{one['loop'] / two['loop']:>15.2f} {two['bytes'] / 1e6:>15.1f}", flush=True)
 
 
-def steady_loops(model_name: str, data: str, nsamples: int, length: int, rounds: int) -> None:
+def steady_loops(label: str, model_name: str, data: str, nsamples: int, length: int, rounds: int) -> None:
     """wandg's loop (collect_statistics) per sample in this process, one thread: fixed sums with the compiled add
     (compiled beforehand) and with the eager chunks, and float32, taking turns."""
     import torch
@@ -88,7 +88,7 @@ def steady_loops(model_name: str, data: str, nsamples: int, length: int, rounds:
     timings = interleaved({"fixed, compiled add": lambda: loop("fixed", compiled),
                            "fixed, eager chunks": lambda: loop("fixed"), "float32": lambda: loop("float32")}, rounds)
     base = timings["float32"].wall
-    print(f"\n{model_name}: wandg's loop in one warm process, best of {rounds} rounds")
+    print(f"\n{label}: wandg's loop in one warm process, best of {rounds} rounds")
     for label, timing in timings.items():
         print(f"{label:>20} {timing.wall / nsamples:>8.3f} s/sample {timing.wall / base:>6.2f}x float32", flush=True)
 
@@ -123,7 +123,7 @@ def main() -> int:
             workloads = {f"{model} {accumulate}": (score_command(*shape, accumulate), shape[2])
                          for accumulate in DTYPES}
             print_table(model, workloads, best_runs(workloads, args.rounds, Path(scratch)))
-            steady_loops(shape[0], *shape[1:], args.rounds)
+            steady_loops(model, *shape, args.rounds)
     plan_lines()
     return 0
 
