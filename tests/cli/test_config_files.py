@@ -47,7 +47,7 @@ def test_a_finished_run_writes_the_config_that_runs_it_again(tmp_path):
     ({"sparsity_ratoi": 0.1}, "unknown key 'sparsity_ratoi' for `score` (did you mean sparsity_ratio?)"),
     ({"nsamples": 0.5}, "nsamples is 0.5; expected an integer"),
     ({"nsamples": "many"}, "nsamples is 'many'; expected an integer"),
-    ({"accumulate_dtype": "double"}, "accumulate_dtype is 'double'; expected one of exact, float32, model"),
+    ({"accumulate_dtype": "double"}, "accumulate_dtype is 'double'; expected one of fixed, exact, float32, model"),
     ({"sequential": 1}, "sequential is 1; expected true or false"),
     ({"sparsity_ratio": [0.1, 0.2]}, "sparsity_ratio is [0.1, 0.2]; expected one a number"),
     ({"sparsity_ratio": 1.5}, "must lie in (0, 1) (set by sparsity_ratio in config file"),
