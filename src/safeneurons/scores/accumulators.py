@@ -184,12 +184,33 @@ def in_chunks(step: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor]
     return largest
 
 
+class TermFlags:
+    """How many terms were not finite and how many were beyond a sum's range: two int64 counters, reduced over the
+    ranks with the sum's words."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.counts = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def record(self, largest: torch.Tensor, limit: float) -> None:
+        """Count one add whose largest term (NaN when a term is NaN) is `largest`, against the sum's `limit`."""
+        self.counts[0] += ~torch.isfinite(largest)
+        self.counts[1] += largest >= limit
+
+    def not_finite(self) -> bool:
+        return bool(self.counts[0])
+
+    def out_of_range(self) -> bool:
+        """A term beyond the range (an inf term counts as not finite instead: its score's finiteness check names
+        it)."""
+        return bool(self.counts[1]) and not self.not_finite()
+
+
 class FixedPointSum:
     """Σ of non-negative fp32 terms, each truncated to its row's unit, as one integer word per element."""
 
     def __init__(self, shape: Sequence[int] | int, device: torch.device, samples: int) -> None:
         self.words = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.flags = torch.zeros(2, dtype=torch.int64, device=device)  # terms not finite; terms too large
+        self.flags = TermFlags(device)
         self.count_bits = max(samples - 1, 0).bit_length()  # ⌈log2 N⌉
         self.scale: torch.Tensor | None = None  # 1 / unit per row (a power of two), set by `set_references`
 
@@ -212,23 +233,21 @@ class FixedPointSum:
         if self.scale is None:
             raise RuntimeError("FixedPointSum.add before set_references: the units are agreed first")
         words, scale = (self.words, self.scale) if index is None else (self.words[index], self.scale[index])
-        largest = fused(_scaled_add, words, scale, term)
-        self.flags[0] += ~torch.isfinite(largest)
-        self.flags[1] += largest >= 2.0 ** (SUM_BITS - self.count_bits)
+        self.flags.record(fused(_scaled_add, words, scale, term), 2.0 ** (SUM_BITS - self.count_bits))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.words, self.flags]
+        return [self.words, self.flags.counts]
 
     def problem(self, name: str) -> str | None:
-        """What puts the sum out of range (a NaN or inf term does not: its score's finiteness check names it)."""
-        if int(self.flags[1]) and not int(self.flags[0]):
+        """What puts the sum out of range."""
+        if self.flags.out_of_range():
             return (f"a per-sample statistic of {name} exceeds 2^{HEADROOM_BITS} times the first sample's largest "
                     "in its row, beyond the fixed-point sums' range; use --accumulate-dtype exact")
         return None
 
     def value(self) -> torch.Tensor:
         """The fp32 sum, rounded once (NaN where a term was not finite, for the caller's finiteness check)."""
-        if int(self.flags[0]):
+        if self.flags.not_finite():
             return torch.full(self.words.shape, float("nan"), device=self.words.device)
         return self.words.float() / self.scale  # int64 → fp32 rounds once, to nearest; the division is exact
 
@@ -239,15 +258,13 @@ class ExactSum:
     def __init__(self, shape: Sequence[int] | int, device: torch.device) -> None:
         self.high = torch.zeros(shape, dtype=torch.int64, device=device)
         self.low = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.flags = torch.zeros(2, dtype=torch.int64, device=device)  # terms not finite; terms too large
+        self.flags = TermFlags(device)
         self.pending = 0
 
     def add(self, term: torch.Tensor, index: int | None = None) -> None:
         """Add `term` to the whole sum, or to its slice `index` (one expert's of an experts' matrix)."""
         high, low = (self.high, self.low) if index is None else (self.high[index], self.low[index])
-        largest = fused(_fixed_point_add, high, low, term)  # NaN when a term is NaN
-        self.flags[0] += ~torch.isfinite(largest)
-        self.flags[1] += largest >= LARGEST_TERM
+        self.flags.record(fused(_fixed_point_add, high, low, term), LARGEST_TERM)
         self.pending += 1
         if self.pending == CARRY_EVERY:
             self.carry()
@@ -261,18 +278,18 @@ class ExactSum:
 
     def tensors(self) -> list[torch.Tensor]:
         self.carry()  # each rank's low word < 2^52, so the sum over up to 2^11 ranks fits
-        return [self.high, self.low, self.flags]
+        return [self.high, self.low, self.flags.counts]
 
     def problem(self, name: str) -> str | None:
-        """What puts the sum out of range (a NaN or inf term does not: its score's finiteness check names it)."""
-        if int(self.flags[1]) and not int(self.flags[0]):
+        """What puts the sum out of range."""
+        if self.flags.out_of_range():
             return (f"a per-sample statistic of {name} reaches {LARGEST_TERM:.3g}, beyond the exact sums' range; "
                     "use --accumulate-dtype float32")
         return None
 
     def value(self) -> torch.Tensor:
         """The fp32 sum (NaN where a term was not finite, for the caller's finiteness check to name)."""
-        if int(self.flags[0]):
+        if self.flags.not_finite():
             return torch.full(self.high.shape, float("nan"), device=self.high.device)
         self.carry()
         total = self.high.double() * 2.0 ** -HIGH_UNIT_BITS + self.low.double() * 2.0 ** -LOW_UNIT_BITS
